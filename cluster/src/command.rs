@@ -1,0 +1,75 @@
+//! The commands that go through the Raft log, and what applying one answers.
+//!
+//! Commands are externally tagged serde enums: a new release may add variants and fields with defaults,
+//! and a node of the next release still replays this release's log (rolling upgrades).
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{AttemptEvent, CampaignId, CampaignSpec, NewSubscriber, NodeId, SubscriberId};
+
+/// A change to the replicated state. `at_ms` is the proposer's wall clock; `apply` never reads a clock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Command {
+    CreateSubscriber {
+        at_ms: u64,
+        subscriber: NewSubscriber,
+    },
+    DeleteSubscriber {
+        at_ms: u64,
+        id: SubscriberId,
+    },
+    CreateCampaign {
+        at_ms: u64,
+        spec: CampaignSpec,
+    },
+    StartCampaign {
+        at_ms: u64,
+        id: CampaignId,
+    },
+    CancelCampaign {
+        at_ms: u64,
+        id: CampaignId,
+    },
+    /// A batch of dialer records from one node.
+    RecordAttempts {
+        at_ms: u64,
+        node: NodeId,
+        events: Vec<AttemptEvent>,
+    },
+}
+
+/// What applying a command answered. Refusals are data, decided deterministically by the state machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Response {
+    #[default]
+    Ok,
+    SubscriberCreated(SubscriberId),
+    CampaignCreated(CampaignId),
+    /// How many events of a `RecordAttempts` batch changed something (the rest were duplicates or stale).
+    Recorded {
+        applied: u32,
+    },
+    Refused(Refusal),
+}
+
+/// Why the state machine refused a command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(rename_all = "snake_case")]
+pub enum Refusal {
+    #[error("phone number {0} is already registered as subscriber {1}")]
+    /// Carries the masked number only: refusals end up in logs.
+    DuplicatePhone(String, SubscriberId),
+    #[error("subscriber {0} does not exist")]
+    UnknownSubscriber(SubscriberId),
+    #[error("campaign {0} does not exist")]
+    UnknownCampaign(CampaignId),
+    #[error("campaign {id} is {state}; only a {wanted} campaign can be {verb}")]
+    WrongCampaignState {
+        id: CampaignId,
+        state: String,
+        wanted: String,
+        verb: String,
+    },
+}

@@ -1,0 +1,535 @@
+//! The nouns of a voice-alert service: subscribers, campaigns, call tasks and what happened on each call.
+//!
+//! Everything here is plain data that travels in Raft commands and snapshots, so it derives serde and
+//! carries no clocks: every timestamp is milliseconds since the Unix epoch, supplied by whoever proposes
+//! the command.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Identifies a subscriber (a registered phone number) within the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SubscriberId(pub u64);
+
+/// Identifies a campaign (one alert sent to an audience).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct CampaignId(pub u64);
+
+/// Identifies a node of the cluster; it is also the Raft node id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct NodeId(pub u64);
+
+macro_rules! display_id {
+    ($t:ty, $prefix:literal) => {
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, concat!($prefix, "{}"), self.0)
+            }
+        }
+    };
+}
+display_id!(SubscriberId, "sub-");
+display_id!(CampaignId, "cmp-");
+display_id!(NodeId, "node-");
+
+/// A phone number in E.164 form (`+393471234567`), validated on the way in.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct PhoneNumber(String);
+
+/// Why a phone number was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PhoneError {
+    #[error("phone number is empty")]
+    Empty,
+    #[error("`{0}` is not a phone number: {1}")]
+    Unparsable(String, String),
+    #[error("`{0}` is not a valid number for its country (check the digits and the prefix)")]
+    Invalid(String),
+}
+
+impl PhoneNumber {
+    /// Parses what a person typed (`347 123 4567`, `+39 06 1234567`, `0039...`), taking Italy as the
+    /// region when no international prefix is given, and normalises it to E.164.
+    pub fn parse(input: &str) -> Result<Self, PhoneError> {
+        let trimmed = input.trim();
+        if trimmed.is_empty() {
+            return Err(PhoneError::Empty);
+        }
+        if trimmed.len() > 32 {
+            return Err(PhoneError::Unparsable(
+                shorten(trimmed),
+                "longer than 32 characters".into(),
+            ));
+        }
+        let normalised = match trimmed.strip_prefix("00") {
+            Some(rest) => format!("+{rest}"),
+            None => trimmed.to_string(),
+        };
+        let parsed = phonenumber::parse(Some(phonenumber::country::Id::IT), &normalised)
+            .map_err(|e| PhoneError::Unparsable(trimmed.to_string(), e.to_string()))?;
+        if !phonenumber::is_valid(&parsed) {
+            return Err(PhoneError::Invalid(trimmed.to_string()));
+        }
+        Ok(PhoneNumber(
+            parsed.format().mode(phonenumber::Mode::E164).to_string(),
+        ))
+    }
+
+    /// Wraps a string already known to be E.164 (from our own state or a SIP URI we built).
+    pub fn from_e164_unchecked(s: impl Into<String>) -> Self {
+        PhoneNumber(s.into())
+    }
+
+    /// The E.164 form, with the leading `+`.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// A form safe for info-level logs: country prefix and the last two digits only (`+39******67`).
+    pub fn masked(&self) -> String {
+        mask_number(&self.0)
+    }
+}
+
+/// Masks a phone number (or any dial string) for logs, keeping a short prefix and the last two digits.
+pub fn mask_number(s: &str) -> String {
+    let chars: Vec<char> = s.chars().collect();
+    if chars.len() <= 5 {
+        return "*".repeat(chars.len());
+    }
+    let keep_head = 3.min(chars.len() - 2);
+    let mut out: String = chars[..keep_head].iter().collect();
+    out.push_str(&"*".repeat(chars.len() - keep_head - 2));
+    out.extend(&chars[chars.len() - 2..]);
+    out
+}
+
+fn shorten(s: &str) -> String {
+    s.chars().take(20).collect::<String>() + "…"
+}
+
+impl fmt::Display for PhoneNumber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A registered phone that can be alerted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subscriber {
+    pub id: SubscriberId,
+    pub phone: PhoneNumber,
+    pub name: Option<String>,
+    /// BCP 47 primary language tag used for TTS and prompts (`it`, `en`, `de`, `fr`, `es`).
+    pub language: String,
+    pub zone: Option<String>,
+    /// The number was confirmed to belong to the person (operator-entered numbers count as verified).
+    pub verified: bool,
+    pub opted_out: bool,
+    pub created_ms: u64,
+}
+
+/// What a new subscriber looks like before the state machine gives it an id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewSubscriber {
+    pub phone: PhoneNumber,
+    pub name: Option<String>,
+    pub language: String,
+    pub zone: Option<String>,
+    pub verified: bool,
+}
+
+/// How urgent an alert is; emergency calls are dialled first and ignore quiet hours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    Emergency,
+    Urgent,
+    Info,
+}
+
+impl Priority {
+    /// Lower rank is dialled first.
+    pub fn rank(self) -> u8 {
+        match self {
+            Priority::Emergency => 0,
+            Priority::Urgent => 1,
+            Priority::Info => 2,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Emergency => "emergency",
+            Priority::Urgent => "urgent",
+            Priority::Info => "info",
+        }
+    }
+}
+
+/// What is played to the citizen.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Message {
+    /// Text spoken by the TTS engine in `language`.
+    Tts { text: String, language: String },
+}
+
+/// Who a campaign calls.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Audience {
+    All,
+    Zones(Vec<String>),
+}
+
+impl Audience {
+    pub fn includes(&self, s: &Subscriber) -> bool {
+        match self {
+            Audience::All => true,
+            Audience::Zones(zones) => s
+                .zone
+                .as_ref()
+                .is_some_and(|z| zones.iter().any(|w| w == z)),
+        }
+    }
+}
+
+/// When and how often a subscriber is called again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryPolicy {
+    /// Attempts (calls placed) before the task ends as `Exhausted`.
+    pub max_attempts: u32,
+    /// Delay after a busy line.
+    pub busy_delay_ms: u64,
+    /// Delay after no answer, an answer without confirmation, or a hang-up.
+    pub no_answer_delay_ms: u64,
+    /// Delay after a network or trunk failure.
+    pub failure_delay_ms: u64,
+}
+
+impl RetryPolicy {
+    /// Sensible defaults per priority: an emergency is retried sooner and more often.
+    pub fn default_for(priority: Priority) -> Self {
+        match priority {
+            Priority::Emergency => RetryPolicy {
+                max_attempts: 8,
+                busy_delay_ms: 30_000,
+                no_answer_delay_ms: 60_000,
+                failure_delay_ms: 30_000,
+            },
+            Priority::Urgent => RetryPolicy {
+                max_attempts: 5,
+                busy_delay_ms: 60_000,
+                no_answer_delay_ms: 180_000,
+                failure_delay_ms: 60_000,
+            },
+            Priority::Info => RetryPolicy {
+                max_attempts: 3,
+                busy_delay_ms: 300_000,
+                no_answer_delay_ms: 900_000,
+                failure_delay_ms: 300_000,
+            },
+        }
+    }
+}
+
+/// Everything an operator decides about a campaign.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CampaignSpec {
+    pub title: String,
+    pub message: Message,
+    pub audience: Audience,
+    pub priority: Priority,
+    /// When true only a DTMF "1" confirms; when false hearing the whole message does.
+    pub require_confirmation: bool,
+    pub retry: RetryPolicy,
+}
+
+/// Where a campaign is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CampaignState {
+    Draft,
+    Running,
+    Completed,
+    Cancelled,
+}
+
+impl CampaignState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CampaignState::Draft => "draft",
+            CampaignState::Running => "running",
+            CampaignState::Completed => "completed",
+            CampaignState::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Per-campaign tallies kept up to date by the state machine.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub targeted: u64,
+    pub pending: u64,
+    pub in_flight: u64,
+    pub confirmed: u64,
+    pub exhausted: u64,
+    pub invalid: u64,
+    pub opted_out: u64,
+    pub cancelled: u64,
+    /// Calls placed (finished attempts, interrupted ones excluded).
+    pub attempts: u64,
+    /// Finished attempts that were answered by someone or something.
+    pub answered: u64,
+}
+
+impl Counts {
+    fn slot(&mut self, state: &TaskState) -> &mut u64 {
+        match state {
+            TaskState::Pending => &mut self.pending,
+            TaskState::InFlight { .. } => &mut self.in_flight,
+            TaskState::Final(FinalState::Confirmed) => &mut self.confirmed,
+            TaskState::Final(FinalState::Exhausted) => &mut self.exhausted,
+            TaskState::Final(FinalState::Invalid) => &mut self.invalid,
+            TaskState::Final(FinalState::OptedOut) => &mut self.opted_out,
+            TaskState::Final(FinalState::Cancelled) => &mut self.cancelled,
+        }
+    }
+
+    pub(crate) fn enter(&mut self, state: &TaskState) {
+        *self.slot(state) += 1;
+    }
+
+    pub(crate) fn leave(&mut self, state: &TaskState) {
+        let slot = self.slot(state);
+        *slot = slot.saturating_sub(1);
+    }
+
+    /// Answered attempts over finished attempts; 0 before the first call ends.
+    pub fn answer_ratio(&self) -> f64 {
+        if self.attempts == 0 {
+            0.0
+        } else {
+            self.answered as f64 / self.attempts as f64
+        }
+    }
+
+    /// Tasks that still need work.
+    pub fn open(&self) -> u64 {
+        self.pending + self.in_flight
+    }
+}
+
+/// A campaign as the state machine holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Campaign {
+    pub id: CampaignId,
+    pub spec: CampaignSpec,
+    pub state: CampaignState,
+    pub created_ms: u64,
+    pub started_ms: Option<u64>,
+    pub finished_ms: Option<u64>,
+    pub counts: Counts,
+}
+
+/// The state every targeted subscriber must end in (ARCHITECTURE.md, delivery guarantee).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinalState {
+    Confirmed,
+    Exhausted,
+    Invalid,
+    OptedOut,
+    Cancelled,
+}
+
+impl FinalState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinalState::Confirmed => "confirmed",
+            FinalState::Exhausted => "exhausted",
+            FinalState::Invalid => "invalid",
+            FinalState::OptedOut => "opted_out",
+            FinalState::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Where one subscriber's call task stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    /// Waiting for its next attempt at `CallTask::next_due_ms`.
+    Pending,
+    /// A node is on the phone with this subscriber.
+    InFlight {
+        attempt: u32,
+        node: NodeId,
+        since_ms: u64,
+    },
+    Final(FinalState),
+}
+
+impl TaskState {
+    pub fn label(&self) -> &'static str {
+        match self {
+            TaskState::Pending => "pending",
+            TaskState::InFlight { .. } => "in_flight",
+            TaskState::Final(f) => f.as_str(),
+        }
+    }
+}
+
+/// What happened on one call attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The phone pressed 1.
+    Confirmed,
+    /// The message played to its end.
+    Heard,
+    /// Answered, message played, no confirmation arrived.
+    NotConfirmed,
+    /// The callee hung up before the message ended.
+    HungUp { after_ms: u64 },
+    /// 486 / 600.
+    Busy,
+    /// Rang until our timeout (or 408/480/487).
+    NoAnswer,
+    /// The number does not exist (404, 484, 604).
+    InvalidNumber { code: u16 },
+    /// Any other final error response.
+    Rejected { code: u16 },
+    /// No response from the trunk, or a transport error.
+    Unreachable,
+    /// The citizen pressed 9 to leave the service.
+    OptOut,
+    /// The node placing the call stopped before the call ended; not the subscriber's attempt.
+    Interrupted,
+}
+
+impl Outcome {
+    /// True when a person or machine picked up.
+    pub fn answered(&self) -> bool {
+        matches!(
+            self,
+            Outcome::Confirmed
+                | Outcome::Heard
+                | Outcome::NotConfirmed
+                | Outcome::HungUp { .. }
+                | Outcome::OptOut
+        )
+    }
+
+    /// A short label for metrics and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Confirmed => "confirmed",
+            Outcome::Heard => "heard",
+            Outcome::NotConfirmed => "not_confirmed",
+            Outcome::HungUp { .. } => "hung_up",
+            Outcome::Busy => "busy",
+            Outcome::NoAnswer => "no_answer",
+            Outcome::InvalidNumber { .. } => "invalid_number",
+            Outcome::Rejected { .. } => "rejected",
+            Outcome::Unreachable => "unreachable",
+            Outcome::OptOut => "opt_out",
+            Outcome::Interrupted => "interrupted",
+        }
+    }
+}
+
+/// What the dialer decided after an attempt: try again at a time, or stop in a final state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Next {
+    RetryAt(u64),
+    Final(FinalState),
+}
+
+/// One subscriber's work inside one campaign.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallTask {
+    pub campaign: CampaignId,
+    pub subscriber: SubscriberId,
+    pub phone: PhoneNumber,
+    pub language: String,
+    /// Attempts started so far (interrupted ones are given back).
+    pub attempts: u32,
+    pub state: TaskState,
+    pub next_due_ms: u64,
+    pub last_outcome: Option<Outcome>,
+    pub updated_ms: u64,
+}
+
+/// A record produced by a dialer about one attempt; batched into `Command::RecordAttempts`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttemptEvent {
+    /// The node begins attempt number `attempt` (1-based) of this task.
+    Started {
+        campaign: CampaignId,
+        subscriber: SubscriberId,
+        attempt: u32,
+    },
+    /// The attempt ended with `outcome`; the task moves to `next`.
+    Finished {
+        campaign: CampaignId,
+        subscriber: SubscriberId,
+        attempt: u32,
+        outcome: Outcome,
+        next: Next,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn italian_numbers_are_normalised_to_e164() {
+        let cases = [
+            ("347 123 4567", "+393471234567"),
+            ("+39 06 6982 1234", "+390669821234"),
+            ("0039 347 1234567", "+393471234567"),
+            ("06 69821234", "+390669821234"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(PhoneNumber::parse(input).unwrap().as_str(), want, "{input}");
+        }
+    }
+
+    #[test]
+    fn bad_numbers_are_refused_with_a_reason() {
+        assert_eq!(PhoneNumber::parse("  "), Err(PhoneError::Empty));
+        assert!(matches!(
+            PhoneNumber::parse("hello"),
+            Err(PhoneError::Unparsable(..))
+        ));
+        assert!(matches!(
+            PhoneNumber::parse("+39 12"),
+            Err(PhoneError::Invalid(_)) | Err(PhoneError::Unparsable(..))
+        ));
+        assert!(PhoneNumber::parse(&"9".repeat(100)).is_err());
+    }
+
+    #[test]
+    fn masked_numbers_keep_only_the_prefix_and_last_two_digits() {
+        let p = PhoneNumber::parse("+393471234567").unwrap();
+        assert_eq!(p.masked(), "+39********67");
+        assert_eq!(mask_number("123"), "***");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parsing_never_panics(s in "\\PC{0,40}") {
+            let _ = PhoneNumber::parse(&s);
+        }
+    }
+}

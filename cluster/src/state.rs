@@ -1,0 +1,699 @@
+//! The domain state machine: what every node holds once a command is committed.
+//!
+//! `State::apply` is deterministic — no clock, no randomness, no I/O — so every replica that applies the
+//! same log reaches the same state. Indexes that can be derived (phone → subscriber, the due queue) are
+//! skipped by serde and rebuilt by `State::rebuild_indexes` after a snapshot is loaded.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::command::{Command, Refusal, Response};
+use crate::domain::{
+    AttemptEvent, CallTask, Campaign, CampaignId, CampaignState, Counts, FinalState, Next, NodeId,
+    Outcome, PhoneNumber, Subscriber, SubscriberId, TaskState,
+};
+
+/// Key of the due queue: priority rank first, then due time, so the dialer pops emergencies first.
+pub type DueKey = (u8, u64, CampaignId, SubscriberId);
+
+/// The whole replicated domain state.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct State {
+    next_subscriber: u64,
+    next_campaign: u64,
+    subscribers: BTreeMap<SubscriberId, Subscriber>,
+    campaigns: BTreeMap<CampaignId, Campaign>,
+    tasks: BTreeMap<CampaignId, BTreeMap<SubscriberId, CallTask>>,
+    #[serde(skip)]
+    phones: BTreeMap<PhoneNumber, SubscriberId>,
+    #[serde(skip)]
+    due: BTreeSet<DueKey>,
+}
+
+impl State {
+    /// Applies one committed command. Never panics on any command, well-formed or not.
+    pub fn apply(&mut self, cmd: &Command) -> Response {
+        match cmd {
+            Command::CreateSubscriber { at_ms, subscriber } => {
+                if let Some(existing) = self.phones.get(&subscriber.phone) {
+                    return Response::Refused(Refusal::DuplicatePhone(
+                        subscriber.phone.masked(),
+                        *existing,
+                    ));
+                }
+                self.next_subscriber += 1;
+                let id = SubscriberId(self.next_subscriber);
+                self.phones.insert(subscriber.phone.clone(), id);
+                self.subscribers.insert(
+                    id,
+                    Subscriber {
+                        id,
+                        phone: subscriber.phone.clone(),
+                        name: subscriber.name.clone(),
+                        language: subscriber.language.clone(),
+                        zone: subscriber.zone.clone(),
+                        verified: subscriber.verified,
+                        opted_out: false,
+                        created_ms: *at_ms,
+                    },
+                );
+                Response::SubscriberCreated(id)
+            }
+            Command::DeleteSubscriber { at_ms, id } => {
+                let Some(sub) = self.subscribers.remove(id) else {
+                    return Response::Refused(Refusal::UnknownSubscriber(*id));
+                };
+                self.phones.remove(&sub.phone);
+                // Erasure: open tasks for this person end as cancelled; nobody dials a deleted number.
+                let campaign_ids: Vec<CampaignId> = self.tasks.keys().copied().collect();
+                for cid in campaign_ids {
+                    self.finish_task_if_open(cid, *id, FinalState::Cancelled, *at_ms);
+                }
+                Response::Ok
+            }
+            Command::CreateCampaign { at_ms, spec } => {
+                self.next_campaign += 1;
+                let id = CampaignId(self.next_campaign);
+                self.campaigns.insert(
+                    id,
+                    Campaign {
+                        id,
+                        spec: spec.clone(),
+                        state: CampaignState::Draft,
+                        created_ms: *at_ms,
+                        started_ms: None,
+                        finished_ms: None,
+                        counts: Counts::default(),
+                    },
+                );
+                Response::CampaignCreated(id)
+            }
+            Command::StartCampaign { at_ms, id } => self.start_campaign(*id, *at_ms),
+            Command::CancelCampaign { at_ms, id } => self.cancel_campaign(*id, *at_ms),
+            Command::RecordAttempts {
+                at_ms,
+                node,
+                events,
+            } => {
+                let applied = events
+                    .iter()
+                    .filter(|e| self.record(*node, e, *at_ms))
+                    .count();
+                Response::Recorded {
+                    applied: applied as u32,
+                }
+            }
+        }
+    }
+
+    fn start_campaign(&mut self, id: CampaignId, at_ms: u64) -> Response {
+        let Some(campaign) = self.campaigns.get_mut(&id) else {
+            return Response::Refused(Refusal::UnknownCampaign(id));
+        };
+        if campaign.state != CampaignState::Draft {
+            return Response::Refused(wrong_state(campaign, "draft", "started"));
+        }
+        let rank = campaign.spec.priority.rank();
+        let mut tasks = BTreeMap::new();
+        let mut counts = Counts::default();
+        for sub in self.subscribers.values() {
+            if !sub.verified || sub.opted_out || !campaign.spec.audience.includes(sub) {
+                continue;
+            }
+            tasks.insert(
+                sub.id,
+                CallTask {
+                    campaign: id,
+                    subscriber: sub.id,
+                    phone: sub.phone.clone(),
+                    language: sub.language.clone(),
+                    attempts: 0,
+                    state: TaskState::Pending,
+                    next_due_ms: at_ms,
+                    last_outcome: None,
+                    updated_ms: at_ms,
+                },
+            );
+            self.due.insert((rank, at_ms, id, sub.id));
+            counts.targeted += 1;
+            counts.pending += 1;
+        }
+        campaign.counts = counts;
+        campaign.state = CampaignState::Running;
+        campaign.started_ms = Some(at_ms);
+        self.tasks.insert(id, tasks);
+        self.complete_if_done(id, at_ms);
+        Response::Ok
+    }
+
+    fn cancel_campaign(&mut self, id: CampaignId, at_ms: u64) -> Response {
+        let Some(campaign) = self.campaigns.get(&id) else {
+            return Response::Refused(Refusal::UnknownCampaign(id));
+        };
+        match campaign.state {
+            CampaignState::Draft | CampaignState::Running => {}
+            _ => return Response::Refused(wrong_state(campaign, "draft or running", "cancelled")),
+        }
+        let open: Vec<SubscriberId> = self
+            .tasks
+            .get(&id)
+            .map(|t| {
+                t.values()
+                    .filter(|t| !matches!(t.state, TaskState::Final(_)))
+                    .map(|t| t.subscriber)
+                    .collect()
+            })
+            .unwrap_or_default();
+        for sid in open {
+            self.finish_task_if_open(id, sid, FinalState::Cancelled, at_ms);
+        }
+        if let Some(c) = self.campaigns.get_mut(&id) {
+            c.state = CampaignState::Cancelled;
+            c.finished_ms = Some(at_ms);
+        }
+        Response::Ok
+    }
+
+    /// Applies one dialer record; returns whether it changed anything (duplicates and stale records don't).
+    fn record(&mut self, node: NodeId, event: &AttemptEvent, at_ms: u64) -> bool {
+        let (campaign, subscriber) = match event {
+            AttemptEvent::Started {
+                campaign,
+                subscriber,
+                ..
+            }
+            | AttemptEvent::Finished {
+                campaign,
+                subscriber,
+                ..
+            } => (*campaign, *subscriber),
+        };
+        let Some(c) = self.campaigns.get(&campaign) else {
+            return false;
+        };
+        if c.state != CampaignState::Running {
+            return false;
+        }
+        let rank = c.spec.priority.rank();
+        let Some(task) = self
+            .tasks
+            .get_mut(&campaign)
+            .and_then(|t| t.get_mut(&subscriber))
+        else {
+            return false;
+        };
+        let before = task.state;
+        match event {
+            AttemptEvent::Started { attempt, .. } => {
+                if before != TaskState::Pending || *attempt != task.attempts + 1 {
+                    return false;
+                }
+                self.due
+                    .remove(&(rank, task.next_due_ms, campaign, subscriber));
+                task.attempts = *attempt;
+                task.state = TaskState::InFlight {
+                    attempt: *attempt,
+                    node,
+                    since_ms: at_ms,
+                };
+            }
+            AttemptEvent::Finished {
+                attempt,
+                outcome,
+                next,
+                ..
+            } => {
+                let TaskState::InFlight {
+                    attempt: current,
+                    node: owner,
+                    ..
+                } = before
+                else {
+                    return false;
+                };
+                if current != *attempt || owner != node {
+                    return false;
+                }
+                let counts = &mut self
+                    .campaigns
+                    .get_mut(&campaign)
+                    .expect("campaign checked above")
+                    .counts;
+                if *outcome == Outcome::Interrupted {
+                    // Not the subscriber's attempt: give it back.
+                    task.attempts = task.attempts.saturating_sub(1);
+                } else {
+                    counts.attempts += 1;
+                    if outcome.answered() {
+                        counts.answered += 1;
+                    }
+                }
+                task.last_outcome = Some(outcome.clone());
+                match next {
+                    Next::RetryAt(due) => {
+                        task.state = TaskState::Pending;
+                        task.next_due_ms = *due;
+                        self.due.insert((rank, *due, campaign, subscriber));
+                    }
+                    Next::Final(f) => task.state = TaskState::Final(*f),
+                }
+                if *outcome == Outcome::OptOut {
+                    if let Some(s) = self.subscribers.get_mut(&subscriber) {
+                        s.opted_out = true;
+                    }
+                }
+            }
+        }
+        task.updated_ms = at_ms;
+        let after = task.state;
+        let counts = &mut self
+            .campaigns
+            .get_mut(&campaign)
+            .expect("campaign checked above")
+            .counts;
+        counts.leave(&before);
+        counts.enter(&after);
+        self.complete_if_done(campaign, at_ms);
+        true
+    }
+
+    fn finish_task_if_open(
+        &mut self,
+        campaign: CampaignId,
+        subscriber: SubscriberId,
+        to: FinalState,
+        at_ms: u64,
+    ) {
+        let Some(c) = self.campaigns.get_mut(&campaign) else {
+            return;
+        };
+        let Some(task) = self
+            .tasks
+            .get_mut(&campaign)
+            .and_then(|t| t.get_mut(&subscriber))
+        else {
+            return;
+        };
+        if matches!(task.state, TaskState::Final(_)) {
+            return;
+        }
+        if task.state == TaskState::Pending {
+            self.due.remove(&(
+                c.spec.priority.rank(),
+                task.next_due_ms,
+                campaign,
+                subscriber,
+            ));
+        }
+        c.counts.leave(&task.state);
+        task.state = TaskState::Final(to);
+        task.updated_ms = at_ms;
+        c.counts.enter(&task.state);
+        self.complete_if_done(campaign, at_ms);
+    }
+
+    fn complete_if_done(&mut self, id: CampaignId, at_ms: u64) {
+        if let Some(c) = self.campaigns.get_mut(&id) {
+            if c.state == CampaignState::Running && c.counts.open() == 0 {
+                c.state = CampaignState::Completed;
+                c.finished_ms = Some(at_ms);
+            }
+        }
+    }
+
+    /// Rebuilds the indexes that serde skips; call after deserialising a snapshot.
+    pub fn rebuild_indexes(&mut self) {
+        self.phones = self
+            .subscribers
+            .values()
+            .map(|s| (s.phone.clone(), s.id))
+            .collect();
+        self.due.clear();
+        for (cid, tasks) in &self.tasks {
+            let Some(c) = self.campaigns.get(cid) else {
+                continue;
+            };
+            if c.state != CampaignState::Running {
+                continue;
+            }
+            let rank = c.spec.priority.rank();
+            for t in tasks.values() {
+                if t.state == TaskState::Pending {
+                    self.due.insert((rank, t.next_due_ms, *cid, t.subscriber));
+                }
+            }
+        }
+    }
+
+    // ---- reads ----
+
+    pub fn subscriber(&self, id: SubscriberId) -> Option<&Subscriber> {
+        self.subscribers.get(&id)
+    }
+
+    pub fn subscriber_by_phone(&self, phone: &PhoneNumber) -> Option<&Subscriber> {
+        self.phones
+            .get(phone)
+            .and_then(|id| self.subscribers.get(id))
+    }
+
+    pub fn subscribers(&self) -> impl Iterator<Item = &Subscriber> {
+        self.subscribers.values()
+    }
+
+    pub fn subscriber_count(&self) -> usize {
+        self.subscribers.len()
+    }
+
+    pub fn campaign(&self, id: CampaignId) -> Option<&Campaign> {
+        self.campaigns.get(&id)
+    }
+
+    pub fn campaigns(&self) -> impl Iterator<Item = &Campaign> {
+        self.campaigns.values()
+    }
+
+    /// Every call task of a campaign, by subscriber id.
+    pub fn tasks(&self, campaign: CampaignId) -> impl Iterator<Item = &CallTask> {
+        self.tasks
+            .get(&campaign)
+            .into_iter()
+            .flat_map(|t| t.values())
+    }
+
+    pub fn task(&self, campaign: CampaignId, subscriber: SubscriberId) -> Option<&CallTask> {
+        self.tasks.get(&campaign).and_then(|t| t.get(&subscriber))
+    }
+
+    /// Pending tasks of running campaigns due at or before `now_ms`, emergencies first, oldest first.
+    pub fn due_tasks(&self, now_ms: u64, limit: usize) -> Vec<&CallTask> {
+        let mut out = Vec::new();
+        for rank in 0..=2u8 {
+            let range = (rank, 0, CampaignId(0), SubscriberId(0))
+                ..=(rank, now_ms, CampaignId(u64::MAX), SubscriberId(u64::MAX));
+            for (_, _, cid, sid) in self.due.range(range) {
+                if out.len() >= limit {
+                    return out;
+                }
+                if let Some(t) = self.task(*cid, *sid) {
+                    out.push(t);
+                }
+            }
+        }
+        out
+    }
+
+    /// The earliest due time of any pending task, to know how long the dialer may sleep.
+    pub fn next_due_ms(&self) -> Option<u64> {
+        self.due.iter().map(|(_, due, _, _)| *due).min()
+    }
+
+    /// Tasks a node had in flight (used after a restart to give interrupted attempts back).
+    pub fn in_flight_on(&self, node: NodeId) -> Vec<&CallTask> {
+        self.tasks
+            .values()
+            .flat_map(|t| t.values())
+            .filter(|t| matches!(t.state, TaskState::InFlight { node: n, .. } if n == node))
+            .collect()
+    }
+}
+
+fn wrong_state(c: &Campaign, wanted: &str, verb: &str) -> Refusal {
+    Refusal::WrongCampaignState {
+        id: c.id,
+        state: c.state.as_str().to_string(),
+        wanted: wanted.to_string(),
+        verb: verb.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::*;
+
+    fn sub(n: u32, zone: Option<&str>) -> Command {
+        Command::CreateSubscriber {
+            at_ms: 1,
+            subscriber: NewSubscriber {
+                phone: PhoneNumber::parse(&format!("+39347{n:07}")).unwrap(),
+                name: None,
+                language: "it".into(),
+                zone: zone.map(String::from),
+                verified: true,
+            },
+        }
+    }
+
+    fn campaign(audience: Audience) -> Command {
+        Command::CreateCampaign {
+            at_ms: 2,
+            spec: CampaignSpec {
+                title: "Piena del fiume".into(),
+                message: Message::Tts {
+                    text: "Allerta".into(),
+                    language: "it".into(),
+                },
+                audience,
+                priority: Priority::Emergency,
+                require_confirmation: true,
+                retry: RetryPolicy::default_for(Priority::Emergency),
+            },
+        }
+    }
+
+    fn started(c: u64, s: u64, attempt: u32) -> AttemptEvent {
+        AttemptEvent::Started {
+            campaign: CampaignId(c),
+            subscriber: SubscriberId(s),
+            attempt,
+        }
+    }
+
+    fn finished(c: u64, s: u64, attempt: u32, outcome: Outcome, next: Next) -> AttemptEvent {
+        AttemptEvent::Finished {
+            campaign: CampaignId(c),
+            subscriber: SubscriberId(s),
+            attempt,
+            outcome,
+            next,
+        }
+    }
+
+    fn record(st: &mut State, events: Vec<AttemptEvent>) -> Response {
+        st.apply(&Command::RecordAttempts {
+            at_ms: 10,
+            node: NodeId(1),
+            events,
+        })
+    }
+
+    #[test]
+    fn duplicate_phone_is_refused_with_masked_number() {
+        let mut st = State::default();
+        assert_eq!(
+            st.apply(&sub(1, None)),
+            Response::SubscriberCreated(SubscriberId(1))
+        );
+        let r = st.apply(&sub(1, None));
+        let Response::Refused(Refusal::DuplicatePhone(masked, id)) = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(id, SubscriberId(1));
+        assert!(!masked.contains("0000001"));
+    }
+
+    #[test]
+    fn zone_audience_targets_only_that_zone() {
+        let mut st = State::default();
+        st.apply(&sub(1, Some("centro")));
+        st.apply(&sub(2, Some("porto")));
+        st.apply(&sub(3, None));
+        st.apply(&campaign(Audience::Zones(vec!["porto".into()])));
+        assert_eq!(
+            st.apply(&Command::StartCampaign {
+                at_ms: 5,
+                id: CampaignId(1)
+            }),
+            Response::Ok
+        );
+        let c = st.campaign(CampaignId(1)).unwrap();
+        assert_eq!(c.counts.targeted, 1);
+        assert_eq!(st.due_tasks(5, 10)[0].subscriber, SubscriberId(2));
+    }
+
+    #[test]
+    fn a_task_walks_to_confirmed_and_the_campaign_completes() {
+        let mut st = State::default();
+        st.apply(&sub(1, None));
+        st.apply(&campaign(Audience::All));
+        st.apply(&Command::StartCampaign {
+            at_ms: 5,
+            id: CampaignId(1),
+        });
+        assert_eq!(
+            record(&mut st, vec![started(1, 1, 1)]),
+            Response::Recorded { applied: 1 }
+        );
+        assert!(st.due_tasks(100, 10).is_empty());
+        assert_eq!(st.campaign(CampaignId(1)).unwrap().counts.in_flight, 1);
+        record(
+            &mut st,
+            vec![finished(1, 1, 1, Outcome::Busy, Next::RetryAt(50))],
+        );
+        assert_eq!(st.due_tasks(49, 10).len(), 0);
+        assert_eq!(st.due_tasks(50, 10).len(), 1);
+        record(
+            &mut st,
+            vec![
+                started(1, 1, 2),
+                finished(
+                    1,
+                    1,
+                    2,
+                    Outcome::Confirmed,
+                    Next::Final(FinalState::Confirmed),
+                ),
+            ],
+        );
+        let c = st.campaign(CampaignId(1)).unwrap();
+        assert_eq!(c.state, CampaignState::Completed);
+        assert_eq!(c.counts.confirmed, 1);
+        assert_eq!(c.counts.attempts, 2);
+        assert_eq!(c.counts.answered, 1);
+    }
+
+    #[test]
+    fn duplicate_and_stale_records_change_nothing() {
+        let mut st = State::default();
+        st.apply(&sub(1, None));
+        st.apply(&campaign(Audience::All));
+        st.apply(&Command::StartCampaign {
+            at_ms: 5,
+            id: CampaignId(1),
+        });
+        record(&mut st, vec![started(1, 1, 1)]);
+        assert_eq!(
+            record(&mut st, vec![started(1, 1, 1)]),
+            Response::Recorded { applied: 0 }
+        );
+        // A different node cannot finish an attempt it does not own.
+        let r = st.apply(&Command::RecordAttempts {
+            at_ms: 11,
+            node: NodeId(2),
+            events: vec![finished(
+                1,
+                1,
+                1,
+                Outcome::Confirmed,
+                Next::Final(FinalState::Confirmed),
+            )],
+        });
+        assert_eq!(r, Response::Recorded { applied: 0 });
+        assert_eq!(st.campaign(CampaignId(1)).unwrap().counts.in_flight, 1);
+    }
+
+    #[test]
+    fn interrupted_attempts_are_given_back() {
+        let mut st = State::default();
+        st.apply(&sub(1, None));
+        st.apply(&campaign(Audience::All));
+        st.apply(&Command::StartCampaign {
+            at_ms: 5,
+            id: CampaignId(1),
+        });
+        record(&mut st, vec![started(1, 1, 1)]);
+        assert_eq!(st.in_flight_on(NodeId(1)).len(), 1);
+        record(
+            &mut st,
+            vec![finished(1, 1, 1, Outcome::Interrupted, Next::RetryAt(10))],
+        );
+        let t = st.task(CampaignId(1), SubscriberId(1)).unwrap();
+        assert_eq!(t.attempts, 0);
+        assert_eq!(st.campaign(CampaignId(1)).unwrap().counts.attempts, 0);
+        assert_eq!(
+            record(&mut st, vec![started(1, 1, 1)]),
+            Response::Recorded { applied: 1 }
+        );
+    }
+
+    #[test]
+    fn cancel_finishes_every_open_task_and_ignores_late_records() {
+        let mut st = State::default();
+        for n in 1..=3 {
+            st.apply(&sub(n, None));
+        }
+        st.apply(&campaign(Audience::All));
+        st.apply(&Command::StartCampaign {
+            at_ms: 5,
+            id: CampaignId(1),
+        });
+        record(&mut st, vec![started(1, 1, 1)]);
+        st.apply(&Command::CancelCampaign {
+            at_ms: 6,
+            id: CampaignId(1),
+        });
+        let c = st.campaign(CampaignId(1)).unwrap();
+        assert_eq!(c.state, CampaignState::Cancelled);
+        assert_eq!(c.counts.cancelled, 3);
+        assert_eq!(c.counts.open(), 0);
+        assert!(st.due_tasks(u64::MAX, 10).is_empty());
+        assert_eq!(
+            record(
+                &mut st,
+                vec![finished(
+                    1,
+                    1,
+                    1,
+                    Outcome::Confirmed,
+                    Next::Final(FinalState::Confirmed)
+                )]
+            ),
+            Response::Recorded { applied: 0 }
+        );
+    }
+
+    #[test]
+    fn snapshot_round_trip_rebuilds_indexes() {
+        let mut st = State::default();
+        st.apply(&sub(1, None));
+        st.apply(&sub(2, None));
+        st.apply(&campaign(Audience::All));
+        st.apply(&Command::StartCampaign {
+            at_ms: 5,
+            id: CampaignId(1),
+        });
+        let json = serde_json::to_vec(&st).unwrap();
+        let mut back: State = serde_json::from_slice(&json).unwrap();
+        back.rebuild_indexes();
+        assert_eq!(back.due_tasks(5, 10).len(), 2);
+        assert!(back
+            .subscriber_by_phone(&PhoneNumber::parse("+393470000001").unwrap())
+            .is_some());
+        assert!(matches!(back.apply(&sub(1, None)), Response::Refused(_)));
+    }
+
+    #[test]
+    fn unknown_ids_are_refused_not_panicked_on() {
+        let mut st = State::default();
+        assert!(matches!(
+            st.apply(&Command::StartCampaign {
+                at_ms: 1,
+                id: CampaignId(9)
+            }),
+            Response::Refused(Refusal::UnknownCampaign(_))
+        ));
+        assert!(matches!(
+            st.apply(&Command::DeleteSubscriber {
+                at_ms: 1,
+                id: SubscriberId(9)
+            }),
+            Response::Refused(Refusal::UnknownSubscriber(_))
+        ));
+        assert_eq!(
+            record(&mut st, vec![started(9, 9, 1)]),
+            Response::Recorded { applied: 0 }
+        );
+    }
+}
