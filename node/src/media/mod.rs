@@ -1,0 +1,1 @@
+//! Media: audio preparation, G.711, RTP, DTMF and the pacer.

@@ -1,0 +1,1 @@
+//! SIP: messages, sans-IO transactions and dialogs, SDP, and the UDP driver.
