@@ -1,0 +1,226 @@
+//! RFC 3261 §12 dialogs: the state two user agents share after an INVITE succeeds, and how to build
+//! requests inside it (route set, remote target, CSeq).
+//!
+//! A dialog is plain data (serde) so that a later release can commit it to Raft and let another node
+//! continue the call.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use super::message::{
+    self, contact_uri, header_value, header_values, new_branch, uri_hostport, uri_of, HeaderName,
+    Method, ParseError, Request, RequestBuilder, Response,
+};
+
+/// One side's view of a dialog.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dialog {
+    pub call_id: String,
+    pub local_tag: String,
+    pub remote_tag: String,
+    /// Our From (UAC) or To (UAS) header value, without tag.
+    pub local_party: String,
+    /// Their header value, without tag.
+    pub remote_party: String,
+    /// Where in-dialog requests go (the peer's Contact).
+    pub remote_target: String,
+    /// Route set, in the order Route headers are written (§12.1.1 / §12.1.2).
+    pub route_set: Vec<String>,
+    pub local_cseq: u32,
+    pub remote_cseq: Option<u32>,
+    /// Our Contact URI.
+    pub local_contact: String,
+}
+
+/// Why a dialog could not be formed from a message.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DialogError {
+    #[error("the {0} has no {1}, so no dialog can be formed")]
+    Missing(&'static str, &'static str),
+}
+
+fn strip_tag(value: &str) -> String {
+    value
+        .split(';')
+        .filter(|p| !p.trim_start().to_ascii_lowercase().starts_with("tag="))
+        .collect::<Vec<_>>()
+        .join(";")
+}
+
+impl Dialog {
+    /// The caller's dialog, from our INVITE and the 2xx (or 1xx with tag) that answered it (§12.1.2).
+    pub fn from_uac(
+        invite: &Request,
+        resp: &Response,
+        local_contact: &str,
+    ) -> Result<Self, DialogError> {
+        let call_id = message::call_id(invite)
+            .ok_or(DialogError::Missing("INVITE", "Call-ID"))?
+            .to_string();
+        let local_tag = message::from_tag(invite)
+            .ok_or(DialogError::Missing("INVITE", "From tag"))?
+            .to_string();
+        let remote_tag = message::to_tag(resp)
+            .ok_or(DialogError::Missing("response", "To tag"))?
+            .to_string();
+        let remote_target = contact_uri(resp).ok_or(DialogError::Missing("response", "Contact"))?;
+        let mut route_set = header_values(resp, HeaderName::RecordRoute);
+        route_set.reverse();
+        Ok(Dialog {
+            call_id,
+            local_tag,
+            remote_tag,
+            local_party: strip_tag(header_value(invite, HeaderName::From).unwrap_or_default()),
+            remote_party: strip_tag(header_value(resp, HeaderName::To).unwrap_or_default()),
+            remote_target,
+            route_set,
+            local_cseq: message::cseq(invite).map(|c| c.0).unwrap_or(1),
+            remote_cseq: None,
+            local_contact: local_contact.to_string(),
+        })
+    }
+
+    /// The callee's dialog, from an INVITE we answer with `local_tag` (§12.1.1).
+    pub fn from_uas(
+        invite: &Request,
+        local_tag: &str,
+        local_contact: &str,
+    ) -> Result<Self, DialogError> {
+        Ok(Dialog {
+            call_id: message::call_id(invite)
+                .ok_or(DialogError::Missing("INVITE", "Call-ID"))?
+                .to_string(),
+            local_tag: local_tag.to_string(),
+            remote_tag: message::from_tag(invite)
+                .ok_or(DialogError::Missing("INVITE", "From tag"))?
+                .to_string(),
+            local_party: strip_tag(header_value(invite, HeaderName::To).unwrap_or_default()),
+            remote_party: strip_tag(header_value(invite, HeaderName::From).unwrap_or_default()),
+            remote_target: contact_uri(invite).ok_or(DialogError::Missing("INVITE", "Contact"))?,
+            route_set: header_values(invite, HeaderName::RecordRoute),
+            local_cseq: 0,
+            remote_cseq: message::cseq(invite).map(|c| c.0),
+            local_contact: local_contact.to_string(),
+        })
+    }
+
+    /// Where the next in-dialog request is sent: the first route (loose routing) or the remote target.
+    pub fn next_hop(&self) -> Option<SocketAddr> {
+        let uri = self
+            .route_set
+            .first()
+            .map(|r| uri_of(r).to_string())
+            .unwrap_or_else(|| self.remote_target.clone());
+        uri_hostport(&uri)?.parse().ok()
+    }
+
+    /// Builds an in-dialog request (§12.2.1.1). ACK reuses the INVITE's CSeq number; others increment it.
+    pub fn request(&mut self, method: Method, via_host: SocketAddr) -> RequestBuilder {
+        let cseq = if method == Method::Ack {
+            self.local_cseq
+        } else {
+            self.local_cseq += 1;
+            self.local_cseq
+        };
+        let mut b = RequestBuilder::new(method.clone(), self.remote_target.clone())
+            .header(
+                "Via",
+                format!("SIP/2.0/UDP {via_host};branch={};rport", new_branch()),
+            )
+            .header("Max-Forwards", "70")
+            .header(
+                "From",
+                format!("{};tag={}", self.local_party, self.local_tag),
+            )
+            .header(
+                "To",
+                format!("{};tag={}", self.remote_party, self.remote_tag),
+            )
+            .header("Call-ID", self.call_id.clone())
+            .header("CSeq", format!("{cseq} {method}"));
+        for r in &self.route_set {
+            b = b.header("Route", r.clone());
+        }
+        if matches!(method, Method::Invite | Method::Ack) {
+            b = b.header("Contact", format!("<{}>", self.local_contact));
+        }
+        b
+    }
+
+    /// Checks an in-dialog request from the peer and records its CSeq (§12.2.2). Returns false for an
+    /// out-of-order request, which must be answered 500.
+    pub fn accept_remote_cseq(&mut self, req: &Request) -> bool {
+        let Some((n, method)) = message::cseq(req) else {
+            return false;
+        };
+        if method == Method::Ack || method == Method::Cancel {
+            return true;
+        }
+        if self.remote_cseq.is_some_and(|last| n <= last) {
+            return false;
+        }
+        self.remote_cseq = Some(n);
+        true
+    }
+
+    /// Builds an in-dialog request and turns it into an rsip Request.
+    pub fn build(&mut self, method: Method, via_host: SocketAddr) -> Result<Request, ParseError> {
+        self.request(method, via_host).build()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sip::message::{parse, response_to, SipMessage};
+
+    fn invite() -> Request {
+        let raw = "INVITE sip:+393471234567@127.0.0.1:5070 SIP/2.0\r\n\
+Via: SIP/2.0/UDP 127.0.0.1:5080;branch=z9hG4bKp\r\n\
+Via: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKa\r\n\
+Record-Route: <sip:127.0.0.1:5080;lr>\r\n\
+From: <sip:alert@127.0.0.1>;tag=ours\r\n\
+To: <sip:+393471234567@127.0.0.1>\r\n\
+Call-ID: d1\r\nCSeq: 1 INVITE\r\nContact: <sip:alert@127.0.0.1:5060>\r\nContent-Length: 0\r\n\r\n";
+        match parse(raw.as_bytes()).unwrap() {
+            SipMessage::Request(r) => r,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn uac_dialog_routes_through_the_record_route() {
+        let inv = invite();
+        let ok = response_to(
+            &inv,
+            200,
+            Some("theirs"),
+            &[("Contact", "<sip:phone@127.0.0.1:5070>".to_string())],
+            None,
+        );
+        let mut d = Dialog::from_uac(&inv, &ok, "sip:alert@127.0.0.1:5060").unwrap();
+        assert_eq!(d.route_set, vec!["<sip:127.0.0.1:5080;lr>"]);
+        assert_eq!(d.next_hop(), Some("127.0.0.1:5080".parse().unwrap()));
+        let bye = d
+            .build(Method::Bye, "127.0.0.1:5060".parse().unwrap())
+            .unwrap();
+        assert_eq!(bye.uri.to_string(), "sip:phone@127.0.0.1:5070");
+        assert_eq!(message::cseq(&bye), Some((2, Method::Bye)));
+        assert_eq!(message::to_tag(&bye), Some("theirs"));
+        assert_eq!(message::from_tag(&bye), Some("ours"));
+        let ack = d
+            .build(Method::Ack, "127.0.0.1:5060".parse().unwrap())
+            .unwrap();
+        assert_eq!(message::cseq(&ack), Some((2, Method::Ack)));
+    }
+
+    #[test]
+    fn uas_dialog_rejects_old_cseq() {
+        let inv = invite();
+        let mut d = Dialog::from_uas(&inv, "mine", "sip:phone@127.0.0.1:5070").unwrap();
+        assert_eq!(d.remote_target, "sip:alert@127.0.0.1:5060");
+        assert_eq!(d.next_hop(), Some("127.0.0.1:5080".parse().unwrap()));
+        assert!(!d.accept_remote_cseq(&inv));
+    }
+}

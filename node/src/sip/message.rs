@@ -1,0 +1,520 @@
+//! SIP messages on rsip's types, with the few accessors the transaction and dialog layers need.
+//!
+//! rsip parses the start line, headers and body; it does not know RFC 3261 §7.3.3's compact header forms,
+//! and its typed headers fail on some valid inputs. So `parse` maps compact names to their full forms, and
+//! the accessors here read parameters and URIs from header values with small, tested string functions.
+
+use rand::Rng;
+use rsip::headers::{Header, UntypedHeader};
+use rsip::message::HasHeaders;
+pub use rsip::{Method, Request, Response, SipMessage, StatusCode};
+
+/// The largest SIP datagram we accept; anything bigger is dropped as hostile.
+pub const MAX_MESSAGE_BYTES: usize = 65_000;
+
+/// Why an incoming datagram was not a usable SIP message.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ParseError {
+    #[error("datagram of {0} bytes is larger than the {MAX_MESSAGE_BYTES}-byte limit")]
+    TooLarge(usize),
+    #[error("not a SIP message: {0}")]
+    Syntax(String),
+    #[error("SIP message lacks a usable {0} header")]
+    MissingHeader(&'static str),
+}
+
+/// Parses a datagram into a SIP message, normalising compact header names (`v:`, `i:`, `f:` ...).
+/// Checks that the headers every transaction needs (Via, Call-ID, CSeq, From, To) are present and readable.
+pub fn parse(bytes: &[u8]) -> Result<SipMessage, ParseError> {
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(ParseError::TooLarge(bytes.len()));
+    }
+    let mut msg = SipMessage::try_from(bytes).map_err(|e| ParseError::Syntax(short(&e)))?;
+    for h in msg.headers_mut().iter_mut() {
+        if let Header::Other(name, value) = h {
+            if let Some(full) = expand_compact(name, value) {
+                *h = full;
+            }
+        }
+    }
+    top_via(&msg).ok_or(ParseError::MissingHeader("Via"))?;
+    call_id(&msg).ok_or(ParseError::MissingHeader("Call-ID"))?;
+    cseq(&msg).ok_or(ParseError::MissingHeader("CSeq"))?;
+    header_value(&msg, HeaderName::From).ok_or(ParseError::MissingHeader("From"))?;
+    header_value(&msg, HeaderName::To).ok_or(ParseError::MissingHeader("To"))?;
+    Ok(msg)
+}
+
+fn short(e: &impl std::fmt::Display) -> String {
+    let s = e.to_string();
+    s.chars().take(120).collect()
+}
+
+/// RFC 3261 §7.3.3 compact forms (and RFC 3515's `r`, RFC 4028's `x`, RFC 3841's `j` are not needed).
+fn expand_compact(name: &str, value: &str) -> Option<Header> {
+    let v = value.to_string();
+    Some(match name.to_ascii_lowercase().as_str() {
+        "v" => Header::Via(rsip::headers::Via::new(v)),
+        "i" => Header::CallId(rsip::headers::CallId::new(v)),
+        "f" => Header::From(rsip::headers::From::new(v)),
+        "t" => Header::To(rsip::headers::To::new(v)),
+        "m" => Header::Contact(rsip::headers::Contact::new(v)),
+        "l" => Header::ContentLength(rsip::headers::ContentLength::new(v)),
+        "c" => Header::ContentType(rsip::headers::ContentType::new(v)),
+        "k" => Header::Supported(rsip::headers::Supported::new(v)),
+        "e" => Header::ContentEncoding(rsip::headers::ContentEncoding::new(v)),
+        "s" => Header::Subject(rsip::headers::Subject::new(v)),
+        _ => return None,
+    })
+}
+
+/// The headers we read by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderName {
+    Via,
+    From,
+    To,
+    CallId,
+    CSeq,
+    Contact,
+    RecordRoute,
+    ContentType,
+    RetryAfter,
+}
+
+fn value_of(h: &Header, name: HeaderName) -> Option<&str> {
+    Some(match (h, name) {
+        (Header::Via(v), HeaderName::Via) => v.value(),
+        (Header::From(v), HeaderName::From) => v.value(),
+        (Header::To(v), HeaderName::To) => v.value(),
+        (Header::CallId(v), HeaderName::CallId) => v.value(),
+        (Header::CSeq(v), HeaderName::CSeq) => v.value(),
+        (Header::Contact(v), HeaderName::Contact) => v.value(),
+        (Header::RecordRoute(v), HeaderName::RecordRoute) => v.value(),
+        (Header::ContentType(v), HeaderName::ContentType) => v.value(),
+        (Header::RetryAfter(v), HeaderName::RetryAfter) => v.value(),
+        _ => return None,
+    })
+}
+
+/// The first value of a header.
+pub fn header_value(msg: &impl HasHeaders, name: HeaderName) -> Option<&str> {
+    msg.headers().iter().find_map(|h| value_of(h, name))
+}
+
+/// Every value of a header, in order, with comma-separated values split (for Via and Record-Route).
+pub fn header_values(msg: &impl HasHeaders, name: HeaderName) -> Vec<String> {
+    msg.headers()
+        .iter()
+        .filter_map(|h| value_of(h, name))
+        .flat_map(split_comma_list)
+        .collect()
+}
+
+/// Splits a header value on commas that are outside `<...>` and quotes.
+pub fn split_comma_list(value: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let (mut depth, mut quoted, mut start) = (0i32, false, 0usize);
+    for (i, ch) in value.char_indices() {
+        match ch {
+            '"' => quoted = !quoted,
+            '<' if !quoted => depth += 1,
+            '>' if !quoted => depth -= 1,
+            ',' if !quoted && depth <= 0 => {
+                out.push(value[start..i].trim().to_string());
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    let last = value[start..].trim();
+    if !last.is_empty() {
+        out.push(last.to_string());
+    }
+    out
+}
+
+/// A `;name=value` parameter of a header value, outside any `<...>` (so not a URI parameter).
+pub fn param<'a>(value: &'a str, name: &str) -> Option<&'a str> {
+    let tail = match value.rfind('>') {
+        Some(i) => &value[i + 1..],
+        None => value,
+    };
+    tail.split(';').skip(1).find_map(|p| {
+        let (k, v) = p.split_once('=').unwrap_or((p, ""));
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// The URI of a name-addr (`"Bob" <sip:bob@x>;tag=1` → `sip:bob@x`) or of a bare addr-spec.
+pub fn uri_of(value: &str) -> &str {
+    if let (Some(a), Some(b)) = (value.find('<'), value.rfind('>')) {
+        if a < b {
+            return value[a + 1..b].trim();
+        }
+    }
+    value.split(';').next().unwrap_or("").trim()
+}
+
+/// The user part of a SIP URI (`sip:+39347@host` → `+39347`).
+pub fn uri_user(uri: &str) -> Option<&str> {
+    let rest = uri
+        .strip_prefix("sip:")
+        .or_else(|| uri.strip_prefix("sips:"))
+        .or_else(|| uri.strip_prefix("tel:"))?;
+    let user = rest.split('@').next()?;
+    let user = user.split(';').next()?;
+    (!user.is_empty()).then_some(user)
+}
+
+/// `host:port` of a SIP URI (`sip:u@127.0.0.1:5070;transport=udp` → `127.0.0.1:5070`).
+pub fn uri_hostport(uri: &str) -> Option<&str> {
+    let rest = uri
+        .strip_prefix("sip:")
+        .or_else(|| uri.strip_prefix("sips:"))?;
+    let after_user = rest.rsplit_once('@').map(|(_, h)| h).unwrap_or(rest);
+    let hp = after_user.split([';', '?']).next()?;
+    (!hp.is_empty()).then_some(hp)
+}
+
+pub fn call_id(msg: &impl HasHeaders) -> Option<&str> {
+    header_value(msg, HeaderName::CallId).map(str::trim)
+}
+
+/// The CSeq number and method.
+pub fn cseq(msg: &impl HasHeaders) -> Option<(u32, Method)> {
+    let v = header_value(msg, HeaderName::CSeq)?;
+    let mut it = v.split_whitespace();
+    let n = it.next()?.parse().ok()?;
+    let m = method_from(it.next()?)?;
+    Some((n, m))
+}
+
+pub fn method_from(s: &str) -> Option<Method> {
+    Method::all()
+        .into_iter()
+        .find(|m| m.to_string().eq_ignore_ascii_case(s))
+}
+
+pub fn top_via(msg: &impl HasHeaders) -> Option<String> {
+    header_values(msg, HeaderName::Via).into_iter().next()
+}
+
+/// The branch of the top Via (the transaction id, RFC 3261 §17.1.3).
+pub fn via_branch(msg: &impl HasHeaders) -> Option<String> {
+    top_via(msg).and_then(|v| param(&v, "branch").map(String::from))
+}
+
+pub fn from_tag(msg: &impl HasHeaders) -> Option<&str> {
+    header_value(msg, HeaderName::From).and_then(|v| param(v, "tag"))
+}
+
+pub fn to_tag(msg: &impl HasHeaders) -> Option<&str> {
+    header_value(msg, HeaderName::To).and_then(|v| param(v, "tag"))
+}
+
+/// The Contact URI, if any.
+pub fn contact_uri(msg: &impl HasHeaders) -> Option<String> {
+    header_value(msg, HeaderName::Contact).map(|v| uri_of(v).to_string())
+}
+
+/// Status code of a response as a number.
+pub fn status(resp: &Response) -> u16 {
+    resp.status_code.code()
+}
+
+/// The standard reason phrase for a status code (rsip prints its enum names instead).
+pub fn reason_phrase(code: u16) -> &'static str {
+    match code {
+        100 => "Trying",
+        180 => "Ringing",
+        181 => "Call Is Being Forwarded",
+        183 => "Session Progress",
+        200 => "OK",
+        301 => "Moved Permanently",
+        302 => "Moved Temporarily",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        407 => "Proxy Authentication Required",
+        408 => "Request Timeout",
+        415 => "Unsupported Media Type",
+        480 => "Temporarily Unavailable",
+        481 => "Call/Transaction Does Not Exist",
+        484 => "Address Incomplete",
+        486 => "Busy Here",
+        487 => "Request Terminated",
+        488 => "Not Acceptable Here",
+        500 => "Server Internal Error",
+        501 => "Not Implemented",
+        503 => "Service Unavailable",
+        504 => "Server Time-out",
+        600 => "Busy Everywhere",
+        603 => "Decline",
+        604 => "Does Not Exist Anywhere",
+        606 => "Not Acceptable",
+        _ => "Unknown",
+    }
+}
+
+/// A fresh RFC 3261 branch (magic cookie `z9hG4bK` + random).
+pub fn new_branch() -> String {
+    format!("z9hG4bK{}", random_token(16))
+}
+
+/// A random token for tags and Call-IDs.
+pub fn random_token(len: usize) -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::thread_rng();
+    (0..len)
+        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+/// Serialises a SIP message the way it goes on the wire, with a correct Content-Length.
+pub fn to_bytes(msg: &SipMessage) -> Vec<u8> {
+    msg.to_string().into_bytes()
+}
+
+/// Builds a request from its parts; header values are written verbatim.
+pub struct RequestBuilder {
+    method: Method,
+    uri: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    content_type: Option<String>,
+}
+
+impl RequestBuilder {
+    pub fn new(method: Method, uri: impl Into<String>) -> Self {
+        RequestBuilder {
+            method,
+            uri: uri.into(),
+            headers: Vec::new(),
+            body: Vec::new(),
+            content_type: None,
+        }
+    }
+
+    pub fn header(mut self, name: &str, value: impl Into<String>) -> Self {
+        self.headers.push((name.to_string(), value.into()));
+        self
+    }
+
+    pub fn body(mut self, content_type: &str, body: Vec<u8>) -> Self {
+        self.content_type = Some(content_type.to_string());
+        self.body = body;
+        self
+    }
+
+    /// Serialises to wire text and parses it back into an rsip `Request`.
+    pub fn build(self) -> Result<Request, ParseError> {
+        let mut s = format!("{} {} SIP/2.0\r\n", self.method, self.uri);
+        for (k, v) in &self.headers {
+            s.push_str(&format!("{k}: {v}\r\n"));
+        }
+        if let Some(ct) = &self.content_type {
+            s.push_str(&format!("Content-Type: {ct}\r\n"));
+        }
+        s.push_str(&format!("Content-Length: {}\r\n\r\n", self.body.len()));
+        let mut bytes = s.into_bytes();
+        bytes.extend_from_slice(&self.body);
+        match parse(&bytes)? {
+            SipMessage::Request(r) => Ok(r),
+            SipMessage::Response(_) => Err(ParseError::Syntax("built a response".into())),
+        }
+    }
+}
+
+/// Builds a response to `req` (RFC 3261 §8.2.6.2): copies Via, From, Call-ID, CSeq and To, adding
+/// `to_tag` to To when the request's To has none.
+pub fn response_to(
+    req: &Request,
+    code: u16,
+    to_tag: Option<&str>,
+    extra: &[(&str, String)],
+    body: Option<(&str, Vec<u8>)>,
+) -> Response {
+    let mut s = format!("SIP/2.0 {code} {}\r\n", reason_phrase(code));
+    for v in header_values(req, HeaderName::Via) {
+        s.push_str(&format!("Via: {v}\r\n"));
+    }
+    for name in [HeaderName::From, HeaderName::CallId, HeaderName::CSeq] {
+        if let Some(v) = header_value(req, name) {
+            s.push_str(&format!("{}: {v}\r\n", wire_name(name)));
+        }
+    }
+    if let Some(to) = header_value(req, HeaderName::To) {
+        match (param(to, "tag"), to_tag) {
+            (None, Some(tag)) => s.push_str(&format!("To: {to};tag={tag}\r\n")),
+            _ => s.push_str(&format!("To: {to}\r\n")),
+        }
+    }
+    if (200..300).contains(&code) || code < 200 {
+        for rr in header_values(req, HeaderName::RecordRoute) {
+            s.push_str(&format!("Record-Route: {rr}\r\n"));
+        }
+    }
+    for (k, v) in extra {
+        s.push_str(&format!("{k}: {v}\r\n"));
+    }
+    let body = body.unwrap_or(("", Vec::new()));
+    if !body.1.is_empty() {
+        s.push_str(&format!("Content-Type: {}\r\n", body.0));
+    }
+    s.push_str(&format!("Content-Length: {}\r\n\r\n", body.1.len()));
+    let mut bytes = s.into_bytes();
+    bytes.extend_from_slice(&body.1);
+    match parse(&bytes) {
+        Ok(SipMessage::Response(r)) => r,
+        // Only reachable if the request's own headers were unparsable, which `parse` already rejected.
+        _ => Response {
+            status_code: StatusCode::from(code),
+            version: rsip::Version::V2,
+            headers: Default::default(),
+            body: Vec::new(),
+        },
+    }
+}
+
+fn wire_name(name: HeaderName) -> &'static str {
+    match name {
+        HeaderName::Via => "Via",
+        HeaderName::From => "From",
+        HeaderName::To => "To",
+        HeaderName::CallId => "Call-ID",
+        HeaderName::CSeq => "CSeq",
+        HeaderName::Contact => "Contact",
+        HeaderName::RecordRoute => "Record-Route",
+        HeaderName::ContentType => "Content-Type",
+        HeaderName::RetryAfter => "Retry-After",
+    }
+}
+
+/// Wire bytes of a response, with our own reason phrase.
+pub fn response_bytes(resp: &Response) -> Vec<u8> {
+    let code = status(resp);
+    let mut s = format!("SIP/2.0 {code} {}\r\n", reason_phrase(code));
+    s.push_str(&resp.headers.to_string());
+    s.push_str("\r\n");
+    let mut bytes = s.into_bytes();
+    bytes.extend_from_slice(&resp.body);
+    bytes
+}
+
+/// Wire bytes of a request.
+pub fn request_bytes(req: &Request) -> Vec<u8> {
+    let mut s = format!("{} {} SIP/2.0\r\n", req.method, req.uri);
+    s.push_str(&req.headers.to_string());
+    s.push_str("\r\n");
+    let mut bytes = s.into_bytes();
+    bytes.extend_from_slice(&req.body);
+    bytes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INVITE: &str = "INVITE sip:+393471234567@127.0.0.1:5070 SIP/2.0\r\n\
+v: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKabc;rport\r\n\
+f: \"Comune\" <sip:alert@127.0.0.1>;tag=111\r\n\
+t: <sip:+393471234567@127.0.0.1>\r\n\
+i: call-1@127.0.0.1\r\n\
+CSeq: 7 INVITE\r\n\
+m: <sip:alert@127.0.0.1:5060>\r\n\
+Record-Route: <sip:p1;lr>, <sip:p2;lr>\r\n\
+l: 0\r\n\r\n";
+
+    #[test]
+    fn compact_headers_are_understood() {
+        let msg = parse(INVITE.as_bytes()).unwrap();
+        assert_eq!(call_id(&msg), Some("call-1@127.0.0.1"));
+        assert_eq!(cseq(&msg), Some((7, Method::Invite)));
+        assert_eq!(via_branch(&msg).as_deref(), Some("z9hG4bKabc"));
+        assert_eq!(from_tag(&msg), Some("111"));
+        assert_eq!(to_tag(&msg), None);
+        assert_eq!(
+            contact_uri(&msg).as_deref(),
+            Some("sip:alert@127.0.0.1:5060")
+        );
+        assert_eq!(
+            header_values(&msg, HeaderName::RecordRoute),
+            vec!["<sip:p1;lr>", "<sip:p2;lr>"]
+        );
+    }
+
+    #[test]
+    fn response_copies_dialog_headers_and_adds_the_to_tag() {
+        let SipMessage::Request(req) = parse(INVITE.as_bytes()).unwrap() else {
+            panic!()
+        };
+        let resp = response_to(&req, 486, Some("xyz"), &[], None);
+        assert_eq!(status(&resp), 486);
+        assert_eq!(to_tag(&resp), Some("xyz"));
+        assert_eq!(via_branch(&resp).as_deref(), Some("z9hG4bKabc"));
+        let wire = String::from_utf8(response_bytes(&resp)).unwrap();
+        assert!(wire.starts_with("SIP/2.0 486 Busy Here\r\n"), "{wire}");
+        let back = parse(wire.as_bytes()).unwrap();
+        assert_eq!(call_id(&back), Some("call-1@127.0.0.1"));
+    }
+
+    #[test]
+    fn uri_helpers_read_users_and_hosts() {
+        assert_eq!(uri_of("\"A, B\" <sip:a@h:1;lr>;tag=3"), "sip:a@h:1;lr");
+        assert_eq!(uri_user("sip:+3906@127.0.0.1:5"), Some("+3906"));
+        assert_eq!(
+            uri_hostport("sip:+3906@127.0.0.1:5;transport=udp"),
+            Some("127.0.0.1:5")
+        );
+        assert_eq!(uri_hostport("sip:127.0.0.1"), Some("127.0.0.1"));
+        assert_eq!(param("<sip:x;tag=no>;tag=yes", "tag"), Some("yes"));
+        assert_eq!(split_comma_list("\"a,b\" <sip:x>, <sip:y>").len(), 2);
+    }
+
+    #[test]
+    fn messages_without_required_headers_are_refused() {
+        let bad = "OPTIONS sip:x SIP/2.0\r\nCSeq: 1 OPTIONS\r\n\r\n";
+        assert!(matches!(
+            parse(bad.as_bytes()),
+            Err(ParseError::MissingHeader(_))
+        ));
+        assert!(matches!(
+            parse(&[0u8; 70_000]),
+            Err(ParseError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn builder_round_trips() {
+        let req = RequestBuilder::new(Method::Bye, "sip:u@127.0.0.1:5070")
+            .header("Via", "SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK1")
+            .header("From", "<sip:a@h>;tag=1")
+            .header("To", "<sip:b@h>;tag=2")
+            .header("Call-ID", "c1")
+            .header("CSeq", "2 BYE")
+            .build()
+            .unwrap();
+        let back = parse(&request_bytes(&req)).unwrap();
+        assert_eq!(cseq(&back), Some((2, Method::Bye)));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..600)) {
+            let _ = parse(&bytes);
+        }
+
+        #[test]
+        fn mutated_invites_never_panic(cut in 0usize..400, byte in proptest::num::u8::ANY) {
+            let mut b = INVITE.as_bytes().to_vec();
+            let i = cut % b.len();
+            b[i] = byte;
+            if let Ok(m) = parse(&b) {
+                let _ = (call_id(&m), cseq(&m), via_branch(&m), contact_uri(&m));
+            }
+        }
+    }
+}
