@@ -14,3 +14,8 @@ pub mod state;
 pub use command::{Command, Refusal, Response};
 pub use domain::*;
 pub use state::State;
+pub mod cluster;
+pub mod network;
+pub mod store;
+
+pub use cluster::{Cluster, ClusterError, ClusterOptions, ClusterStatus};

@@ -1,0 +1,224 @@
+//! `Cluster`: the handle the rest of the node uses to propose commands and read the applied state.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::storage::RaftLogStorage;
+use openraft::{BasicNode, Config, Raft, SnapshotPolicy};
+use tokio::sync::watch;
+
+use crate::command::{Command, Response};
+use crate::domain::NodeId;
+use crate::network::NetworkFactory;
+use crate::state::State;
+use crate::store::{Applied, Db, LogStore, OpenError, StateMachineStore, TypeConfig};
+
+/// How long a write may wait to be committed before the caller is told the cluster is unavailable.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the replicated store failed; each message says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    #[error("cannot start Raft: {0}")]
+    Start(String),
+    #[error("no Raft leader was elected within {0:?}; check the data directory and the logs")]
+    NoLeader(Duration),
+    #[error("this node is not the leader{}; send writes to the leader", leader.map(|l| format!(" (node {l} is)")).unwrap_or_default())]
+    NotLeader { leader: Option<u64> },
+    #[error("the write was not committed within {0:?}: no quorum; it may still be applied later")]
+    Timeout(Duration),
+    #[error("Raft stopped: {0}")]
+    Fatal(String),
+}
+
+/// Tuning of log compaction; the defaults suit production.
+#[derive(Debug, Clone, Copy)]
+pub struct ClusterOptions {
+    /// Build a snapshot after this many log entries since the last one.
+    pub snapshot_every: u64,
+    /// Log entries kept behind a snapshot (for followers that lag a little).
+    pub keep_behind_snapshot: u64,
+    /// Purge the log only when at least this many entries can go at once.
+    pub purge_batch: u64,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            snapshot_every: 10_000,
+            keep_behind_snapshot: 1_000,
+            purge_batch: 256,
+        }
+    }
+}
+
+/// A summary of Raft's view on this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterStatus {
+    pub node_id: NodeId,
+    pub leader: Option<u64>,
+    pub term: u64,
+    pub last_log_index: Option<u64>,
+    pub applied_index: u64,
+    /// Index of the last snapshot, if any.
+    pub snapshot_index: Option<u64>,
+    /// Index up to which the log was purged, if any.
+    pub purged_index: Option<u64>,
+}
+
+struct Inner {
+    node_id: NodeId,
+    raft: Raft<TypeConfig>,
+    applied: Arc<RwLock<Applied>>,
+    applied_index: watch::Receiver<u64>,
+    db: Db,
+}
+
+/// The replicated state of this node.
+#[derive(Clone)]
+pub struct Cluster {
+    inner: Arc<Inner>,
+}
+
+impl Cluster {
+    /// Opens (or creates) the store under `data_dir/raft`, starts Raft, initialises a single-voter
+    /// cluster if the store is new, and waits until this node leads.
+    pub async fn open(node_id: NodeId, data_dir: &Path) -> Result<Cluster, ClusterError> {
+        Cluster::open_with(node_id, data_dir, ClusterOptions::default()).await
+    }
+
+    /// `open` with explicit compaction settings.
+    pub async fn open_with(
+        node_id: NodeId,
+        data_dir: &Path,
+        options: ClusterOptions,
+    ) -> Result<Cluster, ClusterError> {
+        let db = Db::open(&data_dir.join("raft"))?;
+        let mut log = LogStore::new(db.clone());
+        let sm =
+            StateMachineStore::open(db.clone()).map_err(|e| ClusterError::Start(e.to_string()))?;
+        let fresh = log
+            .get_log_state()
+            .await
+            .map_err(|e| ClusterError::Start(e.to_string()))?
+            .last_log_id
+            .is_none()
+            && log
+                .read_vote()
+                .await
+                .map_err(|e| ClusterError::Start(e.to_string()))?
+                .is_none();
+        let config = Config {
+            cluster_name: "campanile".into(),
+            heartbeat_interval: 100,
+            election_timeout_min: 300,
+            election_timeout_max: 600,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(options.snapshot_every),
+            max_in_snapshot_log_to_keep: options.keep_behind_snapshot,
+            purge_batch_size: options.purge_batch,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| ClusterError::Start(e.to_string()))?;
+        let applied = sm.applied();
+        let applied_index = sm.applied_index();
+        let raft = Raft::new(node_id.0, Arc::new(config), NetworkFactory, log, sm)
+            .await
+            .map_err(|e| ClusterError::Start(e.to_string()))?;
+        if fresh {
+            let mut members = BTreeMap::new();
+            members.insert(node_id.0, BasicNode::new("local"));
+            raft.initialize(members)
+                .await
+                .map_err(|e| ClusterError::Start(e.to_string()))?;
+            tracing::info!(node = %node_id, "initialised a new single-node cluster");
+        }
+        let timeout = Duration::from_secs(10);
+        raft.wait(Some(timeout))
+            .metrics(|m| m.current_leader == Some(node_id.0), "this node leads")
+            .await
+            .map_err(|_| ClusterError::NoLeader(timeout))?;
+        Ok(Cluster {
+            inner: Arc::new(Inner {
+                node_id,
+                raft,
+                applied,
+                applied_index,
+                db,
+            }),
+        })
+    }
+
+    /// Proposes `cmd` and waits until it is committed and applied; returns what the state machine said.
+    pub async fn write(&self, cmd: Command) -> Result<Response, ClusterError> {
+        match tokio::time::timeout(WRITE_TIMEOUT, self.inner.raft.client_write(cmd)).await {
+            Err(_) => Err(ClusterError::Timeout(WRITE_TIMEOUT)),
+            Ok(Ok(r)) => Ok(r.data),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                Err(ClusterError::NotLeader {
+                    leader: f.leader_id,
+                })
+            }
+            Ok(Err(e)) => Err(ClusterError::Fatal(e.to_string())),
+        }
+    }
+
+    /// Runs `f` on the applied state.
+    pub fn read<R>(&self, f: impl FnOnce(&State) -> R) -> R {
+        let a = self.inner.applied.read().unwrap_or_else(|p| p.into_inner());
+        f(&a.state)
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.inner.node_id
+    }
+
+    /// Last applied log index, updated after every apply.
+    pub fn applied(&self) -> watch::Receiver<u64> {
+        self.inner.applied_index.clone()
+    }
+
+    /// Raft's view on this node.
+    pub fn status(&self) -> ClusterStatus {
+        let m = self.inner.raft.metrics().borrow().clone();
+        ClusterStatus {
+            node_id: self.inner.node_id,
+            leader: m.current_leader,
+            term: m.current_term,
+            last_log_index: m.last_log_index,
+            applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+            snapshot_index: m.snapshot.map(|l| l.index),
+            purged_index: m.purged.map(|l| l.index),
+        }
+    }
+
+    /// Bytes the store occupies on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.inner.db.size_on_disk()
+    }
+
+    /// Asks Raft to build a snapshot now (and purge the log behind it).
+    pub async fn snapshot_now(&self) -> Result<(), ClusterError> {
+        self.inner
+            .raft
+            .trigger()
+            .snapshot()
+            .await
+            .map_err(|e| ClusterError::Fatal(e.to_string()))
+    }
+
+    /// Stops Raft and flushes the store.
+    pub async fn shutdown(&self) -> Result<(), ClusterError> {
+        self.inner
+            .raft
+            .shutdown()
+            .await
+            .map_err(|e| ClusterError::Fatal(e.to_string()))?;
+        Ok(())
+    }
+}
