@@ -1,1 +1,95 @@
-//! placeholder
+//! Campanile's HTTP surface.
+//!
+//! Operators and automation reach a node through this crate: a JSON API under `/api/v1` (bearer token
+//! required), a minimal console page at `/` that lists campaigns and their progress, Prometheus metrics
+//! at `/metrics` and a health check at `/healthz`. It depends on the `Engine` trait, which the node
+//! implements, never on node internals; every error is one JSON format that names the problem.
+
+pub mod api;
+pub mod engine;
+pub mod error;
+pub mod page;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{middleware, Json, Router};
+
+pub use engine::{Engine, EngineError, Health};
+pub use error::ApiError;
+
+/// Largest request body accepted.
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+/// All routes, bound to `engine`.
+pub fn router(engine: Arc<dyn Engine>) -> Router {
+    let api = Router::new()
+        .route("/subscribers", post(api::create_subscriber))
+        .route(
+            "/subscribers/{id}",
+            get(api::get_subscriber).delete(api::delete_subscriber),
+        )
+        .route(
+            "/campaigns",
+            post(api::create_campaign).get(api::list_campaigns),
+        )
+        .route("/campaigns/{id}", get(api::get_campaign))
+        .route("/campaigns/{id}/start", post(api::start_campaign))
+        .route("/campaigns/{id}/cancel", post(api::cancel_campaign))
+        .route("/campaigns/{id}/tasks", get(api::campaign_tasks))
+        .fallback(api::unknown_route)
+        .layer(middleware::from_fn_with_state(
+            engine.clone(),
+            api::require_token,
+        ));
+    Router::new()
+        .nest("/api/v1", api)
+        .route("/", get(page::index))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(engine)
+}
+
+async fn metrics(State(engine): State<api::AppState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        engine.metrics_text(),
+    )
+}
+
+async fn healthz(State(engine): State<api::AppState>) -> impl IntoResponse {
+    let h = engine.health().await;
+    let status = if h.ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(
+            serde_json::json!({ "ok": h.ok, "detail": h.detail, "drill_mode": engine.drill_mode().is_some() }),
+        ),
+    )
+}
+
+/// Serves the router on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    engine: Arc<dyn Engine>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(engine))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+#[cfg(test)]
+mod tests;

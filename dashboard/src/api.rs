@@ -1,0 +1,418 @@
+//! The JSON API under `/api/v1`: request bodies are validated field by field and refused with an error
+//! that names the field; responses are stable views of the domain types.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Path, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use campanile_cluster::{
+    Audience, CallTask, Campaign, CampaignId, CampaignSpec, Message, NewSubscriber, PhoneNumber,
+    Priority, RetryPolicy, Subscriber, SubscriberId,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::engine::Engine;
+use crate::error::ApiError;
+
+pub type AppState = Arc<dyn Engine>;
+
+/// Languages with voices and prompts.
+pub const LANGUAGES: [&str; 5] = ["it", "en", "de", "fr", "es"];
+
+/// `Json` whose rejections use our error format and keep axum's status (400, 413, 415, 422 → 400).
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(rejection) => {
+                let status = rejection.status();
+                let (status, code) = match status {
+                    StatusCode::PAYLOAD_TOO_LARGE => (status, "body_too_large"),
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE => (status, "unsupported_media_type"),
+                    _ => (StatusCode::BAD_REQUEST, "invalid_json"),
+                };
+                let message = match status {
+                    StatusCode::PAYLOAD_TOO_LARGE => {
+                        format!(
+                            "request body is larger than the {} KiB limit",
+                            crate::BODY_LIMIT / 1024
+                        )
+                    }
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+                        "send the body as JSON with Content-Type: application/json".to_string()
+                    }
+                    _ => rejection.body_text(),
+                };
+                Err(ApiError::new(status, code, message))
+            }
+        }
+    }
+}
+
+/// Requires `Authorization: Bearer <token>` on every API route.
+pub async fn require_token(State(engine): State<AppState>, req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match presented {
+        Some(token) if engine.check_token(token) => next.run(req).await,
+        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "bad_token", "the bearer token is not valid").into_response(),
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing_token",
+            "send Authorization: Bearer <token>; the admin token is in the node's data directory (admin-token)",
+        )
+        .into_response(),
+    }
+}
+
+fn parse_id(raw: &str, what: &str) -> Result<u64, ApiError> {
+    raw.parse::<u64>().map_err(|_| {
+        ApiError::bad_request(
+            "invalid_id",
+            format!(
+                "`{}` is not a {what} id (a positive number)",
+                raw.chars().take(40).collect::<String>()
+            ),
+        )
+    })
+}
+
+fn check_text(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
+    if value.trim().is_empty() {
+        return Err(ApiError::bad_request(
+            "invalid_field",
+            format!("`{field}` must not be empty"),
+        ));
+    }
+    if value.chars().count() > max {
+        return Err(ApiError::bad_request(
+            "invalid_field",
+            format!("`{field}` is longer than {max} characters"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_language(field: &str, lang: &str) -> Result<(), ApiError> {
+    if LANGUAGES.contains(&lang) {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(
+            "unsupported_language",
+            format!(
+                "`{field}` must be one of it, en, de, fr, es (got `{}`)",
+                lang.chars().take(16).collect::<String>()
+            ),
+        ))
+    }
+}
+
+// ---- subscribers ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriberBody {
+    phone: String,
+    name: Option<String>,
+    language: Option<String>,
+    zone: Option<String>,
+}
+
+pub fn subscriber_view(s: &Subscriber) -> Value {
+    json!({
+        "id": s.id.0,
+        "phone": s.phone.as_str(),
+        "name": s.name,
+        "language": s.language,
+        "zone": s.zone,
+        "verified": s.verified,
+        "opted_out": s.opted_out,
+        "created_ms": s.created_ms,
+    })
+}
+
+pub async fn create_subscriber(
+    State(engine): State<AppState>,
+    ApiJson(body): ApiJson<SubscriberBody>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let phone = PhoneNumber::parse(&body.phone)
+        .map_err(|e| ApiError::bad_request("invalid_phone", format!("`phone`: {e}")))?;
+    if let Some(name) = &body.name {
+        check_text("name", name, 100)?;
+    }
+    if let Some(zone) = &body.zone {
+        check_text("zone", zone, 64)?;
+    }
+    let language = body.language.unwrap_or_else(|| "it".into());
+    check_language("language", &language)?;
+    let s = engine
+        .create_subscriber(NewSubscriber {
+            phone,
+            name: body.name,
+            language,
+            zone: body.zone,
+            verified: true,
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(subscriber_view(&s))))
+}
+
+pub async fn get_subscriber(
+    State(engine): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = SubscriberId(parse_id(&id, "subscriber")?);
+    Ok(Json(subscriber_view(&engine.subscriber(id).await?)))
+}
+
+pub async fn delete_subscriber(
+    State(engine): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id = SubscriberId(parse_id(&id, "subscriber")?);
+    engine.delete_subscriber(id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---- campaigns ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CampaignBody {
+    title: String,
+    message: MessageBody,
+    audience: AudienceBody,
+    priority: Priority,
+    require_confirmation: Option<bool>,
+    retry: Option<RetryBody>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageBody {
+    tts: TtsBody,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TtsBody {
+    text: String,
+    language: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AudienceBody {
+    all: Option<bool>,
+    zones: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryBody {
+    max_attempts: Option<u32>,
+    busy_delay_s: Option<f64>,
+    no_answer_delay_s: Option<f64>,
+    failure_delay_s: Option<f64>,
+}
+
+fn delay_ms(field: &str, v: Option<f64>, default: u64) -> Result<u64, ApiError> {
+    match v {
+        None => Ok(default),
+        Some(s) if s.is_finite() && (0.0..=86_400.0).contains(&s) => {
+            Ok((s * 1000.0).round() as u64)
+        }
+        Some(_) => Err(ApiError::bad_request(
+            "invalid_field",
+            format!("`retry.{field}` must be between 0 and 86400 seconds"),
+        )),
+    }
+}
+
+impl CampaignBody {
+    fn into_spec(self) -> Result<CampaignSpec, ApiError> {
+        check_text("title", &self.title, 200)?;
+        check_text("message.tts.text", &self.message.tts.text, 2000)?;
+        check_language("message.tts.language", &self.message.tts.language)?;
+        let audience = match (self.audience.all, self.audience.zones) {
+            (Some(true), None) => Audience::All,
+            (None | Some(false), Some(zones)) => {
+                if zones.is_empty() {
+                    return Err(ApiError::bad_request(
+                        "invalid_field",
+                        "`audience.zones` must list at least one zone",
+                    ));
+                }
+                for z in &zones {
+                    check_text("audience.zones[]", z, 64)?;
+                }
+                Audience::Zones(zones)
+            }
+            _ => {
+                return Err(ApiError::bad_request(
+                    "invalid_field",
+                    "`audience` must be {\"all\": true} or {\"zones\": [\"...\"]}",
+                ))
+            }
+        };
+        let defaults = RetryPolicy::default_for(self.priority);
+        let retry = match self.retry {
+            None => defaults,
+            Some(r) => {
+                let max_attempts = r.max_attempts.unwrap_or(defaults.max_attempts);
+                if !(1..=50).contains(&max_attempts) {
+                    return Err(ApiError::bad_request(
+                        "invalid_field",
+                        "`retry.max_attempts` must be between 1 and 50",
+                    ));
+                }
+                RetryPolicy {
+                    max_attempts,
+                    busy_delay_ms: delay_ms(
+                        "busy_delay_s",
+                        r.busy_delay_s,
+                        defaults.busy_delay_ms,
+                    )?,
+                    no_answer_delay_ms: delay_ms(
+                        "no_answer_delay_s",
+                        r.no_answer_delay_s,
+                        defaults.no_answer_delay_ms,
+                    )?,
+                    failure_delay_ms: delay_ms(
+                        "failure_delay_s",
+                        r.failure_delay_s,
+                        defaults.failure_delay_ms,
+                    )?,
+                }
+            }
+        };
+        Ok(CampaignSpec {
+            title: self.title.trim().to_string(),
+            message: Message::Tts {
+                text: self.message.tts.text,
+                language: self.message.tts.language,
+            },
+            audience,
+            priority: self.priority,
+            require_confirmation: self.require_confirmation.unwrap_or(true),
+            retry,
+        })
+    }
+}
+
+pub fn campaign_view(c: &Campaign) -> Value {
+    let k = &c.counts;
+    let Message::Tts { text, language } = &c.spec.message;
+    json!({
+        "id": c.id.0,
+        "title": c.spec.title,
+        "state": c.state.as_str(),
+        "priority": c.spec.priority.as_str(),
+        "require_confirmation": c.spec.require_confirmation,
+        "message": { "tts": { "text": text, "language": language } },
+        "audience": match &c.spec.audience {
+            Audience::All => json!({ "all": true }),
+            Audience::Zones(z) => json!({ "zones": z }),
+        },
+        "retry": {
+            "max_attempts": c.spec.retry.max_attempts,
+            "busy_delay_s": c.spec.retry.busy_delay_ms as f64 / 1000.0,
+            "no_answer_delay_s": c.spec.retry.no_answer_delay_ms as f64 / 1000.0,
+            "failure_delay_s": c.spec.retry.failure_delay_ms as f64 / 1000.0,
+        },
+        "counts": {
+            "targeted": k.targeted, "pending": k.pending, "in_flight": k.in_flight,
+            "confirmed": k.confirmed, "exhausted": k.exhausted, "invalid": k.invalid,
+            "opted_out": k.opted_out, "cancelled": k.cancelled,
+            "attempts": k.attempts, "answered": k.answered,
+        },
+        "answer_ratio": k.answer_ratio(),
+        "created_ms": c.created_ms,
+        "started_ms": c.started_ms,
+        "finished_ms": c.finished_ms,
+    })
+}
+
+fn task_view(t: &CallTask) -> Value {
+    json!({
+        "subscriber": t.subscriber.0,
+        "phone": t.phone.as_str(),
+        "state": t.state.label(),
+        "attempts": t.attempts,
+        "last_outcome": t.last_outcome.as_ref().map(|o| o.label()),
+        "next_due_ms": t.next_due_ms,
+    })
+}
+
+pub async fn create_campaign(
+    State(engine): State<AppState>,
+    ApiJson(body): ApiJson<CampaignBody>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let c = engine.create_campaign(body.into_spec()?).await?;
+    Ok((StatusCode::CREATED, Json(campaign_view(&c))))
+}
+
+pub async fn list_campaigns(State(engine): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let list: Vec<Value> = engine
+        .campaigns()
+        .await?
+        .iter()
+        .map(campaign_view)
+        .collect();
+    Ok(Json(Value::Array(list)))
+}
+
+pub async fn get_campaign(
+    State(engine): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = CampaignId(parse_id(&id, "campaign")?);
+    Ok(Json(campaign_view(&engine.campaign(id).await?)))
+}
+
+pub async fn start_campaign(
+    State(engine): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = CampaignId(parse_id(&id, "campaign")?);
+    Ok(Json(campaign_view(&engine.start_campaign(id).await?)))
+}
+
+pub async fn cancel_campaign(
+    State(engine): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = CampaignId(parse_id(&id, "campaign")?);
+    Ok(Json(campaign_view(&engine.cancel_campaign(id).await?)))
+}
+
+pub async fn campaign_tasks(
+    State(engine): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = CampaignId(parse_id(&id, "campaign")?);
+    let list: Vec<Value> = engine.tasks(id).await?.iter().map(task_view).collect();
+    Ok(Json(Value::Array(list)))
+}
+
+/// Any other path under /api/v1.
+pub async fn unknown_route() -> ApiError {
+    ApiError::not_found("no such API route; see README for the routes under /api/v1")
+}

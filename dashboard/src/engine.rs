@@ -1,0 +1,50 @@
+//! The engine handle the HTTP surface depends on. The node implements it; tests implement a fake. The
+//! dashboard never reaches into node internals.
+
+use async_trait::async_trait;
+use campanile_cluster::{
+    CallTask, Campaign, CampaignId, CampaignSpec, NewSubscriber, Subscriber, SubscriberId,
+};
+
+/// Whether the node can serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// Why the engine refused or failed a request; each maps to one HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// What the HTTP surface asks of a node.
+#[async_trait]
+pub trait Engine: Send + Sync + 'static {
+    async fn create_subscriber(&self, s: NewSubscriber) -> Result<Subscriber, EngineError>;
+    async fn subscriber(&self, id: SubscriberId) -> Result<Subscriber, EngineError>;
+    async fn delete_subscriber(&self, id: SubscriberId) -> Result<(), EngineError>;
+    async fn create_campaign(&self, spec: CampaignSpec) -> Result<Campaign, EngineError>;
+    async fn start_campaign(&self, id: CampaignId) -> Result<Campaign, EngineError>;
+    async fn cancel_campaign(&self, id: CampaignId) -> Result<Campaign, EngineError>;
+    async fn campaign(&self, id: CampaignId) -> Result<Campaign, EngineError>;
+    async fn campaigns(&self) -> Result<Vec<Campaign>, EngineError>;
+    async fn tasks(&self, id: CampaignId) -> Result<Vec<CallTask>, EngineError>;
+    /// Prometheus text exposition of the node's own registry.
+    fn metrics_text(&self) -> String;
+    /// Constant-time check of an API bearer token.
+    fn check_token(&self, presented: &str) -> bool;
+    /// Some(explanation) when calls go to a simulated city instead of a real trunk.
+    fn drill_mode(&self) -> Option<String>;
+    async fn health(&self) -> Health;
+}

@@ -1,0 +1,463 @@
+//! Router tests against an in-memory engine built on the real domain state machine.
+
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use campanile_cluster::*;
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+use crate::engine::{Engine, EngineError, Health};
+
+const TOKEN: &str = "0123456789abcdef0123456789abcdef";
+
+/// Applies commands straight to a `State`: the same rules as a node, minus Raft.
+#[derive(Default)]
+struct FakeEngine {
+    state: Mutex<State>,
+    drill: bool,
+}
+
+impl FakeEngine {
+    fn apply(&self, cmd: Command) -> Result<Response, EngineError> {
+        match self.state.lock().unwrap().apply(&cmd) {
+            Response::Refused(r) => Err(match r {
+                Refusal::DuplicatePhone(..) | Refusal::WrongCampaignState { .. } => {
+                    EngineError::Conflict(r.to_string())
+                }
+                _ => EngineError::NotFound(r.to_string()),
+            }),
+            ok => Ok(ok),
+        }
+    }
+    fn campaign_now(&self, id: CampaignId) -> Result<Campaign, EngineError> {
+        self.state
+            .lock()
+            .unwrap()
+            .campaign(id)
+            .cloned()
+            .ok_or_else(|| EngineError::NotFound(format!("campaign {id} does not exist")))
+    }
+}
+
+#[async_trait]
+impl Engine for FakeEngine {
+    async fn create_subscriber(&self, s: NewSubscriber) -> Result<Subscriber, EngineError> {
+        let Response::SubscriberCreated(id) = self.apply(Command::CreateSubscriber {
+            at_ms: 1,
+            subscriber: s,
+        })?
+        else {
+            unreachable!()
+        };
+        self.subscriber(id).await
+    }
+    async fn subscriber(&self, id: SubscriberId) -> Result<Subscriber, EngineError> {
+        self.state
+            .lock()
+            .unwrap()
+            .subscriber(id)
+            .cloned()
+            .ok_or_else(|| EngineError::NotFound(format!("subscriber {id} does not exist")))
+    }
+    async fn delete_subscriber(&self, id: SubscriberId) -> Result<(), EngineError> {
+        self.apply(Command::DeleteSubscriber { at_ms: 2, id })
+            .map(|_| ())
+    }
+    async fn create_campaign(&self, spec: CampaignSpec) -> Result<Campaign, EngineError> {
+        let Response::CampaignCreated(id) =
+            self.apply(Command::CreateCampaign { at_ms: 3, spec })?
+        else {
+            unreachable!()
+        };
+        self.campaign_now(id)
+    }
+    async fn start_campaign(&self, id: CampaignId) -> Result<Campaign, EngineError> {
+        self.apply(Command::StartCampaign { at_ms: 4, id })?;
+        self.campaign_now(id)
+    }
+    async fn cancel_campaign(&self, id: CampaignId) -> Result<Campaign, EngineError> {
+        self.apply(Command::CancelCampaign { at_ms: 5, id })?;
+        self.campaign_now(id)
+    }
+    async fn campaign(&self, id: CampaignId) -> Result<Campaign, EngineError> {
+        self.campaign_now(id)
+    }
+    async fn campaigns(&self) -> Result<Vec<Campaign>, EngineError> {
+        Ok(self.state.lock().unwrap().campaigns().cloned().collect())
+    }
+    async fn tasks(&self, id: CampaignId) -> Result<Vec<CallTask>, EngineError> {
+        self.campaign_now(id)?;
+        Ok(self.state.lock().unwrap().tasks(id).cloned().collect())
+    }
+    fn metrics_text(&self) -> String {
+        "# HELP campanile_up 1\n# TYPE campanile_up gauge\ncampanile_up 1\n".into()
+    }
+    fn check_token(&self, presented: &str) -> bool {
+        presented == TOKEN
+    }
+    fn drill_mode(&self) -> Option<String> {
+        self.drill.then(|| "calls go to the simulated city".into())
+    }
+    async fn health(&self) -> Health {
+        Health {
+            ok: true,
+            detail: "fine".into(),
+        }
+    }
+}
+
+fn app() -> axum::Router {
+    crate::router(Arc::new(FakeEngine {
+        drill: true,
+        ..Default::default()
+    }))
+}
+
+async fn call(
+    app: &axum::Router,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+) -> (StatusCode, Value, String) {
+    let mut req = Request::builder().method(method).uri(path);
+    if let Some(t) = token {
+        req = req.header("Authorization", format!("Bearer {t}"));
+    }
+    let req = match body {
+        Some(b) => req
+            .header("Content-Type", "application/json")
+            .body(Body::from(b.to_string()))
+            .unwrap(),
+        None => req.body(Body::empty()).unwrap(),
+    };
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&bytes).to_string();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::Null),
+        text,
+    )
+}
+
+async fn api(
+    app: &axum::Router,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let body = body.map(|b| b.to_string());
+    let (s, v, _) = call(app, method, path, body.as_deref(), Some(TOKEN)).await;
+    (s, v)
+}
+
+fn assert_error(v: &Value, code: &str, mentions: &str) {
+    assert_eq!(v["error"]["code"], code, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains(mentions),
+        "message `{msg}` does not mention `{mentions}`"
+    );
+}
+
+fn campaign_body() -> Value {
+    json!({
+        "title": "Allerta", "priority": "emergency", "audience": {"all": true},
+        "message": {"tts": {"text": "Il fiume è in piena", "language": "it"}}
+    })
+}
+
+#[tokio::test]
+async fn subscriber_lifecycle_and_status_codes() {
+    let app = app();
+    let (s, v) = api(
+        &app,
+        "POST",
+        "/api/v1/subscribers",
+        Some(json!({"phone": "347 123 4567", "zone": "porto"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED);
+    assert_eq!(v["phone"], "+393471234567");
+    assert_eq!(v["language"], "it");
+    let id = v["id"].as_u64().unwrap();
+    let (s, _) = api(
+        &app,
+        "POST",
+        "/api/v1/subscribers",
+        Some(json!({"phone": "+39 347 1234567"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    let (s, v) = api(&app, "GET", &format!("/api/v1/subscribers/{id}"), None).await;
+    assert_eq!((s, v["zone"].clone()), (StatusCode::OK, json!("porto")));
+    let (s, _) = api(&app, "DELETE", &format!("/api/v1/subscribers/{id}"), None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, v) = api(&app, "GET", &format!("/api/v1/subscribers/{id}"), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_error(&v, "not_found", "does not exist");
+}
+
+#[tokio::test]
+async fn campaign_lifecycle_and_views() {
+    let app = app();
+    api(
+        &app,
+        "POST",
+        "/api/v1/subscribers",
+        Some(json!({"phone": "3471234567"})),
+    )
+    .await;
+    let (s, v) = api(&app, "POST", "/api/v1/campaigns", Some(campaign_body())).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["state"], "draft");
+    assert_eq!(v["require_confirmation"], true);
+    assert_eq!(v["retry"]["max_attempts"], 8);
+    let id = v["id"].as_u64().unwrap();
+    let (s, v) = api(&app, "POST", &format!("/api/v1/campaigns/{id}/start"), None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["state"], "running");
+    assert_eq!(v["counts"]["targeted"], 1);
+    assert_eq!(v["counts"]["pending"], 1);
+    let (s, v) = api(&app, "POST", &format!("/api/v1/campaigns/{id}/start"), None).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    assert_error(&v, "conflict", "running");
+    let (_, tasks) = api(&app, "GET", &format!("/api/v1/campaigns/{id}/tasks"), None).await;
+    assert_eq!(tasks[0]["state"], "pending");
+    assert_eq!(tasks[0]["phone"], "+393471234567");
+    let (s, v) = api(
+        &app,
+        "POST",
+        &format!("/api/v1/campaigns/{id}/cancel"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (s, v["state"].clone(), v["counts"]["cancelled"].clone()),
+        (StatusCode::OK, json!("cancelled"), json!(1))
+    );
+    let (_, list) = api(&app, "GET", "/api/v1/campaigns", None).await;
+    assert_eq!(list.as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn retry_overrides_are_bounded() {
+    let app = app();
+    let mut b = campaign_body();
+    b["retry"] = json!({"max_attempts": 3, "busy_delay_s": 1.5});
+    let (s, v) = api(&app, "POST", "/api/v1/campaigns", Some(b.clone())).await;
+    assert_eq!(s, StatusCode::CREATED);
+    assert_eq!(v["retry"]["busy_delay_s"], 1.5);
+    b["retry"] = json!({"max_attempts": 0});
+    let (s, v) = api(&app, "POST", "/api/v1/campaigns", Some(b.clone())).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_error(&v, "invalid_field", "retry.max_attempts");
+    b["retry"] = json!({"no_answer_delay_s": -1});
+    let (_, v) = api(&app, "POST", "/api/v1/campaigns", Some(b)).await;
+    assert_error(&v, "invalid_field", "no_answer_delay_s");
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_json_error_naming_the_problem() {
+    let app = app();
+    let cases: Vec<(&str, &str, Value, StatusCode, &str, &str)> = vec![
+        (
+            "POST",
+            "/api/v1/subscribers",
+            json!({"phone": "hello"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_phone",
+            "phone",
+        ),
+        (
+            "POST",
+            "/api/v1/subscribers",
+            json!({"phone": "+39 12"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_phone",
+            "phone",
+        ),
+        (
+            "POST",
+            "/api/v1/subscribers",
+            json!({"phone": "3471234567", "nmae": "x"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            "nmae",
+        ),
+        (
+            "POST",
+            "/api/v1/subscribers",
+            json!({"phone": 3471234567u64}),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            "phone",
+        ),
+        (
+            "POST",
+            "/api/v1/subscribers",
+            json!({"phone": "3471234567", "language": "xx"}),
+            StatusCode::BAD_REQUEST,
+            "unsupported_language",
+            "language",
+        ),
+        (
+            "POST",
+            "/api/v1/subscribers",
+            json!({"phone": "3471234567", "zone": ""}),
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            "zone",
+        ),
+        (
+            "GET",
+            "/api/v1/subscribers/abc",
+            Value::Null,
+            StatusCode::BAD_REQUEST,
+            "invalid_id",
+            "abc",
+        ),
+        (
+            "GET",
+            "/api/v1/campaigns/99",
+            Value::Null,
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "99",
+        ),
+        (
+            "POST",
+            "/api/v1/campaigns/99/start",
+            Value::Null,
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "99",
+        ),
+        (
+            "GET",
+            "/api/v1/nothing-here",
+            Value::Null,
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "route",
+        ),
+    ];
+    for (method, path, body, status, code, mentions) in cases {
+        let body = (!body.is_null()).then_some(body);
+        let (s, v) = api(&app, method, path, body).await;
+        assert_eq!(s, status, "{method} {path}: {v}");
+        assert_error(&v, code, mentions);
+    }
+    let mut b = campaign_body();
+    for (field, value, mentions) in [
+        ("title", json!(""), "title"),
+        ("title", json!("x".repeat(201)), "title"),
+        ("priority", json!("whenever"), "priority"),
+        ("audience", json!({"zones": []}), "audience.zones"),
+        ("audience", json!({"all": true, "zones": ["a"]}), "audience"),
+        (
+            "message",
+            json!({"tts": {"text": "", "language": "it"}}),
+            "message.tts.text",
+        ),
+        (
+            "message",
+            json!({"tts": {"text": "x".repeat(2001), "language": "it"}}),
+            "message.tts.text",
+        ),
+        (
+            "message",
+            json!({"tts": {"text": "ciao", "language": "klingon"}}),
+            "message.tts.language",
+        ),
+    ] {
+        let saved = b[field].clone();
+        b[field] = value;
+        let (s, v) = api(&app, "POST", "/api/v1/campaigns", Some(b.clone())).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{field}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(mentions),
+            "{field}: {v}"
+        );
+        b[field] = saved;
+    }
+}
+
+#[tokio::test]
+async fn malformed_json_oversize_bodies_and_wrong_content_type_are_refused() {
+    let app = app();
+    let (s, v, _) = call(
+        &app,
+        "POST",
+        "/api/v1/subscribers",
+        Some("{\"phone\": "),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(v["error"]["code"], "invalid_json");
+    let big = format!("{{\"phone\": \"{}\"}}", "1".repeat(70_000));
+    let (s, v, _) = call(&app, "POST", "/api/v1/subscribers", Some(&big), Some(TOKEN)).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_error(&v, "body_too_large", "64 KiB");
+    let req = Request::builder()
+        .method("POST")
+        .uri("/api/v1/subscribers")
+        .header("Authorization", format!("Bearer {TOKEN}"))
+        .header("Content-Type", "text/plain")
+        .body(Body::from("{\"phone\":\"3471234567\"}"))
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    // Nothing half-written: no subscriber exists after all those refusals.
+    let (s, _) = api(&app, "GET", "/api/v1/subscribers/1", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn api_routes_require_the_bearer_token() {
+    let app = app();
+    let (s, v, _) = call(&app, "GET", "/api/v1/campaigns", None, None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_eq!(v["error"]["code"], "missing_token");
+    let (s, v, text) = call(&app, "GET", "/api/v1/campaigns", None, Some("wrong-token")).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_eq!(v["error"]["code"], "bad_token");
+    assert!(
+        !text.contains("wrong-token"),
+        "the presented token is echoed back"
+    );
+    let req = Request::builder()
+        .uri("/api/v1/campaigns")
+        .body(Body::empty())
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    assert!(resp.headers().contains_key("www-authenticate"));
+    // Health, metrics and the page are public.
+    assert_eq!(
+        call(&app, "GET", "/healthz", None, None).await.0,
+        StatusCode::OK
+    );
+    let (s, _, text) = call(&app, "GET", "/metrics", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(text.contains("campanile_up 1"));
+}
+
+#[tokio::test]
+async fn the_page_escapes_titles_and_shows_drill_mode() {
+    let app = app();
+    let mut b = campaign_body();
+    b["title"] = json!("<script>alert('x')</script>");
+    api(&app, "POST", "/api/v1/campaigns", Some(b)).await;
+    let (s, _, html) = call(&app, "GET", "/", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(!html.contains("<script>alert"), "{html}");
+    assert!(html.contains("&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;"));
+    assert!(html.contains("DRILL MODE"));
+}
