@@ -1,1 +1,414 @@
-//! placeholder
+//! Harness for multi-process tests: start real `campanile` processes and peers on loopback, talk to them
+//! over their real interfaces, kill them with SIGKILL, and read the simulated city's ground-truth log.
+//!
+//! Every process started here is killed when its handle is dropped, so a failing test leaves nothing
+//! running. Waits are polls with deadlines, never fixed sleeps.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+
+/// The `campanile` binary under test: `$CAMPANILE_BIN`, or the workspace's release or debug build.
+pub fn campanile_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("CAMPANILE_BIN") {
+        return PathBuf::from(p);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for profile in ["release", "debug"] {
+        let p = root.join("target").join(profile).join("campanile");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!(
+        "campanile binary not found: run `cargo build --release -p campanile` or set CAMPANILE_BIN"
+    );
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_tcp() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback TCP port")
+}
+
+/// A free UDP port on 127.0.0.1.
+pub fn free_udp() -> SocketAddr {
+    UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free loopback UDP port")
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped.
+pub struct Proc {
+    pub name: String,
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `program args`, sending stdout and stderr to `log`.
+    pub fn spawn(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        log: PathBuf,
+    ) -> anyhow::Result<Proc> {
+        let out = std::fs::File::create(&log)?;
+        let err = out.try_clone()?;
+        let child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .env("CAMPANILE_LOG", "info,openraft=warn,sled=warn")
+            .spawn()
+            .with_context(|| format!("cannot start {}", program.display()))?;
+        Ok(Proc {
+            name: name.to_string(),
+            child: Some(child),
+            log,
+        })
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Exit status if it has exited.
+    pub fn try_exit(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Waits (bounded) for the process to exit by itself.
+    pub fn wait_exit(&mut self, deadline: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let until = Instant::now() + deadline;
+        loop {
+            if let Some(s) = self.try_exit() {
+                self.child = None;
+                return Ok(s);
+            }
+            if Instant::now() > until {
+                bail!("{} did not exit within {deadline:?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `f` every 100 ms until it returns `Some` or `deadline` passes.
+pub fn wait_for<T>(
+    what: &str,
+    deadline: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> anyhow::Result<T> {
+    let until = Instant::now() + deadline;
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if Instant::now() > until {
+            bail!("timed out after {deadline:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A running `campanile sim-city`.
+pub struct SimCityProc {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl SimCityProc {
+    pub fn start(dir: &Path, profile: &str, seed: u64) -> anyhow::Result<SimCityProc> {
+        let addr = free_udp();
+        let log = dir.join("sim-city.jsonl");
+        let proc = Proc::spawn(
+            "sim-city",
+            &campanile_bin(),
+            &[
+                "sim-city".into(),
+                "--listen".into(),
+                addr.to_string(),
+                "--log".into(),
+                log.display().to_string(),
+                "--profile".into(),
+                profile.into(),
+                "--seed".into(),
+                seed.to_string(),
+            ],
+            dir.join("sim-city.out"),
+        )?;
+        let mut city = SimCityProc { proc, addr, log };
+        wait_for("sim-city to listen", Duration::from_secs(20), || {
+            if city.proc.try_exit().is_some() {
+                return Some(Err(anyhow::anyhow!(
+                    "sim-city exited: {}",
+                    city.proc.log_text()
+                )));
+            }
+            city.proc.log_text().contains("listening").then_some(Ok(()))
+        })??;
+        Ok(city)
+    }
+
+    /// The ground-truth log, parsed.
+    pub fn events(&self) -> Vec<Value> {
+        read_jsonl(&self.log)
+    }
+}
+
+/// Parses a JSON-lines file, skipping a torn last line.
+pub fn read_jsonl(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Numbers for which the simulated city logged a DTMF key press.
+pub fn numbers_that_pressed(events: &[Value]) -> BTreeSet<String> {
+    events
+        .iter()
+        .filter(|e| e["event"] == "dtmf")
+        .filter_map(|e| e["number"].as_str().map(String::from))
+        .collect()
+}
+
+/// Per number, the events in order.
+pub fn events_by_number(events: &[Value]) -> BTreeMap<String, Vec<Value>> {
+    let mut m: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for e in events {
+        if let Some(n) = e["number"].as_str() {
+            m.entry(n.to_string()).or_default().push(e.clone());
+        }
+    }
+    m
+}
+
+/// A running `campanile up` node with its data directory and API token.
+pub struct NodeProc {
+    pub proc: Proc,
+    pub http: SocketAddr,
+    pub sip: SocketAddr,
+    pub data: PathBuf,
+    dir: PathBuf,
+    args: Vec<String>,
+    token: String,
+}
+
+/// Starts `campanile` with `args` and waits until its HTTP answers /healthz.
+fn launch(dir: &Path, args: &[String], http: SocketAddr) -> anyhow::Result<Proc> {
+    let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
+    let mut proc = Proc::spawn(
+        "campanile up",
+        &campanile_bin(),
+        args,
+        dir.join(format!("node-{n}.out")),
+    )?;
+    wait_for("the node's /healthz", Duration::from_secs(30), || {
+        if let Some(s) = proc.try_exit() {
+            return Some(Err(anyhow::anyhow!(
+                "node exited with {s}: {}",
+                proc.log_text()
+            )));
+        }
+        ureq::get(&format!("http://{http}/healthz"))
+            .timeout(Duration::from_secs(2))
+            .call()
+            .ok()
+            .map(|_| Ok(()))
+    })??;
+    Ok(proc)
+}
+
+fn read_token(data: &Path) -> anyhow::Result<String> {
+    let path = data.join("admin-token");
+    Ok(std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .trim()
+        .to_string())
+}
+
+impl NodeProc {
+    /// Writes `config_toml` beside the data directory and starts `campanile up` with it.
+    pub fn start(dir: &Path, config_toml: &str, trunk: &str) -> anyhow::Result<NodeProc> {
+        let config = dir.join("campanile.toml");
+        std::fs::write(&config, config_toml)?;
+        let data = dir.join("data");
+        let (http, sip) = (free_tcp(), free_udp());
+        let args = vec![
+            "up".into(),
+            "--config".into(),
+            config.display().to_string(),
+            "--data".into(),
+            data.display().to_string(),
+            "--http".into(),
+            http.to_string(),
+            "--sip".into(),
+            sip.to_string(),
+            "--trunk".into(),
+            trunk.to_string(),
+        ];
+        let proc = launch(dir, &args, http)?;
+        let token = read_token(&data)?;
+        Ok(NodeProc {
+            proc,
+            http,
+            sip,
+            data,
+            dir: dir.to_path_buf(),
+            args,
+            token,
+        })
+    }
+
+    /// SIGKILLs the node.
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    /// Starts the node again on the same data directory and addresses.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.proc = launch(&self.dir, &self.args, self.http)?;
+        self.token = read_token(&self.data)?;
+        Ok(())
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.http, path)
+    }
+
+    fn auth(&self) -> String {
+        format!("Bearer {}", self.token)
+    }
+
+    /// GET an API path; returns (status, JSON body).
+    pub fn get(&self, path: &str) -> anyhow::Result<(u16, Value)> {
+        let r = ureq::get(&self.url(path))
+            .set("Authorization", &self.auth())
+            .timeout(Duration::from_secs(10))
+            .call();
+        into_json(r)
+    }
+
+    /// POST JSON to an API path; returns (status, JSON body).
+    pub fn post(&self, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
+        let r = ureq::post(&self.url(path))
+            .set("Authorization", &self.auth())
+            .timeout(Duration::from_secs(10))
+            .send_json(body.clone());
+        into_json(r)
+    }
+
+    /// Raw text of an unauthenticated path (e.g. /metrics).
+    pub fn text(&self, path: &str) -> anyhow::Result<String> {
+        Ok(ureq::get(&self.url(path))
+            .timeout(Duration::from_secs(10))
+            .call()?
+            .into_string()?)
+    }
+
+    /// Registers `n` subscribers with numbers `+39347` + 7 digits from `first`.
+    pub fn register(&self, first: u32, n: u32) -> anyhow::Result<Vec<(u64, String)>> {
+        let mut out = Vec::new();
+        for i in first..first + n {
+            let phone = format!("+39347{i:07}");
+            let (status, body) = self.post(
+                "/api/v1/subscribers",
+                &serde_json::json!({ "phone": phone, "language": "it" }),
+            )?;
+            if status != 201 {
+                bail!("registering {phone}: {status} {body}");
+            }
+            let id = body["id"].as_u64().context("subscriber id")?;
+            out.push((id, body["phone"].as_str().unwrap_or_default().to_string()));
+        }
+        Ok(out)
+    }
+
+    /// Creates and starts an emergency TTS campaign for everyone; returns its id.
+    pub fn start_campaign(&self, retry: Value) -> anyhow::Result<u64> {
+        let (status, body) = self.post(
+            "/api/v1/campaigns",
+            &serde_json::json!({
+                "title": "Allerta test",
+                "message": { "tts": { "text": "Allerta di prova. Il fiume è in piena.", "language": "it" } },
+                "audience": { "all": true },
+                "priority": "emergency",
+                "require_confirmation": true,
+                "retry": retry,
+            }),
+        )?;
+        if status != 201 {
+            bail!("creating campaign: {status} {body}");
+        }
+        let id = body["id"].as_u64().context("campaign id")?;
+        let (status, body) = self.post(&format!("/api/v1/campaigns/{id}/start"), &Value::Null)?;
+        if status != 200 {
+            bail!("starting campaign: {status} {body}");
+        }
+        Ok(id)
+    }
+
+    /// Waits until the campaign is no longer running; returns its final view.
+    pub fn wait_campaign_done(&self, id: u64, deadline: Duration) -> anyhow::Result<Value> {
+        wait_for("the campaign to finish", deadline, || {
+            let (_, c) = self.get(&format!("/api/v1/campaigns/{id}")).ok()?;
+            (c["state"] != "running").then_some(c)
+        })
+    }
+}
+
+fn into_json(r: Result<ureq::Response, ureq::Error>) -> anyhow::Result<(u16, Value)> {
+    match r {
+        Ok(resp) => {
+            let status = resp.status();
+            let text = resp.into_string()?;
+            Ok((
+                status,
+                serde_json::from_str(&text).unwrap_or(Value::String(text)),
+            ))
+        }
+        Err(ureq::Error::Status(status, resp)) => {
+            let text = resp.into_string().unwrap_or_default();
+            Ok((
+                status,
+                serde_json::from_str(&text).unwrap_or(Value::String(text)),
+            ))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A node config tuned for tests: short ring timeout and confirmation wait.
+pub fn fast_node_config(max_channels: usize) -> String {
+    format!(
+        "[trunk]\nname = \"sim\"\nmax_channels = {max_channels}\ncalls_per_second = 200\n\n\
+         [dialer]\nring_timeout_s = 4.0\nconfirm_wait_s = 3.0\nbatch_ms = 20\n"
+    )
+}

@@ -4,6 +4,9 @@
 //!
 //! Durability: appended entries and votes are flushed to disk before openraft is told they are saved.
 
+// openraft's StorageError is the error type its storage traits require; it is large by design.
+#![allow(clippy::result_large_err)]
+
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};

@@ -2,5 +2,13 @@
 //! call tasks, the simulated city used for drills and tests, and the wiring that joins them to the
 //! replicated state (`campanile-cluster`) and the HTTP surface (`campanile-dashboard`).
 
+pub mod call;
+pub mod config;
+pub mod demo;
+pub mod dialer;
+pub mod engine;
 pub mod media;
+pub mod metrics;
+pub mod node;
+pub mod simcity;
 pub mod sip;

@@ -1,1 +1,320 @@
-fn main() {}
+//! The `campanile` command: run a node, the simulated city, a one-off test call, or the demo.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use campanile::call::{place_call, CallContext, CallSpec};
+use campanile::config::{self, Config};
+use campanile::media::{self, pacer::Pacer};
+use campanile::simcity::{self, SimCity, SimCityConfig};
+use campanile::sip::endpoint::Endpoint;
+
+#[derive(Parser)]
+#[command(
+    name = "campanile",
+    version,
+    about = "High-availability mass voice alerting"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a node. With no trunk configured it dials a built-in simulated city (drill mode).
+    Up {
+        /// TOML configuration file (see `campanile config example`).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Data directory (overrides node.data).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// HTTP listen address (overrides http.listen).
+        #[arg(long)]
+        http: Option<SocketAddr>,
+        /// SIP listen address (overrides sip.listen).
+        #[arg(long)]
+        sip: Option<SocketAddr>,
+        /// SIP URI of the trunk (overrides trunk.uri); without one the node runs in drill mode.
+        #[arg(long)]
+        trunk: Option<String>,
+    },
+    /// Run the simulated city: a carrier and a population of phones on one UDP port.
+    SimCity {
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Ground-truth log, one JSON object per line.
+        #[arg(long)]
+        log: PathBuf,
+        /// always-answer, realistic, or a profile TOML file.
+        #[arg(long, default_value = "realistic")]
+        profile: String,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Place one call and print its outcome: the trunk smoke test.
+    Call {
+        /// Where to send the INVITE (trunk or phone), host:port.
+        #[arg(long)]
+        via: String,
+        /// The number to call.
+        #[arg(long)]
+        to: String,
+        /// Text to speak.
+        #[arg(long, conflicts_with = "wav", required_unless_present = "wav")]
+        tts: Option<String>,
+        /// Language of the text and the prompt.
+        #[arg(long, default_value = "it")]
+        lang: String,
+        /// A WAV file to play instead of text.
+        #[arg(long)]
+        wav: Option<PathBuf>,
+        /// Local SIP address to call from.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        sip: SocketAddr,
+        /// Seconds to ring before giving up.
+        #[arg(long, default_value_t = 30.0)]
+        ring_timeout: f64,
+        /// Seconds to wait for a key press after the message.
+        #[arg(long, default_value_t = 4.0)]
+        confirm_wait: f64,
+    },
+    /// Start a node with the simulated city, register demo citizens and run one emergency alert.
+    Demo {
+        #[arg(long, default_value_t = 1000)]
+        citizens: u32,
+        /// Data directory; a fresh temporary one when omitted.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:5060")]
+        sip: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:5070")]
+        city: SocketAddr,
+        #[arg(long, default_value = "realistic")]
+        profile: String,
+        /// Keep the node and its console running after the alert.
+        #[arg(long)]
+        stay: bool,
+    },
+    /// Configuration helpers.
+    Config {
+        #[command(subcommand)]
+        what: ConfigCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Print a complete, commented configuration with every default.
+    Example,
+    /// Validate a configuration file without starting anything.
+    Check { file: PathBuf },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("campanile: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("campanile: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CAMPANILE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn,sled=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Cmd::Config {
+            what: ConfigCmd::Example,
+        } => {
+            print!("{}", config::EXAMPLE);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Config {
+            what: ConfigCmd::Check { file },
+        } => {
+            Config::load(&file)?;
+            println!("{}: ok", file.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Up {
+            config,
+            data,
+            http,
+            sip,
+            trunk,
+        } => {
+            let mut cfg = match &config {
+                Some(path) => Config::load(path)?,
+                None => Config::default(),
+            };
+            if let Some(d) = data {
+                cfg.node.data = d;
+            }
+            if let Some(h) = http {
+                cfg.http.listen = h;
+            }
+            if let Some(s) = sip {
+                cfg.sip.listen = s;
+            }
+            if let Some(t) = trunk {
+                cfg.trunk.uri = Some(t);
+            }
+            cfg.validate()?;
+            let node = campanile::node::Node::start(cfg).await?;
+            eprintln!(
+                "campanile is up: console http://{}/ · API token in {}",
+                node.http_addr,
+                node.token_path.display()
+            );
+            wait_for_signal().await;
+            eprintln!("campanile: stopping");
+            node.stop().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::SimCity {
+            listen,
+            log,
+            profile,
+            seed,
+        } => {
+            let profile = simcity::load_profile(&profile)?;
+            let city = SimCity::start(SimCityConfig {
+                listen,
+                log: Some(log),
+                profile,
+                seed,
+            })
+            .await?;
+            eprintln!("sim-city listening on {}", city.local_addr());
+            wait_for_signal().await;
+            city.shutdown().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Call {
+            via,
+            to,
+            tts,
+            lang,
+            wav,
+            sip,
+            ring_timeout,
+            confirm_wait,
+        } => {
+            let trunk = tokio::net::lookup_host(&via)
+                .await
+                .ok()
+                .and_then(|mut a| a.next())
+                .with_context(|| format!("--via: cannot resolve `{via}` (expected host:port)"))?;
+            let audio = match (tts, wav) {
+                (Some(text), _) => {
+                    let cache = media::AudioCache::new(None);
+                    tokio::task::spawn_blocking(move || {
+                        media::message::prepare_tts_message(&text, &lang, &lang, &cache)
+                    })
+                    .await??
+                }
+                (None, Some(path)) => {
+                    let bytes = std::fs::read(&path)
+                        .with_context(|| format!("--wav: cannot read {}", path.display()))?;
+                    media::message::prepare_wav(&bytes)
+                        .with_context(|| format!("--wav {}", path.display()))?
+                }
+                (None, None) => anyhow::bail!("give --tts TEXT or --wav FILE"),
+            };
+            let (endpoint, _unrouted) = Endpoint::bind(sip)
+                .await
+                .with_context(|| format!("--sip: cannot bind {sip}"))?;
+            let ctx = CallContext {
+                endpoint,
+                pacer: Pacer::spawn(),
+            };
+            let spec = CallSpec {
+                to: to.clone(),
+                trunk,
+                trunk_host: via.clone(),
+                from_user: "campanile".into(),
+                display_name: "Campanile test call".into(),
+                audio,
+                ring_timeout: Duration::from_secs_f64(ring_timeout.clamp(1.0, 300.0)),
+                confirm_wait: Duration::from_secs_f64(confirm_wait.clamp(0.0, 60.0)),
+                require_confirmation: false,
+                allow_opt_out: false,
+                max_replays: 1,
+                timers: Default::default(),
+            };
+            let (_abort_tx, abort_rx) = tokio::sync::watch::channel(false);
+            let outcome = place_call(&ctx, &spec, abort_rx).await;
+            println!("{outcome}");
+            Ok(if outcome.delivered() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Cmd::Demo {
+            citizens,
+            data,
+            http,
+            sip,
+            city,
+            profile,
+            stay,
+        } => {
+            campanile::demo::run(campanile::demo::DemoOptions {
+                citizens,
+                data,
+                http,
+                sip,
+                city,
+                profile,
+                stay,
+            })
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}

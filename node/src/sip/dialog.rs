@@ -123,7 +123,7 @@ impl Dialog {
             self.local_cseq += 1;
             self.local_cseq
         };
-        let mut b = RequestBuilder::new(method.clone(), self.remote_target.clone())
+        let mut b = RequestBuilder::new(method, self.remote_target.clone())
             .header(
                 "Via",
                 format!("SIP/2.0/UDP {via_host};branch={};rport", new_branch()),

@@ -38,6 +38,7 @@ pub struct Endpoint {
     local: SocketAddr,
     routes: Routes,
     stats: Arc<EndpointStats>,
+    receiver: Arc<tokio::task::AbortHandle>,
 }
 
 /// The messages of one Call-ID; dropping it unregisters the call.
@@ -66,14 +67,25 @@ impl Endpoint {
         let routes: Routes = Arc::default();
         let stats = Arc::new(EndpointStats::default());
         let (unrouted_tx, unrouted_rx) = mpsc::unbounded_channel();
+        let receiver = tokio::spawn(receive_loop(
+            socket.clone(),
+            routes.clone(),
+            stats.clone(),
+            unrouted_tx,
+        ));
         let ep = Endpoint {
-            socket: socket.clone(),
+            socket,
             local,
-            routes: routes.clone(),
-            stats: stats.clone(),
+            routes,
+            stats,
+            receiver: Arc::new(receiver.abort_handle()),
         };
-        tokio::spawn(receive_loop(socket, routes, stats, unrouted_tx));
         Ok((ep, unrouted_rx))
+    }
+
+    /// Stops receiving; the socket closes once every clone is dropped.
+    pub fn close(&self) {
+        self.receiver.abort();
     }
 
     pub fn local_addr(&self) -> SocketAddr {

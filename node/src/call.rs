@@ -1,0 +1,664 @@
+//! One outbound alert call, start to finish: INVITE through the trunk, ringing, answer, the message as
+//! RTP, DTMF, BYE. It drives the sans-IO transaction and dialog layers with real time and returns what
+//! happened in words the dialer and an operator both understand.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, watch};
+
+use crate::media::dtmf::DtmfReceiver;
+use crate::media::pacer::{PacerHandle, PlayRequest, StreamHandle};
+use crate::media::rtp;
+use crate::media::PreparedAudio;
+use crate::sip::dialog::Dialog;
+use crate::sip::endpoint::{CallChannel, Endpoint, Inbound};
+use crate::sip::message::{
+    self, new_branch, random_token, reason_phrase, request_bytes, response_bytes, response_to,
+    status, Method, Request, RequestBuilder, SipMessage,
+};
+use crate::sip::sdp::{self, Codec, RemoteMedia};
+use crate::sip::transaction::{ClientTransaction, Output, Timers};
+
+/// How one call is placed.
+#[derive(Clone)]
+pub struct CallSpec {
+    /// The number to call (user part of the Request-URI), E.164.
+    pub to: String,
+    /// Next hop: the trunk or the simulated city.
+    pub trunk: SocketAddr,
+    /// The host part written in the Request-URI and To (the trunk's domain).
+    pub trunk_host: String,
+    /// Caller ID: user part of From.
+    pub from_user: String,
+    /// Caller ID: display name of From.
+    pub display_name: String,
+    pub audio: PreparedAudio,
+    /// Ring this long before CANCEL.
+    pub ring_timeout: Duration,
+    /// After the message ends, wait this long for a key press before hanging up.
+    pub confirm_wait: Duration,
+    pub require_confirmation: bool,
+    /// Whether pressing 9 opts the citizen out (never on emergency alerts).
+    pub allow_opt_out: bool,
+    /// How many times the citizen may press 2 to hear the message again.
+    pub max_replays: u32,
+    pub timers: Timers,
+}
+
+/// What happened on a call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallOutcome {
+    /// The callee pressed 1.
+    Confirmed {
+        after: Duration,
+    },
+    /// The message played to the end and the call ended normally.
+    Heard,
+    /// The message played, no confirmation came.
+    NotConfirmed,
+    /// The callee hung up before the end of the message.
+    HungUp {
+        after: Duration,
+    },
+    OptOut,
+    Busy,
+    NoAnswer,
+    InvalidNumber {
+        code: u16,
+    },
+    Rejected {
+        code: u16,
+    },
+    /// No response at all from the next hop.
+    Unreachable,
+    /// We ended the call because the campaign was cancelled or the node is stopping.
+    Aborted,
+    /// Something local failed (socket, bad SDP from the peer ...).
+    Failed(String),
+}
+
+impl fmt::Display for CallOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CallOutcome::Confirmed { after } => {
+                write!(
+                    f,
+                    "confirmed (1 pressed after {:.1} s)",
+                    after.as_secs_f64()
+                )
+            }
+            CallOutcome::Heard => f.write_str("heard"),
+            CallOutcome::NotConfirmed => f.write_str("answered, message played, not confirmed"),
+            CallOutcome::HungUp { after } => {
+                write!(f, "hung up after {:.1} s", after.as_secs_f64())
+            }
+            CallOutcome::OptOut => f.write_str("opted out (9 pressed)"),
+            CallOutcome::Busy => f.write_str("busy"),
+            CallOutcome::NoAnswer => f.write_str("no answer"),
+            CallOutcome::InvalidNumber { code } => {
+                write!(f, "invalid number ({code} {})", reason_phrase(*code))
+            }
+            CallOutcome::Rejected { code } => write!(f, "rejected {code} {}", reason_phrase(*code)),
+            CallOutcome::Unreachable => f.write_str("unreachable (no response from the trunk)"),
+            CallOutcome::Aborted => f.write_str("aborted"),
+            CallOutcome::Failed(why) => write!(f, "failed: {why}"),
+        }
+    }
+}
+
+impl CallOutcome {
+    /// Success for `campanile call`: the message was delivered.
+    pub fn delivered(&self) -> bool {
+        matches!(self, CallOutcome::Confirmed { .. } | CallOutcome::Heard)
+    }
+
+    /// Maps the SIP result to the domain's attempt outcome.
+    pub fn to_domain(&self) -> campanile_cluster::Outcome {
+        use campanile_cluster::Outcome as O;
+        match self {
+            CallOutcome::Confirmed { .. } => O::Confirmed,
+            CallOutcome::Heard => O::Heard,
+            CallOutcome::NotConfirmed => O::NotConfirmed,
+            CallOutcome::HungUp { after } => O::HungUp {
+                after_ms: after.as_millis() as u64,
+            },
+            CallOutcome::OptOut => O::OptOut,
+            CallOutcome::Busy => O::Busy,
+            CallOutcome::NoAnswer => O::NoAnswer,
+            CallOutcome::InvalidNumber { code } => O::InvalidNumber { code: *code },
+            CallOutcome::Rejected { code } => O::Rejected { code: *code },
+            CallOutcome::Unreachable | CallOutcome::Failed(_) => O::Unreachable,
+            CallOutcome::Aborted => O::Interrupted,
+        }
+    }
+}
+
+/// Maps a final error response to an outcome (RFC 3261 §21 classes).
+fn outcome_for_status(code: u16) -> CallOutcome {
+    match code {
+        486 | 600 => CallOutcome::Busy,
+        408 | 480 | 487 => CallOutcome::NoAnswer,
+        404 | 484 | 604 => CallOutcome::InvalidNumber { code },
+        _ => CallOutcome::Rejected { code },
+    }
+}
+
+/// Everything a call needs from the node.
+#[derive(Clone)]
+pub struct CallContext {
+    pub endpoint: Endpoint,
+    pub pacer: PacerHandle,
+}
+
+/// Places one call and returns its outcome. `abort` turning true ends the call early.
+pub async fn place_call(
+    ctx: &CallContext,
+    spec: &CallSpec,
+    mut abort: watch::Receiver<bool>,
+) -> CallOutcome {
+    let local = ctx.endpoint.local_addr();
+    let rtp_socket = match UdpSocket::bind(SocketAddr::new(local.ip(), 0)).await {
+        Ok(s) => Arc::new(s),
+        Err(e) => return CallOutcome::Failed(format!("cannot bind an RTP socket: {e}")),
+    };
+    let rtp_addr = match rtp_socket.local_addr() {
+        Ok(a) => a,
+        Err(e) => return CallOutcome::Failed(format!("RTP socket has no address: {e}")),
+    };
+    let call_id = format!("{}@campanile", random_token(20));
+    let mut channel = ctx.endpoint.register(&call_id);
+    let contact = format!("sip:{}@{}", spec.from_user, local);
+    let invite = match build_invite(spec, &call_id, local, &contact, rtp_addr) {
+        Ok(r) => r,
+        Err(e) => return CallOutcome::Failed(format!("cannot build INVITE: {e}")),
+    };
+    let mut call = Call {
+        ctx,
+        spec,
+        trunk: spec.trunk,
+        channel: &mut channel,
+    };
+    let answered = match call.invite_phase(invite, &mut abort).await {
+        Ok(a) => a,
+        Err(outcome) => return outcome,
+    };
+    call.media_phase(answered, rtp_socket, &mut abort).await
+}
+
+fn build_invite(
+    spec: &CallSpec,
+    call_id: &str,
+    local: SocketAddr,
+    contact: &str,
+    rtp_addr: SocketAddr,
+) -> Result<Request, message::ParseError> {
+    let uri = format!("sip:{}@{}", spec.to, spec.trunk_host);
+    let display = spec.display_name.replace('"', "");
+    RequestBuilder::new(Method::Invite, uri.clone())
+        .header(
+            "Via",
+            format!("SIP/2.0/UDP {local};branch={};rport", new_branch()),
+        )
+        .header("Max-Forwards", "70")
+        .header(
+            "From",
+            format!(
+                "\"{display}\" <sip:{}@{}>;tag={}",
+                spec.from_user,
+                local,
+                random_token(10)
+            ),
+        )
+        .header("To", format!("<{uri}>"))
+        .header("Call-ID", call_id)
+        .header("CSeq", "1 INVITE")
+        .header("Contact", format!("<{contact}>"))
+        .header("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO")
+        .header("User-Agent", "Campanile")
+        .body(
+            "application/sdp",
+            sdp::offer(rand::random::<u32>() as u64, rtp_addr).into_bytes(),
+        )
+        .build()
+}
+
+struct Answered {
+    dialog: Dialog,
+    remote: RemoteMedia,
+    answered_at: Instant,
+    /// The 2xx's ACK, resent if the 2xx is retransmitted.
+    ack: Vec<u8>,
+}
+
+struct Call<'a> {
+    ctx: &'a CallContext,
+    spec: &'a CallSpec,
+    trunk: SocketAddr,
+    channel: &'a mut CallChannel,
+}
+
+impl Call<'_> {
+    async fn send(&self, bytes: &[u8], to: SocketAddr) {
+        if let Err(e) = self.ctx.endpoint.send(bytes, to).await {
+            tracing::debug!(error = %e, %to, "SIP send failed");
+        }
+    }
+
+    async fn flush(&self, tx: &mut ClientTransaction) -> Vec<Output> {
+        let mut events = Vec::new();
+        while let Some(o) = tx.poll_output() {
+            match o {
+                Output::Transmit(bytes) => self.send(&bytes, self.trunk).await,
+                other => events.push(other),
+            }
+        }
+        events
+    }
+
+    /// INVITE until a final response, CANCEL on ring timeout (RFC 3261 §9.1: only after a provisional).
+    async fn invite_phase(
+        &mut self,
+        invite: Request,
+        abort: &mut watch::Receiver<bool>,
+    ) -> Result<Answered, CallOutcome> {
+        let start = Instant::now();
+        let mut tx = ClientTransaction::new(invite.clone(), start, self.spec.timers, false);
+        let branch = tx.branch().unwrap_or_default();
+        let mut cancel_tx: Option<ClientTransaction> = None;
+        let mut provisional = false;
+        let ring_deadline = tokio::time::Instant::from_std(start + self.spec.ring_timeout);
+        let mut cancelled_for: Option<CallOutcome> = None;
+        loop {
+            for ev in self.flush(&mut tx).await {
+                match ev {
+                    Output::Response(resp) => {
+                        let code = status(&resp);
+                        if code < 200 {
+                            provisional = true;
+                        } else if code < 300 {
+                            let answered = self.on_2xx(&invite, &resp).await?;
+                            if let Some(why) = cancelled_for.take() {
+                                // CANCEL crossed the 200 OK: the call is up, so end it with BYE.
+                                self.hang_up(answered.dialog).await;
+                                return Err(why);
+                            }
+                            return Ok(answered);
+                        } else {
+                            return Err(cancelled_for.unwrap_or_else(|| outcome_for_status(code)));
+                        }
+                    }
+                    Output::TimedOut => {
+                        return Err(cancelled_for.unwrap_or(CallOutcome::Unreachable));
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(c) = cancel_tx.as_mut() {
+                self.flush(c).await;
+            }
+            let next_timer = [
+                tx.poll_timeout(),
+                cancel_tx.as_ref().and_then(|c| c.poll_timeout()),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(tokio::time::Instant::from_std);
+            let ring_armed = cancel_tx.is_none();
+            tokio::select! {
+                inbound = self.channel.rx.recv() => {
+                    let Some(Inbound { msg, .. }) = inbound else {
+                        return Err(CallOutcome::Failed("SIP endpoint stopped".into()));
+                    };
+                    let now = Instant::now();
+                    match msg {
+                        SipMessage::Response(resp) => {
+                            let is_cancel = message::cseq(&resp).is_some_and(|(_, m)| m == Method::Cancel);
+                            if message::via_branch(&resp).as_deref() != Some(branch.as_str()) {
+                                continue;
+                            }
+                            if is_cancel {
+                                if let Some(c) = cancel_tx.as_mut() { c.handle_response(resp, now); }
+                            } else {
+                                tx.handle_response(resp, now);
+                            }
+                        }
+                        SipMessage::Request(req) => self.reject_early_request(&req).await,
+                    }
+                }
+                _ = sleep_until_opt(next_timer) => {
+                    let now = Instant::now();
+                    tx.handle_timeout(now);
+                    if let Some(c) = cancel_tx.as_mut() { c.handle_timeout(now); }
+                }
+                _ = tokio::time::sleep_until(ring_deadline), if ring_armed => {
+                    if !provisional {
+                        // Nothing rang: no CANCEL may be sent (§9.1); the next hop is not answering.
+                        return Err(CallOutcome::Unreachable);
+                    }
+                    cancel_tx = Some(self.send_cancel(&invite));
+                    cancelled_for = Some(CallOutcome::NoAnswer);
+                }
+                changed = abort.changed(), if ring_armed => {
+                    if changed.is_err() || *abort.borrow() {
+                        if !provisional {
+                            return Err(CallOutcome::Aborted);
+                        }
+                        cancel_tx = Some(self.send_cancel(&invite));
+                        cancelled_for = Some(CallOutcome::Aborted);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A CANCEL for our INVITE (§9.1): same Request-URI, Call-ID, From, To, top Via and CSeq number.
+    fn send_cancel(&self, invite: &Request) -> ClientTransaction {
+        let mut b = RequestBuilder::new(Method::Cancel, invite.uri.to_string());
+        if let Some(v) = message::top_via(invite) {
+            b = b.header("Via", v);
+        }
+        for (name, wire) in [
+            (message::HeaderName::From, "From"),
+            (message::HeaderName::To, "To"),
+            (message::HeaderName::CallId, "Call-ID"),
+        ] {
+            if let Some(v) = message::header_value(invite, name) {
+                b = b.header(wire, v);
+            }
+        }
+        let n = message::cseq(invite).map(|c| c.0).unwrap_or(1);
+        b = b
+            .header("CSeq", format!("{n} CANCEL"))
+            .header("Max-Forwards", "70");
+        let req = b.build().unwrap_or_else(|_| invite.clone());
+        ClientTransaction::new(req, Instant::now(), self.spec.timers, false)
+    }
+
+    async fn reject_early_request(&self, req: &Request) {
+        // Before the dialog exists the callee may only CANCEL-race us; answer anything else 481.
+        if req.method != Method::Ack {
+            let resp = response_to(req, 481, None, &[], None);
+            self.send(&response_bytes(&resp), self.trunk).await;
+        }
+    }
+
+    async fn on_2xx(
+        &self,
+        invite: &Request,
+        resp: &message::Response,
+    ) -> Result<Answered, CallOutcome> {
+        let local_contact = format!(
+            "sip:{}@{}",
+            self.spec.from_user,
+            self.ctx.endpoint.local_addr()
+        );
+        let mut dialog = Dialog::from_uac(invite, resp, &local_contact)
+            .map_err(|e| CallOutcome::Failed(e.to_string()))?;
+        let ack = dialog
+            .build(Method::Ack, self.ctx.endpoint.local_addr())
+            .map_err(|e| CallOutcome::Failed(e.to_string()))?;
+        let ack = request_bytes(&ack);
+        let hop = dialog.next_hop().unwrap_or(self.trunk);
+        self.send(&ack, hop).await;
+        let remote = match sdp::parse_remote(&resp.body) {
+            Ok(r) => r,
+            Err(e) => {
+                self.hang_up(dialog).await;
+                return Err(CallOutcome::Failed(format!("callee's SDP unusable: {e}")));
+            }
+        };
+        Ok(Answered {
+            dialog,
+            remote,
+            answered_at: Instant::now(),
+            ack,
+        })
+    }
+
+    /// Plays the message, listens for DTMF, hangs up.
+    async fn media_phase(
+        &mut self,
+        mut a: Answered,
+        rtp_socket: Arc<UdpSocket>,
+        abort: &mut watch::Receiver<bool>,
+    ) -> CallOutcome {
+        let (digits_tx, mut digits) = mpsc::unbounded_channel();
+        let receiver = tokio::spawn(receive_dtmf(
+            rtp_socket.clone(),
+            a.remote.telephone_event,
+            digits_tx,
+        ));
+        let ssrc: u32 = rand::random();
+        let mut replays = 0;
+        let mut stream = Some(self.play(&a, &rtp_socket, ssrc, 0, 0));
+        let mut message_done_at: Option<tokio::time::Instant> = None;
+        let mut remote_ended = false;
+        let max_call = tokio::time::Instant::now()
+            + Duration::from_secs(600)
+            + a_duration(&self.spec.audio) * (self.spec.max_replays + 1);
+        let outcome = loop {
+            let confirm_deadline = message_done_at.map(|t| t + self.spec.confirm_wait);
+            tokio::select! {
+                d = digits.recv() => match d {
+                    Some('1') => break CallOutcome::Confirmed { after: a.answered_at.elapsed() },
+                    Some('9') if self.spec.allow_opt_out => break CallOutcome::OptOut,
+                    Some('2') if replays < self.spec.max_replays => {
+                        replays += 1;
+                        if let Some(s) = stream.take() { s.stop(); }
+                        stream = Some(self.play(&a, &rtp_socket, ssrc, 0, replays));
+                        message_done_at = None;
+                    }
+                    Some(_) => {}
+                    None => {}
+                },
+                _ = wait_stream(stream.as_ref()), if stream.is_some() && message_done_at.is_none() => {
+                    message_done_at = Some(tokio::time::Instant::now());
+                }
+                _ = sleep_until_opt(confirm_deadline), if confirm_deadline.is_some() => {
+                    break if self.spec.require_confirmation { CallOutcome::NotConfirmed } else { CallOutcome::Heard };
+                }
+                inbound = self.channel.rx.recv() => {
+                    let Some(Inbound { msg, from }) = inbound else {
+                        break CallOutcome::Failed("SIP endpoint stopped".into());
+                    };
+                    match msg {
+                        SipMessage::Request(req) if req.method == Method::Bye => {
+                            let ok = response_to(&req, 200, None, &[], None);
+                            self.send(&response_bytes(&ok), from).await;
+                            remote_ended = true;
+                            let after = a.answered_at.elapsed();
+                            // Keys already pressed win over the hang-up that followed them.
+                            if let Ok('1') = digits.try_recv() {
+                                break CallOutcome::Confirmed { after };
+                            }
+                            break match message_done_at {
+                                Some(_) if !self.spec.require_confirmation => CallOutcome::Heard,
+                                Some(_) => CallOutcome::NotConfirmed,
+                                None => CallOutcome::HungUp { after },
+                            };
+                        }
+                        SipMessage::Request(req) => {
+                            // In-dialog requests we do not act on yet (re-INVITE, INFO, OPTIONS): 200 keeps
+                            // the call; for re-INVITE we answer with our current offer.
+                            let code = if a.dialog.accept_remote_cseq(&req) { 200 } else { 500 };
+                            let body = (req.method == Method::Invite && code == 200).then(|| {
+                                ("application/sdp", sdp::offer(1, rtp_socket.local_addr().unwrap_or(self.ctx.endpoint.local_addr())).into_bytes())
+                            });
+                            let extra = [("Contact", format!("<{}>", a.dialog.local_contact))];
+                            if req.method != Method::Ack {
+                                let resp = response_to(&req, code, None, &extra, body);
+                                self.send(&response_bytes(&resp), from).await;
+                            }
+                        }
+                        SipMessage::Response(resp) => {
+                            // A retransmitted 2xx means our ACK was lost (§13.2.2.4).
+                            if status(&resp) / 100 == 2 && message::cseq(&resp).is_some_and(|(_, m)| m == Method::Invite) {
+                                let hop = a.dialog.next_hop().unwrap_or(self.trunk);
+                                self.send(&a.ack, hop).await;
+                            }
+                        }
+                    }
+                }
+                changed = abort.changed() => {
+                    if changed.is_err() || *abort.borrow() {
+                        break CallOutcome::Aborted;
+                    }
+                }
+                _ = tokio::time::sleep_until(max_call) => break CallOutcome::Failed("call exceeded its maximum duration".into()),
+            }
+        };
+        if let Some(s) = stream.take() {
+            s.stop();
+        }
+        let outcome = if remote_ended {
+            outcome
+        } else {
+            // Keys pressed while our BYE is in flight still count: the citizen did hear the alert.
+            let late = self.hang_up_listening(a.dialog.clone(), &mut digits).await;
+            match (outcome, late) {
+                (CallOutcome::NotConfirmed | CallOutcome::Heard, Some('1')) => {
+                    CallOutcome::Confirmed {
+                        after: a.answered_at.elapsed(),
+                    }
+                }
+                (o, _) => o,
+            }
+        };
+        receiver.abort();
+        outcome
+    }
+
+    fn play(
+        &self,
+        a: &Answered,
+        socket: &Arc<UdpSocket>,
+        ssrc: u32,
+        start_frame: usize,
+        run: u32,
+    ) -> StreamHandle {
+        let frames = match a.remote.codec {
+            Codec::Pcmu => self.spec.audio.pcmu.clone(),
+            Codec::Pcma => self.spec.audio.pcma.clone(),
+        };
+        // Continue sequence and timestamp across replays, as one RTP stream.
+        let offset = (run as usize * frames.len()) as u32;
+        self.ctx.pacer.play(PlayRequest {
+            socket: socket.clone(),
+            dest: a.remote.addr,
+            frames,
+            payload_type: a.remote.codec.payload_type(),
+            ssrc,
+            start_frame,
+            initial_seq: (offset as u16).wrapping_add(1),
+            initial_ts: offset.wrapping_mul(160),
+        })
+    }
+
+    /// BYE without waiting for anything else.
+    async fn hang_up(&self, mut dialog: Dialog) {
+        if let Ok(bye) = dialog.build(Method::Bye, self.ctx.endpoint.local_addr()) {
+            let hop = dialog.next_hop().unwrap_or(self.trunk);
+            self.send(&request_bytes(&bye), hop).await;
+        }
+    }
+
+    /// BYE through a transaction, waiting (bounded) for its response, and reporting a digit pressed meanwhile.
+    async fn hang_up_listening(
+        &mut self,
+        mut dialog: Dialog,
+        digits: &mut mpsc::UnboundedReceiver<char>,
+    ) -> Option<char> {
+        let Ok(bye) = dialog.build(Method::Bye, self.ctx.endpoint.local_addr()) else {
+            return None;
+        };
+        let hop = dialog.next_hop().unwrap_or(self.trunk);
+        let branch = message::via_branch(&bye).unwrap_or_default();
+        let mut tx = ClientTransaction::new(bye, Instant::now(), self.spec.timers, false);
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(4);
+        let mut late_digit = None;
+        loop {
+            while let Some(o) = tx.poll_output() {
+                match o {
+                    Output::Transmit(b) => self.send(&b, hop).await,
+                    Output::Response(r) if status(&r) >= 200 => {
+                        return late_digit.or_else(|| digits.try_recv().ok())
+                    }
+                    Output::TimedOut | Output::Terminated => return late_digit,
+                    _ => {}
+                }
+            }
+            let timer = tx.poll_timeout().map(tokio::time::Instant::from_std);
+            tokio::select! {
+                inbound = self.channel.rx.recv() => match inbound {
+                    Some(Inbound { msg: SipMessage::Response(r), .. }) if message::via_branch(&r).as_deref() == Some(branch.as_str()) => {
+                        tx.handle_response(r, Instant::now());
+                    }
+                    Some(Inbound { msg: SipMessage::Request(req), from }) if req.method == Method::Bye => {
+                        // Both sides hung up at once: answer theirs.
+                        let ok = response_to(&req, 200, None, &[], None);
+                        self.send(&response_bytes(&ok), from).await;
+                    }
+                    Some(_) => {}
+                    None => return late_digit,
+                },
+                d = digits.recv() => {
+                    if d == Some('1') { late_digit = Some('1'); }
+                }
+                _ = sleep_until_opt(timer) => tx.handle_timeout(Instant::now()),
+                _ = tokio::time::sleep_until(give_up) => return late_digit,
+            }
+        }
+    }
+}
+
+fn a_duration(audio: &PreparedAudio) -> Duration {
+    Duration::from_millis(audio.pcmu.len() as u64 * 20)
+}
+
+async fn wait_stream(stream: Option<&StreamHandle>) {
+    match stream {
+        Some(s) => s.wait_finished().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Reads RTP from the callee and reports RFC 4733 digits.
+async fn receive_dtmf(
+    socket: Arc<UdpSocket>,
+    telephone_event: Option<u8>,
+    digits: mpsc::UnboundedSender<char>,
+) {
+    let Some(pt) = telephone_event else {
+        return;
+    };
+    let mut rx = DtmfReceiver::new();
+    let mut buf = [0u8; 1500];
+    loop {
+        let Ok((n, _)) = socket.recv_from(&mut buf).await else {
+            return;
+        };
+        let Ok((header, payload)) = rtp::parse(&buf[..n]) else {
+            continue;
+        };
+        if header.payload_type != pt {
+            continue;
+        }
+        if let Some(d) = rx.feed(&header, payload) {
+            if digits.send(d).is_err() {
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,333 @@
+//! The node's one configuration file (TOML), with a default for every key. Command-line flags override
+//! it; secrets come only from the environment (`CAMPANILE_TRUNK_PASSWORD`, a later release).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Why a configuration could not be used; always names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("config key `{key}`: {message}")]
+    Value { key: &'static str, message: String },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub node: NodeSection,
+    pub http: HttpSection,
+    pub sip: SipSection,
+    pub trunk: TrunkSection,
+    pub caller_id: CallerIdSection,
+    pub dialer: DialerSection,
+    pub simcity: SimCitySection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeSection {
+    pub id: u64,
+    pub data: PathBuf,
+}
+
+impl Default for NodeSection {
+    fn default() -> Self {
+        NodeSection {
+            id: 1,
+            data: PathBuf::from("./campanile-data"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSection {
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        HttpSection {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SipSection {
+    pub listen: SocketAddr,
+    pub t1_ms: u64,
+    pub t2_ms: u64,
+    pub t4_ms: u64,
+}
+
+impl Default for SipSection {
+    fn default() -> Self {
+        SipSection {
+            listen: SocketAddr::from(([127, 0, 0, 1], 5060)),
+            t1_ms: 500,
+            t2_ms: 4000,
+            t4_ms: 5000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrunkSection {
+    /// SIP URI of the carrier, e.g. `sip:trunk.example.net:5060`. Empty: drill mode.
+    pub uri: Option<String>,
+    /// A short name used in logs and metrics.
+    pub name: String,
+    /// Concurrent calls the trunk allows.
+    pub max_channels: usize,
+    /// New calls per second the trunk allows.
+    pub calls_per_second: u32,
+}
+
+impl Default for TrunkSection {
+    fn default() -> Self {
+        TrunkSection {
+            uri: None,
+            name: "trunk".into(),
+            max_channels: 100,
+            calls_per_second: 50,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CallerIdSection {
+    /// User part of From: the number citizens see.
+    pub number: String,
+    pub display_name: String,
+}
+
+impl Default for CallerIdSection {
+    fn default() -> Self {
+        CallerIdSection {
+            number: "campanile".into(),
+            display_name: "Protezione Civile".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DialerSection {
+    pub ring_timeout_s: f64,
+    pub confirm_wait_s: f64,
+    /// How long outcomes wait to be batched into one Raft entry.
+    pub batch_ms: u64,
+    pub max_replays: u32,
+}
+
+impl Default for DialerSection {
+    fn default() -> Self {
+        DialerSection {
+            ring_timeout_s: 30.0,
+            confirm_wait_s: 6.0,
+            batch_ms: 20,
+            max_replays: 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimCitySection {
+    /// Where the built-in simulated city listens in drill mode.
+    pub listen: SocketAddr,
+    /// `always-answer`, `realistic`, or a path to a profile TOML file.
+    pub profile: String,
+    pub seed: u64,
+}
+
+impl Default for SimCitySection {
+    fn default() -> Self {
+        SimCitySection {
+            listen: SocketAddr::from(([127, 0, 0, 1], 5070)),
+            profile: "realistic".into(),
+            seed: 1,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message: e.to_string().trim().replace('\n', " "),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks values serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn bad(key: &'static str, message: impl Into<String>) -> Result<(), ConfigError> {
+            Err(ConfigError::Value {
+                key,
+                message: message.into(),
+            })
+        }
+        if self.node.id == 0 {
+            return bad("node.id", "must be 1 or more");
+        }
+        if let Some(uri) = &self.trunk.uri {
+            if crate::sip::message::uri_hostport(uri).is_none() {
+                return bad(
+                    "trunk.uri",
+                    format!("`{uri}` is not a SIP URI like sip:host:port"),
+                );
+            }
+        }
+        if self.trunk.max_channels == 0 || self.trunk.max_channels > 100_000 {
+            return bad("trunk.max_channels", "must be between 1 and 100000");
+        }
+        if self.trunk.calls_per_second == 0 {
+            return bad("trunk.calls_per_second", "must be 1 or more");
+        }
+        if !(1.0..=300.0).contains(&self.dialer.ring_timeout_s) {
+            return bad("dialer.ring_timeout_s", "must be between 1 and 300 seconds");
+        }
+        if !(0.0..=60.0).contains(&self.dialer.confirm_wait_s) {
+            return bad("dialer.confirm_wait_s", "must be between 0 and 60 seconds");
+        }
+        if self.dialer.batch_ms == 0 || self.dialer.batch_ms > 5000 {
+            return bad("dialer.batch_ms", "must be between 1 and 5000");
+        }
+        if self.sip.t1_ms == 0 || self.sip.t2_ms < self.sip.t1_ms {
+            return bad("sip.t2_ms", "T1 must be positive and T2 at least T1");
+        }
+        if self.caller_id.number.is_empty()
+            || !self
+                .caller_id
+                .number
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '+')
+        {
+            return bad(
+                "caller_id.number",
+                "must be digits (optionally with a leading +) or letters",
+            );
+        }
+        Ok(())
+    }
+
+    pub fn timers(&self) -> crate::sip::transaction::Timers {
+        crate::sip::transaction::Timers {
+            t1: Duration::from_millis(self.sip.t1_ms),
+            t2: Duration::from_millis(self.sip.t2_ms),
+            t4: Duration::from_millis(self.sip.t4_ms),
+        }
+    }
+
+    /// True when no trunk is configured and calls go to the built-in simulated city.
+    pub fn drill_mode(&self) -> bool {
+        self.trunk.uri.is_none()
+    }
+}
+
+/// `campanile config example`: every key, its default, and what it does.
+pub const EXAMPLE: &str = r#"# Campanile node configuration. Every key is optional; the value shown is the default.
+# Command-line flags override this file (--data, --http, --sip, --trunk).
+
+[node]
+# This node's id in the cluster (1 or more).
+id = 1
+# Where the Raft log, the state machine and the admin token live.
+data = "./campanile-data"
+
+[http]
+# Console, JSON API (/api/v1), /metrics and /healthz.
+listen = "127.0.0.1:8080"
+
+[sip]
+# The UDP address calls are placed from.
+listen = "127.0.0.1:5060"
+# RFC 3261 timers: T1 (RTT estimate), T2 (retransmit cap), T4 (network lifetime), milliseconds.
+t1_ms = 500
+t2_ms = 4000
+t4_ms = 5000
+
+[trunk]
+# The carrier's SIP URI. Leave unset for DRILL MODE: calls go to a built-in simulated city and
+# no real phone ever rings.
+# uri = "sip:trunk.example.net:5060"
+# Name used in logs and metrics.
+name = "trunk"
+# Concurrent calls the trunk allows.
+max_channels = 100
+# New calls per second the trunk allows.
+calls_per_second = 50
+
+[caller_id]
+# The number citizens see (From user part) and the name shown next to it.
+number = "campanile"
+display_name = "Protezione Civile"
+
+[dialer]
+# Ring this long before giving up (CANCEL), seconds.
+ring_timeout_s = 30.0
+# After the message ends, wait this long for the citizen to press 1, seconds.
+confirm_wait_s = 6.0
+# Outcomes are batched into one Raft entry for this long, milliseconds.
+batch_ms = 20
+# Times a citizen may press 2 to hear the message again in one call.
+max_replays = 2
+
+[simcity]
+# Drill mode only: where the built-in simulated city listens.
+listen = "127.0.0.1:5070"
+# always-answer, realistic, or a path to a profile TOML file.
+profile = "realistic"
+# Seed of the simulated citizens' behaviour.
+seed = 1
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_is_a_valid_config_equal_to_the_defaults() {
+        let cfg: Config = toml::from_str(EXAMPLE).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.http.listen, Config::default().http.listen);
+        assert!(cfg.drill_mode());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        let err = toml::from_str::<Config>("[trunk]\nmax_chanels = 3\n").unwrap_err();
+        assert!(err.to_string().contains("max_chanels"), "{err}");
+        let cfg: Config = toml::from_str("[trunk]\nmax_channels = 0\n").unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("trunk.max_channels"), "{err}");
+        let cfg: Config = toml::from_str("[trunk]\nuri = \"http://x\"\n").unwrap();
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("trunk.uri"));
+    }
+}

@@ -1,0 +1,209 @@
+//! `campanile demo`: one node in drill mode, a thousand simulated citizens, one emergency alert, a progress
+//! bar and a summary. It is the first thing a new operator or engineer runs.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use campanile_cluster::{
+    Audience, CampaignSpec, CampaignState, Message, NewSubscriber, PhoneNumber, Priority,
+    RetryPolicy,
+};
+use campanile_dashboard::Engine;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::config::Config;
+use crate::node::Node;
+
+/// What `campanile demo` was asked for.
+pub struct DemoOptions {
+    pub citizens: u32,
+    pub data: Option<PathBuf>,
+    pub http: SocketAddr,
+    pub sip: SocketAddr,
+    pub city: SocketAddr,
+    pub profile: String,
+    pub stay: bool,
+}
+
+const ZONES: [&str; 3] = ["centro", "porto", "collina"];
+
+/// Runs the demo to the end of its alert.
+pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (1..=100_000).contains(&opts.citizens),
+        "--citizens must be between 1 and 100000"
+    );
+    let data = match opts.data {
+        Some(d) => d,
+        None => std::env::temp_dir().join(format!(
+            "campanile-demo-{}-{}",
+            std::process::id(),
+            crate::dialer::now_ms()
+        )),
+    };
+    let mut cfg = Config::default();
+    cfg.node.data = data.clone();
+    cfg.http.listen = opts.http;
+    cfg.sip.listen = opts.sip;
+    cfg.simcity.listen = opts.city;
+    cfg.simcity.profile = opts.profile.clone();
+    cfg.trunk.max_channels = 200;
+    cfg.trunk.calls_per_second = 100;
+    cfg.dialer.ring_timeout_s = 8.0;
+    cfg.dialer.confirm_wait_s = 4.0;
+    cfg.validate()?;
+    let node = Node::start(cfg).await?;
+    let engine = node.engine.clone();
+    println!(
+        "Campanile demo: drill mode, data in {}, simulated city profile `{}`",
+        data.display(),
+        opts.profile
+    );
+
+    let started = Instant::now();
+    let mut registered = 0u32;
+    for chunk in (1..=opts.citizens).collect::<Vec<_>>().chunks(50) {
+        let futures = chunk.iter().map(|n| {
+            let engine = engine.clone();
+            let n = *n;
+            async move {
+                let phone = PhoneNumber::parse(&format!("+39347{n:07}"))?;
+                engine
+                    .create_subscriber(NewSubscriber {
+                        phone,
+                        name: Some(format!("Cittadino {n}")),
+                        language: "it".into(),
+                        zone: Some(ZONES[n as usize % ZONES.len()].into()),
+                        verified: true,
+                    })
+                    .await
+                    .map_err(anyhow::Error::from)
+            }
+        });
+        for r in futures_join(futures).await {
+            match r {
+                Ok(_) => registered += 1,
+                // A re-run on the same data directory finds its citizens already there.
+                Err(e) if e.to_string().contains("already registered") => registered += 1,
+                Err(e) => return Err(e).context("registering demo citizens"),
+            }
+        }
+    }
+    println!(
+        "Registered {registered} citizens in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let campaign = engine
+        .create_campaign(CampaignSpec {
+            title: "Allerta rossa: piena del fiume".into(),
+            message: Message::Tts {
+                text: "Attenzione. Allerta meteo rossa. Il fiume è in piena: \
+                       allontanatevi dagli argini e salite ai piani alti."
+                    .into(),
+                language: "it".into(),
+            },
+            audience: Audience::All,
+            priority: Priority::Emergency,
+            require_confirmation: true,
+            retry: RetryPolicy {
+                max_attempts: 6,
+                busy_delay_ms: 5_000,
+                no_answer_delay_ms: 8_000,
+                failure_delay_ms: 5_000,
+            },
+        })
+        .await?;
+    let campaign = engine.start_campaign(campaign.id).await?;
+    let alert_started = Instant::now();
+    let bar = ProgressBar::new(campaign.counts.targeted);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40.green/white}] {pos}/{len} final · {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let final_view = loop {
+        let c = engine.campaign(campaign.id).await?;
+        let k = c.counts;
+        bar.set_position(k.targeted - k.open());
+        bar.set_message(format!(
+            "{} confirmed, {} ringing now, {} waiting to retry",
+            k.confirmed, k.in_flight, k.pending
+        ));
+        if c.state != CampaignState::Running {
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    bar.finish();
+    let k = final_view.counts;
+    let truth = count_sim_dtmf(&data.join("sim-city.log"));
+    println!();
+    println!(
+        "Alert \"{}\" {}",
+        final_view.spec.title,
+        final_view.state.as_str()
+    );
+    println!(
+        "  reached in {:.1} s: {} targeted, {} confirmed, {} exhausted, {} invalid numbers",
+        alert_started.elapsed().as_secs_f64(),
+        k.targeted,
+        k.confirmed,
+        k.exhausted,
+        k.invalid
+    );
+    println!(
+        "  {} calls placed, {:.0}% answered; the simulated city logged {} key presses of 1",
+        k.attempts,
+        k.answer_ratio() * 100.0,
+        truth
+    );
+    println!(
+        "  console: http://{}/   API token: {}",
+        node.http_addr,
+        node.token_path.display()
+    );
+    if opts.stay {
+        println!("Press Ctrl-C to stop.");
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    node.stop().await;
+    Ok(())
+}
+
+async fn futures_join<F>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futs.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        if let Ok(v) = h.await {
+            out.push(v);
+        }
+    }
+    out
+}
+
+/// Distinct numbers that pressed 1 according to the simulated city's own log.
+fn count_sim_dtmf(path: &std::path::Path) -> usize {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return 0;
+    };
+    let mut numbers = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+            if v["event"] == "dtmf" {
+                if let Some(n) = v["number"].as_str() {
+                    numbers.insert(n.to_string());
+                }
+            }
+        }
+    }
+    numbers.len()
+}

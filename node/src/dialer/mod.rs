@@ -1,0 +1,391 @@
+//! The dialer: works the due call tasks of every running campaign within the trunk's limits, places the
+//! calls, and commits each attempt's start and outcome through Raft in small batches.
+//!
+//! Decisions (what is due, what follows an outcome) are pure: `State::due_tasks` and `retry::next_step`.
+//! This module only executes them. A task is dialled by this node only while it is in `inflight`, and it
+//! leaves `inflight` only after its outcome is committed, so a task is never dialled twice at once.
+
+pub mod retry;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use campanile_cluster::{
+    AttemptEvent, CampaignId, CampaignState, Cluster, Command, Message, NodeId, Outcome, Priority,
+    RetryPolicy, SubscriberId,
+};
+use tokio::sync::{mpsc, watch, Notify};
+
+use crate::call::{place_call, CallContext, CallOutcome, CallSpec};
+use crate::media::{AudioCache, PreparedAudio};
+use crate::metrics::Metrics;
+use crate::sip::transaction::Timers;
+
+/// Milliseconds since the Unix epoch: the timestamps commands carry.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// How this node dials.
+#[derive(Clone, Debug)]
+pub struct DialerConfig {
+    pub node: NodeId,
+    pub trunk: SocketAddr,
+    pub trunk_host: String,
+    pub max_channels: usize,
+    pub calls_per_second: u32,
+    pub ring_timeout: Duration,
+    pub confirm_wait: Duration,
+    pub batch: Duration,
+    pub max_replays: u32,
+    pub from_user: String,
+    pub display_name: String,
+    pub timers: Timers,
+}
+
+type TaskKey = (CampaignId, SubscriberId);
+
+/// What the dialer needs to know about a task it is about to call.
+struct Due {
+    key: TaskKey,
+    attempt: u32,
+    phone: String,
+    language: String,
+    message: Message,
+    priority: Priority,
+    require_confirmation: bool,
+    retry: RetryPolicy,
+}
+
+struct Shared {
+    cfg: DialerConfig,
+    cluster: Cluster,
+    ctx: CallContext,
+    cache: Arc<AudioCache>,
+    metrics: Metrics,
+    /// Calls this node is responsible for, with the switch that aborts them.
+    inflight: Mutex<HashMap<TaskKey, watch::Sender<bool>>>,
+    /// Prepared audio per (campaign, subscriber language).
+    audio: Mutex<HashMap<(CampaignId, String), AudioSlot>>,
+    events: mpsc::UnboundedSender<AttemptEvent>,
+    wake: Notify,
+}
+
+enum AudioSlot {
+    Preparing,
+    Ready(PreparedAudio),
+    Failed { until_ms: u64 },
+}
+
+/// Starts the dialer; it runs until `shutdown` turns true.
+pub fn spawn(
+    cfg: DialerConfig,
+    cluster: Cluster,
+    ctx: CallContext,
+    cache: Arc<AudioCache>,
+    metrics: Metrics,
+    shutdown: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let shared = Arc::new(Shared {
+        cfg,
+        cluster,
+        ctx,
+        cache,
+        metrics,
+        inflight: Mutex::default(),
+        audio: Mutex::default(),
+        events: events_tx,
+        wake: Notify::new(),
+    });
+    tokio::spawn(batcher(shared.clone(), events_rx));
+    tokio::spawn(run(shared, shutdown))
+}
+
+async fn run(sh: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    recover_interrupted(&sh);
+    let mut applied = sh.cluster.applied();
+    let mut next_start = tokio::time::Instant::now();
+    let spacing = Duration::from_secs_f64(1.0 / sh.cfg.calls_per_second.max(1) as f64);
+    loop {
+        tokio::select! {
+            _ = applied.changed() => {}
+            _ = sh.wake.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = shutdown.changed() => {}
+        }
+        if *shutdown.borrow() {
+            abort_all(&sh);
+            return;
+        }
+        abort_stopped_campaigns(&sh);
+        let busy = lock(&sh.inflight).len();
+        let free = sh.cfg.max_channels.saturating_sub(busy);
+        sh.metrics.calls_in_flight.set(busy as i64);
+        if free == 0 {
+            continue;
+        }
+        for due in collect_due(&sh, free) {
+            let Some(audio) = audio_for(&sh, due.key.0, &due.message, &due.language) else {
+                continue;
+            };
+            // Calls-per-second limit of the trunk.
+            let now = tokio::time::Instant::now();
+            if next_start > now {
+                tokio::time::sleep_until(next_start).await;
+            }
+            next_start = tokio::time::Instant::now().max(next_start) + spacing;
+            start_call(&sh, due, audio);
+        }
+    }
+}
+
+/// Tasks this node had in flight before it stopped: their calls are gone, give the attempts back.
+fn recover_interrupted(sh: &Arc<Shared>) {
+    let now = now_ms();
+    let stale: Vec<AttemptEvent> = sh.cluster.read(|s| {
+        s.in_flight_on(sh.cfg.node)
+            .into_iter()
+            .filter_map(|t| match t.state {
+                campanile_cluster::TaskState::InFlight { attempt, .. } => {
+                    Some(AttemptEvent::Finished {
+                        campaign: t.campaign,
+                        subscriber: t.subscriber,
+                        attempt,
+                        outcome: Outcome::Interrupted,
+                        next: campanile_cluster::Next::RetryAt(now),
+                    })
+                }
+                _ => None,
+            })
+            .collect()
+    });
+    if !stale.is_empty() {
+        tracing::warn!(
+            count = stale.len(),
+            "calls were in flight when this node last stopped; they will be placed again"
+        );
+    }
+    for ev in stale {
+        if let AttemptEvent::Finished {
+            campaign,
+            subscriber,
+            ..
+        } = &ev
+        {
+            // Keep them out of the due list until the batch that frees them is committed.
+            let (tx, _) = watch::channel(false);
+            lock(&sh.inflight).insert((*campaign, *subscriber), tx);
+        }
+        let _ = sh.events.send(ev);
+    }
+}
+
+fn collect_due(sh: &Shared, free: usize) -> Vec<Due> {
+    let inflight = lock(&sh.inflight);
+    let now = now_ms();
+    sh.cluster.read(|s| {
+        s.due_tasks(now, free + inflight.len())
+            .into_iter()
+            .filter(|t| !inflight.contains_key(&(t.campaign, t.subscriber)))
+            .take(free)
+            .filter_map(|t| {
+                let c = s.campaign(t.campaign)?;
+                Some(Due {
+                    key: (t.campaign, t.subscriber),
+                    attempt: t.attempts + 1,
+                    phone: t.phone.as_str().to_string(),
+                    language: t.language.clone(),
+                    message: c.spec.message.clone(),
+                    priority: c.spec.priority,
+                    require_confirmation: c.spec.require_confirmation,
+                    retry: c.spec.retry,
+                })
+            })
+            .collect()
+    })
+}
+
+/// The campaign's audio in the subscriber's language, preparing it in the background on first use.
+fn audio_for(
+    sh: &Arc<Shared>,
+    campaign: CampaignId,
+    message: &Message,
+    language: &str,
+) -> Option<PreparedAudio> {
+    let key = (campaign, language.to_string());
+    let mut slots = lock(&sh.audio);
+    match slots.get(&key) {
+        Some(AudioSlot::Ready(a)) => return Some(a.clone()),
+        Some(AudioSlot::Preparing) => return None,
+        Some(AudioSlot::Failed { until_ms }) if *until_ms > now_ms() => return None,
+        _ => {}
+    }
+    slots.insert(key.clone(), AudioSlot::Preparing);
+    drop(slots);
+    let sh = sh.clone();
+    let Message::Tts {
+        text,
+        language: msg_lang,
+    } = message.clone();
+    let prompt_lang = language.to_string();
+    tokio::spawn(async move {
+        let cache = sh.cache.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            crate::media::message::prepare_tts_message(&text, &msg_lang, &prompt_lang, &cache)
+        })
+        .await;
+        let slot = match result {
+            Ok(Ok(a)) => AudioSlot::Ready(a),
+            Ok(Err(e)) => {
+                tracing::error!(%campaign, error = %e, "cannot prepare the campaign's audio; retrying in 30 s");
+                AudioSlot::Failed {
+                    until_ms: now_ms() + 30_000,
+                }
+            }
+            Err(e) => {
+                tracing::error!(%campaign, error = %e, "audio preparation task failed");
+                AudioSlot::Failed {
+                    until_ms: now_ms() + 30_000,
+                }
+            }
+        };
+        lock(&sh.audio).insert(key, slot);
+        sh.wake.notify_one();
+    });
+    None
+}
+
+fn start_call(sh: &Arc<Shared>, due: Due, audio: PreparedAudio) {
+    let (abort_tx, abort_rx) = watch::channel(false);
+    lock(&sh.inflight).insert(due.key, abort_tx);
+    let _ = sh.events.send(AttemptEvent::Started {
+        campaign: due.key.0,
+        subscriber: due.key.1,
+        attempt: due.attempt,
+    });
+    let sh = sh.clone();
+    tokio::spawn(async move {
+        let spec = CallSpec {
+            to: due.phone,
+            trunk: sh.cfg.trunk,
+            trunk_host: sh.cfg.trunk_host.clone(),
+            from_user: sh.cfg.from_user.clone(),
+            display_name: sh.cfg.display_name.clone(),
+            audio,
+            ring_timeout: sh.cfg.ring_timeout,
+            confirm_wait: sh.cfg.confirm_wait,
+            require_confirmation: due.require_confirmation,
+            allow_opt_out: due.priority != Priority::Emergency,
+            max_replays: sh.cfg.max_replays,
+            timers: sh.cfg.timers,
+        };
+        let masked = campanile_cluster::mask_number(&spec.to);
+        let started = std::time::Instant::now();
+        let outcome = place_call(&sh.ctx, &spec, abort_rx).await;
+        tracing::info!(
+            campaign = %due.key.0,
+            subscriber = %due.key.1,
+            number = %masked,
+            attempt = due.attempt,
+            outcome = %outcome,
+            secs = format_args!("{:.1}", started.elapsed().as_secs_f64()),
+            "call ended"
+        );
+        let domain = outcome.to_domain();
+        sh.metrics
+            .record_call(&domain, matches!(outcome, CallOutcome::Confirmed { .. }));
+        let next = retry::next_step(
+            &domain,
+            due.attempt,
+            &due.retry,
+            due.require_confirmation,
+            now_ms(),
+        );
+        let _ = sh.events.send(AttemptEvent::Finished {
+            campaign: due.key.0,
+            subscriber: due.key.1,
+            attempt: due.attempt,
+            outcome: domain,
+            next,
+        });
+    });
+}
+
+/// Collects attempt events for `batch` and commits them as one Raft entry. A batch that fails to commit
+/// is retried as it was: no outcome is dropped.
+async fn batcher(sh: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<AttemptEvent>) {
+    while let Some(first) = rx.recv().await {
+        let mut events = vec![first];
+        let deadline = tokio::time::Instant::now() + sh.cfg.batch;
+        while events.len() < 512 {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(e)) => events.push(e),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let cmd = Command::RecordAttempts {
+                at_ms: now_ms(),
+                node: sh.cfg.node,
+                events: events.clone(),
+            };
+            match sh.cluster.write(cmd).await {
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, events = events.len(), "cannot commit call outcomes yet; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+        let mut inflight = lock(&sh.inflight);
+        for e in &events {
+            if let AttemptEvent::Finished {
+                campaign,
+                subscriber,
+                ..
+            } = e
+            {
+                inflight.remove(&(*campaign, *subscriber));
+            }
+        }
+        drop(inflight);
+        sh.wake.notify_one();
+    }
+}
+
+/// Cancelled campaigns stop ringing at once.
+fn abort_stopped_campaigns(sh: &Shared) {
+    let inflight = lock(&sh.inflight);
+    if inflight.is_empty() {
+        return;
+    }
+    sh.cluster.read(|s| {
+        for ((cid, _), abort) in inflight.iter() {
+            let running = s
+                .campaign(*cid)
+                .is_some_and(|c| c.state == CampaignState::Running);
+            if !running {
+                let _ = abort.send(true);
+            }
+        }
+    });
+}
+
+fn abort_all(sh: &Shared) {
+    for abort in lock(&sh.inflight).values() {
+        let _ = abort.send(true);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of these locks cannot leave the maps inconsistent; keep going.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

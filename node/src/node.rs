@@ -1,0 +1,228 @@
+//! A running node: replicated state, SIP endpoint, pacer, dialer, HTTP, and in drill mode the built-in
+//! simulated city. `up` and `demo` both start one of these.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use campanile_cluster::{Cluster, NodeId};
+use tokio::sync::{mpsc, watch};
+
+use crate::call::CallContext;
+use crate::config::Config;
+use crate::dialer::{self, DialerConfig};
+use crate::engine::NodeEngine;
+use crate::media::{pacer::Pacer, AudioCache};
+use crate::metrics::Metrics;
+use crate::simcity::{self, SimCity, SimCityConfig};
+use crate::sip::endpoint::{Endpoint, Inbound};
+use crate::sip::message::{response_bytes, response_to, Method, SipMessage};
+
+/// Handles of a running node.
+pub struct Node {
+    pub cluster: Cluster,
+    pub engine: Arc<NodeEngine>,
+    pub http_addr: SocketAddr,
+    pub token_path: PathBuf,
+    pub admin_token: String,
+    pub simcity: Option<SimCity>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+const DRILL_BANNER: &str = "DRILL MODE: no SIP trunk is configured; calls go to the built-in simulated city and no real phone rings";
+
+impl Node {
+    /// Starts every part of the node from a validated config.
+    pub async fn start(cfg: Config) -> anyhow::Result<Node> {
+        let data = cfg.node.data.clone();
+        std::fs::create_dir_all(&data)
+            .with_context(|| format!("cannot create data directory {}", data.display()))?;
+        let (token_path, admin_token) = admin_token(&data)?;
+        crate::media::tts::check_available()
+            .context("text-to-speech is required to play alerts")?;
+        let cluster = Cluster::open(NodeId(cfg.node.id), &data)
+            .await
+            .context("cannot open the replicated store")?;
+        let metrics = Metrics::new();
+
+        let (simcity, trunk, trunk_host, drill) = match &cfg.trunk.uri {
+            Some(uri) => {
+                let hp = crate::sip::message::uri_hostport(uri)
+                    .unwrap_or_default()
+                    .to_string();
+                let addr = tokio::net::lookup_host(&hp)
+                    .await
+                    .ok()
+                    .and_then(|mut a| a.next())
+                    .with_context(|| format!("trunk.uri: cannot resolve `{hp}`"))?;
+                (None, addr, hp, None)
+            }
+            None => {
+                tracing::warn!("{DRILL_BANNER}");
+                let profile =
+                    simcity::load_profile(&cfg.simcity.profile).context("simcity.profile")?;
+                let city = SimCity::start(SimCityConfig {
+                    listen: cfg.simcity.listen,
+                    log: Some(data.join("sim-city.log")),
+                    profile,
+                    seed: cfg.simcity.seed,
+                })
+                .await
+                .with_context(|| {
+                    format!("cannot start the simulated city on {}", cfg.simcity.listen)
+                })?;
+                let addr = city.local_addr();
+                (
+                    Some(city),
+                    addr,
+                    addr.to_string(),
+                    Some(DRILL_BANNER.to_string()),
+                )
+            }
+        };
+        metrics.set_drill_mode(drill.is_some());
+
+        let (endpoint, unrouted) = Endpoint::bind(cfg.sip.listen).await.with_context(|| {
+            format!("cannot bind SIP on {} (sip.listen / --sip)", cfg.sip.listen)
+        })?;
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut tasks = vec![tokio::spawn(answer_unrouted(endpoint.clone(), unrouted))];
+
+        let ctx = CallContext {
+            endpoint: endpoint.clone(),
+            pacer: Pacer::spawn(),
+        };
+        let cache = Arc::new(AudioCache::new(Some(data.join("audio-cache"))));
+        tasks.push(dialer::spawn(
+            DialerConfig {
+                node: NodeId(cfg.node.id),
+                trunk,
+                trunk_host,
+                max_channels: cfg.trunk.max_channels,
+                calls_per_second: cfg.trunk.calls_per_second,
+                ring_timeout: Duration::from_secs_f64(cfg.dialer.ring_timeout_s),
+                confirm_wait: Duration::from_secs_f64(cfg.dialer.confirm_wait_s),
+                batch: Duration::from_millis(cfg.dialer.batch_ms),
+                max_replays: cfg.dialer.max_replays,
+                from_user: cfg.caller_id.number.clone(),
+                display_name: cfg.caller_id.display_name.clone(),
+                timers: cfg.timers(),
+            },
+            cluster.clone(),
+            ctx,
+            cache,
+            metrics.clone(),
+            shutdown_rx.clone(),
+        ));
+
+        let engine = Arc::new(NodeEngine {
+            cluster: cluster.clone(),
+            metrics,
+            endpoint,
+            admin_token: admin_token.clone(),
+            drill,
+        });
+        let listener = tokio::net::TcpListener::bind(cfg.http.listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot bind HTTP on {} (http.listen / --http)",
+                    cfg.http.listen
+                )
+            })?;
+        let http_addr = listener.local_addr()?;
+        let mut http_shutdown = shutdown_rx.clone();
+        let dyn_engine: Arc<dyn campanile_dashboard::Engine> = engine.clone();
+        tasks.push(tokio::spawn(async move {
+            let stop = async move {
+                let _ = http_shutdown.wait_for(|s| *s).await;
+            };
+            if let Err(e) = campanile_dashboard::serve(listener, dyn_engine, stop).await {
+                tracing::error!(error = %e, "HTTP server stopped");
+            }
+        }));
+        tracing::info!(
+            http = %http_addr,
+            sip = %cfg.sip.listen,
+            data = %data.display(),
+            token_file = %token_path.display(),
+            "campanile node is up"
+        );
+        Ok(Node {
+            cluster,
+            engine,
+            http_addr,
+            token_path,
+            admin_token,
+            simcity,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Stops dialing, HTTP and Raft.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(3), t).await;
+        }
+        if let Some(city) = self.simcity {
+            city.shutdown().await;
+        }
+        if let Err(e) = self.cluster.shutdown().await {
+            tracing::warn!(error = %e, "Raft shutdown reported an error");
+        }
+    }
+}
+
+/// Reads `DATA/admin-token`, creating it (mode 0600) with a random token on first start.
+fn admin_token(data: &Path) -> anyhow::Result<(PathBuf, String)> {
+    let path = data.join("admin-token");
+    if path.exists() {
+        let token = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .trim()
+            .to_string();
+        anyhow::ensure!(
+            token.len() >= 32,
+            "{} is too short to be an admin token; delete it to have a new one made",
+            path.display()
+        );
+        return Ok((path, token));
+    }
+    let token = hex::encode(rand::random::<[u8; 32]>());
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(&path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    writeln!(f, "{token}").with_context(|| format!("cannot write {}", path.display()))?;
+    tracing::info!(path = %path.display(), "wrote a new admin API token (send it as Authorization: Bearer)");
+    Ok((path, token))
+}
+
+/// Requests for no call of ours: we place calls, we do not take them (yet).
+async fn answer_unrouted(endpoint: Endpoint, mut rx: mpsc::UnboundedReceiver<Inbound>) {
+    while let Some(Inbound { msg, from }) = rx.recv().await {
+        let SipMessage::Request(req) = msg else {
+            continue;
+        };
+        let code = match req.method {
+            Method::Ack => continue,
+            Method::Options => 200,
+            Method::Invite => 480,
+            _ => 481,
+        };
+        let resp = response_to(&req, code, Some("campanile"), &[], None);
+        let _ = endpoint.send(&response_bytes(&resp), from).await;
+    }
+}

@@ -1,0 +1,494 @@
+//! One simulated phone taking one call: the UAS side of an INVITE, driven by the sans-IO server
+//! transaction, with the behaviour the profile chose, listening to the RTP it receives and pressing keys
+//! as RFC 4733 events. Everything it experiences goes to the ground-truth log.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::net::UdpSocket;
+
+use super::profile::{Behaviour, Listener};
+use super::Shared;
+use crate::media::{dtmf, rtp};
+use crate::sip::dialog::Dialog;
+use crate::sip::endpoint::{CallChannel, Inbound};
+use crate::sip::message::{
+    self, random_token, response_bytes, response_to, status, Method, Request, SipMessage,
+};
+use crate::sip::sdp::{self, Codec, RemoteMedia};
+use crate::sip::transaction::{ClientTransaction, Output, ServerTransaction};
+
+/// Why `wait` returned.
+enum Wake {
+    Deadline,
+    /// The caller CANCELled before we answered.
+    Cancelled,
+    /// The caller hung up.
+    Bye,
+    /// New audio arrived.
+    Audio,
+    Closed,
+}
+
+struct Media {
+    socket: Arc<UdpSocket>,
+    remote: RemoteMedia,
+    seen: HashSet<u16>,
+    last_rtp: Instant,
+}
+
+struct PhoneCall {
+    shared: Arc<Shared>,
+    channel: CallChannel,
+    invite: Request,
+    from: SocketAddr,
+    number: String,
+    call_id: String,
+    tag: String,
+    st: ServerTransaction,
+    answered: bool,
+    media: Option<Media>,
+}
+
+/// Handles one incoming INVITE to the end of its call.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    invite: Request,
+    from: SocketAddr,
+    channel: CallChannel,
+) {
+    let number = message::uri_user(&invite.uri.to_string())
+        .unwrap_or("unknown")
+        .to_string();
+    let call_id = message::call_id(&invite).unwrap_or_default().to_string();
+    let attempt = shared.next_attempt(&number);
+    shared.stats.calls.fetch_add(1, Ordering::Relaxed);
+    shared.stats.active.fetch_add(1, Ordering::Relaxed);
+    shared.log(
+        &number,
+        &call_id,
+        from,
+        "invite",
+        json!({ "attempt": attempt }),
+    );
+    let st = ServerTransaction::new(invite.clone(), Instant::now(), shared.timers, false);
+    let mut call = PhoneCall {
+        shared: shared.clone(),
+        channel,
+        invite,
+        from,
+        number,
+        call_id,
+        tag: random_token(10),
+        st,
+        answered: false,
+        media: None,
+    };
+    call.respond(100, None).await;
+    let behaviour = shared.profile.behaviour(shared.seed, &call.number, attempt);
+    call.play(behaviour).await;
+    shared.stats.active.fetch_sub(1, Ordering::Relaxed);
+}
+
+impl PhoneCall {
+    fn audio_ms(&self) -> u64 {
+        self.media
+            .as_ref()
+            .map(|m| m.seen.len() as u64 * 20)
+            .unwrap_or(0)
+    }
+
+    fn log(&self, event: &str, extra: serde_json::Value) {
+        self.shared
+            .log(&self.number, &self.call_id, self.from, event, extra);
+    }
+
+    async fn send(&self, bytes: &[u8], to: SocketAddr) {
+        let _ = self.shared.endpoint.send(bytes, to).await;
+    }
+
+    async fn flush(&mut self) {
+        while let Some(o) = self.st.poll_output() {
+            if let Output::Transmit(b) = o {
+                self.send(&b, self.from).await;
+            }
+        }
+    }
+
+    async fn respond(&mut self, code: u16, body: Option<(&str, Vec<u8>)>) {
+        let contact = [(
+            "Contact",
+            format!(
+                "<sip:{}@{}>",
+                self.number,
+                self.shared.endpoint.local_addr()
+            ),
+        )];
+        let extra: &[(&str, String)] = if code < 300 && code > 100 {
+            &contact
+        } else {
+            &[]
+        };
+        let tag = (code > 100).then_some(self.tag.as_str());
+        let resp = response_to(&self.invite, code, tag, extra, body);
+        self.st.respond(&resp, Instant::now());
+        self.flush().await;
+    }
+
+    async fn play(&mut self, behaviour: Behaviour) {
+        match behaviour {
+            Behaviour::Invalid => self.reject(404).await,
+            Behaviour::Busy => self.reject(486).await,
+            Behaviour::Unreachable { after_ms } => {
+                if let Wake::Deadline = self
+                    .wait(Some(Instant::now() + Duration::from_millis(after_ms)))
+                    .await
+                {
+                    self.reject(480).await;
+                }
+            }
+            Behaviour::NoAnswer { max_ring_ms } => {
+                self.ring().await;
+                if let Wake::Deadline = self
+                    .wait(Some(Instant::now() + Duration::from_millis(max_ring_ms)))
+                    .await
+                {
+                    self.reject(480).await;
+                }
+            }
+            Behaviour::Answer { delay_ms, listener } => {
+                self.ring().await;
+                if let Wake::Deadline = self
+                    .wait(Some(Instant::now() + Duration::from_millis(delay_ms)))
+                    .await
+                {
+                    self.answer_and_listen(listener, None).await;
+                }
+            }
+            Behaviour::Voicemail {
+                delay_ms,
+                listen_ms,
+            } => {
+                self.ring().await;
+                if let Wake::Deadline = self
+                    .wait(Some(Instant::now() + Duration::from_millis(delay_ms)))
+                    .await
+                {
+                    self.answer_and_listen(Listener::Never, Some(listen_ms))
+                        .await;
+                }
+            }
+        }
+        // Let the transaction finish its retransmissions (ACK of a final response) before forgetting it.
+        let linger = Instant::now() + Duration::from_secs(2);
+        while !self.st.is_terminated() && Instant::now() < linger {
+            if let Wake::Closed = self.wait(Some(linger)).await {
+                break;
+            }
+        }
+    }
+
+    async fn ring(&mut self) {
+        self.respond(180, None).await;
+        self.log("ringing", json!({}));
+    }
+
+    async fn reject(&mut self, code: u16) {
+        self.respond(code, None).await;
+        self.log("reject", json!({ "code": code, "audio_ms": 0 }));
+    }
+
+    async fn answer_and_listen(&mut self, listener: Listener, listen_limit_ms: Option<u64>) {
+        let offer = match sdp::parse_remote(&self.invite.body) {
+            Ok(o) => o,
+            Err(_) => {
+                self.reject(488).await;
+                return;
+            }
+        };
+        let ip = self.shared.endpoint.local_addr().ip();
+        let socket = match UdpSocket::bind(SocketAddr::new(ip, 0)).await {
+            Ok(s) => Arc::new(s),
+            Err(_) => {
+                self.reject(500).await;
+                return;
+            }
+        };
+        let local_rtp = socket
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::new(ip, 0));
+        let codec = offer.codec;
+        let answer = sdp::answer_with(1, local_rtp, &[codec], offer.telephone_event);
+        self.media = Some(Media {
+            socket,
+            remote: offer,
+            seen: HashSet::new(),
+            last_rtp: Instant::now(),
+        });
+        self.respond(200, Some(("application/sdp", answer.into_bytes())))
+            .await;
+        self.answered = true;
+        self.shared.stats.answered.fetch_add(1, Ordering::Relaxed);
+        self.log(
+            "answer",
+            json!({ "codec": if codec == Codec::Pcmu { "PCMU" } else { "PCMA" } }),
+        );
+
+        let media_timeout = Duration::from_millis(self.shared.profile.media_timeout_ms);
+        let mut pressed = false;
+        loop {
+            let last_rtp = self
+                .media
+                .as_ref()
+                .map(|m| m.last_rtp)
+                .unwrap_or_else(Instant::now);
+            match self.wait(Some(last_rtp + media_timeout)).await {
+                Wake::Bye | Wake::Closed => return,
+                Wake::Cancelled | Wake::Audio => {}
+                Wake::Deadline => {
+                    let idle = self
+                        .media
+                        .as_ref()
+                        .map(|m| m.last_rtp.elapsed())
+                        .unwrap_or_default();
+                    if idle >= media_timeout {
+                        self.hang_up("media_timeout").await;
+                        return;
+                    }
+                }
+            }
+            let heard = self.audio_ms();
+            match listener {
+                Listener::PressAfter(ms) if !pressed && heard >= ms => {
+                    pressed = true;
+                    self.press('1').await;
+                }
+                Listener::HangUpAfter(ms) if heard >= ms => {
+                    self.hang_up("listener").await;
+                    return;
+                }
+                _ => {}
+            }
+            if listen_limit_ms.is_some_and(|limit| heard >= limit) {
+                self.hang_up("voicemail_full").await;
+                return;
+            }
+        }
+    }
+
+    /// Sends a key as RFC 4733 packets, 20 ms apart, to the caller's media address.
+    async fn press(&mut self, digit: char) {
+        let Some(media) = &self.media else { return };
+        let Some(pt) = media.remote.telephone_event else {
+            // The caller did not offer telephone-event: this phone cannot signal keys out of band.
+            return;
+        };
+        let packets = dtmf::dtmf_packets(digit, rand::random(), rand::random(), rand::random(), pt);
+        let socket = media.socket.clone();
+        let dest = media.remote.addr;
+        self.shared.stats.dtmf.fetch_add(1, Ordering::Relaxed);
+        self.log(
+            "dtmf",
+            json!({ "digit": digit.to_string(), "audio_ms": self.audio_ms() }),
+        );
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
+            for p in packets {
+                tick.tick().await;
+                let _ = socket.send_to(&p, dest).await;
+            }
+        });
+    }
+
+    /// The phone hangs up: BYE inside the dialog, waiting (bounded) for the answer.
+    async fn hang_up(&mut self, reason: &str) {
+        self.log(
+            "bye_sent",
+            json!({ "audio_ms": self.audio_ms(), "reason": reason }),
+        );
+        let contact = format!("sip:{}@{}", self.number, self.shared.endpoint.local_addr());
+        let Ok(mut dialog) = Dialog::from_uas(&self.invite, &self.tag, &contact) else {
+            return;
+        };
+        dialog.local_cseq = 1;
+        let Ok(bye) = dialog.build(Method::Bye, self.shared.endpoint.local_addr()) else {
+            return;
+        };
+        let hop = dialog.next_hop().unwrap_or(self.from);
+        let branch = message::via_branch(&bye).unwrap_or_default();
+        let mut tx = ClientTransaction::new(bye, Instant::now(), self.shared.timers, false);
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            while let Some(o) = tx.poll_output() {
+                match o {
+                    Output::Transmit(b) => self.send(&b, hop).await,
+                    Output::Response(r) if status(&r) >= 200 => return,
+                    Output::TimedOut | Output::Terminated => return,
+                    _ => {}
+                }
+            }
+            let timer = tx.poll_timeout().map(tokio::time::Instant::from_std);
+            tokio::select! {
+                m = self.channel.rx.recv() => match m {
+                    Some(Inbound { msg: SipMessage::Response(r), .. }) if message::via_branch(&r).as_deref() == Some(branch.as_str()) => {
+                        tx.handle_response(r, Instant::now());
+                    }
+                    Some(Inbound { msg: SipMessage::Request(req), from }) if req.method == Method::Bye => {
+                        let ok = response_to(&req, 200, None, &[], None);
+                        self.send(&response_bytes(&ok), from).await;
+                    }
+                    Some(_) => {}
+                    None => return,
+                },
+                _ = sleep_until_opt(timer) => tx.handle_timeout(Instant::now()),
+                _ = tokio::time::sleep_until(give_up) => return,
+            }
+        }
+    }
+
+    /// Runs the SIP side (retransmissions, ACK, CANCEL, BYE, re-INVITE) and counts audio until
+    /// something the caller of `wait` must act on happens.
+    async fn wait(&mut self, until: Option<Instant>) -> Wake {
+        let mut buf = [0u8; 2048];
+        loop {
+            let timer = self.st.poll_timeout();
+            let wake_at = [timer, until]
+                .into_iter()
+                .flatten()
+                .min()
+                .map(tokio::time::Instant::from_std);
+            let socket = self.media.as_ref().map(|m| m.socket.clone());
+            tokio::select! {
+                m = self.channel.rx.recv() => {
+                    let Some(Inbound { msg, from }) = m else { return Wake::Closed };
+                    if let Some(w) = self.on_sip(msg, from).await {
+                        return w;
+                    }
+                }
+                r = recv_opt(socket.as_deref(), &mut buf) => {
+                    if let Some(n) = r {
+                        if self.on_rtp(&buf[..n]) {
+                            return Wake::Audio;
+                        }
+                    }
+                }
+                _ = sleep_until_opt(wake_at) => {
+                    self.st.handle_timeout(Instant::now());
+                    self.flush().await;
+                    if until.is_some_and(|u| Instant::now() >= u) {
+                        return Wake::Deadline;
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_rtp(&mut self, packet: &[u8]) -> bool {
+        let Some(media) = self.media.as_mut() else {
+            return false;
+        };
+        let Ok((h, _)) = rtp::parse(packet) else {
+            return false;
+        };
+        if h.payload_type != 0 && h.payload_type != 8 {
+            return false;
+        }
+        media.last_rtp = Instant::now();
+        media.seen.insert(h.sequence)
+    }
+
+    async fn on_sip(&mut self, msg: SipMessage, from: SocketAddr) -> Option<Wake> {
+        let SipMessage::Request(req) = msg else {
+            return None;
+        };
+        let now = Instant::now();
+        match req.method {
+            Method::Invite if message::to_tag(&req).is_none() => {
+                // A retransmission of the INVITE.
+                self.st.handle_retransmission();
+                self.flush().await;
+                None
+            }
+            Method::Invite => {
+                // re-INVITE inside the dialog: accept it and follow the new media address.
+                self.log("reinvite", json!({ "audio_ms": self.audio_ms() }));
+                let local_rtp = self.media.as_ref().and_then(|m| m.socket.local_addr().ok());
+                if let (Some(media), Ok(remote)) =
+                    (self.media.as_mut(), sdp::parse_remote(&req.body))
+                {
+                    media.remote = remote;
+                }
+                let body = local_rtp.map(|a| {
+                    (
+                        "application/sdp",
+                        sdp::answer_with(2, a, &[Codec::Pcmu, Codec::Pcma], Some(101)).into_bytes(),
+                    )
+                });
+                let contact = [(
+                    "Contact",
+                    format!(
+                        "<sip:{}@{}>",
+                        self.number,
+                        self.shared.endpoint.local_addr()
+                    ),
+                )];
+                let ok = response_to(&req, 200, None, &contact, body);
+                self.send(&response_bytes(&ok), from).await;
+                None
+            }
+            Method::Ack => {
+                self.st.handle_ack(now);
+                self.flush().await;
+                None
+            }
+            Method::Cancel => {
+                let ok = response_to(&req, 200, Some(&self.tag), &[], None);
+                self.send(&response_bytes(&ok), from).await;
+                if self.st.is_answered() {
+                    return None;
+                }
+                self.respond(487, None).await;
+                self.log("cancel", json!({ "audio_ms": 0 }));
+                Some(Wake::Cancelled)
+            }
+            Method::Bye => {
+                let ok = response_to(&req, 200, None, &[], None);
+                self.send(&response_bytes(&ok), from).await;
+                if !self.answered {
+                    return None;
+                }
+                self.shared.log(
+                    &self.number,
+                    &self.call_id,
+                    from,
+                    "bye_received",
+                    json!({ "audio_ms": self.audio_ms() }),
+                );
+                Some(Wake::Bye)
+            }
+            _ => {
+                let ok = response_to(&req, 200, None, &[], None);
+                self.send(&response_bytes(&ok), from).await;
+                None
+            }
+        }
+    }
+}
+
+async fn recv_opt(socket: Option<&UdpSocket>, buf: &mut [u8]) -> Option<usize> {
+    match socket {
+        Some(s) => s.recv_from(buf).await.ok().map(|(n, _)| n),
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}

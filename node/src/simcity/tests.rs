@@ -1,0 +1,186 @@
+//! The simulated city against the real caller (`call::place_call`) over loopback UDP.
+
+use std::time::Duration;
+
+use super::*;
+use crate::call::{place_call, CallContext, CallOutcome, CallSpec};
+use crate::media::pacer::Pacer;
+use crate::media::PreparedAudio;
+
+fn fast(profile: Profile) -> Profile {
+    Profile {
+        answer_delay_ms: [100, 100],
+        press_after_ms: [600, 600],
+        hang_up_after_ms: [400, 400],
+        ..profile
+    }
+}
+
+fn tone_audio(secs: f32) -> PreparedAudio {
+    let n = (8000.0 * secs) as usize;
+    PreparedAudio::from_samples(
+        (0..n)
+            .map(|i| ((i as f32 * 0.3).sin() * 8000.0) as i16)
+            .collect(),
+    )
+}
+
+struct Run {
+    outcome: CallOutcome,
+    events: Vec<serde_json::Value>,
+}
+
+async fn call_city(profile: Profile, number: &str, ring_timeout: Duration) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("city.jsonl");
+    let city = SimCity::start(SimCityConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        log: Some(log.clone()),
+        profile,
+        seed: 1,
+    })
+    .await
+    .unwrap();
+    let (endpoint, _unrouted) = Endpoint::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let ctx = CallContext {
+        endpoint,
+        pacer: Pacer::spawn(),
+    };
+    let spec = CallSpec {
+        to: number.into(),
+        trunk: city.local_addr(),
+        trunk_host: city.local_addr().to_string(),
+        from_user: "campanile".into(),
+        display_name: "Test".into(),
+        audio: tone_audio(2.0),
+        ring_timeout,
+        confirm_wait: Duration::from_millis(500),
+        require_confirmation: true,
+        allow_opt_out: false,
+        max_replays: 0,
+        timers: Default::default(),
+    };
+    let (_abort, abort_rx) = tokio::sync::watch::channel(false);
+    let outcome = tokio::time::timeout(Duration::from_secs(30), place_call(&ctx, &spec, abort_rx))
+        .await
+        .expect("the call ends by itself");
+    // The phone logs its side of the hang-up as soon as it sees the BYE; wait for it with a deadline.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let events = loop {
+        let events: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        let ended = events.iter().any(|e| {
+            matches!(
+                e["event"].as_str(),
+                Some("bye_received" | "bye_sent" | "reject" | "cancel")
+            )
+        });
+        if ended || std::time::Instant::now() > deadline {
+            break events;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    city.shutdown().await;
+    Run { outcome, events }
+}
+
+fn kinds(events: &[serde_json::Value]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn an_answering_phone_presses_1_and_the_caller_sees_confirmed() {
+    let run = call_city(
+        fast(Profile::always_answer()),
+        "+393470000001",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        matches!(run.outcome, CallOutcome::Confirmed { .. }),
+        "{:?}",
+        run.outcome
+    );
+    assert_eq!(
+        kinds(&run.events),
+        ["invite", "ringing", "answer", "dtmf", "bye_received"]
+    );
+    let invite = &run.events[0];
+    assert_eq!(invite["number"], "+393470000001");
+    assert_eq!(invite["attempt"], 1);
+    assert!(invite["from"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(invite["t_ms"].as_u64().unwrap() > 1_700_000_000_000);
+    assert!(run.events[4]["audio_ms"].as_u64().unwrap() >= 600);
+}
+
+#[tokio::test]
+async fn a_busy_phone_gives_busy() {
+    let p = Profile {
+        answer: 0.0,
+        busy: 1.0,
+        ..fast(Profile::always_answer())
+    };
+    let run = call_city(p, "+393470000002", Duration::from_secs(5)).await;
+    assert_eq!(run.outcome, CallOutcome::Busy);
+    assert_eq!(run.events.last().unwrap()["code"], 486);
+}
+
+#[tokio::test]
+async fn an_unanswered_phone_is_cancelled_on_ring_timeout() {
+    let p = Profile {
+        answer: 0.0,
+        no_answer: 1.0,
+        ..fast(Profile::always_answer())
+    };
+    let run = call_city(p, "+393470000003", Duration::from_secs(1)).await;
+    assert_eq!(run.outcome, CallOutcome::NoAnswer);
+    assert_eq!(kinds(&run.events), ["invite", "ringing", "cancel"]);
+}
+
+#[tokio::test]
+async fn a_phone_that_hangs_up_mid_message_is_reported_with_the_time() {
+    let p = Profile {
+        press_on_time: 0.0,
+        hang_up_early: 1.0,
+        ..fast(Profile::always_answer())
+    };
+    let run = call_city(p, "+393470000004", Duration::from_secs(5)).await;
+    assert!(
+        matches!(run.outcome, CallOutcome::HungUp { .. }),
+        "{:?}",
+        run.outcome
+    );
+    assert_eq!(run.events.last().unwrap()["event"], "bye_sent");
+}
+
+#[tokio::test]
+async fn a_number_that_does_not_exist_is_invalid() {
+    let p = Profile {
+        invalid_numbers: 1.0,
+        ..fast(Profile::always_answer())
+    };
+    let run = call_city(p, "+393470000005", Duration::from_secs(5)).await;
+    assert_eq!(run.outcome, CallOutcome::InvalidNumber { code: 404 });
+}
+
+#[tokio::test]
+async fn a_phone_that_never_presses_leaves_the_call_not_confirmed() {
+    let p = Profile {
+        press_on_time: 0.0,
+        ..fast(Profile::always_answer())
+    };
+    let run = call_city(p, "+393470000006", Duration::from_secs(5)).await;
+    assert_eq!(run.outcome, CallOutcome::NotConfirmed);
+    let bye = run.events.last().unwrap();
+    assert_eq!(bye["event"], "bye_received");
+    // The whole 2 s message arrived.
+    assert!(bye["audio_ms"].as_u64().unwrap() >= 1900, "{bye}");
+}

@@ -1,0 +1,73 @@
+//! The command line refuses bad configuration with a message that names the key, and prints a complete
+//! example configuration that it accepts.
+
+use std::process::Command;
+
+fn campanile(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_campanile"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn config_example_is_printed_and_accepted_by_the_deploy_example() {
+    let out = campanile(&["config", "example"]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    for key in [
+        "[node]",
+        "[http]",
+        "[sip]",
+        "[trunk]",
+        "[dialer]",
+        "[simcity]",
+    ] {
+        assert!(text.contains(key), "example lacks {key}");
+    }
+}
+
+#[test]
+fn a_bad_config_file_stops_the_node_and_names_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "[trunk]\nmax_channels = 0\n").unwrap();
+    let out = campanile(&[
+        "up",
+        "--config",
+        path.to_str().unwrap(),
+        "--data",
+        dir.path().join("d").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("trunk.max_channels"), "{err}");
+
+    std::fs::write(&path, "[dialer]\nring_timeot_s = 3\n").unwrap();
+    let out = campanile(&["up", "--config", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ring_timeot_s"), "{err}");
+}
+
+#[test]
+fn the_deploy_example_config_passes_config_check() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/campanile.toml");
+    let out = campanile(&["config", "check", path]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "deploy/campanile.toml rejected: {err}"
+    );
+}
+
+#[test]
+fn config_check_names_the_bad_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "[sip]\nlisten = \"not an address\"\n").unwrap();
+    let out = campanile(&["config", "check", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("listen"), "{err}");
+}

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace on a fresh Debian machine with Rust. Installs the real peers the tests
+# drive (SIPp, espeak-ng, tshark, promtool, sox) from Debian packages when they are missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v sipp >/dev/null 2>&1 || need+=(sip-tester)
+command -v espeak-ng >/dev/null 2>&1 || need+=(espeak-ng)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v sox >/dev/null 2>&1 || need+=(sox)
+command -v tshark >/dev/null 2>&1 || need+=(tshark)
+if [ "${#need[@]}" -gt 0 ]; then
+  echo "test-all: installing ${need[*]}"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+# One build profile for everything: the multi-process tests run the release binary.
+cargo build --release --workspace --bins
+export CAMPANILE_BIN="$PWD/target/release/campanile"
+cargo test --release --workspace --all-targets -- --test-threads=2
