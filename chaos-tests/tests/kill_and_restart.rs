@@ -27,6 +27,15 @@ fn sigkill_mid_campaign_then_restart_loses_no_committed_outcome() {
         &format!("sip:{}", city.addr),
     )
     .unwrap();
+    // The admin token was written on first start, readable by the node's user only.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(node.data.join("admin-token"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "admin-token mode {mode:o}");
+    }
     node.register(1, 60).unwrap();
     let id = node
         .start_campaign(json!({"max_attempts": 5, "busy_delay_s": 1.0, "no_answer_delay_s": 1.0, "failure_delay_s": 1.0}))
@@ -46,7 +55,12 @@ fn sigkill_mid_campaign_then_restart_loses_no_committed_outcome() {
     );
     node.kill();
 
+    let token_before = std::fs::read_to_string(node.data.join("admin-token")).unwrap();
     node.restart().unwrap();
+    assert_eq!(
+        std::fs::read_to_string(node.data.join("admin-token")).unwrap(),
+        token_before
+    );
     // Nothing acknowledged before the kill is gone after the restart.
     let after_restart = confirmed_set(&node, id);
     for phone in &before {

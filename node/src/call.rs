@@ -433,9 +433,14 @@ impl Call<'_> {
             a.remote.telephone_event,
             digits_tx,
         ));
-        let ssrc: u32 = rand::random();
+        // RFC 3550 §5.1: random SSRC, initial sequence number and timestamp; replays continue the stream.
+        let mut rtp = RtpClock {
+            ssrc: rand::random(),
+            seq: rand::random(),
+            ts: rand::random(),
+        };
         let mut replays = 0;
-        let mut stream = Some(self.play(&a, &rtp_socket, ssrc, 0, 0));
+        let mut stream = Some(self.play(&a, &rtp_socket, &rtp));
         let mut message_done_at: Option<tokio::time::Instant> = None;
         let mut remote_ended = false;
         let max_call = tokio::time::Instant::now()
@@ -449,8 +454,11 @@ impl Call<'_> {
                     Some('9') if self.spec.allow_opt_out => break CallOutcome::OptOut,
                     Some('2') if replays < self.spec.max_replays => {
                         replays += 1;
-                        if let Some(s) = stream.take() { s.stop(); }
-                        stream = Some(self.play(&a, &rtp_socket, ssrc, 0, replays));
+                        if let Some(s) = stream.take() {
+                            s.stop();
+                            rtp.advance(s.frames_sent());
+                        }
+                        stream = Some(self.play(&a, &rtp_socket, &rtp));
                         message_done_at = None;
                     }
                     Some(_) => {}
@@ -533,29 +541,21 @@ impl Call<'_> {
         outcome
     }
 
-    fn play(
-        &self,
-        a: &Answered,
-        socket: &Arc<UdpSocket>,
-        ssrc: u32,
-        start_frame: usize,
-        run: u32,
-    ) -> StreamHandle {
+    /// Plays the message from its start, continuing the RTP stream where `rtp` says it is.
+    fn play(&self, a: &Answered, socket: &Arc<UdpSocket>, rtp: &RtpClock) -> StreamHandle {
         let frames = match a.remote.codec {
             Codec::Pcmu => self.spec.audio.pcmu.clone(),
             Codec::Pcma => self.spec.audio.pcma.clone(),
         };
-        // Continue sequence and timestamp across replays, as one RTP stream.
-        let offset = (run as usize * frames.len()) as u32;
         self.ctx.pacer.play(PlayRequest {
             socket: socket.clone(),
             dest: a.remote.addr,
             frames,
             payload_type: a.remote.codec.payload_type(),
-            ssrc,
-            start_frame,
-            initial_seq: (offset as u16).wrapping_add(1),
-            initial_ts: offset.wrapping_mul(160),
+            ssrc: rtp.ssrc,
+            start_frame: 0,
+            initial_seq: rtp.seq,
+            initial_ts: rtp.ts,
         })
     }
 
@@ -613,6 +613,22 @@ impl Call<'_> {
                 _ = tokio::time::sleep_until(give_up) => return late_digit,
             }
         }
+    }
+}
+
+/// Where our outgoing RTP stream is: replays of the message continue it without gaps.
+struct RtpClock {
+    ssrc: u32,
+    seq: u16,
+    ts: u32,
+}
+
+impl RtpClock {
+    fn advance(&mut self, frames: usize) {
+        self.seq = self.seq.wrapping_add(frames as u16);
+        self.ts = self
+            .ts
+            .wrapping_add((frames * crate::media::message::FRAME) as u32);
     }
 }
 

@@ -162,14 +162,20 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         k.answer_ratio() * 100.0,
         truth
     );
-    println!(
-        "  console: http://{}/   API token: {}",
-        node.http_addr,
-        node.token_path.display()
-    );
     if opts.stay {
+        println!(
+            "  console: http://{}/   API token: {}",
+            node.http_addr,
+            node.token_path.display()
+        );
         println!("Press Ctrl-C to stop.");
         let _ = tokio::signal::ctrl_c().await;
+    } else {
+        println!(
+            "  the console was at http://{}/ during the run; add --stay to keep it open afterwards",
+            node.http_addr
+        );
+        println!("  data, ground-truth log and API token: {}", data.display());
     }
     node.stop().await;
     Ok(())
