@@ -14,6 +14,7 @@ use crate::media::dtmf::DtmfReceiver;
 use crate::media::pacer::{PacerHandle, PlayRequest, StreamHandle};
 use crate::media::rtp;
 use crate::media::PreparedAudio;
+use crate::sip::auth::{Challenge, Credentials};
 use crate::sip::dialog::Dialog;
 use crate::sip::endpoint::{CallChannel, Endpoint, Inbound};
 use crate::sip::message::{
@@ -47,6 +48,8 @@ pub struct CallSpec {
     /// How many times the citizen may press 2 to hear the message again.
     pub max_replays: u32,
     pub timers: Timers,
+    /// Digest credentials for the trunk, if it challenges.
+    pub credentials: Option<Credentials>,
 }
 
 /// What happened on a call.
@@ -71,6 +74,10 @@ pub enum CallOutcome {
         code: u16,
     },
     Rejected {
+        code: u16,
+    },
+    /// The trunk refused our credentials (or we had none to give).
+    AuthRejected {
         code: u16,
     },
     /// No response at all from the next hop.
@@ -103,6 +110,11 @@ impl fmt::Display for CallOutcome {
                 write!(f, "invalid number ({code} {})", reason_phrase(*code))
             }
             CallOutcome::Rejected { code } => write!(f, "rejected {code} {}", reason_phrase(*code)),
+            CallOutcome::AuthRejected { code } => write!(
+                f,
+                "rejected {code} {}: check the trunk's username and password",
+                reason_phrase(*code)
+            ),
             CallOutcome::Unreachable => f.write_str("unreachable (no response from the trunk)"),
             CallOutcome::Aborted => f.write_str("aborted"),
             CallOutcome::Failed(why) => write!(f, "failed: {why}"),
@@ -130,7 +142,9 @@ impl CallOutcome {
             CallOutcome::Busy => O::Busy,
             CallOutcome::NoAnswer => O::NoAnswer,
             CallOutcome::InvalidNumber { code } => O::InvalidNumber { code: *code },
-            CallOutcome::Rejected { code } => O::Rejected { code: *code },
+            CallOutcome::Rejected { code } | CallOutcome::AuthRejected { code } => {
+                O::Rejected { code: *code }
+            }
             CallOutcome::Unreachable | CallOutcome::Failed(_) => O::Unreachable,
             CallOutcome::Aborted => O::Interrupted,
         }
@@ -171,8 +185,14 @@ pub async fn place_call(
     };
     let call_id = format!("{}@campanile", random_token(20));
     let mut channel = ctx.endpoint.register(&call_id);
-    let contact = format!("sip:{}@{}", spec.from_user, local);
-    let invite = match build_invite(spec, &call_id, local, &contact, rtp_addr) {
+    let parts = InviteParts {
+        contact: format!("sip:{}@{}", spec.from_user, local),
+        from_tag: random_token(10),
+        call_id,
+        local,
+        sdp: sdp::offer(rand::random::<u32>() as u64, rtp_addr).into_bytes(),
+    };
+    let invite = match parts.build(spec, 1, None) {
         Ok(r) => r,
         Err(e) => return CallOutcome::Failed(format!("cannot build INVITE: {e}")),
     };
@@ -182,48 +202,60 @@ pub async fn place_call(
         trunk: spec.trunk,
         channel: &mut channel,
     };
-    let answered = match call.invite_phase(invite, &mut abort).await {
+    let answered = match call.invite_phase(invite, &parts, &mut abort).await {
         Ok(a) => a,
         Err(outcome) => return outcome,
     };
     call.media_phase(answered, rtp_socket, &mut abort).await
 }
 
-fn build_invite(
-    spec: &CallSpec,
-    call_id: &str,
+/// What stays the same across the INVITEs of one call (the first, and one answering a challenge).
+struct InviteParts {
+    call_id: String,
+    from_tag: String,
     local: SocketAddr,
-    contact: &str,
-    rtp_addr: SocketAddr,
-) -> Result<Request, message::ParseError> {
-    let uri = format!("sip:{}@{}", spec.to, spec.trunk_host);
-    let display = spec.display_name.replace('"', "");
-    RequestBuilder::new(Method::Invite, uri.clone())
-        .header(
-            "Via",
-            format!("SIP/2.0/UDP {local};branch={};rport", new_branch()),
-        )
-        .header("Max-Forwards", "70")
-        .header(
-            "From",
-            format!(
-                "\"{display}\" <sip:{}@{}>;tag={}",
-                spec.from_user,
-                local,
-                random_token(10)
-            ),
-        )
-        .header("To", format!("<{uri}>"))
-        .header("Call-ID", call_id)
-        .header("CSeq", "1 INVITE")
-        .header("Contact", format!("<{contact}>"))
-        .header("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO")
-        .header("User-Agent", "Campanile")
-        .body(
-            "application/sdp",
-            sdp::offer(rand::random::<u32>() as u64, rtp_addr).into_bytes(),
-        )
-        .build()
+    contact: String,
+    sdp: Vec<u8>,
+}
+
+impl InviteParts {
+    fn request_uri(&self, spec: &CallSpec) -> String {
+        format!("sip:{}@{}", spec.to, spec.trunk_host)
+    }
+
+    /// An INVITE with a fresh branch; `auth` answers a 401/407 (RFC 3261 §22.2).
+    fn build(
+        &self,
+        spec: &CallSpec,
+        cseq: u32,
+        auth: Option<(&str, String)>,
+    ) -> Result<Request, message::ParseError> {
+        let uri = self.request_uri(spec);
+        let display = spec.display_name.replace('"', "");
+        let mut b = RequestBuilder::new(Method::Invite, uri.clone())
+            .header(
+                "Via",
+                format!("SIP/2.0/UDP {};branch={};rport", self.local, new_branch()),
+            )
+            .header("Max-Forwards", "70")
+            .header(
+                "From",
+                format!(
+                    "\"{display}\" <sip:{}@{}>;tag={}",
+                    spec.from_user, self.local, self.from_tag
+                ),
+            )
+            .header("To", format!("<{uri}>"))
+            .header("Call-ID", self.call_id.clone())
+            .header("CSeq", format!("{cseq} INVITE"))
+            .header("Contact", format!("<{}>", self.contact))
+            .header("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO")
+            .header("User-Agent", "Campanile");
+        if let Some((name, value)) = auth {
+            b = b.header(name, value);
+        }
+        b.body("application/sdp", self.sdp.clone()).build()
+    }
 }
 
 struct Answered {
@@ -262,12 +294,14 @@ impl Call<'_> {
     /// INVITE until a final response, CANCEL on ring timeout (RFC 3261 §9.1: only after a provisional).
     async fn invite_phase(
         &mut self,
-        invite: Request,
+        mut invite: Request,
+        parts: &InviteParts,
         abort: &mut watch::Receiver<bool>,
     ) -> Result<Answered, CallOutcome> {
         let start = Instant::now();
         let mut tx = ClientTransaction::new(invite.clone(), start, self.spec.timers, false);
-        let branch = tx.branch().unwrap_or_default();
+        let mut branch = tx.branch().unwrap_or_default();
+        let mut challenged = false;
         let mut cancel_tx: Option<ClientTransaction> = None;
         let mut provisional = false;
         let ring_deadline = tokio::time::Instant::from_std(start + self.spec.ring_timeout);
@@ -287,6 +321,37 @@ impl Call<'_> {
                                 return Err(why);
                             }
                             return Ok(answered);
+                        } else if (code == 401 || code == 407) && cancelled_for.is_none() {
+                            // RFC 3261 §22.2: answer the challenge once, in a new transaction.
+                            let creds = match (&self.spec.credentials, challenged) {
+                                (Some(c), false) => c,
+                                _ => return Err(CallOutcome::AuthRejected { code }),
+                            };
+                            let challenge = Challenge::from_response(&resp).map_err(|e| {
+                                CallOutcome::Failed(format!(
+                                    "trunk sent an unusable challenge: {e}"
+                                ))
+                            })?;
+                            let cseq = message::cseq(&invite).map(|c| c.0).unwrap_or(1) + 1;
+                            let auth = challenge.answer(
+                                creds,
+                                "INVITE",
+                                &parts.request_uri(self.spec),
+                                &random_token(12),
+                                1,
+                            );
+                            invite = parts.build(self.spec, cseq, Some(auth)).map_err(|e| {
+                                CallOutcome::Failed(format!("cannot build INVITE: {e}"))
+                            })?;
+                            tx = ClientTransaction::new(
+                                invite.clone(),
+                                Instant::now(),
+                                self.spec.timers,
+                                false,
+                            );
+                            branch = tx.branch().unwrap_or_default();
+                            challenged = true;
+                            provisional = false;
                         } else {
                             return Err(cancelled_for.unwrap_or_else(|| outcome_for_status(code)));
                         }

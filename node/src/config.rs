@@ -21,6 +21,9 @@ pub enum ConfigError {
     Value { key: &'static str, message: String },
 }
 
+/// The environment variable that holds the trunk's password.
+pub const PASSWORD_ENV: &str = "CAMPANILE_TRUNK_PASSWORD";
+
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -95,6 +98,9 @@ pub struct TrunkSection {
     pub max_channels: usize,
     /// New calls per second the trunk allows.
     pub calls_per_second: u32,
+    /// Digest username, when the trunk challenges (401/407). The password comes only from the
+    /// environment variable CAMPANILE_TRUNK_PASSWORD, never from this file.
+    pub username: Option<String>,
 }
 
 impl Default for TrunkSection {
@@ -104,6 +110,7 @@ impl Default for TrunkSection {
             name: "trunk".into(),
             max_channels: 100,
             calls_per_second: 50,
+            username: None,
         }
     }
 }
@@ -241,6 +248,20 @@ impl Config {
         }
     }
 
+    /// Trunk credentials: `trunk.username` with the password from CAMPANILE_TRUNK_PASSWORD.
+    pub fn credentials(&self) -> Result<Option<crate::sip::auth::Credentials>, ConfigError> {
+        let Some(user) = &self.trunk.username else {
+            return Ok(None);
+        };
+        match std::env::var(PASSWORD_ENV) {
+            Ok(pw) if !pw.is_empty() => Ok(Some(crate::sip::auth::Credentials::new(user.clone(), pw))),
+            _ => Err(ConfigError::Value {
+                key: "trunk.username",
+                message: format!("is set, so the trunk password must be in the environment variable {PASSWORD_ENV}"),
+            }),
+        }
+    }
+
     /// True when no trunk is configured and calls go to the built-in simulated city.
     pub fn drill_mode(&self) -> bool {
         self.trunk.uri.is_none()
@@ -279,6 +300,9 @@ name = "trunk"
 max_channels = 100
 # New calls per second the trunk allows.
 calls_per_second = 50
+# Digest username if the trunk challenges (401/407). The password is read only from the
+# environment variable CAMPANILE_TRUNK_PASSWORD and never appears in logs.
+# username = "comune-alerts"
 
 [caller_id]
 # The number citizens see (From user part) and the name shown next to it.

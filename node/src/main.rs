@@ -84,6 +84,9 @@ enum Cmd {
         /// Seconds to wait for a key press after the message.
         #[arg(long, default_value_t = 4.0)]
         confirm_wait: f64,
+        /// Digest username if the trunk challenges; the password is read from CAMPANILE_TRUNK_PASSWORD.
+        #[arg(long)]
+        user: Option<String>,
     },
     /// Start a node with the simulated city, register demo citizens and run one emergency alert.
     Demo {
@@ -233,7 +236,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             sip,
             ring_timeout,
             confirm_wait,
+            user,
         } => {
+            let credentials = match user {
+                None => None,
+                Some(u) => {
+                    let pw = std::env::var(config::PASSWORD_ENV).map_err(|_| {
+                        anyhow::anyhow!(
+                            "--user needs the password in the environment variable {}",
+                            config::PASSWORD_ENV
+                        )
+                    })?;
+                    Some(campanile::sip::auth::Credentials::new(u, pw))
+                }
+            };
             let trunk = tokio::net::lookup_host(&via)
                 .await
                 .ok()
@@ -275,6 +291,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 allow_opt_out: false,
                 max_replays: 1,
                 timers: Default::default(),
+                credentials,
             };
             let (_abort_tx, abort_rx) = tokio::sync::watch::channel(false);
             let outcome = place_call(&ctx, &spec, abort_rx).await;

@@ -111,6 +111,7 @@ impl Node {
                 from_user: cfg.caller_id.number.clone(),
                 display_name: cfg.caller_id.display_name.clone(),
                 timers: cfg.timers(),
+                credentials: cfg.credentials()?,
             },
             cluster.clone(),
             ctx,

@@ -1,8 +1,11 @@
-//! Issue 2: `campanile call` against SIPp's built-in UAS (Debian package sip-tester), a peer we did not
-//! write; SIPp must count one successful call.
+//! `campanile call` against SIPp (Debian package sip-tester), a SIP peer we did not write: the built-in UAS
+//! (issue 2) and the UAS scenarios in `tests/sipp/` (issue 3): ringing, early media, A-law only, CANCEL,
+//! busy, a Digest challenge, a remote hang-up and a DTMF "1" replayed from the RFC 2833 capture that
+//! ships with SIPp.
 
 use std::net::UdpSocket;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 fn free_udp_port() -> u16 {
@@ -13,41 +16,84 @@ fn free_udp_port() -> u16 {
         .port()
 }
 
-/// Kills the child on drop so a failed assertion leaves no SIPp behind.
-struct Reap(std::process::Child);
-impl Drop for Reap {
+/// A SIPp UAS, killed on drop so a failed assertion leaves nothing behind.
+struct Sipp {
+    child: std::process::Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Sipp {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
-#[test]
-fn campanile_call_completes_one_call_that_sipp_counts_as_successful() {
+fn scenario_path(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/sipp")
+        .join(name)
+}
+
+/// SIPp's RFC 2833 capture of a "1", from the installed package.
+fn dtmf_pcap() -> String {
+    let out = Command::new("dpkg")
+        .args(["-L", "sip-tester"])
+        .output()
+        .expect("dpkg");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.ends_with("dtmf_2833_1.pcap"))
+        .expect("sip-tester ships dtmf_2833_1.pcap")
+        .to_string()
+}
+
+/// Starts SIPp as a UAS for one call: the built-in `uas` scenario or a file from tests/sipp.
+fn start_sipp(scenario: &str) -> Sipp {
     let dir = tempfile::tempdir().unwrap();
     let port = free_udp_port();
     let media = free_udp_port();
-    let sipp = Command::new("sipp")
-        .current_dir(dir.path())
-        .args(["-sn", "uas", "-i", "127.0.0.1", "-p", &port.to_string()])
-        .args(["-mi", "127.0.0.1", "-mp", &media.to_string()])
-        .args([
-            "-m",
-            "1",
-            "-nostdin",
-            "-timeout",
-            "60s",
-            "-trace_stat",
-            "-stf",
-            "stats.csv",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+    let mut cmd = Command::new("sipp");
+    cmd.current_dir(dir.path());
+    if scenario == "uas" {
+        cmd.args(["-sn", "uas"]);
+    } else {
+        let text = std::fs::read_to_string(scenario_path(scenario))
+            .unwrap()
+            .replace("@DTMF_PCAP@", &dtmf_pcap());
+        let file = dir.path().join(scenario);
+        std::fs::write(&file, text).unwrap();
+        cmd.arg("-sf").arg(&file);
+    }
+    cmd.args([
+        "-i",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-mi",
+        "127.0.0.1",
+        "-mp",
+        &media.to_string(),
+    ])
+    .args([
+        "-m",
+        "1",
+        "-nostdin",
+        "-timeout",
+        "60s",
+        "-trace_stat",
+        "-stf",
+        "stats.csv",
+        "-trace_err",
+    ])
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    let child = cmd
         .spawn()
         .expect("sipp is installed by the test command (Debian package sip-tester)");
-    let mut sipp = Reap(sipp);
-
-    // SIPp binds its port quickly; wait until the port is taken, with a deadline.
+    let sipp = Sipp { child, port, dir };
+    // Wait (bounded) until SIPp holds its port.
     let deadline = Instant::now() + Duration::from_secs(10);
     while UdpSocket::bind(("127.0.0.1", port)).is_ok() {
         assert!(
@@ -56,112 +102,178 @@ fn campanile_call_completes_one_call_that_sipp_counts_as_successful() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    sipp
+}
 
-    let out = Command::new(env!("CARGO_BIN_EXE_campanile"))
-        .args([
-            "call",
-            "--via",
-            &format!("127.0.0.1:{port}"),
-            "--to",
-            "1000",
-        ])
-        .args(["--tts", "Prova del sistema di allerta.", "--lang", "it"])
-        .args(["--confirm-wait", "1", "--ring-timeout", "10"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "campanile call failed: {stdout} {stderr}"
-    );
-    assert_eq!(stdout.trim(), "heard", "{stderr}");
-
-    // SIPp with -m 1 exits by itself, with status 0 only if its one call succeeded.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = sipp.0.try_wait().unwrap() {
-            break s;
+impl Sipp {
+    /// Waits for SIPp to finish its one call; returns its exit status.
+    fn wait(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "sipp did not finish its call");
+            std::thread::sleep(Duration::from_millis(50));
         }
-        assert!(Instant::now() < deadline, "sipp did not finish its call");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(status.success(), "sipp reported a failed call: {status}");
-    let stats = std::fs::read_dir(dir.path())
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .find(|e| e.file_name().to_string_lossy().starts_with("stats"))
-        .map(|e| std::fs::read_to_string(e.path()).unwrap())
-        .unwrap_or_default();
-    if let Some((header, last)) = stats.lines().next().zip(stats.lines().last()) {
-        let cols: Vec<&str> = header.split(';').collect();
-        let vals: Vec<&str> = last.split(';').collect();
-        let successful = cols
-            .iter()
-            .position(|c| *c == "SuccessfulCall(C)")
-            .and_then(|i| vals.get(i))
-            .and_then(|v| v.parse::<u32>().ok());
-        assert_eq!(successful, Some(1), "SIPp statistics: {stats}");
-    } else {
-        panic!("SIPp wrote no statistics file");
+    }
+
+    /// A column of SIPp's last statistics line.
+    fn stat(&self, column: &str) -> Option<u64> {
+        let stats = std::fs::read_dir(self.dir.path())
+            .ok()?
+            .filter_map(|e| e.ok())
+            .find(|e| e.file_name().to_string_lossy().starts_with("stats"))
+            .and_then(|e| std::fs::read_to_string(e.path()).ok())?;
+        let header = stats.lines().next()?;
+        let last = stats.lines().last()?;
+        let i = header.split(';').position(|c| c == column)?;
+        last.split(';').nth(i)?.parse().ok()
+    }
+
+    fn errors(&self) -> String {
+        std::fs::read_dir(self.dir.path())
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.file_name().to_string_lossy().contains("errors"))
+                    .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// Runs `campanile call` against SIPp; returns (stdout, success).
+fn campanile_call(port: u16, extra: &[&str], env: &[(&str, &str)]) -> (String, bool, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_campanile"));
+    cmd.args([
+        "call",
+        "--via",
+        &format!("127.0.0.1:{port}"),
+        "--to",
+        "1000",
+    ])
+    .args([
+        "--tts",
+        "Prova del sistema di allerta.",
+        "--lang",
+        "it",
+        "--confirm-wait",
+        "1",
+    ])
+    .args(extra)
+    .env_remove("CAMPANILE_TRUNK_PASSWORD");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// The call ends as `want` and SIPp completes its scenario successfully.
+fn expect(scenario: &str, extra: &[&str], env: &[(&str, &str)], want: &str, delivered: bool) {
+    let mut sipp = start_sipp(scenario);
+    let (stdout, ok, stderr) = campanile_call(sipp.port, extra, env);
+    assert!(
+        stdout.starts_with(want),
+        "{scenario}: campanile said `{stdout}`, expected `{want}`\n{stderr}"
+    );
+    assert_eq!(ok, delivered, "{scenario}: exit status for `{stdout}`");
+    let status = sipp.wait();
+    assert!(
+        status.success(),
+        "{scenario}: SIPp reported a failed call ({status}): {}",
+        sipp.errors()
+    );
+    assert_eq!(
+        sipp.stat("SuccessfulCall(C)"),
+        Some(1),
+        "{scenario}: SIPp statistics"
+    );
+}
+
+#[test]
+fn campanile_call_completes_one_call_that_sipp_counts_as_successful() {
+    expect("uas", &[], &[], "heard", true);
+}
+
+#[test]
+fn ringing_then_answer_is_heard() {
+    expect("ring_then_answer.xml", &[], &[], "heard", true);
+}
+
+#[test]
+fn early_media_183_then_answer_is_heard() {
+    expect("early_media_183.xml", &[], &[], "heard", true);
+}
+
+#[test]
+fn an_a_law_only_answer_is_honoured() {
+    expect("pcma_only.xml", &[], &[], "heard", true);
+}
+
+#[test]
+fn busy_is_reported_and_exits_non_zero() {
+    expect("busy.xml", &[], &[], "busy", false);
+}
+
+#[test]
+fn ring_timeout_sends_cancel_and_handles_487() {
+    expect(
+        "ring_until_cancel.xml",
+        &["--ring-timeout", "2"],
+        &[],
+        "no answer",
+        false,
+    );
+}
+
+#[test]
+fn a_401_challenge_is_answered_with_digest_credentials() {
+    expect(
+        "digest_401.xml",
+        &["--user", "campanile"],
+        &[("CAMPANILE_TRUNK_PASSWORD", "s3cret-pw")],
+        "heard",
+        true,
+    );
+}
+
+#[test]
+fn a_401_without_credentials_names_the_fix_and_never_prints_a_password() {
+    let sipp = start_sipp("digest_401.xml");
+    let (stdout, ok, stderr) = campanile_call(sipp.port, &[], &[]);
+    assert!(!ok);
+    assert_eq!(
+        stdout,
+        "rejected 401 Unauthorized: check the trunk's username and password"
+    );
+    drop(sipp);
+    // Wrong password: SIPp answers 403 and the password appears nowhere.
+    let sipp = start_sipp("digest_401.xml");
+    let (stdout, ok, stderr2) = campanile_call(
+        sipp.port,
+        &["--user", "campanile"],
+        &[("CAMPANILE_TRUNK_PASSWORD", "wrong-pw-123")],
+    );
+    assert!(!ok);
+    assert!(stdout.starts_with("rejected 403"), "{stdout}");
+    for text in [&stdout, &stderr, &stderr2] {
+        assert!(!text.contains("wrong-pw-123"));
     }
 }
 
 #[test]
-fn campanile_call_reports_busy_and_exits_non_zero() {
-    // A UDP "carrier" that answers every INVITE with 486, written as a SIPp scenario file.
-    let dir = tempfile::tempdir().unwrap();
-    let scenario = r#"<?xml version="1.0" encoding="ISO-8859-1" ?>
-<scenario name="busy">
-  <recv request="INVITE"/>
-  <send><![CDATA[
-SIP/2.0 486 Busy Here
-[last_Via:]
-[last_From:]
-[last_To:];tag=[pid]SIPpTag01[call_number]
-[last_Call-ID:]
-[last_CSeq:]
-Content-Length: 0
+fn a_remote_hang_up_during_playback_is_reported_with_its_time() {
+    expect("remote_bye.xml", &[], &[], "hung up after 1.", false);
+}
 
-  ]]></send>
-  <recv request="ACK"/>
-</scenario>
-"#;
-    std::fs::write(dir.path().join("busy.xml"), scenario).unwrap();
-    let port = free_udp_port();
-    let sipp = Command::new("sipp")
-        .current_dir(dir.path())
-        .args([
-            "-sf",
-            "busy.xml",
-            "-i",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-        ])
-        .args(["-m", "1", "-nostdin", "-timeout", "30s"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("sipp");
-    let _sipp = Reap(sipp);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-        assert!(Instant::now() < deadline, "sipp never bound");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = Command::new(env!("CARGO_BIN_EXE_campanile"))
-        .args([
-            "call",
-            "--via",
-            &format!("127.0.0.1:{port}"),
-            "--to",
-            "1000",
-            "--tts",
-            "prova",
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "busy");
-    assert!(!out.status.success());
+#[test]
+fn dtmf_1_from_sipps_rfc2833_capture_confirms() {
+    expect("dtmf_1.xml", &[], &[], "confirmed", true);
 }

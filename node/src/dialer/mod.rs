@@ -46,6 +46,8 @@ pub struct DialerConfig {
     pub from_user: String,
     pub display_name: String,
     pub timers: Timers,
+    /// Digest credentials for the trunk.
+    pub credentials: Option<crate::sip::auth::Credentials>,
 }
 
 type TaskKey = (CampaignId, SubscriberId);
@@ -284,6 +286,7 @@ fn start_call(sh: &Arc<Shared>, due: Due, audio: PreparedAudio) {
             allow_opt_out: due.priority != Priority::Emergency,
             max_replays: sh.cfg.max_replays,
             timers: sh.cfg.timers,
+            credentials: sh.cfg.credentials.clone(),
         };
         let masked = campanile_cluster::mask_number(&spec.to);
         let started = std::time::Instant::now();

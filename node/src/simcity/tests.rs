@@ -61,6 +61,7 @@ async fn call_city(profile: Profile, number: &str, ring_timeout: Duration) -> Ru
         allow_opt_out: false,
         max_replays: 0,
         timers: Default::default(),
+        credentials: None,
     };
     let (_abort, abort_rx) = tokio::sync::watch::channel(false);
     let outcome = tokio::time::timeout(Duration::from_secs(30), place_call(&ctx, &spec, abort_rx))

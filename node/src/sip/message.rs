@@ -80,6 +80,8 @@ pub enum HeaderName {
     RecordRoute,
     ContentType,
     RetryAfter,
+    WwwAuthenticate,
+    ProxyAuthenticate,
 }
 
 fn value_of(h: &Header, name: HeaderName) -> Option<&str> {
@@ -93,6 +95,8 @@ fn value_of(h: &Header, name: HeaderName) -> Option<&str> {
         (Header::RecordRoute(v), HeaderName::RecordRoute) => v.value(),
         (Header::ContentType(v), HeaderName::ContentType) => v.value(),
         (Header::RetryAfter(v), HeaderName::RetryAfter) => v.value(),
+        (Header::WwwAuthenticate(v), HeaderName::WwwAuthenticate) => v.value(),
+        (Header::ProxyAuthenticate(v), HeaderName::ProxyAuthenticate) => v.value(),
         _ => return None,
     })
 }
@@ -390,6 +394,8 @@ fn wire_name(name: HeaderName) -> &'static str {
         HeaderName::RecordRoute => "Record-Route",
         HeaderName::ContentType => "Content-Type",
         HeaderName::RetryAfter => "Retry-After",
+        HeaderName::WwwAuthenticate => "WWW-Authenticate",
+        HeaderName::ProxyAuthenticate => "Proxy-Authenticate",
     }
 }
 

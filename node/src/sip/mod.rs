@@ -4,6 +4,7 @@
 //! `now` and returns what to send and when to be woken, so tests drive RFC 3261's timers with virtual
 //! time. `endpoint` is the thin tokio driver that owns the UDP socket.
 
+pub mod auth;
 pub mod dialog;
 pub mod endpoint;
 pub mod message;
