@@ -1,0 +1,180 @@
+//! Helpers shared by the tests that drive SIPp and `campanile call`.
+#![allow(dead_code)]
+
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A SIPp UAS, killed on drop so a failed assertion leaves nothing behind.
+pub struct Sipp {
+    pub child: std::process::Child,
+    pub port: u16,
+    pub media: u16,
+    pub dir: tempfile::TempDir,
+}
+
+impl Drop for Sipp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn scenario_path(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/sipp")
+        .join(name)
+}
+
+/// SIPp's RFC 2833 capture of a "1", from the installed package.
+pub fn dtmf_pcap() -> String {
+    let out = Command::new("dpkg")
+        .args(["-L", "sip-tester"])
+        .output()
+        .expect("dpkg");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.ends_with("dtmf_2833_1.pcap"))
+        .expect("sip-tester ships dtmf_2833_1.pcap")
+        .to_string()
+}
+
+/// Starts SIPp as a UAS for one call: the built-in `uas` scenario or a file from tests/sipp.
+pub fn start_sipp(scenario: &str) -> Sipp {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_udp_port();
+    let media = free_udp_port();
+    let mut cmd = Command::new("sipp");
+    cmd.current_dir(dir.path());
+    if scenario == "uas" {
+        cmd.args(["-sn", "uas"]);
+    } else {
+        let text = std::fs::read_to_string(scenario_path(scenario))
+            .unwrap()
+            .replace("@DTMF_PCAP@", &dtmf_pcap());
+        let file = dir.path().join(scenario);
+        std::fs::write(&file, text).unwrap();
+        cmd.arg("-sf").arg(&file);
+    }
+    cmd.args([
+        "-i",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-mi",
+        "127.0.0.1",
+        "-mp",
+        &media.to_string(),
+    ])
+    .args([
+        "-m",
+        "1",
+        "-nostdin",
+        "-timeout",
+        "60s",
+        "-trace_stat",
+        "-stf",
+        "stats.csv",
+        "-trace_err",
+    ])
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    let child = cmd
+        .spawn()
+        .expect("sipp is installed by the test command (Debian package sip-tester)");
+    let sipp = Sipp {
+        child,
+        port,
+        media,
+        dir,
+    };
+    // Wait (bounded) until SIPp holds its port.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "sipp never bound 127.0.0.1:{port}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    sipp
+}
+
+impl Sipp {
+    /// Waits for SIPp to finish its one call; returns its exit status.
+    pub fn wait(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "sipp did not finish its call");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A column of SIPp's last statistics line.
+    pub fn stat(&self, column: &str) -> Option<u64> {
+        let stats = std::fs::read_dir(self.dir.path())
+            .ok()?
+            .filter_map(|e| e.ok())
+            .find(|e| e.file_name().to_string_lossy().starts_with("stats"))
+            .and_then(|e| std::fs::read_to_string(e.path()).ok())?;
+        let header = stats.lines().next()?;
+        let last = stats.lines().last()?;
+        let i = header.split(';').position(|c| c == column)?;
+        last.split(';').nth(i)?.parse().ok()
+    }
+
+    pub fn errors(&self) -> String {
+        std::fs::read_dir(self.dir.path())
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.file_name().to_string_lossy().contains("errors"))
+                    .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// Runs `campanile call` against SIPp; returns (stdout, success).
+pub fn campanile_call(port: u16, extra: &[&str], env: &[(&str, &str)]) -> (String, bool, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_campanile"));
+    cmd.args([
+        "call",
+        "--via",
+        &format!("127.0.0.1:{port}"),
+        "--to",
+        "1000",
+    ])
+    .args([
+        "--tts",
+        "Prova del sistema di allerta.",
+        "--lang",
+        "it",
+        "--confirm-wait",
+        "1",
+    ])
+    .args(extra)
+    .env_remove("CAMPANILE_TRUNK_PASSWORD");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}

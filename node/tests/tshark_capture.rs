@@ -1,0 +1,159 @@
+//! tshark, an independent decoder, judges what we put on the wire: two calls (PCMU and A-law only) to SIPp
+//! are captured on loopback; tshark must find no malformed SIP, SDP or RTP, and its RTP stream analysis
+//! must show every one of our streams complete, in sequence and without problems.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{campanile_call, start_sipp};
+
+/// A tshark capture on lo, stopped with SIGINT on `stop` (and killed on drop).
+struct Capture {
+    child: std::process::Child,
+    file: std::path::PathBuf,
+}
+
+impl Capture {
+    fn start(dir: &std::path::Path) -> Capture {
+        let file = dir.join("calls.pcapng");
+        let err = dir.join("tshark.err");
+        let child = Command::new("tshark")
+            .args(["-i", "lo", "-f", "udp and host 127.0.0.1", "-w"])
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .expect("tshark is installed by the test command (Debian package tshark)");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !std::fs::read_to_string(&err)
+            .unwrap_or_default()
+            .contains("Capturing on")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "tshark did not start capturing: {}",
+                std::fs::read_to_string(&err).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Capture { child, file }
+    }
+
+    fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "tshark did not stop");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tshark(file: &std::path::Path, sip_ports: &[u16], args: &[&str]) -> String {
+    let mut cmd = Command::new("tshark");
+    cmd.arg("-r")
+        .arg(file)
+        .args(["-o", "rtp.heuristic_rtp:TRUE"]);
+    for p in sip_ports {
+        cmd.args(["-d", &format!("udp.port=={p},sip")]);
+    }
+    let out = cmd.args(args).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+#[test]
+fn tshark_finds_no_malformed_packets_and_no_rtp_loss_in_our_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut capture = Capture::start(dir.path());
+    let mut ports = Vec::new();
+    let mut media_ports = Vec::new();
+    for scenario in ["ring_then_answer.xml", "pcma_only.xml"] {
+        let mut sipp = start_sipp(scenario);
+        let (stdout, ok, stderr) = campanile_call(sipp.port, &[], &[]);
+        assert!(ok && stdout == "heard", "{scenario}: {stdout} {stderr}");
+        assert!(sipp.wait().success());
+        ports.push(sipp.port);
+        media_ports.push(sipp.media);
+    }
+    capture.stop();
+
+    let malformed = tshark(
+        &capture.file,
+        &ports,
+        &["-Y", "_ws.malformed || _ws.expert.severity == error"],
+    );
+    assert!(
+        malformed.trim().is_empty(),
+        "tshark found malformed packets:\n{malformed}"
+    );
+
+    let sip = tshark(
+        &capture.file,
+        &ports,
+        &[
+            "-Y",
+            "sip",
+            "-T",
+            "fields",
+            "-e",
+            "sip.Method",
+            "-e",
+            "sip.Status-Code",
+        ],
+    );
+    for needed in ["INVITE", "ACK", "BYE", "200"] {
+        assert!(sip.contains(needed), "no {needed} decoded as SIP:\n{sip}");
+    }
+
+    let streams = tshark(&capture.file, &ports, &["-q", "-z", "rtp,streams"]);
+    let stream_to = |port: u16| -> Vec<&str> {
+        streams
+            .lines()
+            .filter(|l| l.contains(&format!(" {port} ")))
+            .collect()
+    };
+    let (pcmu, pcma) = (stream_to(media_ports[0]), stream_to(media_ports[1]));
+    assert_eq!(
+        (pcmu.len(), pcma.len()),
+        (1, 1),
+        "expected one stream per call:\n{streams}"
+    );
+    assert!(
+        pcmu[0].contains("g711U"),
+        "the first call should be PCMU: {}",
+        pcmu[0]
+    );
+    assert!(
+        pcma[0].contains("g711A"),
+        "an A-law only answer must get PCMA: {}",
+        pcma[0]
+    );
+    let ours = [pcmu[0], pcma[0]];
+    for line in ours {
+        assert!(
+            line.contains(" 0 (0.0%)"),
+            "RTP loss or sequence errors: {line}"
+        );
+        assert!(
+            !line.trim_end().ends_with('X'),
+            "tshark flagged a problem: {line}"
+        );
+        let packets: u64 = line
+            .split_whitespace()
+            .nth(8)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        assert!(packets > 100, "too few packets: {line}");
+    }
+}
