@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace on a fresh Debian machine with Rust. Installs the real peers the tests
-# drive (SIPp, espeak-ng, tshark, promtool, sox) from Debian packages when they are missing.
+# drive (SIPp, baresip, espeak-ng, tshark, promtool, sox) from Debian packages when they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +10,7 @@ command -v espeak-ng >/dev/null 2>&1 || need+=(espeak-ng)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v sox >/dev/null 2>&1 || need+=(sox)
 command -v tshark >/dev/null 2>&1 || need+=(tshark)
+command -v baresip >/dev/null 2>&1 || need+=(baresip-core)
 if [ "${#need[@]}" -gt 0 ]; then
   echo "test-all: installing ${need[*]}"
   SUDO=""

@@ -87,6 +87,9 @@ enum Cmd {
         /// Digest username if the trunk challenges; the password is read from CAMPANILE_TRUNK_PASSWORD.
         #[arg(long)]
         user: Option<String>,
+        /// Also write the exact audio the call plays (8 kHz WAV) to this file, to listen to it.
+        #[arg(long)]
+        dump_audio: Option<PathBuf>,
     },
     /// Start a node with the simulated city, register demo citizens and run one emergency alert.
     Demo {
@@ -237,6 +240,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ring_timeout,
             confirm_wait,
             user,
+            dump_audio,
         } => {
             let credentials = match user {
                 None => None,
@@ -271,6 +275,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 (None, None) => anyhow::bail!("give --tts TEXT or --wav FILE"),
             };
+            if let Some(path) = &dump_audio {
+                std::fs::write(path, media::wav::encode_wav_8k(&audio.samples))
+                    .with_context(|| format!("--dump-audio: cannot write {}", path.display()))?;
+            }
             let (endpoint, _unrouted) = Endpoint::bind(sip)
                 .await
                 .with_context(|| format!("--sip: cannot bind {sip}"))?;
