@@ -189,7 +189,7 @@ impl State {
                 ..
             } => (*campaign, *subscriber),
         };
-        let Some(c) = self.campaigns.get(&campaign) else {
+        let Some(c) = self.campaigns.get_mut(&campaign) else {
             return false;
         };
         if c.state != CampaignState::Running {
@@ -235,11 +235,7 @@ impl State {
                 if current != *attempt || owner != node {
                     return false;
                 }
-                let counts = &mut self
-                    .campaigns
-                    .get_mut(&campaign)
-                    .expect("campaign checked above")
-                    .counts;
+                let counts = &mut c.counts;
                 if *outcome == Outcome::Interrupted {
                     // Not the subscriber's attempt: give it back.
                     task.attempts = task.attempts.saturating_sub(1);
@@ -267,13 +263,8 @@ impl State {
         }
         task.updated_ms = at_ms;
         let after = task.state;
-        let counts = &mut self
-            .campaigns
-            .get_mut(&campaign)
-            .expect("campaign checked above")
-            .counts;
-        counts.leave(&before);
-        counts.enter(&after);
+        c.counts.leave(&before);
+        c.counts.enter(&after);
         self.complete_if_done(campaign, at_ms);
         true
     }
@@ -695,5 +686,108 @@ mod tests {
             record(&mut st, vec![started(9, 9, 1)]),
             Response::Recorded { applied: 0 }
         );
+    }
+
+    fn arb_command() -> impl proptest::strategy::Strategy<Value = Command> {
+        use proptest::prelude::*;
+        let outcome = prop_oneof![
+            Just(Outcome::Confirmed),
+            Just(Outcome::Busy),
+            Just(Outcome::NoAnswer),
+            Just(Outcome::Interrupted),
+            Just(Outcome::OptOut),
+            Just(Outcome::InvalidNumber { code: 404 }),
+        ];
+        let next = prop_oneof![
+            (0u64..100).prop_map(Next::RetryAt),
+            Just(Next::Final(FinalState::Confirmed)),
+            Just(Next::Final(FinalState::Exhausted)),
+            Just(Next::Final(FinalState::Invalid)),
+        ];
+        let event = prop_oneof![
+            (1u64..4, 1u64..12, 0u32..4).prop_map(|(c, s, a)| started(c, s, a)),
+            (1u64..4, 1u64..12, 0u32..4, outcome, next)
+                .prop_map(|(c, s, a, o, n)| finished(c, s, a, o, n)),
+        ];
+        prop_oneof![
+            (1u32..12).prop_map(|n| sub(n, if n % 2 == 0 { Some("porto") } else { None })),
+            Just(campaign(Audience::All)),
+            Just(campaign(Audience::Zones(vec!["porto".into()]))),
+            (1u64..4).prop_map(|id| Command::StartCampaign {
+                at_ms: 5,
+                id: CampaignId(id)
+            }),
+            (1u64..4).prop_map(|id| Command::CancelCampaign {
+                at_ms: 6,
+                id: CampaignId(id)
+            }),
+            (1u64..12).prop_map(|id| Command::DeleteSubscriber {
+                at_ms: 7,
+                id: SubscriberId(id)
+            }),
+            (1u64..3, proptest::collection::vec(event, 0..6)).prop_map(|(node, events)| {
+                Command::RecordAttempts {
+                    at_ms: 8,
+                    node: NodeId(node),
+                    events,
+                }
+            }),
+        ]
+    }
+
+    /// Counts and the due queue are kept incrementally; they must always equal a recount.
+    fn check_invariants(st: &State) {
+        for c in st.campaigns() {
+            let mut recount = Counts::default();
+            for t in st.tasks(c.id) {
+                recount.enter(&t.state);
+            }
+            let k = c.counts;
+            assert_eq!(
+                (
+                    k.pending,
+                    k.in_flight,
+                    k.confirmed,
+                    k.exhausted,
+                    k.invalid,
+                    k.opted_out,
+                    k.cancelled
+                ),
+                (
+                    recount.pending,
+                    recount.in_flight,
+                    recount.confirmed,
+                    recount.exhausted,
+                    recount.invalid,
+                    recount.opted_out,
+                    recount.cancelled
+                ),
+                "campaign {}",
+                c.id
+            );
+            assert_eq!(k.targeted as usize, st.tasks(c.id).count());
+            if c.state == CampaignState::Running {
+                assert!(
+                    k.open() > 0,
+                    "a running campaign with nothing open should have completed"
+                );
+            }
+        }
+        let mut rebuilt = st.clone();
+        rebuilt.rebuild_indexes();
+        assert_eq!(rebuilt.due, st.due, "due queue drifted from the tasks");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_command_sequence_keeps_counts_and_queue_consistent(
+            cmds in proptest::collection::vec(arb_command(), 0..60)
+        ) {
+            let mut st = State::default();
+            for cmd in &cmds {
+                st.apply(cmd);
+                check_invariants(&st);
+            }
+        }
     }
 }
