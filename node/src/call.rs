@@ -192,7 +192,7 @@ pub async fn place_call(
         local,
         sdp: sdp::offer(rand::random::<u32>() as u64, rtp_addr).into_bytes(),
     };
-    let invite = match parts.build(spec, 1, None) {
+    let invite = match parts.build(spec, None, 1, None) {
         Ok(r) => r,
         Err(e) => return CallOutcome::Failed(format!("cannot build INVITE: {e}")),
     };
@@ -223,14 +223,17 @@ impl InviteParts {
         format!("sip:{}@{}", spec.to, spec.trunk_host)
     }
 
-    /// An INVITE with a fresh branch; `auth` answers a 401/407 (RFC 3261 §22.2).
+    /// An INVITE with a fresh branch to `target` (the trunk's URI unless redirected); `auth` answers a
+    /// 401/407 (RFC 3261 §22.2).
     fn build(
         &self,
         spec: &CallSpec,
+        target: Option<&str>,
         cseq: u32,
         auth: Option<(&str, String)>,
     ) -> Result<Request, message::ParseError> {
-        let uri = self.request_uri(spec);
+        let to_uri = self.request_uri(spec);
+        let uri = target.map(str::to_string).unwrap_or_else(|| to_uri.clone());
         let display = spec.display_name.replace('"', "");
         let mut b = RequestBuilder::new(Method::Invite, uri.clone())
             .header(
@@ -245,7 +248,7 @@ impl InviteParts {
                     spec.from_user, self.local, self.from_tag
                 ),
             )
-            .header("To", format!("<{uri}>"))
+            .header("To", format!("<{to_uri}>"))
             .header("Call-ID", self.call_id.clone())
             .header("CSeq", format!("{cseq} INVITE"))
             .header("Contact", format!("<{}>", self.contact))
@@ -302,6 +305,7 @@ impl Call<'_> {
         let mut tx = ClientTransaction::new(invite.clone(), start, self.spec.timers, false);
         let mut branch = tx.branch().unwrap_or_default();
         let mut challenged = false;
+        let mut redirected = false;
         let mut cancel_tx: Option<ClientTransaction> = None;
         let mut provisional = false;
         let ring_deadline = tokio::time::Instant::from_std(start + self.spec.ring_timeout);
@@ -333,16 +337,15 @@ impl Call<'_> {
                                 ))
                             })?;
                             let cseq = message::cseq(&invite).map(|c| c.0).unwrap_or(1) + 1;
-                            let auth = challenge.answer(
-                                creds,
-                                "INVITE",
-                                &parts.request_uri(self.spec),
-                                &random_token(12),
-                                1,
-                            );
-                            invite = parts.build(self.spec, cseq, Some(auth)).map_err(|e| {
-                                CallOutcome::Failed(format!("cannot build INVITE: {e}"))
-                            })?;
+                            // The digest covers the Request-URI actually used (after a redirect too).
+                            let uri = invite.uri.to_string();
+                            let auth =
+                                challenge.answer(creds, "INVITE", &uri, &random_token(12), 1);
+                            invite = parts
+                                .build(self.spec, Some(&uri), cseq, Some(auth))
+                                .map_err(|e| {
+                                    CallOutcome::Failed(format!("cannot build INVITE: {e}"))
+                                })?;
                             tx = ClientTransaction::new(
                                 invite.clone(),
                                 Instant::now(),
@@ -351,6 +354,33 @@ impl Call<'_> {
                             );
                             branch = tx.branch().unwrap_or_default();
                             challenged = true;
+                            provisional = false;
+                        } else if (300..400).contains(&code)
+                            && !redirected
+                            && cancelled_for.is_none()
+                        {
+                            // Follow one redirect (RFC 3261 §8.1.3.4) to the first Contact.
+                            let target = message::contact_uri(&resp)
+                                .ok_or(CallOutcome::Rejected { code })?;
+                            let hop = message::uri_hostport(&target)
+                                .and_then(|hp| hp.parse::<SocketAddr>().ok())
+                                .ok_or(CallOutcome::Rejected { code })?;
+                            let cseq = message::cseq(&invite).map(|c| c.0).unwrap_or(1) + 1;
+                            invite =
+                                parts
+                                    .build(self.spec, Some(&target), cseq, None)
+                                    .map_err(|e| {
+                                        CallOutcome::Failed(format!("cannot build INVITE: {e}"))
+                                    })?;
+                            self.trunk = hop;
+                            tx = ClientTransaction::new(
+                                invite.clone(),
+                                Instant::now(),
+                                self.spec.timers,
+                                false,
+                            );
+                            branch = tx.branch().unwrap_or_default();
+                            redirected = true;
                             provisional = false;
                         } else {
                             return Err(cancelled_for.unwrap_or_else(|| outcome_for_status(code)));

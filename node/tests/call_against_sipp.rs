@@ -109,3 +109,8 @@ fn a_remote_hang_up_during_playback_is_reported_with_its_time() {
 fn dtmf_1_from_sipps_rfc2833_capture_confirms() {
     expect("dtmf_1.xml", &[], &[], "confirmed", true);
 }
+
+#[test]
+fn a_302_redirect_is_followed_once() {
+    expect("redirect_302.xml", &[], &[], "heard", true);
+}
