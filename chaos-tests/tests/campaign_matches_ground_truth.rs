@@ -93,8 +93,30 @@ fn realistic_city_every_subscriber_final_and_confirmed_only_where_a_phone_presse
     );
     eprintln!("final states: {states:?}");
 
+    // 503s from the overloaded carrier back off the trunk and are not the citizens' attempts.
+    let invites = events.iter().filter(|e| e["event"] == "invite").count() as u64;
+    let overloads = events
+        .iter()
+        .filter(|e| e["event"] == "reject" && e["code"] == 503)
+        .count() as u64;
+    assert!(
+        overloads > 0,
+        "the realistic city sent no 503, so the trunk gate went untested"
+    );
+    assert_eq!(
+        counts["attempts"].as_u64().unwrap(),
+        invites - overloads,
+        "{done}"
+    );
+
     // The metrics endpoint is valid Prometheus text according to promtool.
     let metrics = node.text("/metrics").unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "campanile_trunk_rejections_total{{code=\"503\"}} {overloads}"
+        )),
+        "{metrics}"
+    );
     assert!(metrics.contains("campanile_calls_total"), "{metrics}");
     let check = promtool_check(&metrics);
     assert!(check.is_empty(), "promtool check metrics: {check}");

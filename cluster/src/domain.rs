@@ -412,6 +412,8 @@ pub enum Outcome {
     OptOut,
     /// The node placing the call stopped before the call ended; not the subscriber's attempt.
     Interrupted,
+    /// The trunk refused the call (503 and the like); not the subscriber's attempt.
+    TrunkRejected { code: u16 },
 }
 
 impl Outcome {
@@ -425,6 +427,12 @@ impl Outcome {
                 | Outcome::HungUp { .. }
                 | Outcome::OptOut
         )
+    }
+
+    /// False when the attempt failed for reasons that are not the subscriber's (our node or our trunk);
+    /// such attempts are given back and do not count toward the retry budget.
+    pub fn is_subscribers_attempt(&self) -> bool {
+        !matches!(self, Outcome::Interrupted | Outcome::TrunkRejected { .. })
     }
 
     /// A short label for metrics and logs.
@@ -441,6 +449,7 @@ impl Outcome {
             Outcome::Unreachable => "unreachable",
             Outcome::OptOut => "opt_out",
             Outcome::Interrupted => "interrupted",
+            Outcome::TrunkRejected { .. } => "trunk_rejected",
         }
     }
 }

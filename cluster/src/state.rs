@@ -236,7 +236,7 @@ impl State {
                     return false;
                 }
                 let counts = &mut c.counts;
-                if *outcome == Outcome::Interrupted {
+                if !outcome.is_subscribers_attempt() {
                     // Not the subscriber's attempt: give it back.
                     task.attempts = task.attempts.saturating_sub(1);
                 } else {
@@ -695,6 +695,7 @@ mod tests {
             Just(Outcome::Busy),
             Just(Outcome::NoAnswer),
             Just(Outcome::Interrupted),
+            Just(Outcome::TrunkRejected { code: 503 }),
             Just(Outcome::OptOut),
             Just(Outcome::InvalidNumber { code: 404 }),
         ];

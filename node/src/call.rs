@@ -80,6 +80,11 @@ pub enum CallOutcome {
     AuthRejected {
         code: u16,
     },
+    /// The trunk is overloaded (503): the whole trunk backs off, the citizen is not at fault.
+    TrunkUnavailable {
+        code: u16,
+        retry_after: Option<Duration>,
+    },
     /// No response at all from the next hop.
     Unreachable,
     /// We ended the call because the campaign was cancelled or the node is stopping.
@@ -115,6 +120,13 @@ impl fmt::Display for CallOutcome {
                 "rejected {code} {}: check the trunk's username and password",
                 reason_phrase(*code)
             ),
+            CallOutcome::TrunkUnavailable { code, retry_after } => {
+                write!(f, "trunk unavailable ({code} {})", reason_phrase(*code))?;
+                match retry_after {
+                    Some(d) => write!(f, ", retry after {} s", d.as_secs()),
+                    None => Ok(()),
+                }
+            }
             CallOutcome::Unreachable => f.write_str("unreachable (no response from the trunk)"),
             CallOutcome::Aborted => f.write_str("aborted"),
             CallOutcome::Failed(why) => write!(f, "failed: {why}"),
@@ -145,6 +157,7 @@ impl CallOutcome {
             CallOutcome::Rejected { code } | CallOutcome::AuthRejected { code } => {
                 O::Rejected { code: *code }
             }
+            CallOutcome::TrunkUnavailable { code, .. } => O::TrunkRejected { code: *code },
             CallOutcome::Unreachable | CallOutcome::Failed(_) => O::Unreachable,
             CallOutcome::Aborted => O::Interrupted,
         }
@@ -152,13 +165,30 @@ impl CallOutcome {
 }
 
 /// Maps a final error response to an outcome (RFC 3261 §21 classes).
-fn outcome_for_status(code: u16) -> CallOutcome {
+fn outcome_for_status(resp: &message::Response) -> CallOutcome {
+    let code = status(resp);
     match code {
         486 | 600 => CallOutcome::Busy,
         408 | 480 | 487 => CallOutcome::NoAnswer,
         404 | 484 | 604 => CallOutcome::InvalidNumber { code },
+        503 => CallOutcome::TrunkUnavailable {
+            code,
+            retry_after: retry_after(resp),
+        },
         _ => CallOutcome::Rejected { code },
     }
+}
+
+/// Retry-After in seconds (RFC 3261 §20.33: `120 (in a meeting);duration=3600` reads as 120 s).
+fn retry_after(resp: &message::Response) -> Option<Duration> {
+    let v = message::header_value(resp, message::HeaderName::RetryAfter)?;
+    let secs: u64 = v
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()?;
+    Some(Duration::from_secs(secs))
 }
 
 /// Everything a call needs from the node.
@@ -383,7 +413,7 @@ impl Call<'_> {
                             redirected = true;
                             provisional = false;
                         } else {
-                            return Err(cancelled_for.unwrap_or_else(|| outcome_for_status(code)));
+                            return Err(cancelled_for.unwrap_or_else(|| outcome_for_status(&resp)));
                         }
                     }
                     Output::TimedOut => {

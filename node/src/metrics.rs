@@ -16,6 +16,7 @@ pub struct Metrics {
     registry: Arc<Registry>,
     calls: IntCounterVec,
     confirmed_calls: IntCounter,
+    trunk_rejections: IntCounterVec,
     pub calls_in_flight: IntGauge,
     answer_ratio: GaugeVec,
     confirmed_ratio: GaugeVec,
@@ -44,6 +45,13 @@ impl Metrics {
         let confirmed_calls = must(IntCounter::new(
             "confirmed_calls_total",
             "Calls on which the citizen pressed 1, placed by this node.",
+        ));
+        let trunk_rejections = must(IntCounterVec::new(
+            Opts::new(
+                "trunk_rejections_total",
+                "Calls the trunk or the network refused, by SIP status code (busy and no answer excluded).",
+            ),
+            &["code"],
         ));
         let calls_in_flight = must(IntGauge::new(
             "calls_in_flight",
@@ -85,6 +93,7 @@ impl Metrics {
         for c in [
             Box::new(calls.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(confirmed_calls.clone()),
+            Box::new(trunk_rejections.clone()),
             Box::new(calls_in_flight.clone()),
             Box::new(answer_ratio.clone()),
             Box::new(confirmed_ratio.clone()),
@@ -99,6 +108,7 @@ impl Metrics {
             registry: Arc::new(registry),
             calls,
             confirmed_calls,
+            trunk_rejections,
             calls_in_flight,
             answer_ratio,
             confirmed_ratio,
@@ -114,6 +124,14 @@ impl Metrics {
         self.calls.with_label_values(&[outcome.label()]).inc();
         if confirmed {
             self.confirmed_calls.inc();
+        }
+        if let Outcome::Rejected { code }
+        | Outcome::TrunkRejected { code }
+        | Outcome::InvalidNumber { code } = outcome
+        {
+            self.trunk_rejections
+                .with_label_values(&[&code.to_string()])
+                .inc();
         }
     }
 

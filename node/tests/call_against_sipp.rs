@@ -114,3 +114,14 @@ fn dtmf_1_from_sipps_rfc2833_capture_confirms() {
 fn a_302_redirect_is_followed_once() {
     expect("redirect_302.xml", &[], &[], "heard", true);
 }
+
+#[test]
+fn a_503_is_reported_as_the_trunk_overloaded_with_its_retry_after() {
+    expect(
+        "overloaded_503.xml",
+        &[],
+        &[],
+        "trunk unavailable (503 Service Unavailable), retry after 2 s",
+        false,
+    );
+}

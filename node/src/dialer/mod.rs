@@ -6,6 +6,7 @@
 //! leaves `inflight` only after its outcome is committed, so a task is never dialled twice at once.
 
 pub mod retry;
+pub mod trunk;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -76,6 +77,8 @@ struct Shared {
     audio: Mutex<HashMap<(CampaignId, String), AudioSlot>>,
     events: mpsc::UnboundedSender<AttemptEvent>,
     wake: Notify,
+    /// Closed while the trunk asks us to back off (503).
+    gate: Mutex<trunk::TrunkGate>,
 }
 
 enum AudioSlot {
@@ -104,6 +107,7 @@ pub fn spawn(
         audio: Mutex::default(),
         events: events_tx,
         wake: Notify::new(),
+        gate: Mutex::default(),
     });
     tokio::spawn(batcher(shared.clone(), events_rx));
     tokio::spawn(run(shared, shutdown))
@@ -132,7 +136,22 @@ async fn run(sh: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
         if free == 0 {
             continue;
         }
+        let reopens = lock(&sh.gate).reopens_at(std::time::Instant::now());
+        if let Some(at) = reopens {
+            // The trunk asked for a pause: start nothing until it ends (or something else wakes us).
+            tokio::select! {
+                _ = tokio::time::sleep_until(tokio::time::Instant::from_std(at)) => {}
+                _ = shutdown.changed() => {}
+            }
+            continue;
+        }
         for due in collect_due(&sh, free) {
+            if lock(&sh.gate)
+                .reopens_at(std::time::Instant::now())
+                .is_some()
+            {
+                break;
+            }
             let Some(audio) = audio_for(&sh, due.key.0, &due.message, &due.language) else {
                 continue;
             };

@@ -18,8 +18,9 @@ pub fn next_step(
         Outcome::Heard if !require_confirmation => return Next::Final(FinalState::Confirmed),
         Outcome::OptOut => return Next::Final(FinalState::OptedOut),
         Outcome::InvalidNumber { .. } => return Next::Final(FinalState::Invalid),
-        // The node stopped mid-call: not the citizen's attempt, call again at once.
-        Outcome::Interrupted => return Next::RetryAt(now_ms),
+        // Our node or our trunk failed: not the citizen's attempt. Due at once; the trunk gate decides
+        // when calls may start again.
+        Outcome::Interrupted | Outcome::TrunkRejected { .. } => return Next::RetryAt(now_ms),
         Outcome::Busy => policy.busy_delay_ms,
         Outcome::Heard | Outcome::NotConfirmed | Outcome::HungUp { .. } | Outcome::NoAnswer => {
             policy.no_answer_delay_ms

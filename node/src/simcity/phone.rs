@@ -143,6 +143,18 @@ impl PhoneCall {
         match behaviour {
             Behaviour::Invalid => self.reject(404).await,
             Behaviour::Busy => self.reject(486).await,
+            Behaviour::Congestion => {
+                let resp = response_to(
+                    &self.invite,
+                    503,
+                    Some(&self.tag),
+                    &[("Retry-After", "1".to_string())],
+                    None,
+                );
+                self.st.respond(&resp, Instant::now());
+                self.flush().await;
+                self.log("reject", json!({ "code": 503, "audio_ms": 0 }));
+            }
             Behaviour::Unreachable { after_ms } => {
                 if let Wake::Deadline = self
                     .wait(Some(Instant::now() + Duration::from_millis(after_ms)))

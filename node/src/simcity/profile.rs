@@ -32,6 +32,8 @@ pub struct Profile {
     pub unreachable: f64,
     /// Per call: weight of voicemail picking up.
     pub voicemail: f64,
+    /// Per call: weight of the carrier refusing the call as overloaded (503 with Retry-After: 1).
+    pub congestion: f64,
     /// Answer after this many milliseconds, uniformly in [min, max].
     pub answer_delay_ms: [u64; 2],
     /// Of answered calls: share that press 1 after `press_after_ms` of audio.
@@ -69,6 +71,7 @@ impl Profile {
             no_answer: 0.0,
             unreachable: 0.0,
             voicemail: 0.0,
+            congestion: 0.0,
             answer_delay_ms: [1000, 1000],
             press_on_time: 1.0,
             press_late: 0.0,
@@ -93,6 +96,7 @@ impl Profile {
             no_answer: 0.12,
             unreachable: 0.06,
             voicemail: 0.08,
+            congestion: 0.02,
             answer_delay_ms: [300, 3000],
             press_on_time: 0.75,
             press_late: 0.10,
@@ -108,17 +112,22 @@ impl Profile {
         }
     }
 
-    fn validate(&self) -> Result<(), String> {
-        let weights = [
+    fn weights(&self) -> [f64; 6] {
+        [
             self.answer,
             self.busy,
             self.no_answer,
             self.unreachable,
             self.voicemail,
-        ];
+            self.congestion,
+        ]
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let weights = self.weights();
         if weights.iter().any(|w| !w.is_finite() || *w < 0.0) || weights.iter().sum::<f64>() <= 0.0
         {
-            return Err("answer, busy, no_answer, unreachable and voicemail must be non-negative and not all zero".into());
+            return Err("answer, busy, no_answer, unreachable, voicemail and congestion must be non-negative and not all zero".into());
         }
         for (key, v) in [
             ("invalid_numbers", self.invalid_numbers),
@@ -185,10 +194,22 @@ pub enum Listener {
 pub enum Behaviour {
     Invalid,
     Busy,
-    Unreachable { after_ms: u64 },
-    NoAnswer { max_ring_ms: u64 },
-    Answer { delay_ms: u64, listener: Listener },
-    Voicemail { delay_ms: u64, listen_ms: u64 },
+    Unreachable {
+        after_ms: u64,
+    },
+    NoAnswer {
+        max_ring_ms: u64,
+    },
+    Answer {
+        delay_ms: u64,
+        listener: Listener,
+    },
+    Voicemail {
+        delay_ms: u64,
+        listen_ms: u64,
+    },
+    /// The carrier is overloaded: 503 with Retry-After.
+    Congestion,
 }
 
 /// SplitMix64: small, fast, and the same on every platform.
@@ -235,13 +256,7 @@ impl Profile {
             return Behaviour::Invalid;
         }
         let mut rng = Rng::for_call(seed, number, attempt.max(1));
-        let weights = [
-            self.answer,
-            self.busy,
-            self.no_answer,
-            self.unreachable,
-            self.voicemail,
-        ];
+        let weights = self.weights();
         let total: f64 = weights.iter().sum();
         let mut pick = rng.unit() * total;
         let mut choice = 0;
@@ -275,6 +290,7 @@ impl Profile {
             3 => Behaviour::Unreachable {
                 after_ms: self.unreachable_delay_ms,
             },
+            5 => Behaviour::Congestion,
             _ => Behaviour::Voicemail {
                 delay_ms: rng.between(self.voicemail_delay_ms),
                 listen_ms: self.voicemail_listen_ms,
@@ -332,6 +348,17 @@ mod tests {
             "invalid {}",
             share(invalid)
         );
+    }
+
+    #[test]
+    fn congestion_is_drawn_at_its_weight() {
+        let p = Profile::realistic();
+        let n = 20_000;
+        let congested = (0..n)
+            .filter(|i| p.behaviour(5, &format!("+39347{i:07}"), 1) == Behaviour::Congestion)
+            .count();
+        let share = congested as f64 / n as f64;
+        assert!((share - 0.02).abs() < 0.006, "congestion share {share}");
     }
 
     #[test]
