@@ -282,6 +282,11 @@ impl InviteParts {
             .header("Call-ID", self.call_id.clone())
             .header("CSeq", format!("{cseq} INVITE"))
             .header("Contact", format!("<{}>", self.contact))
+            // RFC 3325: the caller ID the trunk should present, inside its trust domain.
+            .header(
+                "P-Asserted-Identity",
+                format!("\"{display}\" <sip:{}@{}>", spec.from_user, spec.trunk_host),
+            )
             .header("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO")
             .header("User-Agent", "Campanile");
         if let Some((name, value)) = auth {
@@ -553,6 +558,8 @@ impl Call<'_> {
         abort: &mut watch::Receiver<bool>,
     ) -> CallOutcome {
         let (digits_tx, mut digits) = mpsc::unbounded_channel();
+        // Keys arrive as RFC 4733 events on RTP, or as SIP INFO from trunks that only relay them that way.
+        let info_digits = digits_tx.clone();
         let receiver = tokio::spawn(receive_dtmf(
             rtp_socket.clone(),
             a.remote.telephone_event,
@@ -616,9 +623,15 @@ impl Call<'_> {
                             };
                         }
                         SipMessage::Request(req) => {
-                            // In-dialog requests we do not act on yet (re-INVITE, INFO, OPTIONS): 200 keeps
-                            // the call; for re-INVITE we answer with our current offer.
+                            // Other in-dialog requests (re-INVITE, INFO, OPTIONS): 200 keeps the call; a
+                            // re-INVITE is answered with our current offer, an INFO may carry a key.
                             let code = if a.dialog.accept_remote_cseq(&req) { 200 } else { 500 };
+                            if req.method == Method::Info && code == 200 {
+                                let ct = message::header_value(&req, message::HeaderName::ContentType).unwrap_or("");
+                                if let Some(d) = crate::media::dtmf::digit_from_info(ct, &req.body) {
+                                    let _ = info_digits.send(d);
+                                }
+                            }
                             let body = (req.method == Method::Invite && code == 200).then(|| {
                                 ("application/sdp", sdp::offer(1, rtp_socket.local_addr().unwrap_or(self.ctx.endpoint.local_addr())).into_bytes())
                             });

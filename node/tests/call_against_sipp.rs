@@ -125,3 +125,8 @@ fn a_503_is_reported_as_the_trunk_overloaded_with_its_retry_after() {
         false,
     );
 }
+
+#[test]
+fn dtmf_1_by_sip_info_confirms_and_the_invite_asserts_our_identity() {
+    expect("dtmf_info.xml", &[], &[], "confirmed", true);
+}

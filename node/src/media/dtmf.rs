@@ -59,6 +59,24 @@ pub fn digit_to_event(digit: char) -> Option<u8> {
     }
 }
 
+/// The key carried by a SIP INFO body: `application/dtmf-relay` (`Signal=1` / `Duration=160` lines)
+/// or `application/dtmf` (the bare key), as trunks that do not pass RFC 4733 send it.
+pub fn digit_from_info(content_type: &str, body: &[u8]) -> Option<char> {
+    let text = std::str::from_utf8(body).ok()?;
+    let ct = content_type.split(';').next()?.trim().to_ascii_lowercase();
+    let value = match ct.as_str() {
+        "application/dtmf-relay" => text.lines().find_map(|l| {
+            let (k, v) = l.split_once('=')?;
+            k.trim().eq_ignore_ascii_case("signal").then(|| v.trim())
+        })?,
+        "application/dtmf" => text.trim(),
+        _ => return None,
+    };
+    let mut chars = value.chars();
+    let c = chars.next()?.to_ascii_uppercase();
+    (chars.next().is_none() && digit_to_event(c).is_some()).then_some(c)
+}
+
 /// Turns a stream of telephone-event packets into key presses, each reported once.
 ///
 /// All packets of one event share an RTP timestamp (RFC 4733 §2.5.1.2), so the first packet with a new
@@ -176,6 +194,31 @@ mod tests {
             }
         }
         assert_eq!(digits, vec!['2', '2']);
+    }
+
+    #[test]
+    fn sip_info_bodies_carry_keys() {
+        assert_eq!(
+            digit_from_info("application/dtmf-relay", b"Signal=1\r\nDuration=160\r\n"),
+            Some('1')
+        );
+        assert_eq!(
+            digit_from_info(
+                "Application/DTMF-Relay; charset=x",
+                b"signal= #\nduration=100"
+            ),
+            Some('#')
+        );
+        assert_eq!(digit_from_info("application/dtmf", b"9\r\n"), Some('9'));
+        assert_eq!(
+            digit_from_info("application/dtmf-relay", b"Signal=12\r\n"),
+            None
+        );
+        assert_eq!(digit_from_info("text/plain", b"Signal=1"), None);
+        assert_eq!(
+            digit_from_info("application/dtmf-relay", &[0xff, 0xfe]),
+            None
+        );
     }
 
     #[test]
