@@ -317,6 +317,19 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
+/// Reads a snapshot's state and rebuilds the indexes serde skips.
+fn decode_snapshot(meta: &SnapshotMeta<RaftNodeId, BasicNode>, data: &[u8]) -> StoreResult<State> {
+    let mut state: State = serde_json::from_slice(data).map_err(|e| {
+        io_err(
+            ErrorSubject::Snapshot(Some(meta.signature())),
+            ErrorVerb::Read,
+            e,
+        )
+    })?;
+    state.rebuild_indexes();
+    Ok(state)
+}
+
 /// What the state machine holds in memory.
 #[derive(Debug, Default)]
 pub struct Applied {
@@ -351,15 +364,7 @@ impl StateMachineStore {
         if let (Some(meta), Some(data)) =
             (meta, db.snapshot.get(KEY_SNAPSHOT_DATA).map_err(read_err)?)
         {
-            let mut state: State = serde_json::from_slice(&data).map_err(|e| {
-                io_err(
-                    ErrorSubject::Snapshot(Some(meta.signature())),
-                    ErrorVerb::Read,
-                    e,
-                )
-            })?;
-            state.rebuild_indexes();
-            applied.state = state;
+            applied.state = decode_snapshot(&meta, &data)?;
             applied.last_applied = meta.last_log_id;
             applied.last_membership = meta.last_membership.clone();
         }
@@ -465,14 +470,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> StoreResult<()> {
         let data = snapshot.into_inner();
-        let mut state: State = serde_json::from_slice(&data).map_err(|e| {
-            io_err(
-                ErrorSubject::Snapshot(Some(meta.signature())),
-                ErrorVerb::Read,
-                e,
-            )
-        })?;
-        state.rebuild_indexes();
+        let state = decode_snapshot(meta, &data)?;
         put_json(&self.db.snapshot, KEY_SNAPSHOT_META, meta)?;
         self.db
             .snapshot

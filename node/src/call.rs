@@ -16,7 +16,7 @@ use crate::media::rtp;
 use crate::media::PreparedAudio;
 use crate::sip::auth::{Challenge, Credentials};
 use crate::sip::dialog::Dialog;
-use crate::sip::endpoint::{CallChannel, Endpoint, Inbound};
+use crate::sip::endpoint::{end_dialog, sleep_until_opt, CallChannel, Endpoint, Inbound};
 use crate::sip::message::{
     self, new_branch, random_token, reason_phrase, request_bytes, response_bytes, response_to,
     status, Method, Request, RequestBuilder, SipMessage,
@@ -381,13 +381,7 @@ impl Call<'_> {
                                 .map_err(|e| {
                                     CallOutcome::Failed(format!("cannot build INVITE: {e}"))
                                 })?;
-                            tx = ClientTransaction::new(
-                                invite.clone(),
-                                Instant::now(),
-                                self.spec.timers,
-                                false,
-                            );
-                            branch = tx.branch().unwrap_or_default();
+                            (tx, branch) = self.new_invite_transaction(&invite);
                             challenged = true;
                             provisional = false;
                         } else if (300..400).contains(&code)
@@ -408,13 +402,7 @@ impl Call<'_> {
                                         CallOutcome::Failed(format!("cannot build INVITE: {e}"))
                                     })?;
                             self.trunk = hop;
-                            tx = ClientTransaction::new(
-                                invite.clone(),
-                                Instant::now(),
-                                self.spec.timers,
-                                false,
-                            );
-                            branch = tx.branch().unwrap_or_default();
+                            (tx, branch) = self.new_invite_transaction(&invite);
                             redirected = true;
                             provisional = false;
                         } else {
@@ -484,6 +472,13 @@ impl Call<'_> {
                 }
             }
         }
+    }
+
+    /// A client transaction for a re-sent INVITE (after a challenge or a redirect), and its branch.
+    fn new_invite_transaction(&self, invite: &Request) -> (ClientTransaction, String) {
+        let tx = ClientTransaction::new(invite.clone(), Instant::now(), self.spec.timers, false);
+        let branch = tx.branch().unwrap_or_default();
+        (tx, branch)
     }
 
     /// A CANCEL for our INVITE (§9.1): same Request-URI, Call-ID, From, To, top Via and CSeq number.
@@ -705,52 +700,23 @@ impl Call<'_> {
         }
     }
 
-    /// BYE through a transaction, waiting (bounded) for its response, and reporting a digit pressed meanwhile.
+    /// BYE through a transaction, waiting (bounded) for its response; returns "1" if it was pressed
+    /// meanwhile (the RTP receiver keeps queueing keys until the call is over).
     async fn hang_up_listening(
         &mut self,
         mut dialog: Dialog,
         digits: &mut mpsc::UnboundedReceiver<char>,
     ) -> Option<char> {
-        let Ok(bye) = dialog.build(Method::Bye, self.ctx.endpoint.local_addr()) else {
-            return None;
-        };
-        let hop = dialog.next_hop().unwrap_or(self.trunk);
-        let branch = message::via_branch(&bye).unwrap_or_default();
-        let mut tx = ClientTransaction::new(bye, Instant::now(), self.spec.timers, false);
-        let give_up = tokio::time::Instant::now() + Duration::from_secs(4);
-        let mut late_digit = None;
-        loop {
-            while let Some(o) = tx.poll_output() {
-                match o {
-                    Output::Transmit(b) => self.send(&b, hop).await,
-                    Output::Response(r) if status(&r) >= 200 => {
-                        return late_digit.or_else(|| digits.try_recv().ok())
-                    }
-                    Output::TimedOut | Output::Terminated => return late_digit,
-                    _ => {}
-                }
-            }
-            let timer = tx.poll_timeout().map(tokio::time::Instant::from_std);
-            tokio::select! {
-                inbound = self.channel.rx.recv() => match inbound {
-                    Some(Inbound { msg: SipMessage::Response(r), .. }) if message::via_branch(&r).as_deref() == Some(branch.as_str()) => {
-                        tx.handle_response(r, Instant::now());
-                    }
-                    Some(Inbound { msg: SipMessage::Request(req), from }) if req.method == Method::Bye => {
-                        // Both sides hung up at once: answer theirs.
-                        let ok = response_to(&req, 200, None, &[], None);
-                        self.send(&response_bytes(&ok), from).await;
-                    }
-                    Some(_) => {}
-                    None => return late_digit,
-                },
-                d = digits.recv() => {
-                    if d == Some('1') { late_digit = Some('1'); }
-                }
-                _ = sleep_until_opt(timer) => tx.handle_timeout(Instant::now()),
-                _ = tokio::time::sleep_until(give_up) => return late_digit,
-            }
-        }
+        end_dialog(
+            &self.ctx.endpoint,
+            self.channel,
+            &mut dialog,
+            self.spec.timers,
+            self.trunk,
+            Duration::from_secs(4),
+        )
+        .await;
+        std::iter::from_fn(|| digits.try_recv().ok()).find(|d| *d == '1')
     }
 }
 
@@ -777,13 +743,6 @@ fn a_duration(audio: &PreparedAudio) -> Duration {
 async fn wait_stream(stream: Option<&StreamHandle>) {
     match stream {
         Some(s) => s.wait_finished().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
     }
 }

@@ -15,12 +15,12 @@ use super::profile::{Behaviour, Listener};
 use super::Shared;
 use crate::media::{dtmf, rtp};
 use crate::sip::dialog::Dialog;
-use crate::sip::endpoint::{CallChannel, Inbound};
+use crate::sip::endpoint::{end_dialog, sleep_until_opt, CallChannel, Inbound};
 use crate::sip::message::{
-    self, random_token, response_bytes, response_to, status, Method, Request, SipMessage,
+    self, random_token, response_bytes, response_to, Method, Request, SipMessage,
 };
 use crate::sip::sdp::{self, Codec, RemoteMedia};
-use crate::sip::transaction::{ClientTransaction, Output, ServerTransaction};
+use crate::sip::transaction::{Output, ServerTransaction};
 
 /// Why `wait` returned.
 enum Wake {
@@ -120,14 +120,7 @@ impl PhoneCall {
     }
 
     async fn respond(&mut self, code: u16, body: Option<(&str, Vec<u8>)>) {
-        let contact = [(
-            "Contact",
-            format!(
-                "<sip:{}@{}>",
-                self.number,
-                self.shared.endpoint.local_addr()
-            ),
-        )];
+        let contact = [("Contact", format!("<{}>", self.contact()))];
         let extra: &[(&str, String)] = if code < 300 && code > 100 {
             &contact
         } else {
@@ -322,44 +315,25 @@ impl PhoneCall {
             "bye_sent",
             json!({ "audio_ms": self.audio_ms(), "reason": reason }),
         );
-        let contact = format!("sip:{}@{}", self.number, self.shared.endpoint.local_addr());
-        let Ok(mut dialog) = Dialog::from_uas(&self.invite, &self.tag, &contact) else {
+        let Ok(mut dialog) = Dialog::from_uas(&self.invite, &self.tag, &self.contact()) else {
             return;
         };
         dialog.local_cseq = 1;
-        let Ok(bye) = dialog.build(Method::Bye, self.shared.endpoint.local_addr()) else {
-            return;
-        };
-        let hop = dialog.next_hop().unwrap_or(self.from);
-        let branch = message::via_branch(&bye).unwrap_or_default();
-        let mut tx = ClientTransaction::new(bye, Instant::now(), self.shared.timers, false);
-        let give_up = tokio::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            while let Some(o) = tx.poll_output() {
-                match o {
-                    Output::Transmit(b) => self.send(&b, hop).await,
-                    Output::Response(r) if status(&r) >= 200 => return,
-                    Output::TimedOut | Output::Terminated => return,
-                    _ => {}
-                }
-            }
-            let timer = tx.poll_timeout().map(tokio::time::Instant::from_std);
-            tokio::select! {
-                m = self.channel.rx.recv() => match m {
-                    Some(Inbound { msg: SipMessage::Response(r), .. }) if message::via_branch(&r).as_deref() == Some(branch.as_str()) => {
-                        tx.handle_response(r, Instant::now());
-                    }
-                    Some(Inbound { msg: SipMessage::Request(req), from }) if req.method == Method::Bye => {
-                        let ok = response_to(&req, 200, None, &[], None);
-                        self.send(&response_bytes(&ok), from).await;
-                    }
-                    Some(_) => {}
-                    None => return,
-                },
-                _ = sleep_until_opt(timer) => tx.handle_timeout(Instant::now()),
-                _ = tokio::time::sleep_until(give_up) => return,
-            }
-        }
+        let endpoint = self.shared.endpoint.clone();
+        end_dialog(
+            &endpoint,
+            &mut self.channel,
+            &mut dialog,
+            self.shared.timers,
+            self.from,
+            Duration::from_secs(5),
+        )
+        .await;
+    }
+
+    /// Our Contact URI.
+    fn contact(&self) -> String {
+        format!("sip:{}@{}", self.number, self.shared.endpoint.local_addr())
     }
 
     /// Runs the SIP side (retransmissions, ACK, CANCEL, BYE, re-INVITE) and counts audio until
@@ -440,14 +414,7 @@ impl PhoneCall {
                         sdp::answer_with(2, a, &[Codec::Pcmu, Codec::Pcma], Some(101)).into_bytes(),
                     )
                 });
-                let contact = [(
-                    "Contact",
-                    format!(
-                        "<sip:{}@{}>",
-                        self.number,
-                        self.shared.endpoint.local_addr()
-                    ),
-                )];
+                let contact = [("Contact", format!("<{}>", self.contact()))];
                 let ok = response_to(&req, 200, None, &contact, body);
                 self.send(&response_bytes(&ok), from).await;
                 None
@@ -494,13 +461,6 @@ impl PhoneCall {
 async fn recv_opt(socket: Option<&UdpSocket>, buf: &mut [u8]) -> Option<usize> {
     match socket {
         Some(s) => s.recv_from(buf).await.ok().map(|(n, _)| n),
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
     }
 }

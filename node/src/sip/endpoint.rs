@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
-use super::message::{self, SipMessage};
+use super::dialog::Dialog;
+use super::message::{self, response_bytes, response_to, status, Method, SipMessage};
+use super::transaction::{ClientTransaction, Output, Timers};
 
 /// A parsed message and where it came from.
 #[derive(Debug, Clone)]
@@ -112,6 +114,64 @@ impl Endpoint {
     /// Sends one datagram; errors are reported, not retried (the transaction layer retransmits).
     pub async fn send(&self, bytes: &[u8], to: SocketAddr) -> io::Result<()> {
         self.socket.send_to(bytes, to).await.map(|_| ())
+    }
+}
+
+/// Sends BYE inside `dialog` through a client transaction and waits, at most `give_up`, for its final
+/// response; a BYE from the other side meanwhile (both hung up at once) is answered 200. Returns true when
+/// the BYE was answered. Other messages of the call are dropped: the call is over.
+pub async fn end_dialog(
+    endpoint: &Endpoint,
+    channel: &mut CallChannel,
+    dialog: &mut Dialog,
+    timers: Timers,
+    fallback_hop: SocketAddr,
+    give_up: std::time::Duration,
+) -> bool {
+    let Ok(bye) = dialog.build(Method::Bye, endpoint.local_addr()) else {
+        return false;
+    };
+    let hop = dialog.next_hop().unwrap_or(fallback_hop);
+    let branch = message::via_branch(&bye).unwrap_or_default();
+    let mut tx = ClientTransaction::new(bye, std::time::Instant::now(), timers, false);
+    let give_up = tokio::time::Instant::now() + give_up;
+    loop {
+        while let Some(o) = tx.poll_output() {
+            match o {
+                Output::Transmit(b) => {
+                    let _ = endpoint.send(&b, hop).await;
+                }
+                Output::Response(r) if status(&r) >= 200 => return true,
+                Output::TimedOut | Output::Terminated => return false,
+                _ => {}
+            }
+        }
+        let timer = tx.poll_timeout().map(tokio::time::Instant::from_std);
+        tokio::select! {
+            m = channel.rx.recv() => match m {
+                Some(Inbound { msg: SipMessage::Response(r), .. })
+                    if message::via_branch(&r).as_deref() == Some(branch.as_str()) =>
+                {
+                    tx.handle_response(r, std::time::Instant::now());
+                }
+                Some(Inbound { msg: SipMessage::Request(req), from }) if req.method == Method::Bye => {
+                    let ok = response_to(&req, 200, None, &[], None);
+                    let _ = endpoint.send(&response_bytes(&ok), from).await;
+                }
+                Some(_) => {}
+                None => return false,
+            },
+            _ = sleep_until_opt(timer) => tx.handle_timeout(std::time::Instant::now()),
+            _ = tokio::time::sleep_until(give_up) => return false,
+        }
+    }
+}
+
+/// Sleeps until `at`, or forever when there is nothing to wake for (a disabled `select!` arm).
+pub async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
     }
 }
 

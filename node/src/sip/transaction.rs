@@ -48,6 +48,11 @@ pub enum Output {
     Terminated,
 }
 
+/// The earliest of a transaction's armed timers.
+fn earliest(timers: [Option<Instant>; 3]) -> Option<Instant> {
+    timers.into_iter().flatten().min()
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Invite,
@@ -238,10 +243,7 @@ impl ClientTransaction {
 
     /// When the transaction next wants `handle_timeout`.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        [self.retransmit_at, self.give_up_at, self.linger_until]
-            .into_iter()
-            .flatten()
-            .min()
+        earliest([self.retransmit_at, self.give_up_at, self.linger_until])
     }
 
     pub fn poll_output(&mut self) -> Option<Output> {
@@ -467,10 +469,7 @@ impl ServerTransaction {
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        [self.retransmit_at, self.give_up_at, self.linger_until]
-            .into_iter()
-            .flatten()
-            .min()
+        earliest([self.retransmit_at, self.give_up_at, self.linger_until])
     }
 
     pub fn poll_output(&mut self) -> Option<Output> {
