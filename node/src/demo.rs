@@ -16,14 +16,27 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::config::Config;
 use crate::node::Node;
 
-/// What `campanile demo` was asked for.
+/// What `campanile demo` was asked for (its command-line flags).
+#[derive(Debug, Clone, clap::Args)]
 pub struct DemoOptions {
+    /// How many simulated citizens to register.
+    #[arg(long, default_value_t = 1000)]
     pub citizens: u32,
+    /// Data directory; a fresh temporary one when omitted.
+    #[arg(long)]
     pub data: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1:8080")]
     pub http: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:5060")]
     pub sip: SocketAddr,
+    /// Where the simulated city listens.
+    #[arg(long, default_value = "127.0.0.1:5070")]
     pub city: SocketAddr,
+    /// always-answer, realistic, or a profile TOML file.
+    #[arg(long, default_value = "realistic")]
     pub profile: String,
+    /// Keep the node and its console running after the alert.
+    #[arg(long)]
     pub stay: bool,
 }
 

@@ -92,24 +92,7 @@ enum Cmd {
         dump_audio: Option<PathBuf>,
     },
     /// Start a node with the simulated city, register demo citizens and run one emergency alert.
-    Demo {
-        #[arg(long, default_value_t = 1000)]
-        citizens: u32,
-        /// Data directory; a fresh temporary one when omitted.
-        #[arg(long)]
-        data: Option<PathBuf>,
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        http: SocketAddr,
-        #[arg(long, default_value = "127.0.0.1:5060")]
-        sip: SocketAddr,
-        #[arg(long, default_value = "127.0.0.1:5070")]
-        city: SocketAddr,
-        #[arg(long, default_value = "realistic")]
-        profile: String,
-        /// Keep the node and its console running after the alert.
-        #[arg(long)]
-        stay: bool,
-    },
+    Demo(campanile::demo::DemoOptions),
     /// Configuration helpers.
     Config {
         #[command(subcommand)]
@@ -129,7 +112,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo draws a progress bar; per-call log lines would drown it.
     let default_filter = match cli.command {
-        Cmd::Demo { .. } => "warn,campanile::node=info",
+        Cmd::Demo(_) => "warn,campanile::node=info",
         _ => "info,openraft=warn,sled=warn",
     };
     init_tracing(default_filter);
@@ -310,25 +293,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
-        Cmd::Demo {
-            citizens,
-            data,
-            http,
-            sip,
-            city,
-            profile,
-            stay,
-        } => {
-            campanile::demo::run(campanile::demo::DemoOptions {
-                citizens,
-                data,
-                http,
-                sip,
-                city,
-                profile,
-                stay,
-            })
-            .await?;
+        Cmd::Demo(opts) => {
+            campanile::demo::run(opts).await?;
             Ok(ExitCode::SUCCESS)
         }
     }
