@@ -11,6 +11,8 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 
 use crate::media::dtmf::DtmfReceiver;
+use crate::media::g711;
+use crate::media::inband::InbandDetector;
 use crate::media::pacer::{PacerHandle, PlayRequest, StreamHandle};
 use crate::media::rtp;
 use crate::media::PreparedAudio;
@@ -747,16 +749,16 @@ async fn wait_stream(stream: Option<&StreamHandle>) {
     }
 }
 
-/// Reads RTP from the callee and reports RFC 4733 digits.
+/// Reads RTP from the callee and reports keys: RFC 4733 events when telephone-event was negotiated,
+/// otherwise tones in the audio itself (for trunks that pass keys only in-band).
 async fn receive_dtmf(
     socket: Arc<UdpSocket>,
     telephone_event: Option<u8>,
     digits: mpsc::UnboundedSender<char>,
 ) {
-    let Some(pt) = telephone_event else {
-        return;
-    };
-    let mut rx = DtmfReceiver::new();
+    let mut events = DtmfReceiver::new();
+    let mut tones = InbandDetector::new();
+    let mut linear = Vec::with_capacity(160);
     let mut buf = [0u8; 1500];
     loop {
         let Ok((n, _)) = socket.recv_from(&mut buf).await else {
@@ -765,10 +767,21 @@ async fn receive_dtmf(
         let Ok((header, payload)) = rtp::parse(&buf[..n]) else {
             continue;
         };
-        if header.payload_type != pt {
-            continue;
-        }
-        if let Some(d) = rx.feed(&header, payload) {
+        let keys: Vec<char> = match (telephone_event, header.payload_type) {
+            (Some(pt), p) if p == pt => events.feed(&header, payload).into_iter().collect(),
+            (None, sdp::PT_PCMU) => {
+                linear.clear();
+                linear.extend(payload.iter().map(|b| g711::ulaw_to_linear(*b)));
+                tones.feed(&linear)
+            }
+            (None, sdp::PT_PCMA) => {
+                linear.clear();
+                linear.extend(payload.iter().map(|b| g711::alaw_to_linear(*b)));
+                tones.feed(&linear)
+            }
+            _ => Vec::new(),
+        };
+        for d in keys {
             if digits.send(d).is_err() {
                 return;
             }

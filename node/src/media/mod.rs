@@ -20,3 +20,4 @@ pub enum MediaError {
     #[error("uploaded audio: {0}")]
     Wav(#[from] wav::WavError),
 }
+pub mod inband;

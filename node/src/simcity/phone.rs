@@ -227,10 +227,16 @@ impl PhoneCall {
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::new(ip, 0));
         let codec = offer.codec;
-        let answer = sdp::answer_with(1, local_rtp, &[codec], offer.telephone_event);
+        // An in-band-only phone (or its trunk) does not take telephone-event: keys travel as tones.
+        let telephone_event = offer
+            .telephone_event
+            .filter(|_| !self.shared.profile.inband_dtmf);
+        let answer = sdp::answer_with(1, local_rtp, &[codec], telephone_event);
+        let mut remote = offer;
+        remote.telephone_event = telephone_event;
         self.media = Some(Media {
             socket,
-            remote: offer,
+            remote,
             seen: HashSet::new(),
             last_rtp: Instant::now(),
         });
@@ -288,17 +294,23 @@ impl PhoneCall {
     /// Sends a key as RFC 4733 packets, 20 ms apart, to the caller's media address.
     async fn press(&mut self, digit: char) {
         let Some(media) = &self.media else { return };
-        let Some(pt) = media.remote.telephone_event else {
-            // The caller did not offer telephone-event: this phone cannot signal keys out of band.
-            return;
+        let packets = match media.remote.telephone_event {
+            Some(pt) => {
+                dtmf::dtmf_packets(digit, rand::random(), rand::random(), rand::random(), pt)
+            }
+            None => tone_packets(digit, media.remote.codec),
         };
-        let packets = dtmf::dtmf_packets(digit, rand::random(), rand::random(), rand::random(), pt);
+        let method = if media.remote.telephone_event.is_some() {
+            "rfc4733"
+        } else {
+            "inband"
+        };
         let socket = media.socket.clone();
         let dest = media.remote.addr;
         self.shared.stats.dtmf.fetch_add(1, Ordering::Relaxed);
         self.log(
             "dtmf",
-            json!({ "digit": digit.to_string(), "audio_ms": self.audio_ms() }),
+            json!({ "digit": digit.to_string(), "method": method, "audio_ms": self.audio_ms() }),
         );
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(20));
@@ -463,4 +475,32 @@ async fn recv_opt(socket: Option<&UdpSocket>, buf: &mut [u8]) -> Option<usize> {
         Some(s) => s.recv_from(buf).await.ok().map(|(n, _)| n),
         None => std::future::pending().await,
     }
+}
+
+/// A key as 100 ms of DTMF tones and 60 ms of silence, as G.711 RTP packets in the call's codec.
+fn tone_packets(digit: char, codec: Codec) -> Vec<Vec<u8>> {
+    let samples = crate::media::inband::key_tones(digit, 100, 60);
+    let (ssrc, mut seq, mut ts): (u32, u16, u32) = (rand::random(), rand::random(), rand::random());
+    samples
+        .chunks(crate::media::inband::FRAME)
+        .enumerate()
+        .map(|(i, frame)| {
+            let payload: Vec<u8> = match codec {
+                Codec::Pcmu => crate::media::g711::encode_ulaw(frame),
+                Codec::Pcma => crate::media::g711::encode_alaw(frame),
+            };
+            let h = rtp::RtpHeader {
+                payload_type: codec.payload_type(),
+                marker: i == 0,
+                sequence: seq,
+                timestamp: ts,
+                ssrc,
+            };
+            let mut out = Vec::with_capacity(12 + payload.len());
+            rtp::write_packet(&h, &payload, &mut out);
+            seq = seq.wrapping_add(1);
+            ts = ts.wrapping_add(frame.len() as u32);
+            out
+        })
+        .collect()
 }

@@ -53,6 +53,8 @@ pub struct Profile {
     pub max_ring_ms: u64,
     /// An answered phone hangs up when no audio arrives for this long (the caller died).
     pub media_timeout_ms: u64,
+    /// Phones answer without telephone-event and press keys as in-band tones (trunks that pass only audio).
+    pub inband_dtmf: bool,
 }
 
 impl Default for Profile {
@@ -84,6 +86,7 @@ impl Profile {
             unreachable_delay_ms: 1000,
             max_ring_ms: 60_000,
             media_timeout_ms: 10_000,
+            inband_dtmf: false,
         }
     }
 
@@ -109,6 +112,7 @@ impl Profile {
             unreachable_delay_ms: 1000,
             max_ring_ms: 60_000,
             media_timeout_ms: 10_000,
+            inband_dtmf: false,
         }
     }
 

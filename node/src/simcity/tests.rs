@@ -185,3 +185,23 @@ async fn a_phone_that_never_presses_leaves_the_call_not_confirmed() {
     // The whole 2 s message arrived.
     assert!(bye["audio_ms"].as_u64().unwrap() >= 1900, "{bye}");
 }
+
+#[tokio::test]
+async fn a_phone_that_sends_only_in_band_tones_is_confirmed() {
+    let p = Profile {
+        inband_dtmf: true,
+        ..fast(Profile::always_answer())
+    };
+    let run = call_city(p, "+393470000007", Duration::from_secs(5)).await;
+    assert!(
+        matches!(run.outcome, CallOutcome::Confirmed { .. }),
+        "{:?}",
+        run.outcome
+    );
+    let dtmf = run
+        .events
+        .iter()
+        .find(|e| e["event"] == "dtmf")
+        .expect("the phone pressed 1");
+    assert_eq!(dtmf["method"], "inband");
+}
