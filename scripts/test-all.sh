@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace on a fresh Debian machine with Rust. Installs the real peers the tests
-# drive (SIPp, baresip, espeak-ng, tshark, promtool, sox) from Debian packages when they are missing.
+# drive (SIPp, baresip, Kamailio, espeak-ng, tshark, promtool, sox) from Debian packages when they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +11,7 @@ command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v sox >/dev/null 2>&1 || need+=(sox)
 command -v tshark >/dev/null 2>&1 || need+=(tshark)
 command -v baresip >/dev/null 2>&1 || need+=(baresip-core)
+command -v kamailio >/dev/null 2>&1 || need+=(kamailio)
 if [ "${#need[@]}" -gt 0 ]; then
   echo "test-all: installing ${need[*]}"
   SUDO=""

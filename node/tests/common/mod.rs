@@ -50,6 +50,11 @@ pub fn dtmf_pcap() -> String {
 
 /// Starts SIPp as a UAS for one call: the built-in `uas` scenario or a file from tests/sipp.
 pub fn start_sipp(scenario: &str) -> Sipp {
+    start_sipp_with(scenario, &[])
+}
+
+/// `start_sipp`, replacing `@NAME@` placeholders of the scenario file first.
+pub fn start_sipp_with(scenario: &str, replacements: &[(&str, String)]) -> Sipp {
     let dir = tempfile::tempdir().unwrap();
     let port = free_udp_port();
     let media = free_udp_port();
@@ -61,6 +66,7 @@ pub fn start_sipp(scenario: &str) -> Sipp {
         let text = std::fs::read_to_string(scenario_path(scenario))
             .unwrap()
             .replace("@DTMF_PCAP@", &dtmf_pcap());
+        let text = replacements.iter().fold(text, |t, (k, v)| t.replace(k, v));
         let file = dir.path().join(scenario);
         std::fs::write(&file, text).unwrap();
         cmd.arg("-sf").arg(&file);
