@@ -144,7 +144,16 @@ pub struct SimCityProc {
 
 impl SimCityProc {
     pub fn start(dir: &Path, profile: &str, seed: u64) -> anyhow::Result<SimCityProc> {
-        let addr = free_udp();
+        SimCityProc::start_at(dir, profile, seed, free_udp())
+    }
+
+    /// Starts the city on a given address (to bring a killed one back where the node expects it).
+    pub fn start_at(
+        dir: &Path,
+        profile: &str,
+        seed: u64,
+        addr: SocketAddr,
+    ) -> anyhow::Result<SimCityProc> {
         let log = dir.join("sim-city.jsonl");
         let proc = Proc::spawn(
             "sim-city",

@@ -101,6 +101,9 @@ pub struct TrunkSection {
     /// Digest username, when the trunk challenges (401/407). The password comes only from the
     /// environment variable CAMPANILE_TRUNK_PASSWORD, never from this file.
     pub username: Option<String>,
+    /// Seconds between OPTIONS pings to the trunk; 0 turns them off. Two unanswered pings mark the
+    /// trunk down (no new calls) until one is answered.
+    pub options_interval_s: f64,
 }
 
 impl Default for TrunkSection {
@@ -111,6 +114,7 @@ impl Default for TrunkSection {
             max_channels: 100,
             calls_per_second: 50,
             username: None,
+            options_interval_s: 30.0,
         }
     }
 }
@@ -213,6 +217,13 @@ impl Config {
         if self.trunk.calls_per_second == 0 {
             return bad("trunk.calls_per_second", "must be 1 or more");
         }
+        let ping = self.trunk.options_interval_s;
+        if !(ping == 0.0 || (0.2..=3600.0).contains(&ping)) {
+            return bad(
+                "trunk.options_interval_s",
+                "must be 0 (off) or between 0.2 and 3600 seconds",
+            );
+        }
         if !(1.0..=300.0).contains(&self.dialer.ring_timeout_s) {
             return bad("dialer.ring_timeout_s", "must be between 1 and 300 seconds");
         }
@@ -303,6 +314,9 @@ calls_per_second = 50
 # Digest username if the trunk challenges (401/407). The password is read only from the
 # environment variable CAMPANILE_TRUNK_PASSWORD and never appears in logs.
 # username = "comune-alerts"
+# Seconds between OPTIONS pings; 0 turns them off. Two unanswered pings mark the trunk down (no new
+# calls, metric campanile_trunk_up 0) until one is answered.
+options_interval_s = 30.0
 
 [caller_id]
 # The number citizens see (From user part) and the name shown next to it.

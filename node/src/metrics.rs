@@ -23,6 +23,7 @@ pub struct Metrics {
     campaign_tasks: IntGaugeVec,
     raft_applied: IntGauge,
     drill_mode: IntGauge,
+    trunk_up: IntGauge,
     sip_malformed: IntGauge,
 }
 
@@ -86,6 +87,11 @@ impl Metrics {
             "drill_mode",
             "1 when calls go to the built-in simulated city instead of a real trunk.",
         ));
+        let trunk_up = must(IntGauge::new(
+            "trunk_up",
+            "1 while the trunk answers OPTIONS pings (or pings are off), 0 when it is down.",
+        ));
+        trunk_up.set(1);
         let sip_malformed = must(IntGauge::new(
             "sip_malformed_datagrams",
             "Datagrams dropped by the SIP intake as malformed since the node started.",
@@ -100,6 +106,7 @@ impl Metrics {
             Box::new(campaign_tasks.clone()),
             Box::new(raft_applied.clone()),
             Box::new(drill_mode.clone()),
+            Box::new(trunk_up.clone()),
             Box::new(sip_malformed.clone()),
         ] {
             must(registry.register(c));
@@ -115,6 +122,7 @@ impl Metrics {
             campaign_tasks,
             raft_applied,
             drill_mode,
+            trunk_up,
             sip_malformed,
         }
     }
@@ -133,6 +141,10 @@ impl Metrics {
                 .with_label_values(&[&code.to_string()])
                 .inc();
         }
+    }
+
+    pub fn set_trunk_up(&self, up: bool) {
+        self.trunk_up.set(up as i64);
     }
 
     pub fn set_drill_mode(&self, on: bool) {

@@ -112,6 +112,8 @@ impl Node {
                 display_name: cfg.caller_id.display_name.clone(),
                 timers: cfg.timers(),
                 credentials: cfg.credentials()?,
+                options_interval: (cfg.trunk.options_interval_s > 0.0)
+                    .then(|| Duration::from_secs_f64(cfg.trunk.options_interval_s)),
             },
             cluster.clone(),
             ctx,

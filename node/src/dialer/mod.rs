@@ -49,6 +49,8 @@ pub struct DialerConfig {
     pub timers: Timers,
     /// Digest credentials for the trunk.
     pub credentials: Option<crate::sip::auth::Credentials>,
+    /// Interval of OPTIONS pings to the trunk; `None` turns them off.
+    pub options_interval: Option<Duration>,
 }
 
 type TaskKey = (CampaignId, SubscriberId);
@@ -110,6 +112,9 @@ pub fn spawn(
         gate: Mutex::default(),
     });
     tokio::spawn(batcher(shared.clone(), events_rx));
+    if let Some(every) = shared.cfg.options_interval {
+        tokio::spawn(ping_trunk(shared.clone(), every, shutdown.clone()));
+    }
     tokio::spawn(run(shared, shutdown))
 }
 
@@ -380,6 +385,67 @@ async fn batcher(sh: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<AttemptEvent>)
         }
         drop(inflight);
         sh.wake.notify_one();
+    }
+}
+
+/// OPTIONS pings to the trunk: any response means it is reachable; two unanswered pings mark it down.
+async fn ping_trunk(sh: Arc<Shared>, every: Duration, mut shutdown: watch::Receiver<bool>) {
+    use crate::sip::message::{new_branch, random_token, Method, RequestBuilder};
+    loop {
+        let endpoint = sh.ctx.endpoint.clone();
+        let local = endpoint.local_addr();
+        let call_id = format!("{}@campanile-ping", random_token(16));
+        let mut channel = endpoint.register(&call_id);
+        let ping = RequestBuilder::new(Method::Options, format!("sip:{}", sh.cfg.trunk_host))
+            .header(
+                "Via",
+                format!("SIP/2.0/UDP {local};branch={};rport", new_branch()),
+            )
+            .header("Max-Forwards", "70")
+            .header(
+                "From",
+                format!("<sip:{}@{local}>;tag={}", sh.cfg.from_user, random_token(8)),
+            )
+            .header("To", format!("<sip:{}>", sh.cfg.trunk_host))
+            .header("Call-ID", call_id)
+            .header("CSeq", "1 OPTIONS")
+            .build();
+        let answered = match ping {
+            Ok(req) => {
+                let wait = every.min(Duration::from_secs(5));
+                crate::sip::endpoint::request_and_wait(
+                    &endpoint,
+                    &mut channel,
+                    req,
+                    sh.cfg.trunk,
+                    sh.cfg.timers,
+                    wait,
+                )
+                .await
+                .is_some()
+            }
+            Err(_) => false,
+        };
+        drop(channel);
+        let (changed, up) = {
+            let mut gate = lock(&sh.gate);
+            (gate.on_ping(answered), gate.is_up())
+        };
+        sh.metrics.set_trunk_up(up);
+        match changed {
+            Some(false) => {
+                tracing::error!(trunk = %sh.cfg.trunk_host, "trunk stopped answering OPTIONS pings: no new calls until it answers")
+            }
+            Some(true) => {
+                tracing::warn!(trunk = %sh.cfg.trunk_host, "trunk answers OPTIONS pings again: dialing resumes");
+                sh.wake.notify_one();
+            }
+            None => {}
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => return,
+        }
     }
 }
 

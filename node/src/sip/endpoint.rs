@@ -117,9 +117,8 @@ impl Endpoint {
     }
 }
 
-/// Sends BYE inside `dialog` through a client transaction and waits, at most `give_up`, for its final
-/// response; a BYE from the other side meanwhile (both hung up at once) is answered 200. Returns true when
-/// the BYE was answered. Other messages of the call are dropped: the call is over.
+/// Sends BYE inside `dialog` and waits, at most `give_up`, for its final response; returns true when the
+/// BYE was answered.
 pub async fn end_dialog(
     endpoint: &Endpoint,
     channel: &mut CallChannel,
@@ -132,8 +131,24 @@ pub async fn end_dialog(
         return false;
     };
     let hop = dialog.next_hop().unwrap_or(fallback_hop);
-    let branch = message::via_branch(&bye).unwrap_or_default();
-    let mut tx = ClientTransaction::new(bye, std::time::Instant::now(), timers, false);
+    request_and_wait(endpoint, channel, bye, hop, timers, give_up)
+        .await
+        .is_some()
+}
+
+/// Sends `request` through a client transaction and waits, at most `give_up`, for its final response.
+/// A BYE from the other side meanwhile (both hung up at once) is answered 200; other messages of the call
+/// are dropped.
+pub async fn request_and_wait(
+    endpoint: &Endpoint,
+    channel: &mut CallChannel,
+    request: message::Request,
+    hop: SocketAddr,
+    timers: Timers,
+    give_up: std::time::Duration,
+) -> Option<message::Response> {
+    let branch = message::via_branch(&request).unwrap_or_default();
+    let mut tx = ClientTransaction::new(request, std::time::Instant::now(), timers, false);
     let give_up = tokio::time::Instant::now() + give_up;
     loop {
         while let Some(o) = tx.poll_output() {
@@ -141,8 +156,8 @@ pub async fn end_dialog(
                 Output::Transmit(b) => {
                     let _ = endpoint.send(&b, hop).await;
                 }
-                Output::Response(r) if status(&r) >= 200 => return true,
-                Output::TimedOut | Output::Terminated => return false,
+                Output::Response(r) if status(&r) >= 200 => return Some(r),
+                Output::TimedOut | Output::Terminated => return None,
                 _ => {}
             }
         }
@@ -159,10 +174,10 @@ pub async fn end_dialog(
                     let _ = endpoint.send(&response_bytes(&ok), from).await;
                 }
                 Some(_) => {}
-                None => return false,
+                None => return None,
             },
             _ = sleep_until_opt(timer) => tx.handle_timeout(std::time::Instant::now()),
-            _ = tokio::time::sleep_until(give_up) => return false,
+            _ = tokio::time::sleep_until(give_up) => return None,
         }
     }
 }
