@@ -460,7 +460,7 @@ impl Call<'_> {
                         // Nothing rang: no CANCEL may be sent (§9.1); the next hop is not answering.
                         return Err(CallOutcome::Unreachable);
                     }
-                    cancel_tx = Some(self.send_cancel(&invite));
+                    cancel_tx = Some(self.send_cancel(&invite)?);
                     cancelled_for = Some(CallOutcome::NoAnswer);
                 }
                 changed = abort.changed(), if ring_armed => {
@@ -468,7 +468,7 @@ impl Call<'_> {
                         if !provisional {
                             return Err(CallOutcome::Aborted);
                         }
-                        cancel_tx = Some(self.send_cancel(&invite));
+                        cancel_tx = Some(self.send_cancel(&invite)?);
                         cancelled_for = Some(CallOutcome::Aborted);
                     }
                 }
@@ -484,7 +484,7 @@ impl Call<'_> {
     }
 
     /// A CANCEL for our INVITE (§9.1): same Request-URI, Call-ID, From, To, top Via and CSeq number.
-    fn send_cancel(&self, invite: &Request) -> ClientTransaction {
+    fn send_cancel(&self, invite: &Request) -> Result<ClientTransaction, CallOutcome> {
         let mut b = RequestBuilder::new(Method::Cancel, invite.uri.to_string());
         if let Some(v) = message::top_via(invite) {
             b = b.header("Via", v);
@@ -502,8 +502,15 @@ impl Call<'_> {
         b = b
             .header("CSeq", format!("{n} CANCEL"))
             .header("Max-Forwards", "70");
-        let req = b.build().unwrap_or_else(|_| invite.clone());
-        ClientTransaction::new(req, Instant::now(), self.spec.timers, false)
+        let req = b
+            .build()
+            .map_err(|e| CallOutcome::Failed(format!("cannot build CANCEL: {e}")))?;
+        Ok(ClientTransaction::new(
+            req,
+            Instant::now(),
+            self.spec.timers,
+            false,
+        ))
     }
 
     async fn reject_early_request(&self, req: &Request) {

@@ -153,9 +153,12 @@ impl ClientTransaction {
                     self.out.push_back(Output::Response(resp));
                     self.terminate();
                 } else {
-                    let ack = request_bytes(&self.build_ack(&resp));
-                    self.out.push_back(Output::Transmit(ack.clone()));
-                    self.ack = Some(ack);
+                    // The ACK is built from messages that already parsed; if that ever failed, sending
+                    // nothing is right: the server retransmits its response until Timer H.
+                    if let Some(ack) = self.build_ack(&resp).map(|a| request_bytes(&a)) {
+                        self.out.push_back(Output::Transmit(ack.clone()));
+                        self.ack = Some(ack);
+                    }
                     self.out.push_back(Output::Response(resp));
                     self.state = ClientState::Completed;
                     self.retransmit_at = None;
@@ -252,7 +255,7 @@ impl ClientTransaction {
 
     /// The ACK for a non-2xx final response (§17.1.1.3): same Request-URI, Call-ID, From, top Via and
     /// CSeq number as the INVITE, and the To of the response.
-    fn build_ack(&self, resp: &Response) -> Request {
+    fn build_ack(&self, resp: &Response) -> Option<Request> {
         let mut b = message::RequestBuilder::new(Method::Ack, self.request.uri.to_string());
         if let Some(via) = message::top_via(&self.request) {
             b = b.header("Via", via);
@@ -275,9 +278,7 @@ impl ClientTransaction {
         }) {
             b = b.header("Route", route);
         }
-        // Every header above came from a message that already parsed, so this cannot fail in practice;
-        // fall back to the INVITE itself rather than panic.
-        b.build().unwrap_or_else(|_| self.request.clone())
+        b.build().ok()
     }
 }
 
