@@ -11,15 +11,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::free_udp_port;
-
-struct Reap(std::process::Child);
-impl Drop for Reap {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::{free_udp_port, wait_until_bound, Reap};
 
 fn read_wav(path: &std::path::Path) -> Vec<f64> {
     let mut r = hound::WavReader::open(path).unwrap();
@@ -95,11 +87,7 @@ fn baresip_hears_the_message_we_sent() {
         .spawn()
         .expect("baresip is installed by the test command (Debian package baresip-core)");
     let _baresip = Reap(baresip);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-        assert!(Instant::now() < deadline, "baresip never bound its port");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until_bound(port, "baresip", None);
 
     let sent_path = d.join("sent.wav");
     let out = Command::new(env!("CARGO_BIN_EXE_campanile"))

@@ -5,17 +5,8 @@
 mod common;
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
-use common::{campanile_call, free_udp_port, start_sipp_with};
-
-struct Reap(std::process::Child);
-impl Drop for Reap {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::{campanile_call, free_udp_port, start_sipp_with, wait_until_bound, Reap};
 
 /// Where the installed Kamailio keeps its modules.
 fn kamailio_modules() -> String {
@@ -83,15 +74,7 @@ request_route {{
         .spawn()
         .expect("kamailio");
     let _kamailio = Reap(kamailio);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while std::net::UdpSocket::bind(("127.0.0.1", kam_port)).is_ok() {
-        assert!(
-            Instant::now() < deadline,
-            "kamailio never bound its port: {}",
-            std::fs::read_to_string(dir.path().join("kamailio.log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until_bound(kam_port, "kamailio", Some(&dir.path().join("kamailio.log")));
 
     let mut sipp = sipp;
     let (stdout, ok, stderr) = campanile_call(kam_port, &[], &[]);

@@ -103,15 +103,7 @@ pub fn start_sipp_with(scenario: &str, replacements: &[(&str, String)]) -> Sipp 
         media,
         dir,
     };
-    // Wait (bounded) until SIPp holds its port.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-        assert!(
-            Instant::now() < deadline,
-            "sipp never bound 127.0.0.1:{port}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until_bound(port, "sipp", None);
     sipp
 }
 
@@ -183,4 +175,28 @@ pub fn campanile_call(port: u16, extra: &[&str], env: &[(&str, &str)]) -> (Strin
         out.status.success(),
         String::from_utf8_lossy(&out.stderr).to_string(),
     )
+}
+
+/// A child process killed and reaped when dropped, so a failed assertion leaves nothing running.
+pub struct Reap(pub std::process::Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits (bounded) until a peer holds UDP `port` on 127.0.0.1; on timeout, fails with its log.
+pub fn wait_until_bound(port: u16, who: &str, log: Option<&Path>) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "{who} never bound 127.0.0.1:{port}: {}",
+            log.and_then(|l| std::fs::read_to_string(l).ok())
+                .unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
