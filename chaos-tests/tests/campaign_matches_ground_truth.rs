@@ -108,6 +108,27 @@ fn realistic_city_every_subscriber_final_and_confirmed_only_where_a_phone_presse
         invites - overloads,
         "{done}"
     );
+    // After a 503 with Retry-After: 1 the whole trunk pauses: no new INVITE reaches the city until the
+    // second is over (100 ms of slack for calls that were already on their way when the 503 arrived).
+    let invite_times: Vec<u64> = events
+        .iter()
+        .filter(|e| e["event"] == "invite")
+        .filter_map(|e| e["t_ms"].as_u64())
+        .collect();
+    for e in events
+        .iter()
+        .filter(|e| e["event"] == "reject" && e["code"] == 503)
+    {
+        let t = e["t_ms"].as_u64().unwrap();
+        let during = invite_times
+            .iter()
+            .filter(|i| **i > t + 100 && **i < t + 950)
+            .count();
+        assert_eq!(
+            during, 0,
+            "{during} INVITEs reached the city during the pause after the 503 at {t}"
+        );
+    }
 
     // The metrics endpoint is valid Prometheus text according to promtool.
     let metrics = node.text("/metrics").unwrap();

@@ -324,6 +324,10 @@ fn start_call(sh: &Arc<Shared>, due: Due, audio: PreparedAudio) {
             secs = format_args!("{:.1}", started.elapsed().as_secs_f64()),
             "call ended"
         );
+        if let CallOutcome::TrunkUnavailable { retry_after, .. } = &outcome {
+            tracing::warn!(outcome = %outcome, "trunk is overloaded; pausing new calls on it");
+            lock(&sh.gate).on_overload(*retry_after, std::time::Instant::now());
+        }
         let domain = outcome.to_domain();
         sh.metrics
             .record_call(&domain, matches!(outcome, CallOutcome::Confirmed { .. }));
