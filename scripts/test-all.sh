@@ -22,5 +22,5 @@ fi
 
 # One build profile for everything: the multi-process tests run the release binary.
 cargo build --release --workspace --bins
-export CAMPANILE_BIN="$PWD/target/release/campanile"
+export CAMPANILE_BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/campanile"
 cargo test --release --workspace --all-targets -- --test-threads=2
