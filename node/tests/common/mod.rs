@@ -93,7 +93,11 @@ pub fn start_sipp_with(scenario: &str, replacements: &[(&str, String)]) -> Sipp 
         "-trace_err",
     ])
     .stdout(Stdio::null())
-    .stderr(Stdio::null());
+    .stderr(
+        std::fs::File::create(dir.path().join("sipp.stderr"))
+            .map(Stdio::from)
+            .unwrap_or_else(|_| Stdio::null()),
+    );
     let child = cmd
         .spawn()
         .expect("sipp is installed by the test command (Debian package sip-tester)");
@@ -103,7 +107,8 @@ pub fn start_sipp_with(scenario: &str, replacements: &[(&str, String)]) -> Sipp 
         media,
         dir,
     };
-    wait_until_bound(port, "sipp", None);
+    let log = sipp.dir.path().join("sipp.stderr");
+    wait_until_bound(port, "sipp", Some(&log));
     sipp
 }
 
@@ -187,10 +192,25 @@ impl Drop for Reap {
     }
 }
 
+/// Whether some process holds UDP `port` (on any local address), read from
+/// `/proc/net/udp`: probing by binding the port ourselves could take it from the peer at the
+/// very moment the peer binds it, which made SIPp exit at start-up now and then.
+pub fn udp_port_held(port: u16) -> bool {
+    let suffix = format!(":{port:04X}");
+    ["/proc/net/udp", "/proc/net/udp6"].iter().any(|table| {
+        std::fs::read_to_string(table)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .any(|local| local.ends_with(&suffix))
+    })
+}
+
 /// Waits (bounded) until a peer holds UDP `port` on 127.0.0.1; on timeout, fails with its log.
 pub fn wait_until_bound(port: u16, who: &str, log: Option<&Path>) {
     let deadline = Instant::now() + Duration::from_secs(15);
-    while UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+    while !udp_port_held(port) {
         assert!(
             Instant::now() < deadline,
             "{who} never bound 127.0.0.1:{port}: {}",
