@@ -3,7 +3,8 @@
 //! happened in words the dialer and an operator both understand.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 use crate::media::dtmf::DtmfReceiver;
 use crate::media::g711;
 use crate::media::inband::InbandDetector;
-use crate::media::pacer::{PacerHandle, PlayRequest, StreamHandle};
+use crate::media::pacer::{PacerHandle, PlayRequest, RtcpTarget, StreamHandle};
 use crate::media::rtp;
 use crate::media::PreparedAudio;
 use crate::sip::auth::{Challenge, Credentials};
@@ -52,6 +53,9 @@ pub struct CallSpec {
     pub timers: Timers,
     /// Digest credentials for the trunk, if it challenges.
     pub credentials: Option<Credentials>,
+    /// Send one re-INVITE this long after the answer (a trunk check: the takeover of a call by another
+    /// node is a re-INVITE, so the trunk must accept one).
+    pub reinvite_after: Option<Duration>,
 }
 
 /// What happened on a call.
@@ -207,9 +211,9 @@ pub async fn place_call(
     mut abort: watch::Receiver<bool>,
 ) -> CallOutcome {
     let local = ctx.endpoint.local_addr();
-    let rtp_socket = match UdpSocket::bind(SocketAddr::new(local.ip(), 0)).await {
-        Ok(s) => Arc::new(s),
-        Err(e) => return CallOutcome::Failed(format!("cannot bind an RTP socket: {e}")),
+    let (rtp_socket, rtcp_socket) = match bind_rtp_pair(local.ip()).await {
+        Ok((rtp, rtcp)) => (Arc::new(rtp), Arc::new(rtcp)),
+        Err(e) => return CallOutcome::Failed(format!("cannot bind RTP and RTCP sockets: {e}")),
     };
     let rtp_addr = match rtp_socket.local_addr() {
         Ok(a) => a,
@@ -217,12 +221,13 @@ pub async fn place_call(
     };
     let call_id = format!("{}@campanile", random_token(20));
     let mut channel = ctx.endpoint.register(&call_id);
+    let sdp_session = rand::random::<u32>() as u64;
     let parts = InviteParts {
         contact: format!("sip:{}@{}", spec.from_user, local),
         from_tag: random_token(10),
         call_id,
         local,
-        sdp: sdp::offer(rand::random::<u32>() as u64, rtp_addr).into_bytes(),
+        sdp: sdp::offer(sdp_session, rtp_addr).into_bytes(),
     };
     let invite = match parts.build(spec, None, 1, None) {
         Ok(r) => r,
@@ -238,7 +243,49 @@ pub async fn place_call(
         Ok(a) => a,
         Err(outcome) => return outcome,
     };
-    call.media_phase(answered, rtp_socket, &mut abort).await
+    let media = Media {
+        rtp: rtp_socket,
+        rtcp: rtcp_socket,
+        sdp_session,
+        sdp_version: sdp_session,
+    };
+    call.media_phase(answered, media, &mut abort).await
+}
+
+/// An RTP socket on an even port and its RTCP socket on the next one (RFC 3550 §11), so that peers
+/// that ignore `a=rtcp` find our RTCP where convention says.
+async fn bind_rtp_pair(ip: IpAddr) -> io::Result<(UdpSocket, UdpSocket)> {
+    for _ in 0..64 {
+        let rtp = UdpSocket::bind((ip, 0)).await?;
+        let port = rtp.local_addr()?.port();
+        if port % 2 != 0 || port == u16::MAX {
+            continue;
+        }
+        if let Ok(rtcp) = UdpSocket::bind((ip, port + 1)).await {
+            return Ok((rtp, rtcp));
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AddrInUse,
+        "no free even/odd port pair for RTP and RTCP after 64 tries",
+    ))
+}
+
+/// Our side of the media session.
+struct Media {
+    rtp: Arc<UdpSocket>,
+    rtcp: Arc<UdpSocket>,
+    sdp_session: u64,
+    /// Raised with every new offer or answer we send (RFC 3264 §8).
+    sdp_version: u64,
+}
+
+impl Media {
+    fn next_sdp(&mut self, fallback: SocketAddr) -> Vec<u8> {
+        self.sdp_version += 1;
+        let addr = self.rtp.local_addr().unwrap_or(fallback);
+        sdp::offer_version(self.sdp_session, self.sdp_version, addr).into_bytes()
+    }
 }
 
 /// What stays the same across the INVITEs of one call (the first, and one answering a challenge).
@@ -558,14 +605,21 @@ impl Call<'_> {
     async fn media_phase(
         &mut self,
         mut a: Answered,
-        rtp_socket: Arc<UdpSocket>,
+        mut media: Media,
         abort: &mut watch::Receiver<bool>,
     ) -> CallOutcome {
+        let local = self.ctx.endpoint.local_addr();
+        if !a.remote.accepts_audio() {
+            self.hang_up(a.dialog).await;
+            return CallOutcome::Failed(
+                "the callee's answer does not accept audio (a=sendonly or a=inactive)".into(),
+            );
+        }
         let (digits_tx, mut digits) = mpsc::unbounded_channel();
         // Keys arrive as RFC 4733 events on RTP, or as SIP INFO from trunks that only relay them that way.
         let info_digits = digits_tx.clone();
         let receiver = tokio::spawn(receive_dtmf(
-            rtp_socket.clone(),
+            media.rtp.clone(),
             a.remote.telephone_event,
             digits_tx,
         ));
@@ -574,16 +628,27 @@ impl Call<'_> {
             ssrc: rand::random(),
             seq: rand::random(),
             ts: rand::random(),
+            packets: 0,
+            frame: 0,
         };
         let mut replays = 0;
-        let mut stream = Some(self.play(&a, &rtp_socket, &rtp));
+        let mut stream = Some(self.play(&a, &media, &rtp));
         let mut message_done_at: Option<tokio::time::Instant> = None;
         let mut remote_ended = false;
+        let mut reinvite_at = self
+            .spec
+            .reinvite_after
+            .map(|d| tokio::time::Instant::now() + d);
+        let mut reinvite: Option<ClientTransaction> = None;
         let max_call = tokio::time::Instant::now()
             + Duration::from_secs(600)
             + a_duration(&self.spec.audio) * (self.spec.max_replays + 1);
         let outcome = loop {
             let confirm_deadline = message_done_at.map(|t| t + self.spec.confirm_wait);
+            let reinvite_timer = reinvite
+                .as_ref()
+                .and_then(|t| t.poll_timeout())
+                .map(tokio::time::Instant::from_std);
             tokio::select! {
                 d = digits.recv() => match d {
                     Some('1') => break CallOutcome::Confirmed { after: a.answered_at.elapsed() },
@@ -594,7 +659,8 @@ impl Call<'_> {
                             s.stop();
                             rtp.advance(s.frames_sent());
                         }
-                        stream = Some(self.play(&a, &rtp_socket, &rtp));
+                        rtp.frame = 0;
+                        stream = Some(self.play(&a, &media, &rtp));
                         message_done_at = None;
                     }
                     Some(_) => {}
@@ -605,6 +671,24 @@ impl Call<'_> {
                 }
                 _ = sleep_until_opt(confirm_deadline), if confirm_deadline.is_some() => {
                     break if self.spec.require_confirmation { CallOutcome::NotConfirmed } else { CallOutcome::Heard };
+                }
+                _ = sleep_until_opt(reinvite_at), if reinvite_at.is_some() => {
+                    reinvite_at = None;
+                    let body = media.next_sdp(local);
+                    match a.dialog.request(Method::Invite, local).body("application/sdp", body).build() {
+                        Ok(req) => {
+                            let mut tx = ClientTransaction::new(req, Instant::now(), self.spec.timers, false);
+                            self.drive_reinvite(&mut tx, &mut a, stream.as_ref()).await;
+                            reinvite = Some(tx);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot build re-INVITE"),
+                    }
+                }
+                _ = sleep_until_opt(reinvite_timer), if reinvite_timer.is_some() => {
+                    if let Some(tx) = reinvite.as_mut() {
+                        tx.handle_timeout(Instant::now());
+                        self.drive_reinvite(tx, &mut a, stream.as_ref()).await;
+                    }
                 }
                 inbound = self.channel.rx.recv() => {
                     let Some(Inbound { msg, from }) = inbound else {
@@ -628,7 +712,8 @@ impl Call<'_> {
                         }
                         SipMessage::Request(req) => {
                             // Other in-dialog requests (re-INVITE, INFO, OPTIONS): 200 keeps the call; a
-                            // re-INVITE is answered with our current offer, an INFO may carry a key.
+                            // re-INVITE moves or holds our stream and is answered with our SDP, an INFO
+                            // may carry a key.
                             let code = if a.dialog.accept_remote_cseq(&req) { 200 } else { 500 };
                             if req.method == Method::Info && code == 200 {
                                 let ct = message::header_value(&req, message::HeaderName::ContentType).unwrap_or("");
@@ -636,9 +721,13 @@ impl Call<'_> {
                                     let _ = info_digits.send(d);
                                 }
                             }
-                            let body = (req.method == Method::Invite && code == 200).then(|| {
-                                ("application/sdp", sdp::offer(1, rtp_socket.local_addr().unwrap_or(self.ctx.endpoint.local_addr())).into_bytes())
-                            });
+                            if req.method == Method::Invite && code == 200 && !req.body.is_empty() {
+                                if let Ok(remote) = sdp::parse_remote(&req.body) {
+                                    self.follow_remote(&mut a, remote, &mut stream, &media, &mut rtp);
+                                }
+                            }
+                            let body = (req.method == Method::Invite && code == 200)
+                                .then(|| ("application/sdp", media.next_sdp(local)));
                             let extra = [("Contact", format!("<{}>", a.dialog.local_contact))];
                             if req.method != Method::Ack {
                                 let resp = response_to(&req, code, None, &extra, body);
@@ -646,8 +735,14 @@ impl Call<'_> {
                             }
                         }
                         SipMessage::Response(resp) => {
-                            // A retransmitted 2xx means our ACK was lost (§13.2.2.4).
-                            if status(&resp) / 100 == 2 && message::cseq(&resp).is_some_and(|(_, m)| m == Method::Invite) {
+                            let ours = reinvite.as_ref().and_then(|t| t.branch());
+                            if ours.is_some() && message::via_branch(&resp) == ours {
+                                if let Some(tx) = reinvite.as_mut() {
+                                    tx.handle_response(resp, Instant::now());
+                                    self.drive_reinvite(tx, &mut a, stream.as_ref()).await;
+                                }
+                            } else if status(&resp) / 100 == 2 && message::cseq(&resp).is_some_and(|(_, m)| m == Method::Invite) {
+                                // A retransmitted 2xx means our ACK was lost (§13.2.2.4).
                                 let hop = a.dialog.next_hop().unwrap_or(self.trunk);
                                 self.send(&a.ack, hop).await;
                             }
@@ -683,21 +778,99 @@ impl Call<'_> {
         outcome
     }
 
-    /// Plays the message from its start, continuing the RTP stream where `rtp` says it is.
-    fn play(&self, a: &Answered, socket: &Arc<UdpSocket>, rtp: &RtpClock) -> StreamHandle {
+    /// Sends what our re-INVITE's transaction has to send and acts on its final response: a 2xx is
+    /// ACKed and its SDP followed; a failure leaves the session as it was (RFC 3261 §14.1).
+    async fn drive_reinvite(
+        &self,
+        tx: &mut ClientTransaction,
+        a: &mut Answered,
+        stream: Option<&StreamHandle>,
+    ) {
+        let hop = a.dialog.next_hop().unwrap_or(self.trunk);
+        while let Some(o) = tx.poll_output() {
+            match o {
+                Output::Transmit(bytes) => self.send(&bytes, hop).await,
+                Output::Response(resp) if status(&resp) / 100 == 2 => {
+                    match a.dialog.build(Method::Ack, self.ctx.endpoint.local_addr()) {
+                        Ok(ack) => {
+                            a.ack = request_bytes(&ack);
+                            self.send(&a.ack, hop).await;
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot build ACK for re-INVITE"),
+                    }
+                    if let Ok(remote) = sdp::parse_remote(&resp.body) {
+                        if let Some(s) = stream {
+                            s.set_dest(remote.addr);
+                        }
+                        a.remote.addr = remote.addr;
+                        a.remote.rtcp = remote.rtcp;
+                    }
+                    tracing::info!(code = status(&resp), "re-INVITE accepted");
+                }
+                Output::Response(resp) if status(&resp) >= 300 => {
+                    tracing::warn!(
+                        code = status(&resp),
+                        "re-INVITE refused; the call continues as it was"
+                    );
+                }
+                Output::TimedOut => {
+                    tracing::warn!("re-INVITE got no answer; the call continues as it was")
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Applies the other side's new SDP (a re-INVITE): a new address moves our stream, `sendonly` or
+    /// `inactive` (hold) pauses it, and taking the call off hold resumes the message where it stopped.
+    fn follow_remote(
+        &self,
+        a: &mut Answered,
+        remote: RemoteMedia,
+        stream: &mut Option<StreamHandle>,
+        media: &Media,
+        rtp: &mut RtpClock,
+    ) {
+        let was_held = !a.remote.accepts_audio();
+        a.remote.addr = remote.addr;
+        a.remote.rtcp = remote.rtcp;
+        a.remote.direction = remote.direction;
+        match (was_held, a.remote.accepts_audio()) {
+            (false, false) => {
+                if let Some(s) = stream.take() {
+                    s.stop();
+                    rtp.advance(s.frames_sent());
+                }
+            }
+            (true, true) if stream.is_none() => *stream = Some(self.play(a, media, rtp)),
+            _ => {
+                if let Some(s) = stream.as_ref() {
+                    s.set_dest(a.remote.addr);
+                }
+            }
+        }
+    }
+
+    /// Plays the message from the clock's frame, continuing the RTP stream where `rtp` says it is.
+    fn play(&self, a: &Answered, media: &Media, rtp: &RtpClock) -> StreamHandle {
         let frames = match a.remote.codec {
             Codec::Pcmu => self.spec.audio.pcmu.clone(),
             Codec::Pcma => self.spec.audio.pcma.clone(),
         };
         self.ctx.pacer.play(PlayRequest {
-            socket: socket.clone(),
+            socket: media.rtp.clone(),
             dest: a.remote.addr,
             frames,
             payload_type: a.remote.codec.payload_type(),
             ssrc: rtp.ssrc,
-            start_frame: 0,
+            start_frame: rtp.frame,
             initial_seq: rtp.seq,
             initial_ts: rtp.ts,
+            initial_packets: rtp.packets,
+            rtcp: a.remote.rtcp.map(|dest| RtcpTarget {
+                socket: media.rtcp.clone(),
+                dest,
+            }),
         })
     }
 
@@ -729,15 +902,22 @@ impl Call<'_> {
     }
 }
 
-/// Where our outgoing RTP stream is: replays of the message continue it without gaps.
+/// Where our outgoing RTP stream is: replays of the message, and the message resumed after a hold,
+/// continue it without gaps.
 struct RtpClock {
     ssrc: u32,
     seq: u16,
     ts: u32,
+    /// Packets sent on this SSRC (for sender reports).
+    packets: u32,
+    /// The frame of the message the next stream starts from.
+    frame: usize,
 }
 
 impl RtpClock {
     fn advance(&mut self, frames: usize) {
+        self.packets = self.packets.wrapping_add(frames as u32);
+        self.frame += frames;
         self.seq = self.seq.wrapping_add(frames as u16);
         self.ts = self
             .ts

@@ -90,6 +90,10 @@ enum Cmd {
         /// Also write the exact audio the call plays (8 kHz WAV) to this file, to listen to it.
         #[arg(long)]
         dump_audio: Option<PathBuf>,
+        /// Send a re-INVITE this many seconds after the answer: checks that the trunk accepts the
+        /// re-INVITE another node sends when it takes a call over.
+        #[arg(long)]
+        reinvite_after: Option<f64>,
     },
     /// Start a node with the simulated city, register demo citizens and run one emergency alert.
     Demo(campanile::demo::DemoOptions),
@@ -224,6 +228,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             confirm_wait,
             user,
             dump_audio,
+            reinvite_after,
         } => {
             let credentials = match user {
                 None => None,
@@ -283,6 +288,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 max_replays: 1,
                 timers: Default::default(),
                 credentials,
+                reinvite_after: reinvite_after
+                    .map(|s| Duration::from_secs_f64(s.clamp(0.0, 3600.0))),
             };
             let (_abort_tx, abort_rx) = tokio::sync::watch::channel(false);
             let outcome = place_call(&ctx, &spec, abort_rx).await;

@@ -1,6 +1,6 @@
-//! Kamailio, a SIP proxy we did not write, record-routes between `campanile call` and SIPp: our ACK and
-//! BYE must follow the route set learned from Record-Route (RFC 3261 §12.1.2, §12.2.1.1) through the
-//! proxy, which the SIPp scenario checks on the Via of each request.
+//! Kamailio, a SIP proxy we did not write, record-routes between `campanile call` and SIPp: our ACK,
+//! re-INVITE and BYE must follow the route set learned from Record-Route (RFC 3261 §12.1.2, §12.2.1.1)
+//! through the proxy, which the SIPp scenario checks on the Via of each request.
 
 mod common;
 
@@ -23,7 +23,7 @@ fn kamailio_modules() -> String {
 }
 
 #[test]
-fn ack_and_bye_follow_the_record_route_through_kamailio() {
+fn ack_reinvite_and_bye_follow_the_record_route_through_kamailio() {
     let dir = tempfile::tempdir().unwrap();
     let kam_port = free_udp_port();
     let sipp = start_sipp_with("record_route.xml", &[("@KAM_PORT@", kam_port.to_string())]);
@@ -77,12 +77,12 @@ request_route {{
     wait_until_bound(kam_port, "kamailio", Some(&dir.path().join("kamailio.log")));
 
     let mut sipp = sipp;
-    let (stdout, ok, stderr) = campanile_call(kam_port, &[], &[]);
+    let (stdout, ok, stderr) = campanile_call(kam_port, &["--reinvite-after", "0.5"], &[]);
     assert!(ok && stdout == "heard", "{stdout}\n{stderr}");
     let status = sipp.wait();
     assert!(
         status.success(),
-        "SIPp saw an ACK or BYE that bypassed the proxy: {}",
+        "SIPp missed the re-INVITE or saw a request that bypassed the proxy: {}",
         sipp.errors()
     );
     assert_eq!(sipp.stat("SuccessfulCall(C)"), Some(1));

@@ -1,6 +1,7 @@
 //! tshark, an independent decoder, judges what we put on the wire: two calls (PCMU and A-law only) to SIPp
 //! are captured on loopback; tshark must find no malformed SIP, SDP or RTP, and its RTP stream analysis
-//! must show every one of our streams complete, in sequence and without problems.
+//! must show every one of our streams complete, in sequence and without problems, and it must decode our
+//! RTCP sender reports.
 
 mod common;
 
@@ -64,7 +65,8 @@ fn tshark(file: &std::path::Path, sip_ports: &[u16], args: &[&str]) -> String {
     let mut cmd = Command::new("tshark");
     cmd.arg("-r")
         .arg(file)
-        .args(["-o", "rtp.heuristic_rtp:TRUE"]);
+        .args(["-o", "rtp.heuristic_rtp:TRUE"])
+        .args(["-o", "rtcp.heuristic_rtcp:TRUE"]);
     for p in sip_ports {
         cmd.args(["-d", &format!("udp.port=={p},sip")]);
     }
@@ -155,5 +157,30 @@ fn tshark_finds_no_malformed_packets_and_no_rtp_loss_in_our_calls() {
             .and_then(|p| p.parse().ok())
             .unwrap_or(0);
         assert!(packets > 100, "too few packets: {line}");
+    }
+
+    // RTCP sender reports (RFC 3550 §6.4.1) to the port after each call's RTP port, counting packets.
+    for media in &media_ports {
+        let reports = tshark(
+            &capture.file,
+            &ports,
+            &[
+                "-Y",
+                &format!("rtcp.pt == 200 && udp.dstport == {}", media + 1),
+                "-T",
+                "fields",
+                "-e",
+                "rtcp.sender.packetcount",
+            ],
+        );
+        let counts: Vec<u64> = reports
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect();
+        assert!(
+            !counts.is_empty() && counts.iter().all(|c| *c > 0),
+            "no sender report with a packet count to {}:\n{reports}",
+            media + 1
+        );
     }
 }

@@ -311,6 +311,7 @@ fn start_call(sh: &Arc<Shared>, due: Due, audio: PreparedAudio) {
             max_replays: sh.cfg.max_replays,
             timers: sh.cfg.timers,
             credentials: sh.cfg.credentials.clone(),
+            reinvite_after: None,
         };
         let masked = campanile_cluster::mask_number(&spec.to);
         let started = std::time::Instant::now();

@@ -6,6 +6,7 @@ pub mod dtmf;
 pub mod g711;
 pub mod message;
 pub mod pacer;
+pub mod rtcp;
 pub mod rtp;
 pub mod tts;
 pub mod wav;

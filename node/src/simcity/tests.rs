@@ -62,6 +62,7 @@ async fn call_city(profile: Profile, number: &str, ring_timeout: Duration) -> Ru
         max_replays: 0,
         timers: Default::default(),
         credentials: None,
+        reinvite_after: None,
     };
     let (_abort, abort_rx) = tokio::sync::watch::channel(false);
     let outcome = tokio::time::timeout(Duration::from_secs(30), place_call(&ctx, &spec, abort_rx))

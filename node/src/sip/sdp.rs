@@ -45,6 +45,15 @@ pub struct RemoteMedia {
     /// Their payload type for telephone-event, if they accept RFC 4733.
     pub telephone_event: Option<u8>,
     pub direction: Direction,
+    /// Where to send RTCP: `a=rtcp` (RFC 3605) or the RTP port plus one (RFC 3550 §11).
+    pub rtcp: Option<SocketAddr>,
+}
+
+impl RemoteMedia {
+    /// Whether the other side accepts audio from us (it is not `sendonly` or `inactive`, RFC 3264 §6.1).
+    pub fn accepts_audio(&self) -> bool {
+        matches!(self.direction, Direction::SendRecv | Direction::RecvOnly)
+    }
 }
 
 /// Why an SDP body could not be used.
@@ -62,8 +71,14 @@ pub enum SdpError {
 
 /// Our offer: PCMU, PCMA and telephone-event, ptime 20, send and receive.
 pub fn offer(session_id: u64, addr: SocketAddr) -> String {
-    answer_with(
+    offer_version(session_id, session_id, addr)
+}
+
+/// A later offer of the same session (a re-INVITE): same session id, higher version (RFC 3264 §8).
+pub fn offer_version(session_id: u64, version: u64, addr: SocketAddr) -> String {
+    render(
         session_id,
+        version,
         addr,
         &[Codec::Pcmu, Codec::Pcma],
         Some(PT_TELEPHONE_EVENT),
@@ -73,6 +88,16 @@ pub fn offer(session_id: u64, addr: SocketAddr) -> String {
 /// An SDP body for the given codecs in preference order (used by the simulated phones to answer).
 pub fn answer_with(
     session_id: u64,
+    addr: SocketAddr,
+    codecs: &[Codec],
+    telephone_event: Option<u8>,
+) -> String {
+    render(session_id, session_id, addr, codecs, telephone_event)
+}
+
+fn render(
+    session_id: u64,
+    version: u64,
     addr: SocketAddr,
     codecs: &[Codec],
     telephone_event: Option<u8>,
@@ -87,7 +112,7 @@ pub fn answer_with(
         pts.push(te.to_string());
     }
     let mut s = format!(
-        "v=0\r\no=campanile {session_id} {session_id} IN {family} {ip}\r\ns=campanile\r\n\
+        "v=0\r\no=campanile {session_id} {version} IN {family} {ip}\r\ns=campanile\r\n\
          c=IN {family} {ip}\r\nt=0 0\r\nm=audio {} RTP/AVP {}\r\n",
         addr.port(),
         pts.join(" ")
@@ -116,6 +141,7 @@ pub fn parse_remote(body: &[u8]) -> Result<RemoteMedia, SdpError> {
     let mut formats: Vec<u8> = Vec::new();
     let mut rtpmap: Vec<(u8, String)> = Vec::new();
     let mut direction = Direction::SendRecv;
+    let mut rtcp_attr: Option<(u16, Option<IpAddr>)> = None;
     let mut in_audio = false;
     let mut seen_audio = false;
     for line in text.lines() {
@@ -140,7 +166,13 @@ pub fn parse_remote(body: &[u8]) -> Result<RemoteMedia, SdpError> {
                 session_ip = ip;
             }
         } else if in_audio {
-            if let Some(rest) = line.strip_prefix("a=rtpmap:") {
+            if let Some(rest) = line.strip_prefix("a=rtcp:") {
+                // RFC 3605: `a=rtcp:PORT [IN IP4 ADDR]`.
+                let mut it = rest.split_whitespace();
+                if let Some(p) = it.next().and_then(|p| p.parse().ok()) {
+                    rtcp_attr = Some((p, it.nth(2).and_then(|a| a.parse().ok())));
+                }
+            } else if let Some(rest) = line.strip_prefix("a=rtpmap:") {
                 if let Some((pt, enc)) = rest.split_once(' ') {
                     if let Ok(pt) = pt.parse() {
                         rtpmap.push((pt, enc.to_ascii_lowercase()));
@@ -177,11 +209,16 @@ pub fn parse_remote(body: &[u8]) -> Result<RemoteMedia, SdpError> {
     } else {
         direction
     };
+    let rtcp = match rtcp_attr {
+        Some((p, addr)) => Some(SocketAddr::new(addr.unwrap_or(ip), p)),
+        None => port.checked_add(1).map(|p| SocketAddr::new(ip, p)),
+    };
     Ok(RemoteMedia {
         addr: SocketAddr::new(ip, port),
         codec,
         telephone_event,
         direction,
+        rtcp: rtcp.filter(|_| port != 0),
     })
 }
 
@@ -197,6 +234,23 @@ mod tests {
         assert_eq!(m.codec, Codec::Pcmu);
         assert_eq!(m.telephone_event, Some(101));
         assert_eq!(m.direction, Direction::SendRecv);
+        assert_eq!(m.rtcp, Some("127.0.0.1:40001".parse().unwrap()));
+        assert!(m.accepts_audio());
+    }
+
+    #[test]
+    fn a_later_offer_keeps_the_session_and_raises_the_version() {
+        let addr: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        assert!(offer_version(7, 8, addr).contains("o=campanile 7 8 IN IP4 127.0.0.1"));
+    }
+
+    #[test]
+    fn rtcp_attribute_and_hold_are_read() {
+        let sdp = "v=0\r\nc=IN IP4 127.0.0.2\r\nm=audio 6000 RTP/AVP 0\r\n\
+                   a=rtcp:7001 IN IP4 127.0.0.3\r\na=sendonly\r\n";
+        let m = parse_remote(sdp.as_bytes()).unwrap();
+        assert_eq!(m.rtcp, Some("127.0.0.3:7001".parse().unwrap()));
+        assert!(!m.accepts_audio());
     }
 
     #[test]
