@@ -8,7 +8,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 
 use crate::media::dtmf::DtmfReceiver;
@@ -16,6 +15,7 @@ use crate::media::g711;
 use crate::media::inband::InbandDetector;
 use crate::media::pacer::{PacerHandle, PlayRequest, RtcpTarget, StreamHandle};
 use crate::media::rtp;
+use crate::media::socket::RtpSocket;
 use crate::media::PreparedAudio;
 use crate::sip::auth::{Challenge, Credentials};
 use crate::sip::dialog::Dialog;
@@ -211,7 +211,7 @@ pub async fn place_call(
     mut abort: watch::Receiver<bool>,
 ) -> CallOutcome {
     let local = ctx.endpoint.local_addr();
-    let (rtp_socket, rtcp_socket) = match bind_rtp_pair(local.ip()).await {
+    let (rtp_socket, rtcp_socket) = match bind_rtp_pair(local.ip()) {
         Ok((rtp, rtcp)) => (Arc::new(rtp), Arc::new(rtcp)),
         Err(e) => return CallOutcome::Failed(format!("cannot bind RTP and RTCP sockets: {e}")),
     };
@@ -254,14 +254,14 @@ pub async fn place_call(
 
 /// An RTP socket on an even port and its RTCP socket on the next one (RFC 3550 §11), so that peers
 /// that ignore `a=rtcp` find our RTCP where convention says.
-async fn bind_rtp_pair(ip: IpAddr) -> io::Result<(UdpSocket, UdpSocket)> {
+fn bind_rtp_pair(ip: IpAddr) -> io::Result<(RtpSocket, RtpSocket)> {
     for _ in 0..64 {
-        let rtp = UdpSocket::bind((ip, 0)).await?;
+        let rtp = RtpSocket::bind(SocketAddr::new(ip, 0))?;
         let port = rtp.local_addr()?.port();
         if port % 2 != 0 || port == u16::MAX {
             continue;
         }
-        if let Ok(rtcp) = UdpSocket::bind((ip, port + 1)).await {
+        if let Ok(rtcp) = RtpSocket::bind(SocketAddr::new(ip, port + 1)) {
             return Ok((rtp, rtcp));
         }
     }
@@ -273,8 +273,8 @@ async fn bind_rtp_pair(ip: IpAddr) -> io::Result<(UdpSocket, UdpSocket)> {
 
 /// Our side of the media session.
 struct Media {
-    rtp: Arc<UdpSocket>,
-    rtcp: Arc<UdpSocket>,
+    rtp: Arc<RtpSocket>,
+    rtcp: Arc<RtpSocket>,
     sdp_session: u64,
     /// Raised with every new offer or answer we send (RFC 3264 §8).
     sdp_version: u64,
@@ -939,7 +939,7 @@ async fn wait_stream(stream: Option<&StreamHandle>) {
 /// Reads RTP from the callee and reports keys: RFC 4733 events when telephone-event was negotiated,
 /// otherwise tones in the audio itself (for trunks that pass keys only in-band).
 async fn receive_dtmf(
-    socket: Arc<UdpSocket>,
+    socket: Arc<RtpSocket>,
     telephone_event: Option<u8>,
     digits: mpsc::UnboundedSender<char>,
 ) {

@@ -97,10 +97,37 @@ enum Cmd {
     },
     /// Start a node with the simulated city, register demo citizens and run one emergency alert.
     Demo(campanile::demo::DemoOptions),
+    /// Benchmarks of BENCHMARKS.md (figures, not pass/fail).
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
     /// Configuration helpers.
     Config {
         #[command(subcommand)]
         what: ConfigCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// N concurrent G.711 streams through the pacer against a bare sendmmsg loop.
+    Media {
+        /// Stream counts to measure, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1000,2000,4000,5000")]
+        streams: Vec<usize>,
+        /// Seconds measured per row.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+    },
+    /// Calls per second and CPU per call: campanile's UAC against `sipp -sn uac`, both to `sipp -sn uas`.
+    CallSetup {
+        /// Offered rates in calls per second, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "250,500,1000")]
+        rates: Vec<f64>,
+        /// Seconds of calls per rate.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
     },
 }
 
@@ -299,6 +326,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::from(1)
             })
+        }
+        Cmd::Bench { what } => {
+            match what {
+                BenchCmd::Media { streams, seconds } => {
+                    campanile::bench::media(&streams, seconds.clamp(1.0, 600.0)).await?
+                }
+                BenchCmd::CallSetup { rates, seconds } => {
+                    campanile::bench::call_setup(&rates, seconds.clamp(1.0, 600.0)).await?
+                }
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Demo(opts) => {
             campanile::demo::run(opts).await?;

@@ -8,6 +8,7 @@ pub mod message;
 pub mod pacer;
 pub mod rtcp;
 pub mod rtp;
+pub mod socket;
 pub mod tts;
 pub mod wav;
 

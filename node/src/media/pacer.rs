@@ -1,5 +1,5 @@
-//! The pacer: one thread sends every active stream's next 20 ms frame on each tick, instead of one timer
-//! per call. Streams are spread over the tick's 20 one-millisecond phases (each new stream takes the
+//! The pacer: one thread per core sends its streams' next 20 ms frames on each tick, instead of one
+//! timer per call. Streams are spread over the tick's 20 one-millisecond phases (each new stream takes the
 //! least loaded phase), so the node sends a steady trickle rather than one burst every 20 ms. The thread
 //! sleeps until the next phase that has streams and then sends that phase's packets back to back with
 //! non-blocking sends. Lateness (actual send time minus the packet's due time) is measured for every
@@ -15,12 +15,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
 use super::message::FRAME;
 use super::rtcp::{self, SenderInfo, REPORT_INTERVAL_FRAMES};
 use super::rtp::{write_packet, RtpHeader};
+use super::socket::RtpSocket;
 
 /// Packetisation interval.
 pub const TICK: Duration = Duration::from_millis(20);
@@ -31,13 +31,13 @@ const PHASE: Duration = Duration::from_millis(1);
 /// Where a stream's RTCP goes: our RTCP socket and the callee's RTCP address.
 #[derive(Clone)]
 pub struct RtcpTarget {
-    pub socket: Arc<UdpSocket>,
+    pub socket: Arc<RtpSocket>,
     pub dest: SocketAddr,
 }
 
 /// One stream to play.
 pub struct PlayRequest {
-    pub socket: Arc<UdpSocket>,
+    pub socket: Arc<RtpSocket>,
     pub dest: SocketAddr,
     pub frames: Arc<Vec<[u8; FRAME]>>,
     pub payload_type: u8,
@@ -133,6 +133,14 @@ impl Histogram {
         self.max_us = self.max_us.max(us);
     }
 
+    fn merge(&mut self, other: &Histogram) {
+        for (a, b) in self.buckets.iter_mut().zip(&other.buckets) {
+            *a += b;
+        }
+        self.count += other.count;
+        self.max_us = self.max_us.max(other.max_us);
+    }
+
     fn quantile_us(&self, q: f64) -> u64 {
         if self.count == 0 {
             return 0;
@@ -168,31 +176,49 @@ struct Shared {
 /// Submits streams to the pacer thread.
 #[derive(Clone)]
 pub struct PacerHandle {
+    lanes: Arc<Vec<Lane>>,
+}
+
+/// One pacer thread and the streams it owns.
+struct Lane {
     tx: mpsc::Sender<Stream>,
     shared: Arc<Shared>,
 }
 
-/// The pacer thread.
+/// The pacer threads.
 pub struct Pacer;
 
 impl Pacer {
-    /// Starts the pacer thread; it ends when every handle is dropped and its streams are done.
+    /// Starts one pacer thread per core; a stream goes to the thread with the fewest streams.
     pub fn spawn() -> PacerHandle {
-        let (tx, rx) = mpsc::channel();
-        let shared = Arc::new(Shared {
-            lateness: Mutex::new(Histogram::new()),
-            active: AtomicUsize::new(0),
-            packets: AtomicU64::new(0),
-        });
-        let thread_shared = shared.clone();
-        let spawned = std::thread::Builder::new()
-            .name("campanile-pacer".into())
-            .spawn(move || run(rx, &thread_shared));
-        if let Err(e) = spawned {
-            // Without the thread every stream finishes at once (see `play`); say why loudly.
-            tracing::error!(error = %e, "cannot start the RTP pacer thread: no audio will be sent");
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Pacer::spawn_threads(threads)
+    }
+
+    /// Starts `threads` pacer threads; each ends when every handle is dropped and its streams are done.
+    pub fn spawn_threads(threads: usize) -> PacerHandle {
+        let lanes = (0..threads.max(1))
+            .map(|i| {
+                let (tx, rx) = mpsc::channel();
+                let shared = Arc::new(Shared {
+                    lateness: Mutex::new(Histogram::new()),
+                    active: AtomicUsize::new(0),
+                    packets: AtomicU64::new(0),
+                });
+                let thread_shared = shared.clone();
+                let spawned = std::thread::Builder::new()
+                    .name(format!("campanile-pacer-{i}"))
+                    .spawn(move || run(rx, &thread_shared));
+                if let Err(e) = spawned {
+                    // Without the thread its streams finish at once (see `play`); say why loudly.
+                    tracing::error!(error = %e, "cannot start an RTP pacer thread: its calls get no audio");
+                }
+                Lane { tx, shared }
+            })
+            .collect();
+        PacerHandle {
+            lanes: Arc::new(lanes),
         }
-        PacerHandle { tx, shared }
     }
 }
 
@@ -216,8 +242,18 @@ impl PacerHandle {
             req,
             shared: shared.clone(),
         };
-        if let Err(mpsc::SendError(s)) = self.tx.send(stream) {
-            // The pacer is gone: report the stream as finished rather than hang its call.
+        let lane = self
+            .lanes
+            .iter()
+            .min_by_key(|l| l.shared.active.load(Ordering::Relaxed));
+        let Some(lane) = lane else {
+            shared.done.send_replace(true);
+            return StreamHandle { shared };
+        };
+        lane.shared.active.fetch_add(1, Ordering::Relaxed);
+        if let Err(mpsc::SendError(s)) = lane.tx.send(stream) {
+            // The pacer thread is gone: report the stream as finished rather than hang its call.
+            lane.shared.active.fetch_sub(1, Ordering::Relaxed);
             s.shared.done.send_replace(true);
         }
         StreamHandle { shared }
@@ -225,36 +261,42 @@ impl PacerHandle {
 
     /// Streams currently playing.
     pub fn active_streams(&self) -> usize {
-        self.shared.active.load(Ordering::Relaxed)
+        self.lanes
+            .iter()
+            .map(|l| l.shared.active.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// RTP packets sent since the pacer started.
     pub fn packets_sent(&self) -> u64 {
-        self.shared.packets.load(Ordering::Relaxed)
+        self.lanes
+            .iter()
+            .map(|l| l.shared.packets.load(Ordering::Relaxed))
+            .sum()
     }
 
-    /// Per-packet lateness percentiles.
+    /// Per-packet lateness percentiles over all pacer threads.
     pub fn lateness_snapshot(&self) -> LatenessSnapshot {
-        match self.shared.lateness.lock() {
-            Ok(h) => LatenessSnapshot {
-                packets: h.count,
-                p50_us: h.quantile_us(0.50),
-                p99_us: h.quantile_us(0.99),
-                max_us: h.max_us,
-            },
-            Err(_) => LatenessSnapshot {
-                packets: 0,
-                p50_us: 0,
-                p99_us: 0,
-                max_us: 0,
-            },
+        let mut all = Histogram::new();
+        for lane in self.lanes.iter() {
+            if let Ok(h) = lane.shared.lateness.lock() {
+                all.merge(&h);
+            }
+        }
+        LatenessSnapshot {
+            packets: all.count,
+            p50_us: all.quantile_us(0.50),
+            p99_us: all.quantile_us(0.99),
+            max_us: all.max_us,
         }
     }
 
     /// Starts a new lateness measurement (benchmarks measure the steady state only).
     pub fn reset_lateness(&self) {
-        if let Ok(mut h) = self.shared.lateness.lock() {
-            *h = Histogram::new();
+        for lane in self.lanes.iter() {
+            if let Ok(mut h) = lane.shared.lateness.lock() {
+                *h = Histogram::new();
+            }
         }
     }
 }
@@ -309,7 +351,9 @@ fn run(rx: mpsc::Receiver<Stream>, shared: &Shared) {
             more
         });
         active -= before - phase.len();
-        shared.active.store(active, Ordering::Relaxed);
+        shared
+            .active
+            .fetch_sub(before - phase.len(), Ordering::Relaxed);
         shared
             .packets
             .fetch_add(late.len() as u64, Ordering::Relaxed);
@@ -374,6 +418,11 @@ fn send_next(s: &mut Stream, buf: &mut Vec<u8>) -> bool {
 mod tests {
     use super::*;
     use crate::media::rtp::parse;
+    use tokio::net::UdpSocket;
+
+    fn sender() -> Arc<RtpSocket> {
+        Arc::new(RtpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap())
+    }
 
     async fn receive(sock: &UdpSocket, n: usize) -> Vec<RtpHeader> {
         let mut out = Vec::new();
@@ -391,7 +440,7 @@ mod tests {
     #[tokio::test]
     async fn two_streams_get_consecutive_packets_and_finish() {
         let pacer = Pacer::spawn();
-        let send = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let send = sender();
         let rx1 = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let rx2 = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let frames = Arc::new(vec![[0xFFu8; FRAME]; 10]);
@@ -429,9 +478,9 @@ mod tests {
 
     #[tokio::test]
     async fn streams_are_spread_over_the_phases_and_send_sender_reports() {
-        let pacer = Pacer::spawn();
-        let send = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-        let rtcp_send = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let pacer = Pacer::spawn_threads(1);
+        let send = sender();
+        let rtcp_send = sender();
         let rx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let rtcp_rx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let frames = Arc::new(vec![[0xFFu8; FRAME]; 200]);
@@ -486,7 +535,7 @@ mod tests {
     #[tokio::test]
     async fn stop_ends_a_stream_early_and_resumes_at_an_offset() {
         let pacer = Pacer::spawn();
-        let send = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let send = sender();
         let rx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let frames = Arc::new(vec![[0xFFu8; FRAME]; 10_000]);
         let s = pacer.play(PlayRequest {

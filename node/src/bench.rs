@@ -1,0 +1,439 @@
+//! `campanile bench`: the two telephony benchmarks of BENCHMARKS.md, each measured against a named
+//! reference in the same run. They are commands, not tests: they print figures, they assert nothing.
+//!
+//! * `media`: N concurrent G.711 streams through the pacer (one socket per stream, as calls have) versus
+//!   a bare `sendmmsg` loop pushing the same 172-byte datagrams over the same loopback as fast as it can
+//!   (the machine's limit). Both send to the same N sink sockets, which nobody reads: the figure is the
+//!   sender's cost alone (sim-city's phones would compete with the sender for the same cores).
+//! * `call-setup`: calls per second and CPU per 1,000 calls, campanile's UAC versus `sipp -sn uac`,
+//!   both against the same `sipp -sn uas`.
+
+use std::net::{SocketAddr, UdpSocket as StdUdpSocket};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::call::{place_call, CallContext, CallOutcome, CallSpec};
+use crate::media::message::FRAME;
+use crate::media::pacer::{Pacer, PlayRequest};
+use crate::media::PreparedAudio;
+use crate::sip::endpoint::Endpoint;
+
+/// Bytes of one G.711 RTP datagram: 12 header + 160 payload.
+const DATAGRAM: usize = 12 + FRAME;
+
+/// CPU seconds (user + system) used so far by this process or by its reaped children.
+fn cpu_seconds(who: libc::c_int) -> f64 {
+    // SAFETY: getrusage only writes the struct we pass; a zeroed rusage is a valid initial value.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a valid, exclusively borrowed rusage.
+    if unsafe { libc::getrusage(who, &mut ru) } != 0 {
+        return 0.0;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Raises the soft limit on open files to the hard limit: each stream or call holds sockets.
+pub fn raise_fd_limit() -> u64 {
+    // SAFETY: plain libc calls on a stack struct.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+        lim.rlim_cur
+    }
+}
+
+/// One row of the media benchmark.
+#[derive(Debug, Clone)]
+pub struct MediaRow {
+    pub streams: usize,
+    pub packets_per_s: f64,
+    /// CPU seconds per second of wall time, per stream, in microseconds.
+    pub cpu_us_per_stream_s: f64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+}
+
+/// The sink: N sockets nobody reads, standing in for N phones.
+fn sinks(n: usize) -> anyhow::Result<(Vec<StdUdpSocket>, Vec<SocketAddr>)> {
+    let mut socks = Vec::with_capacity(n);
+    let mut addrs = Vec::with_capacity(n);
+    for _ in 0..n {
+        let s = StdUdpSocket::bind("127.0.0.1:0").context("binding a sink socket")?;
+        addrs.push(s.local_addr()?);
+        socks.push(s);
+    }
+    Ok((socks, addrs))
+}
+
+/// One bare loop: this thread, one socket, `sendmmsg` batches of 64 datagrams round-robin over the sinks,
+/// flat out for `secs`. Returns (packets per second, CPU seconds per second).
+pub fn bare_loop(dests: &[SocketAddr], secs: f64) -> anyhow::Result<(f64, f64)> {
+    use std::os::fd::AsRawFd;
+    const BATCH: usize = 64;
+    let sock = StdUdpSocket::bind("127.0.0.1:0")?;
+    let fd = sock.as_raw_fd();
+    let payload = [0x80u8; DATAGRAM];
+    let addrs: Vec<libc::sockaddr_in> = dests
+        .iter()
+        .map(|d| {
+            // SAFETY: sockaddr_in is plain data; zeroed is a valid starting value.
+            let mut a: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+            a.sin_family = libc::AF_INET as libc::sa_family_t;
+            a.sin_port = d.port().to_be();
+            a.sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 1]);
+            a
+        })
+        .collect();
+    if addrs.is_empty() {
+        bail!("no destinations");
+    }
+    let mut iovs: Vec<libc::iovec> = (0..BATCH)
+        .map(|_| libc::iovec {
+            iov_base: payload.as_ptr() as *mut libc::c_void,
+            iov_len: DATAGRAM,
+        })
+        .collect();
+    let mut next = 0usize;
+    let mut sent: u64 = 0;
+    let cpu0 = thread_cpu_seconds();
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(secs);
+    while Instant::now() < end {
+        // SAFETY: every header points into `iovs` and `addrs`, which outlive the call.
+        let mut msgs: Vec<libc::mmsghdr> = (0..BATCH)
+            .map(|i| {
+                let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                h.msg_hdr.msg_name = &addrs[(next + i) % addrs.len()] as *const _ as *mut _;
+                h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
+                h.msg_hdr.msg_iov = &mut iovs[i];
+                h.msg_hdr.msg_iovlen = 1;
+                h
+            })
+            .collect();
+        // SAFETY: `msgs` is a valid array of BATCH headers.
+        let n = unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), BATCH as u32, 0) };
+        if n > 0 {
+            sent += n as u64;
+            next = (next + n as usize) % addrs.len();
+        }
+    }
+    let wall = start.elapsed().as_secs_f64();
+    Ok((sent as f64 / wall, (thread_cpu_seconds() - cpu0) / wall))
+}
+
+fn thread_cpu_seconds() -> f64 {
+    cpu_seconds(libc::RUSAGE_THREAD)
+}
+
+/// The pacer with `n` streams, one socket each, to the sinks; measured for `secs` after a warm-up.
+pub async fn pacer_run(dests: &[SocketAddr], secs: f64) -> anyhow::Result<MediaRow> {
+    let n = dests.len();
+    let warmup = 2.0;
+    let frames = ((secs + warmup + 2.0) * 50.0) as usize;
+    let audio = Arc::new(vec![[0xFFu8; FRAME]; frames]);
+    let pacer = Pacer::spawn();
+    let mut handles = Vec::with_capacity(n);
+    for (i, dest) in dests.iter().enumerate() {
+        let socket = Arc::new(
+            crate::media::socket::RtpSocket::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+                .context("binding a stream socket")?,
+        );
+        handles.push(pacer.play(PlayRequest {
+            socket,
+            dest: *dest,
+            frames: audio.clone(),
+            payload_type: 0,
+            ssrc: i as u32,
+            start_frame: 0,
+            initial_seq: 0,
+            initial_ts: 0,
+            initial_packets: 0,
+            rtcp: None,
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
+    pacer.reset_lateness();
+    let packets0 = pacer.packets_sent();
+    let cpu0 = cpu_seconds(libc::RUSAGE_SELF);
+    let start = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    let wall = start.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(libc::RUSAGE_SELF) - cpu0;
+    let packets = pacer.packets_sent() - packets0;
+    let lateness = pacer.lateness_snapshot();
+    drop(handles);
+    Ok(MediaRow {
+        streams: n,
+        packets_per_s: packets as f64 / wall,
+        cpu_us_per_stream_s: cpu / wall / n as f64 * 1e6,
+        p50_us: lateness.p50_us,
+        p99_us: lateness.p99_us,
+        max_us: lateness.max_us,
+    })
+}
+
+/// `campanile bench media`.
+pub async fn media(stream_counts: &[usize], secs: f64) -> anyhow::Result<()> {
+    let limit = raise_fd_limit();
+    let most = stream_counts.iter().copied().max().unwrap_or(0);
+    if (2 * most + 100) as u64 > limit {
+        bail!(
+            "{most} streams need about {} open files; the limit is {limit}",
+            2 * most + 100
+        );
+    }
+    let (_sinks, addrs) = sinks(most)?;
+    // As many bare loops as the pacer has threads (one per core), each over its share of the sinks.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let loops: Vec<_> = addrs
+        .chunks(addrs.len().div_ceil(threads).max(1))
+        .map(|share| {
+            let share = share.to_vec();
+            std::thread::spawn(move || bare_loop(&share, secs))
+        })
+        .collect();
+    let (mut bare_pps, mut bare_cpu) = (0.0, 0.0);
+    for l in loops {
+        let (pps, cpu) = l
+            .join()
+            .map_err(|_| anyhow::anyhow!("a bare loop thread panicked"))??;
+        bare_pps += pps;
+        bare_cpu += cpu;
+    }
+    println!(
+        "bare sendmmsg loop on {threads} threads: {bare_pps:.0} packets/s ({:.0} streams' worth), \
+         {:.2} CPU s/s, {:.2} µs CPU per packet",
+        bare_pps / 50.0,
+        bare_cpu,
+        bare_cpu / bare_pps * 1e6
+    );
+    println!(
+        "| streams | packets/s | % of bare loop | CPU µs per packet | CPU µs per stream-second | \
+         lateness p50 | p99 | max |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for &n in stream_counts {
+        let row = pacer_run(&addrs[..n], secs).await?;
+        println!(
+            "| {} | {:.0} | {:.1} % | {:.2} | {:.1} | {:.2} ms | {:.2} ms | {:.2} ms |",
+            row.streams,
+            row.packets_per_s,
+            row.packets_per_s / bare_pps * 100.0,
+            row.cpu_us_per_stream_s * row.streams as f64 / row.packets_per_s.max(1.0),
+            row.cpu_us_per_stream_s,
+            row.p50_us as f64 / 1000.0,
+            row.p99_us as f64 / 1000.0,
+            row.max_us as f64 / 1000.0,
+        );
+    }
+    Ok(())
+}
+
+/// Result of one call-setup run.
+#[derive(Debug, Clone)]
+pub struct SetupRun {
+    pub attempted: u64,
+    pub succeeded: u64,
+    pub wall_s: f64,
+    pub cpu_s: f64,
+}
+
+/// Places `calls` calls at `rate` per second to `uas`: INVITE, 200, ACK, BYE (no audio), and counts
+/// the ones that completed.
+pub async fn campanile_setup(uas: SocketAddr, rate: f64, calls: u64) -> anyhow::Result<SetupRun> {
+    let (endpoint, _unrouted) = Endpoint::bind("127.0.0.1:0".parse()?).await?;
+    let ctx = CallContext {
+        endpoint,
+        pacer: Pacer::spawn(),
+    };
+    let spec = Arc::new(CallSpec {
+        to: "1000".into(),
+        trunk: uas,
+        trunk_host: uas.to_string(),
+        from_user: "campanile".into(),
+        display_name: "bench".into(),
+        audio: PreparedAudio::from_samples(Vec::new()),
+        ring_timeout: Duration::from_secs(10),
+        confirm_wait: Duration::ZERO,
+        require_confirmation: false,
+        allow_opt_out: false,
+        max_replays: 0,
+        timers: Default::default(),
+        credentials: None,
+        reinvite_after: None,
+    });
+    let ok = Arc::new(AtomicU64::new(0));
+    let (_abort_tx, abort_rx) = tokio::sync::watch::channel(false);
+    let cpu0 = cpu_seconds(libc::RUSAGE_SELF);
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..calls {
+        let due = start + Duration::from_secs_f64(i as f64 / rate);
+        tokio::time::sleep_until(due.into()).await;
+        let (ctx, spec, ok, abort) = (ctx.clone(), spec.clone(), ok.clone(), abort_rx.clone());
+        tasks.spawn(async move {
+            if place_call(&ctx, &spec, abort).await == CallOutcome::Heard {
+                ok.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    Ok(SetupRun {
+        attempted: calls,
+        succeeded: ok.load(Ordering::Relaxed),
+        wall_s: start.elapsed().as_secs_f64(),
+        cpu_s: cpu_seconds(libc::RUSAGE_SELF) - cpu0,
+    })
+}
+
+/// A `sipp -sn uas` on a free loopback port, killed on drop.
+struct SippUas {
+    child: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl SippUas {
+    fn start() -> anyhow::Result<SippUas> {
+        let port = StdUdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
+        let child = Command::new("sipp")
+            .args(["-sn", "uas", "-i", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-nostdin", "-max_socket", "60000"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting sipp (Debian package sip-tester)")?;
+        let uas = SippUas {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        };
+        // Wait (bounded) until SIPp holds its port, read from /proc/net/udp.
+        let needle = format!(":{port:04X} ");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string("/proc/net/udp")
+            .unwrap_or_default()
+            .contains(&needle)
+        {
+            if Instant::now() > deadline {
+                bail!("sipp -sn uas did not bind 127.0.0.1:{port}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(uas)
+    }
+}
+
+impl Drop for SippUas {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `sipp -sn uac` against `uas`: (successful calls, failed calls, wall seconds, CPU seconds).
+fn sipp_setup(uas: SocketAddr, rate: f64, calls: u64) -> anyhow::Result<SetupRun> {
+    let dir = tempfile_dir()?;
+    let port = StdUdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
+    let cpu0 = cpu_seconds(libc::RUSAGE_CHILDREN);
+    let start = Instant::now();
+    let status = Command::new("sipp")
+        .args(["-sn", "uac", &uas.to_string(), "-i", "127.0.0.1"])
+        .args(["-p", &port.to_string()])
+        .args([
+            "-r",
+            &format!("{rate}"),
+            "-m",
+            &calls.to_string(),
+            "-d",
+            "0",
+        ])
+        .args([
+            "-nostdin",
+            "-trace_stat",
+            "-stf",
+            "stats.csv",
+            "-max_socket",
+            "60000",
+        ])
+        .args(["-timeout", "120s", "-timeout_error"])
+        .current_dir(&dir)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("stderr"))?)
+        .status()
+        .context("running sipp -sn uac")?;
+    let stderr = std::fs::read_to_string(dir.join("stderr")).unwrap_or_default();
+    let wall_s = start.elapsed().as_secs_f64();
+    let cpu_s = cpu_seconds(libc::RUSAGE_CHILDREN) - cpu0;
+    let stats = std::fs::read_to_string(dir.join("stats.csv")).unwrap_or_default();
+    let header = stats.lines().next().unwrap_or_default();
+    let last = stats.lines().last().unwrap_or_default();
+    let column = |name: &str| -> u64 {
+        header
+            .split(';')
+            .position(|c| c == name)
+            .and_then(|i| last.split(';').nth(i))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let succeeded = column("SuccessfulCall(C)");
+    if succeeded == 0 && !status.success() {
+        bail!("sipp -sn uac failed ({status}) with no successful call: {stderr}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(SetupRun {
+        attempted: calls,
+        succeeded,
+        wall_s,
+        cpu_s,
+    })
+}
+
+fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!(
+        "campanile-bench-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// `campanile bench call-setup`: for each rate, SIPp's UAC and ours against a fresh `sipp -sn uas`.
+pub async fn call_setup(rates: &[f64], secs: f64) -> anyhow::Result<()> {
+    raise_fd_limit();
+    println!("| rate offered (calls/s) | UAC | calls | failed | achieved calls/s | CPU s per 1,000 calls |");
+    println!("|---:|---|---:|---:|---:|---:|");
+    for &rate in rates {
+        let calls = (rate * secs).round().max(1.0) as u64;
+        let row = |who: &str, r: &SetupRun| {
+            println!(
+                "| {rate:.0} | {who} | {} | {} | {:.0} | {:.3} |",
+                r.attempted,
+                r.attempted - r.succeeded.min(r.attempted),
+                r.succeeded as f64 / r.wall_s,
+                r.cpu_s / (r.succeeded.max(1) as f64) * 1000.0
+            )
+        };
+        let uas = SippUas::start()?;
+        let addr = uas.addr;
+        let sipp = tokio::task::spawn_blocking(move || sipp_setup(addr, rate, calls)).await??;
+        drop(uas);
+        row("sipp -sn uac", &sipp);
+        let uas = SippUas::start()?;
+        let ours = campanile_setup(uas.addr, rate, calls).await?;
+        drop(uas);
+        row("campanile", &ours);
+    }
+    Ok(())
+}
