@@ -4,8 +4,13 @@
 //! seed, the number and how often it was called before. What every phone actually experienced is written
 //! to a ground-truth log, one JSON object per line, which tests compare the cluster's claims against:
 //! `t_ms`, `number`, `call_id`, `from` (source of the request), `event` (`invite`, `ringing`, `answer`,
-//! `reject`, `dtmf`, `cancel`, `bye_received`, `bye_sent`, `reinvite`) and `audio_ms`, `code`, `digit`,
-//! `attempt` where they apply.
+//! `reject`, `dtmf`, `cancel`, `bye_received`, `bye_sent`, `reinvite`, `challenge`) and `audio_ms`,
+//! `code`, `digit`, `attempt` where they apply.
+//!
+//! Besides the phones, the profile can give the city a carrier's quirks: a Digest challenge on every
+//! new INVITE (`auth`), PCMA-only answers (`alaw_only`), 183 early media (`early_media`), a channel cap
+//! beyond which new calls get 503 with Retry-After (`max_channels`) and in-band-only keys
+//! (`inband_dtmf`).
 
 mod phone;
 pub mod profile;

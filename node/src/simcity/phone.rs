@@ -31,6 +31,8 @@ enum Wake {
     Bye,
     /// New audio arrived.
     Audio,
+    /// A new INVITE of the same call (the caller answering our challenge).
+    NewInvite(Request),
     Closed,
 }
 
@@ -52,6 +54,8 @@ struct PhoneCall {
     st: ServerTransaction,
     answered: bool,
     media: Option<Media>,
+    /// The RTP socket bound for early media, reused by the answer.
+    early_socket: Option<Arc<UdpSocket>>,
 }
 
 /// Handles one incoming INVITE to the end of its call.
@@ -87,14 +91,83 @@ pub(crate) async fn run(
         st,
         answered: false,
         media: None,
+        early_socket: None,
     };
     call.respond(100, None).await;
-    let behaviour = shared.profile.behaviour(shared.seed, &call.number, attempt);
-    call.play(behaviour).await;
+    let over_cap = shared
+        .profile
+        .max_channels
+        .is_some_and(|cap| shared.stats.active.load(Ordering::Relaxed) > cap);
+    let behaviour = if over_cap {
+        Behaviour::Congestion
+    } else {
+        shared.profile.behaviour(shared.seed, &call.number, attempt)
+    };
+    if call.authenticate().await {
+        call.play(behaviour).await;
+    }
     shared.stats.active.fetch_sub(1, Ordering::Relaxed);
 }
 
 impl PhoneCall {
+    /// A challenging carrier: answers an INVITE without valid credentials with 401 and waits for the
+    /// caller's new INVITE; false when the call ends here.
+    async fn authenticate(&mut self) -> bool {
+        let Some(auth) = self.shared.profile.auth.clone() else {
+            return true;
+        };
+        // A nonce per call: the carrier does not need to remember it.
+        let nonce = format!(
+            "{:016x}",
+            super::profile::Rng::for_call(self.shared.seed, &self.call_id, 0).next_u64()
+        );
+        let challenge = format!(
+            "Digest realm=\"{}\", nonce=\"{nonce}\", qop=\"auth\", algorithm=MD5",
+            auth.realm
+        );
+        let resp = response_to(
+            &self.invite,
+            401,
+            Some(&self.tag),
+            &[("WWW-Authenticate", challenge)],
+            None,
+        );
+        self.st.respond(&resp, Instant::now());
+        self.flush().await;
+        self.log("challenge", json!({ "code": 401 }));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let new_invite = loop {
+            match self.wait(Some(deadline)).await {
+                Wake::NewInvite(req) => break req,
+                Wake::Deadline | Wake::Closed | Wake::Bye | Wake::Cancelled => return false,
+                Wake::Audio => {}
+            }
+        };
+        let proof = message::header_value(&new_invite, message::HeaderName::Authorization)
+            .unwrap_or_default()
+            .to_string();
+        self.invite = new_invite;
+        self.st = ServerTransaction::new(
+            self.invite.clone(),
+            Instant::now(),
+            self.shared.timers,
+            false,
+        );
+        self.respond(100, None).await;
+        let ok = crate::sip::auth::verify(
+            &proof,
+            "INVITE",
+            &auth.username,
+            &auth.password,
+            &auth.realm,
+            &nonce,
+        );
+        if !ok {
+            self.reject(403).await;
+        }
+        ok
+    }
+
     fn audio_ms(&self) -> u64 {
         self.media
             .as_ref()
@@ -198,8 +271,42 @@ impl PhoneCall {
     }
 
     async fn ring(&mut self) {
+        if self.shared.profile.early_media {
+            // 183 with SDP: the carrier's own audio ("the number you called...") could flow now.
+            if let Some(socket) = self.rtp_socket().await {
+                let addr = socket.local_addr().ok();
+                if let (Some(addr), Ok(offer)) = (addr, sdp::parse_remote(&self.invite.body)) {
+                    let body = sdp::answer_with(1, addr, &[self.codec_for(&offer)], None);
+                    self.respond(183, Some(("application/sdp", body.into_bytes())))
+                        .await;
+                    self.log("ringing", json!({ "early_media": true }));
+                    return;
+                }
+            }
+        }
         self.respond(180, None).await;
         self.log("ringing", json!({}));
+    }
+
+    /// The phone's RTP socket, bound once.
+    async fn rtp_socket(&mut self) -> Option<Arc<UdpSocket>> {
+        if self.early_socket.is_none() {
+            let ip = self.shared.endpoint.local_addr().ip();
+            self.early_socket = UdpSocket::bind(SocketAddr::new(ip, 0))
+                .await
+                .ok()
+                .map(Arc::new);
+        }
+        self.early_socket.clone()
+    }
+
+    /// The codec the phone answers with: the caller's first, or PCMA on an A-law-only carrier.
+    fn codec_for(&self, offer: &RemoteMedia) -> Codec {
+        if self.shared.profile.alaw_only {
+            Codec::Pcma
+        } else {
+            offer.codec
+        }
     }
 
     async fn reject(&mut self, code: u16) {
@@ -215,18 +322,19 @@ impl PhoneCall {
                 return;
             }
         };
+        if self.shared.profile.alaw_only && !offers_pcma(&self.invite.body) {
+            self.reject(488).await;
+            return;
+        }
         let ip = self.shared.endpoint.local_addr().ip();
-        let socket = match UdpSocket::bind(SocketAddr::new(ip, 0)).await {
-            Ok(s) => Arc::new(s),
-            Err(_) => {
-                self.reject(500).await;
-                return;
-            }
+        let Some(socket) = self.rtp_socket().await else {
+            self.reject(500).await;
+            return;
         };
         let local_rtp = socket
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::new(ip, 0));
-        let codec = offer.codec;
+        let codec = self.codec_for(&offer);
         // An in-band-only phone (or its trunk) does not take telephone-event: keys travel as tones.
         let telephone_event = offer
             .telephone_event
@@ -234,6 +342,7 @@ impl PhoneCall {
         let answer = sdp::answer_with(1, local_rtp, &[codec], telephone_event);
         let mut remote = offer;
         remote.telephone_event = telephone_event;
+        remote.codec = codec;
         self.media = Some(Media {
             socket,
             remote,
@@ -259,7 +368,7 @@ impl PhoneCall {
                 .unwrap_or_else(Instant::now);
             match self.wait(Some(last_rtp + media_timeout)).await {
                 Wake::Bye | Wake::Closed => return,
-                Wake::Cancelled | Wake::Audio => {}
+                Wake::Cancelled | Wake::Audio | Wake::NewInvite(_) => {}
                 Wake::Deadline => {
                     let idle = self
                         .media
@@ -406,6 +515,10 @@ impl PhoneCall {
         let now = Instant::now();
         match req.method {
             Method::Invite if message::to_tag(&req).is_none() => {
+                if message::via_branch(&req) != message::via_branch(&self.invite) {
+                    // A new transaction of the same call: the caller answering a challenge.
+                    return Some(Wake::NewInvite(req));
+                }
                 // A retransmission of the INVITE.
                 self.st.handle_retransmission();
                 self.flush().await;
@@ -468,6 +581,15 @@ impl PhoneCall {
             }
         }
     }
+}
+
+/// Whether an SDP offer lists PCMA (payload type 8) on its audio line.
+fn offers_pcma(body: &[u8]) -> bool {
+    std::str::from_utf8(body).is_ok_and(|text| {
+        text.lines()
+            .find_map(|l| l.trim_end().strip_prefix("m=audio "))
+            .is_some_and(|m| m.split_whitespace().skip(2).any(|pt| pt == "8"))
+    })
 }
 
 async fn recv_opt(socket: Option<&UdpSocket>, buf: &mut [u8]) -> Option<usize> {

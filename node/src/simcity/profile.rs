@@ -55,6 +55,33 @@ pub struct Profile {
     pub media_timeout_ms: u64,
     /// Phones answer without telephone-event and press keys as in-band tones (trunks that pass only audio).
     pub inband_dtmf: bool,
+    /// The carrier answers with PCMA only (refusing calls that do not offer it, 488).
+    pub alaw_only: bool,
+    /// Ringing phones send 183 Session Progress with SDP (early media) instead of 180.
+    pub early_media: bool,
+    /// The carrier challenges every new INVITE (401) and wants these credentials; `None` = no auth.
+    pub auth: Option<AuthQuirk>,
+    /// The carrier's channel cap: a new call beyond this many in progress gets 503 with Retry-After.
+    pub max_channels: Option<u64>,
+}
+
+/// The credentials a challenging carrier expects.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthQuirk {
+    pub realm: String,
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for AuthQuirk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "AuthQuirk {{ realm: {:?}, username: {:?}, password: <redacted> }}",
+            self.realm, self.username
+        )
+    }
 }
 
 impl Default for Profile {
@@ -87,6 +114,10 @@ impl Profile {
             max_ring_ms: 60_000,
             media_timeout_ms: 10_000,
             inband_dtmf: false,
+            alaw_only: false,
+            early_media: false,
+            auth: None,
+            max_channels: None,
         }
     }
 
@@ -113,6 +144,10 @@ impl Profile {
             max_ring_ms: 60_000,
             media_timeout_ms: 10_000,
             inband_dtmf: false,
+            alaw_only: false,
+            early_media: false,
+            auth: None,
+            max_channels: None,
         }
     }
 

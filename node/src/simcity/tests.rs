@@ -31,6 +31,15 @@ struct Run {
 }
 
 async fn call_city(profile: Profile, number: &str, ring_timeout: Duration) -> Run {
+    call_city_with(profile, number, ring_timeout, |_| {}).await
+}
+
+async fn call_city_with(
+    profile: Profile,
+    number: &str,
+    ring_timeout: Duration,
+    adjust: impl FnOnce(&mut CallSpec),
+) -> Run {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("city.jsonl");
     let city = SimCity::start(SimCityConfig {
@@ -48,7 +57,7 @@ async fn call_city(profile: Profile, number: &str, ring_timeout: Duration) -> Ru
         endpoint,
         pacer: Pacer::spawn(),
     };
-    let spec = CallSpec {
+    let mut spec = CallSpec {
         to: number.into(),
         trunk: city.local_addr(),
         trunk_host: city.local_addr().to_string(),
@@ -64,6 +73,7 @@ async fn call_city(profile: Profile, number: &str, ring_timeout: Duration) -> Ru
         credentials: None,
         reinvite_after: None,
     };
+    adjust(&mut spec);
     let (_abort, abort_rx) = tokio::sync::watch::channel(false);
     let outcome = tokio::time::timeout(Duration::from_secs(30), place_call(&ctx, &spec, abort_rx))
         .await
@@ -205,4 +215,170 @@ async fn a_phone_that_sends_only_in_band_tones_is_confirmed() {
         .find(|e| e["event"] == "dtmf")
         .expect("the phone pressed 1");
     assert_eq!(dtmf["method"], "inband");
+}
+
+fn challenging(profile: Profile) -> Profile {
+    Profile {
+        auth: Some(profile::AuthQuirk {
+            realm: "city".into(),
+            username: "comune".into(),
+            password: "s3cret".into(),
+        }),
+        ..profile
+    }
+}
+
+#[tokio::test]
+async fn a_challenging_carrier_takes_the_right_credentials_and_refuses_wrong_ones() {
+    let p = challenging(fast(Profile::always_answer()));
+    let run = call_city_with(p.clone(), "+393470000011", Duration::from_secs(5), |s| {
+        s.credentials = Some(crate::sip::auth::Credentials::new("comune", "s3cret"));
+    })
+    .await;
+    assert!(
+        matches!(run.outcome, CallOutcome::Confirmed { .. }),
+        "{:?}",
+        run.outcome
+    );
+    assert_eq!(
+        kinds(&run.events),
+        [
+            "invite",
+            "challenge",
+            "ringing",
+            "answer",
+            "dtmf",
+            "bye_received"
+        ]
+    );
+    let wrong = call_city_with(p.clone(), "+393470000012", Duration::from_secs(5), |s| {
+        s.credentials = Some(crate::sip::auth::Credentials::new("comune", "guess"));
+    })
+    .await;
+    assert_eq!(wrong.outcome, CallOutcome::Rejected { code: 403 });
+    let none = call_city(p, "+393470000013", Duration::from_secs(5)).await;
+    assert_eq!(none.outcome, CallOutcome::AuthRejected { code: 401 });
+}
+
+#[tokio::test]
+async fn an_a_law_only_carrier_gets_pcma_and_early_media_is_handled() {
+    let p = Profile {
+        alaw_only: true,
+        early_media: true,
+        ..fast(Profile::always_answer())
+    };
+    let run = call_city(p, "+393470000014", Duration::from_secs(5)).await;
+    assert!(
+        matches!(run.outcome, CallOutcome::Confirmed { .. }),
+        "{:?}",
+        run.outcome
+    );
+    assert_eq!(run.events[1]["early_media"], true);
+    let answer = run.events.iter().find(|e| e["event"] == "answer").unwrap();
+    assert_eq!(answer["codec"], "PCMA");
+    // The phone heard PCMA audio: it pressed 1 after its 600 ms.
+    let dtmf = run.events.iter().find(|e| e["event"] == "dtmf").unwrap();
+    assert!(dtmf["audio_ms"].as_u64().unwrap() >= 600, "{dtmf}");
+}
+
+#[tokio::test]
+async fn a_carrier_at_its_channel_cap_answers_503_with_retry_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("city.jsonl");
+    let city = SimCity::start(SimCityConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        log: Some(log.clone()),
+        profile: Profile {
+            max_channels: Some(1),
+            press_on_time: 0.0,
+            ..fast(Profile::always_answer())
+        },
+        seed: 1,
+    })
+    .await
+    .unwrap();
+    let (endpoint, _unrouted) = Endpoint::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let ctx = CallContext {
+        endpoint,
+        pacer: Pacer::spawn(),
+    };
+    let spec = |to: &str| CallSpec {
+        to: to.into(),
+        trunk: city.local_addr(),
+        trunk_host: city.local_addr().to_string(),
+        from_user: "campanile".into(),
+        display_name: "Test".into(),
+        audio: tone_audio(2.0),
+        ring_timeout: Duration::from_secs(5),
+        confirm_wait: Duration::from_millis(200),
+        require_confirmation: true,
+        allow_opt_out: false,
+        max_replays: 0,
+        timers: Default::default(),
+        credentials: None,
+        reinvite_after: None,
+    };
+    let (_abort, abort_rx) = tokio::sync::watch::channel(false);
+    let first_spec = spec("+393470000015");
+    let first = place_call(&ctx, &first_spec, abort_rx.clone());
+    let second = async {
+        // Wait (bounded) until the first call holds the only channel.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while city
+            .stats()
+            .active
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 0
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the first call never arrived"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        place_call(&ctx, &spec("+393470000016"), abort_rx.clone()).await
+    };
+    let (first, second) = tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::join!(first, second)
+    })
+    .await
+    .expect("both calls end");
+    assert_eq!(first, CallOutcome::NotConfirmed);
+    assert_eq!(
+        second,
+        CallOutcome::TrunkUnavailable {
+            code: 503,
+            retry_after: Some(Duration::from_secs(1))
+        }
+    );
+    city.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_phone_accepts_our_re_invite_mid_message_and_keeps_listening() {
+    let run = call_city_with(
+        fast(Profile::always_answer()),
+        "+393470000017",
+        Duration::from_secs(5),
+        |s| s.reinvite_after = Some(Duration::from_millis(300)),
+    )
+    .await;
+    assert!(
+        matches!(run.outcome, CallOutcome::Confirmed { .. }),
+        "{:?}",
+        run.outcome
+    );
+    assert_eq!(
+        kinds(&run.events),
+        [
+            "invite",
+            "ringing",
+            "answer",
+            "reinvite",
+            "dtmf",
+            "bye_received"
+        ]
+    );
 }

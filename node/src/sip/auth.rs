@@ -158,6 +158,46 @@ impl Challenge {
     }
 }
 
+/// The server side (the simulated carrier): whether an Authorization or Proxy-Authorization header
+/// `value` proves knowledge of `password` for `username` in `realm`, against the `nonce` we issued.
+pub fn verify(
+    value: &str,
+    method: &str,
+    username: &str,
+    password: &str,
+    realm: &str,
+    nonce: &str,
+) -> bool {
+    let v = value.trim();
+    let Some(rest) = v
+        .get(..6)
+        .filter(|s| s.eq_ignore_ascii_case("digest"))
+        .map(|_| &v[6..])
+    else {
+        return false;
+    };
+    let p = params(rest);
+    let get = |k: &str| p.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+    if get("username") != Some(username)
+        || get("realm") != Some(realm)
+        || get("nonce") != Some(nonce)
+    {
+        return false;
+    }
+    let (Some(uri), Some(response)) = (get("uri"), get("response")) else {
+        return false;
+    };
+    let ha1 = md5_hex(&format!("{username}:{realm}:{password}"));
+    let ha2 = md5_hex(&format!("{method}:{uri}"));
+    let expected = match (get("qop"), get("nc"), get("cnonce")) {
+        (Some(q), Some(nc), Some(cnonce)) if q.eq_ignore_ascii_case("auth") => {
+            md5_hex(&format!("{ha1}:{nonce}:{nc}:{cnonce}:auth:{ha2}"))
+        }
+        _ => md5_hex(&format!("{ha1}:{nonce}:{ha2}")),
+    };
+    expected.eq_ignore_ascii_case(response)
+}
+
 fn md5_hex(s: &str) -> String {
     hex::encode(Md5::digest(s.as_bytes()))
 }
@@ -165,6 +205,16 @@ fn md5_hex(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn our_answer_verifies_and_a_wrong_password_does_not() {
+        let c = Challenge::parse(r#"Digest realm="city", nonce="n1", qop="auth""#, false).unwrap();
+        let (_, v) = c.answer(&Credentials::new("u", "pw"), "INVITE", "sip:1@x", "cn", 1);
+        assert!(verify(&v, "INVITE", "u", "pw", "city", "n1"));
+        assert!(!verify(&v, "INVITE", "u", "other", "city", "n1"));
+        assert!(!verify(&v, "INVITE", "u", "pw", "city", "n2"));
+        assert!(!verify("Basic abc", "INVITE", "u", "pw", "city", "n1"));
+    }
 
     #[test]
     fn rfc_2617_worked_example() {

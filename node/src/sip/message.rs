@@ -82,6 +82,7 @@ pub enum HeaderName {
     RetryAfter,
     WwwAuthenticate,
     ProxyAuthenticate,
+    Authorization,
 }
 
 fn value_of(h: &Header, name: HeaderName) -> Option<&str> {
@@ -97,6 +98,7 @@ fn value_of(h: &Header, name: HeaderName) -> Option<&str> {
         (Header::RetryAfter(v), HeaderName::RetryAfter) => v.value(),
         (Header::WwwAuthenticate(v), HeaderName::WwwAuthenticate) => v.value(),
         (Header::ProxyAuthenticate(v), HeaderName::ProxyAuthenticate) => v.value(),
+        (Header::Authorization(v), HeaderName::Authorization) => v.value(),
         _ => return None,
     })
 }
@@ -396,6 +398,7 @@ fn wire_name(name: HeaderName) -> &'static str {
         HeaderName::RetryAfter => "Retry-After",
         HeaderName::WwwAuthenticate => "WWW-Authenticate",
         HeaderName::ProxyAuthenticate => "Proxy-Authenticate",
+        HeaderName::Authorization => "Authorization",
     }
 }
 
