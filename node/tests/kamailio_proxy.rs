@@ -4,9 +4,10 @@
 
 mod common;
 
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
-use common::{campanile_call, free_udp_port, start_sipp_with, wait_until_bound, Reap};
+use common::{campanile_call, free_udp_port, start_sipp_with, wait_until_bound, ReapGroup};
 
 /// Where the installed Kamailio keeps its modules.
 fn kamailio_modules() -> String {
@@ -71,9 +72,10 @@ request_route {{
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
+        .process_group(0)
         .spawn()
         .expect("kamailio");
-    let _kamailio = Reap(kamailio);
+    let _kamailio = ReapGroup(kamailio);
     wait_until_bound(kam_port, "kamailio", Some(&dir.path().join("kamailio.log")));
 
     let mut sipp = sipp;

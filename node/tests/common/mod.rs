@@ -207,6 +207,22 @@ pub fn udp_port_held(port: u16) -> bool {
     })
 }
 
+/// A child started as the leader of its own process group (`Command::process_group(0)`), killed with
+/// its whole group when dropped: Kamailio forks workers that outlive a killed parent otherwise.
+pub struct ReapGroup(pub std::process::Child);
+
+impl Drop for ReapGroup {
+    fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.0.id()) {
+            // SAFETY: kill(2) with a negative pid signals that process group; no memory is involved.
+            unsafe {
+                libc::kill(-pid, libc::SIGKILL);
+            }
+        }
+        let _ = self.0.wait();
+    }
+}
+
 /// Waits (bounded) until a peer holds UDP `port` on 127.0.0.1; on timeout, fails with its log.
 pub fn wait_until_bound(port: u16, who: &str, log: Option<&Path>) {
     let deadline = Instant::now() + Duration::from_secs(15);
