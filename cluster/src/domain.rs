@@ -398,6 +398,9 @@ pub enum Outcome {
     NotConfirmed,
     /// The callee hung up before the message ended.
     HungUp { after_ms: u64 },
+    /// An answering machine took the call; the message was left after its beep. Never a confirmation:
+    /// the citizen is called again.
+    Voicemail,
     /// 486 / 600.
     Busy,
     /// Rang until our timeout (or 408/480/487).
@@ -425,6 +428,7 @@ impl Outcome {
                 | Outcome::Heard
                 | Outcome::NotConfirmed
                 | Outcome::HungUp { .. }
+                | Outcome::Voicemail
                 | Outcome::OptOut
         )
     }
@@ -442,6 +446,7 @@ impl Outcome {
             Outcome::Heard => "heard",
             Outcome::NotConfirmed => "not_confirmed",
             Outcome::HungUp { .. } => "hung_up",
+            Outcome::Voicemail => "voicemail",
             Outcome::Busy => "busy",
             Outcome::NoAnswer => "no_answer",
             Outcome::InvalidNumber { .. } => "invalid_number",

@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, watch};
 use crate::media::dtmf::DtmfReceiver;
 use crate::media::g711;
 use crate::media::inband::InbandDetector;
+use crate::media::machine::{MachineConfig, MachineDetector, MachineEvent};
 use crate::media::pacer::{PacerHandle, PlayRequest, RtcpTarget, StreamHandle};
 use crate::media::rtp;
 use crate::media::socket::RtpSocket;
@@ -53,6 +54,9 @@ pub struct CallSpec {
     pub timers: Timers,
     /// Digest credentials for the trunk, if it challenges.
     pub credentials: Option<Credentials>,
+    /// Listen for an answering machine and, when one answers, leave the message after its beep
+    /// (outcome `voicemail`) instead of talking over its greeting.
+    pub detect_machines: bool,
     /// Send one re-INVITE this long after the answer (a trunk check: the takeover of a call by another
     /// node is a re-INVITE, so the trunk must accept one).
     pub reinvite_after: Option<Duration>,
@@ -73,6 +77,8 @@ pub enum CallOutcome {
     HungUp {
         after: Duration,
     },
+    /// An answering machine took the call; the message was played after its beep.
+    Voicemail,
     OptOut,
     Busy,
     NoAnswer,
@@ -114,6 +120,7 @@ impl fmt::Display for CallOutcome {
             CallOutcome::HungUp { after } => {
                 write!(f, "hung up after {:.1} s", after.as_secs_f64())
             }
+            CallOutcome::Voicemail => f.write_str("voicemail (message left after the beep)"),
             CallOutcome::OptOut => f.write_str("opted out (9 pressed)"),
             CallOutcome::Busy => f.write_str("busy"),
             CallOutcome::NoAnswer => f.write_str("no answer"),
@@ -156,6 +163,7 @@ impl CallOutcome {
             CallOutcome::HungUp { after } => O::HungUp {
                 after_ms: after.as_millis() as u64,
             },
+            CallOutcome::Voicemail => O::Voicemail,
             CallOutcome::OptOut => O::OptOut,
             CallOutcome::Busy => O::Busy,
             CallOutcome::NoAnswer => O::NoAnswer,
@@ -616,13 +624,16 @@ impl Call<'_> {
             );
         }
         let (digits_tx, mut digits) = mpsc::unbounded_channel();
+        let (machine_tx, mut machine_events) = mpsc::unbounded_channel();
         // Keys arrive as RFC 4733 events on RTP, or as SIP INFO from trunks that only relay them that way.
         let info_digits = digits_tx.clone();
-        let receiver = tokio::spawn(receive_dtmf(
+        let receiver = tokio::spawn(receive_audio(
             media.rtp.clone(),
             a.remote.telephone_event,
             digits_tx,
+            self.spec.detect_machines.then_some(machine_tx),
         ));
+        let mut machine = Machine::Unknown;
         // RFC 3550 §5.1: random SSRC, initial sequence number and timestamp; replays continue the stream.
         let mut rtp = RtpClock {
             ssrc: rand::random(),
@@ -649,8 +660,52 @@ impl Call<'_> {
                 .as_ref()
                 .and_then(|t| t.poll_timeout())
                 .map(tokio::time::Instant::from_std);
+            let beep_deadline = match machine {
+                Machine::AwaitingBeep { until } => Some(until),
+                _ => None,
+            };
             tokio::select! {
+                ev = machine_events.recv(), if machine != Machine::Recording => match ev {
+                    Some(MachineEvent::Machine) if machine == Machine::Unknown => {
+                        // Do not talk over the greeting: wait for the beep.
+                        if let Some(s) = stream.take() {
+                            s.stop();
+                            rtp.advance(s.frames_sent());
+                        }
+                        tracing::debug!("answering machine: waiting for the beep");
+                        message_done_at = None;
+                        machine = Machine::AwaitingBeep { until: tokio::time::Instant::now() + BEEP_WAIT };
+                    }
+                    Some(MachineEvent::BeepStarted) => {
+                        if let Some(s) = stream.take() {
+                            s.stop();
+                            rtp.advance(s.frames_sent());
+                        }
+                        message_done_at = None;
+                        machine = Machine::AwaitingBeep { until: tokio::time::Instant::now() + BEEP_END_WAIT };
+                    }
+                    Some(MachineEvent::Beep) => {
+                        if let Some(s) = stream.take() {
+                            s.stop();
+                            rtp.advance(s.frames_sent());
+                        }
+                        rtp.frame = 0;
+                        stream = Some(self.play(&a, &media, &rtp));
+                        message_done_at = None;
+                        machine = Machine::Recording;
+                    }
+                    _ => {}
+                },
+                _ = sleep_until_opt(beep_deadline), if beep_deadline.is_some() => {
+                    // A greeting without a beep we could hear: leave the message now.
+                    rtp.frame = 0;
+                    stream = Some(self.play(&a, &media, &rtp));
+                    message_done_at = None;
+                    machine = Machine::Recording;
+                }
                 d = digits.recv() => match d {
+                    // A machine's keys (or its greeting's tones) never confirm anything.
+                    _ if machine != Machine::Unknown => {}
                     Some('1') => break CallOutcome::Confirmed { after: a.answered_at.elapsed() },
                     Some('9') if self.spec.allow_opt_out => break CallOutcome::OptOut,
                     Some('2') if replays < self.spec.max_replays => {
@@ -667,6 +722,9 @@ impl Call<'_> {
                     None => {}
                 },
                 _ = wait_stream(stream.as_ref()), if stream.is_some() && message_done_at.is_none() => {
+                    if machine == Machine::Recording {
+                        break CallOutcome::Voicemail;
+                    }
                     message_done_at = Some(tokio::time::Instant::now());
                 }
                 _ = sleep_until_opt(confirm_deadline), if confirm_deadline.is_some() => {
@@ -700,6 +758,14 @@ impl Call<'_> {
                             self.send(&response_bytes(&ok), from).await;
                             remote_ended = true;
                             let after = a.answered_at.elapsed();
+                            if machine != Machine::Unknown {
+                                // The box hung up: a message fully played is left, anything else is not.
+                                break if machine == Machine::Recording && message_done_at.is_some() {
+                                    CallOutcome::Voicemail
+                                } else {
+                                    CallOutcome::HungUp { after }
+                                };
+                            }
                             // Keys already pressed win over the hang-up that followed them.
                             if let Ok('1') = digits.try_recv() {
                                 break CallOutcome::Confirmed { after };
@@ -936,13 +1002,34 @@ async fn wait_stream(stream: Option<&StreamHandle>) {
     }
 }
 
+/// How long we wait for the beep after judging the callee a machine.
+const BEEP_WAIT: Duration = Duration::from_secs(10);
+/// How long a beep may go on once heard (boxes often send nothing after it, so its end may not come).
+const BEEP_END_WAIT: Duration = Duration::from_millis(800);
+
+/// What we know about an answering machine on the call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Machine {
+    /// A person, or nothing judged yet.
+    Unknown,
+    /// A machine's greeting is playing; the message starts at the beep or at `until`.
+    AwaitingBeep { until: tokio::time::Instant },
+    /// The message is being left on the machine.
+    Recording,
+}
+
 /// Reads RTP from the callee and reports keys: RFC 4733 events when telephone-event was negotiated,
-/// otherwise tones in the audio itself (for trunks that pass keys only in-band).
-async fn receive_dtmf(
+/// otherwise tones in the audio itself (for trunks that pass keys only in-band). With `machine`, the
+/// audio also goes through answering-machine detection.
+async fn receive_audio(
     socket: Arc<RtpSocket>,
     telephone_event: Option<u8>,
     digits: mpsc::UnboundedSender<char>,
+    machine: Option<mpsc::UnboundedSender<MachineEvent>>,
 ) {
+    let mut detector = machine
+        .as_ref()
+        .map(|_| MachineDetector::new(MachineConfig::default()));
     let mut events = DtmfReceiver::new();
     let mut tones = InbandDetector::new();
     let mut linear = Vec::with_capacity(160);
@@ -954,19 +1041,29 @@ async fn receive_dtmf(
         let Ok((header, payload)) = rtp::parse(&buf[..n]) else {
             continue;
         };
-        let keys: Vec<char> = match (telephone_event, header.payload_type) {
-            (Some(pt), p) if p == pt => events.feed(&header, payload).into_iter().collect(),
-            (None, sdp::PT_PCMU) => {
-                linear.clear();
-                linear.extend(payload.iter().map(|b| g711::ulaw_to_linear(*b)));
-                tones.feed(&linear)
+        if telephone_event == Some(header.payload_type) {
+            if let Some(d) = events.feed(&header, payload) {
+                if digits.send(d).is_err() {
+                    return;
+                }
             }
-            (None, sdp::PT_PCMA) => {
-                linear.clear();
-                linear.extend(payload.iter().map(|b| g711::alaw_to_linear(*b)));
-                tones.feed(&linear)
+            continue;
+        }
+        linear.clear();
+        match header.payload_type {
+            sdp::PT_PCMU => linear.extend(payload.iter().map(|b| g711::ulaw_to_linear(*b))),
+            sdp::PT_PCMA => linear.extend(payload.iter().map(|b| g711::alaw_to_linear(*b))),
+            _ => continue,
+        }
+        if let (Some(d), Some(tx)) = (detector.as_mut(), machine.as_ref()) {
+            for ev in d.feed(&linear) {
+                let _ = tx.send(ev);
             }
-            _ => Vec::new(),
+        }
+        let keys = if telephone_event.is_none() {
+            tones.feed(&linear)
+        } else {
+            Vec::new()
         };
         for d in keys {
             if digits.send(d).is_err() {

@@ -94,6 +94,9 @@ enum Cmd {
         /// re-INVITE another node sends when it takes a call over.
         #[arg(long)]
         reinvite_after: Option<f64>,
+        /// Do not listen for an answering machine (by default the message is left after its beep).
+        #[arg(long)]
+        no_machine_detection: bool,
     },
     /// Start a node with the simulated city, register demo citizens and run one emergency alert.
     Demo(campanile::demo::DemoOptions),
@@ -256,6 +259,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             user,
             dump_audio,
             reinvite_after,
+            no_machine_detection,
         } => {
             let credentials = match user {
                 None => None,
@@ -317,6 +321,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 credentials,
                 reinvite_after: reinvite_after
                     .map(|s| Duration::from_secs_f64(s.clamp(0.0, 3600.0))),
+                detect_machines: !no_machine_detection,
             };
             let (_abort_tx, abort_rx) = tokio::sync::watch::channel(false);
             let outcome = place_call(&ctx, &spec, abort_rx).await;

@@ -312,6 +312,7 @@ fn start_call(sh: &Arc<Shared>, due: Due, audio: PreparedAudio) {
             timers: sh.cfg.timers,
             credentials: sh.cfg.credentials.clone(),
             reinvite_after: None,
+            detect_machines: true,
         };
         let masked = campanile_cluster::mask_number(&spec.to);
         let started = std::time::Instant::now();

@@ -22,9 +22,12 @@ pub fn next_step(
         // when calls may start again.
         Outcome::Interrupted | Outcome::TrunkRejected { .. } => return Next::RetryAt(now_ms),
         Outcome::Busy => policy.busy_delay_ms,
-        Outcome::Heard | Outcome::NotConfirmed | Outcome::HungUp { .. } | Outcome::NoAnswer => {
-            policy.no_answer_delay_ms
-        }
+        // A message left on an answering machine has not reached the citizen yet: call again.
+        Outcome::Heard
+        | Outcome::NotConfirmed
+        | Outcome::HungUp { .. }
+        | Outcome::Voicemail
+        | Outcome::NoAnswer => policy.no_answer_delay_ms,
         Outcome::Unreachable | Outcome::Rejected { .. } => policy.failure_delay_ms,
     };
     if attempts >= policy.max_attempts {
@@ -44,6 +47,18 @@ mod tests {
         no_answer_delay_ms: 5_000,
         failure_delay_ms: 2_000,
     };
+
+    #[test]
+    fn a_message_left_on_voicemail_is_never_final() {
+        assert_eq!(
+            next_step(&Outcome::Voicemail, 1, &POLICY, false, 100),
+            Next::RetryAt(5_100)
+        );
+        assert_eq!(
+            next_step(&Outcome::Voicemail, 3, &POLICY, true, 100),
+            Next::Final(FinalState::Exhausted)
+        );
+    }
 
     #[test]
     fn busy_subscriber_is_retried_before_no_answer() {

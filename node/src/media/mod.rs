@@ -23,3 +23,4 @@ pub enum MediaError {
     Wav(#[from] wav::WavError),
 }
 pub mod inband;
+pub mod machine;

@@ -360,13 +360,29 @@ impl PhoneCall {
 
         let media_timeout = Duration::from_millis(self.shared.profile.media_timeout_ms);
         let mut pressed = false;
+        // A voicemail box plays its greeting and beep, then records: its limit counts from the beep.
+        let mut beep_at = match listen_limit_ms {
+            Some(_) => Some(self.play_greeting(codec)),
+            None => None,
+        };
+        let mut recorded_from: Option<u64> = None;
         loop {
             let last_rtp = self
                 .media
                 .as_ref()
                 .map(|m| m.last_rtp)
                 .unwrap_or_else(Instant::now);
-            match self.wait(Some(last_rtp + media_timeout)).await {
+            let wake = [Some(last_rtp + media_timeout), beep_at]
+                .into_iter()
+                .flatten()
+                .min();
+            if beep_at.is_some_and(|at| Instant::now() >= at) {
+                beep_at = None;
+                recorded_from = Some(self.audio_ms());
+                self.log("beep", json!({ "audio_ms": self.audio_ms() }));
+                continue;
+            }
+            match self.wait(wake).await {
                 Wake::Bye | Wake::Closed => return,
                 Wake::Cancelled | Wake::Audio | Wake::NewInvite(_) => {}
                 Wake::Deadline => {
@@ -375,7 +391,7 @@ impl PhoneCall {
                         .as_ref()
                         .map(|m| m.last_rtp.elapsed())
                         .unwrap_or_default();
-                    if idle >= media_timeout {
+                    if idle >= media_timeout && beep_at.is_none() {
                         self.hang_up("media_timeout").await;
                         return;
                     }
@@ -393,11 +409,49 @@ impl PhoneCall {
                 }
                 _ => {}
             }
-            if listen_limit_ms.is_some_and(|limit| heard >= limit) {
+            let recorded = recorded_from.map(|from| heard.saturating_sub(from));
+            if listen_limit_ms.is_some_and(|limit| recorded.is_some_and(|r| r >= limit)) {
                 self.hang_up("voicemail_full").await;
                 return;
             }
         }
+    }
+
+    /// Plays the voicemail greeting and beep to the caller as RTP; returns when the beep ends.
+    fn play_greeting(&self, codec: Codec) -> Instant {
+        let seed = super::profile::Rng::for_call(self.shared.seed, &self.number, 7).next_u64();
+        let greeting = crate::media::machine::synth::voicemail_greeting(seed);
+        let ends = Instant::now() + Duration::from_millis(greeting.len() as u64 / 8);
+        let Some(media) = &self.media else {
+            return ends;
+        };
+        let (socket, dest) = (media.socket.clone(), media.remote.addr);
+        tokio::spawn(async move {
+            let (ssrc, mut seq, mut ts): (u32, u16, u32) =
+                (rand::random(), rand::random(), rand::random());
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
+            let mut out = Vec::with_capacity(172);
+            for (i, frame) in greeting.chunks(160).enumerate() {
+                tick.tick().await;
+                let payload = match codec {
+                    Codec::Pcmu => crate::media::g711::encode_ulaw(frame),
+                    Codec::Pcma => crate::media::g711::encode_alaw(frame),
+                };
+                let h = rtp::RtpHeader {
+                    payload_type: codec.payload_type(),
+                    marker: i == 0,
+                    sequence: seq,
+                    timestamp: ts,
+                    ssrc,
+                };
+                out.clear();
+                rtp::write_packet(&h, &payload, &mut out);
+                let _ = socket.send_to(&out, dest).await;
+                seq = seq.wrapping_add(1);
+                ts = ts.wrapping_add(frame.len() as u32);
+            }
+        });
+        ends
     }
 
     /// Sends a key as RFC 4733 packets, 20 ms apart, to the caller's media address.

@@ -72,6 +72,7 @@ async fn call_city_with(
         timers: Default::default(),
         credentials: None,
         reinvite_after: None,
+        detect_machines: true,
     };
     adjust(&mut spec);
     let (_abort, abort_rx) = tokio::sync::watch::channel(false);
@@ -319,6 +320,7 @@ async fn a_carrier_at_its_channel_cap_answers_503_with_retry_after() {
         timers: Default::default(),
         credentials: None,
         reinvite_after: None,
+        detect_machines: true,
     };
     let (_abort, abort_rx) = tokio::sync::watch::channel(false);
     let first_spec = spec("+393470000015");
@@ -380,5 +382,33 @@ async fn a_phone_accepts_our_re_invite_mid_message_and_keeps_listening() {
             "dtmf",
             "bye_received"
         ]
+    );
+}
+
+#[tokio::test]
+async fn a_voicemail_box_gets_the_message_after_its_beep_and_the_outcome_is_voicemail() {
+    let p = Profile {
+        answer: 0.0,
+        voicemail: 1.0,
+        voicemail_delay_ms: [100, 100],
+        ..fast(Profile::always_answer())
+    };
+    let run = call_city(p, "+393470000018", Duration::from_secs(5)).await;
+    assert_eq!(run.outcome, CallOutcome::Voicemail);
+    assert_eq!(
+        kinds(&run.events),
+        ["invite", "ringing", "answer", "beep", "bye_received"]
+    );
+    // Nothing of ours talked over the greeting for long, and the whole 2 s message was recorded.
+    let before = run.events[3]["audio_ms"].as_u64().unwrap();
+    let total = run.events[4]["audio_ms"].as_u64().unwrap();
+    assert!(
+        before < 2600,
+        "we kept talking over the greeting: {before} ms"
+    );
+    assert!(
+        total - before >= 1900,
+        "recorded only {} ms",
+        total - before
     );
 }
