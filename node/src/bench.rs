@@ -274,6 +274,7 @@ pub async fn campanile_setup(uas: SocketAddr, rate: f64, calls: u64) -> anyhow::
         credentials: None,
         reinvite_after: None,
         detect_machines: false,
+        outbound_proxy: None,
     });
     let ok = Arc::new(AtomicU64::new(0));
     let (_abort_tx, abort_rx) = tokio::sync::watch::channel(false);

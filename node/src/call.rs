@@ -54,6 +54,9 @@ pub struct CallSpec {
     pub timers: Timers,
     /// Digest credentials for the trunk, if it challenges.
     pub credentials: Option<Credentials>,
+    /// Route header value of an outbound proxy (`<sip:proxy;lr>`): the INVITE and its CANCEL carry it,
+    /// and `trunk` is then the proxy's address.
+    pub outbound_proxy: Option<String>,
     /// Listen for an answering machine and, when one answers, leave the message after its beep
     /// (outcome `voicemail`) instead of talking over its greeting.
     pub detect_machines: bool,
@@ -260,6 +263,21 @@ pub async fn place_call(
     call.media_phase(answered, media, &mut abort).await
 }
 
+/// The Route header value for an outbound proxy given as a SIP URI or host:port: loose routing.
+pub fn proxy_route(proxy: &str) -> String {
+    let uri = message::uri_of(proxy.trim());
+    let uri = if uri.starts_with("sip:") || uri.starts_with("sips:") {
+        uri.to_string()
+    } else {
+        format!("sip:{uri}")
+    };
+    if uri.contains(";lr") {
+        format!("<{uri}>")
+    } else {
+        format!("<{uri};lr>")
+    }
+}
+
 /// An RTP socket on an even port and its RTCP socket on the next one (RFC 3550 §11), so that peers
 /// that ignore `a=rtcp` find our RTCP where convention says.
 fn bind_rtp_pair(ip: IpAddr) -> io::Result<(RtpSocket, RtpSocket)> {
@@ -346,6 +364,9 @@ impl InviteParts {
             )
             .header("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO")
             .header("User-Agent", "Campanile");
+        if let Some(route) = &spec.outbound_proxy {
+            b = b.header("Route", route.clone());
+        }
         if let Some((name, value)) = auth {
             b = b.header(name, value);
         }
@@ -557,6 +578,10 @@ impl Call<'_> {
         b = b
             .header("CSeq", format!("{n} CANCEL"))
             .header("Max-Forwards", "70");
+        // §9.1: the CANCEL takes the same route as the INVITE.
+        if let Some(route) = &self.spec.outbound_proxy {
+            b = b.header("Route", route.clone());
+        }
         let req = b
             .build()
             .map_err(|e| CallOutcome::Failed(format!("cannot build CANCEL: {e}")))?;

@@ -104,6 +104,9 @@ pub struct TrunkSection {
     /// Seconds between OPTIONS pings to the trunk; 0 turns them off. Two unanswered pings mark the
     /// trunk down (no new calls) until one is answered.
     pub options_interval_s: f64,
+    /// SIP URI of an outbound proxy (RFC 3261 §8.1.2): every new request goes to it with a Route
+    /// header naming it, and the proxy forwards it to the trunk.
+    pub outbound_proxy: Option<String>,
 }
 
 impl Default for TrunkSection {
@@ -115,6 +118,7 @@ impl Default for TrunkSection {
             calls_per_second: 50,
             username: None,
             options_interval_s: 30.0,
+            outbound_proxy: None,
         }
     }
 }
@@ -208,6 +212,14 @@ impl Config {
                 return bad(
                     "trunk.uri",
                     format!("`{uri}` is not a SIP URI like sip:host:port"),
+                );
+            }
+        }
+        if let Some(uri) = &self.trunk.outbound_proxy {
+            if crate::sip::message::uri_hostport(uri).is_none() {
+                return bad(
+                    "trunk.outbound_proxy",
+                    format!("`{uri}` is not a SIP URI like sip:proxy.example.net:5060"),
                 );
             }
         }
@@ -317,6 +329,8 @@ calls_per_second = 50
 # Seconds between OPTIONS pings; 0 turns them off. Two unanswered pings mark the trunk down (no new
 # calls, metric campanile_trunk_up 0) until one is answered.
 options_interval_s = 30.0
+# An outbound proxy (SBC) all calls go through, if the carrier requires one.
+# outbound_proxy = "sip:sbc.example.net:5060"
 
 [caller_id]
 # The number citizens see (From user part) and the name shown next to it.

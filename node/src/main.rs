@@ -97,6 +97,10 @@ enum Cmd {
         /// Do not listen for an answering machine (by default the message is left after its beep).
         #[arg(long)]
         no_machine_detection: bool,
+        /// Send the call through this outbound proxy (host:port or SIP URI); --via is then the trunk
+        /// named in the Request-URI.
+        #[arg(long)]
+        proxy: Option<String>,
     },
     /// Start a node with the simulated city, register demo citizens and run one emergency alert.
     Demo(campanile::demo::DemoOptions),
@@ -260,6 +264,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             dump_audio,
             reinvite_after,
             no_machine_detection,
+            proxy,
         } => {
             let credentials = match user {
                 None => None,
@@ -273,11 +278,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Some(campanile::sip::auth::Credentials::new(u, pw))
                 }
             };
-            let trunk = tokio::net::lookup_host(&via)
+            // The next hop: the outbound proxy when there is one, else the trunk itself.
+            let (flag, hop) = match &proxy {
+                Some(p) => (
+                    "--proxy",
+                    campanile::sip::message::uri_hostport(campanile::sip::message::uri_of(p))
+                        .unwrap_or(p)
+                        .to_string(),
+                ),
+                None => ("--via", via.clone()),
+            };
+            let trunk = tokio::net::lookup_host(&hop)
                 .await
                 .ok()
                 .and_then(|mut a| a.next())
-                .with_context(|| format!("--via: cannot resolve `{via}` (expected host:port)"))?;
+                .with_context(|| format!("{flag}: cannot resolve `{hop}` (expected host:port)"))?;
             let audio = match (tts, wav) {
                 (Some(text), _) => {
                     let cache = media::AudioCache::new(None);
@@ -322,6 +337,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 reinvite_after: reinvite_after
                     .map(|s| Duration::from_secs_f64(s.clamp(0.0, 3600.0))),
                 detect_machines: !no_machine_detection,
+                outbound_proxy: proxy.as_deref().map(campanile::call::proxy_route),
             };
             let (_abort_tx, abort_rx) = tokio::sync::watch::channel(false);
             let outcome = place_call(&ctx, &spec, abort_rx).await;

@@ -54,11 +54,21 @@ impl Node {
                 let hp = crate::sip::message::uri_hostport(uri)
                     .unwrap_or_default()
                     .to_string();
-                let addr = tokio::net::lookup_host(&hp)
+                // With an outbound proxy, every request's next hop is the proxy.
+                let (key, hop) = match &cfg.trunk.outbound_proxy {
+                    Some(proxy) => (
+                        "trunk.outbound_proxy",
+                        crate::sip::message::uri_hostport(proxy)
+                            .unwrap_or_default()
+                            .to_string(),
+                    ),
+                    None => ("trunk.uri", hp.clone()),
+                };
+                let addr = tokio::net::lookup_host(&hop)
                     .await
                     .ok()
                     .and_then(|mut a| a.next())
-                    .with_context(|| format!("trunk.uri: cannot resolve `{hp}`"))?;
+                    .with_context(|| format!("{key}: cannot resolve `{hop}`"))?;
                 (None, addr, hp, None)
             }
             None => {
@@ -112,6 +122,11 @@ impl Node {
                 display_name: cfg.caller_id.display_name.clone(),
                 timers: cfg.timers(),
                 credentials: cfg.credentials()?,
+                outbound_proxy: cfg
+                    .trunk
+                    .outbound_proxy
+                    .as_deref()
+                    .map(crate::call::proxy_route),
                 options_interval: (cfg.trunk.options_interval_s > 0.0)
                     .then(|| Duration::from_secs_f64(cfg.trunk.options_interval_s)),
             },

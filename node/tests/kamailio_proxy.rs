@@ -1,6 +1,7 @@
 //! Kamailio, a SIP proxy we did not write, record-routes between `campanile call` and SIPp: our ACK,
 //! re-INVITE and BYE must follow the route set learned from Record-Route (RFC 3261 §12.1.2, §12.2.1.1)
-//! through the proxy, which the SIPp scenario checks on the Via of each request.
+//! through the proxy, which the SIPp scenario checks on the Via of each request. As an outbound proxy
+//! that only accepts requests carrying a Route to it (RFC 3261 §8.1.2), it must receive our INVITE.
 
 mod common;
 
@@ -23,14 +24,11 @@ fn kamailio_modules() -> String {
     sl.trim_end_matches("sl.so").to_string()
 }
 
-#[test]
-fn ack_reinvite_and_bye_follow_the_record_route_through_kamailio() {
-    let dir = tempfile::tempdir().unwrap();
-    let kam_port = free_udp_port();
-    let sipp = start_sipp_with("record_route.xml", &[("@KAM_PORT@", kam_port.to_string())]);
+/// Starts Kamailio on `port` with `routing` as its request_route body; killed with its workers on drop.
+fn start_kamailio(dir: &std::path::Path, port: u16, routing: &str) -> ReapGroup {
     let cfg = format!(
         r#"#!KAMAILIO
-listen=udp:127.0.0.1:{kam_port}
+listen=udp:127.0.0.1:{port}
 children=1
 disable_tcp=yes
 auto_aliases=no
@@ -54,31 +52,40 @@ request_route {{
         sl_send_reply("404", "Not here"); exit;
     }}
     if (is_method("CANCEL")) {{ if (t_check_trans()) {{ t_relay(); }} exit; }}
-    record_route();
-    $du = "sip:127.0.0.1:{sipp_port}";
-    t_relay();
+{routing}
 }}
 "#,
         modules = kamailio_modules(),
-        sipp_port = sipp.port,
     );
-    let cfg_path = dir.path().join("kamailio.cfg");
+    let cfg_path = dir.join("kamailio.cfg");
     std::fs::write(&cfg_path, cfg).unwrap();
-    let log = std::fs::File::create(dir.path().join("kamailio.log")).unwrap();
+    let log = std::fs::File::create(dir.join("kamailio.log")).unwrap();
     let kamailio = Command::new("kamailio")
         .args(["-DD", "-E", "-f"])
         .arg(&cfg_path)
-        .current_dir(dir.path())
+        .current_dir(dir)
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .process_group(0)
         .spawn()
-        .expect("kamailio");
-    let _kamailio = ReapGroup(kamailio);
-    wait_until_bound(kam_port, "kamailio", Some(&dir.path().join("kamailio.log")));
+        .expect("kamailio is installed by the test command (Debian package kamailio)");
+    let kamailio = ReapGroup(kamailio);
+    wait_until_bound(port, "kamailio", Some(&dir.join("kamailio.log")));
+    kamailio
+}
 
-    let mut sipp = sipp;
+#[test]
+fn ack_reinvite_and_bye_follow_the_record_route_through_kamailio() {
+    let dir = tempfile::tempdir().unwrap();
+    let kam_port = free_udp_port();
+    let mut sipp = start_sipp_with("record_route.xml", &[("@KAM_PORT@", kam_port.to_string())]);
+    let routing = format!(
+        "    record_route();\n    $du = \"sip:127.0.0.1:{}\";\n    t_relay();",
+        sipp.port
+    );
+    let _kamailio = start_kamailio(dir.path(), kam_port, &routing);
+
     let (stdout, ok, stderr) = campanile_call(kam_port, &["--reinvite-after", "0.5"], &[]);
     assert!(ok && stdout == "heard", "{stdout}\n{stderr}");
     let status = sipp.wait();
@@ -87,5 +94,25 @@ request_route {{
         "SIPp missed the re-INVITE or saw a request that bypassed the proxy: {}",
         sipp.errors()
     );
+    assert_eq!(sipp.stat("SuccessfulCall(C)"), Some(1));
+}
+
+#[test]
+fn an_outbound_proxy_gets_the_invite_with_a_route_to_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let kam_port = free_udp_port();
+    let mut sipp = start_sipp_with("via_proxy.xml", &[("@KAM_PORT@", kam_port.to_string())]);
+    // Only requests pre-routed to this proxy are relayed, to their Request-URI (SIPp).
+    let routing = format!(
+        "    if (!is_present_hf(\"Route\") || !($hdr(Route) =~ \"127.0.0.1:{kam_port}\")) {{\n        \
+         sl_send_reply(\"403\", \"No Route to this proxy\"); exit;\n    }}\n    \
+         loose_route();\n    t_relay();"
+    );
+    let _kamailio = start_kamailio(dir.path(), kam_port, &routing);
+
+    let proxy = format!("sip:127.0.0.1:{kam_port}");
+    let (stdout, ok, stderr) = campanile_call(sipp.port, &["--proxy", &proxy], &[]);
+    assert!(ok && stdout == "heard", "{stdout}\n{stderr}");
+    assert!(sipp.wait().success(), "SIPp: {}", sipp.errors());
     assert_eq!(sipp.stat("SuccessfulCall(C)"), Some(1));
 }

@@ -49,6 +49,8 @@ pub struct DialerConfig {
     pub timers: Timers,
     /// Digest credentials for the trunk.
     pub credentials: Option<crate::sip::auth::Credentials>,
+    /// The Route header value of the outbound proxy, if calls go through one.
+    pub outbound_proxy: Option<String>,
     /// Interval of OPTIONS pings to the trunk; `None` turns them off.
     pub options_interval: Option<Duration>,
 }
@@ -313,6 +315,7 @@ fn start_call(sh: &Arc<Shared>, due: Due, audio: PreparedAudio) {
             credentials: sh.cfg.credentials.clone(),
             reinvite_after: None,
             detect_machines: true,
+            outbound_proxy: sh.cfg.outbound_proxy.clone(),
         };
         let masked = campanile_cluster::mask_number(&spec.to);
         let started = std::time::Instant::now();
@@ -402,7 +405,11 @@ async fn ping_trunk(sh: Arc<Shared>, every: Duration, mut shutdown: watch::Recei
         let local = endpoint.local_addr();
         let call_id = format!("{}@campanile-ping", random_token(16));
         let mut channel = endpoint.register(&call_id);
-        let ping = RequestBuilder::new(Method::Options, format!("sip:{}", sh.cfg.trunk_host))
+        let mut ping = RequestBuilder::new(Method::Options, format!("sip:{}", sh.cfg.trunk_host));
+        if let Some(route) = &sh.cfg.outbound_proxy {
+            ping = ping.header("Route", route.clone());
+        }
+        let ping = ping
             .header(
                 "Via",
                 format!("SIP/2.0/UDP {local};branch={};rport", new_branch()),
