@@ -676,9 +676,12 @@ impl Call<'_> {
             .reinvite_after
             .map(|d| tokio::time::Instant::now() + d);
         let mut reinvite: Option<ClientTransaction> = None;
-        let max_call = tokio::time::Instant::now()
-            + Duration::from_secs(600)
-            + a_duration(&self.spec.audio) * (self.spec.max_replays + 1);
+        let max_call = tokio::time::sleep(
+            Duration::from_secs(600) + a_duration(&self.spec.audio) * (self.spec.max_replays + 1),
+        );
+        tokio::pin!(max_call);
+        // Without detection (or once the audio reader has stopped) no machine event can come.
+        let mut machine_open = self.spec.detect_machines;
         let outcome = loop {
             let confirm_deadline = message_done_at.map(|t| t + self.spec.confirm_wait);
             let reinvite_timer = reinvite
@@ -690,7 +693,8 @@ impl Call<'_> {
                 _ => None,
             };
             tokio::select! {
-                ev = machine_events.recv(), if machine != Machine::Recording => match ev {
+                ev = machine_events.recv(), if machine_open && machine != Machine::Recording => match ev {
+                    None => machine_open = false,
                     Some(MachineEvent::Machine) if machine == Machine::Unknown => {
                         // Do not talk over the greeting: wait for the beep.
                         if let Some(s) = stream.take() {
@@ -845,7 +849,7 @@ impl Call<'_> {
                         break CallOutcome::Aborted;
                     }
                 }
-                _ = tokio::time::sleep_until(max_call) => break CallOutcome::Failed("call exceeded its maximum duration".into()),
+                _ = &mut max_call => break CallOutcome::Failed("call exceeded its maximum duration".into()),
             }
         };
         if let Some(s) = stream.take() {
