@@ -234,10 +234,11 @@ pub async fn place_call(
     let mut channel = ctx.endpoint.register(&call_id);
     let sdp_session = rand::random::<u32>() as u64;
     let parts = InviteParts {
-        contact: format!("sip:{}@{}", spec.from_user, local),
+        contact: ctx.endpoint.contact(&spec.from_user),
         from_tag: random_token(10),
         call_id,
         local,
+        via_transport: ctx.endpoint.via_transport(),
         sdp: sdp::offer(sdp_session, rtp_addr).into_bytes(),
     };
     let invite = match parts.build(spec, None, 1, None) {
@@ -319,6 +320,7 @@ struct InviteParts {
     call_id: String,
     from_tag: String,
     local: SocketAddr,
+    via_transport: &'static str,
     contact: String,
     sdp: Vec<u8>,
 }
@@ -343,7 +345,12 @@ impl InviteParts {
         let mut b = RequestBuilder::new(Method::Invite, uri.clone())
             .header(
                 "Via",
-                format!("SIP/2.0/UDP {};branch={};rport", self.local, new_branch()),
+                format!(
+                    "SIP/2.0/{} {};branch={};rport",
+                    self.via_transport,
+                    self.local,
+                    new_branch()
+                ),
             )
             .header("Max-Forwards", "70")
             .header(
@@ -390,6 +397,11 @@ struct Call<'a> {
 }
 
 impl Call<'_> {
+    /// Reliable transports (TCP) get no retransmissions (§17.1.1.2, §17.1.2.2).
+    fn reliable(&self) -> bool {
+        self.ctx.endpoint.is_reliable()
+    }
+
     async fn send(&self, bytes: &[u8], to: SocketAddr) {
         if let Err(e) = self.ctx.endpoint.send(bytes, to).await {
             tracing::debug!(error = %e, %to, "SIP send failed");
@@ -415,7 +427,8 @@ impl Call<'_> {
         abort: &mut watch::Receiver<bool>,
     ) -> Result<Answered, CallOutcome> {
         let start = Instant::now();
-        let mut tx = ClientTransaction::new(invite.clone(), start, self.spec.timers, false);
+        let mut tx =
+            ClientTransaction::new(invite.clone(), start, self.spec.timers, self.reliable());
         let mut branch = tx.branch().unwrap_or_default();
         let mut challenged = false;
         let mut redirected = false;
@@ -554,7 +567,12 @@ impl Call<'_> {
 
     /// A client transaction for a re-sent INVITE (after a challenge or a redirect), and its branch.
     fn new_invite_transaction(&self, invite: &Request) -> (ClientTransaction, String) {
-        let tx = ClientTransaction::new(invite.clone(), Instant::now(), self.spec.timers, false);
+        let tx = ClientTransaction::new(
+            invite.clone(),
+            Instant::now(),
+            self.spec.timers,
+            self.reliable(),
+        );
         let branch = tx.branch().unwrap_or_default();
         (tx, branch)
     }
@@ -589,7 +607,7 @@ impl Call<'_> {
             req,
             Instant::now(),
             self.spec.timers,
-            false,
+            self.reliable(),
         ))
     }
 
@@ -606,13 +624,10 @@ impl Call<'_> {
         invite: &Request,
         resp: &message::Response,
     ) -> Result<Answered, CallOutcome> {
-        let local_contact = format!(
-            "sip:{}@{}",
-            self.spec.from_user,
-            self.ctx.endpoint.local_addr()
-        );
+        let local_contact = self.ctx.endpoint.contact(&self.spec.from_user);
         let mut dialog = Dialog::from_uac(invite, resp, &local_contact)
             .map_err(|e| CallOutcome::Failed(e.to_string()))?;
+        dialog.via_transport = self.ctx.endpoint.via_transport().to_string();
         let ack = dialog
             .build(Method::Ack, self.ctx.endpoint.local_addr())
             .map_err(|e| CallOutcome::Failed(e.to_string()))?;
@@ -764,7 +779,7 @@ impl Call<'_> {
                     let body = media.next_sdp(local);
                     match a.dialog.request(Method::Invite, local).body("application/sdp", body).build() {
                         Ok(req) => {
-                            let mut tx = ClientTransaction::new(req, Instant::now(), self.spec.timers, false);
+                            let mut tx = ClientTransaction::new(req, Instant::now(), self.spec.timers, self.reliable());
                             self.drive_reinvite(&mut tx, &mut a, stream.as_ref()).await;
                             reinvite = Some(tx);
                         }

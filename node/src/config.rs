@@ -107,6 +107,20 @@ pub struct TrunkSection {
     /// SIP URI of an outbound proxy (RFC 3261 §8.1.2): every new request goes to it with a Route
     /// header naming it, and the proxy forwards it to the trunk.
     pub outbound_proxy: Option<String>,
+    /// `udp` (default) or `tcp`: how SIP reaches the trunk (RFC 3261 §18).
+    pub transport: String,
+}
+
+impl TrunkSection {
+    /// The transport named by `transport`, if it is one we speak.
+    pub fn sip_transport(&self) -> Option<crate::sip::endpoint::Transport> {
+        use crate::sip::endpoint::Transport;
+        match self.transport.to_ascii_lowercase().as_str() {
+            "udp" => Some(Transport::Udp),
+            "tcp" => Some(Transport::Tcp),
+            _ => None,
+        }
+    }
 }
 
 impl Default for TrunkSection {
@@ -119,6 +133,7 @@ impl Default for TrunkSection {
             username: None,
             options_interval_s: 30.0,
             outbound_proxy: None,
+            transport: "udp".into(),
         }
     }
 }
@@ -222,6 +237,12 @@ impl Config {
                     format!("`{uri}` is not a SIP URI like sip:proxy.example.net:5060"),
                 );
             }
+        }
+        if self.trunk.sip_transport().is_none() {
+            return bad(
+                "trunk.transport",
+                format!("`{}` is not udp or tcp", self.trunk.transport),
+            );
         }
         if self.trunk.max_channels == 0 || self.trunk.max_channels > 100_000 {
             return bad("trunk.max_channels", "must be between 1 and 100000");
@@ -331,6 +352,8 @@ calls_per_second = 50
 options_interval_s = 30.0
 # An outbound proxy (SBC) all calls go through, if the carrier requires one.
 # outbound_proxy = "sip:sbc.example.net:5060"
+# How SIP reaches the trunk: udp or tcp.
+transport = "udp"
 
 [caller_id]
 # The number citizens see (From user part) and the name shown next to it.

@@ -97,6 +97,9 @@ enum Cmd {
         /// Do not listen for an answering machine (by default the message is left after its beep).
         #[arg(long)]
         no_machine_detection: bool,
+        /// SIP transport: udp or tcp.
+        #[arg(long, default_value = "udp", value_parser = ["udp", "tcp"])]
+        transport: String,
         /// Send the call through this outbound proxy (host:port or SIP URI); --via is then the trunk
         /// named in the Request-URI.
         #[arg(long)]
@@ -265,6 +268,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             reinvite_after,
             no_machine_detection,
             proxy,
+            transport,
         } => {
             let credentials = match user {
                 None => None,
@@ -313,7 +317,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 std::fs::write(path, media::wav::encode_wav_8k(&audio.samples))
                     .with_context(|| format!("--dump-audio: cannot write {}", path.display()))?;
             }
-            let (endpoint, _unrouted) = Endpoint::bind(sip)
+            let transport = if transport == "tcp" {
+                campanile::sip::endpoint::Transport::Tcp
+            } else {
+                campanile::sip::endpoint::Transport::Udp
+            };
+            let (endpoint, _unrouted) = Endpoint::bind_with(sip, transport)
                 .await
                 .with_context(|| format!("--sip: cannot bind {sip}"))?;
             let ctx = CallContext {

@@ -96,9 +96,16 @@ impl Node {
         };
         metrics.set_drill_mode(drill.is_some());
 
-        let (endpoint, unrouted) = Endpoint::bind(cfg.sip.listen).await.with_context(|| {
-            format!("cannot bind SIP on {} (sip.listen / --sip)", cfg.sip.listen)
-        })?;
+        // The simulated city speaks UDP; a real trunk speaks what trunk.transport says.
+        let transport = match (&cfg.trunk.uri, cfg.trunk.sip_transport()) {
+            (Some(_), Some(t)) => t,
+            _ => crate::sip::endpoint::Transport::Udp,
+        };
+        let (endpoint, unrouted) = Endpoint::bind_with(cfg.sip.listen, transport)
+            .await
+            .with_context(|| {
+                format!("cannot bind SIP on {} (sip.listen / --sip)", cfg.sip.listen)
+            })?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = vec![tokio::spawn(answer_unrouted(endpoint.clone(), unrouted))];
 

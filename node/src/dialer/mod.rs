@@ -412,7 +412,11 @@ async fn ping_trunk(sh: Arc<Shared>, every: Duration, mut shutdown: watch::Recei
         let ping = ping
             .header(
                 "Via",
-                format!("SIP/2.0/UDP {local};branch={};rport", new_branch()),
+                format!(
+                    "SIP/2.0/{} {local};branch={};rport",
+                    endpoint.via_transport(),
+                    new_branch()
+                ),
             )
             .header("Max-Forwards", "70")
             .header(

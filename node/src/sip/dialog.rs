@@ -31,6 +31,13 @@ pub struct Dialog {
     pub remote_cseq: Option<u32>,
     /// Our Contact URI.
     pub local_contact: String,
+    /// The transport token of our Via headers (`UDP` or `TCP`).
+    #[serde(default = "udp")]
+    pub via_transport: String,
+}
+
+fn udp() -> String {
+    "UDP".into()
 }
 
 /// Why a dialog could not be formed from a message.
@@ -78,6 +85,7 @@ impl Dialog {
             local_cseq: message::cseq(invite).map(|c| c.0).unwrap_or(1),
             remote_cseq: None,
             local_contact: local_contact.to_string(),
+            via_transport: udp(),
         })
     }
 
@@ -102,6 +110,7 @@ impl Dialog {
             local_cseq: 0,
             remote_cseq: message::cseq(invite).map(|c| c.0),
             local_contact: local_contact.to_string(),
+            via_transport: udp(),
         })
     }
 
@@ -126,7 +135,11 @@ impl Dialog {
         let mut b = RequestBuilder::new(method, self.remote_target.clone())
             .header(
                 "Via",
-                format!("SIP/2.0/UDP {via_host};branch={};rport", new_branch()),
+                format!(
+                    "SIP/2.0/{} {via_host};branch={};rport",
+                    self.via_transport,
+                    new_branch()
+                ),
             )
             .header("Max-Forwards", "70")
             .header(

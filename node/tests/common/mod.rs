@@ -55,6 +55,15 @@ pub fn start_sipp(scenario: &str) -> Sipp {
 
 /// `start_sipp`, replacing `@NAME@` placeholders of the scenario file first.
 pub fn start_sipp_with(scenario: &str, replacements: &[(&str, String)]) -> Sipp {
+    start_sipp_on(scenario, replacements, false)
+}
+
+/// `start_sipp` with SIPp listening on TCP (`-t t1`).
+pub fn start_sipp_tcp(scenario: &str) -> Sipp {
+    start_sipp_on(scenario, &[], true)
+}
+
+fn start_sipp_on(scenario: &str, replacements: &[(&str, String)], tcp: bool) -> Sipp {
     let dir = tempfile::tempdir().unwrap();
     let port = free_udp_port();
     let media = free_udp_port();
@@ -70,6 +79,9 @@ pub fn start_sipp_with(scenario: &str, replacements: &[(&str, String)]) -> Sipp 
         let file = dir.path().join(scenario);
         std::fs::write(&file, text).unwrap();
         cmd.arg("-sf").arg(&file);
+    }
+    if tcp {
+        cmd.args(["-t", "t1"]);
     }
     cmd.args([
         "-i",
@@ -108,7 +120,11 @@ pub fn start_sipp_with(scenario: &str, replacements: &[(&str, String)]) -> Sipp 
         dir,
     };
     let log = sipp.dir.path().join("sipp.stderr");
-    wait_until_bound(port, "sipp", Some(&log));
+    if tcp {
+        wait_until_listening(port, "sipp", Some(&log));
+    } else {
+        wait_until_bound(port, "sipp", Some(&log));
+    }
     sipp
 }
 
@@ -220,6 +236,31 @@ impl Drop for ReapGroup {
             }
         }
         let _ = self.0.wait();
+    }
+}
+
+/// Waits (bounded) until a peer listens on TCP `port`, read from `/proc/net/tcp` (state 0A).
+pub fn wait_until_listening(port: u16, who: &str, log: Option<&Path>) {
+    let suffix = format!(":{port:04X}");
+    let listening = || {
+        ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|table| {
+            std::fs::read_to_string(table)
+                .unwrap_or_default()
+                .lines()
+                .skip(1)
+                .map(|l| l.split_whitespace().collect::<Vec<_>>())
+                .any(|f| f.len() > 3 && f[1].ends_with(&suffix) && f[3] == "0A")
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !listening() {
+        assert!(
+            Instant::now() < deadline,
+            "{who} never listened on TCP 127.0.0.1:{port}: {}",
+            log.and_then(|l| std::fs::read_to_string(l).ok())
+                .unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
