@@ -138,12 +138,16 @@ fn thread_cpu_seconds() -> f64 {
 }
 
 /// The pacer with `n` streams, one socket each, to the sinks; measured for `secs` after a warm-up.
-pub async fn pacer_run(dests: &[SocketAddr], secs: f64) -> anyhow::Result<MediaRow> {
+pub async fn pacer_run(
+    dests: &[SocketAddr],
+    secs: f64,
+    threads: usize,
+) -> anyhow::Result<MediaRow> {
     let n = dests.len();
     let warmup = 2.0;
     let frames = ((secs + warmup + 2.0) * 50.0) as usize;
     let audio = Arc::new(vec![[0xFFu8; FRAME]; frames]);
-    let pacer = Pacer::spawn();
+    let pacer = Pacer::spawn_threads(threads);
     let mut handles = Vec::with_capacity(n);
     for (i, dest) in dests.iter().enumerate() {
         let socket = Arc::new(
@@ -185,7 +189,7 @@ pub async fn pacer_run(dests: &[SocketAddr], secs: f64) -> anyhow::Result<MediaR
 }
 
 /// `campanile bench media`.
-pub async fn media(stream_counts: &[usize], secs: f64) -> anyhow::Result<()> {
+pub async fn media(stream_counts: &[usize], secs: f64, threads: usize) -> anyhow::Result<()> {
     let limit = raise_fd_limit();
     let most = stream_counts.iter().copied().max().unwrap_or(0);
     if (2 * most + 100) as u64 > limit {
@@ -195,8 +199,8 @@ pub async fn media(stream_counts: &[usize], secs: f64) -> anyhow::Result<()> {
         );
     }
     let (_sinks, addrs) = sinks(most)?;
-    // As many bare loops as the pacer has threads (one per core), each over its share of the sinks.
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // As many bare loops as the pacer has threads, each over its share of the sinks.
+    let threads = threads.max(1);
     let loops: Vec<_> = addrs
         .chunks(addrs.len().div_ceil(threads).max(1))
         .map(|share| {
@@ -225,7 +229,7 @@ pub async fn media(stream_counts: &[usize], secs: f64) -> anyhow::Result<()> {
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &n in stream_counts {
-        let row = pacer_run(&addrs[..n], secs).await?;
+        let row = pacer_run(&addrs[..n], secs, threads).await?;
         println!(
             "| {} | {:.0} | {:.1} % | {:.2} | {:.1} | {:.2} ms | {:.2} ms | {:.2} ms |",
             row.streams,

@@ -129,6 +129,9 @@ enum BenchCmd {
         /// Seconds measured per row.
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
+        /// Pacer threads, and as many bare loops (default: one per core, as a node runs).
+        #[arg(long)]
+        threads: Option<usize>,
     },
     /// Calls per second and CPU per call: campanile's UAC against `sipp -sn uac`, both to `sipp -sn uas`.
     CallSetup {
@@ -359,8 +362,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Bench { what } => {
             match what {
-                BenchCmd::Media { streams, seconds } => {
-                    campanile::bench::media(&streams, seconds.clamp(1.0, 600.0)).await?
+                BenchCmd::Media {
+                    streams,
+                    seconds,
+                    threads,
+                } => {
+                    let threads = threads.unwrap_or_else(|| {
+                        std::thread::available_parallelism().map_or(1, |n| n.get())
+                    });
+                    campanile::bench::media(
+                        &streams,
+                        seconds.clamp(1.0, 600.0),
+                        threads.clamp(1, 64),
+                    )
+                    .await?
                 }
                 BenchCmd::CallSetup { rates, seconds } => {
                     campanile::bench::call_setup(&rates, seconds.clamp(1.0, 600.0)).await?
