@@ -58,7 +58,7 @@ pub fn write_sender_report(info: &SenderInfo, out: &mut Vec<u8>) {
     out.push(CNAME.len() as u8);
     out.extend_from_slice(CNAME.as_bytes());
     out.push(0);
-    while (out.len() - start) % 4 != 0 {
+    while !(out.len() - start).is_multiple_of(4) {
         out.push(0);
     }
     let words = ((out.len() - start) / 4 - 1) as u16;

@@ -32,7 +32,7 @@ enum Wake {
     /// New audio arrived.
     Audio,
     /// A new INVITE of the same call (the caller answering our challenge).
-    NewInvite(Request),
+    NewInvite(Box<Request>),
     Closed,
 }
 
@@ -143,10 +143,10 @@ impl PhoneCall {
                 Wake::Audio => {}
             }
         };
-        let proof = message::header_value(&new_invite, message::HeaderName::Authorization)
+        let proof = message::header_value(&*new_invite, message::HeaderName::Authorization)
             .unwrap_or_default()
             .to_string();
-        self.invite = new_invite;
+        self.invite = *new_invite;
         self.st = ServerTransaction::new(
             self.invite.clone(),
             Instant::now(),
@@ -361,10 +361,7 @@ impl PhoneCall {
         let media_timeout = Duration::from_millis(self.shared.profile.media_timeout_ms);
         let mut pressed = false;
         // A voicemail box plays its greeting and beep, then records: its limit counts from the beep.
-        let mut beep_at = match listen_limit_ms {
-            Some(_) => Some(self.play_greeting(codec)),
-            None => None,
-        };
+        let mut beep_at = listen_limit_ms.map(|_| self.play_greeting(codec));
         let mut recorded_from: Option<u64> = None;
         loop {
             let last_rtp = self
@@ -571,7 +568,7 @@ impl PhoneCall {
             Method::Invite if message::to_tag(&req).is_none() => {
                 if message::via_branch(&req) != message::via_branch(&self.invite) {
                     // A new transaction of the same call: the caller answering a challenge.
-                    return Some(Wake::NewInvite(req));
+                    return Some(Wake::NewInvite(Box::new(req)));
                 }
                 // A retransmission of the INVITE.
                 self.st.handle_retransmission();
