@@ -17,5 +17,6 @@ pub use state::State;
 pub mod cluster;
 pub mod network;
 pub mod store;
+pub mod tls;
 
 pub use cluster::{Cluster, ClusterError, ClusterOptions, ClusterStatus};

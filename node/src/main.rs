@@ -117,6 +117,33 @@ enum Cmd {
         #[command(subcommand)]
         what: ConfigCmd,
     },
+    /// The cluster's certificates: a CA, and one certificate per node (QUIC with mutual TLS).
+    Certs {
+        #[command(subcommand)]
+        what: CertsCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// Make the cluster CA (ca.pem, and ca.key readable only by its owner) in a new folder.
+    Init {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Make a node's certificate and key, signed by the CA, into the folder `up --certs` reads.
+    Issue {
+        /// The folder `certs init` made.
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        node_id: u64,
+        /// The host name or IP address other nodes reach this node by.
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -190,6 +217,35 @@ fn init_tracing(default_filter: &str) {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Cmd::Certs {
+            what: CertsCmd::Init { out },
+        } => {
+            campanile_cluster::tls::init_ca(&out)?;
+            eprintln!(
+                "cluster CA written to {}: keep ca.key offline, give each node only what `certs issue` makes",
+                out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Certs {
+            what:
+                CertsCmd::Issue {
+                    ca,
+                    node_id,
+                    host,
+                    out,
+                },
+        } => {
+            if node_id == 0 {
+                anyhow::bail!("--node-id must be 1 or more");
+            }
+            campanile_cluster::tls::issue(&ca, node_id, &host, &out)?;
+            eprintln!(
+                "certificate for node {node_id} ({host}) written to {}",
+                out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Config {
             what: ConfigCmd::Example,
         } => {

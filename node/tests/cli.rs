@@ -71,3 +71,51 @@ fn config_check_names_the_bad_key() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("listen"), "{err}");
 }
+
+#[test]
+fn certs_init_and_issue_make_a_node_folder_and_refuse_to_overwrite() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    let node = dir.path().join("node1");
+    let out = campanile(&["certs", "init", "--out", ca.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = campanile(&[
+        "certs",
+        "issue",
+        "--ca",
+        ca.to_str().unwrap(),
+        "--node-id",
+        "1",
+        "--host",
+        "127.0.0.1",
+        "--out",
+        node.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in ["ca.pem", "node.pem", "node.key"] {
+        assert!(node.join(f).exists(), "{f} missing");
+    }
+    let mode = std::fs::metadata(node.join("node.key"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    let again = campanile(&["certs", "init", "--out", ca.to_str().unwrap()]);
+    assert!(!again.status.success());
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(err.contains("already exists"), "{err}");
+    assert!(
+        !err.contains("PRIVATE KEY"),
+        "a key leaked into an error: {err}"
+    );
+}
