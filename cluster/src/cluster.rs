@@ -36,6 +36,16 @@ pub enum ClusterError {
     Fatal(String),
 }
 
+/// How a member of a multi-node cluster reaches its peers.
+#[derive(Clone)]
+pub struct MemberNet {
+    /// The QUIC endpoint (see `tls::endpoint`), bound at `raft_addr`.
+    pub endpoint: quinn::Endpoint,
+    pub raft_addr: std::net::SocketAddr,
+    /// Initialise a new cluster if the store is empty.
+    pub bootstrap: bool,
+}
+
 /// Tuning of log compaction; the defaults suit production.
 #[derive(Debug, Clone, Copy)]
 pub struct ClusterOptions {
@@ -98,6 +108,28 @@ impl Cluster {
         data_dir: &Path,
         options: ClusterOptions,
     ) -> Result<Cluster, ClusterError> {
+        Cluster::start(node_id, data_dir, options, None).await
+    }
+
+    /// Opens a member of a multi-node cluster: Raft RPCs go over QUIC with mutual TLS from `net`,
+    /// whose certificates prove who every peer is. With `bootstrap` and an empty store, this node
+    /// initialises a one-voter cluster at `net.raft_addr`; otherwise it waits to be added by the
+    /// leader (`add_learner`, `change_membership`). Returns without waiting for a leader.
+    pub async fn open_member(
+        node_id: NodeId,
+        data_dir: &Path,
+        options: ClusterOptions,
+        net: MemberNet,
+    ) -> Result<Cluster, ClusterError> {
+        Cluster::start(node_id, data_dir, options, Some(net)).await
+    }
+
+    async fn start(
+        node_id: NodeId,
+        data_dir: &Path,
+        options: ClusterOptions,
+        net: Option<MemberNet>,
+    ) -> Result<Cluster, ClusterError> {
         let db = Db::open(&data_dir.join("raft"))?;
         let mut log = LogStore::new(db.clone());
         let sm =
@@ -127,22 +159,41 @@ impl Cluster {
         .map_err(|e| ClusterError::Start(e.to_string()))?;
         let applied = sm.applied();
         let applied_index = sm.applied_index();
-        let raft = Raft::new(node_id.0, Arc::new(config), NetworkFactory, log, sm)
+        let factory = match &net {
+            None => NetworkFactory::Local,
+            Some(n) => NetworkFactory::Quic(n.endpoint.clone()),
+        };
+        let raft = Raft::new(node_id.0, Arc::new(config), factory, log, sm)
             .await
             .map_err(|e| ClusterError::Start(e.to_string()))?;
-        if fresh {
-            let mut members = BTreeMap::new();
-            members.insert(node_id.0, BasicNode::new("local"));
-            raft.initialize(members)
-                .await
-                .map_err(|e| ClusterError::Start(e.to_string()))?;
-            tracing::info!(node = %node_id, "initialised a new single-node cluster");
+        match &net {
+            None => {
+                if fresh {
+                    let mut members = BTreeMap::new();
+                    members.insert(node_id.0, BasicNode::new("local"));
+                    raft.initialize(members)
+                        .await
+                        .map_err(|e| ClusterError::Start(e.to_string()))?;
+                    tracing::info!(node = %node_id, "initialised a new single-node cluster");
+                }
+                let timeout = Duration::from_secs(10);
+                raft.wait(Some(timeout))
+                    .metrics(|m| m.current_leader == Some(node_id.0), "this node leads")
+                    .await
+                    .map_err(|_| ClusterError::NoLeader(timeout))?;
+            }
+            Some(n) => {
+                tokio::spawn(crate::network::serve(n.endpoint.clone(), raft.clone()));
+                if fresh && n.bootstrap {
+                    let mut members = BTreeMap::new();
+                    members.insert(node_id.0, BasicNode::new(n.raft_addr.to_string()));
+                    raft.initialize(members)
+                        .await
+                        .map_err(|e| ClusterError::Start(e.to_string()))?;
+                    tracing::info!(node = %node_id, raft = %n.raft_addr, "initialised a new cluster");
+                }
+            }
         }
-        let timeout = Duration::from_secs(10);
-        raft.wait(Some(timeout))
-            .metrics(|m| m.current_leader == Some(node_id.0), "this node leads")
-            .await
-            .map_err(|_| ClusterError::NoLeader(timeout))?;
         Ok(Cluster {
             inner: Arc::new(Inner {
                 node_id,
@@ -210,6 +261,39 @@ impl Cluster {
             .snapshot()
             .await
             .map_err(|e| ClusterError::Fatal(e.to_string()))
+    }
+
+    /// Adds `node` (reachable at `raft_addr`) as a learner and waits until it has caught up.
+    pub async fn add_learner(&self, node: NodeId, raft_addr: &str) -> Result<(), ClusterError> {
+        self.inner
+            .raft
+            .add_learner(node.0, BasicNode::new(raft_addr), true)
+            .await
+            .map(|_| ())
+            .map_err(|e| ClusterError::Fatal(e.to_string()))
+    }
+
+    /// Makes exactly `voters` the voting members (they must be members already).
+    pub async fn change_membership(&self, voters: &[NodeId]) -> Result<(), ClusterError> {
+        let ids: std::collections::BTreeSet<u64> = voters.iter().map(|n| n.0).collect();
+        self.inner
+            .raft
+            .change_membership(ids, false)
+            .await
+            .map(|_| ())
+            .map_err(|e| ClusterError::Fatal(e.to_string()))
+    }
+
+    /// Waits (at most `timeout`) until some node leads; returns its id.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> Result<u64, ClusterError> {
+        let m = self
+            .inner
+            .raft
+            .wait(Some(timeout))
+            .metrics(|m| m.current_leader.is_some(), "a leader")
+            .await
+            .map_err(|_| ClusterError::NoLeader(timeout))?;
+        m.current_leader.ok_or(ClusterError::NoLeader(timeout))
     }
 
     /// Stops Raft and flushes the store.

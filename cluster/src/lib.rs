@@ -19,4 +19,4 @@ pub mod network;
 pub mod store;
 pub mod tls;
 
-pub use cluster::{Cluster, ClusterError, ClusterOptions, ClusterStatus};
+pub use cluster::{Cluster, ClusterError, ClusterOptions, ClusterStatus, MemberNet};

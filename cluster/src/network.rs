@@ -1,72 +1,182 @@
-//! Raft's network for this release: a single-voter cluster needs none, so every RPC to another node
-//! reports it unreachable. The QUIC/mTLS transport replaces this module when nodes can join.
+//! Raft's network. A single-node cluster needs none (`NetworkFactory::Local`: every RPC reports the
+//! peer unreachable). A multi-node cluster sends Raft RPCs over QUIC with mutual TLS (`tls`): one
+//! connection per peer, one bidirectional stream per RPC, JSON bodies, and the peer's node id checked
+//! against its certificate on every new connection.
 
-use openraft::error::{InstallSnapshotError, RPCError, RaftError, Unreachable};
+use std::sync::Arc;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::BasicNode;
+use openraft::{BasicNode, Raft};
+use serde::{Deserialize, Serialize};
 
 use crate::store::{RaftNodeId, TypeConfig};
+use crate::tls;
+
+/// One Raft RPC on the wire.
+#[derive(Serialize, Deserialize)]
+pub enum RaftRpc {
+    AppendEntries(AppendEntriesRequest<TypeConfig>),
+    Vote(VoteRequest<RaftNodeId>),
+    InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+}
 
 /// Creates a client per peer.
-#[derive(Clone, Default)]
-pub struct NetworkFactory;
+#[derive(Clone)]
+pub enum NetworkFactory {
+    /// Single-node: no peers to reach.
+    Local,
+    /// Peers over QUIC/mTLS from this endpoint.
+    Quic(quinn::Endpoint),
+}
 
 /// A client for one peer.
 pub struct PeerClient {
     target: RaftNodeId,
+    addr: String,
+    endpoint: Option<quinn::Endpoint>,
+    conn: Option<quinn::Connection>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = PeerClient;
 
-    async fn new_client(&mut self, target: RaftNodeId, _node: &BasicNode) -> Self::Network {
-        PeerClient { target }
+    async fn new_client(&mut self, target: RaftNodeId, node: &BasicNode) -> Self::Network {
+        PeerClient {
+            target,
+            addr: node.addr.clone(),
+            endpoint: match self {
+                NetworkFactory::Local => None,
+                NetworkFactory::Quic(e) => Some(e.clone()),
+            },
+            conn: None,
+        }
     }
 }
 
+fn unreachable<E: std::error::Error>(why: String) -> RPCError<RaftNodeId, BasicNode, E> {
+    RPCError::Unreachable(Unreachable::new(&std::io::Error::other(why)))
+}
+
 impl PeerClient {
-    fn unreachable<E: std::error::Error>(&self) -> RPCError<RaftNodeId, BasicNode, E> {
-        let e = std::io::Error::other(format!(
-            "node {} cannot be reached: this release runs single-node clusters only",
-            self.target
-        ));
-        RPCError::Unreachable(Unreachable::new(&e))
+    /// The open connection to the peer, after checking its certificate names the node we want.
+    async fn connection(&mut self) -> Result<quinn::Connection, String> {
+        if let Some(c) = self.conn.as_ref().filter(|c| c.close_reason().is_none()) {
+            return Ok(c.clone());
+        }
+        let Some(endpoint) = &self.endpoint else {
+            return Err(format!(
+                "node {} cannot be reached: this node runs alone",
+                self.target
+            ));
+        };
+        let addr: std::net::SocketAddr = self.addr.parse().map_err(|_| {
+            format!(
+                "node {}'s raft address `{}` is not host:port",
+                self.target, self.addr
+            )
+        })?;
+        let conn = endpoint
+            .connect(addr, &addr.ip().to_string())
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| format!("node {} at {addr}: {e}", self.target))?;
+        match tls::peer_node_id(&conn) {
+            Some(id) if id == self.target => {}
+            other => {
+                conn.close(quinn::VarInt::from_u32(2), b"wrong node");
+                return Err(format!(
+                    "{addr} presented node {other:?}'s certificate, not node {}'s",
+                    self.target
+                ));
+            }
+        }
+        self.conn = Some(conn.clone());
+        Ok(conn)
+    }
+
+    async fn call<R, E>(
+        &mut self,
+        rpc: RaftRpc,
+    ) -> Result<R, RPCError<RaftNodeId, BasicNode, RaftError<RaftNodeId, E>>>
+    where
+        R: for<'de> Deserialize<'de>,
+        E: std::error::Error + for<'de> Deserialize<'de>,
+    {
+        let body =
+            serde_json::to_vec(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let conn = self.connection().await.map_err(unreachable)?;
+        let reply = match tls::request(&conn, &body).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.conn = None;
+                return Err(unreachable(format!("node {}: {e}", self.target)));
+            }
+        };
+        let result: Result<R, RaftError<RaftNodeId, E>> =
+            serde_json::from_slice(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }
 
 impl RaftNetwork<TypeConfig> for PeerClient {
     async fn append_entries(
         &mut self,
-        _rpc: AppendEntriesRequest<TypeConfig>,
+        rpc: AppendEntriesRequest<TypeConfig>,
         _option: RPCOption,
     ) -> Result<
         AppendEntriesResponse<RaftNodeId>,
         RPCError<RaftNodeId, BasicNode, RaftError<RaftNodeId>>,
     > {
-        Err(self.unreachable())
+        self.call(RaftRpc::AppendEntries(rpc)).await
     }
 
     async fn install_snapshot(
         &mut self,
-        _rpc: InstallSnapshotRequest<TypeConfig>,
+        rpc: InstallSnapshotRequest<TypeConfig>,
         _option: RPCOption,
     ) -> Result<
         InstallSnapshotResponse<RaftNodeId>,
         RPCError<RaftNodeId, BasicNode, RaftError<RaftNodeId, InstallSnapshotError>>,
     > {
-        Err(self.unreachable())
+        self.call(RaftRpc::InstallSnapshot(rpc)).await
     }
 
     async fn vote(
         &mut self,
-        _rpc: VoteRequest<RaftNodeId>,
+        rpc: VoteRequest<RaftNodeId>,
         _option: RPCOption,
     ) -> Result<VoteResponse<RaftNodeId>, RPCError<RaftNodeId, BasicNode, RaftError<RaftNodeId>>>
     {
-        Err(self.unreachable())
+        self.call(RaftRpc::Vote(rpc)).await
     }
+}
+
+/// Serves Raft RPCs from authenticated peers on `endpoint` until it closes.
+pub async fn serve(endpoint: quinn::Endpoint, raft: Raft<TypeConfig>) {
+    let raft = Arc::new(raft);
+    tls::accept(endpoint, move |peer, body| {
+        let raft = raft.clone();
+        async move {
+            let reply = match serde_json::from_slice::<RaftRpc>(&body) {
+                Ok(RaftRpc::AppendEntries(r)) => serde_json::to_vec(&raft.append_entries(r).await),
+                Ok(RaftRpc::Vote(r)) => serde_json::to_vec(&raft.vote(r).await),
+                Ok(RaftRpc::InstallSnapshot(r)) => {
+                    serde_json::to_vec(&raft.install_snapshot(r).await)
+                }
+                Err(e) => {
+                    tracing::warn!(peer, error = %e, "unreadable Raft RPC from a cluster peer");
+                    Ok(Vec::new())
+                }
+            };
+            reply.unwrap_or_default()
+        }
+    })
+    .await
 }

@@ -1,0 +1,132 @@
+//! Issue 4, first multi-node step: three members in one process, each with its own sled store and
+//! its own QUIC/mTLS endpoint on loopback. A write on the leader reaches every member; when the
+//! leader stops, the other two elect a new one and take writes, and nothing acknowledged is lost.
+//! (The multi-process version with SIGKILL belongs to chaos-tests once nodes can be started with
+//! `up --join`.)
+
+use std::time::{Duration, Instant};
+
+use campanile_cluster::tls::{self, NodeIdentity};
+use campanile_cluster::*;
+
+fn new_sub(n: u32) -> Command {
+    Command::CreateSubscriber {
+        at_ms: n as u64,
+        subscriber: NewSubscriber {
+            phone: PhoneNumber::parse(&format!("+39347{n:07}")).unwrap(),
+            name: None,
+            language: "it".into(),
+            zone: None,
+            verified: true,
+        },
+    }
+}
+
+struct Member {
+    cluster: Cluster,
+    endpoint: quinn::Endpoint,
+    addr: std::net::SocketAddr,
+}
+
+async fn member(root: &std::path::Path, ca: &std::path::Path, id: u64, bootstrap: bool) -> Member {
+    let certs = root.join(format!("certs{id}"));
+    tls::issue(ca, id, "127.0.0.1", &certs).unwrap();
+    let identity = NodeIdentity::load(&certs).unwrap();
+    let endpoint = tls::endpoint("127.0.0.1:0".parse().unwrap(), &identity).unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    let cluster = Cluster::open_member(
+        NodeId(id),
+        &root.join(format!("data{id}")),
+        ClusterOptions::default(),
+        MemberNet {
+            endpoint: endpoint.clone(),
+            raft_addr: addr,
+            bootstrap,
+        },
+    )
+    .await
+    .unwrap();
+    Member {
+        cluster,
+        endpoint,
+        addr,
+    }
+}
+
+async fn wait_count(c: &Cluster, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.read(|s| s.subscriber_count()) < n {
+        assert!(
+            Instant::now() < deadline,
+            "node {} has {} of {n}",
+            c.node_id(),
+            c.read(|s| s.subscriber_count())
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_members_replicate_and_survive_the_leader_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    tls::init_ca(&ca).unwrap();
+    let m1 = member(dir.path(), &ca, 1, true).await;
+    let m2 = member(dir.path(), &ca, 2, false).await;
+    let m3 = member(dir.path(), &ca, 3, false).await;
+    assert_eq!(
+        m1.cluster
+            .wait_for_leader(Duration::from_secs(10))
+            .await
+            .unwrap(),
+        1
+    );
+    m1.cluster
+        .add_learner(NodeId(2), &m2.addr.to_string())
+        .await
+        .unwrap();
+    m1.cluster
+        .add_learner(NodeId(3), &m3.addr.to_string())
+        .await
+        .unwrap();
+    m1.cluster
+        .change_membership(&[NodeId(1), NodeId(2), NodeId(3)])
+        .await
+        .unwrap();
+    for n in 1..=20 {
+        m1.cluster.write(new_sub(n)).await.unwrap();
+    }
+    for m in [&m1, &m2, &m3] {
+        wait_count(&m.cluster, 20).await;
+    }
+
+    // The leader stops: its Raft and its endpoint go away.
+    m1.cluster.shutdown().await.unwrap();
+    m1.endpoint.close(quinn::VarInt::from_u32(0), b"stopped");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let leader = loop {
+        let l = m2.cluster.status().leader;
+        if let Some(l) = l.filter(|l| *l != 1) {
+            break l;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no new leader: {:?}",
+            m2.cluster.status()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let new_leader = if leader == 2 { &m2 } else { &m3 };
+    for n in 21..=30 {
+        new_leader.cluster.write(new_sub(n)).await.unwrap();
+    }
+    for m in [&m2, &m3] {
+        wait_count(&m.cluster, 30).await;
+    }
+    // A follower refuses writes and names the leader.
+    let follower = if leader == 2 { &m3 } else { &m2 };
+    match follower.cluster.write(new_sub(99)).await {
+        Err(ClusterError::NotLeader { leader: Some(l) }) => assert_eq!(l, leader),
+        other => panic!("a follower took a write: {other:?}"),
+    }
+}
