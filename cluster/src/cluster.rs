@@ -36,6 +36,58 @@ pub enum ClusterError {
     Fatal(String),
 }
 
+/// Voters a cluster grows to as nodes join; later nodes stay learners.
+pub const MAX_VOTERS: usize = 3;
+
+impl crate::network::MemberHandler for Cluster {
+    async fn join(&self, node: u64, raft_addr: String) -> Result<(), String> {
+        let status = self.status();
+        match status.leader {
+            Some(l) if l == self.inner.node_id.0 => {}
+            Some(l) => {
+                let reply = self
+                    .forward(
+                        l,
+                        &crate::network::RaftRpc::Join {
+                            node,
+                            raft_addr: raft_addr.clone(),
+                        },
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                return serde_json::from_slice::<Result<(), String>>(&reply)
+                    .map_err(|e| e.to_string())?;
+            }
+            None => return Err("no leader yet; try again".into()),
+        }
+        self.add_learner(NodeId(node), &raft_addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let voters: Vec<u64> = self
+            .inner
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        if voters.len() < MAX_VOTERS && !voters.contains(&node) {
+            let mut all: Vec<NodeId> = voters.into_iter().map(NodeId).collect();
+            all.push(NodeId(node));
+            self.change_membership(&all)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        tracing::info!(node, raft = %raft_addr, "node joined the cluster");
+        Ok(())
+    }
+
+    async fn write(&self, cmd: Command) -> Result<Response, String> {
+        self.write_here(cmd).await.map_err(|e| e.to_string())
+    }
+}
+
 /// How a member of a multi-node cluster reaches its peers.
 #[derive(Clone)]
 pub struct MemberNet {
@@ -87,6 +139,7 @@ struct Inner {
     applied: Arc<RwLock<Applied>>,
     applied_index: watch::Receiver<u64>,
     db: Db,
+    net: Option<MemberNet>,
 }
 
 /// The replicated state of this node.
@@ -183,7 +236,6 @@ impl Cluster {
                     .map_err(|_| ClusterError::NoLeader(timeout))?;
             }
             Some(n) => {
-                tokio::spawn(crate::network::serve(n.endpoint.clone(), raft.clone()));
                 if fresh && n.bootstrap {
                     let mut members = BTreeMap::new();
                     members.insert(node_id.0, BasicNode::new(n.raft_addr.to_string()));
@@ -194,19 +246,39 @@ impl Cluster {
                 }
             }
         }
-        Ok(Cluster {
+        let cluster = Cluster {
             inner: Arc::new(Inner {
                 node_id,
-                raft,
+                raft: raft.clone(),
                 applied,
                 applied_index,
                 db,
+                net: net.clone(),
             }),
-        })
+        };
+        if let Some(n) = &net {
+            tokio::spawn(crate::network::serve(
+                n.endpoint.clone(),
+                raft,
+                cluster.clone(),
+            ));
+        }
+        Ok(cluster)
     }
 
     /// Proposes `cmd` and waits until it is committed and applied; returns what the state machine said.
+    /// On a follower of a multi-node cluster the write is forwarded to the leader.
     pub async fn write(&self, cmd: Command) -> Result<Response, ClusterError> {
+        match self.write_here(cmd.clone()).await {
+            Err(ClusterError::NotLeader {
+                leader: Some(leader),
+            }) if self.inner.net.is_some() => self.forward_write(leader, cmd).await,
+            other => other,
+        }
+    }
+
+    /// `write` without forwarding: this node must lead.
+    pub async fn write_here(&self, cmd: Command) -> Result<Response, ClusterError> {
         match tokio::time::timeout(WRITE_TIMEOUT, self.inner.raft.client_write(cmd)).await {
             Err(_) => Err(ClusterError::Timeout(WRITE_TIMEOUT)),
             Ok(Ok(r)) => Ok(r.data),
@@ -217,6 +289,65 @@ impl Cluster {
             }
             Ok(Err(e)) => Err(ClusterError::Fatal(e.to_string())),
         }
+    }
+
+    /// The raft address of member `node`, from the membership this node knows.
+    fn member_addr(&self, node: u64) -> Option<std::net::SocketAddr> {
+        let m = self.inner.raft.metrics().borrow().clone();
+        let addr = m
+            .membership_config
+            .membership()
+            .nodes()
+            .find(|(id, _)| **id == node)
+            .map(|(_, n)| n.addr.clone())?;
+        addr.parse().ok()
+    }
+
+    async fn forward(
+        &self,
+        leader: u64,
+        rpc: &crate::network::RaftRpc,
+    ) -> Result<Vec<u8>, ClusterError> {
+        let (Some(net), Some(addr)) = (&self.inner.net, self.member_addr(leader)) else {
+            return Err(ClusterError::NotLeader {
+                leader: Some(leader),
+            });
+        };
+        tokio::time::timeout(
+            WRITE_TIMEOUT,
+            crate::network::request_addr(&net.endpoint, addr, rpc),
+        )
+        .await
+        .map_err(|_| ClusterError::Timeout(WRITE_TIMEOUT))?
+        .map_err(|e| ClusterError::Fatal(format!("forwarding to the leader (node {leader}): {e}")))
+    }
+
+    async fn forward_write(&self, leader: u64, cmd: Command) -> Result<Response, ClusterError> {
+        let reply = self
+            .forward(leader, &crate::network::RaftRpc::Write(cmd))
+            .await?;
+        let r: Result<Response, String> = serde_json::from_slice(&reply)
+            .map_err(|e| ClusterError::Fatal(format!("leader's reply unreadable: {e}")))?;
+        r.map_err(ClusterError::Fatal)
+    }
+
+    /// Asks the member at `seed` (any member) to add this node: as a learner, then as a voter while
+    /// the cluster has fewer than `MAX_VOTERS`.
+    pub async fn join(&self, seed: std::net::SocketAddr) -> Result<(), ClusterError> {
+        let net = self.inner.net.as_ref().ok_or_else(|| {
+            ClusterError::Start("a single-node store cannot join a cluster".into())
+        })?;
+        let rpc = crate::network::RaftRpc::Join {
+            node: self.inner.node_id.0,
+            raft_addr: net.raft_addr.to_string(),
+        };
+        let reply = crate::network::request_addr(&net.endpoint, seed, &rpc)
+            .await
+            .map_err(|e| ClusterError::Start(format!("joining through {seed}: {e}")))?;
+        let r: Result<(), String> = serde_json::from_slice(&reply).map_err(|e| {
+            ClusterError::Start(format!("{seed}'s reply to join is unreadable: {e}"))
+        })?;
+        r.map_err(|e| ClusterError::Start(format!("joining through {seed}: {e}")))
     }
 
     /// Runs `f` on the applied state.

@@ -19,12 +19,36 @@ use serde::{Deserialize, Serialize};
 use crate::store::{RaftNodeId, TypeConfig};
 use crate::tls;
 
-/// One Raft RPC on the wire.
+/// One request between members on the wire.
 #[derive(Serialize, Deserialize)]
 pub enum RaftRpc {
     AppendEntries(AppendEntriesRequest<TypeConfig>),
     Vote(VoteRequest<RaftNodeId>),
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+    /// A new node asks to join (forwarded to the leader by whoever receives it).
+    Join {
+        node: RaftNodeId,
+        raft_addr: String,
+    },
+    /// A write received by a follower, forwarded to the leader.
+    Write(crate::Command),
+}
+
+/// Sends one request to whoever listens at `addr`, as long as its certificate is the cluster's.
+pub async fn request_addr(
+    endpoint: &quinn::Endpoint,
+    addr: std::net::SocketAddr,
+    rpc: &RaftRpc,
+) -> Result<Vec<u8>, String> {
+    let body = serde_json::to_vec(rpc).map_err(|e| e.to_string())?;
+    let conn = endpoint
+        .connect(addr, &addr.ip().to_string())
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| format!("{addr}: {e}"))?;
+    let reply = tls::request(&conn, &body).await;
+    conn.close(quinn::VarInt::from_u32(0), b"done");
+    reply
 }
 
 /// Creates a client per peer.
@@ -158,11 +182,25 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     }
 }
 
-/// Serves Raft RPCs from authenticated peers on `endpoint` until it closes.
-pub async fn serve(endpoint: quinn::Endpoint, raft: Raft<TypeConfig>) {
+/// What a member does with the requests that are not Raft's own.
+pub trait MemberHandler: Send + Sync + 'static {
+    fn join(
+        &self,
+        node: RaftNodeId,
+        raft_addr: String,
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send;
+    fn write(
+        &self,
+        cmd: crate::Command,
+    ) -> impl std::future::Future<Output = Result<crate::Response, String>> + Send;
+}
+
+/// Serves requests from authenticated peers on `endpoint` until it closes.
+pub async fn serve<H: MemberHandler>(endpoint: quinn::Endpoint, raft: Raft<TypeConfig>, member: H) {
     let raft = Arc::new(raft);
+    let member = Arc::new(member);
     tls::accept(endpoint, move |peer, body| {
-        let raft = raft.clone();
+        let (raft, member) = (raft.clone(), member.clone());
         async move {
             let reply = match serde_json::from_slice::<RaftRpc>(&body) {
                 Ok(RaftRpc::AppendEntries(r)) => serde_json::to_vec(&raft.append_entries(r).await),
@@ -170,8 +208,12 @@ pub async fn serve(endpoint: quinn::Endpoint, raft: Raft<TypeConfig>) {
                 Ok(RaftRpc::InstallSnapshot(r)) => {
                     serde_json::to_vec(&raft.install_snapshot(r).await)
                 }
+                Ok(RaftRpc::Join { node, raft_addr }) => {
+                    serde_json::to_vec(&member.join(node, raft_addr).await)
+                }
+                Ok(RaftRpc::Write(cmd)) => serde_json::to_vec(&member.write(cmd).await),
                 Err(e) => {
-                    tracing::warn!(peer, error = %e, "unreadable Raft RPC from a cluster peer");
+                    tracing::warn!(peer, error = %e, "unreadable request from a cluster peer");
                     Ok(Vec::new())
                 }
             };

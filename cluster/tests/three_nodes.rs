@@ -1,6 +1,7 @@
 //! Issue 4, first multi-node step: three members in one process, each with its own sled store and
-//! its own QUIC/mTLS endpoint on loopback. A write on the leader reaches every member; when the
-//! leader stops, the other two elect a new one and take writes, and nothing acknowledged is lost.
+//! its own QUIC/mTLS endpoint on loopback. Nodes join through any member; a write on the leader or
+//! forwarded by a follower reaches every member; when the leader stops, the other two elect a new one
+//! and take writes, and nothing acknowledged is lost.
 //! (The multi-process version with SIGKILL belongs to chaos-tests once nodes can be started with
 //! `up --join`.)
 
@@ -81,20 +82,15 @@ async fn three_members_replicate_and_survive_the_leader_stopping() {
             .unwrap(),
         1
     );
-    m1.cluster
-        .add_learner(NodeId(2), &m2.addr.to_string())
-        .await
-        .unwrap();
-    m1.cluster
-        .add_learner(NodeId(3), &m3.addr.to_string())
-        .await
-        .unwrap();
-    m1.cluster
-        .change_membership(&[NodeId(1), NodeId(2), NodeId(3)])
-        .await
-        .unwrap();
-    for n in 1..=20 {
+    // Node 2 joins through the leader, node 3 through node 2 (a follower, which forwards the join).
+    m2.cluster.join(m1.addr).await.unwrap();
+    m3.cluster.join(m2.addr).await.unwrap();
+    for n in 1..=10 {
         m1.cluster.write(new_sub(n)).await.unwrap();
+    }
+    // A write on a follower is forwarded to the leader.
+    for n in 11..=20 {
+        m3.cluster.write(new_sub(n)).await.unwrap();
     }
     for m in [&m1, &m2, &m3] {
         wait_count(&m.cluster, 20).await;
@@ -123,10 +119,14 @@ async fn three_members_replicate_and_survive_the_leader_stopping() {
     for m in [&m2, &m3] {
         wait_count(&m.cluster, 30).await;
     }
-    // A follower refuses writes and names the leader.
+    // The remaining follower does not commit on its own (it names the leader) but forwards.
     let follower = if leader == 2 { &m3 } else { &m2 };
-    match follower.cluster.write(new_sub(99)).await {
+    match follower.cluster.write_here(new_sub(99)).await {
         Err(ClusterError::NotLeader { leader: Some(l) }) => assert_eq!(l, leader),
-        other => panic!("a follower took a write: {other:?}"),
+        other => panic!("a follower committed a write by itself: {other:?}"),
+    }
+    follower.cluster.write(new_sub(31)).await.unwrap();
+    for m in [&m2, &m3] {
+        wait_count(&m.cluster, 31).await;
     }
 }
