@@ -266,6 +266,17 @@ fn read_token(data: &Path) -> anyhow::Result<String> {
 impl NodeProc {
     /// Writes `config_toml` beside the data directory and starts `campanile up` with it.
     pub fn start(dir: &Path, config_toml: &str, trunk: &str) -> anyhow::Result<NodeProc> {
+        NodeProc::start_with(dir, config_toml, trunk, &[])
+    }
+
+    /// `start` with more `up` flags (a cluster member's --node-id, --raft, --certs, --join ...).
+    pub fn start_with(
+        dir: &Path,
+        config_toml: &str,
+        trunk: &str,
+        extra: &[String],
+    ) -> anyhow::Result<NodeProc> {
+        std::fs::create_dir_all(dir)?;
         let config = dir.join("campanile.toml");
         std::fs::write(&config, config_toml)?;
         let data = dir.join("data");
@@ -283,6 +294,7 @@ impl NodeProc {
             "--trunk".into(),
             trunk.to_string(),
         ];
+        let args: Vec<String> = args.into_iter().chain(extra.iter().cloned()).collect();
         let proc = launch(dir, &args, http)?;
         let token = read_token(&data)?;
         Ok(NodeProc {

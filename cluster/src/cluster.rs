@@ -34,6 +34,10 @@ pub enum ClusterError {
     Timeout(Duration),
     #[error("Raft stopped: {0}")]
     Fatal(String),
+    #[error("{0}")]
+    Unsent(String),
+    #[error("{0}")]
+    Forward(String),
 }
 
 /// Voters a cluster grows to as nodes join; later nodes stay learners.
@@ -83,8 +87,8 @@ impl crate::network::MemberHandler for Cluster {
         Ok(())
     }
 
-    async fn write(&self, cmd: Command) -> Result<Response, String> {
-        self.write_here(cmd).await.map_err(|e| e.to_string())
+    async fn write(&self, cmd: Command) -> Result<(Response, u64), String> {
+        self.write_indexed(cmd).await.map_err(|e| e.to_string())
     }
 }
 
@@ -269,19 +273,38 @@ impl Cluster {
     /// Proposes `cmd` and waits until it is committed and applied; returns what the state machine said.
     /// On a follower of a multi-node cluster the write is forwarded to the leader.
     pub async fn write(&self, cmd: Command) -> Result<Response, ClusterError> {
-        match self.write_here(cmd.clone()).await {
-            Err(ClusterError::NotLeader {
-                leader: Some(leader),
-            }) if self.inner.net.is_some() => self.forward_write(leader, cmd).await,
-            other => other,
+        let deadline = tokio::time::Instant::now() + WRITE_TIMEOUT;
+        loop {
+            let result = match self.write_here(cmd.clone()).await {
+                Err(ClusterError::NotLeader {
+                    leader: Some(leader),
+                }) if self.inner.net.is_some() => self.forward_write(leader, cmd.clone()).await,
+                other => return other,
+            };
+            match result {
+                // The leader we knew is gone and the write never reached it: ask again who leads,
+                // until the deadline. A write that may have arrived is never sent twice, and
+                // nothing is acknowledged without the leader's answer.
+                Err(ClusterError::Unsent(_) | ClusterError::NotLeader { .. })
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => return other,
+            }
         }
     }
 
     /// `write` without forwarding: this node must lead.
     pub async fn write_here(&self, cmd: Command) -> Result<Response, ClusterError> {
+        self.write_indexed(cmd).await.map(|(r, _)| r)
+    }
+
+    /// `write_here`, also returning the log index the command was applied at.
+    async fn write_indexed(&self, cmd: Command) -> Result<(Response, u64), ClusterError> {
         match tokio::time::timeout(WRITE_TIMEOUT, self.inner.raft.client_write(cmd)).await {
             Err(_) => Err(ClusterError::Timeout(WRITE_TIMEOUT)),
-            Ok(Ok(r)) => Ok(r.data),
+            Ok(Ok(r)) => Ok((r.data, r.log_id.index)),
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
                 Err(ClusterError::NotLeader {
                     leader: f.leader_id,
@@ -319,16 +342,30 @@ impl Cluster {
         )
         .await
         .map_err(|_| ClusterError::Timeout(WRITE_TIMEOUT))?
-        .map_err(|e| ClusterError::Fatal(format!("forwarding to the leader (node {leader}): {e}")))
+        .map_err(|e| match e {
+            crate::network::ForwardError::NotSent(why) => ClusterError::Unsent(format!(
+                "forwarding to the leader (node {leader}): {why}"
+            )),
+            crate::network::ForwardError::Unknown(why) => ClusterError::Forward(format!(
+                "forwarding to the leader (node {leader}): {why}; the write may or may not have been applied"
+            )),
+        })
     }
 
     async fn forward_write(&self, leader: u64, cmd: Command) -> Result<Response, ClusterError> {
         let reply = self
             .forward(leader, &crate::network::RaftRpc::Write(cmd))
             .await?;
-        let r: Result<Response, String> = serde_json::from_slice(&reply)
-            .map_err(|e| ClusterError::Fatal(format!("leader's reply unreadable: {e}")))?;
-        r.map_err(ClusterError::Fatal)
+        let r: Result<(Response, u64), String> = serde_json::from_slice(&reply)
+            .map_err(|e| ClusterError::Forward(format!("leader's reply unreadable: {e}")))?;
+        let (response, index) = r.map_err(ClusterError::Forward)?;
+        // Read your writes: return once this node has applied the entry too.
+        let mut applied = self.applied();
+        tokio::time::timeout(WRITE_TIMEOUT, applied.wait_for(|a| *a >= index))
+            .await
+            .map_err(|_| ClusterError::Timeout(WRITE_TIMEOUT))?
+            .map_err(|_| ClusterError::Fatal("Raft stopped".into()))?;
+        Ok(response)
     }
 
     /// Asks the member at `seed` (any member) to add this node: as a learner, then as a voter while
@@ -413,6 +450,28 @@ impl Cluster {
             .await
             .map(|_| ())
             .map_err(|e| ClusterError::Fatal(e.to_string()))
+    }
+
+    /// The members as this node knows them: (id, raft address, voter?, matched log index as the
+    /// leader sees it — known only on the leader, and for itself its applied index).
+    pub fn members(&self) -> Vec<(u64, String, bool, Option<u64>)> {
+        let m = self.inner.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+        membership
+            .nodes()
+            .map(|(id, node)| {
+                let matched = if *id == self.inner.node_id.0 {
+                    m.last_applied.map(|l| l.index)
+                } else {
+                    m.replication
+                        .as_ref()
+                        .and_then(|r| r.get(id).cloned().flatten())
+                        .map(|l| l.index)
+                };
+                (*id, node.addr.clone(), voters.contains(id), matched)
+            })
+            .collect()
     }
 
     /// Waits (at most `timeout`) until some node leads; returns its id.

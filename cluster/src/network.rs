@@ -34,21 +34,42 @@ pub enum RaftRpc {
     Write(crate::Command),
 }
 
+/// How long a forwarded request waits for a connection to the leader.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Sends one request to whoever listens at `addr`, as long as its certificate is the cluster's.
 pub async fn request_addr(
     endpoint: &quinn::Endpoint,
     addr: std::net::SocketAddr,
     rpc: &RaftRpc,
-) -> Result<Vec<u8>, String> {
-    let body = serde_json::to_vec(rpc).map_err(|e| e.to_string())?;
-    let conn = endpoint
+) -> Result<Vec<u8>, ForwardError> {
+    let body = serde_json::to_vec(rpc).map_err(|e| ForwardError::NotSent(e.to_string()))?;
+    // A dead peer never answers the handshake: give up on it fast, the caller retries elsewhere.
+    let connecting = endpoint
         .connect(addr, &addr.ip().to_string())
-        .map_err(|e| e.to_string())?
+        .map_err(|e| ForwardError::NotSent(e.to_string()))?;
+    let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
         .await
-        .map_err(|e| format!("{addr}: {e}"))?;
-    let reply = tls::request(&conn, &body).await;
+        .map_err(|_| {
+            ForwardError::NotSent(format!("{addr}: no answer within {CONNECT_TIMEOUT:?}"))
+        })?
+        .map_err(|e| ForwardError::NotSent(format!("{addr}: {e}")))?;
+    let reply = tls::request(&conn, &body)
+        .await
+        .map_err(|e| ForwardError::Unknown(format!("{addr}: {e}")));
     conn.close(quinn::VarInt::from_u32(0), b"done");
     reply
+}
+
+/// Why a forwarded request has no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ForwardError {
+    /// Nothing reached the peer: safe to send again (to whoever leads now).
+    #[error("not sent: {0}")]
+    NotSent(String),
+    /// The request left; whether it was applied is unknown, so it must not be sent again blindly.
+    #[error("sent, no answer: {0}")]
+    Unknown(String),
 }
 
 /// Creates a client per peer.
@@ -192,7 +213,7 @@ pub trait MemberHandler: Send + Sync + 'static {
     fn write(
         &self,
         cmd: crate::Command,
-    ) -> impl std::future::Future<Output = Result<crate::Response, String>> + Send;
+    ) -> impl std::future::Future<Output = Result<(crate::Response, u64), String>> + Send;
 }
 
 /// Serves requests from authenticated peers on `endpoint` until it closes.

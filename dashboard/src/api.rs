@@ -416,3 +416,8 @@ pub async fn campaign_tasks(
 pub async fn unknown_route() -> ApiError {
     ApiError::not_found("no such API route; see README for the routes under /api/v1")
 }
+
+/// `GET /api/v1/cluster`: leader, term and members (id, role, raft address, applied index).
+pub async fn cluster(State(engine): State<AppState>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(engine.cluster().await?))
+}

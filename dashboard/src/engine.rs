@@ -47,4 +47,10 @@ pub trait Engine: Send + Sync + 'static {
     /// Some(explanation) when calls go to a simulated city instead of a real trunk.
     fn drill_mode(&self) -> Option<String>;
     async fn health(&self) -> Health;
+    /// The cluster as this node sees it: leader, term, members.
+    async fn cluster(&self) -> Result<serde_json::Value, EngineError> {
+        Err(EngineError::Unavailable(
+            "cluster view not available".into(),
+        ))
+    }
 }

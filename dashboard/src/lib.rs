@@ -41,6 +41,7 @@ pub fn router(engine: Arc<dyn Engine>) -> Router {
         .route("/campaigns/{id}/start", post(api::start_campaign))
         .route("/campaigns/{id}/cancel", post(api::cancel_campaign))
         .route("/campaigns/{id}/tasks", get(api::campaign_tasks))
+        .route("/cluster", get(api::cluster))
         .fallback(api::unknown_route)
         .layer(middleware::from_fn_with_state(
             engine.clone(),

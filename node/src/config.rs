@@ -42,6 +42,16 @@ pub struct Config {
 pub struct NodeSection {
     pub id: u64,
     pub data: PathBuf,
+    /// This node's data-centre label.
+    pub datacenter: String,
+    /// Address of this node's Raft endpoint (QUIC with mutual TLS). Unset: a one-node cluster with
+    /// no network at all.
+    pub raft: Option<std::net::SocketAddr>,
+    /// The folder `campanile certs issue` wrote for this node (ca.pem, node.pem, node.key).
+    pub certs: Option<PathBuf>,
+    /// Any member's Raft address, to join its cluster. Unset with `raft`: this node starts a new
+    /// cluster if its store is empty.
+    pub join: Option<std::net::SocketAddr>,
 }
 
 impl Default for NodeSection {
@@ -49,6 +59,10 @@ impl Default for NodeSection {
         NodeSection {
             id: 1,
             data: PathBuf::from("./campanile-data"),
+            datacenter: "dc1".into(),
+            raft: None,
+            certs: None,
+            join: None,
         }
     }
 }
@@ -221,6 +235,19 @@ impl Config {
         }
         if self.node.id == 0 {
             return bad("node.id", "must be 1 or more");
+        }
+        match (&self.node.raft, &self.node.certs) {
+            (Some(_), None) => {
+                return bad(
+                    "node.certs",
+                    "is needed with node.raft: nodes talk only with mutual TLS",
+                )
+            }
+            (None, Some(_)) => return bad("node.raft", "is needed with node.certs"),
+            _ => {}
+        }
+        if self.node.join.is_some() && self.node.raft.is_none() {
+            return bad("node.raft", "is needed with node.join");
         }
         if let Some(uri) = &self.trunk.uri {
             if crate::sip::message::uri_hostport(uri).is_none() {

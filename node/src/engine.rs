@@ -22,6 +22,8 @@ pub struct NodeEngine {
     /// Hex of the admin API token.
     pub admin_token: String,
     pub drill: Option<String>,
+    /// This node's data-centre label.
+    pub datacenter: String,
 }
 
 fn cluster_err(e: ClusterError) -> EngineError {
@@ -155,6 +157,38 @@ impl Engine for NodeEngine {
 
     fn drill_mode(&self) -> Option<String> {
         self.drill.clone()
+    }
+
+    async fn cluster(&self) -> Result<serde_json::Value, EngineError> {
+        let status = self.cluster.status();
+        let me = self.cluster.node_id().0;
+        let members: Vec<serde_json::Value> = self
+            .cluster
+            .members()
+            .into_iter()
+            .map(|(id, raft_addr, voter, applied)| {
+                let role = if Some(id) == status.leader {
+                    "leader"
+                } else if voter {
+                    "follower"
+                } else {
+                    "learner"
+                };
+                serde_json::json!({
+                    "id": id,
+                    "role": role,
+                    "raft_addr": raft_addr,
+                    "applied_index": applied,
+                    "datacenter": (id == me).then(|| self.datacenter.clone()),
+                })
+            })
+            .collect();
+        Ok(serde_json::json!({
+            "node": me,
+            "leader": status.leader,
+            "term": status.term,
+            "members": members,
+        }))
     }
 
     async fn health(&self) -> Health {

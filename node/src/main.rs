@@ -44,6 +44,21 @@ enum Cmd {
         /// SIP URI of the trunk (overrides trunk.uri); without one the node runs in drill mode.
         #[arg(long)]
         trunk: Option<String>,
+        /// This node's id in the cluster (overrides node.id).
+        #[arg(long)]
+        node_id: Option<u64>,
+        /// This node's data-centre label (overrides node.datacenter).
+        #[arg(long)]
+        datacenter: Option<String>,
+        /// Raft address, QUIC with mutual TLS (overrides node.raft).
+        #[arg(long)]
+        raft: Option<SocketAddr>,
+        /// Certificate folder made by `campanile certs issue` (overrides node.certs).
+        #[arg(long)]
+        certs: Option<PathBuf>,
+        /// Any member's Raft address: join its cluster (overrides node.join).
+        #[arg(long)]
+        join: Option<SocketAddr>,
     },
     /// Run the simulated city: a carrier and a population of phones on one UDP port.
     SimCity {
@@ -265,6 +280,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             http,
             sip,
             trunk,
+            node_id,
+            datacenter,
+            raft,
+            certs,
+            join,
         } => {
             let mut cfg = match &config {
                 Some(path) => Config::load(path)?,
@@ -281,6 +301,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             if let Some(t) = trunk {
                 cfg.trunk.uri = Some(t);
+            }
+            if let Some(n) = node_id {
+                cfg.node.id = n;
+            }
+            if let Some(d) = datacenter {
+                cfg.node.datacenter = d;
+            }
+            if raft.is_some() {
+                cfg.node.raft = raft;
+            }
+            if certs.is_some() {
+                cfg.node.certs = certs;
+            }
+            if join.is_some() {
+                cfg.node.join = join;
             }
             cfg.validate()?;
             let node = campanile::node::Node::start(cfg).await?;

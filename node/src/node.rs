@@ -44,9 +44,7 @@ impl Node {
         let (token_path, admin_token) = admin_token(&data)?;
         crate::media::tts::check_available()
             .context("text-to-speech is required to play alerts")?;
-        let cluster = Cluster::open(NodeId(cfg.node.id), &data)
-            .await
-            .context("cannot open the replicated store")?;
+        let cluster = open_cluster(&cfg, &data).await?;
         let metrics = Metrics::new();
 
         let (simcity, trunk, trunk_host, drill) = match &cfg.trunk.uri {
@@ -150,6 +148,7 @@ impl Node {
             endpoint,
             admin_token: admin_token.clone(),
             drill,
+            datacenter: cfg.node.datacenter.clone(),
         });
         let listener = tokio::net::TcpListener::bind(cfg.http.listen)
             .await
@@ -250,4 +249,58 @@ async fn answer_unrouted(endpoint: Endpoint, mut rx: mpsc::UnboundedReceiver<Inb
         let resp = response_to(&req, code, Some("campanile"), &[], None);
         let _ = endpoint.send(&response_bytes(&resp), from).await;
     }
+}
+
+/// The replicated store: alone, or a member of a multi-node cluster over QUIC with mutual TLS.
+async fn open_cluster(cfg: &Config, data: &std::path::Path) -> anyhow::Result<Cluster> {
+    let id = NodeId(cfg.node.id);
+    let (Some(raft_addr), Some(certs)) = (cfg.node.raft, cfg.node.certs.as_ref()) else {
+        return Cluster::open(id, data)
+            .await
+            .context("cannot open the replicated store");
+    };
+    let identity = campanile_cluster::tls::NodeIdentity::load(certs)
+        .with_context(|| format!("node.certs {}", certs.display()))?;
+    if identity.node_id != cfg.node.id {
+        anyhow::bail!(
+            "node.certs {} holds node {}'s certificate, but this is node {}",
+            certs.display(),
+            identity.node_id,
+            cfg.node.id
+        );
+    }
+    let endpoint = campanile_cluster::tls::endpoint(raft_addr, &identity)
+        .with_context(|| format!("cannot open the Raft endpoint on {raft_addr}"))?;
+    let cluster = Cluster::open_member(
+        id,
+        data,
+        campanile_cluster::ClusterOptions::default(),
+        campanile_cluster::MemberNet {
+            endpoint,
+            raft_addr,
+            bootstrap: cfg.node.join.is_none(),
+        },
+    )
+    .await
+    .context("cannot open the replicated store")?;
+    if let Some(seed) = cfg.node.join {
+        // The seed may be starting too: retry for a bounded time.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            match cluster.join(seed).await {
+                Ok(()) => break,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    tracing::warn!(error = %e, "cannot join yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e).context(format!("cannot join the cluster through {seed}")),
+            }
+        }
+    }
+    let leader = cluster
+        .wait_for_leader(Duration::from_secs(30))
+        .await
+        .context("no cluster leader")?;
+    tracing::info!(node = cfg.node.id, leader, raft = %raft_addr, datacenter = %cfg.node.datacenter, "cluster member up");
+    Ok(cluster)
 }
