@@ -4,6 +4,14 @@
 //! Decisions (what is due, what follows an outcome) are pure: `State::due_tasks` and `retry::next_step`.
 //! This module only executes them. A task is dialled by this node only while it is in `inflight`, and it
 //! leaves `inflight` only after its outcome is committed, so a task is never dialled twice at once.
+//!
+//! A call is placed only after its `Started` record is committed and the state machine shows the task
+//! in flight on this node: a node cut off from the quorum cannot start calls.
+//!
+//! In a multi-node cluster only the Raft leader dials, until partition leases spread the work (issue
+//! 5). A node that stops leading hangs up its calls (their tasks are given back as interrupted); a new
+//! leader that still sees calls in flight on another node after `TAKEOVER_GRACE` takes them back
+//! (`Command::ReclaimTasks`) and dials those citizens again.
 
 pub mod retry;
 pub mod trunk;
@@ -57,6 +65,12 @@ pub struct DialerConfig {
 
 type TaskKey = (CampaignId, SubscriberId);
 
+/// How long a new leader lets a former leader record the end of its own calls before taking them.
+pub const TAKEOVER_GRACE: Duration = Duration::from_secs(3);
+
+/// An attempt record for the batcher, with whom to tell once it is committed.
+type Record = (AttemptEvent, Option<tokio::sync::oneshot::Sender<()>>);
+
 /// What the dialer needs to know about a task it is about to call.
 struct Due {
     key: TaskKey,
@@ -79,7 +93,7 @@ struct Shared {
     inflight: Mutex<HashMap<TaskKey, watch::Sender<bool>>>,
     /// Prepared audio per (campaign, subscriber language).
     audio: Mutex<HashMap<(CampaignId, String), AudioSlot>>,
-    events: mpsc::UnboundedSender<AttemptEvent>,
+    events: mpsc::UnboundedSender<Record>,
     wake: Notify,
     /// Closed while the trunk asks us to back off (503).
     gate: Mutex<trunk::TrunkGate>,
@@ -125,6 +139,9 @@ async fn run(sh: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     let mut applied = sh.cluster.applied();
     let mut next_start = tokio::time::Instant::now();
     let spacing = Duration::from_secs_f64(1.0 / sh.cfg.calls_per_second.max(1) as f64);
+    // Since when this node leads, and whether it has taken back other nodes' calls in this term.
+    let mut leading_since: Option<tokio::time::Instant> = None;
+    let mut reclaimed = false;
     loop {
         tokio::select! {
             _ = applied.changed() => {}
@@ -135,6 +152,18 @@ async fn run(sh: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
         if *shutdown.borrow() {
             abort_all(&sh);
             return;
+        }
+        if !sh.cluster.is_leader() {
+            if leading_since.take().is_some() {
+                tracing::warn!("this node no longer leads the cluster: hanging up its calls; the new leader dials");
+                abort_all(&sh);
+            }
+            reclaimed = false;
+            continue;
+        }
+        let since = *leading_since.get_or_insert_with(tokio::time::Instant::now);
+        if !reclaimed && since.elapsed() >= TAKEOVER_GRACE {
+            reclaimed = reclaim_from_others(&sh).await;
         }
         abort_stopped_campaigns(&sh);
         let busy = lock(&sh.inflight).len();
@@ -171,6 +200,35 @@ async fn run(sh: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
             start_call(&sh, due, audio);
         }
     }
+}
+
+/// Takes back the calls other nodes still have in flight (a former leader that died or was cut off).
+/// Returns whether every such node's tasks were given back.
+async fn reclaim_from_others(sh: &Shared) -> bool {
+    let others = sh
+        .cluster
+        .read(|s| s.nodes_with_calls_in_flight(sh.cfg.node));
+    let mut ok = true;
+    for from in others {
+        match sh
+            .cluster
+            .write(Command::ReclaimTasks {
+                at_ms: now_ms(),
+                from,
+            })
+            .await
+        {
+            Ok(campanile_cluster::Response::Recorded { applied }) => {
+                tracing::warn!(%from, calls = applied, "took over the calls another node had in flight; they will be placed again")
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(%from, error = %e, "cannot take over another node's calls yet");
+                ok = false;
+            }
+        }
+    }
+    ok
 }
 
 /// Tasks this node had in flight before it stopped: their calls are gone, give the attempts back.
@@ -210,7 +268,7 @@ fn recover_interrupted(sh: &Arc<Shared>) {
             let (tx, _) = watch::channel(false);
             lock(&sh.inflight).insert((*campaign, *subscriber), tx);
         }
-        let _ = sh.events.send(ev);
+        let _ = sh.events.send((ev, None));
     }
 }
 
@@ -292,13 +350,30 @@ fn audio_for(
 fn start_call(sh: &Arc<Shared>, due: Due, audio: PreparedAudio) {
     let (abort_tx, abort_rx) = watch::channel(false);
     lock(&sh.inflight).insert(due.key, abort_tx);
-    let _ = sh.events.send(AttemptEvent::Started {
-        campaign: due.key.0,
-        subscriber: due.key.1,
-        attempt: due.attempt,
-    });
+    let (committed_tx, committed_rx) = tokio::sync::oneshot::channel();
+    let _ = sh.events.send((
+        AttemptEvent::Started {
+            campaign: due.key.0,
+            subscriber: due.key.1,
+            attempt: due.attempt,
+        },
+        Some(committed_tx),
+    ));
     let sh = sh.clone();
     tokio::spawn(async move {
+        // Dial only what the cluster agreed this node dials now.
+        let ours = committed_rx.await.is_ok()
+            && sh.cluster.read(|s| {
+                s.task(due.key.0, due.key.1).is_some_and(|t| {
+                    matches!(t.state, campanile_cluster::TaskState::InFlight { attempt, node, .. }
+                        if attempt == due.attempt && node == sh.cfg.node)
+                })
+            });
+        if !ours {
+            lock(&sh.inflight).remove(&due.key);
+            sh.wake.notify_one();
+            return;
+        }
         let spec = CallSpec {
             to: due.phone,
             trunk: sh.cfg.trunk,
@@ -343,25 +418,32 @@ fn start_call(sh: &Arc<Shared>, due: Due, audio: PreparedAudio) {
             due.require_confirmation,
             now_ms(),
         );
-        let _ = sh.events.send(AttemptEvent::Finished {
-            campaign: due.key.0,
-            subscriber: due.key.1,
-            attempt: due.attempt,
-            outcome: domain,
-            next,
-        });
+        let _ = sh.events.send((
+            AttemptEvent::Finished {
+                campaign: due.key.0,
+                subscriber: due.key.1,
+                attempt: due.attempt,
+                outcome: domain,
+                next,
+            },
+            None,
+        ));
     });
 }
 
 /// Collects attempt events for `batch` and commits them as one Raft entry. A batch that fails to commit
 /// is retried as it was: no outcome is dropped.
-async fn batcher(sh: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<AttemptEvent>) {
-    while let Some(first) = rx.recv().await {
+async fn batcher(sh: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Record>) {
+    while let Some((first, notify)) = rx.recv().await {
         let mut events = vec![first];
+        let mut waiting: Vec<tokio::sync::oneshot::Sender<()>> = notify.into_iter().collect();
         let deadline = tokio::time::Instant::now() + sh.cfg.batch;
         while events.len() < 512 {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(e)) => events.push(e),
+                Ok(Some((e, notify))) => {
+                    events.push(e);
+                    waiting.extend(notify);
+                }
                 Ok(None) | Err(_) => break,
             }
         }
@@ -380,6 +462,9 @@ async fn batcher(sh: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<AttemptEvent>)
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
             }
+        }
+        for w in waiting {
+            let _ = w.send(());
         }
         let mut inflight = lock(&sh.inflight);
         for e in &events {
