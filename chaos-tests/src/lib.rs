@@ -332,7 +332,7 @@ impl NodeProc {
     pub fn get(&self, path: &str) -> anyhow::Result<(u16, Value)> {
         let r = ureq::get(&self.url(path))
             .set("Authorization", &self.auth())
-            .timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(30))
             .call();
         into_json(r)
     }
@@ -341,7 +341,7 @@ impl NodeProc {
     pub fn post(&self, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
         let r = ureq::post(&self.url(path))
             .set("Authorization", &self.auth())
-            .timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(30))
             .send_json(body.clone());
         into_json(r)
     }
@@ -349,7 +349,7 @@ impl NodeProc {
     /// Raw text of an unauthenticated path (e.g. /metrics).
     pub fn text(&self, path: &str) -> anyhow::Result<String> {
         Ok(ureq::get(&self.url(path))
-            .timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(30))
             .call()?
             .into_string()?)
     }
@@ -432,4 +432,133 @@ pub fn fast_node_config(max_channels: usize) -> String {
         "[trunk]\nname = \"sim\"\nmax_channels = {max_channels}\ncalls_per_second = 200\n\n\
          [dialer]\nring_timeout_s = 4.0\nconfirm_wait_s = 3.0\nbatch_ms = 20\n"
     )
+}
+
+/// Runs `campanile ARGS` to completion; fails with its stderr when it does not succeed.
+pub fn campanile(args: &[&str]) -> anyhow::Result<String> {
+    let out = std::process::Command::new(campanile_bin())
+        .args(args)
+        .output()
+        .with_context(|| format!("running campanile {args:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "campanile {args:?} exited with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A cluster's certificate authority and its members' Raft addresses, for starting members.
+pub struct ClusterPlan {
+    pub dir: PathBuf,
+    pub ca: PathBuf,
+    pub raft: Vec<SocketAddr>,
+}
+
+impl ClusterPlan {
+    /// Makes a CA under `dir` and picks a loopback Raft address for each of `n` nodes.
+    pub fn new(dir: &Path, n: usize) -> anyhow::Result<ClusterPlan> {
+        let ca = dir.join("ca");
+        campanile(&["certs", "init", "--out", &ca.display().to_string()])?;
+        Ok(ClusterPlan {
+            dir: dir.to_path_buf(),
+            ca,
+            raft: (0..n).map(|_| free_udp()).collect(),
+        })
+    }
+
+    /// Issues node `id`'s certificate (once) and returns the `up` flags of a member: node 1 starts
+    /// the cluster, the others join through node 1.
+    pub fn member_args(&self, id: usize) -> anyhow::Result<Vec<String>> {
+        let certs = self.dir.join(format!("certs{id}"));
+        if !certs.exists() {
+            campanile(&[
+                "certs",
+                "issue",
+                "--ca",
+                &self.ca.display().to_string(),
+                "--node-id",
+                &id.to_string(),
+                "--host",
+                "127.0.0.1",
+                "--out",
+                &certs.display().to_string(),
+            ])?;
+        }
+        let mut a = vec![
+            "--node-id".to_string(),
+            id.to_string(),
+            "--datacenter".into(),
+            format!("dc{}", (id - 1) % 3 + 1),
+            "--raft".into(),
+            self.raft[id - 1].to_string(),
+            "--certs".into(),
+            certs.display().to_string(),
+        ];
+        if id > 1 {
+            a.extend(["--join".to_string(), self.raft[0].to_string()]);
+        }
+        Ok(a)
+    }
+
+    /// Starts member `id` with `config_toml`, dialing `trunk`.
+    pub fn start(&self, id: usize, config_toml: &str, trunk: &str) -> anyhow::Result<NodeProc> {
+        NodeProc::start_with(
+            &self.dir.join(format!("n{id}")),
+            config_toml,
+            trunk,
+            &self.member_args(id)?,
+        )
+    }
+}
+
+/// `GET /api/v1/cluster` of `node`, when it answers 200.
+pub fn cluster_view(node: &NodeProc) -> Option<Value> {
+    node.get("/api/v1/cluster")
+        .ok()
+        .filter(|(s, _)| *s == 200)
+        .map(|(_, v)| v)
+}
+
+/// Members of a cluster view with a role in `roles`.
+pub fn members_with_role(view: &Value, roles: &[&str]) -> Vec<u64> {
+    view["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| roles.iter().any(|r| m["role"] == *r))
+        .filter_map(|m| m["id"].as_u64())
+        .collect()
+}
+
+/// Waits until `node` sees `voters` voting members and a leader; returns the view.
+pub fn wait_voters(node: &NodeProc, voters: usize, deadline: Duration) -> anyhow::Result<Value> {
+    wait_for(&format!("{voters} voters"), deadline, || {
+        let v = cluster_view(node)?;
+        (v["leader"].is_u64() && members_with_role(&v, &["leader", "follower"]).len() == voters)
+            .then_some(v)
+    })
+}
+
+impl NodeProc {
+    /// The admin token this node wrote on first start.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// GET with another token.
+    pub fn get_as(&self, token: &str, path: &str) -> anyhow::Result<(u16, Value)> {
+        let r = ureq::get(&self.url(path))
+            .set("Authorization", &format!("Bearer {token}"))
+            .timeout(Duration::from_secs(20))
+            .call();
+        into_json(r)
+    }
+
+    /// Whether subscriber `id` is readable on this node.
+    pub fn has_subscriber(&self, id: u64) -> bool {
+        matches!(self.get(&format!("/api/v1/subscribers/{id}")), Ok((200, _)))
+    }
 }

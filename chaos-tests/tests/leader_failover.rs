@@ -1,97 +1,47 @@
-//! Issue 4: three real `campanile up` processes on loopback form a cluster over QUIC with mutual TLS
-//! (`certs init` / `certs issue`, `--raft`, `--certs`, `--join`). Writes through any node's API are
-//! acknowledged; the leader is SIGKILLed; the survivors elect a new leader and take writes again;
-//! every acknowledged write is on every node, the killed one too once it is back.
+//! Issue 4: three and five real `campanile up` processes on loopback form a cluster over QUIC with
+//! mutual TLS (`certs init` / `certs issue`, `--raft`, `--certs`, `--join`). Writes through any node's
+//! API are acknowledged; the leader is SIGKILLed; the survivors elect a new leader and take writes
+//! again; every acknowledged write is on every node, the killed one too once it is back. Each node's
+//! admin token works on every node (tokens are replicated state).
 
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use campanile_chaos_tests::*;
-use serde_json::Value;
-
-fn run(args: &[&str]) {
-    let out = Command::new(campanile_bin()).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "campanile {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn member_args(id: usize, raft: &[SocketAddr], certs: &Path) -> Vec<String> {
-    let mut a = vec![
-        "--node-id".to_string(),
-        id.to_string(),
-        "--datacenter".into(),
-        format!("dc{id}"),
-        "--raft".into(),
-        raft[id - 1].to_string(),
-        "--certs".into(),
-        certs.display().to_string(),
-    ];
-    if id > 1 {
-        a.extend(["--join".to_string(), raft[0].to_string()]);
-    }
-    a
-}
-
-fn cluster_view(node: &NodeProc) -> Option<Value> {
-    node.get("/api/v1/cluster")
-        .ok()
-        .filter(|(s, _)| *s == 200)
-        .map(|(_, v)| v)
-}
-
-fn has_subscriber(node: &NodeProc, id: u64) -> bool {
-    matches!(node.get(&format!("/api/v1/subscribers/{id}")), Ok((200, _)))
-}
 
 #[test]
 fn three_processes_survive_the_leader_being_killed_and_lose_no_acknowledged_write() {
+    survive_leader_kill(3);
+}
+
+#[test]
+fn five_processes_survive_the_leader_being_killed_and_lose_no_acknowledged_write() {
+    survive_leader_kill(5);
+}
+
+fn survive_leader_kill(n: usize) {
     let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca");
-    run(&["certs", "init", "--out", ca.to_str().unwrap()]);
-    let raft: Vec<SocketAddr> = (0..3).map(|_| free_udp()).collect();
+    let plan = ClusterPlan::new(dir.path(), n).unwrap();
     let city = SimCityProc::start(dir.path(), "always-answer", 1).unwrap();
     let trunk = format!("sip:{}", city.addr);
-    let mut nodes: Vec<NodeProc> = Vec::new();
-    for id in 1..=3usize {
-        let certs = dir.path().join(format!("certs{id}"));
-        run(&[
-            "certs",
-            "issue",
-            "--ca",
-            ca.to_str().unwrap(),
-            "--node-id",
-            &id.to_string(),
-            "--host",
-            "127.0.0.1",
-            "--out",
-            certs.to_str().unwrap(),
-        ]);
-        nodes.push(
-            NodeProc::start_with(
-                &dir.path().join(format!("n{id}")),
-                &fast_node_config(4),
-                &trunk,
-                &member_args(id, &raft, &certs),
-            )
-            .unwrap(),
+    let config = format!("{}\n[node]\nvoters = {n}\n", fast_node_config(4));
+    let mut nodes: Vec<NodeProc> = (1..=n)
+        .map(|id| plan.start(id, &config, &trunk).unwrap())
+        .collect();
+    let view = wait_voters(&nodes[0], n, Duration::from_secs(60)).unwrap();
+    assert_eq!(view["leader"], 1);
+    // Every member registered its data centre and HTTP address; every admin token works everywhere.
+    for m in view["members"].as_array().unwrap() {
+        assert!(
+            m["datacenter"].is_string() && m["http_addr"].is_string(),
+            "{m}"
         );
     }
-    let view = wait_for("three voters", Duration::from_secs(30), || {
-        let v = cluster_view(&nodes[0])?;
-        let members = v["members"].as_array()?;
-        let voters = members
-            .iter()
-            .filter(|m| m["role"] == "leader" || m["role"] == "follower")
-            .count();
-        (voters == 3).then_some(v)
-    })
-    .unwrap();
-    assert_eq!(view["leader"], 1);
+    for a in &nodes {
+        for b in &nodes {
+            let (status, body) = b.get_as(a.token(), "/api/v1/campaigns").unwrap();
+            assert_eq!(status, 200, "token of {} on {}: {body}", a.http, b.http);
+        }
+    }
 
     // Writes through every node: followers forward them to the leader.
     let mut acked: Vec<u64> = Vec::new();
@@ -109,7 +59,7 @@ fn three_processes_survive_the_leader_being_killed_and_lose_no_acknowledged_writ
     let leader = view["leader"].as_u64().unwrap() as usize;
     nodes[leader - 1].kill();
     let killed_at = Instant::now();
-    let survivors: Vec<usize> = (1..=3).filter(|i| *i != leader).collect();
+    let survivors: Vec<usize> = (1..=n).filter(|i| *i != leader).collect();
     // A write through a survivor succeeds again once a new leader is elected.
     let mut next = 100u32;
     let id = wait_for(
@@ -150,7 +100,7 @@ fn three_processes_survive_the_leader_being_killed_and_lose_no_acknowledged_writ
             wait_for(
                 &format!("subscriber {id} on node {}", node.http),
                 Duration::from_secs(30),
-                || has_subscriber(node, *id).then_some(()),
+                || node.has_subscriber(*id).then_some(()),
             )
             .unwrap();
         }

@@ -35,12 +35,16 @@ pub enum ClusterError {
     #[error("Raft stopped: {0}")]
     Fatal(String),
     #[error("{0}")]
+    NoQuorum(String),
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
     Unsent(String),
     #[error("{0}")]
     Forward(String),
 }
 
-/// Voters a cluster grows to as nodes join; later nodes stay learners.
+/// Voters a cluster grows to as nodes join by default; later nodes stay learners.
 pub const MAX_VOTERS: usize = 3;
 
 impl crate::network::MemberHandler for Cluster {
@@ -76,7 +80,7 @@ impl crate::network::MemberHandler for Cluster {
             .membership()
             .voter_ids()
             .collect();
-        if voters.len() < MAX_VOTERS && !voters.contains(&node) {
+        if voters.len() < self.inner.options.voters && !voters.contains(&node) {
             let mut all: Vec<NodeId> = voters.into_iter().map(NodeId).collect();
             all.push(NodeId(node));
             self.change_membership(&all)
@@ -89,6 +93,16 @@ impl crate::network::MemberHandler for Cluster {
 
     async fn write(&self, cmd: Command) -> Result<(Response, u64), String> {
         self.write_indexed(cmd).await.map_err(|e| e.to_string())
+    }
+
+    async fn read_index(&self) -> Result<u64, String> {
+        self.read_index_here().await.map_err(|e| e.to_string())
+    }
+
+    async fn remove(&self, node: u64) -> Result<(), String> {
+        self.remove_member_here(NodeId(node))
+            .await
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -111,6 +125,8 @@ pub struct ClusterOptions {
     pub keep_behind_snapshot: u64,
     /// Purge the log only when at least this many entries can go at once.
     pub purge_batch: u64,
+    /// Voters the cluster grows to as nodes join; later nodes stay learners.
+    pub voters: usize,
 }
 
 impl Default for ClusterOptions {
@@ -119,6 +135,7 @@ impl Default for ClusterOptions {
             snapshot_every: 10_000,
             keep_behind_snapshot: 1_000,
             purge_batch: 256,
+            voters: MAX_VOTERS,
         }
     }
 }
@@ -144,6 +161,7 @@ struct Inner {
     applied_index: watch::Receiver<u64>,
     db: Db,
     net: Option<MemberNet>,
+    options: ClusterOptions,
 }
 
 /// The replicated state of this node.
@@ -258,6 +276,7 @@ impl Cluster {
                 applied_index,
                 db,
                 net: net.clone(),
+                options,
             }),
         };
         if let Some(n) = &net {
@@ -387,6 +406,87 @@ impl Cluster {
         r.map_err(|e| ClusterError::Start(format!("joining through {seed}: {e}")))
     }
 
+    /// Waits until a read on this node is linearizable: it reflects every write acknowledged anywhere
+    /// before this call began (Raft read index: the leader confirms with a quorum that it still leads;
+    /// a follower asks the leader for that index and waits to apply it). Fails with `NotLeader`-like
+    /// errors when no leader can confirm, within `WRITE_TIMEOUT`.
+    pub async fn linearizable(&self) -> Result<(), ClusterError> {
+        let deadline = tokio::time::Instant::now() + WRITE_TIMEOUT;
+        loop {
+            let index = match self.read_index_here().await {
+                Ok(i) => i,
+                Err(ClusterError::NotLeader {
+                    leader: Some(leader),
+                }) if self.inner.net.is_some() => {
+                    match self
+                        .forward(leader, &crate::network::RaftRpc::ReadIndex)
+                        .await
+                    {
+                        Ok(reply) => serde_json::from_slice::<Result<u64, String>>(&reply)
+                            .map_err(|e| {
+                                ClusterError::Forward(format!("leader's reply unreadable: {e}"))
+                            })?
+                            .map_err(ClusterError::Forward)?,
+                        // A read may safely be asked again: retry until the deadline.
+                        Err(ClusterError::Unsent(_) | ClusterError::Forward(_))
+                            if tokio::time::Instant::now() < deadline =>
+                        {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(ClusterError::NotLeader { leader: None })
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let mut applied = self.applied();
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            return tokio::time::timeout(left, applied.wait_for(|a| *a >= index))
+                .await
+                .map_err(|_| ClusterError::Timeout(WRITE_TIMEOUT))?
+                .map(|_| ())
+                .map_err(|_| ClusterError::Fatal("Raft stopped".into()));
+        }
+    }
+
+    /// The read index when this node leads (after confirming leadership with a quorum).
+    async fn read_index_here(&self) -> Result<u64, ClusterError> {
+        use openraft::error::CheckIsLeaderError;
+        match tokio::time::timeout(WRITE_TIMEOUT, self.inner.raft.get_read_log_id()).await {
+            Err(_) => Err(ClusterError::Timeout(WRITE_TIMEOUT)),
+            Ok(Ok((read, _applied))) => Ok(read.map(|l| l.index).unwrap_or(0)),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
+                Err(ClusterError::NotLeader {
+                    leader: f.leader_id,
+                })
+            }
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)))) => Err(
+                ClusterError::NoQuorum(format!("this leader cannot reach a quorum: {q}")),
+            ),
+            Ok(Err(e)) => Err(ClusterError::Fatal(e.to_string())),
+        }
+    }
+
+    /// A consistent copy of the applied state (what a snapshot holds, tokens by hash only) and the log
+    /// index it reflects. Taken under the state machine's read lock, so no command is half-applied.
+    pub fn backup(&self) -> Result<(u64, Vec<u8>), ClusterError> {
+        let a = self.inner.applied.read().unwrap_or_else(|p| p.into_inner());
+        let bytes = serde_json::to_vec(&a.state)
+            .map_err(|e| ClusterError::Fatal(format!("cannot serialise the state: {e}")))?;
+        Ok((a.last_applied.map(|l| l.index).unwrap_or(0), bytes))
+    }
+
+    /// True while this node is the Raft leader.
+    pub fn is_leader(&self) -> bool {
+        self.inner.raft.metrics().borrow().current_leader == Some(self.inner.node_id.0)
+    }
+
     /// Runs `f` on the applied state.
     pub fn read<R>(&self, f: impl FnOnce(&State) -> R) -> R {
         let a = self.inner.applied.read().unwrap_or_else(|p| p.into_inner());
@@ -450,6 +550,87 @@ impl Cluster {
             .await
             .map(|_| ())
             .map_err(|e| ClusterError::Fatal(e.to_string()))
+    }
+
+    /// Removes `node` from the cluster (voter or learner) on the leader, forwarding when this node
+    /// does not lead. When a voter goes and a learner is waiting, the learner is promoted so the
+    /// cluster keeps its number of voters. The last voter cannot be removed.
+    pub async fn remove_member(&self, node: NodeId) -> Result<(), ClusterError> {
+        let deadline = tokio::time::Instant::now() + WRITE_TIMEOUT;
+        loop {
+            let result = match self.remove_member_here(node).await {
+                Err(ClusterError::NotLeader {
+                    leader: Some(leader),
+                }) if self.inner.net.is_some() => {
+                    let reply = self
+                        .forward(leader, &crate::network::RaftRpc::Remove { node: node.0 })
+                        .await;
+                    match reply {
+                        Ok(bytes) => serde_json::from_slice::<Result<(), String>>(&bytes)
+                            .map_err(|e| {
+                                ClusterError::Forward(format!("leader's reply unreadable: {e}"))
+                            })?
+                            .map_err(ClusterError::Refused),
+                        Err(e) => Err(e),
+                    }
+                }
+                other => other,
+            };
+            match result {
+                Err(ClusterError::Unsent(_) | ClusterError::NotLeader { .. })
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn remove_member_here(&self, node: NodeId) -> Result<(), ClusterError> {
+        let status = self.status();
+        if status.leader != Some(self.inner.node_id.0) {
+            return Err(ClusterError::NotLeader {
+                leader: status.leader,
+            });
+        }
+        let m = self.inner.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership().clone();
+        let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+        let all: std::collections::BTreeSet<u64> = membership.nodes().map(|(id, _)| *id).collect();
+        if !all.contains(&node.0) {
+            return Err(ClusterError::Refused(format!(
+                "node {} is not a member of this cluster",
+                node.0
+            )));
+        }
+        if voters.contains(&node.0) {
+            let mut next: std::collections::BTreeSet<u64> =
+                voters.iter().copied().filter(|v| *v != node.0).collect();
+            if next.is_empty() {
+                return Err(ClusterError::Refused(format!(
+                    "node {} is the cluster's last voter and cannot be removed",
+                    node.0
+                )));
+            }
+            if let Some(learner) = all.iter().find(|id| !voters.contains(id) && **id != node.0) {
+                next.insert(*learner);
+            }
+            self.inner
+                .raft
+                .change_membership(next, false)
+                .await
+                .map_err(|e| ClusterError::Fatal(e.to_string()))?;
+        } else {
+            let mut gone = std::collections::BTreeSet::new();
+            gone.insert(node.0);
+            self.inner
+                .raft
+                .change_membership(openraft::ChangeMembers::RemoveNodes(gone), false)
+                .await
+                .map_err(|e| ClusterError::Fatal(e.to_string()))?;
+        }
+        Ok(())
     }
 
     /// The members as this node knows them: (id, raft address, voter?, matched log index as the

@@ -5,7 +5,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{AttemptEvent, CampaignId, CampaignSpec, NewSubscriber, NodeId, SubscriberId};
+use crate::domain::{
+    ApiToken, AttemptEvent, CampaignId, CampaignSpec, NewSubscriber, NodeId, NodeInfo, SubscriberId,
+};
 
 /// A change to the replicated state. `at_ms` is the proposer's wall clock; `apply` never reads a clock.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,6 +38,27 @@ pub enum Command {
         at_ms: u64,
         node: NodeId,
         events: Vec<AttemptEvent>,
+    },
+    /// Adds an API token (by its hash); adding one that exists changes nothing.
+    AddToken {
+        token: ApiToken,
+    },
+    /// A node announces (or re-announces on start) its addresses and data centre.
+    RegisterNode {
+        at_ms: u64,
+        node: NodeInfo,
+    },
+    /// Another node takes over dialing from `from`: every call task `from` had in flight is given back
+    /// as interrupted so it is dialled again.
+    ReclaimTasks {
+        at_ms: u64,
+        from: NodeId,
+    },
+    /// A node left the cluster (`campanile cluster remove`): its registration goes, and every call
+    /// task it had in flight is given back as interrupted so another node dials it.
+    ForgetNode {
+        at_ms: u64,
+        node: NodeId,
     },
 }
 

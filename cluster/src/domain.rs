@@ -482,6 +482,29 @@ pub struct CallTask {
     pub updated_ms: u64,
 }
 
+/// An API token as the cluster stores it: only the SHA-256 of the secret, never the secret itself, so a
+/// backup or a snapshot cannot be used to call the API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiToken {
+    /// Lowercase hex SHA-256 of the token as presented in `Authorization: Bearer`.
+    pub sha256: String,
+    /// What the token is for (`admin token of node 2`, `import script`).
+    pub label: String,
+    pub created_ms: u64,
+}
+
+/// A member of the cluster as it announced itself: where to reach it and in which data centre it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub id: NodeId,
+    pub datacenter: String,
+    pub raft_addr: String,
+    pub http_addr: String,
+    /// When the node first registered, and when it last re-registered (every start).
+    pub registered_ms: u64,
+    pub started_ms: u64,
+}
+
 /// A record produced by a dialer about one attempt; batched into `Command::RecordAttempts`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

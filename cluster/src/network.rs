@@ -32,6 +32,14 @@ pub enum RaftRpc {
     },
     /// A write received by a follower, forwarded to the leader.
     Write(crate::Command),
+    /// A follower asks the leader for a read index: the leader confirms it still leads (a heartbeat
+    /// round to a quorum) and answers its commit index; the follower serves the read once it has
+    /// applied that far. Answer: `Result<u64, String>`.
+    ReadIndex,
+    /// Remove a member (sent to the leader). Answer: `Result<(), String>`.
+    Remove {
+        node: RaftNodeId,
+    },
 }
 
 /// How long a forwarded request waits for a connection to the leader.
@@ -214,6 +222,11 @@ pub trait MemberHandler: Send + Sync + 'static {
         &self,
         cmd: crate::Command,
     ) -> impl std::future::Future<Output = Result<(crate::Response, u64), String>> + Send;
+    fn read_index(&self) -> impl std::future::Future<Output = Result<u64, String>> + Send;
+    fn remove(
+        &self,
+        node: RaftNodeId,
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send;
 }
 
 /// Serves requests from authenticated peers on `endpoint` until it closes.
@@ -233,6 +246,8 @@ pub async fn serve<H: MemberHandler>(endpoint: quinn::Endpoint, raft: Raft<TypeC
                     serde_json::to_vec(&member.join(node, raft_addr).await)
                 }
                 Ok(RaftRpc::Write(cmd)) => serde_json::to_vec(&member.write(cmd).await),
+                Ok(RaftRpc::ReadIndex) => serde_json::to_vec(&member.read_index().await),
+                Ok(RaftRpc::Remove { node }) => serde_json::to_vec(&member.remove(node).await),
                 Err(e) => {
                     tracing::warn!(peer, error = %e, "unreadable request from a cluster peer");
                     Ok(Vec::new())

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::command::{Command, Refusal, Response};
 use crate::domain::{
-    AttemptEvent, CallTask, Campaign, CampaignId, CampaignState, Counts, FinalState, Next, NodeId,
-    Outcome, PhoneNumber, Subscriber, SubscriberId, TaskState,
+    ApiToken, AttemptEvent, CallTask, Campaign, CampaignId, CampaignState, Counts, FinalState,
+    Next, NodeId, NodeInfo, Outcome, PhoneNumber, Subscriber, SubscriberId, TaskState,
 };
 
 /// Key of the due queue: priority rank first, then due time, so the dialer pops emergencies first.
@@ -25,6 +25,12 @@ pub struct State {
     subscribers: BTreeMap<SubscriberId, Subscriber>,
     campaigns: BTreeMap<CampaignId, Campaign>,
     tasks: BTreeMap<CampaignId, BTreeMap<SubscriberId, CallTask>>,
+    /// API tokens by the hex SHA-256 of the secret. Absent from snapshots of earlier releases.
+    #[serde(default)]
+    tokens: BTreeMap<String, ApiToken>,
+    /// Registered nodes. Absent from snapshots of earlier releases.
+    #[serde(default)]
+    nodes: BTreeMap<NodeId, NodeInfo>,
     #[serde(skip)]
     phones: BTreeMap<PhoneNumber, SubscriberId>,
     #[serde(skip)]
@@ -104,7 +110,59 @@ impl State {
                     applied: applied as u32,
                 }
             }
+            Command::AddToken { token } => {
+                self.tokens
+                    .entry(token.sha256.clone())
+                    .or_insert_with(|| token.clone());
+                Response::Ok
+            }
+            Command::RegisterNode { at_ms, node } => {
+                let registered_ms = self
+                    .nodes
+                    .get(&node.id)
+                    .map(|n| n.registered_ms)
+                    .unwrap_or(*at_ms);
+                self.nodes.insert(
+                    node.id,
+                    NodeInfo {
+                        registered_ms,
+                        started_ms: *at_ms,
+                        ..node.clone()
+                    },
+                );
+                Response::Ok
+            }
+            Command::ReclaimTasks { at_ms, from } => Response::Recorded {
+                applied: self.reclaim(*from, *at_ms),
+            },
+            Command::ForgetNode { at_ms, node } => {
+                self.nodes.remove(node);
+                Response::Recorded {
+                    applied: self.reclaim(*node, *at_ms),
+                }
+            }
         }
+    }
+
+    /// Gives back every attempt `node` has in flight, as interrupted and due at once: the node is gone
+    /// (or no longer dials) and another one must call these citizens. Late records from `node` about
+    /// these attempts are then refused, because the task no longer names it.
+    fn reclaim(&mut self, node: NodeId, at_ms: u64) -> u32 {
+        let stale: Vec<AttemptEvent> = self
+            .in_flight_on(node)
+            .into_iter()
+            .filter_map(|t| match t.state {
+                TaskState::InFlight { attempt, .. } => Some(AttemptEvent::Finished {
+                    campaign: t.campaign,
+                    subscriber: t.subscriber,
+                    attempt,
+                    outcome: Outcome::Interrupted,
+                    next: Next::RetryAt(at_ms),
+                }),
+                _ => None,
+            })
+            .collect();
+        stale.iter().filter(|e| self.record(node, e, at_ms)).count() as u32
     }
 
     fn start_campaign(&mut self, id: CampaignId, at_ms: u64) -> Response {
@@ -338,6 +396,35 @@ impl State {
     }
 
     // ---- reads ----
+
+    /// The token whose secret hashes to `sha256_hex`, if the cluster knows it.
+    pub fn token(&self, sha256_hex: &str) -> Option<&ApiToken> {
+        self.tokens.get(sha256_hex)
+    }
+
+    pub fn token_count(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn node(&self, id: NodeId) -> Option<&NodeInfo> {
+        self.nodes.get(&id)
+    }
+
+    pub fn nodes(&self) -> impl Iterator<Item = &NodeInfo> {
+        self.nodes.values()
+    }
+
+    /// Nodes other than `except` that have calls in flight.
+    pub fn nodes_with_calls_in_flight(&self, except: NodeId) -> BTreeSet<NodeId> {
+        self.tasks
+            .values()
+            .flat_map(|t| t.values())
+            .filter_map(|t| match t.state {
+                TaskState::InFlight { node, .. } if node != except => Some(node),
+                _ => None,
+            })
+            .collect()
+    }
 
     pub fn subscriber(&self, id: SubscriberId) -> Option<&Subscriber> {
         self.subscribers.get(&id)
@@ -586,6 +673,105 @@ mod tests {
     }
 
     #[test]
+    fn reclaimed_calls_go_to_another_node_and_the_old_owner_is_fenced_off() {
+        let mut st = State::default();
+        st.apply(&sub(1, None));
+        st.apply(&campaign(Audience::All));
+        st.apply(&Command::StartCampaign {
+            at_ms: 5,
+            id: CampaignId(1),
+        });
+        record(&mut st, vec![started(1, 1, 1)]);
+        assert_eq!(
+            st.nodes_with_calls_in_flight(NodeId(2)),
+            [NodeId(1)].into_iter().collect()
+        );
+        assert_eq!(
+            st.apply(&Command::ReclaimTasks {
+                at_ms: 20,
+                from: NodeId(1)
+            }),
+            Response::Recorded { applied: 1 }
+        );
+        let t = st.task(CampaignId(1), SubscriberId(1)).unwrap();
+        assert_eq!(t.state, TaskState::Pending);
+        assert_eq!(t.attempts, 0, "an interrupted attempt is given back");
+        assert_eq!(st.due_tasks(20, 10).len(), 1);
+        // Node 2 takes it; node 1's late outcome for its old attempt changes nothing.
+        let by_two = st.apply(&Command::RecordAttempts {
+            at_ms: 21,
+            node: NodeId(2),
+            events: vec![started(1, 1, 1)],
+        });
+        assert_eq!(by_two, Response::Recorded { applied: 1 });
+        assert_eq!(
+            record(
+                &mut st,
+                vec![finished(
+                    1,
+                    1,
+                    1,
+                    Outcome::Confirmed,
+                    Next::Final(FinalState::Confirmed)
+                )]
+            ),
+            Response::Recorded { applied: 0 }
+        );
+        assert!(st
+            .nodes_with_calls_in_flight(NodeId(1))
+            .contains(&NodeId(2)));
+    }
+
+    #[test]
+    fn tokens_and_nodes_are_registered_idempotently() {
+        let mut st = State::default();
+        let token = ApiToken {
+            sha256: "ab".repeat(32),
+            label: "admin token of node 1".into(),
+            created_ms: 1,
+        };
+        st.apply(&Command::AddToken {
+            token: token.clone(),
+        });
+        st.apply(&Command::AddToken {
+            token: ApiToken {
+                label: "other".into(),
+                ..token.clone()
+            },
+        });
+        assert_eq!(st.token_count(), 1);
+        assert_eq!(st.token(&token.sha256), Some(&token));
+        let info = |at: u64| NodeInfo {
+            id: NodeId(2),
+            datacenter: "dc-b".into(),
+            raft_addr: "127.0.0.1:7002".into(),
+            http_addr: "127.0.0.1:8002".into(),
+            registered_ms: at,
+            started_ms: at,
+        };
+        st.apply(&Command::RegisterNode {
+            at_ms: 100,
+            node: info(100),
+        });
+        st.apply(&Command::RegisterNode {
+            at_ms: 200,
+            node: info(200),
+        });
+        let n = st.node(NodeId(2)).unwrap();
+        assert_eq!((n.registered_ms, n.started_ms), (100, 200));
+        st.apply(&Command::ForgetNode {
+            at_ms: 300,
+            node: NodeId(2),
+        });
+        assert!(st.node(NodeId(2)).is_none());
+        // Snapshots of the previous release have neither field and still load.
+        let old =
+            r#"{"next_subscriber":0,"next_campaign":0,"subscribers":{},"campaigns":{},"tasks":{}}"#;
+        let loaded: State = serde_json::from_str(old).unwrap();
+        assert_eq!(loaded.token_count(), 0);
+    }
+
+    #[test]
     fn interrupted_attempts_are_given_back() {
         let mut st = State::default();
         st.apply(&sub(1, None));
@@ -732,6 +918,14 @@ mod tests {
                     node: NodeId(node),
                     events,
                 }
+            }),
+            (1u64..3).prop_map(|n| Command::ReclaimTasks {
+                at_ms: 9,
+                from: NodeId(n)
+            }),
+            (1u64..3).prop_map(|n| Command::ForgetNode {
+                at_ms: 9,
+                node: NodeId(n)
             }),
         ]
     }

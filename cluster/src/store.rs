@@ -182,6 +182,61 @@ impl Db {
     }
 }
 
+/// Why a backup could not be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    #[error("{0} already holds a Raft log or snapshot; restore into an empty data directory")]
+    NotEmpty(String),
+    #[error("the backup's state is unreadable: {0}")]
+    Unreadable(String),
+    #[error("cannot write the restored store: {0}")]
+    Write(String),
+}
+
+/// Makes a new store under `path` whose state is `state_json` (a backup's state), as if this node had
+/// applied it and compacted its log: a snapshot at log index 1 of a cluster whose only voter is
+/// `node` at `raft_addr`. The node then starts normally and leads; others join it.
+pub fn restore(
+    path: &std::path::Path,
+    node: RaftNodeId,
+    raft_addr: &str,
+    state_json: &[u8],
+) -> Result<u64, RestoreError> {
+    let mut state: State =
+        serde_json::from_slice(state_json).map_err(|e| RestoreError::Unreadable(e.to_string()))?;
+    state.rebuild_indexes();
+    let db = Db::open(path)?;
+    let empty = db.log.is_empty()
+        && db.snapshot.is_empty()
+        && db.meta.get(KEY_VOTE).ok().flatten().is_none();
+    if !empty {
+        return Err(RestoreError::NotEmpty(path.display().to_string()));
+    }
+    let log_id = LogId::new(openraft::CommittedLeaderId::new(1, node), 1);
+    let mut nodes = std::collections::BTreeMap::new();
+    nodes.insert(node, BasicNode::new(raft_addr));
+    let voters: std::collections::BTreeSet<RaftNodeId> = [node].into_iter().collect();
+    let membership = openraft::Membership::new(vec![voters], nodes);
+    let meta: SnapshotMeta<RaftNodeId, BasicNode> = SnapshotMeta {
+        last_log_id: Some(log_id),
+        last_membership: StoredMembership::new(Some(log_id), membership),
+        snapshot_id: "restored-1".into(),
+    };
+    let w = |e: StorageError<RaftNodeId>| RestoreError::Write(e.to_string());
+    put_json(&db.snapshot, KEY_SNAPSHOT_META, &meta).map_err(w)?;
+    db.snapshot
+        .insert(KEY_SNAPSHOT_DATA, state_json)
+        .map_err(|e| RestoreError::Write(e.to_string()))?;
+    put_json(&db.meta, KEY_PURGED, &Some(log_id)).map_err(w)?;
+    put_json(&db.meta, KEY_COMMITTED, &Some(log_id)).map_err(w)?;
+    db.db
+        .flush()
+        .map_err(|e| RestoreError::Write(e.to_string()))?;
+    Ok(state.subscriber_count() as u64)
+}
+
 fn index_key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
 }

@@ -33,6 +33,7 @@ async fn committed_writes_survive_restart_and_snapshot_with_purge() {
         snapshot_every: 10_000,
         keep_behind_snapshot: 0,
         purge_batch: 1,
+        ..ClusterOptions::default()
     };
     let c = Cluster::open_with(NodeId(1), dir.path(), opts)
         .await

@@ -417,7 +417,57 @@ pub async fn unknown_route() -> ApiError {
     ApiError::not_found("no such API route; see README for the routes under /api/v1")
 }
 
-/// `GET /api/v1/cluster`: leader, term and members (id, role, raft address, applied index).
+/// `GET /api/v1/cluster`: leader, term and members (id, data centre, role, raft and HTTP addresses,
+/// applied index, lag).
 pub async fn cluster(State(engine): State<AppState>) -> Result<Json<Value>, ApiError> {
     Ok(Json(engine.cluster().await?))
+}
+
+/// `GET /api/v1/backup`: a consistent copy of the replicated state, for `campanile restore`. It holds
+/// personal data (phone numbers): the response says so in its file name.
+pub async fn backup(State(engine): State<AppState>) -> Result<Response, ApiError> {
+    let bytes = engine.backup().await?;
+    Ok((
+        [
+            (axum::http::header::CONTENT_TYPE, "application/octet-stream"),
+            (
+                axum::http::header::CONTENT_DISPOSITION,
+                "attachment; filename=\"campanile-backup-personal-data.cbk\"",
+            ),
+        ],
+        bytes,
+    )
+        .into_response())
+}
+
+/// `DELETE /api/v1/cluster/members/{id}`: the node leaves the cluster; its in-flight calls are
+/// given to the others.
+pub async fn remove_member(
+    State(engine): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = parse_id(&id, "node")?;
+    Ok(Json(engine.remove_member(id).await?))
+}
+
+/// Every `GET` under `/api/v1` is linearizable: before it reads, the node makes sure it has applied
+/// everything committed when the request arrived (Raft read index through the leader). A query with
+/// `stale=true` reads this node's applied state as it is, and keeps working without a quorum.
+pub async fn linearizable_reads(
+    State(engine): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let stale = req
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|kv| kv == "stale=true" || kv == "stale=1"));
+    // The cluster view must answer without a quorum: it is how an SRE finds out why there is none.
+    let cluster_view = req.uri().path().contains("/cluster");
+    if req.method() == axum::http::Method::GET && !stale && !cluster_view {
+        if let Err(e) = engine.linearize().await {
+            return ApiError::from(e).into_response();
+        }
+    }
+    next.run(req).await
 }

@@ -53,4 +53,21 @@ pub trait Engine: Send + Sync + 'static {
             "cluster view not available".into(),
         ))
     }
+    /// Removes a member from the cluster; answers the cluster view afterwards.
+    async fn remove_member(&self, _node: u64) -> Result<serde_json::Value, EngineError> {
+        Err(EngineError::Unavailable(
+            "cluster membership cannot be changed on this node".into(),
+        ))
+    }
+    /// A consistent backup of the replicated state (`campanile backup`).
+    async fn backup(&self) -> Result<Vec<u8>, EngineError> {
+        Err(EngineError::Unavailable(
+            "backups are not available on this node".into(),
+        ))
+    }
+    /// Waits until this node's reads are linearizable (Raft read index); reads that accept stale
+    /// data skip it.
+    async fn linearize(&self) -> Result<(), EngineError> {
+        Ok(())
+    }
 }

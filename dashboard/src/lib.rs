@@ -1,7 +1,7 @@
 //! Campanile's HTTP surface.
 //!
 //! Operators and automation reach a node through this crate: a JSON API under `/api/v1` (bearer token
-//! required), a minimal console page at `/` that lists campaigns and their progress, Prometheus metrics
+//! required; reads are linearizable unless `?stale=true`), a minimal console page at `/` that lists campaigns and their progress, Prometheus metrics
 //! at `/metrics` and a health check at `/healthz`. It depends on the `Engine` trait, which the node
 //! implements, never on node internals; every error is one JSON format that names the problem.
 
@@ -42,7 +42,16 @@ pub fn router(engine: Arc<dyn Engine>) -> Router {
         .route("/campaigns/{id}/cancel", post(api::cancel_campaign))
         .route("/campaigns/{id}/tasks", get(api::campaign_tasks))
         .route("/cluster", get(api::cluster))
+        .route("/backup", get(api::backup))
+        .route(
+            "/cluster/members/{id}",
+            axum::routing::delete(api::remove_member),
+        )
         .fallback(api::unknown_route)
+        .layer(middleware::from_fn_with_state(
+            engine.clone(),
+            api::linearizable_reads,
+        ))
         .layer(middleware::from_fn_with_state(
             engine.clone(),
             api::require_token,

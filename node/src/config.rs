@@ -52,6 +52,11 @@ pub struct NodeSection {
     /// Any member's Raft address, to join its cluster. Unset with `raft`: this node starts a new
     /// cluster if its store is empty.
     pub join: Option<std::net::SocketAddr>,
+    /// Voting members the cluster grows to as nodes join (3 or 5); later nodes stay learners and
+    /// take a vote when a voter is removed.
+    pub voters: usize,
+    /// Build a Raft snapshot (and purge the log behind it) after this many entries.
+    pub snapshot_every: u64,
 }
 
 impl Default for NodeSection {
@@ -63,6 +68,8 @@ impl Default for NodeSection {
             raft: None,
             certs: None,
             join: None,
+            voters: 3,
+            snapshot_every: 10_000,
         }
     }
 }
@@ -249,6 +256,18 @@ impl Config {
         if self.node.join.is_some() && self.node.raft.is_none() {
             return bad("node.raft", "is needed with node.join");
         }
+        if !matches!(self.node.voters, 1 | 3 | 5) {
+            return bad(
+                "node.voters",
+                format!(
+                    "is {}; use 3 (survives one lost node) or 5 (survives two), or 1 for a lab",
+                    self.node.voters
+                ),
+            );
+        }
+        if self.node.snapshot_every < 10 {
+            return bad("node.snapshot_every", "must be 10 or more");
+        }
         if let Some(uri) = &self.trunk.uri {
             if crate::sip::message::uri_hostport(uri).is_none() {
                 return bad(
@@ -348,6 +367,19 @@ pub const EXAMPLE: &str = r#"# Campanile node configuration. Every key is option
 id = 1
 # Where the Raft log, the state machine and the admin token live.
 data = "./campanile-data"
+# This node's data-centre label (shown in `campanile cluster status`).
+datacenter = "dc1"
+# Raft address (QUIC with mutual TLS) and the folder `campanile certs issue` made for this node.
+# Both unset: a one-node cluster with no network at all.
+# raft = "10.0.1.11:7000"
+# certs = "/etc/campanile/certs"
+# Any member's Raft address, to join its cluster. Unset with raft: start a new cluster if the data
+# directory is empty.
+# join = "10.0.1.10:7000"
+# Voters the cluster grows to as nodes join: 3 (survives one lost node) or 5 (survives two).
+voters = 3
+# Build a Raft snapshot and purge the log behind it after this many entries.
+snapshot_every = 10000
 
 [http]
 # Console, JSON API (/api/v1), /metrics and /healthz.

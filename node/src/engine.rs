@@ -6,7 +6,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use campanile_cluster::{
     CallTask, Campaign, CampaignId, CampaignSpec, Cluster, ClusterError, Command, NewSubscriber,
-    Refusal, Response, Subscriber, SubscriberId,
+    NodeId, Refusal, Response, Subscriber, SubscriberId,
 };
 use campanile_dashboard::{Engine, EngineError, Health};
 
@@ -48,11 +48,66 @@ impl NodeEngine {
         }
     }
 
+    /// Leader, term and every member with what the cluster knows of it. The lag (log entries the
+    /// member is behind the leader's last entry) is known only on the leader.
+    fn cluster_view(&self) -> serde_json::Value {
+        let status = self.cluster.status();
+        let me = self.cluster.node_id().0;
+        let registered: std::collections::BTreeMap<u64, campanile_cluster::NodeInfo> = self
+            .cluster
+            .read(|s| s.nodes().map(|n| (n.id.0, n.clone())).collect());
+        let members: Vec<serde_json::Value> = self
+            .cluster
+            .members()
+            .into_iter()
+            .map(|(id, raft_addr, voter, applied)| {
+                let role = if Some(id) == status.leader {
+                    "leader"
+                } else if voter {
+                    "follower"
+                } else {
+                    "learner"
+                };
+                let info = registered.get(&id);
+                let lag = match (status.leader == Some(me), status.last_log_index, applied) {
+                    (true, Some(last), Some(a)) => Some(last.saturating_sub(a)),
+                    _ => None,
+                };
+                serde_json::json!({
+                    "id": id,
+                    "role": role,
+                    "datacenter": info.map(|n| n.datacenter.clone())
+                        .or_else(|| (id == me).then(|| self.datacenter.clone())),
+                    "raft_addr": raft_addr,
+                    "http_addr": info.map(|n| n.http_addr.clone()),
+                    "applied_index": applied,
+                    "lag": lag,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "node": me,
+            "leader": status.leader,
+            "term": status.term,
+            "last_log_index": status.last_log_index,
+            "applied_index": status.applied_index,
+            "snapshot_index": status.snapshot_index,
+            "purged_index": status.purged_index,
+            "members": members,
+        })
+    }
+
     fn campaign_now(&self, id: CampaignId) -> Result<Campaign, EngineError> {
         self.cluster
             .read(|s| s.campaign(id).cloned())
             .ok_or_else(|| EngineError::NotFound(format!("campaign {id} does not exist")))
     }
+}
+
+/// The hex SHA-256 under which the cluster stores a token.
+pub fn token_sha256(token: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(token.as_bytes()))
 }
 
 /// Compares two strings in time independent of where they differ.
@@ -152,7 +207,12 @@ impl Engine for NodeEngine {
     }
 
     fn check_token(&self, presented: &str) -> bool {
+        // This node's own admin token always works here (also before its registration is
+        // committed); any token the cluster knows works on every node.
         constant_time_eq(presented.as_bytes(), self.admin_token.as_bytes())
+            || self
+                .cluster
+                .read(|s| s.token(&token_sha256(presented)).is_some())
     }
 
     fn drill_mode(&self) -> Option<String> {
@@ -160,35 +220,44 @@ impl Engine for NodeEngine {
     }
 
     async fn cluster(&self) -> Result<serde_json::Value, EngineError> {
-        let status = self.cluster.status();
-        let me = self.cluster.node_id().0;
-        let members: Vec<serde_json::Value> = self
-            .cluster
-            .members()
-            .into_iter()
-            .map(|(id, raft_addr, voter, applied)| {
-                let role = if Some(id) == status.leader {
-                    "leader"
-                } else if voter {
-                    "follower"
-                } else {
-                    "learner"
-                };
-                serde_json::json!({
-                    "id": id,
-                    "role": role,
-                    "raft_addr": raft_addr,
-                    "applied_index": applied,
-                    "datacenter": (id == me).then(|| self.datacenter.clone()),
-                })
-            })
-            .collect();
-        Ok(serde_json::json!({
-            "node": me,
-            "leader": status.leader,
-            "term": status.term,
-            "members": members,
-        }))
+        Ok(self.cluster_view())
+    }
+
+    async fn remove_member(&self, node: u64) -> Result<serde_json::Value, EngineError> {
+        self.cluster
+            .remove_member(NodeId(node))
+            .await
+            .map_err(|e| match e {
+                ClusterError::Refused(m) => EngineError::Conflict(m),
+                other => cluster_err(other),
+            })?;
+        self.write(Command::ForgetNode {
+            at_ms: now_ms(),
+            node: NodeId(node),
+        })
+        .await?;
+        tracing::info!(node, "node removed from the cluster");
+        Ok(self.cluster_view())
+    }
+
+    async fn backup(&self) -> Result<Vec<u8>, EngineError> {
+        let (index, state) = self.cluster.backup().map_err(cluster_err)?;
+        let header = crate::admin::BackupHeader {
+            format: crate::admin::BACKUP_FORMAT.into(),
+            taken_ms: now_ms(),
+            node: self.cluster.node_id().0,
+            applied_index: index,
+            subscribers: self.cluster.read(|s| s.subscriber_count() as u64),
+        };
+        let mut out =
+            serde_json::to_vec(&header).map_err(|e| EngineError::Internal(e.to_string()))?;
+        out.push(b'\n');
+        out.extend_from_slice(&state);
+        Ok(out)
+    }
+
+    async fn linearize(&self) -> Result<(), EngineError> {
+        self.cluster.linearizable().await.map_err(cluster_err)
     }
 
     async fn health(&self) -> Health {

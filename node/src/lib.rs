@@ -2,6 +2,7 @@
 //! call tasks, the simulated city used for drills and tests, and the wiring that joins them to the
 //! replicated state (`campanile-cluster`) and the HTTP surface (`campanile-dashboard`).
 
+pub mod admin;
 pub mod bench;
 pub mod call;
 pub mod config;

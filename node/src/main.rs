@@ -137,6 +137,59 @@ enum Cmd {
         #[command(subcommand)]
         what: CertsCmd,
     },
+    /// Look at or change the cluster through any node's HTTP API.
+    Cluster {
+        #[command(subcommand)]
+        what: ClusterCmd,
+    },
+    /// Write a consistent backup of the replicated state (subscribers, campaigns, outcomes, token
+    /// hashes) from a running node. The file holds personal data; it is created mode 0600.
+    Backup {
+        /// HTTP address of any node.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        via: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        auth: campanile::admin::TokenArgs,
+    },
+    /// Make a new data directory from a backup; start a node on it and the others join it.
+    Restore {
+        file: PathBuf,
+        /// The new data directory (must not hold a store).
+        #[arg(long, default_value = "campanile-data")]
+        data: PathBuf,
+        /// Id of the node that will run on it.
+        #[arg(long, default_value_t = 1)]
+        node_id: u64,
+        /// Its Raft address, for a node that will be a cluster member.
+        #[arg(long)]
+        raft: Option<SocketAddr>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Leader, term, and every member with its data centre, role, applied index and lag.
+    Status {
+        /// HTTP address of any node.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        via: String,
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        auth: campanile::admin::TokenArgs,
+    },
+    /// Remove a node from the cluster; a waiting learner takes its vote, and its calls go to others.
+    Remove {
+        node: u64,
+        /// HTTP address of any node.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        via: String,
+        #[command(flatten)]
+        auth: campanile::admin::TokenArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -258,6 +311,58 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             eprintln!(
                 "certificate for node {node_id} ({host}) written to {}",
                 out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Cluster {
+            what: ClusterCmd::Status { via, json, auth },
+        } => {
+            let out = tokio::task::spawn_blocking(move || {
+                campanile::admin::cluster_status(&via, &auth, json)
+            })
+            .await??;
+            print!("{out}");
+            if !out.ends_with('\n') {
+                println!();
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Cluster {
+            what: ClusterCmd::Remove { node, via, auth },
+        } => {
+            let out = tokio::task::spawn_blocking(move || {
+                campanile::admin::cluster_remove(&via, node, &auth)
+            })
+            .await??;
+            print!("{out}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Backup { via, out, auth } => {
+            let path = out.clone();
+            let h =
+                tokio::task::spawn_blocking(move || campanile::admin::backup(&via, &out, &auth))
+                    .await??;
+            println!(
+                "backup of node {} at log index {} ({} subscribers) written to {}",
+                h.node,
+                h.applied_index,
+                h.subscribers,
+                path.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Restore {
+            file,
+            data,
+            node_id,
+            raft,
+        } => {
+            if node_id == 0 {
+                anyhow::bail!("--node-id must be 1 or more");
+            }
+            println!(
+                "{}",
+                campanile::admin::restore(&file, &data, node_id, raft)?
             );
             Ok(ExitCode::SUCCESS)
         }

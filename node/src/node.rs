@@ -159,6 +159,7 @@ impl Node {
                 )
             })?;
         let http_addr = listener.local_addr()?;
+        register(&cluster, &cfg, &admin_token, http_addr).await?;
         let mut http_shutdown = shutdown_rx.clone();
         let dyn_engine: Arc<dyn campanile_dashboard::Engine> = engine.clone();
         tasks.push(tokio::spawn(async move {
@@ -234,6 +235,59 @@ fn admin_token(data: &Path) -> anyhow::Result<(PathBuf, String)> {
     Ok((path, token))
 }
 
+/// Makes this node's admin token valid on every node (the cluster stores its SHA-256, never the
+/// token) and announces the node's data centre and addresses. Both are idempotent and run on every
+/// start; they need the cluster to accept writes, so a member without quorum waits here, bounded.
+async fn register(
+    cluster: &Cluster,
+    cfg: &Config,
+    admin_token: &str,
+    http_addr: SocketAddr,
+) -> anyhow::Result<()> {
+    let at_ms = crate::dialer::now_ms();
+    let sha256 = crate::engine::token_sha256(admin_token);
+    let commands = [
+        (cluster.read(|s| s.token(&sha256).is_none())).then(|| {
+            campanile_cluster::Command::AddToken {
+                token: campanile_cluster::ApiToken {
+                    sha256,
+                    label: format!("admin token of node {}", cfg.node.id),
+                    created_ms: at_ms,
+                },
+            }
+        }),
+        Some(campanile_cluster::Command::RegisterNode {
+            at_ms,
+            node: campanile_cluster::NodeInfo {
+                id: NodeId(cfg.node.id),
+                datacenter: cfg.node.datacenter.clone(),
+                raft_addr: cfg
+                    .node
+                    .raft
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|| "local".into()),
+                http_addr: http_addr.to_string(),
+                registered_ms: at_ms,
+                started_ms: at_ms,
+            },
+        }),
+    ];
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    for cmd in commands.into_iter().flatten() {
+        loop {
+            match cluster.write(cmd.clone()).await {
+                Ok(_) => break,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    tracing::warn!(error = %e, "cannot register this node with the cluster yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e).context("cannot register this node with the cluster"),
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Requests for no call of ours: we place calls, we do not take them (yet).
 async fn answer_unrouted(endpoint: Endpoint, mut rx: mpsc::UnboundedReceiver<Inbound>) {
     while let Some(Inbound { msg, from }) = rx.recv().await {
@@ -251,11 +305,22 @@ async fn answer_unrouted(endpoint: Endpoint, mut rx: mpsc::UnboundedReceiver<Inb
     }
 }
 
+/// Compaction and membership settings from the config: keep a tenth of a snapshot interval of log
+/// behind each snapshot for followers that lag a little.
+fn cluster_options(cfg: &Config) -> campanile_cluster::ClusterOptions {
+    campanile_cluster::ClusterOptions {
+        snapshot_every: cfg.node.snapshot_every,
+        keep_behind_snapshot: (cfg.node.snapshot_every / 10).max(5),
+        purge_batch: (cfg.node.snapshot_every / 40).clamp(1, 256),
+        voters: cfg.node.voters,
+    }
+}
+
 /// The replicated store: alone, or a member of a multi-node cluster over QUIC with mutual TLS.
 async fn open_cluster(cfg: &Config, data: &std::path::Path) -> anyhow::Result<Cluster> {
     let id = NodeId(cfg.node.id);
     let (Some(raft_addr), Some(certs)) = (cfg.node.raft, cfg.node.certs.as_ref()) else {
-        return Cluster::open(id, data)
+        return Cluster::open_with(id, data, cluster_options(cfg))
             .await
             .context("cannot open the replicated store");
     };
@@ -274,7 +339,7 @@ async fn open_cluster(cfg: &Config, data: &std::path::Path) -> anyhow::Result<Cl
     let cluster = Cluster::open_member(
         id,
         data,
-        campanile_cluster::ClusterOptions::default(),
+        cluster_options(cfg),
         campanile_cluster::MemberNet {
             endpoint,
             raft_addr,
