@@ -339,9 +339,19 @@ impl NodeProc {
 
     /// POST JSON to an API path; returns (status, JSON body).
     pub fn post(&self, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
+        self.post_within(path, body, Duration::from_secs(30))
+    }
+
+    /// `post`, giving up on the answer after `timeout`.
+    pub fn post_within(
+        &self,
+        path: &str,
+        body: &Value,
+        timeout: Duration,
+    ) -> anyhow::Result<(u16, Value)> {
         let r = ureq::post(&self.url(path))
             .set("Authorization", &self.auth())
-            .timeout(Duration::from_secs(30))
+            .timeout(timeout)
             .send_json(body.clone());
         into_json(r)
     }

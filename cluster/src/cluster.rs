@@ -298,6 +298,10 @@ impl Cluster {
                 Err(ClusterError::NotLeader {
                     leader: Some(leader),
                 }) if self.inner.net.is_some() => self.forward_write(leader, cmd.clone()).await,
+                // An election is under way: wait for its winner.
+                Err(e @ ClusterError::NotLeader { leader: None }) if self.inner.net.is_some() => {
+                    Err(e)
+                }
                 other => return other,
             };
             match result {
@@ -307,7 +311,7 @@ impl Cluster {
                 Err(ClusterError::Unsent(_) | ClusterError::NotLeader { .. })
                     if tokio::time::Instant::now() < deadline =>
                 {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    self.await_other_leader().await;
                 }
                 other => return other,
             }
@@ -431,7 +435,7 @@ impl Cluster {
                         Err(ClusterError::Unsent(_) | ClusterError::Forward(_))
                             if tokio::time::Instant::now() < deadline =>
                         {
-                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            self.await_other_leader().await;
                             continue;
                         }
                         Err(e) => return Err(e),
@@ -453,6 +457,22 @@ impl Cluster {
                 .map(|_| ())
                 .map_err(|_| ClusterError::Fatal("Raft stopped".into()));
         }
+    }
+
+    /// After a request could not reach the leader this node knows: waits (at most a second) until
+    /// this node knows a leader other than that one, instead of knocking again at a dead door. An
+    /// election after a leader dies takes a few hundred milliseconds.
+    async fn await_other_leader(&self) {
+        let failed = self.status().leader;
+        let _ = self
+            .inner
+            .raft
+            .wait(Some(Duration::from_secs(1)))
+            .metrics(
+                |m| m.current_leader.is_some() && m.current_leader != failed,
+                "another leader",
+            )
+            .await;
     }
 
     /// The read index when this node leads (after confirming leadership with a quorum).
@@ -580,7 +600,7 @@ impl Cluster {
                 Err(ClusterError::Unsent(_) | ClusterError::NotLeader { .. })
                     if tokio::time::Instant::now() < deadline =>
                 {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    self.await_other_leader().await;
                 }
                 other => return other,
             }

@@ -17,6 +17,11 @@ pub enum Command {
         at_ms: u64,
         subscriber: NewSubscriber,
     },
+    /// An import batch: each subscriber is created unless its number is already registered.
+    CreateSubscribers {
+        at_ms: u64,
+        subscribers: Vec<NewSubscriber>,
+    },
     DeleteSubscriber {
         at_ms: u64,
         id: SubscriberId,
@@ -69,12 +74,23 @@ pub enum Response {
     #[default]
     Ok,
     SubscriberCreated(SubscriberId),
+    /// Per subscriber of a `CreateSubscribers` batch, in order: the new id, or the id that already
+    /// holds the number.
+    Imported(Vec<Imported>),
     CampaignCreated(CampaignId),
     /// How many events of a `RecordAttempts` batch changed something (the rest were duplicates or stale).
     Recorded {
         applied: u32,
     },
     Refused(Refusal),
+}
+
+/// What became of one subscriber of an import batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Imported {
+    Created(SubscriberId),
+    Duplicate(SubscriberId),
 }
 
 /// Why the state machine refused a command.

@@ -11,7 +11,7 @@ pub mod command;
 pub mod domain;
 pub mod state;
 
-pub use command::{Command, Refusal, Response};
+pub use command::{Command, Imported, Refusal, Response};
 pub use domain::*;
 pub use state::State;
 pub mod cluster;

@@ -8,10 +8,11 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::command::{Command, Refusal, Response};
+use crate::command::{Command, Imported, Refusal, Response};
 use crate::domain::{
     ApiToken, AttemptEvent, CallTask, Campaign, CampaignId, CampaignState, Counts, FinalState,
-    Next, NodeId, NodeInfo, Outcome, PhoneNumber, Subscriber, SubscriberId, TaskState,
+    NewSubscriber, Next, NodeId, NodeInfo, Outcome, PhoneNumber, Subscriber, SubscriberId,
+    TaskState,
 };
 
 /// Key of the due queue: priority rank first, then due time, so the dialer pops emergencies first.
@@ -42,30 +43,20 @@ impl State {
     pub fn apply(&mut self, cmd: &Command) -> Response {
         match cmd {
             Command::CreateSubscriber { at_ms, subscriber } => {
-                if let Some(existing) = self.phones.get(&subscriber.phone) {
-                    return Response::Refused(Refusal::DuplicatePhone(
+                match self.create_subscriber(subscriber, *at_ms) {
+                    Imported::Created(id) => Response::SubscriberCreated(id),
+                    Imported::Duplicate(existing) => Response::Refused(Refusal::DuplicatePhone(
                         subscriber.phone.masked(),
-                        *existing,
-                    ));
+                        existing,
+                    )),
                 }
-                self.next_subscriber += 1;
-                let id = SubscriberId(self.next_subscriber);
-                self.phones.insert(subscriber.phone.clone(), id);
-                self.subscribers.insert(
-                    id,
-                    Subscriber {
-                        id,
-                        phone: subscriber.phone.clone(),
-                        name: subscriber.name.clone(),
-                        language: subscriber.language.clone(),
-                        zone: subscriber.zone.clone(),
-                        verified: subscriber.verified,
-                        opted_out: false,
-                        created_ms: *at_ms,
-                    },
-                );
-                Response::SubscriberCreated(id)
             }
+            Command::CreateSubscribers { at_ms, subscribers } => Response::Imported(
+                subscribers
+                    .iter()
+                    .map(|s| self.create_subscriber(s, *at_ms))
+                    .collect(),
+            ),
             Command::DeleteSubscriber { at_ms, id } => {
                 let Some(sub) = self.subscribers.remove(id) else {
                     return Response::Refused(Refusal::UnknownSubscriber(*id));
@@ -163,6 +154,29 @@ impl State {
             })
             .collect();
         stale.iter().filter(|e| self.record(node, e, at_ms)).count() as u32
+    }
+
+    fn create_subscriber(&mut self, subscriber: &NewSubscriber, at_ms: u64) -> Imported {
+        if let Some(existing) = self.phones.get(&subscriber.phone) {
+            return Imported::Duplicate(*existing);
+        }
+        self.next_subscriber += 1;
+        let id = SubscriberId(self.next_subscriber);
+        self.phones.insert(subscriber.phone.clone(), id);
+        self.subscribers.insert(
+            id,
+            Subscriber {
+                id,
+                phone: subscriber.phone.clone(),
+                name: subscriber.name.clone(),
+                language: subscriber.language.clone(),
+                zone: subscriber.zone.clone(),
+                verified: subscriber.verified,
+                opted_out: false,
+                created_ms: at_ms,
+            },
+        );
+        Imported::Created(id)
     }
 
     fn start_campaign(&mut self, id: CampaignId, at_ms: u64) -> Response {
@@ -723,6 +737,30 @@ mod tests {
     }
 
     #[test]
+    fn an_import_batch_creates_the_new_and_names_the_duplicates() {
+        let mut st = State::default();
+        st.apply(&sub(2, None));
+        let new = |n: u32| match sub(n, None) {
+            Command::CreateSubscriber { subscriber, .. } => subscriber,
+            _ => unreachable!(),
+        };
+        let r = st.apply(&Command::CreateSubscribers {
+            at_ms: 3,
+            subscribers: vec![new(1), new(2), new(3), new(1)],
+        });
+        assert_eq!(
+            r,
+            Response::Imported(vec![
+                Imported::Created(SubscriberId(2)),
+                Imported::Duplicate(SubscriberId(1)),
+                Imported::Created(SubscriberId(3)),
+                Imported::Duplicate(SubscriberId(2)),
+            ])
+        );
+        assert_eq!(st.subscriber_count(), 3);
+    }
+
+    #[test]
     fn tokens_and_nodes_are_registered_idempotently() {
         let mut st = State::default();
         let token = ApiToken {
@@ -898,6 +936,18 @@ mod tests {
         ];
         prop_oneof![
             (1u32..12).prop_map(|n| sub(n, if n % 2 == 0 { Some("porto") } else { None })),
+            proptest::collection::vec(1u32..12, 0..5).prop_map(|ns| {
+                Command::CreateSubscribers {
+                    at_ms: 2,
+                    subscribers: ns
+                        .into_iter()
+                        .filter_map(|n| match sub(n, None) {
+                            Command::CreateSubscriber { subscriber, .. } => Some(subscriber),
+                            _ => None,
+                        })
+                        .collect(),
+                }
+            }),
             Just(campaign(Audience::All)),
             Just(campaign(Audience::Zones(vec!["porto".into()]))),
             (1u64..4).prop_map(|id| Command::StartCampaign {

@@ -148,10 +148,8 @@ pub fn subscriber_view(s: &Subscriber) -> Value {
     })
 }
 
-pub async fn create_subscriber(
-    State(engine): State<AppState>,
-    ApiJson(body): ApiJson<SubscriberBody>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+/// Checks every field of a subscriber as an operator sent it.
+fn new_subscriber(body: SubscriberBody) -> Result<NewSubscriber, ApiError> {
     let phone = PhoneNumber::parse(&body.phone)
         .map_err(|e| ApiError::bad_request("invalid_phone", format!("`phone`: {e}")))?;
     if let Some(name) = &body.name {
@@ -162,16 +160,83 @@ pub async fn create_subscriber(
     }
     let language = body.language.unwrap_or_else(|| "it".into());
     check_language("language", &language)?;
-    let s = engine
-        .create_subscriber(NewSubscriber {
-            phone,
-            name: body.name,
-            language,
-            zone: body.zone,
-            verified: true,
-        })
-        .await?;
+    Ok(NewSubscriber {
+        phone,
+        name: body.name,
+        language,
+        zone: body.zone,
+        verified: true,
+    })
+}
+
+pub async fn create_subscriber(
+    State(engine): State<AppState>,
+    ApiJson(body): ApiJson<SubscriberBody>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let s = engine.create_subscriber(new_subscriber(body)?).await?;
     Ok((StatusCode::CREATED, Json(subscriber_view(&s))))
+}
+
+/// Most subscribers one import request may carry.
+pub const IMPORT_MAX: usize = 5_000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportBody {
+    subscribers: Vec<Value>,
+}
+
+/// `POST /api/v1/subscribers/import`: up to `IMPORT_MAX` subscribers in one Raft entry. Every item
+/// is checked on its own: the good ones are imported, each bad one is reported by its position
+/// (1-based) with the reason, numbers already registered are named with the subscriber holding them.
+pub async fn import_subscribers(
+    State(engine): State<AppState>,
+    ApiJson(body): ApiJson<ImportBody>,
+) -> Result<Json<Value>, ApiError> {
+    if body.subscribers.len() > IMPORT_MAX {
+        return Err(ApiError::bad_request(
+            "too_many",
+            format!(
+                "{} subscribers in one request; send at most {IMPORT_MAX} per request",
+                body.subscribers.len()
+            ),
+        ));
+    }
+    let mut rejected = Vec::new();
+    let mut batch = Vec::new();
+    let mut positions = Vec::new();
+    for (i, item) in body.subscribers.into_iter().enumerate() {
+        let checked = serde_json::from_value::<SubscriberBody>(item)
+            .map_err(|e| e.to_string())
+            .and_then(|b| new_subscriber(b).map_err(|e| e.message));
+        match checked {
+            Ok(s) => {
+                batch.push(s);
+                positions.push(i + 1);
+            }
+            Err(why) => rejected.push(json!({ "item": i + 1, "error": why })),
+        }
+    }
+    let results = if batch.is_empty() {
+        Vec::new()
+    } else {
+        engine.import_subscribers(batch).await?
+    };
+    let mut created = 0u64;
+    let mut duplicates = Vec::new();
+    for (item, r) in positions.iter().zip(results) {
+        match r {
+            campanile_cluster::Imported::Created(_) => created += 1,
+            campanile_cluster::Imported::Duplicate(existing) => duplicates.push(
+                json!({ "item": item, "error": format!("the number is already registered as subscriber {}", existing.0) }),
+            ),
+        }
+    }
+    Ok(Json(json!({
+        "created": created,
+        "duplicates": duplicates,
+        "rejected": rejected,
+    })))
 }
 
 pub async fn get_subscriber(

@@ -33,6 +33,16 @@ pub enum EngineError {
 pub trait Engine: Send + Sync + 'static {
     async fn create_subscriber(&self, s: NewSubscriber) -> Result<Subscriber, EngineError>;
     async fn subscriber(&self, id: SubscriberId) -> Result<Subscriber, EngineError>;
+    /// Creates a batch of subscribers in one replicated command; per subscriber, in order, the new
+    /// id or the id already holding the number.
+    async fn import_subscribers(
+        &self,
+        _batch: Vec<NewSubscriber>,
+    ) -> Result<Vec<campanile_cluster::Imported>, EngineError> {
+        Err(EngineError::Unavailable(
+            "import is not available on this node".into(),
+        ))
+    }
     async fn delete_subscriber(&self, id: SubscriberId) -> Result<(), EngineError>;
     async fn create_campaign(&self, spec: CampaignSpec) -> Result<Campaign, EngineError>;
     async fn start_campaign(&self, id: CampaignId) -> Result<Campaign, EngineError>;

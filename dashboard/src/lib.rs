@@ -25,10 +25,17 @@ pub use error::ApiError;
 /// Largest request body accepted.
 pub const BODY_LIMIT: usize = 64 * 1024;
 
+/// Largest body of an import request (`api::IMPORT_MAX` subscribers).
+pub const IMPORT_BODY_LIMIT: usize = 4 * 1024 * 1024;
+
 /// All routes, bound to `engine`.
 pub fn router(engine: Arc<dyn Engine>) -> Router {
     let api = Router::new()
         .route("/subscribers", post(api::create_subscriber))
+        .route(
+            "/subscribers/import",
+            post(api::import_subscribers).layer(DefaultBodyLimit::max(IMPORT_BODY_LIMIT)),
+        )
         .route(
             "/subscribers/{id}",
             get(api::get_subscriber).delete(api::delete_subscriber),

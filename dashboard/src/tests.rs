@@ -55,6 +55,18 @@ impl Engine for FakeEngine {
         };
         self.subscriber(id).await
     }
+    async fn import_subscribers(
+        &self,
+        batch: Vec<NewSubscriber>,
+    ) -> Result<Vec<campanile_cluster::Imported>, EngineError> {
+        match self.apply(Command::CreateSubscribers {
+            at_ms: 1,
+            subscribers: batch,
+        })? {
+            Response::Imported(r) => Ok(r),
+            other => Err(EngineError::Internal(format!("{other:?}"))),
+        }
+    }
     async fn subscriber(&self, id: SubscriberId) -> Result<Subscriber, EngineError> {
         self.state
             .lock()
@@ -164,6 +176,72 @@ fn assert_error(v: &Value, code: &str, mentions: &str) {
         msg.contains(mentions),
         "message `{msg}` does not mention `{mentions}`"
     );
+}
+
+#[tokio::test]
+async fn an_import_keeps_the_good_lines_and_names_each_bad_one() {
+    let app = app();
+    let (s, _) = api(
+        &app,
+        "POST",
+        "/api/v1/subscribers",
+        Some(json!({"phone": "+393471111111"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, v) = api(
+        &app,
+        "POST",
+        "/api/v1/subscribers/import",
+        Some(json!({"subscribers": [
+            {"phone": "+393472222222", "language": "en"},
+            {"phone": "not a number"},
+            {"phone": "+393471111111"},
+            {"phone": "+393473333333", "colour": "red"},
+            {"phone": "+393474444444", "zone": "centro"},
+        ]})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["created"], 2, "{v}");
+    assert_eq!(v["duplicates"][0]["item"], 3, "{v}");
+    assert!(v["duplicates"][0]["error"]
+        .as_str()
+        .unwrap()
+        .contains("subscriber 1"));
+    assert_eq!(v["rejected"][0]["item"], 2, "{v}");
+    assert!(v["rejected"][0]["error"]
+        .as_str()
+        .unwrap()
+        .contains("phone"));
+    assert_eq!(v["rejected"][1]["item"], 4, "{v}");
+    assert!(v["rejected"][1]["error"]
+        .as_str()
+        .unwrap()
+        .contains("colour"));
+    // Larger than the one-subscriber limit, within the import limit.
+    let many: Vec<Value> = (0..2_000)
+        .map(|i| json!({"phone": format!("+39348{i:07}"), "name": "Maria Rossi"}))
+        .collect();
+    let (s, v) = api(
+        &app,
+        "POST",
+        "/api/v1/subscribers/import",
+        Some(json!({ "subscribers": many })),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["created"], 2_000);
+    let too_many: Vec<Value> = (0..5_001).map(|_| json!({"phone": "1"})).collect();
+    let (s, v) = api(
+        &app,
+        "POST",
+        "/api/v1/subscribers/import",
+        Some(json!({ "subscribers": too_many })),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_error(&v, "too_many", "at most 5000");
 }
 
 fn campaign_body() -> Value {

@@ -443,3 +443,105 @@ pub async fn call_setup(rates: &[f64], secs: f64) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Log soak: commits `entries` small commands through a one-node store in `dir` (default: a
+/// temporary directory) with the production compaction settings, printing the store's size on disk
+/// as it goes: snapshots and purges must keep it bounded. The commands overwrite one node record,
+/// so the state itself does not grow and what is measured is the log and the store.
+pub async fn log_soak(
+    entries: u64,
+    dir: Option<std::path::PathBuf>,
+    writers: usize,
+) -> anyhow::Result<()> {
+    use campanile_cluster::{Cluster, ClusterOptions, Command as RaftCommand, NodeId, NodeInfo};
+    let tmp = tempfile::TempDir::new()?;
+    let path = dir.unwrap_or_else(|| tmp.path().to_path_buf());
+    let options = ClusterOptions::default();
+    let cluster = Cluster::open_with(NodeId(1), &path, options).await?;
+    println!(
+        "log soak: {entries} entries, {writers} concurrent writers, snapshot every {} entries, {} kept behind; store at {}",
+        options.snapshot_every,
+        options.keep_behind_snapshot,
+        path.display()
+    );
+    println!(
+        "{:>12} {:>9} {:>10} {:>12} {:>12} {:>12}",
+        "entries", "seconds", "entries/s", "disk MB", "snapshot", "purged"
+    );
+    let done = Arc::new(AtomicU64::new(0));
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let (cluster, done) = (cluster.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let n = done.fetch_add(1, Ordering::Relaxed);
+                if n >= entries {
+                    return Ok::<(), anyhow::Error>(());
+                }
+                cluster
+                    .write_here(RaftCommand::RegisterNode {
+                        at_ms: n,
+                        node: NodeInfo {
+                            id: NodeId(1 + w as u64 % 3),
+                            datacenter: "soak".into(),
+                            raft_addr: "local".into(),
+                            http_addr: "127.0.0.1:8080".into(),
+                            registered_ms: n,
+                            started_ms: n,
+                        },
+                    })
+                    .await?;
+            }
+        }));
+    }
+    let report_every = (entries / 20).max(1);
+    let mut next_report = report_every;
+    let mut max_disk = 0u64;
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let status = cluster.status();
+        let applied = status.applied_index;
+        if applied >= next_report || tasks.iter().all(|t| t.is_finished()) {
+            let disk = dir_size(&path);
+            max_disk = max_disk.max(disk);
+            println!(
+                "{:>12} {:>9.1} {:>10.0} {:>12.1} {:>12} {:>12}",
+                applied,
+                t0.elapsed().as_secs_f64(),
+                applied as f64 / t0.elapsed().as_secs_f64(),
+                disk as f64 / 1e6,
+                status.snapshot_index.unwrap_or(0),
+                status.purged_index.unwrap_or(0)
+            );
+            next_report = applied + report_every;
+        }
+        if tasks.iter().all(|t| t.is_finished()) {
+            break;
+        }
+    }
+    for t in tasks {
+        t.await??;
+    }
+    println!(
+        "largest store seen: {:.1} MB after up to {entries} entries",
+        max_disk as f64 / 1e6
+    );
+    cluster.shutdown().await?;
+    Ok(())
+}
+
+/// Bytes of every file under `path`.
+fn dir_size(path: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}

@@ -135,6 +135,24 @@ impl Engine for NodeEngine {
         self.subscriber(id).await
     }
 
+    async fn import_subscribers(
+        &self,
+        batch: Vec<NewSubscriber>,
+    ) -> Result<Vec<campanile_cluster::Imported>, EngineError> {
+        match self
+            .write(Command::CreateSubscribers {
+                at_ms: now_ms(),
+                subscribers: batch,
+            })
+            .await?
+        {
+            Response::Imported(r) => Ok(r),
+            other => Err(EngineError::Internal(format!(
+                "unexpected response {other:?}"
+            ))),
+        }
+    }
+
     async fn subscriber(&self, id: SubscriberId) -> Result<Subscriber, EngineError> {
         self.cluster
             .read(|s| s.subscriber(id).cloned())

@@ -237,6 +237,17 @@ enum BenchCmd {
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
     },
+    /// Commit many Raft entries through a one-node store and watch its size on disk stay bounded.
+    LogSoak {
+        #[arg(long, default_value_t = 10_000_000)]
+        entries: u64,
+        /// Store directory (default: a temporary one, removed afterwards).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Concurrent writers.
+        #[arg(long, default_value_t = 64)]
+        writers: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -576,6 +587,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 BenchCmd::CallSetup { rates, seconds } => {
                     campanile::bench::call_setup(&rates, seconds.clamp(1.0, 600.0)).await?
                 }
+                BenchCmd::LogSoak {
+                    entries,
+                    dir,
+                    writers,
+                } => campanile::bench::log_soak(entries, dir, writers.clamp(1, 1024)).await?,
             }
             Ok(ExitCode::SUCCESS)
         }
