@@ -205,6 +205,9 @@ pub struct SimCitySection {
     /// `always-answer`, `realistic`, or a path to a profile TOML file.
     pub profile: String,
     pub seed: u64,
+    /// Drill mode with several nodes: dial the simulated city another node runs at this address
+    /// instead of starting one (the nodes of a drill share one city and its ground-truth log).
+    pub shared: Option<SocketAddr>,
 }
 
 impl Default for SimCitySection {
@@ -213,6 +216,7 @@ impl Default for SimCitySection {
             listen: SocketAddr::from(([127, 0, 0, 1], 5070)),
             profile: "realistic".into(),
             seed: 1,
+            shared: None,
         }
     }
 }
@@ -436,6 +440,8 @@ listen = "127.0.0.1:5070"
 profile = "realistic"
 # Seed of the simulated citizens' behaviour.
 seed = 1
+# Several nodes in drill mode: dial the simulated city another node runs here instead of starting one.
+# shared = "127.0.0.1:5070"
 "#;
 
 #[cfg(test)]

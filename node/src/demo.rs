@@ -1,5 +1,7 @@
-//! `campanile demo`: one node in drill mode, a thousand simulated citizens, one emergency alert, a progress
-//! bar and a summary. It is the first thing a new operator or engineer runs.
+//! `campanile demo`: a three-node cluster in drill mode (three data-centre labels, QUIC with mutual TLS
+//! between the nodes, certificates made on the spot) sharing one simulated city, a thousand simulated
+//! citizens, one emergency alert, a progress bar and a summary. It is the first thing a new operator or
+//! engineer runs. `--nodes 1` runs a single node.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -35,9 +37,82 @@ pub struct DemoOptions {
     /// always-answer, realistic, or a profile TOML file.
     #[arg(long, default_value = "realistic")]
     pub profile: String,
-    /// Keep the node and its console running after the alert.
+    /// Keep the nodes and their consoles running after the alert.
     #[arg(long)]
     pub stay: bool,
+    /// Cluster size: 1, 3 or 5 nodes on this machine. Node N uses the HTTP and SIP ports of node 1
+    /// plus N-1.
+    #[arg(long, default_value_t = 3)]
+    pub nodes: u16,
+}
+
+/// Data-centre labels of the demo's nodes.
+const DATACENTERS: [&str; 3] = ["dc-nord", "dc-centro", "dc-sud"];
+
+fn plus(addr: SocketAddr, n: u16) -> SocketAddr {
+    SocketAddr::new(addr.ip(), addr.port().saturating_add(n))
+}
+
+/// A free UDP port on loopback for a node's Raft endpoint.
+fn free_raft_addr() -> anyhow::Result<SocketAddr> {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").context("finding a free Raft port")?;
+    Ok(s.local_addr()?)
+}
+
+/// Starts the demo's nodes: node 1 runs the simulated city, the others dial it and join node 1.
+async fn start_nodes(opts: &DemoOptions, data: &std::path::Path) -> anyhow::Result<Vec<Node>> {
+    let base = |id: u16| -> anyhow::Result<Config> {
+        let mut cfg = Config::default();
+        cfg.node.id = id as u64;
+        cfg.node.data = if opts.nodes == 1 {
+            data.to_path_buf()
+        } else {
+            data.join(format!("node{id}"))
+        };
+        cfg.node.datacenter = DATACENTERS[(id as usize - 1) % DATACENTERS.len()].into();
+        cfg.node.voters = opts.nodes as usize;
+        cfg.http.listen = plus(opts.http, id - 1);
+        cfg.sip.listen = plus(opts.sip, id - 1);
+        cfg.simcity.listen = opts.city;
+        cfg.simcity.profile = opts.profile.clone();
+        if id > 1 {
+            cfg.simcity.shared = Some(opts.city);
+        }
+        cfg.trunk.max_channels = 200;
+        cfg.trunk.calls_per_second = 100;
+        cfg.dialer.ring_timeout_s = 8.0;
+        cfg.dialer.confirm_wait_s = 4.0;
+        Ok(cfg)
+    };
+    if opts.nodes == 1 {
+        let cfg = base(1)?;
+        cfg.validate()?;
+        return Ok(vec![Node::start(cfg).await?]);
+    }
+    let ca = data.join("certs").join("ca");
+    if !ca.join("ca.pem").exists() {
+        campanile_cluster::tls::init_ca(&ca)?;
+    }
+    let mut nodes = Vec::new();
+    let mut first_raft = None;
+    for id in 1..=opts.nodes {
+        let mut cfg = base(id)?;
+        let certs = data.join("certs").join(format!("node{id}"));
+        if !certs.join("node.pem").exists() {
+            campanile_cluster::tls::issue(&ca, id as u64, "127.0.0.1", &certs)?;
+        }
+        let raft = free_raft_addr()?;
+        cfg.node.raft = Some(raft);
+        cfg.node.certs = Some(certs);
+        cfg.node.join = first_raft;
+        cfg.validate()?;
+        let node = Node::start(cfg)
+            .await
+            .with_context(|| format!("starting demo node {id}"))?;
+        first_raft.get_or_insert(raft);
+        nodes.push(node);
+    }
+    Ok(nodes)
 }
 
 const ZONES: [&str; 3] = ["centro", "porto", "collina"];
@@ -48,7 +123,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         (1..=100_000).contains(&opts.citizens),
         "--citizens must be between 1 and 100000"
     );
-    let data = match opts.data {
+    anyhow::ensure!(matches!(opts.nodes, 1 | 3 | 5), "--nodes must be 1, 3 or 5");
+    let data = match opts.data.clone() {
         Some(d) => d,
         None => std::env::temp_dir().join(format!(
             "campanile-demo-{}-{}",
@@ -56,24 +132,29 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
             crate::dialer::now_ms()
         )),
     };
-    let mut cfg = Config::default();
-    cfg.node.data = data.clone();
-    cfg.http.listen = opts.http;
-    cfg.sip.listen = opts.sip;
-    cfg.simcity.listen = opts.city;
-    cfg.simcity.profile = opts.profile.clone();
-    cfg.trunk.max_channels = 200;
-    cfg.trunk.calls_per_second = 100;
-    cfg.dialer.ring_timeout_s = 8.0;
-    cfg.dialer.confirm_wait_s = 4.0;
-    cfg.validate()?;
-    let node = Node::start(cfg).await?;
-    let engine = node.engine.clone();
+    let nodes = start_nodes(&opts, &data).await?;
+    let node = &nodes[0];
     println!(
-        "Campanile demo: drill mode, data in {}, simulated city profile `{}`",
+        "Campanile demo: drill mode, {} node{} ({}), data in {}, simulated city profile `{}`",
+        nodes.len(),
+        if nodes.len() == 1 { "" } else { "s" },
+        nodes
+            .iter()
+            .map(|n| format!(
+                "node {} in {} at http://{}/",
+                n.cluster.node_id().0,
+                n.engine.datacenter,
+                n.http_addr
+            ))
+            .collect::<Vec<_>>()
+            .join(", "),
         data.display(),
         opts.profile
     );
+    // Citizens register through the last node and the alert is sent through the second: writes
+    // through any node reach the leader, and every node shows the same state.
+    let engine = nodes[nodes.len() - 1].engine.clone();
+    let alert_engine = nodes[nodes.len().min(2) - 1].engine.clone();
 
     let started = Instant::now();
     let mut registered = 0u32;
@@ -109,7 +190,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
 
-    let campaign = engine
+    let campaign = alert_engine
         .create_campaign(CampaignSpec {
             title: "Allerta rossa: piena del fiume".into(),
             message: Message::Tts {
@@ -129,7 +210,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
             },
         })
         .await?;
-    let campaign = engine.start_campaign(campaign.id).await?;
+    let campaign = alert_engine.start_campaign(campaign.id).await?;
     let alert_started = Instant::now();
     let bar = ProgressBar::new(campaign.counts.targeted);
     bar.set_style(
@@ -154,7 +235,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     };
     bar.finish();
     let k = final_view.counts;
-    let truth = count_sim_dtmf(&data.join("sim-city.log"));
+    let truth = count_sim_dtmf(&node.data.join("sim-city.log"));
     println!();
     println!(
         "Alert \"{}\" {}",
@@ -175,6 +256,24 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         k.answer_ratio() * 100.0,
         truth
     );
+    if nodes.len() > 1 {
+        let status = node.cluster.status();
+        let same = nodes.iter().all(|n| {
+            n.cluster
+                .read(|s| s.campaign(final_view.id).map(|c| c.counts))
+                == Some(k)
+        });
+        println!(
+            "  cluster: {} nodes, leader node {}, term {}; every node holds the same outcome: {}",
+            nodes.len(),
+            status
+                .leader
+                .map(|l| l.to_string())
+                .unwrap_or_else(|| "none".into()),
+            status.term,
+            if same { "yes" } else { "NO" }
+        );
+    }
     if opts.stay {
         println!(
             "  console: http://{}/   API token: {}",
@@ -188,9 +287,15 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
             "  the console was at http://{}/ during the run; add --stay to keep it open afterwards",
             node.http_addr
         );
-        println!("  data, ground-truth log and API token: {}", data.display());
+        println!(
+            "  data, ground-truth log and API tokens: {}",
+            data.display()
+        );
     }
-    node.stop().await;
+    // Followers first, so the leader does not see its peers vanish mid-shutdown.
+    for n in nodes.into_iter().rev() {
+        n.stop().await;
+    }
     Ok(())
 }
 

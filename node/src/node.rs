@@ -29,6 +29,8 @@ pub struct Node {
     pub token_path: PathBuf,
     pub admin_token: String,
     pub simcity: Option<SimCity>,
+    /// The node's data directory.
+    pub data: PathBuf,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -68,6 +70,11 @@ impl Node {
                     .and_then(|mut a| a.next())
                     .with_context(|| format!("{key}: cannot resolve `{hop}`"))?;
                 (None, addr, hp, None)
+            }
+            None if cfg.simcity.shared.is_some() => {
+                tracing::warn!("{DRILL_BANNER}");
+                let addr = cfg.simcity.shared.unwrap_or(cfg.simcity.listen);
+                (None, addr, addr.to_string(), Some(DRILL_BANNER.to_string()))
             }
             None => {
                 tracing::warn!("{DRILL_BANNER}");
@@ -184,6 +191,7 @@ impl Node {
             token_path,
             admin_token,
             simcity,
+            data,
             shutdown,
             tasks,
         })
