@@ -1,0 +1,164 @@
+//! The Raft log outlives releases: a node of the next release must replay this release's log
+//! (rolling upgrades). `fixtures/commands-v1.jsonl` holds one committed command of every kind, as
+//! this release writes them. Every line must still parse and write back byte for byte, and every
+//! kind of command must have a line. Changing a command's shape breaks this test; add a new variant
+//! or a field with a serde default instead, and append its line to the fixture (never edit a line).
+//!
+//! Regenerate the lines of new variants with `CAMPANILE_APPEND_FIXTURE=1 cargo test -p
+//! campanile-cluster --test log_format`.
+
+use campanile_cluster::*;
+
+/// One command of every kind. The match in `kind` makes the compiler ask for a new variant here.
+fn one_of_each() -> Vec<Command> {
+    let sub = NewSubscriber {
+        phone: PhoneNumber::from_e164_unchecked("+393471234567"),
+        name: Some("Maria Rossi".into()),
+        language: "it".into(),
+        zone: Some("centro".into()),
+        verified: true,
+    };
+    vec![
+        Command::CreateSubscriber {
+            at_ms: 1,
+            subscriber: sub.clone(),
+        },
+        Command::CreateSubscribers {
+            at_ms: 1,
+            subscribers: vec![sub],
+        },
+        Command::DeleteSubscriber {
+            at_ms: 2,
+            id: SubscriberId(1),
+        },
+        Command::CreateCampaign {
+            at_ms: 3,
+            spec: CampaignSpec {
+                title: "Allerta".into(),
+                message: Message::Tts {
+                    text: "Il fiume è in piena".into(),
+                    language: "it".into(),
+                },
+                audience: Audience::Zones(vec!["centro".into()]),
+                priority: Priority::Emergency,
+                require_confirmation: true,
+                retry: RetryPolicy::default_for(Priority::Emergency),
+            },
+        },
+        Command::StartCampaign {
+            at_ms: 4,
+            id: CampaignId(1),
+        },
+        Command::CancelCampaign {
+            at_ms: 5,
+            id: CampaignId(1),
+        },
+        Command::RecordAttempts {
+            at_ms: 6,
+            node: NodeId(2),
+            events: vec![
+                AttemptEvent::Started {
+                    campaign: CampaignId(1),
+                    subscriber: SubscriberId(1),
+                    attempt: 1,
+                },
+                AttemptEvent::Finished {
+                    campaign: CampaignId(1),
+                    subscriber: SubscriberId(1),
+                    attempt: 1,
+                    outcome: Outcome::HungUp { after_ms: 4200 },
+                    next: Next::RetryAt(60_000),
+                },
+                AttemptEvent::Finished {
+                    campaign: CampaignId(1),
+                    subscriber: SubscriberId(1),
+                    attempt: 2,
+                    outcome: Outcome::Confirmed,
+                    next: Next::Final(FinalState::Confirmed),
+                },
+            ],
+        },
+        Command::AddToken {
+            token: ApiToken {
+                sha256: "ab".repeat(32),
+                label: "admin token of node 1".into(),
+                created_ms: 7,
+            },
+        },
+        Command::RegisterNode {
+            at_ms: 8,
+            node: NodeInfo {
+                id: NodeId(2),
+                datacenter: "dc-centro".into(),
+                raft_addr: "10.0.2.11:7000".into(),
+                http_addr: "10.0.2.11:8080".into(),
+                registered_ms: 8,
+                started_ms: 8,
+            },
+        },
+        Command::ReclaimTasks {
+            at_ms: 9,
+            from: NodeId(2),
+        },
+        Command::ForgetNode {
+            at_ms: 10,
+            node: NodeId(2),
+        },
+    ]
+}
+
+fn kind(c: &Command) -> &'static str {
+    match c {
+        Command::CreateSubscriber { .. } => "create_subscriber",
+        Command::CreateSubscribers { .. } => "create_subscribers",
+        Command::DeleteSubscriber { .. } => "delete_subscriber",
+        Command::CreateCampaign { .. } => "create_campaign",
+        Command::StartCampaign { .. } => "start_campaign",
+        Command::CancelCampaign { .. } => "cancel_campaign",
+        Command::RecordAttempts { .. } => "record_attempts",
+        Command::AddToken { .. } => "add_token",
+        Command::RegisterNode { .. } => "register_node",
+        Command::ReclaimTasks { .. } => "reclaim_tasks",
+        Command::ForgetNode { .. } => "forget_node",
+    }
+}
+
+const FIXTURE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/commands-v1.jsonl"
+);
+
+#[test]
+fn every_logged_command_of_this_release_replays() {
+    let text = std::fs::read_to_string(FIXTURE).unwrap_or_default();
+    let mut seen = std::collections::BTreeSet::new();
+    for (n, line) in text.lines().enumerate() {
+        let cmd: Command = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("fixture line {}: {e}\n{line}", n + 1));
+        assert_eq!(
+            serde_json::to_string(&cmd).unwrap(),
+            line,
+            "fixture line {} no longer writes back the same",
+            n + 1
+        );
+        seen.insert(kind(&cmd));
+    }
+    let missing: Vec<Command> = one_of_each()
+        .into_iter()
+        .filter(|c| !seen.contains(kind(c)))
+        .collect();
+    if !missing.is_empty() && std::env::var_os("CAMPANILE_APPEND_FIXTURE").is_some() {
+        let mut out = text.clone();
+        for c in &missing {
+            out.push_str(&serde_json::to_string(c).unwrap());
+            out.push('\n');
+        }
+        std::fs::write(FIXTURE, out).unwrap();
+        return;
+    }
+    assert!(
+        missing.is_empty(),
+        "commands without a fixture line: {:?}; append them (see the module comment)",
+        missing.iter().map(kind).collect::<Vec<_>>()
+    );
+}
