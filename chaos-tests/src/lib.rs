@@ -572,3 +572,91 @@ impl NodeProc {
         matches!(self.get(&format!("/api/v1/subscribers/{id}")), Ok((200, _)))
     }
 }
+
+/// One call as the simulated city saw it: from its INVITE to its end (a final rejection, CANCEL or
+/// BYE either way); `end` is `u64::MAX` when the log shows no end.
+#[derive(Debug, Clone)]
+pub struct CallSpan {
+    pub call_id: String,
+    /// Where the INVITE came from (the dialing node's SIP address).
+    pub from: String,
+    pub start: u64,
+    pub end: u64,
+}
+
+/// Every call of the city's log by number, in order of their INVITEs.
+pub fn calls_by_number(events: &[Value]) -> BTreeMap<String, Vec<CallSpan>> {
+    let mut by_call: BTreeMap<String, CallSpan> = BTreeMap::new();
+    let mut number_of: BTreeMap<String, String> = BTreeMap::new();
+    for e in events {
+        let (Some(cid), Some(t)) = (e["call_id"].as_str(), e["t_ms"].as_u64()) else {
+            continue;
+        };
+        match e["event"].as_str() {
+            Some("invite") if !by_call.contains_key(cid) => {
+                by_call.insert(
+                    cid.to_string(),
+                    CallSpan {
+                        call_id: cid.to_string(),
+                        from: e["from"].as_str().unwrap_or_default().to_string(),
+                        start: t,
+                        end: u64::MAX,
+                    },
+                );
+                number_of.insert(
+                    cid.to_string(),
+                    e["number"].as_str().unwrap_or_default().to_string(),
+                );
+            }
+            Some("reject" | "cancel" | "bye_received" | "bye_sent") => {
+                if let Some(c) = by_call.get_mut(cid) {
+                    c.end = c.end.min(t);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out: BTreeMap<String, Vec<CallSpan>> = BTreeMap::new();
+    for (cid, call) in by_call {
+        out.entry(number_of[&cid].clone()).or_default().push(call);
+    }
+    for calls in out.values_mut() {
+        calls.sort_by_key(|c| c.start);
+    }
+    out
+}
+
+/// Pairs of calls to the same number that were up at the same time.
+pub fn overlapping_calls(events: &[Value]) -> Vec<(String, CallSpan, CallSpan)> {
+    let mut out = Vec::new();
+    for (number, calls) in calls_by_number(events) {
+        for (i, a) in calls.iter().enumerate() {
+            for b in &calls[i + 1..] {
+                if b.start < a.end {
+                    out.push((number.clone(), a.clone(), b.clone()));
+                }
+            }
+        }
+    }
+    out
+}
+
+impl NodeProc {
+    /// Imports `n` subscribers (`+39347` + 7 digits from `first`) through the batch API.
+    pub fn import(&self, first: u32, n: u32) -> anyhow::Result<()> {
+        for chunk_start in (first..first + n).step_by(1000) {
+            let end = (chunk_start + 1000).min(first + n);
+            let items: Vec<Value> = (chunk_start..end)
+                .map(|i| serde_json::json!({ "phone": format!("+39347{i:07}"), "language": "it" }))
+                .collect();
+            let (status, body) = self.post(
+                "/api/v1/subscribers/import",
+                &serde_json::json!({ "subscribers": items }),
+            )?;
+            if status != 200 || body["created"].as_u64() != Some((end - chunk_start) as u64) {
+                bail!("import through {}: {status} {body}", self.http);
+            }
+        }
+        Ok(())
+    }
+}

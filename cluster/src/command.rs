@@ -59,6 +59,27 @@ pub enum Command {
         at_ms: u64,
         from: NodeId,
     },
+    /// A node renews every lease it holds for `lease_ms` from `at_ms`; it is also the node's
+    /// heartbeat, from which the leader knows who is alive.
+    RenewLeases {
+        at_ms: u64,
+        node: NodeId,
+        lease_ms: u64,
+    },
+    /// The leader hands partitions to nodes. A grant takes effect only if the partition has no
+    /// lease or its lease has expired by `at_ms`; the epoch grows, and calls the previous holder
+    /// still had in flight in that partition are given back to be dialled again.
+    AssignLeases {
+        at_ms: u64,
+        lease_ms: u64,
+        grants: Vec<(u16, NodeId)>,
+    },
+    /// A holder gives partitions up (rebalancing): they can be granted at once.
+    ReleaseLeases {
+        at_ms: u64,
+        node: NodeId,
+        partitions: Vec<u16>,
+    },
     /// A node left the cluster (`campanile cluster remove`): its registration goes, and every call
     /// task it had in flight is given back as interrupted so another node dials it.
     ForgetNode {

@@ -505,15 +505,37 @@ pub struct NodeInfo {
     pub started_ms: u64,
 }
 
+/// Subscribers are split into this many partitions; each is dialled by the one node holding its lease.
+pub const PARTITIONS: u16 = 256;
+
+/// A subscriber's partition. Ids are dense, so a multiplicative hash spreads neighbours apart.
+pub fn partition_of(subscriber: SubscriberId) -> u16 {
+    (subscriber.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u16 % PARTITIONS
+}
+
+/// Who may dial a partition, until when, and under which fencing epoch. `expires_ms` is on the
+/// proposers' wall clocks; a holder stops on its own monotonic clock a safety margin earlier, so
+/// the scheme is safe while wall clocks differ by less than that margin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub node: NodeId,
+    /// Grows by one at every change of holder; attempts carry it and a stale one is refused.
+    pub epoch: u64,
+    pub expires_ms: u64,
+}
+
 /// A record produced by a dialer about one attempt; batched into `Command::RecordAttempts`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AttemptEvent {
-    /// The node begins attempt number `attempt` (1-based) of this task.
+    /// The node begins attempt number `attempt` (1-based) of this task, under the lease epoch it
+    /// holds for the subscriber's partition (fencing token; absent in logs from before leases).
     Started {
         campaign: CampaignId,
         subscriber: SubscriberId,
         attempt: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        epoch: Option<u64>,
     },
     /// The attempt ended with `outcome`; the task moves to `next`.
     Finished {

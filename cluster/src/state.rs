@@ -10,9 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::command::{Command, Imported, Refusal, Response};
 use crate::domain::{
-    ApiToken, AttemptEvent, CallTask, Campaign, CampaignId, CampaignState, Counts, FinalState,
-    NewSubscriber, Next, NodeId, NodeInfo, Outcome, PhoneNumber, Subscriber, SubscriberId,
-    TaskState,
+    partition_of, ApiToken, AttemptEvent, CallTask, Campaign, CampaignId, CampaignState, Counts,
+    FinalState, Lease, NewSubscriber, Next, NodeId, NodeInfo, Outcome, PhoneNumber, Subscriber,
+    SubscriberId, TaskState, PARTITIONS,
 };
 
 /// Key of the due queue: priority rank first, then due time, so the dialer pops emergencies first.
@@ -32,6 +32,12 @@ pub struct State {
     /// Registered nodes. Absent from snapshots of earlier releases.
     #[serde(default)]
     nodes: BTreeMap<NodeId, NodeInfo>,
+    /// Partition leases (absent from snapshots of earlier releases).
+    #[serde(default)]
+    leases: BTreeMap<u16, Lease>,
+    /// Each node's last lease renewal (its heartbeat), on its own clock.
+    #[serde(default)]
+    heartbeats: BTreeMap<NodeId, u64>,
     #[serde(skip)]
     phones: BTreeMap<PhoneNumber, SubscriberId>,
     #[serde(skip)]
@@ -126,8 +132,72 @@ impl State {
             Command::ReclaimTasks { at_ms, from } => Response::Recorded {
                 applied: self.reclaim(*from, *at_ms),
             },
+            Command::RenewLeases {
+                at_ms,
+                node,
+                lease_ms,
+            } => {
+                self.heartbeats.insert(*node, *at_ms);
+                let mut renewed = 0;
+                // Only a live lease is renewed: an expired or released one must be granted anew
+                // (with a new epoch) by the leader.
+                for lease in self
+                    .leases
+                    .values_mut()
+                    .filter(|l| l.node == *node && l.expires_ms > *at_ms)
+                {
+                    lease.expires_ms = at_ms.saturating_add(*lease_ms);
+                    renewed += 1;
+                }
+                Response::Recorded { applied: renewed }
+            }
+            Command::AssignLeases {
+                at_ms,
+                lease_ms,
+                grants,
+            } => {
+                let mut applied = 0;
+                for (partition, node) in grants {
+                    if *partition >= PARTITIONS {
+                        continue;
+                    }
+                    let previous = self.leases.get(partition).copied();
+                    if previous.is_some_and(|l| l.expires_ms > *at_ms) {
+                        continue; // still held: only an expired or released lease moves
+                    }
+                    self.leases.insert(
+                        *partition,
+                        Lease {
+                            node: *node,
+                            epoch: previous.map(|l| l.epoch + 1).unwrap_or(1),
+                            expires_ms: at_ms.saturating_add(*lease_ms),
+                        },
+                    );
+                    if let Some(prev) = previous.filter(|l| l.node != *node) {
+                        self.reclaim_where(prev.node, *at_ms, |s| partition_of(s) == *partition);
+                    }
+                    applied += 1;
+                }
+                Response::Recorded { applied }
+            }
+            Command::ReleaseLeases {
+                node, partitions, ..
+            } => {
+                let mut applied = 0;
+                for p in partitions {
+                    if let Some(l) = self.leases.get_mut(p).filter(|l| l.node == *node) {
+                        l.expires_ms = 0;
+                        applied += 1;
+                    }
+                }
+                Response::Recorded { applied }
+            }
             Command::ForgetNode { at_ms, node } => {
                 self.nodes.remove(node);
+                self.heartbeats.remove(node);
+                for l in self.leases.values_mut().filter(|l| l.node == *node) {
+                    l.expires_ms = 0;
+                }
                 Response::Recorded {
                     applied: self.reclaim(*node, *at_ms),
                 }
@@ -139,9 +209,20 @@ impl State {
     /// (or no longer dials) and another one must call these citizens. Late records from `node` about
     /// these attempts are then refused, because the task no longer names it.
     fn reclaim(&mut self, node: NodeId, at_ms: u64) -> u32 {
+        self.reclaim_where(node, at_ms, |_| true)
+    }
+
+    /// `reclaim`, for the subscribers `which` selects.
+    fn reclaim_where(
+        &mut self,
+        node: NodeId,
+        at_ms: u64,
+        which: impl Fn(SubscriberId) -> bool,
+    ) -> u32 {
         let stale: Vec<AttemptEvent> = self
             .in_flight_on(node)
             .into_iter()
+            .filter(|t| which(t.subscriber))
             .filter_map(|t| match t.state {
                 TaskState::InFlight { attempt, .. } => Some(AttemptEvent::Finished {
                     campaign: t.campaign,
@@ -277,9 +358,17 @@ impl State {
         };
         let before = task.state;
         match event {
-            AttemptEvent::Started { attempt, .. } => {
+            AttemptEvent::Started { attempt, epoch, .. } => {
                 if before != TaskState::Pending || *attempt != task.attempts + 1 {
                     return false;
+                }
+                // Fencing: once its partition has a lease, only the holder, under the current
+                // epoch and before expiry, may start a call.
+                match (self.leases.get(&partition_of(subscriber)), epoch) {
+                    (Some(l), Some(e))
+                        if l.node == node && l.epoch == *e && l.expires_ms > at_ms => {}
+                    (None, None) => {}
+                    _ => return false,
                 }
                 self.due
                     .remove(&(rank, task.next_due_ms, campaign, subscriber));
@@ -411,6 +500,47 @@ impl State {
 
     // ---- reads ----
 
+    /// The lease of `partition`, if it was ever granted.
+    pub fn lease(&self, partition: u16) -> Option<&Lease> {
+        self.leases.get(&partition)
+    }
+
+    /// Every granted lease by partition.
+    pub fn leases(&self) -> impl Iterator<Item = (u16, &Lease)> {
+        self.leases.iter().map(|(p, l)| (*p, l))
+    }
+
+    /// Each node's last heartbeat (lease renewal), on its own clock.
+    pub fn heartbeats(&self) -> impl Iterator<Item = (NodeId, u64)> + '_ {
+        self.heartbeats.iter().map(|(n, t)| (*n, *t))
+    }
+
+    /// `due_tasks` restricted to the subscribers `mine` accepts (a node's leased partitions).
+    pub fn due_tasks_where(
+        &self,
+        now_ms: u64,
+        limit: usize,
+        mine: impl Fn(SubscriberId) -> bool,
+    ) -> Vec<&CallTask> {
+        let mut out = Vec::new();
+        for rank in 0..=2u8 {
+            let range = (rank, 0, CampaignId(0), SubscriberId(0))
+                ..=(rank, now_ms, CampaignId(u64::MAX), SubscriberId(u64::MAX));
+            for (_, _, cid, sid) in self.due.range(range) {
+                if out.len() >= limit {
+                    return out;
+                }
+                if !mine(*sid) {
+                    continue;
+                }
+                if let Some(t) = self.task(*cid, *sid) {
+                    out.push(t);
+                }
+            }
+        }
+        out
+    }
+
     /// The token whose secret hashes to `sha256_hex`, if the cluster knows it.
     pub fn token(&self, sha256_hex: &str) -> Option<&ApiToken> {
         self.tokens.get(sha256_hex)
@@ -480,20 +610,7 @@ impl State {
 
     /// Pending tasks of running campaigns due at or before `now_ms`, emergencies first, oldest first.
     pub fn due_tasks(&self, now_ms: u64, limit: usize) -> Vec<&CallTask> {
-        let mut out = Vec::new();
-        for rank in 0..=2u8 {
-            let range = (rank, 0, CampaignId(0), SubscriberId(0))
-                ..=(rank, now_ms, CampaignId(u64::MAX), SubscriberId(u64::MAX));
-            for (_, _, cid, sid) in self.due.range(range) {
-                if out.len() >= limit {
-                    return out;
-                }
-                if let Some(t) = self.task(*cid, *sid) {
-                    out.push(t);
-                }
-            }
-        }
-        out
+        self.due_tasks_where(now_ms, limit, |_| true)
     }
 
     /// The earliest due time of any pending task, to know how long the dialer may sleep.
@@ -560,7 +677,25 @@ mod tests {
             campaign: CampaignId(c),
             subscriber: SubscriberId(s),
             attempt,
+            epoch: None,
         }
+    }
+
+    fn started_under(c: u64, s: u64, attempt: u32, epoch: u64) -> AttemptEvent {
+        AttemptEvent::Started {
+            campaign: CampaignId(c),
+            subscriber: SubscriberId(s),
+            attempt,
+            epoch: Some(epoch),
+        }
+    }
+
+    fn by(st: &mut State, node: u64, at_ms: u64, events: Vec<AttemptEvent>) -> Response {
+        st.apply(&Command::RecordAttempts {
+            at_ms,
+            node: NodeId(node),
+            events,
+        })
     }
 
     fn finished(c: u64, s: u64, attempt: u32, outcome: Outcome, next: Next) -> AttemptEvent {
@@ -758,6 +893,113 @@ mod tests {
             ])
         );
         assert_eq!(st.subscriber_count(), 3);
+    }
+
+    #[test]
+    fn leases_fence_starts_and_move_only_when_expired() {
+        let mut st = State::default();
+        st.apply(&sub(1, None));
+        st.apply(&campaign(Audience::All));
+        st.apply(&Command::StartCampaign {
+            at_ms: 5,
+            id: CampaignId(1),
+        });
+        let p = partition_of(SubscriberId(1));
+        let assign = |st: &mut State, at_ms: u64, node: u64| {
+            st.apply(&Command::AssignLeases {
+                at_ms,
+                lease_ms: 100,
+                grants: vec![(p, NodeId(node))],
+            })
+        };
+        assert_eq!(assign(&mut st, 10, 1), Response::Recorded { applied: 1 });
+        assert_eq!(st.lease(p).map(|l| (l.node, l.epoch)), Some((NodeId(1), 1)));
+        // Without an epoch, or from another node, or under a wrong epoch: refused.
+        assert_eq!(
+            by(&mut st, 1, 20, vec![started(1, 1, 1)]),
+            Response::Recorded { applied: 0 }
+        );
+        assert_eq!(
+            by(&mut st, 2, 20, vec![started_under(1, 1, 1, 1)]),
+            Response::Recorded { applied: 0 }
+        );
+        assert_eq!(
+            by(&mut st, 1, 20, vec![started_under(1, 1, 1, 7)]),
+            Response::Recorded { applied: 0 }
+        );
+        // A held lease does not move; renewal keeps it.
+        assert_eq!(assign(&mut st, 50, 2), Response::Recorded { applied: 0 });
+        st.apply(&Command::RenewLeases {
+            at_ms: 90,
+            node: NodeId(1),
+            lease_ms: 100,
+        });
+        assert_eq!(assign(&mut st, 150, 2), Response::Recorded { applied: 0 });
+        assert_eq!(
+            by(&mut st, 1, 160, vec![started_under(1, 1, 1, 1)]),
+            Response::Recorded { applied: 1 }
+        );
+        // Node 1 stops renewing: after expiry the partition moves with a new epoch, node 1's call is
+        // given back, its late outcome is refused, and node 2 dials under epoch 2.
+        assert_eq!(
+            by(&mut st, 1, 195, vec![started_under(1, 1, 2, 1)]),
+            Response::Recorded { applied: 0 }
+        );
+        assert_eq!(assign(&mut st, 191, 2), Response::Recorded { applied: 1 });
+        assert_eq!(st.lease(p).map(|l| (l.node, l.epoch)), Some((NodeId(2), 2)));
+        let t = st.task(CampaignId(1), SubscriberId(1)).unwrap();
+        assert_eq!((t.state, t.attempts), (TaskState::Pending, 0));
+        assert_eq!(
+            by(
+                &mut st,
+                1,
+                200,
+                vec![finished(
+                    1,
+                    1,
+                    1,
+                    Outcome::Confirmed,
+                    Next::Final(FinalState::Confirmed)
+                )]
+            ),
+            Response::Recorded { applied: 0 }
+        );
+        assert_eq!(
+            by(&mut st, 1, 200, vec![started_under(1, 1, 1, 1)]),
+            Response::Recorded { applied: 0 }
+        );
+        assert_eq!(
+            by(&mut st, 2, 200, vec![started_under(1, 1, 1, 2)]),
+            Response::Recorded { applied: 1 }
+        );
+        // A released lease can be granted at once, and its former holder's renewal does not
+        // bring it back.
+        st.apply(&Command::ReleaseLeases {
+            at_ms: 210,
+            node: NodeId(2),
+            partitions: vec![p],
+        });
+        st.apply(&Command::RenewLeases {
+            at_ms: 210,
+            node: NodeId(2),
+            lease_ms: 100,
+        });
+        assert_eq!(assign(&mut st, 211, 3), Response::Recorded { applied: 1 });
+        assert_eq!(st.lease(p).map(|l| l.epoch), Some(3));
+        assert_eq!(
+            st.heartbeats().collect::<Vec<_>>(),
+            vec![(NodeId(1), 90), (NodeId(2), 210)]
+        );
+    }
+
+    #[test]
+    fn partitions_spread_dense_ids() {
+        let mut counts = vec![0u32; PARTITIONS as usize];
+        for id in 1..=25_600u64 {
+            counts[partition_of(SubscriberId(id)) as usize] += 1;
+        }
+        let (min, max) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
+        assert!(*min > 50 && *max < 150, "min {min} max {max}");
     }
 
     #[test]
@@ -972,6 +1214,16 @@ mod tests {
             (1u64..3).prop_map(|n| Command::ReclaimTasks {
                 at_ms: 9,
                 from: NodeId(n)
+            }),
+            (0u16..3, 1u64..3, 0u64..20).prop_map(|(p, n, at)| Command::AssignLeases {
+                at_ms: at,
+                lease_ms: 5,
+                grants: vec![(p, NodeId(n))],
+            }),
+            (1u64..3, 0u64..20).prop_map(|(n, at)| Command::RenewLeases {
+                at_ms: at,
+                node: NodeId(n),
+                lease_ms: 5,
             }),
             (1u64..3).prop_map(|n| Command::ForgetNode {
                 at_ms: 9,

@@ -61,6 +61,7 @@ fn one_of_each() -> Vec<Command> {
                     campaign: CampaignId(1),
                     subscriber: SubscriberId(1),
                     attempt: 1,
+                    epoch: None,
                 },
                 AttemptEvent::Finished {
                     campaign: CampaignId(1),
@@ -104,6 +105,31 @@ fn one_of_each() -> Vec<Command> {
             at_ms: 10,
             node: NodeId(2),
         },
+        Command::RenewLeases {
+            at_ms: 11,
+            node: NodeId(2),
+            lease_ms: 3000,
+        },
+        Command::AssignLeases {
+            at_ms: 12,
+            lease_ms: 3000,
+            grants: vec![(0, NodeId(1)), (255, NodeId(3))],
+        },
+        Command::ReleaseLeases {
+            at_ms: 13,
+            node: NodeId(1),
+            partitions: vec![0],
+        },
+        Command::RecordAttempts {
+            at_ms: 14,
+            node: NodeId(3),
+            events: vec![AttemptEvent::Started {
+                campaign: CampaignId(1),
+                subscriber: SubscriberId(2),
+                attempt: 1,
+                epoch: Some(4),
+            }],
+        },
     ]
 }
 
@@ -120,6 +146,9 @@ fn kind(c: &Command) -> &'static str {
         Command::RegisterNode { .. } => "register_node",
         Command::ReclaimTasks { .. } => "reclaim_tasks",
         Command::ForgetNode { .. } => "forget_node",
+        Command::RenewLeases { .. } => "renew_leases",
+        Command::AssignLeases { .. } => "assign_leases",
+        Command::ReleaseLeases { .. } => "release_leases",
     }
 }
 

@@ -56,6 +56,17 @@ impl NodeEngine {
         let registered: std::collections::BTreeMap<u64, campanile_cluster::NodeInfo> = self
             .cluster
             .read(|s| s.nodes().map(|n| (n.id.0, n.clone())).collect());
+        let now = now_ms();
+        let heartbeats: std::collections::BTreeMap<u64, u64> = self
+            .cluster
+            .read(|s| s.heartbeats().map(|(n, t)| (n.0, t)).collect());
+        let leases: std::collections::BTreeMap<u64, usize> = self.cluster.read(|s| {
+            let mut m = std::collections::BTreeMap::new();
+            for (_, l) in s.leases().filter(|(_, l)| l.expires_ms > now) {
+                *m.entry(l.node.0).or_insert(0) += 1;
+            }
+            m
+        });
         let members: Vec<serde_json::Value> = self
             .cluster
             .members()
@@ -82,6 +93,8 @@ impl NodeEngine {
                     "http_addr": info.map(|n| n.http_addr.clone()),
                     "applied_index": applied,
                     "lag": lag,
+                    "leases": leases.get(&id).copied().unwrap_or(0),
+                    "heartbeat_age_ms": heartbeats.get(&id).map(|t| now.saturating_sub(*t)),
                 })
             })
             .collect();

@@ -18,6 +18,7 @@ pub struct Metrics {
     confirmed_calls: IntCounter,
     trunk_rejections: IntCounterVec,
     pub calls_in_flight: IntGauge,
+    pub leases_held: IntGauge,
     answer_ratio: GaugeVec,
     confirmed_ratio: GaugeVec,
     campaign_tasks: IntGaugeVec,
@@ -57,6 +58,10 @@ impl Metrics {
         let calls_in_flight = must(IntGauge::new(
             "calls_in_flight",
             "Calls this node has in progress right now.",
+        ));
+        let leases_held = must(IntGauge::new(
+            "leases_held",
+            "Partitions whose lease this node holds now (it dials only their subscribers).",
         ));
         let answer_ratio = must(GaugeVec::new(
             Opts::new(
@@ -101,6 +106,7 @@ impl Metrics {
             Box::new(confirmed_calls.clone()),
             Box::new(trunk_rejections.clone()),
             Box::new(calls_in_flight.clone()),
+            Box::new(leases_held.clone()),
             Box::new(answer_ratio.clone()),
             Box::new(confirmed_ratio.clone()),
             Box::new(campaign_tasks.clone()),
@@ -117,6 +123,7 @@ impl Metrics {
             confirmed_calls,
             trunk_rejections,
             calls_in_flight,
+            leases_held,
             answer_ratio,
             confirmed_ratio,
             campaign_tasks,

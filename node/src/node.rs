@@ -141,6 +141,7 @@ impl Node {
                     .map(crate::call::proxy_route),
                 options_interval: (cfg.trunk.options_interval_s > 0.0)
                     .then(|| Duration::from_secs_f64(cfg.trunk.options_interval_s)),
+                lease: Default::default(),
             },
             cluster.clone(),
             ctx,

@@ -87,7 +87,7 @@ fn baresip_hears_the_message_we_sent() {
         .spawn()
         .expect("baresip is installed by the test command (Debian package baresip-core)");
     let _baresip = Reap(baresip);
-    wait_until_bound(port, "baresip", None);
+    wait_until_bound(port, "baresip", Some(&d.join("baresip.log")));
 
     let sent_path = d.join("sent.wav");
     let out = Command::new(env!("CARGO_BIN_EXE_campanile"))

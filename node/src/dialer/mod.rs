@@ -8,11 +8,12 @@
 //! A call is placed only after its `Started` record is committed and the state machine shows the task
 //! in flight on this node: a node cut off from the quorum cannot start calls.
 //!
-//! In a multi-node cluster only the Raft leader dials, until partition leases spread the work (issue
-//! 5). A node that stops leading hangs up its calls (their tasks are given back as interrupted); a new
-//! leader that still sees calls in flight on another node after `TAKEOVER_GRACE` takes them back
-//! (`Command::ReclaimTasks`) and dials those citizens again.
+//! Every node dials the subscribers of the partitions whose lease it holds (`leases`), and every
+//! start carries the lease's epoch so the state machine refuses a start from a stale holder. A node
+//! whose lease lapses (it was cut off, or gave the partition up) hangs up its calls there; the next
+//! holder is handed the calls still in flight and dials those citizens again.
 
+pub mod leases;
 pub mod retry;
 pub mod trunk;
 
@@ -61,12 +62,11 @@ pub struct DialerConfig {
     pub outbound_proxy: Option<String>,
     /// Interval of OPTIONS pings to the trunk; `None` turns them off.
     pub options_interval: Option<Duration>,
+    /// Partition lease timing.
+    pub lease: leases::LeaseTiming,
 }
 
 type TaskKey = (CampaignId, SubscriberId);
-
-/// How long a new leader lets a former leader record the end of its own calls before taking them.
-pub const TAKEOVER_GRACE: Duration = Duration::from_secs(3);
 
 /// An attempt record for the batcher, with whom to tell once it is committed.
 type Record = (AttemptEvent, Option<tokio::sync::oneshot::Sender<()>>);
@@ -75,6 +75,8 @@ type Record = (AttemptEvent, Option<tokio::sync::oneshot::Sender<()>>);
 struct Due {
     key: TaskKey,
     attempt: u32,
+    /// The lease epoch of the subscriber's partition this node dials under.
+    epoch: u64,
     phone: String,
     language: String,
     message: Message,
@@ -97,6 +99,8 @@ struct Shared {
     wake: Notify,
     /// Closed while the trunk asks us to back off (503).
     gate: Mutex<trunk::TrunkGate>,
+    /// The partition leases this node holds.
+    held: leases::Held,
 }
 
 enum AudioSlot {
@@ -126,7 +130,9 @@ pub fn spawn(
         events: events_tx,
         wake: Notify::new(),
         gate: Mutex::default(),
+        held: leases::Held::default(),
     });
+    tokio::spawn(keep_leases(shared.clone(), shutdown.clone()));
     tokio::spawn(batcher(shared.clone(), events_rx));
     if let Some(every) = shared.cfg.options_interval {
         tokio::spawn(ping_trunk(shared.clone(), every, shutdown.clone()));
@@ -139,9 +145,6 @@ async fn run(sh: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     let mut applied = sh.cluster.applied();
     let mut next_start = tokio::time::Instant::now();
     let spacing = Duration::from_secs_f64(1.0 / sh.cfg.calls_per_second.max(1) as f64);
-    // Since when this node leads, and whether it has taken back other nodes' calls in this term.
-    let mut leading_since: Option<tokio::time::Instant> = None;
-    let mut reclaimed = false;
     loop {
         tokio::select! {
             _ = applied.changed() => {}
@@ -153,18 +156,9 @@ async fn run(sh: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
             abort_all(&sh);
             return;
         }
-        if !sh.cluster.is_leader() {
-            if leading_since.take().is_some() {
-                tracing::warn!("this node no longer leads the cluster: hanging up its calls; the new leader dials");
-                abort_all(&sh);
-            }
-            reclaimed = false;
-            continue;
-        }
-        let since = *leading_since.get_or_insert_with(tokio::time::Instant::now);
-        if !reclaimed && since.elapsed() >= TAKEOVER_GRACE {
-            reclaimed = reclaim_from_others(&sh).await;
-        }
+        let held = sh.held.valid(std::time::Instant::now());
+        sh.metrics.leases_held.set(held.len() as i64);
+        abort_unleased(&sh, &held);
         abort_stopped_campaigns(&sh);
         let busy = lock(&sh.inflight).len();
         let free = sh.cfg.max_channels.saturating_sub(busy);
@@ -181,7 +175,7 @@ async fn run(sh: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
             }
             continue;
         }
-        for due in collect_due(&sh, free) {
+        for due in collect_due(&sh, free, &held) {
             if lock(&sh.gate)
                 .reopens_at(std::time::Instant::now())
                 .is_some()
@@ -202,33 +196,49 @@ async fn run(sh: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-/// Takes back the calls other nodes still have in flight (a former leader that died or was cut off).
-/// Returns whether every such node's tasks were given back.
-async fn reclaim_from_others(sh: &Shared) -> bool {
-    let others = sh
-        .cluster
-        .read(|s| s.nodes_with_calls_in_flight(sh.cfg.node));
-    let mut ok = true;
-    for from in others {
-        match sh
-            .cluster
-            .write(Command::ReclaimTasks {
-                at_ms: now_ms(),
-                from,
-            })
-            .await
-        {
-            Ok(campanile_cluster::Response::Recorded { applied }) => {
-                tracing::warn!(%from, calls = applied, "took over the calls another node had in flight; they will be placed again")
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(%from, error = %e, "cannot take over another node's calls yet");
-                ok = false;
-            }
+/// Renews this node's leases (and, on the leader, hands out free partitions) until shutdown.
+async fn keep_leases(sh: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let timing = sh.cfg.lease;
+    loop {
+        let busy: std::collections::HashSet<u16> = lock(&sh.inflight)
+            .keys()
+            .map(|(_, s)| campanile_cluster::partition_of(*s))
+            .collect();
+        let before = sh.held.valid(std::time::Instant::now()).len();
+        leases::round(sh.cfg.node, &sh.cluster, &sh.held, timing, |p| {
+            busy.contains(&p)
+        })
+        .await;
+        if sh.held.valid(std::time::Instant::now()).len() != before {
+            sh.wake.notify_one();
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(timing.renew_every) => {}
+            _ = shutdown.changed() => {}
+        }
+        if *shutdown.borrow() {
+            return;
         }
     }
-    ok
+}
+
+/// Calls in partitions this node no longer holds a valid lease for end now: someone else may be
+/// granted them once the lease has expired.
+fn abort_unleased(sh: &Shared, held: &HashMap<u16, u64>) {
+    let inflight = lock(&sh.inflight);
+    let mut lapsed = 0;
+    for ((_, sid), abort) in inflight.iter() {
+        if !held.contains_key(&campanile_cluster::partition_of(*sid)) && !*abort.borrow() {
+            let _ = abort.send(true);
+            lapsed += 1;
+        }
+    }
+    if lapsed > 0 {
+        tracing::warn!(
+            calls = lapsed,
+            "partition leases lapsed: hanging up their calls; the next holder dials them"
+        );
+    }
 }
 
 /// Tasks this node had in flight before it stopped: their calls are gone, give the attempts back.
@@ -272,28 +282,31 @@ fn recover_interrupted(sh: &Arc<Shared>) {
     }
 }
 
-fn collect_due(sh: &Shared, free: usize) -> Vec<Due> {
+fn collect_due(sh: &Shared, free: usize, held: &HashMap<u16, u64>) -> Vec<Due> {
     let inflight = lock(&sh.inflight);
     let now = now_ms();
     sh.cluster.read(|s| {
-        s.due_tasks(now, free + inflight.len())
-            .into_iter()
-            .filter(|t| !inflight.contains_key(&(t.campaign, t.subscriber)))
-            .take(free)
-            .filter_map(|t| {
-                let c = s.campaign(t.campaign)?;
-                Some(Due {
-                    key: (t.campaign, t.subscriber),
-                    attempt: t.attempts + 1,
-                    phone: t.phone.as_str().to_string(),
-                    language: t.language.clone(),
-                    message: c.spec.message.clone(),
-                    priority: c.spec.priority,
-                    require_confirmation: c.spec.require_confirmation,
-                    retry: c.spec.retry,
-                })
+        s.due_tasks_where(now, free + inflight.len(), |sid| {
+            held.contains_key(&campanile_cluster::partition_of(sid))
+        })
+        .into_iter()
+        .filter(|t| !inflight.contains_key(&(t.campaign, t.subscriber)))
+        .take(free)
+        .filter_map(|t| {
+            let c = s.campaign(t.campaign)?;
+            Some(Due {
+                key: (t.campaign, t.subscriber),
+                attempt: t.attempts + 1,
+                epoch: *held.get(&campanile_cluster::partition_of(t.subscriber))?,
+                phone: t.phone.as_str().to_string(),
+                language: t.language.clone(),
+                message: c.spec.message.clone(),
+                priority: c.spec.priority,
+                require_confirmation: c.spec.require_confirmation,
+                retry: c.spec.retry,
             })
-            .collect()
+        })
+        .collect()
     })
 }
 
@@ -356,6 +369,7 @@ fn start_call(sh: &Arc<Shared>, due: Due, audio: PreparedAudio) {
             campaign: due.key.0,
             subscriber: due.key.1,
             attempt: due.attempt,
+            epoch: Some(due.epoch),
         },
         Some(committed_tx),
     ));

@@ -266,7 +266,8 @@ pub fn wait_until_listening(port: u16, who: &str, log: Option<&Path>) {
 
 /// Waits (bounded) until a peer holds UDP `port` on 127.0.0.1; on timeout, fails with its log.
 pub fn wait_until_bound(port: u16, who: &str, log: Option<&Path>) {
-    let deadline = Instant::now() + Duration::from_secs(15);
+    // Generous: on a loaded CI machine a peer's start can take seconds.
+    let deadline = Instant::now() + Duration::from_secs(30);
     while !udp_port_held(port) {
         assert!(
             Instant::now() < deadline,

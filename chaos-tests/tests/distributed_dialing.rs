@@ -1,0 +1,183 @@
+//! Issue 5, distributed dialing, with three real `campanile up` processes and the simulated city as
+//! ground truth (scaled to stay well inside CI's time):
+//! - every node dials its share (partition leases): the city sees INVITEs from all three nodes,
+//!   every subscriber ends final, `confirmed` exactly where the city logged a 1, and no phone ever
+//!   has two calls up at once;
+//! - a non-leader SIGKILLed mid-campaign: its partitions go to the others, every subscriber still
+//!   ends final, and the only overlapping calls are ones the killed node had up (at most its
+//!   channel count).
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use campanile_chaos_tests::*;
+use serde_json::{json, Value};
+
+const CHANNELS: usize = 20;
+
+fn retry() -> Value {
+    json!({ "max_attempts": 5, "busy_delay_s": 1.0, "no_answer_delay_s": 2.0, "failure_delay_s": 1.0 })
+}
+
+fn start_three(dir: &std::path::Path, city: &SimCityProc) -> Vec<NodeProc> {
+    let plan = ClusterPlan::new(dir, 3).unwrap();
+    let trunk = format!("sip:{}", city.addr);
+    let nodes: Vec<NodeProc> = (1..=3)
+        .map(|id| plan.start(id, &fast_node_config(CHANNELS), &trunk).unwrap())
+        .collect();
+    wait_voters(&nodes[0], 3, Duration::from_secs(60)).unwrap();
+    // Every node holds a share of the 256 partitions.
+    wait_for("leases on every node", Duration::from_secs(30), || {
+        let v = cluster_view(&nodes[0])?;
+        let held: Vec<u64> = v["members"]
+            .as_array()?
+            .iter()
+            .filter_map(|m| m["leases"].as_u64())
+            .collect();
+        (held.len() == 3 && held.iter().all(|h| *h >= 60) && held.iter().sum::<u64>() == 256)
+            .then_some(())
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}\nnode 1's log:\n{}",
+            nodes[0]
+                .proc
+                .log_text()
+                .lines()
+                .filter(|l| l.contains("lease"))
+                .take(30)
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    });
+    nodes
+}
+
+fn tasks(node: &NodeProc, id: u64) -> Vec<Value> {
+    let (status, tasks) = node.get(&format!("/api/v1/campaigns/{id}/tasks")).unwrap();
+    assert_eq!(status, 200, "{tasks}");
+    tasks.as_array().unwrap().clone()
+}
+
+#[test]
+fn three_nodes_share_the_city_and_agree_with_its_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let city = SimCityProc::start(dir.path(), "realistic", 11).unwrap();
+    let nodes = start_three(dir.path(), &city);
+    nodes[2].import(1, 300).unwrap();
+    let id = nodes[1].start_campaign(retry()).unwrap();
+    let done = nodes[0]
+        .wait_campaign_done(id, Duration::from_secs(600))
+        .unwrap();
+    assert_eq!(done["state"], "completed", "{done}");
+
+    let events = city.events();
+    let pressed = numbers_that_pressed(&events);
+    let tasks = tasks(&nodes[2], id);
+    assert_eq!(tasks.len(), 300);
+    for t in &tasks {
+        let (phone, state) = (t["phone"].as_str().unwrap(), t["state"].as_str().unwrap());
+        assert!(
+            !matches!(state, "pending" | "in_flight"),
+            "{phone} left {state}"
+        );
+        assert_eq!(
+            state == "confirmed",
+            pressed.contains(phone),
+            "{phone} ended {state}; pressed 1 per the city: {}",
+            pressed.contains(phone)
+        );
+    }
+    // All three nodes dialled.
+    let senders: BTreeSet<String> = events
+        .iter()
+        .filter(|e| e["event"] == "invite")
+        .filter_map(|e| e["from"].as_str().map(str::to_string))
+        .collect();
+    for n in &nodes {
+        assert!(
+            senders.contains(&n.sip.to_string()),
+            "node at {} placed no call; callers: {senders:?}",
+            n.sip
+        );
+    }
+    let overlaps = overlapping_calls(&events);
+    assert!(
+        overlaps.is_empty(),
+        "phones with two calls at once: {:?}",
+        &overlaps[..overlaps.len().min(5)]
+    );
+}
+
+#[test]
+fn a_node_killed_mid_campaign_hands_its_partitions_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let city = SimCityProc::start(dir.path(), "realistic", 12).unwrap();
+    let mut nodes = start_three(dir.path(), &city);
+    nodes[0].import(1, 300).unwrap();
+    let id = nodes[0].start_campaign(retry()).unwrap();
+    // Kill node 3 (not the leader) once it has calls up.
+    let victim = nodes[2].sip.to_string();
+    wait_for("node 3 on the phone", Duration::from_secs(60), || {
+        let events = city.events();
+        (events
+            .iter()
+            .filter(|e| e["event"] == "answer" && e["from"] == victim.as_str())
+            .count()
+            >= 5)
+            .then_some(())
+    })
+    .unwrap();
+    nodes[2].kill();
+    let done = nodes[0]
+        .wait_campaign_done(id, Duration::from_secs(600))
+        .unwrap();
+    assert_eq!(done["state"], "completed", "{done}");
+
+    // Its partitions went to the survivors.
+    let view = cluster_view(&nodes[0]).unwrap();
+    let on_dead = view["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == 3)
+        .and_then(|m| m["leases"].as_u64());
+    assert_eq!(on_dead, Some(0), "{view}");
+
+    let events = city.events();
+    let pressed = numbers_that_pressed(&events);
+    let by_number = calls_by_number(&events);
+    for t in tasks(&nodes[1], id) {
+        let (phone, state) = (t["phone"].as_str().unwrap(), t["state"].as_str().unwrap());
+        assert!(
+            !matches!(state, "pending" | "in_flight"),
+            "{phone} left {state}"
+        );
+        if state == "confirmed" {
+            assert!(pressed.contains(phone), "{phone} confirmed without a 1");
+        } else if pressed.contains(phone) {
+            // A 1 pressed on a call of the killed node never reached the cluster.
+            let on_victim = by_number[phone].iter().any(|c| c.from == victim);
+            assert!(on_victim, "{phone} pressed 1 but ended {state}");
+        }
+    }
+    // The only phones with two calls at once had one from the killed node, and no more than it
+    // had channels.
+    let overlaps = overlapping_calls(&events);
+    for (number, a, b) in &overlaps {
+        assert!(
+            a.from == victim || b.from == victim,
+            "{number}: overlapping calls {a:?} and {b:?} without the killed node"
+        );
+    }
+    assert!(
+        overlaps.len() <= CHANNELS,
+        "{} overlapping calls, more than the killed node's {CHANNELS} channels",
+        overlaps.len()
+    );
+    eprintln!(
+        "{} overlapping calls after the SIGKILL; {} numbers pressed 1",
+        overlaps.len(),
+        pressed.len()
+    );
+}

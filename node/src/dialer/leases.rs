@@ -1,0 +1,206 @@
+//! Partition leases on the node's side (the rules are in the state machine: `Command::RenewLeases`,
+//! `AssignLeases`, `ReleaseLeases`, and the epoch check on every `Started`).
+//!
+//! Every node renews its leases every `renew_every`; the renewal is also its heartbeat. A node counts a
+//! lease as valid until `sent + lease - margin` on its own monotonic clock, where `sent` is when it
+//! sent the renewal that was committed: it stops dialing a partition before anyone can be granted it.
+//! The leader hands expired or free partitions to live nodes (a renewal within the lease), fewest
+//! first, so the work is balanced; a node holding more than its share releases the surplus among
+//! partitions where it has no call in flight.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use campanile_cluster::{Cluster, Command, NodeId, PARTITIONS};
+
+use super::now_ms;
+
+/// Lease timing. The defaults suit one city over a few data centres: a dead node's partitions are
+/// dialled again about `lease + renew_every` after its last renewal.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseTiming {
+    pub lease: Duration,
+    pub renew_every: Duration,
+    /// Stop this much before the lease ends (covers clock-rate drift and wall-clock skew between
+    /// nodes, which must stay below it).
+    pub margin: Duration,
+}
+
+impl Default for LeaseTiming {
+    fn default() -> Self {
+        LeaseTiming {
+            lease: Duration::from_secs(3),
+            renew_every: Duration::from_millis(500),
+            margin: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The leases this node may dial under: partition → (epoch, valid until).
+#[derive(Default)]
+pub struct Held {
+    map: std::sync::Mutex<HashMap<u16, (u64, Instant)>>,
+}
+
+impl Held {
+    /// Partitions valid at `now`, with their epochs.
+    pub fn valid(&self, now: Instant) -> HashMap<u16, u64> {
+        super::lock(&self.map)
+            .iter()
+            .filter(|(_, (_, until))| *until > now)
+            .map(|(p, (e, _))| (*p, *e))
+            .collect()
+    }
+
+    fn replace(&self, fresh: HashMap<u16, (u64, Instant)>) {
+        *super::lock(&self.map) = fresh;
+    }
+
+    fn forget(&self, partitions: &[u16]) {
+        let mut m = super::lock(&self.map);
+        for p in partitions {
+            m.remove(p);
+        }
+    }
+}
+
+/// One round: renew (and learn what this node holds), then on the leader assign free partitions,
+/// then give up a surplus. `busy` says whether this node has a call in flight in a partition.
+pub async fn round(
+    node: NodeId,
+    cluster: &Cluster,
+    held: &Held,
+    timing: LeaseTiming,
+    busy: impl Fn(u16) -> bool,
+) {
+    let lease_ms = timing.lease.as_millis() as u64;
+    let sent = Instant::now();
+    let renewed = cluster
+        .write(Command::RenewLeases {
+            at_ms: now_ms(),
+            node,
+            lease_ms,
+        })
+        .await;
+    if let Err(e) = &renewed {
+        tracing::warn!(error = %e, "cannot renew partition leases; this node stops dialing when they lapse");
+    }
+    if cluster.is_leader() {
+        assign(cluster, timing).await;
+    }
+    if renewed.is_ok() {
+        let until = sent + timing.lease.saturating_sub(timing.margin);
+        let now = now_ms();
+        let mine: HashMap<u16, (u64, Instant)> = cluster.read(|s| {
+            s.leases()
+                .filter(|(_, l)| l.node == node && l.expires_ms > now)
+                .map(|(p, l)| (p, (l.epoch, until)))
+                .collect()
+        });
+        held.replace(mine);
+        release_surplus(node, cluster, held, lease_ms, busy).await;
+    }
+}
+
+/// Live nodes: those whose last renewal is younger than a lease (on the leader's clock).
+fn live_nodes(cluster: &Cluster, lease_ms: u64) -> Vec<NodeId> {
+    let now = now_ms();
+    cluster.read(|s| {
+        s.heartbeats()
+            .filter(|(_, t)| t.saturating_add(lease_ms) > now)
+            .map(|(n, _)| n)
+            .collect()
+    })
+}
+
+/// The leader's part: every free or expired partition goes to the live node holding fewest.
+async fn assign(cluster: &Cluster, timing: LeaseTiming) {
+    let lease_ms = timing.lease.as_millis() as u64;
+    let live = live_nodes(cluster, lease_ms);
+    if live.is_empty() {
+        return;
+    }
+    let now = now_ms();
+    let (mut load, free) = cluster.read(|s| {
+        let mut load: BTreeMap<NodeId, usize> = live.iter().map(|n| (*n, 0)).collect();
+        let mut free = Vec::new();
+        for p in 0..PARTITIONS {
+            match s.lease(p) {
+                Some(l) if l.expires_ms > now => {
+                    if let Some(c) = load.get_mut(&l.node) {
+                        *c += 1;
+                    }
+                }
+                _ => free.push(p),
+            }
+        }
+        (load, free)
+    });
+    if free.is_empty() {
+        return;
+    }
+    let mut grants = Vec::with_capacity(free.len());
+    for p in free {
+        let Some((node, count)) = load.iter_mut().min_by_key(|(n, c)| (**c, **n)) else {
+            break;
+        };
+        *count += 1;
+        grants.push((p, *node));
+    }
+    let n = grants.len();
+    match cluster
+        .write(Command::AssignLeases {
+            at_ms: now,
+            lease_ms,
+            grants,
+        })
+        .await
+    {
+        Ok(_) => tracing::info!(
+            partitions = n,
+            nodes = load.len(),
+            "assigned free partition leases"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot assign partition leases"),
+    }
+}
+
+/// A node holding more than its fair share (a node joined) gives up the surplus, choosing
+/// partitions where it has no call in flight, and stops dialing them before it says so.
+async fn release_surplus(
+    node: NodeId,
+    cluster: &Cluster,
+    held: &Held,
+    lease_ms: u64,
+    busy: impl Fn(u16) -> bool,
+) {
+    let live = live_nodes(cluster, lease_ms).len().max(1);
+    let fair = (PARTITIONS as usize).div_ceil(live);
+    let mine = held.valid(Instant::now());
+    if mine.len() <= fair + 1 {
+        return;
+    }
+    let mut candidates: Vec<u16> = mine.keys().copied().filter(|p| !busy(*p)).collect();
+    candidates.sort_unstable();
+    candidates.truncate(mine.len() - fair);
+    if candidates.is_empty() {
+        return;
+    }
+    held.forget(&candidates);
+    let n = candidates.len();
+    if let Err(e) = cluster
+        .write(Command::ReleaseLeases {
+            at_ms: now_ms(),
+            node,
+            partitions: candidates,
+        })
+        .await
+    {
+        tracing::warn!(error = %e, "cannot release surplus leases; they lapse instead");
+    } else {
+        tracing::info!(
+            partitions = n,
+            "released surplus partition leases for a newer node"
+        );
+    }
+}
