@@ -415,6 +415,28 @@ fn watch_election(t0: Instant, new_leader: impl Fn() -> bool) -> f64 {
     f64::NAN
 }
 
+/// Writes with `attempt(k)` (k = 0, 1, ...) until one is acknowledged; returns the seconds since `t0`
+/// and when the `election` watcher saw a new leader.
+fn finish_trial(
+    system: &str,
+    trial: usize,
+    t0: Instant,
+    election: std::thread::JoinHandle<f64>,
+    mut attempt: impl FnMut(usize) -> bool,
+) -> anyhow::Result<(f64, f64)> {
+    let mut k = 0;
+    while !attempt(k) {
+        k += 1;
+        if t0.elapsed() > Duration::from_secs(30) {
+            bail!("{system} trial {trial}: no acknowledged write within 30 s");
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let elected = election.join().unwrap_or(f64::NAN);
+    eprintln!("{system} trial {trial}: new leader after {elected:.3} s, write acknowledged after {secs:.3} s");
+    Ok((secs, elected))
+}
+
 fn failover(trials: usize) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     println!("leader failover: SIGKILL of the leader → next acknowledged write through a survivor, {trials} trials, each write attempt given up after {ATTEMPT_TIMEOUT:?}");
@@ -446,33 +468,16 @@ fn failover(trials: usize) -> anyhow::Result<()> {
                 })
             })
         };
-        let mut k = 0;
-        loop {
+        let (secs, elected) = finish_trial("campanile", trial, t0, election, |k| {
             phone += 1;
             let node = &ours.nodes[survivors[k % 2]];
-            k += 1;
             let r = node.post_within(
                 "/api/v1/subscribers",
                 &json!({ "phone": format!("+39349{phone:07}") }),
                 ATTEMPT_TIMEOUT,
             );
-            if std::env::var_os("BENCH_VERBOSE").is_some() {
-                eprintln!(
-                    "  {:.3} s: {:?}",
-                    t0.elapsed().as_secs_f64(),
-                    r.as_ref().map(|(s, b)| (s, b["error"]["message"].clone()))
-                );
-            }
-            if matches!(r, Ok((201, _))) {
-                break;
-            }
-            if t0.elapsed() > Duration::from_secs(30) {
-                bail!("trial {trial}: no acknowledged write within 30 s");
-            }
-        }
-        let secs = t0.elapsed().as_secs_f64();
-        let elected = election.join().unwrap_or(f64::NAN);
-        eprintln!("campanile trial {trial}: new leader after {elected:.3} s, write acknowledged after {secs:.3} s");
+            matches!(r, Ok((201, _)))
+        })?;
         times.push(secs);
         elections.push(elected);
         ours.nodes[leader].restart()?;
@@ -521,25 +526,14 @@ fn failover(trials: usize) -> anyhow::Result<()> {
                 })
             })
         };
-        let mut k = 0;
-        loop {
+        let (secs, elected) = finish_trial("etcd", trial, t0, election, |k| {
             phone += 1;
-            let i = survivors[k % 2];
-            k += 1;
-            if etcd.put_batch(
-                i,
+            etcd.put_batch(
+                survivors[k % 2],
                 &[(format!("/failover/{phone}"), "x".into())],
                 ATTEMPT_TIMEOUT,
-            ) {
-                break;
-            }
-            if t0.elapsed() > Duration::from_secs(30) {
-                bail!("etcd trial {trial}: no acknowledged write within 30 s");
-            }
-        }
-        let secs = t0.elapsed().as_secs_f64();
-        let elected = election.join().unwrap_or(f64::NAN);
-        eprintln!("etcd trial {trial}: new leader after {elected:.3} s, write acknowledged after {secs:.3} s");
+            )
+        })?;
         etcd_times.push(secs);
         etcd_elections.push(elected);
         etcd.restart(leader)?;
