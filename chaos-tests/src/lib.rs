@@ -410,7 +410,7 @@ impl NodeProc {
     pub fn wait_campaign_done(&self, id: u64, deadline: Duration) -> anyhow::Result<Value> {
         wait_for("the campaign to finish", deadline, || {
             let (_, c) = self.get(&format!("/api/v1/campaigns/{id}")).ok()?;
-            (c["state"] != "running").then_some(c)
+            (!matches!(c["state"].as_str(), Some("running" | "paused"))).then_some(c)
         })
     }
 }

@@ -81,12 +81,24 @@ fn three_nodes_share_the_city_and_agree_with_its_log() {
             !matches!(state, "pending" | "in_flight"),
             "{phone} left {state}"
         );
-        assert_eq!(
-            state == "confirmed",
-            pressed.contains(phone),
-            "{phone} ended {state}; pressed 1 per the city: {}",
-            pressed.contains(phone)
-        );
+        if (state == "confirmed") != pressed.contains(phone) {
+            let lapses: Vec<String> = nodes
+                .iter()
+                .flat_map(|n| {
+                    n.proc
+                        .log_text()
+                        .lines()
+                        .filter(|l| l.contains("lapsed") || l.contains("cannot renew"))
+                        .map(str::to_string)
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            panic!(
+                "{phone} ended {state}; pressed 1 per the city: {}\ntask: {t}\ncity: {:?}\nlease trouble: {lapses:?}",
+                pressed.contains(phone),
+                events_by_number(&events).get(phone)
+            );
+        }
     }
     // All three nodes dialled.
     let senders: BTreeSet<String> = events
@@ -180,4 +192,111 @@ fn a_node_killed_mid_campaign_hands_its_partitions_over() {
         overlaps.len(),
         pressed.len()
     );
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn invites_after(city: &SimCityProc, t_ms: u64) -> Vec<Value> {
+    city.events()
+        .into_iter()
+        .filter(|e| e["event"] == "invite" && e["t_ms"].as_u64().is_some_and(|t| t > t_ms))
+        .collect()
+}
+
+/// Waits until the campaign has no call in flight and no node has a call up (every dialer has seen
+/// the change and hung up); returns the campaign.
+fn wait_quiet(nodes: &[NodeProc], id: u64) -> Value {
+    wait_for("every node quiet", Duration::from_secs(60), || {
+        let idle = nodes.iter().all(|n| {
+            n.text("/metrics")
+                .ok()
+                .is_some_and(|m| m.lines().any(|l| l.trim() == "campanile_calls_in_flight 0"))
+        });
+        let (_, c) = nodes[0].get(&format!("/api/v1/campaigns/{id}")).ok()?;
+        (idle && c["counts"]["in_flight"] == 0).then_some(c)
+    })
+    .unwrap()
+}
+
+#[test]
+fn pause_and_cancel_stop_every_node_within_a_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let city = SimCityProc::start(dir.path(), "always-answer", 13).unwrap();
+    let nodes = start_three(dir.path(), &city);
+    nodes[0].import(1, 600).unwrap();
+    let id = nodes[0].start_campaign(retry()).unwrap();
+    wait_for("calls from every node", Duration::from_secs(60), || {
+        let senders: BTreeSet<String> = city
+            .events()
+            .iter()
+            .filter(|e| e["event"] == "invite")
+            .filter_map(|e| e["from"].as_str().map(str::to_string))
+            .collect();
+        (senders.len() == 3).then_some(())
+    })
+    .unwrap();
+
+    let (status, body) = nodes[1]
+        .post(&format!("/api/v1/campaigns/{id}/pause"), &Value::Null)
+        .unwrap();
+    assert_eq!(
+        (status, body["state"].as_str()),
+        (200, Some("paused")),
+        "{body}"
+    );
+    let paused_at = now_ms();
+    let quiet = wait_quiet(&nodes, id);
+    assert_eq!(quiet["state"], "paused");
+    let late = invites_after(&city, paused_at + 1_000);
+    assert!(
+        late.is_empty(),
+        "INVITEs more than 1 s after the pause: {late:?}"
+    );
+    let open = quiet["counts"]["pending"].as_u64().unwrap();
+    assert!(
+        open > 0,
+        "the pause came too late to leave anyone pending: {quiet}"
+    );
+
+    let (status, body) = nodes[2]
+        .post(&format!("/api/v1/campaigns/{id}/resume"), &Value::Null)
+        .unwrap();
+    assert_eq!(
+        (status, body["state"].as_str()),
+        (200, Some("running")),
+        "{body}"
+    );
+    let resumed_at = now_ms();
+    wait_for(
+        "dialing again after the resume",
+        Duration::from_secs(30),
+        || (!invites_after(&city, resumed_at).is_empty()).then_some(()),
+    )
+    .unwrap();
+
+    let (status, body) = nodes[0]
+        .post(&format!("/api/v1/campaigns/{id}/cancel"), &Value::Null)
+        .unwrap();
+    assert_eq!(
+        (status, body["state"].as_str()),
+        (200, Some("cancelled")),
+        "{body}"
+    );
+    let cancelled_at = now_ms();
+    let done = wait_quiet(&nodes, id);
+    assert_eq!(done["state"], "cancelled");
+    let late = invites_after(&city, cancelled_at + 1_000);
+    assert!(
+        late.is_empty(),
+        "INVITEs more than 1 s after the cancel: {late:?}"
+    );
+    for t in tasks(&nodes[2], id) {
+        let state = t["state"].as_str().unwrap();
+        assert!(!matches!(state, "pending" | "in_flight"), "{t}");
+    }
 }

@@ -38,6 +38,15 @@ pub enum Command {
         at_ms: u64,
         id: CampaignId,
     },
+    /// A running campaign stops dialing everywhere until it is resumed.
+    PauseCampaign {
+        at_ms: u64,
+        id: CampaignId,
+    },
+    ResumeCampaign {
+        at_ms: u64,
+        id: CampaignId,
+    },
     /// A batch of dialer records from one node.
     RecordAttempts {
         at_ms: u64,

@@ -257,6 +257,8 @@ pub struct CampaignSpec {
 pub enum CampaignState {
     Draft,
     Running,
+    /// Stopped by an operator: nobody is called until it is resumed; calls up at the pause end.
+    Paused,
     Completed,
     Cancelled,
 }
@@ -266,6 +268,7 @@ impl CampaignState {
         match self {
             CampaignState::Draft => "draft",
             CampaignState::Running => "running",
+            CampaignState::Paused => "paused",
             CampaignState::Completed => "completed",
             CampaignState::Cancelled => "cancelled",
         }

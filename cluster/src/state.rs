@@ -94,6 +94,12 @@ impl State {
             }
             Command::StartCampaign { at_ms, id } => self.start_campaign(*id, *at_ms),
             Command::CancelCampaign { at_ms, id } => self.cancel_campaign(*id, *at_ms),
+            Command::PauseCampaign { id, .. } => self.pause_campaign(*id, true),
+            Command::ResumeCampaign { at_ms, id } => {
+                let r = self.pause_campaign(*id, false);
+                self.complete_if_done(*id, *at_ms);
+                r
+            }
             Command::RecordAttempts {
                 at_ms,
                 node,
@@ -300,13 +306,48 @@ impl State {
         Response::Ok
     }
 
+    /// Pauses (`pause`) a running campaign or resumes a paused one: its pending tasks leave the due
+    /// queue, or come back to it. Calls in flight end on their own and are recorded.
+    fn pause_campaign(&mut self, id: CampaignId, pause: bool) -> Response {
+        let Some(campaign) = self.campaigns.get_mut(&id) else {
+            return Response::Refused(Refusal::UnknownCampaign(id));
+        };
+        let (from, to, verb) = if pause {
+            (CampaignState::Running, CampaignState::Paused, "paused")
+        } else {
+            (CampaignState::Paused, CampaignState::Running, "resumed")
+        };
+        if campaign.state != from {
+            return Response::Refused(wrong_state(campaign, from.as_str(), verb));
+        }
+        campaign.state = to;
+        let rank = campaign.spec.priority.rank();
+        for t in self.tasks.get(&id).into_iter().flat_map(|t| t.values()) {
+            if t.state == TaskState::Pending {
+                let key = (rank, t.next_due_ms, id, t.subscriber);
+                if pause {
+                    self.due.remove(&key);
+                } else {
+                    self.due.insert(key);
+                }
+            }
+        }
+        Response::Ok
+    }
+
     fn cancel_campaign(&mut self, id: CampaignId, at_ms: u64) -> Response {
         let Some(campaign) = self.campaigns.get(&id) else {
             return Response::Refused(Refusal::UnknownCampaign(id));
         };
         match campaign.state {
-            CampaignState::Draft | CampaignState::Running => {}
-            _ => return Response::Refused(wrong_state(campaign, "draft or running", "cancelled")),
+            CampaignState::Draft | CampaignState::Running | CampaignState::Paused => {}
+            _ => {
+                return Response::Refused(wrong_state(
+                    campaign,
+                    "draft, running or paused",
+                    "cancelled",
+                ))
+            }
         }
         let open: Vec<SubscriberId> = self
             .tasks
@@ -345,7 +386,10 @@ impl State {
         let Some(c) = self.campaigns.get_mut(&campaign) else {
             return false;
         };
-        if c.state != CampaignState::Running {
+        // A paused campaign starts nothing, but the calls it had up may still end.
+        let paused = c.state == CampaignState::Paused;
+        let starting = matches!(event, AttemptEvent::Started { .. });
+        if !(c.state == CampaignState::Running || paused && !starting) {
             return false;
         }
         let rank = c.spec.priority.rank();
@@ -411,7 +455,9 @@ impl State {
                     Next::RetryAt(due) => {
                         task.state = TaskState::Pending;
                         task.next_due_ms = *due;
-                        self.due.insert((rank, *due, campaign, subscriber));
+                        if !paused {
+                            self.due.insert((rank, *due, campaign, subscriber));
+                        }
                     }
                     Next::Final(f) => task.state = TaskState::Final(*f),
                 }
@@ -993,6 +1039,61 @@ mod tests {
     }
 
     #[test]
+    fn a_paused_campaign_dials_nobody_lets_calls_end_and_resumes() {
+        let mut st = State::default();
+        st.apply(&sub(1, None));
+        st.apply(&sub(2, None));
+        st.apply(&campaign(Audience::All));
+        st.apply(&Command::StartCampaign {
+            at_ms: 5,
+            id: CampaignId(1),
+        });
+        record(&mut st, vec![started(1, 1, 1)]);
+        let pause = Command::PauseCampaign {
+            at_ms: 6,
+            id: CampaignId(1),
+        };
+        assert_eq!(st.apply(&pause), Response::Ok);
+        assert!(matches!(st.apply(&pause), Response::Refused(_)));
+        assert!(st.due_tasks(u64::MAX, 10).is_empty());
+        // Nothing starts; the call that was up ends and waits for the resume.
+        assert_eq!(
+            record(&mut st, vec![started(1, 2, 1)]),
+            Response::Recorded { applied: 0 }
+        );
+        assert_eq!(
+            record(
+                &mut st,
+                vec![finished(1, 1, 1, Outcome::Interrupted, Next::RetryAt(7))]
+            ),
+            Response::Recorded { applied: 1 }
+        );
+        assert!(st.due_tasks(u64::MAX, 10).is_empty());
+        assert_eq!(
+            st.apply(&Command::ResumeCampaign {
+                at_ms: 8,
+                id: CampaignId(1)
+            }),
+            Response::Ok
+        );
+        assert_eq!(st.due_tasks(u64::MAX, 10).len(), 2);
+        assert_eq!(
+            st.campaign(CampaignId(1)).unwrap().state,
+            CampaignState::Running
+        );
+        // A paused campaign can be cancelled.
+        st.apply(&pause);
+        assert_eq!(
+            st.apply(&Command::CancelCampaign {
+                at_ms: 9,
+                id: CampaignId(1)
+            }),
+            Response::Ok
+        );
+        assert_eq!(st.campaign(CampaignId(1)).unwrap().counts.cancelled, 2);
+    }
+
+    #[test]
     fn partitions_spread_dense_ids() {
         let mut counts = vec![0u32; PARTITIONS as usize];
         for id in 1..=25_600u64 {
@@ -1197,6 +1298,14 @@ mod tests {
                 id: CampaignId(id)
             }),
             (1u64..4).prop_map(|id| Command::CancelCampaign {
+                at_ms: 6,
+                id: CampaignId(id)
+            }),
+            (1u64..4).prop_map(|id| Command::PauseCampaign {
+                at_ms: 6,
+                id: CampaignId(id)
+            }),
+            (1u64..4).prop_map(|id| Command::ResumeCampaign {
                 at_ms: 6,
                 id: CampaignId(id)
             }),

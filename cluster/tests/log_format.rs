@@ -53,6 +53,14 @@ fn one_of_each() -> Vec<Command> {
             at_ms: 5,
             id: CampaignId(1),
         },
+        Command::PauseCampaign {
+            at_ms: 15,
+            id: CampaignId(1),
+        },
+        Command::ResumeCampaign {
+            at_ms: 16,
+            id: CampaignId(1),
+        },
         Command::RecordAttempts {
             at_ms: 6,
             node: NodeId(2),
@@ -141,6 +149,8 @@ fn kind(c: &Command) -> &'static str {
         Command::CreateCampaign { .. } => "create_campaign",
         Command::StartCampaign { .. } => "start_campaign",
         Command::CancelCampaign { .. } => "cancel_campaign",
+        Command::PauseCampaign { .. } => "pause_campaign",
+        Command::ResumeCampaign { .. } => "resume_campaign",
         Command::RecordAttempts { .. } => "record_attempts",
         Command::AddToken { .. } => "add_token",
         Command::RegisterNode { .. } => "register_node",

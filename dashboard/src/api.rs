@@ -468,6 +468,22 @@ pub async fn cancel_campaign(
     Ok(Json(campaign_view(&engine.cancel_campaign(id).await?)))
 }
 
+pub async fn pause_campaign(
+    State(engine): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = CampaignId(parse_id(&id, "campaign")?);
+    Ok(Json(campaign_view(&engine.pause_campaign(id).await?)))
+}
+
+pub async fn resume_campaign(
+    State(engine): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = CampaignId(parse_id(&id, "campaign")?);
+    Ok(Json(campaign_view(&engine.resume_campaign(id).await?)))
+}
+
 pub async fn campaign_tasks(
     State(engine): State<AppState>,
     Path(id): Path<String>,

@@ -47,6 +47,17 @@ pub trait Engine: Send + Sync + 'static {
     async fn create_campaign(&self, spec: CampaignSpec) -> Result<Campaign, EngineError>;
     async fn start_campaign(&self, id: CampaignId) -> Result<Campaign, EngineError>;
     async fn cancel_campaign(&self, id: CampaignId) -> Result<Campaign, EngineError>;
+    /// Stops a running campaign's dialing on every node until it is resumed.
+    async fn pause_campaign(&self, _id: CampaignId) -> Result<Campaign, EngineError> {
+        Err(EngineError::Unavailable(
+            "pausing is not available on this node".into(),
+        ))
+    }
+    async fn resume_campaign(&self, _id: CampaignId) -> Result<Campaign, EngineError> {
+        Err(EngineError::Unavailable(
+            "resuming is not available on this node".into(),
+        ))
+    }
     async fn campaign(&self, id: CampaignId) -> Result<Campaign, EngineError>;
     async fn campaigns(&self) -> Result<Vec<Campaign>, EngineError>;
     async fn tasks(&self, id: CampaignId) -> Result<Vec<CallTask>, EngineError>;

@@ -47,6 +47,8 @@ pub fn router(engine: Arc<dyn Engine>) -> Router {
         .route("/campaigns/{id}", get(api::get_campaign))
         .route("/campaigns/{id}/start", post(api::start_campaign))
         .route("/campaigns/{id}/cancel", post(api::cancel_campaign))
+        .route("/campaigns/{id}/pause", post(api::pause_campaign))
+        .route("/campaigns/{id}/resume", post(api::resume_campaign))
         .route("/campaigns/{id}/tasks", get(api::campaign_tasks))
         .route("/cluster", get(api::cluster))
         .route("/backup", get(api::backup))

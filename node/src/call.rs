@@ -876,11 +876,13 @@ impl Call<'_> {
             // Keys pressed while our BYE is in flight still count: the citizen did hear the alert.
             let late = self.hang_up_listening(a.dialog.clone(), &mut digits).await;
             match (outcome, late) {
-                (CallOutcome::NotConfirmed | CallOutcome::Heard, Some('1')) => {
-                    CallOutcome::Confirmed {
-                        after: a.answered_at.elapsed(),
-                    }
-                }
+                // Also when we hung up early (a lapsed lease, a cancel): a 1 is a 1.
+                (
+                    CallOutcome::NotConfirmed | CallOutcome::Heard | CallOutcome::Aborted,
+                    Some('1'),
+                ) => CallOutcome::Confirmed {
+                    after: a.answered_at.elapsed(),
+                },
                 (o, _) => o,
             }
         };

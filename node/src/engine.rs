@@ -214,6 +214,24 @@ impl Engine for NodeEngine {
         self.campaign_now(id)
     }
 
+    async fn pause_campaign(&self, id: CampaignId) -> Result<Campaign, EngineError> {
+        self.write(Command::PauseCampaign {
+            at_ms: now_ms(),
+            id,
+        })
+        .await?;
+        self.campaign_now(id)
+    }
+
+    async fn resume_campaign(&self, id: CampaignId) -> Result<Campaign, EngineError> {
+        self.write(Command::ResumeCampaign {
+            at_ms: now_ms(),
+            id,
+        })
+        .await?;
+        self.campaign_now(id)
+    }
+
     async fn campaign(&self, id: CampaignId) -> Result<Campaign, EngineError> {
         self.campaign_now(id)
     }
