@@ -274,8 +274,9 @@ fn recover_interrupted(sh: &Arc<Shared>) {
             ..
         } = &ev
         {
-            // Keep them out of the due list until the batch that frees them is committed.
-            let (tx, _) = watch::channel(false);
+            // Keep them out of the due list until the batch that frees them is committed. There is
+            // no call to abort: the switch starts thrown.
+            let (tx, _) = watch::channel(true);
             lock(&sh.inflight).insert((*campaign, *subscriber), tx);
         }
         let _ = sh.events.send((ev, None));
