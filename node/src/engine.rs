@@ -110,6 +110,16 @@ impl NodeEngine {
         })
     }
 
+    /// Commits a lifecycle command for campaign `id` and answers the campaign as it is afterwards.
+    async fn campaign_command(
+        &self,
+        id: CampaignId,
+        cmd: impl FnOnce(u64, CampaignId) -> Command,
+    ) -> Result<Campaign, EngineError> {
+        self.write(cmd(now_ms(), id)).await?;
+        self.campaign_now(id)
+    }
+
     fn campaign_now(&self, id: CampaignId) -> Result<Campaign, EngineError> {
         self.cluster
             .read(|s| s.campaign(id).cloned())
@@ -197,39 +207,23 @@ impl Engine for NodeEngine {
     }
 
     async fn start_campaign(&self, id: CampaignId) -> Result<Campaign, EngineError> {
-        self.write(Command::StartCampaign {
-            at_ms: now_ms(),
-            id,
-        })
-        .await?;
-        self.campaign_now(id)
+        self.campaign_command(id, |at_ms, id| Command::StartCampaign { at_ms, id })
+            .await
     }
 
     async fn cancel_campaign(&self, id: CampaignId) -> Result<Campaign, EngineError> {
-        self.write(Command::CancelCampaign {
-            at_ms: now_ms(),
-            id,
-        })
-        .await?;
-        self.campaign_now(id)
+        self.campaign_command(id, |at_ms, id| Command::CancelCampaign { at_ms, id })
+            .await
     }
 
     async fn pause_campaign(&self, id: CampaignId) -> Result<Campaign, EngineError> {
-        self.write(Command::PauseCampaign {
-            at_ms: now_ms(),
-            id,
-        })
-        .await?;
-        self.campaign_now(id)
+        self.campaign_command(id, |at_ms, id| Command::PauseCampaign { at_ms, id })
+            .await
     }
 
     async fn resume_campaign(&self, id: CampaignId) -> Result<Campaign, EngineError> {
-        self.write(Command::ResumeCampaign {
-            at_ms: now_ms(),
-            id,
-        })
-        .await?;
-        self.campaign_now(id)
+        self.campaign_command(id, |at_ms, id| Command::ResumeCampaign { at_ms, id })
+            .await
     }
 
     async fn campaign(&self, id: CampaignId) -> Result<Campaign, EngineError> {
