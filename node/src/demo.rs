@@ -221,14 +221,15 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         .progress_chars("=> "),
     );
     let final_view = loop {
-        let c = engine.campaign(campaign.id).await?;
+        // Read where the alert was started: that node has applied its start (read your writes).
+        let c = alert_engine.campaign(campaign.id).await?;
         let k = c.counts;
         bar.set_position(k.targeted - k.open());
         bar.set_message(format!(
             "{} confirmed, {} ringing now, {} waiting to retry",
             k.confirmed, k.in_flight, k.pending
         ));
-        if c.state != CampaignState::Running {
+        if matches!(c.state, CampaignState::Completed | CampaignState::Cancelled) {
             break c;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -258,6 +259,12 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     );
     if nodes.len() > 1 {
         let status = node.cluster.status();
+        // Each node first catches up to everything committed (read index), then is compared.
+        for n in &nodes {
+            if let Err(e) = n.cluster.linearizable().await {
+                println!("  node {} could not catch up: {e}", n.cluster.node_id().0);
+            }
+        }
         let same = nodes.iter().all(|n| {
             n.cluster
                 .read(|s| s.campaign(final_view.id).map(|c| c.counts))
