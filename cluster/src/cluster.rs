@@ -493,13 +493,23 @@ impl Cluster {
         }
     }
 
-    /// A consistent copy of the applied state (what a snapshot holds, tokens by hash only) and the log
-    /// index it reflects. Taken under the state machine's read lock, so no command is half-applied.
-    pub fn backup(&self) -> Result<(u64, Vec<u8>), ClusterError> {
+    /// Writes a consistent copy of the applied state (what a snapshot holds, tokens by hash only) to
+    /// `out`, streamed, after the bytes `header(applied index, subscriber count)` returns. Taken under
+    /// the state machine's read lock, so no command is half-applied; blocking.
+    pub fn backup_to<W: std::io::Write>(
+        &self,
+        out: W,
+        header: impl FnOnce(u64, u64) -> Vec<u8>,
+    ) -> std::io::Result<W> {
         let a = self.inner.applied.read().unwrap_or_else(|p| p.into_inner());
-        let bytes = serde_json::to_vec(&a.state)
-            .map_err(|e| ClusterError::Fatal(format!("cannot serialise the state: {e}")))?;
-        Ok((a.last_applied.map(|l| l.index).unwrap_or(0), bytes))
+        use std::io::Write as _;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, out);
+        w.write_all(&header(
+            a.last_applied.map(|l| l.index).unwrap_or(0),
+            a.state.subscriber_count() as u64,
+        ))?;
+        serde_json::to_writer(&mut w, &a.state)?;
+        w.into_inner().map_err(|e| e.into_error())
     }
 
     /// True while this node is the Raft leader.

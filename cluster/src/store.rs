@@ -3,13 +3,20 @@
 //! snapshot and replays only the log after it.
 //!
 //! Durability: appended entries and votes are flushed to disk before openraft is told they are saved.
+//!
+//! Snapshots are files (`snapshots/` inside the store), streamed: building one serialises the state
+//! straight into a file, sending one reads the file in chunks, receiving one writes chunks to an
+//! unnamed temporary file, and loading one parses the file through a small buffer. The serialised
+//! state is never held in memory beside the state itself. Only the snapshot's metadata and file name
+//! live in sled, written together, so a crash leaves either the old snapshot or the new one current.
 
 // openraft's StorageError is the error type its storage traits require; it is large by design.
 #![allow(clippy::result_large_err)]
 
 use std::fmt::Debug;
-use std::io::Cursor;
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::ops::{Bound, RangeBounds};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
@@ -29,6 +36,7 @@ openraft::declare_raft_types!(
     pub TypeConfig:
         D = Command,
         R = Response,
+        SnapshotData = tokio::fs::File,
 );
 
 /// Node id type used by openraft.
@@ -43,7 +51,12 @@ const KEY_VOTE: &str = "vote";
 const KEY_COMMITTED: &str = "committed";
 const KEY_PURGED: &str = "last_purged";
 const KEY_SNAPSHOT_META: &str = "snapshot_meta";
-const KEY_SNAPSHOT_DATA: &str = "snapshot_data";
+/// Name of the current snapshot's file in the snapshot directory.
+const KEY_SNAPSHOT_FILE: &str = "snapshot_file";
+/// Where releases before streamed snapshots kept the snapshot itself; moved to a file on open.
+const KEY_SNAPSHOT_DATA_V1: &str = "snapshot_data";
+/// Buffer for writing and parsing snapshot files.
+const SNAPSHOT_BUF: usize = 1 << 20;
 
 fn io_err(
     subject: ErrorSubject<RaftNodeId>,
@@ -81,6 +94,10 @@ pub struct Db {
     log: sled::Tree,
     meta: sled::Tree,
     snapshot: sled::Tree,
+    /// Snapshot files.
+    dir: PathBuf,
+    /// Serialises snapshot commits (a build may finish while a received snapshot is installed).
+    commit_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Why a store could not be opened.
@@ -130,6 +147,8 @@ impl Db {
             meta: open_tree("raft_meta")?,
             snapshot: open_tree("snapshot")?,
             db: db.clone(),
+            dir: path.join("snapshots"),
+            commit_lock: Arc::default(),
         };
         match store
             .meta
@@ -168,18 +187,119 @@ impl Db {
                 })?;
             }
         }
+        std::fs::create_dir_all(&store.dir).map_err(|e| OpenError::Sled {
+            path: store.dir.display().to_string(),
+            source: sled::Error::Io(e),
+        })?;
         Ok(store)
     }
 
-    /// Bytes the database occupies on disk.
+    /// Bytes the store occupies on disk: the database and the current snapshot file.
     pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        let files: u64 = std::fs::read_dir(&self.dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0);
+        self.db.size_on_disk().unwrap_or(0) + files
+    }
+
+    /// The current snapshot's metadata and file, if there is one.
+    fn current_snapshot(
+        &self,
+    ) -> StoreResult<Option<(SnapshotMeta<RaftNodeId, BasicNode>, PathBuf)>> {
+        let meta: Option<SnapshotMeta<RaftNodeId, BasicNode>> =
+            get_json(&self.snapshot, KEY_SNAPSHOT_META)?;
+        let file: Option<String> = get_json(&self.snapshot, KEY_SNAPSHOT_FILE)?;
+        Ok(match (meta, file) {
+            (Some(meta), Some(file)) => Some((meta, self.dir.join(file))),
+            _ => None,
+        })
+    }
+
+    /// A new, unused path in the snapshot directory for a snapshot up to `index`; `.tmp` until it is
+    /// complete and on disk.
+    fn new_snapshot_path(&self, index: u64) -> PathBuf {
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        self.dir
+            .join(format!("snapshot-{index:020}-{nanos}-{seq}.json.tmp"))
+    }
+
+    /// Makes the complete file at `tmp` (already synced) the current snapshot and removes the older
+    /// snapshot files. A built snapshot (`Newer`) is dropped if one at least as recent is current
+    /// already; an installed one (`Always`) replaces whatever is current, as openraft asks. Answers
+    /// the current snapshot's file.
+    async fn commit_snapshot(
+        &self,
+        meta: &SnapshotMeta<RaftNodeId, BasicNode>,
+        tmp: &Path,
+        when: Replace,
+    ) -> StoreResult<PathBuf> {
+        let _guard = self.commit_lock.lock().await;
+        let path = tmp.with_extension("");
+        if let Some((current, current_path)) = self.current_snapshot()? {
+            if when == Replace::Newer
+                && current.last_log_id >= meta.last_log_id
+                && current_path.exists()
+            {
+                let _ = std::fs::remove_file(tmp);
+                return Ok(current_path);
+            }
+        }
+        std::fs::rename(tmp, &path).map_err(write_err)?;
+        sync_dir(&self.dir).map_err(write_err)?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut batch = sled::Batch::default();
+        batch.insert(
+            KEY_SNAPSHOT_META,
+            serde_json::to_vec(meta).map_err(write_err)?,
+        );
+        batch.insert(
+            KEY_SNAPSHOT_FILE,
+            serde_json::to_vec(&name).map_err(write_err)?,
+        );
+        self.snapshot.apply_batch(batch).map_err(write_err)?;
+        self.flush().await?;
+        self.remove_stale_snapshot_files(&path, false);
+        Ok(path)
+    }
+
+    /// Removes complete snapshot files other than `keep`, and unfinished ones (`.tmp`) too when
+    /// nothing can be writing them (at open, after a crash).
+    fn remove_stale_snapshot_files(&self, keep: &Path, unfinished: bool) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            let is_tmp = path.extension().is_some_and(|x| x == "tmp");
+            if path != keep && (unfinished || !is_tmp) {
+                let _ = std::fs::remove_file(path);
+            }
+        }
     }
 
     async fn flush(&self) -> StoreResult<()> {
         self.db.flush_async().await.map_err(write_err)?;
         Ok(())
     }
+}
+
+/// Whether a snapshot being committed replaces a current one that is at least as recent.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Replace {
+    Newer,
+    Always,
 }
 
 /// Why a backup could not be restored.
@@ -195,18 +315,30 @@ pub enum RestoreError {
     Write(String),
 }
 
-/// Makes a new store under `path` whose state is `state_json` (a backup's state), as if this node had
-/// applied it and compacted its log: a snapshot at log index 1 of a cluster whose only voter is
-/// `node` at `raft_addr`. The node then starts normally and leads; others join it.
+/// Makes a new store under `path` whose state is `state_json` (a backup's state, read as a stream), as
+/// if this node had applied it and compacted its log: a snapshot at log index 1 of a cluster whose only
+/// voter is `node` at `raft_addr`. The node then starts normally and leads; others join it.
 pub fn restore(
     path: &std::path::Path,
     node: RaftNodeId,
     raft_addr: &str,
-    state_json: &[u8],
+    state_json: impl Read,
 ) -> Result<u64, RestoreError> {
-    let mut state: State =
-        serde_json::from_slice(state_json).map_err(|e| RestoreError::Unreadable(e.to_string()))?;
-    state.rebuild_indexes();
+    let existed = path.exists();
+    let result = restore_into(path, node, raft_addr, state_json);
+    if result.is_err() && !existed {
+        // Leave nothing behind, so the same command can be run again.
+        let _ = std::fs::remove_dir_all(path);
+    }
+    result
+}
+
+fn restore_into(
+    path: &std::path::Path,
+    node: RaftNodeId,
+    raft_addr: &str,
+    mut state_json: impl Read,
+) -> Result<u64, RestoreError> {
     let db = Db::open(path)?;
     let empty = db.log.is_empty()
         && db.snapshot.is_empty()
@@ -214,6 +346,15 @@ pub fn restore(
     if !empty {
         return Err(RestoreError::NotEmpty(path.display().to_string()));
     }
+    let write = |e: std::io::Error| RestoreError::Write(e.to_string());
+    let tmp = db.new_snapshot_path(1);
+    let mut file = std::fs::File::create(&tmp).map_err(write)?;
+    std::io::copy(&mut state_json, &mut file).map_err(write)?;
+    file.sync_all().map_err(write)?;
+    let state = read_state_file(&tmp).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        RestoreError::Unreadable(e.to_string())
+    })?;
     let log_id = LogId::new(openraft::CommittedLeaderId::new(1, node), 1);
     let mut nodes = std::collections::BTreeMap::new();
     nodes.insert(node, BasicNode::new(raft_addr));
@@ -225,10 +366,7 @@ pub fn restore(
         snapshot_id: "restored-1".into(),
     };
     let w = |e: StorageError<RaftNodeId>| RestoreError::Write(e.to_string());
-    put_json(&db.snapshot, KEY_SNAPSHOT_META, &meta).map_err(w)?;
-    db.snapshot
-        .insert(KEY_SNAPSHOT_DATA, state_json)
-        .map_err(|e| RestoreError::Write(e.to_string()))?;
+    block_on_store(db.commit_snapshot(&meta, &tmp, Replace::Always)).map_err(w)?;
     put_json(&db.meta, KEY_PURGED, &Some(log_id)).map_err(w)?;
     put_json(&db.meta, KEY_COMMITTED, &Some(log_id)).map_err(w)?;
     db.db
@@ -372,17 +510,62 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
-/// Reads a snapshot's state and rebuilds the indexes serde skips.
-fn decode_snapshot(meta: &SnapshotMeta<RaftNodeId, BasicNode>, data: &[u8]) -> StoreResult<State> {
-    let mut state: State = serde_json::from_slice(data).map_err(|e| {
-        io_err(
-            ErrorSubject::Snapshot(Some(meta.signature())),
-            ErrorVerb::Read,
-            e,
-        )
-    })?;
+/// Runs a store future to completion from synchronous code (opening a store, the offline restore),
+/// on a thread of its own so that it works inside or outside an async runtime.
+fn block_on_store<T: Send>(
+    f: impl std::future::Future<Output = StoreResult<T>> + Send,
+) -> StoreResult<T> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .map_err(write_err)?
+                .block_on(f)
+        })
+        .join()
+    })
+    .unwrap_or_else(|_| Err(write_err(std::io::Error::other("a store task panicked"))))
+}
+
+/// Makes a directory's entries (a rename into it) durable.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Parses a state from a JSON stream through a buffer and rebuilds the indexes serde skips.
+fn read_state(reader: impl Read) -> std::io::Result<State> {
+    let mut state: State = serde_json::from_reader(BufReader::with_capacity(SNAPSHOT_BUF, reader))?;
     state.rebuild_indexes();
     Ok(state)
+}
+
+fn read_state_file(path: &Path) -> std::io::Result<State> {
+    read_state(std::fs::File::open(path)?)
+}
+
+/// Serialises `state` into a new file at `path` through a buffer, and syncs it.
+fn write_state_file(state: &State, path: &Path) -> std::io::Result<std::fs::File> {
+    let mut w = BufWriter::with_capacity(SNAPSHOT_BUF, std::fs::File::create(path)?);
+    serde_json::to_writer(&mut w, state)?;
+    w.flush()?;
+    w.into_inner().map_err(|e| e.into_error())
+}
+
+fn snapshot_err(
+    meta: &SnapshotMeta<RaftNodeId, BasicNode>,
+    verb: ErrorVerb,
+    e: impl std::error::Error + 'static,
+) -> StorageError<RaftNodeId> {
+    io_err(ErrorSubject::Snapshot(Some(meta.signature())), verb, e)
+}
+
+/// Runs blocking file work off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
 }
 
 /// What the state machine holds in memory.
@@ -411,17 +594,19 @@ fn write_lock(a: &RwLock<Applied>) -> std::sync::RwLockWriteGuard<'_, Applied> {
 }
 
 impl StateMachineStore {
-    /// Loads the latest persisted snapshot, if any.
+    /// Loads the latest persisted snapshot, if any, and removes snapshot files a crash left behind.
     pub fn open(db: Db) -> StoreResult<StateMachineStore> {
+        migrate_v1_snapshot(&db)?;
         let mut applied = Applied::default();
-        let meta: Option<SnapshotMeta<RaftNodeId, BasicNode>> =
-            get_json(&db.snapshot, KEY_SNAPSHOT_META)?;
-        if let (Some(meta), Some(data)) =
-            (meta, db.snapshot.get(KEY_SNAPSHOT_DATA).map_err(read_err)?)
-        {
-            applied.state = decode_snapshot(&meta, &data)?;
-            applied.last_applied = meta.last_log_id;
-            applied.last_membership = meta.last_membership.clone();
+        match db.current_snapshot()? {
+            Some((meta, path)) => {
+                applied.state =
+                    read_state_file(&path).map_err(|e| snapshot_err(&meta, ErrorVerb::Read, e))?;
+                applied.last_applied = meta.last_log_id;
+                applied.last_membership = meta.last_membership.clone();
+                db.remove_stale_snapshot_files(&path, true);
+            }
+            None => db.remove_stale_snapshot_files(Path::new(""), true),
         }
         let index = applied.last_applied.map(|l| l.index).unwrap_or(0);
         Ok(StateMachineStore {
@@ -443,14 +628,71 @@ impl StateMachineStore {
     }
 }
 
+/// Moves a snapshot kept inside sled by an earlier release into a snapshot file.
+fn migrate_v1_snapshot(db: &Db) -> StoreResult<()> {
+    let Some(data) = db.snapshot.get(KEY_SNAPSHOT_DATA_V1).map_err(read_err)? else {
+        return Ok(());
+    };
+    if db.current_snapshot()?.is_none() {
+        let meta: Option<SnapshotMeta<RaftNodeId, BasicNode>> =
+            get_json(&db.snapshot, KEY_SNAPSHOT_META)?;
+        if let Some(meta) = meta {
+            let index = meta.last_log_id.map(|l| l.index).unwrap_or(0);
+            let tmp = db.new_snapshot_path(index);
+            let mut f = std::fs::File::create(&tmp).map_err(write_err)?;
+            f.write_all(&data)
+                .and_then(|_| f.sync_all())
+                .map_err(write_err)?;
+            block_on_store(db.commit_snapshot(&meta, &tmp, Replace::Always))?;
+        }
+    }
+    db.snapshot
+        .remove(KEY_SNAPSHOT_DATA_V1)
+        .map_err(write_err)?;
+    db.db.flush().map_err(write_err)?;
+    Ok(())
+}
+
+impl StateMachineStore {
+    async fn open_snapshot(
+        meta: SnapshotMeta<RaftNodeId, BasicNode>,
+        path: &Path,
+    ) -> StoreResult<Snapshot<TypeConfig>> {
+        let file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| snapshot_err(&meta, ErrorVerb::Read, e))?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(file),
+        })
+    }
+}
+
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    /// Serialises the applied state straight into a new file under the state machine's read lock
+    /// (so no command is half-applied in it), off the async workers.
     async fn build_snapshot(&mut self) -> StoreResult<Snapshot<TypeConfig>> {
-        let (data, last_applied, last_membership) = {
-            let a = read_lock(&self.applied);
-            let data = serde_json::to_vec(&a.state)
-                .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))?;
-            (data, a.last_applied, a.last_membership.clone())
-        };
+        let applied = self.applied.clone();
+        let index = read_lock(&applied)
+            .last_applied
+            .map(|l| l.index)
+            .unwrap_or(0);
+        let tmp = self.db.new_snapshot_path(index);
+        let path = tmp.clone();
+        let (last_applied, last_membership) = blocking(move || {
+            let (file, last_applied, last_membership) = {
+                let a = read_lock(&applied);
+                let file = write_state_file(&a.state, &path)?;
+                (file, a.last_applied, a.last_membership.clone())
+            };
+            file.sync_all()?;
+            Ok((last_applied, last_membership))
+        })
+        .await
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e)
+        })?;
         let seq = self
             .snapshot_seq
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -459,16 +701,14 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             last_membership,
             snapshot_id: format!("{}-{seq}", last_applied.map(|l| l.index).unwrap_or(0)),
         };
-        put_json(&self.db.snapshot, KEY_SNAPSHOT_META, &meta)?;
-        self.db
-            .snapshot
-            .insert(KEY_SNAPSHOT_DATA, data.clone())
-            .map_err(write_err)?;
-        self.db.flush().await?;
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(data)),
-        })
+        let path = self.db.commit_snapshot(&meta, &tmp, Replace::Newer).await?;
+        // If a received snapshot at least as recent became current meanwhile, that one it is.
+        match self.db.current_snapshot()? {
+            Some((current, current_path)) if current_path == path => {
+                Self::open_snapshot(current, &path).await
+            }
+            _ => Self::open_snapshot(meta, &path).await,
+        }
     }
 }
 
@@ -515,23 +755,46 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> StoreResult<Box<Cursor<Vec<u8>>>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    /// Chunks from the leader go to an unnamed file in the snapshot directory: nothing to clean up
+    /// if the transfer is abandoned.
+    async fn begin_receiving_snapshot(&mut self) -> StoreResult<Box<tokio::fs::File>> {
+        let dir = self.db.dir.clone();
+        let file = blocking(move || tempfile::tempfile_in(dir))
+            .await
+            .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
+        Ok(Box::new(tokio::fs::File::from_std(file)))
     }
 
+    /// Copies the received file into a snapshot file, parses it, makes it current and replaces the
+    /// applied state. The old state stays readable until the new one is ready.
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<RaftNodeId, BasicNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<tokio::fs::File>,
     ) -> StoreResult<()> {
-        let data = snapshot.into_inner();
-        let state = decode_snapshot(meta, &data)?;
-        put_json(&self.db.snapshot, KEY_SNAPSHOT_META, meta)?;
-        self.db
-            .snapshot
-            .insert(KEY_SNAPSHOT_DATA, data)
-            .map_err(write_err)?;
-        self.db.flush().await?;
+        let mut received = snapshot.into_std().await;
+        let tmp = self
+            .db
+            .new_snapshot_path(meta.last_log_id.map(|l| l.index).unwrap_or(0));
+        let path = tmp.clone();
+        let state = blocking(move || {
+            received.seek(SeekFrom::Start(0))?;
+            let mut file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)?;
+            std::io::copy(&mut received, &mut file)?;
+            file.sync_all()?;
+            file.seek(SeekFrom::Start(0))?;
+            read_state(file)
+        })
+        .await
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            snapshot_err(meta, ErrorVerb::Write, e)
+        })?;
+        self.db.commit_snapshot(meta, &tmp, Replace::Always).await?;
         let index = {
             let mut a = write_lock(&self.applied);
             a.state = state;
@@ -544,16 +807,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> StoreResult<Option<Snapshot<TypeConfig>>> {
-        let meta: Option<SnapshotMeta<RaftNodeId, BasicNode>> =
-            get_json(&self.db.snapshot, KEY_SNAPSHOT_META)?;
-        let data = self.db.snapshot.get(KEY_SNAPSHOT_DATA).map_err(read_err)?;
-        Ok(match (meta, data) {
-            (Some(meta), Some(data)) => Some(Snapshot {
-                meta,
-                snapshot: Box::new(Cursor::new(data.to_vec())),
-            }),
-            _ => None,
-        })
+        match self.db.current_snapshot()? {
+            Some((meta, path)) => Ok(Some(Self::open_snapshot(meta, &path).await?)),
+            None => Ok(None),
+        }
     }
 }
 
@@ -580,6 +837,121 @@ mod tests {
             dirs: Default::default(),
         })
         .unwrap();
+    }
+
+    fn subscribers(n: usize) -> Command {
+        Command::CreateSubscribers {
+            at_ms: 1,
+            subscribers: (0..n)
+                .map(|i| crate::NewSubscriber {
+                    phone: crate::PhoneNumber::parse(&format!("+39347{i:07}")).unwrap(),
+                    name: Some("Maria Rossi".into()),
+                    language: "it".into(),
+                    zone: None,
+                    verified: true,
+                })
+                .collect(),
+        }
+    }
+
+    fn entry(index: u64, cmd: Command) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(cmd),
+        }
+    }
+
+    fn snapshot_files(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir.join("snapshots"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_is_one_file_that_a_restart_loads_and_older_ones_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raft");
+        {
+            let mut sm = StateMachineStore::open(Db::open(&path).unwrap()).unwrap();
+            sm.apply([entry(1, subscribers(300))]).await.unwrap();
+            sm.build_snapshot().await.unwrap();
+            sm.apply([entry(2, subscribers(500))]).await.unwrap();
+            let snap = sm.build_snapshot().await.unwrap();
+            assert_eq!(snap.meta.last_log_id.map(|l| l.index), Some(2));
+            // The current snapshot reads back as the state it was built from.
+            let mut data = Vec::new();
+            let mut file = *sm.get_current_snapshot().await.unwrap().unwrap().snapshot;
+            tokio::io::AsyncReadExt::read_to_end(&mut file, &mut data)
+                .await
+                .unwrap();
+            let state: State = serde_json::from_slice(&data).unwrap();
+            assert_eq!(state.subscriber_count(), 500);
+        }
+        assert_eq!(
+            snapshot_files(&path).len(),
+            1,
+            "{:?}",
+            snapshot_files(&path)
+        );
+        // A half-written file from a crash is removed at the next open.
+        std::fs::write(path.join("snapshots/snapshot-9-9-9.json.tmp"), b"{").unwrap();
+        let sm = StateMachineStore::open(Db::open(&path).unwrap()).unwrap();
+        let a = read_lock(&sm.applied);
+        assert_eq!(a.state.subscriber_count(), 500);
+        assert_eq!(a.last_applied.map(|l| l.index), Some(2));
+        assert_eq!(
+            snapshot_files(&path).len(),
+            1,
+            "{:?}",
+            snapshot_files(&path)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_kept_in_sled_by_an_earlier_release_moves_to_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raft");
+        {
+            let db = Db::open(&path).unwrap();
+            let mut state = State::default();
+            state.apply(&subscribers(40));
+            let log_id = LogId::new(openraft::CommittedLeaderId::new(1, 1), 7);
+            let meta: SnapshotMeta<RaftNodeId, BasicNode> = SnapshotMeta {
+                last_log_id: Some(log_id),
+                last_membership: StoredMembership::default(),
+                snapshot_id: "7-0".into(),
+            };
+            put_json(&db.snapshot, KEY_SNAPSHOT_META, &meta).unwrap();
+            db.snapshot
+                .insert(KEY_SNAPSHOT_DATA_V1, serde_json::to_vec(&state).unwrap())
+                .unwrap();
+            db.db.flush().unwrap();
+        }
+        let db = Db::open(&path).unwrap();
+        let mut sm = StateMachineStore::open(db.clone()).unwrap();
+        assert_eq!(read_lock(&sm.applied).state.subscriber_count(), 40);
+        assert!(db.snapshot.get(KEY_SNAPSHOT_DATA_V1).unwrap().is_none());
+        assert_eq!(snapshot_files(&path).len(), 1);
+        let snap = sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(snap.meta.snapshot_id, "7-0");
+    }
+
+    #[test]
+    fn a_restore_streams_the_state_into_a_snapshot_and_refuses_garbage() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = State::default();
+        state.apply(&subscribers(25));
+        let json = serde_json::to_vec(&state).unwrap();
+        let n = restore(&dir.path().join("a"), 1, "127.0.0.1:1", &json[..]).unwrap();
+        assert_eq!(n, 25);
+        let sm = StateMachineStore::open(Db::open(&dir.path().join("a")).unwrap()).unwrap();
+        assert_eq!(read_lock(&sm.applied).state.subscriber_count(), 25);
+        let err = restore(&dir.path().join("b"), 1, "127.0.0.1:1", &b"{\"subscri"[..]).unwrap_err();
+        assert!(matches!(err, RestoreError::Unreadable(_)), "{err}");
+        assert!(!dir.path().join("b").exists());
     }
 
     #[test]

@@ -507,7 +507,9 @@ pub async fn cluster(State(engine): State<AppState>) -> Result<Json<Value>, ApiE
 /// `GET /api/v1/backup`: a consistent copy of the replicated state, for `campanile restore`. It holds
 /// personal data (phone numbers): the response says so in its file name.
 pub async fn backup(State(engine): State<AppState>) -> Result<Response, ApiError> {
-    let bytes = engine.backup().await?;
+    let file = tokio::fs::File::from_std(engine.backup().await?);
+    let body =
+        axum::body::Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 16));
     Ok((
         [
             (axum::http::header::CONTENT_TYPE, "application/octet-stream"),
@@ -516,7 +518,7 @@ pub async fn backup(State(engine): State<AppState>) -> Result<Response, ApiError
                 "attachment; filename=\"campanile-backup-personal-data.cbk\"",
             ),
         ],
-        bytes,
+        body,
     )
         .into_response())
 }

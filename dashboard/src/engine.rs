@@ -81,7 +81,8 @@ pub trait Engine: Send + Sync + 'static {
         ))
     }
     /// A consistent backup of the replicated state (`campanile backup`).
-    async fn backup(&self) -> Result<Vec<u8>, EngineError> {
+    /// A file positioned at its start; the API streams it.
+    async fn backup(&self) -> Result<std::fs::File, EngineError> {
         Err(EngineError::Unavailable(
             "backups are not available on this node".into(),
         ))

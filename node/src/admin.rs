@@ -4,7 +4,7 @@
 //! The token comes from `CAMPANILE_TOKEN` or from a token file (by default the admin token of a node
 //! whose data directory is `./campanile-data`); any token the cluster knows works on every node.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -174,13 +174,8 @@ pub fn backup(via: &str, out: &Path, auth: &TokenArgs) -> anyhow::Result<BackupH
         anyhow::bail!("{} exists; choose a new file name", out.display());
     }
     let r = call("GET", via, "/api/v1/backup", auth)?;
-    let mut bytes = Vec::new();
-    r.into_reader()
-        .read_to_end(&mut bytes)
-        .context("the backup download was cut off")?;
-    let (header, _) = parse_backup(&bytes)?;
     let tmp = out.with_extension("partial");
-    {
+    let written = (|| {
         let mut opts = std::fs::OpenOptions::new();
         opts.write(true).create(true).truncate(true);
         #[cfg(unix)]
@@ -191,28 +186,47 @@ pub fn backup(via: &str, out: &Path, auth: &TokenArgs) -> anyhow::Result<BackupH
         let mut f = opts
             .open(&tmp)
             .with_context(|| format!("cannot create {}", tmp.display()))?;
-        f.write_all(&bytes)
-            .and_then(|_| f.sync_all())
+        std::io::copy(&mut r.into_reader(), &mut f).context("the backup download was cut off")?;
+        f.sync_all()
             .with_context(|| format!("cannot write {}", tmp.display()))?;
-    }
+        let f = std::fs::File::open(&tmp)?;
+        let (header, _) = read_backup_header(std::io::BufReader::new(f))?;
+        anyhow::Ok(header)
+    })();
+    let header = match written {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
     std::fs::rename(&tmp, out).with_context(|| format!("cannot create {}", out.display()))?;
     Ok(header)
 }
 
-/// Splits a backup file into its header and its state, checking the format.
-pub fn parse_backup(bytes: &[u8]) -> anyhow::Result<(BackupHeader, &[u8])> {
-    let nl = bytes
-        .iter()
-        .position(|b| *b == b'\n')
-        .context("not a Campanile backup: no header line")?;
-    let header: BackupHeader = serde_json::from_slice(&bytes[..nl])
+/// Longest header line a backup may have.
+const MAX_HEADER: u64 = 64 * 1024;
+
+/// Reads a backup's header line, checking the format; answers it and the reader positioned at the
+/// state that follows.
+pub fn read_backup_header<R: std::io::BufRead>(mut reader: R) -> anyhow::Result<(BackupHeader, R)> {
+    let mut line = Vec::new();
+    (&mut reader)
+        .take(MAX_HEADER)
+        .read_until(b'\n', &mut line)
+        .context("cannot read the backup")?;
+    anyhow::ensure!(
+        line.last() == Some(&b'\n'),
+        "not a Campanile backup: no header line"
+    );
+    let header: BackupHeader = serde_json::from_slice(&line)
         .context("not a Campanile backup: the header line is unreadable")?;
     anyhow::ensure!(
         header.format == BACKUP_FORMAT,
         "backup format `{}` is not one this release reads ({BACKUP_FORMAT})",
         header.format
     );
-    Ok((header, &bytes[nl + 1..]))
+    Ok((header, reader))
 }
 
 /// `campanile restore FILE`: makes a new data directory whose state is the backup's. The node started
@@ -224,8 +238,9 @@ pub fn restore(
     node_id: u64,
     raft: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<String> {
-    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let (header, state) = parse_backup(&bytes).with_context(|| file.display().to_string())?;
+    let f = std::fs::File::open(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let (header, state) = read_backup_header(std::io::BufReader::new(f))
+        .with_context(|| file.display().to_string())?;
     let raft_dir = data.join("raft");
     if raft_dir.exists() {
         anyhow::bail!(
@@ -256,8 +271,8 @@ mod tests {
 
     #[test]
     fn backups_of_another_format_or_without_a_header_are_refused() {
-        assert!(parse_backup(b"{}").is_err());
-        let e = parse_backup(b"{\"format\":\"x\",\"taken_ms\":1,\"node\":1,\"applied_index\":1,\"subscribers\":0}\n{}")
+        assert!(read_backup_header(&b"{}"[..]).is_err());
+        let e = read_backup_header(&b"{\"format\":\"x\",\"taken_ms\":1,\"node\":1,\"applied_index\":1,\"subscribers\":0}\n{}"[..])
             .unwrap_err();
         assert!(e.to_string().contains("format `x`"), "{e}");
     }

@@ -283,20 +283,32 @@ impl Engine for NodeEngine {
         Ok(self.cluster_view())
     }
 
-    async fn backup(&self) -> Result<Vec<u8>, EngineError> {
-        let (index, state) = self.cluster.backup().map_err(cluster_err)?;
-        let header = crate::admin::BackupHeader {
-            format: crate::admin::BACKUP_FORMAT.into(),
-            taken_ms: now_ms(),
-            node: self.cluster.node_id().0,
-            applied_index: index,
-            subscribers: self.cluster.read(|s| s.subscriber_count() as u64),
+    /// Streams the backup into an unnamed temporary file (mode 0600, gone when closed), so a
+    /// million subscribers are never held serialised in memory.
+    async fn backup(&self) -> Result<std::fs::File, EngineError> {
+        let cluster = self.cluster.clone();
+        let node = cluster.node_id().0;
+        let write = move || -> std::io::Result<std::fs::File> {
+            use std::io::{Seek, SeekFrom};
+            let mut file = cluster.backup_to(tempfile::tempfile()?, |index, subscribers| {
+                let header = crate::admin::BackupHeader {
+                    format: crate::admin::BACKUP_FORMAT.into(),
+                    taken_ms: now_ms(),
+                    node,
+                    applied_index: index,
+                    subscribers,
+                };
+                let mut line = serde_json::to_vec(&header).unwrap_or_default();
+                line.push(b'\n');
+                line
+            })?;
+            file.seek(SeekFrom::Start(0))?;
+            Ok(file)
         };
-        let mut out =
-            serde_json::to_vec(&header).map_err(|e| EngineError::Internal(e.to_string()))?;
-        out.push(b'\n');
-        out.extend_from_slice(&state);
-        Ok(out)
+        tokio::task::spawn_blocking(write)
+            .await
+            .map_err(|e| EngineError::Internal(e.to_string()))?
+            .map_err(|e| EngineError::Internal(format!("cannot write the backup: {e}")))
     }
 
     async fn linearize(&self) -> Result<(), EngineError> {

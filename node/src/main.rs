@@ -248,6 +248,11 @@ enum BenchCmd {
         #[arg(long, default_value_t = 64)]
         writers: usize,
     },
+    /// Memory a Raft snapshot and a backup of many subscribers add above the state itself.
+    SnapshotMemory {
+        #[arg(long, default_value_t = 1_000_000)]
+        subscribers: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -592,6 +597,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     dir,
                     writers,
                 } => campanile::bench::log_soak(entries, dir, writers.clamp(1, 1024)).await?,
+                BenchCmd::SnapshotMemory { subscribers } => {
+                    campanile::bench::snapshot_memory(subscribers.clamp(1, 10_000_000)).await?
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
