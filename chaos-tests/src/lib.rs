@@ -356,6 +356,21 @@ impl NodeProc {
         into_json(r)
     }
 
+    /// POST raw bytes (`content_type`) to an API path; returns (status, JSON body).
+    pub fn post_bytes(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: &[u8],
+    ) -> anyhow::Result<(u16, Value)> {
+        let r = ureq::post(&self.url(path))
+            .set("Authorization", &self.auth())
+            .set("Content-Type", content_type)
+            .timeout(Duration::from_secs(30))
+            .send_bytes(body);
+        into_json(r)
+    }
+
     /// Raw text of an unauthenticated path (e.g. /metrics).
     pub fn text(&self, path: &str) -> anyhow::Result<String> {
         Ok(ureq::get(&self.url(path))

@@ -6,7 +6,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{
-    ApiToken, AttemptEvent, CampaignId, CampaignSpec, NewSubscriber, NodeId, NodeInfo, SubscriberId,
+    ApiToken, AttemptEvent, CampaignId, CampaignSpec, NewSubscriber, NodeId, NodeInfo, Operator,
+    OperatorUpdate, SubscriberId,
 };
 
 /// A change to the replicated state. `at_ms` is the proposer's wall clock; `apply` never reads a clock.
@@ -95,6 +96,46 @@ pub enum Command {
         at_ms: u64,
         node: NodeId,
     },
+    /// A new tenant (a comune, a region).
+    CreateTenant {
+        at_ms: u64,
+        slug: String,
+        name: String,
+    },
+    /// A new console account; `created_ms` and `updated_ms` are set from `at_ms`.
+    CreateOperator {
+        at_ms: u64,
+        operator: Operator,
+    },
+    UpdateOperator {
+        at_ms: u64,
+        update: OperatorUpdate,
+    },
+    /// Stores a recording (WAV bytes) for a tenant under the SHA-256 of its bytes; storing the same
+    /// bytes again changes nothing.
+    PutAudio {
+        at_ms: u64,
+        tenant: String,
+        #[serde(with = "crate::domain::base64_bytes")]
+        wav: Vec<u8>,
+    },
+    /// `command`, applied as usual, and a line in the audit log saying who asked and what came of it.
+    Audited {
+        at_ms: u64,
+        actor: String,
+        tenant: Option<String>,
+        command: Box<Command>,
+    },
+}
+
+impl Command {
+    /// The command's kind as it is written in the log (`start_campaign`...).
+    pub fn kind(&self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_object().and_then(|o| o.keys().next().cloned()))
+            .unwrap_or_default()
+    }
 }
 
 /// What applying a command answered. Refusals are data, decided deterministically by the state machine.
@@ -108,6 +149,8 @@ pub enum Response {
     /// holds the number.
     Imported(Vec<Imported>),
     CampaignCreated(CampaignId),
+    /// The SHA-256 a recording is stored under.
+    AudioStored(String),
     /// How many events of a `RecordAttempts` batch changed something (the rest were duplicates or stale).
     Recorded {
         applied: u32,
@@ -141,4 +184,22 @@ pub enum Refusal {
         wanted: String,
         verb: String,
     },
+    #[error("tenant `{0}` does not exist")]
+    UnknownTenant(String),
+    #[error("tenant `{0}` already exists")]
+    DuplicateTenant(String),
+    #[error("`{0}` cannot name a tenant: use 1 to 40 lower-case letters, digits and dashes")]
+    InvalidTenant(String),
+    #[error("operator `{0}` already exists")]
+    DuplicateOperator(String),
+    #[error("operator `{0}` does not exist")]
+    UnknownOperator(String),
+    #[error("operator `{username}` is not valid: {reason}")]
+    InvalidOperator { username: String, reason: String },
+    #[error("the recording is {bytes} bytes; the limit is {limit} bytes (ten minutes at 8 kHz)")]
+    AudioTooLarge { bytes: usize, limit: usize },
+    #[error("recording {0} does not exist for this tenant")]
+    UnknownAudio(String),
+    #[error("an audited command cannot wrap another audited command")]
+    NestedAudit,
 }

@@ -132,6 +132,8 @@ pub struct Subscriber {
     pub verified: bool,
     pub opted_out: bool,
     pub created_ms: u64,
+    #[serde(default = "default_tenant", skip_serializing_if = "is_default_tenant")]
+    pub tenant: String,
 }
 
 /// What a new subscriber looks like before the state machine gives it an id.
@@ -142,6 +144,9 @@ pub struct NewSubscriber {
     pub language: String,
     pub zone: Option<String>,
     pub verified: bool,
+    /// The tenant the subscriber registers with; the same number may be registered with several.
+    #[serde(default = "default_tenant", skip_serializing_if = "is_default_tenant")]
+    pub tenant: String,
 }
 
 /// How urgent an alert is; emergency calls are dialled first and ignore quiet hours.
@@ -178,6 +183,146 @@ impl Priority {
 pub enum Message {
     /// Text spoken by the TTS engine in `language`.
     Tts { text: String, language: String },
+    /// A recording stored in the cluster (`PutAudio`), by the hex SHA-256 of its WAV bytes.
+    Recording { sha256: String },
+}
+
+/// The tenant everything belonged to before tenants existed, and a fresh cluster's only tenant.
+pub const DEFAULT_TENANT: &str = "default";
+
+/// Serde default for records written before tenants existed.
+pub fn default_tenant() -> String {
+    DEFAULT_TENANT.into()
+}
+
+/// Records of the default tenant are written without the field, exactly as before tenants existed,
+/// so logs and snapshots stay readable both ways.
+fn is_default_tenant(t: &String) -> bool {
+    t == DEFAULT_TENANT
+}
+
+/// A comune, a region or any organisation: its subscribers, campaigns, recordings and operators are
+/// invisible to every other tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tenant {
+    /// Lower-case letters, digits and dashes, 1 to 40 characters: it appears in URLs (`/r/{slug}`).
+    pub slug: String,
+    pub name: String,
+    pub created_ms: u64,
+}
+
+impl Tenant {
+    /// Whether `slug` can name a tenant: `[a-z0-9][a-z0-9-]{0,39}`.
+    pub fn valid_slug(slug: &str) -> bool {
+        (1..=40).contains(&slug.len())
+            && slug
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !slug.starts_with('-')
+    }
+}
+
+/// What an operator may do. A regional operator (a prefecture) oversees every tenant it lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Admin,
+    Approver,
+    Operator,
+    Viewer,
+    Regional,
+}
+
+/// A person who works in the console. The password is only ever an argon2id hash (PHC string),
+/// made by the node that received it; the log never holds a password.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Operator {
+    pub username: String,
+    pub display_name: String,
+    pub role: Role,
+    /// The tenants this operator works for (one, except for a regional role).
+    pub tenants: Vec<String>,
+    pub password_hash: String,
+    #[serde(default)]
+    pub disabled: bool,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+}
+
+impl Operator {
+    /// Usernames: 1 to 64 characters of letters, digits, `.`, `_`, `-` and `@`.
+    pub fn valid_username(name: &str) -> bool {
+        (1..=64).contains(&name.len())
+            && name
+                .chars()
+                .all(|c| c.is_alphanumeric() || matches!(c, '.' | '_' | '-' | '@'))
+    }
+
+    /// Whether this operator may see or act on `tenant`'s data.
+    pub fn serves(&self, tenant: &str) -> bool {
+        self.tenants.iter().any(|t| t == tenant)
+    }
+}
+
+/// A change to an operator; fields left `None` stay as they are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperatorUpdate {
+    pub username: String,
+    #[serde(default)]
+    pub role: Option<Role>,
+    #[serde(default)]
+    pub tenants: Option<Vec<String>>,
+    #[serde(default)]
+    pub password_hash: Option<String>,
+    #[serde(default)]
+    pub disabled: Option<bool>,
+}
+
+/// One line of the replicated audit log: who did what, and what the state machine answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Position in the log, from 1.
+    pub seq: u64,
+    pub at_ms: u64,
+    /// An operator's username, `token:<name>` for an API token, or `system`.
+    pub actor: String,
+    pub tenant: Option<String>,
+    /// The command's kind (`start_campaign`, `create_operator`...).
+    pub action: String,
+    /// What it was about (a campaign id, a username...), never a phone number or a secret.
+    pub target: String,
+    /// `ok`, or the refusal.
+    pub result: String,
+}
+
+/// Largest recording the cluster stores: ten minutes of 8 kHz 16-bit mono WAV.
+pub const MAX_AUDIO_BYTES: usize = 10 * 60 * 8_000 * 2 + 44;
+
+/// A recorded message, content-addressed by the hex SHA-256 of its WAV bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AudioBlob {
+    pub sha256: String,
+    pub tenant: String,
+    pub created_ms: u64,
+    #[serde(with = "base64_bytes")]
+    pub wav: Vec<u8>,
+}
+
+/// Bytes as standard base64 in JSON (a third of the size of a JSON array of numbers).
+pub(crate) mod base64_bytes {
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(text.as_bytes())
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 /// Who a campaign calls.
@@ -249,6 +394,9 @@ pub struct CampaignSpec {
     /// When true only a DTMF "1" confirms; when false hearing the whole message does.
     pub require_confirmation: bool,
     pub retry: RetryPolicy,
+    /// Whose subscribers are called.
+    #[serde(default = "default_tenant", skip_serializing_if = "is_default_tenant")]
+    pub tenant: String,
 }
 
 /// Where a campaign is in its life.

@@ -10,9 +10,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::command::{Command, Imported, Refusal, Response};
 use crate::domain::{
-    partition_of, ApiToken, AttemptEvent, CallTask, Campaign, CampaignId, CampaignState, Counts,
-    FinalState, Lease, NewSubscriber, Next, NodeId, NodeInfo, Outcome, PhoneNumber, Subscriber,
-    SubscriberId, TaskState, PARTITIONS,
+    partition_of, ApiToken, AttemptEvent, AudioBlob, AuditEntry, CallTask, Campaign, CampaignId,
+    CampaignSpec, CampaignState, Counts, FinalState, Lease, Message, NewSubscriber, Next, NodeId,
+    NodeInfo, Operator, OperatorUpdate, Outcome, PhoneNumber, Subscriber, SubscriberId, TaskState,
+    Tenant, DEFAULT_TENANT, MAX_AUDIO_BYTES, PARTITIONS,
 };
 
 /// Key of the due queue: priority rank first, then due time, so the dialer pops emergencies first.
@@ -38,16 +39,63 @@ pub struct State {
     /// Each node's last lease renewal (its heartbeat), on its own clock.
     #[serde(default)]
     heartbeats: BTreeMap<NodeId, u64>,
+    /// Tenants by slug; `default` always exists.
+    #[serde(default)]
+    tenants: Tenants,
+    /// Console accounts by username.
+    #[serde(default)]
+    operators: BTreeMap<String, Operator>,
+    /// Who did what, in commit order.
+    #[serde(default)]
+    audit: Vec<AuditEntry>,
+    /// Recordings by SHA-256.
+    #[serde(default)]
+    audio: BTreeMap<String, AudioBlob>,
+    /// (tenant, phone) → subscriber.
     #[serde(skip)]
-    phones: BTreeMap<PhoneNumber, SubscriberId>,
+    phones: BTreeMap<(String, PhoneNumber), SubscriberId>,
     #[serde(skip)]
     due: BTreeSet<DueKey>,
+}
+
+/// The tenants map, which always holds `default` (so a fresh cluster and a snapshot of a release
+/// before tenants both have it).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+struct Tenants(BTreeMap<String, Tenant>);
+
+impl Default for Tenants {
+    fn default() -> Self {
+        let default = Tenant {
+            slug: DEFAULT_TENANT.into(),
+            name: "Default".into(),
+            created_ms: 0,
+        };
+        Tenants([(default.slug.clone(), default)].into_iter().collect())
+    }
 }
 
 impl State {
     /// Applies one committed command. Never panics on any command, well-formed or not.
     pub fn apply(&mut self, cmd: &Command) -> Response {
         match cmd {
+            Command::CreateSubscriber { subscriber, .. }
+                if !self.tenants.0.contains_key(&subscriber.tenant) =>
+            {
+                Response::Refused(Refusal::UnknownTenant(subscriber.tenant.clone()))
+            }
+            Command::CreateSubscribers { subscribers, .. }
+                if subscribers
+                    .iter()
+                    .any(|s| !self.tenants.0.contains_key(&s.tenant)) =>
+            {
+                let unknown = subscribers
+                    .iter()
+                    .find(|s| !self.tenants.0.contains_key(&s.tenant))
+                    .map(|s| s.tenant.clone())
+                    .unwrap_or_default();
+                Response::Refused(Refusal::UnknownTenant(unknown))
+            }
             Command::CreateSubscriber { at_ms, subscriber } => {
                 match self.create_subscriber(subscriber, *at_ms) {
                     Imported::Created(id) => Response::SubscriberCreated(id),
@@ -67,7 +115,7 @@ impl State {
                 let Some(sub) = self.subscribers.remove(id) else {
                     return Response::Refused(Refusal::UnknownSubscriber(*id));
                 };
-                self.phones.remove(&sub.phone);
+                self.phones.remove(&(sub.tenant.clone(), sub.phone.clone()));
                 // Erasure: open tasks for this person end as cancelled; nobody dials a deleted number.
                 let campaign_ids: Vec<CampaignId> = self.tasks.keys().copied().collect();
                 for cid in campaign_ids {
@@ -76,6 +124,9 @@ impl State {
                 Response::Ok
             }
             Command::CreateCampaign { at_ms, spec } => {
+                if let Some(refusal) = self.campaign_refusal(spec) {
+                    return Response::Refused(refusal);
+                }
                 self.next_campaign += 1;
                 let id = CampaignId(self.next_campaign);
                 self.campaigns.insert(
@@ -208,7 +259,176 @@ impl State {
                     applied: self.reclaim(*node, *at_ms),
                 }
             }
+            Command::CreateTenant { at_ms, slug, name } => {
+                if !Tenant::valid_slug(slug) {
+                    return Response::Refused(Refusal::InvalidTenant(slug.clone()));
+                }
+                if self.tenants.0.contains_key(slug) {
+                    return Response::Refused(Refusal::DuplicateTenant(slug.clone()));
+                }
+                let tenant = Tenant {
+                    slug: slug.clone(),
+                    name: name.clone(),
+                    created_ms: *at_ms,
+                };
+                self.tenants.0.insert(slug.clone(), tenant);
+                Response::Ok
+            }
+            Command::CreateOperator { at_ms, operator } => {
+                if self.operators.contains_key(&operator.username) {
+                    return Response::Refused(Refusal::DuplicateOperator(
+                        operator.username.clone(),
+                    ));
+                }
+                if let Some(refusal) = self.operator_refusal(operator) {
+                    return Response::Refused(refusal);
+                }
+                self.operators.insert(
+                    operator.username.clone(),
+                    Operator {
+                        created_ms: *at_ms,
+                        updated_ms: *at_ms,
+                        ..operator.clone()
+                    },
+                );
+                Response::Ok
+            }
+            Command::UpdateOperator { at_ms, update } => self.update_operator(update, *at_ms),
+            Command::PutAudio { at_ms, tenant, wav } => {
+                if !self.tenants.0.contains_key(tenant) {
+                    return Response::Refused(Refusal::UnknownTenant(tenant.clone()));
+                }
+                if wav.len() > MAX_AUDIO_BYTES {
+                    return Response::Refused(Refusal::AudioTooLarge {
+                        bytes: wav.len(),
+                        limit: MAX_AUDIO_BYTES,
+                    });
+                }
+                let sha256 = hex_sha256(wav);
+                self.audio
+                    .entry(sha256.clone())
+                    .or_insert_with(|| AudioBlob {
+                        sha256: sha256.clone(),
+                        tenant: tenant.clone(),
+                        created_ms: *at_ms,
+                        wav: wav.clone(),
+                    });
+                Response::AudioStored(sha256)
+            }
+            Command::Audited {
+                at_ms,
+                actor,
+                tenant,
+                command,
+            } => {
+                if matches!(**command, Command::Audited { .. }) {
+                    return Response::Refused(Refusal::NestedAudit);
+                }
+                let tenant = tenant.clone().or_else(|| self.command_tenant(command));
+                let response = self.apply(command);
+                let result = match &response {
+                    Response::Refused(r) => format!("refused: {r}"),
+                    _ => "ok".into(),
+                };
+                self.audit.push(AuditEntry {
+                    seq: self.audit.len() as u64 + 1,
+                    at_ms: *at_ms,
+                    actor: actor.clone(),
+                    tenant,
+                    action: command.kind(),
+                    target: audit_target(command, &response),
+                    result,
+                });
+                response
+            }
         }
+    }
+
+    /// The tenant a command acts on, for the audit log (read before the command is applied).
+    fn command_tenant(&self, cmd: &Command) -> Option<String> {
+        let of_campaign = |id: &CampaignId| self.campaigns.get(id).map(|c| c.spec.tenant.clone());
+        match cmd {
+            Command::CreateSubscriber { subscriber, .. } => Some(subscriber.tenant.clone()),
+            Command::CreateSubscribers { subscribers, .. } => {
+                subscribers.first().map(|s| s.tenant.clone())
+            }
+            Command::DeleteSubscriber { id, .. } => {
+                self.subscribers.get(id).map(|s| s.tenant.clone())
+            }
+            Command::CreateCampaign { spec, .. } => Some(spec.tenant.clone()),
+            Command::StartCampaign { id, .. }
+            | Command::CancelCampaign { id, .. }
+            | Command::PauseCampaign { id, .. }
+            | Command::ResumeCampaign { id, .. } => of_campaign(id),
+            Command::CreateTenant { slug, .. } => Some(slug.clone()),
+            Command::PutAudio { tenant, .. } => Some(tenant.clone()),
+            Command::CreateOperator { operator, .. } => operator.tenants.first().cloned(),
+            _ => None,
+        }
+    }
+
+    /// Why a campaign cannot be created: its tenant or its recording does not exist.
+    fn campaign_refusal(&self, spec: &CampaignSpec) -> Option<Refusal> {
+        if !self.tenants.0.contains_key(&spec.tenant) {
+            return Some(Refusal::UnknownTenant(spec.tenant.clone()));
+        }
+        match &spec.message {
+            Message::Recording { sha256 } if self.audio(&spec.tenant, sha256).is_none() => {
+                Some(Refusal::UnknownAudio(sha256.clone()))
+            }
+            _ => None,
+        }
+    }
+
+    /// Why an operator record is not acceptable (checked on create and after an update).
+    fn operator_refusal(&self, op: &Operator) -> Option<Refusal> {
+        let invalid = |reason: &str| {
+            Some(Refusal::InvalidOperator {
+                username: op.username.clone(),
+                reason: reason.into(),
+            })
+        };
+        if !Operator::valid_username(&op.username) {
+            return invalid("a username has 1 to 64 letters, digits, `.`, `_`, `-` or `@`");
+        }
+        if !op.password_hash.starts_with("$argon2id$") {
+            return invalid("the password must arrive as an argon2id hash");
+        }
+        if op.tenants.is_empty() {
+            return invalid("an operator works for at least one tenant");
+        }
+        if op.tenants.len() > 1 && op.role != crate::domain::Role::Regional {
+            return invalid("only a regional operator works for several tenants");
+        }
+        if let Some(t) = op.tenants.iter().find(|t| !self.tenants.0.contains_key(*t)) {
+            return Some(Refusal::UnknownTenant(t.clone()));
+        }
+        None
+    }
+
+    fn update_operator(&mut self, update: &OperatorUpdate, at_ms: u64) -> Response {
+        let Some(current) = self.operators.get(&update.username) else {
+            return Response::Refused(Refusal::UnknownOperator(update.username.clone()));
+        };
+        let mut next = current.clone();
+        if let Some(role) = update.role {
+            next.role = role;
+        }
+        if let Some(tenants) = &update.tenants {
+            next.tenants = tenants.clone();
+        }
+        if let Some(hash) = &update.password_hash {
+            next.password_hash = hash.clone();
+        }
+        if let Some(disabled) = update.disabled {
+            next.disabled = disabled;
+        }
+        next.updated_ms = at_ms;
+        if let Some(refusal) = self.operator_refusal(&next) {
+            return Response::Refused(refusal);
+        }
+        self.operators.insert(next.username.clone(), next);
+        Response::Ok
     }
 
     /// Gives back every attempt `node` has in flight, as interrupted and due at once: the node is gone
@@ -244,12 +464,13 @@ impl State {
     }
 
     fn create_subscriber(&mut self, subscriber: &NewSubscriber, at_ms: u64) -> Imported {
-        if let Some(existing) = self.phones.get(&subscriber.phone) {
+        let key = (subscriber.tenant.clone(), subscriber.phone.clone());
+        if let Some(existing) = self.phones.get(&key) {
             return Imported::Duplicate(*existing);
         }
         self.next_subscriber += 1;
         let id = SubscriberId(self.next_subscriber);
-        self.phones.insert(subscriber.phone.clone(), id);
+        self.phones.insert(key, id);
         self.subscribers.insert(
             id,
             Subscriber {
@@ -261,6 +482,7 @@ impl State {
                 verified: subscriber.verified,
                 opted_out: false,
                 created_ms: at_ms,
+                tenant: subscriber.tenant.clone(),
             },
         );
         Imported::Created(id)
@@ -277,7 +499,11 @@ impl State {
         let mut tasks = BTreeMap::new();
         let mut counts = Counts::default();
         for sub in self.subscribers.values() {
-            if !sub.verified || sub.opted_out || !campaign.spec.audience.includes(sub) {
+            if sub.tenant != campaign.spec.tenant
+                || !sub.verified
+                || sub.opted_out
+                || !campaign.spec.audience.includes(sub)
+            {
                 continue;
             }
             tasks.insert(
@@ -525,7 +751,7 @@ impl State {
         self.phones = self
             .subscribers
             .values()
-            .map(|s| (s.phone.clone(), s.id))
+            .map(|s| ((s.tenant.clone(), s.phone.clone()), s.id))
             .collect();
         self.due.clear();
         for (cid, tasks) in &self.tasks {
@@ -620,10 +846,36 @@ impl State {
         self.subscribers.get(&id)
     }
 
-    pub fn subscriber_by_phone(&self, phone: &PhoneNumber) -> Option<&Subscriber> {
+    pub fn subscriber_by_phone(&self, tenant: &str, phone: &PhoneNumber) -> Option<&Subscriber> {
         self.phones
-            .get(phone)
+            .get(&(tenant.to_string(), phone.clone()))
             .and_then(|id| self.subscribers.get(id))
+    }
+
+    pub fn tenant(&self, slug: &str) -> Option<&Tenant> {
+        self.tenants.0.get(slug)
+    }
+
+    pub fn tenants(&self) -> impl Iterator<Item = &Tenant> {
+        self.tenants.0.values()
+    }
+
+    pub fn operator(&self, username: &str) -> Option<&Operator> {
+        self.operators.get(username)
+    }
+
+    pub fn operators(&self) -> impl Iterator<Item = &Operator> {
+        self.operators.values()
+    }
+
+    /// The audit log, oldest first.
+    pub fn audit(&self) -> &[AuditEntry] {
+        &self.audit
+    }
+
+    /// A recording, if it exists and belongs to `tenant`.
+    pub fn audio(&self, tenant: &str, sha256: &str) -> Option<&AudioBlob> {
+        self.audio.get(sha256).filter(|a| a.tenant == tenant)
     }
 
     pub fn subscribers(&self) -> impl Iterator<Item = &Subscriber> {
@@ -683,6 +935,42 @@ fn wrong_state(c: &Campaign, wanted: &str, verb: &str) -> Refusal {
     }
 }
 
+/// Hex SHA-256 of `bytes`.
+fn hex_sha256(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// What an audited command was about, for the audit log: ids and names, never a phone number, a
+/// password hash or audio bytes.
+fn audit_target(command: &Command, response: &Response) -> String {
+    match (command, response) {
+        (_, Response::SubscriberCreated(id)) => format!("subscriber {id}"),
+        (_, Response::CampaignCreated(id)) => format!("campaign {id}"),
+        (_, Response::AudioStored(sha)) => format!("recording {sha}"),
+        (Command::CreateSubscribers { subscribers, .. }, _) => {
+            format!("{} subscribers", subscribers.len())
+        }
+        (Command::DeleteSubscriber { id, .. }, _) => format!("subscriber {id}"),
+        (
+            Command::StartCampaign { id, .. }
+            | Command::CancelCampaign { id, .. }
+            | Command::PauseCampaign { id, .. }
+            | Command::ResumeCampaign { id, .. },
+            _,
+        ) => format!("campaign {id}"),
+        (Command::CreateTenant { slug, .. }, _) => format!("tenant {slug}"),
+        (Command::CreateOperator { operator, .. }, _) => format!("operator {}", operator.username),
+        (Command::UpdateOperator { update, .. }, _) => format!("operator {}", update.username),
+        (Command::AddToken { token }, _) => format!("token {}", token.label),
+        (Command::ForgetNode { node, .. }, _) => format!("node {node}"),
+        _ => String::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -692,6 +980,7 @@ mod tests {
         Command::CreateSubscriber {
             at_ms: 1,
             subscriber: NewSubscriber {
+                tenant: crate::domain::default_tenant(),
                 phone: PhoneNumber::parse(&format!("+39347{n:07}")).unwrap(),
                 name: None,
                 language: "it".into(),
@@ -705,6 +994,7 @@ mod tests {
         Command::CreateCampaign {
             at_ms: 2,
             spec: CampaignSpec {
+                tenant: crate::domain::default_tenant(),
                 title: "Piena del fiume".into(),
                 message: Message::Tts {
                     text: "Allerta".into(),
@@ -760,6 +1050,315 @@ mod tests {
             node: NodeId(1),
             events,
         })
+    }
+
+    /// `sub` and `campaign`, moved to another tenant.
+    fn in_tenant(tenant: &str, mut cmd: Command) -> Command {
+        match &mut cmd {
+            Command::CreateSubscriber { subscriber, .. } => subscriber.tenant = tenant.into(),
+            Command::CreateCampaign { spec, .. } => spec.tenant = tenant.into(),
+            _ => {}
+        }
+        cmd
+    }
+
+    fn operator(username: &str, role: Role, tenants: &[&str], hash: &str) -> Command {
+        Command::CreateOperator {
+            at_ms: 5,
+            operator: Operator {
+                username: username.into(),
+                display_name: username.into(),
+                role,
+                tenants: tenants.iter().map(|t| t.to_string()).collect(),
+                password_hash: hash.into(),
+                disabled: false,
+                created_ms: 0,
+                updated_ms: 0,
+            },
+        }
+    }
+
+    const HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA";
+
+    #[test]
+    fn tenants_keep_their_subscribers_and_campaigns_apart() {
+        let mut st = State::default();
+        assert!(
+            st.tenant(DEFAULT_TENANT).is_some(),
+            "a fresh state has `default`"
+        );
+        let pisa = |name: &str| Command::CreateTenant {
+            at_ms: 1,
+            slug: "pisa".into(),
+            name: name.into(),
+        };
+        assert_eq!(st.apply(&pisa("Comune di Pisa")), Response::Ok);
+        assert!(matches!(
+            st.apply(&pisa("again")),
+            Response::Refused(Refusal::DuplicateTenant(_))
+        ));
+        for bad in ["", "Pisa", "-pisa", "pi sa", &"p".repeat(41)] {
+            let r = st.apply(&Command::CreateTenant {
+                at_ms: 1,
+                slug: bad.into(),
+                name: "x".into(),
+            });
+            assert!(
+                matches!(r, Response::Refused(Refusal::InvalidTenant(_))),
+                "{bad:?}: {r:?}"
+            );
+        }
+        // The same number may be registered with two comuni, but only once with each.
+        assert!(matches!(
+            st.apply(&sub(1, None)),
+            Response::SubscriberCreated(_)
+        ));
+        assert!(matches!(
+            st.apply(&in_tenant("pisa", sub(1, None))),
+            Response::SubscriberCreated(_)
+        ));
+        assert!(matches!(
+            st.apply(&in_tenant("pisa", sub(1, None))),
+            Response::Refused(Refusal::DuplicatePhone(..))
+        ));
+        st.apply(&in_tenant("pisa", sub(2, None)));
+        assert!(matches!(
+            st.apply(&in_tenant("lucca", sub(3, None))),
+            Response::Refused(Refusal::UnknownTenant(_))
+        ));
+        assert!(matches!(
+            st.apply(&in_tenant("lucca", campaign(Audience::All))),
+            Response::Refused(Refusal::UnknownTenant(_))
+        ));
+        // A campaign of Pisa calls Pisa's two subscribers, not the default tenant's.
+        let Response::CampaignCreated(id) = st.apply(&in_tenant("pisa", campaign(Audience::All)))
+        else {
+            panic!("campaign not created");
+        };
+        st.apply(&Command::StartCampaign { at_ms: 3, id });
+        let called: Vec<String> = st
+            .tasks(id)
+            .filter_map(|t| st.subscriber(t.subscriber))
+            .map(|s| s.tenant.clone())
+            .collect();
+        assert_eq!(called, vec!["pisa".to_string(), "pisa".to_string()]);
+        // Indexes rebuilt from a snapshot keep the per-tenant numbers apart.
+        let mut copy: State = serde_json::from_str(&serde_json::to_string(&st).unwrap()).unwrap();
+        copy.rebuild_indexes();
+        let phone = PhoneNumber::parse("+393470000001").unwrap();
+        assert_ne!(
+            copy.subscriber_by_phone("pisa", &phone).map(|s| s.id),
+            copy.subscriber_by_phone(DEFAULT_TENANT, &phone)
+                .map(|s| s.id)
+        );
+        // A snapshot of a release before tenants still has `default`.
+        let old: State = serde_json::from_str(
+            r#"{"next_subscriber":0,"next_campaign":0,"subscribers":{},"campaigns":{},"tasks":{}}"#,
+        )
+        .unwrap();
+        assert!(old.tenant(DEFAULT_TENANT).is_some());
+    }
+
+    #[test]
+    fn operators_hold_only_argon2id_hashes_and_valid_tenants() {
+        let mut st = State::default();
+        st.apply(&Command::CreateTenant {
+            at_ms: 1,
+            slug: "pisa".into(),
+            name: "Pisa".into(),
+        });
+        let refused = |r: Response| matches!(r, Response::Refused(_));
+        assert!(refused(st.apply(&operator(
+            "anna",
+            Role::Admin,
+            &["pisa"],
+            "hunter2"
+        ))));
+        assert!(refused(st.apply(&operator(
+            "anna",
+            Role::Admin,
+            &["pisa", "default"],
+            HASH
+        ))));
+        assert!(refused(st.apply(&operator("anna", Role::Admin, &[], HASH))));
+        assert!(refused(st.apply(&operator(
+            "anna",
+            Role::Admin,
+            &["lucca"],
+            HASH
+        ))));
+        assert!(refused(st.apply(&operator(
+            "an na",
+            Role::Admin,
+            &["pisa"],
+            HASH
+        ))));
+        assert_eq!(
+            st.apply(&operator("anna", Role::Admin, &["pisa"], HASH)),
+            Response::Ok
+        );
+        assert!(matches!(
+            st.apply(&operator("anna", Role::Viewer, &["pisa"], HASH)),
+            Response::Refused(Refusal::DuplicateOperator(_))
+        ));
+        // A prefecture oversees several comuni.
+        assert_eq!(
+            st.apply(&operator(
+                "prefetto",
+                Role::Regional,
+                &["pisa", "default"],
+                HASH
+            )),
+            Response::Ok
+        );
+        assert!(st
+            .operator("prefetto")
+            .is_some_and(|o| o.serves("pisa") && o.serves("default")));
+        let update = |disabled: Option<bool>, hash: Option<&str>| Command::UpdateOperator {
+            at_ms: 9,
+            update: OperatorUpdate {
+                username: "anna".into(),
+                role: None,
+                tenants: None,
+                password_hash: hash.map(String::from),
+                disabled,
+            },
+        };
+        assert_eq!(st.apply(&update(Some(true), None)), Response::Ok);
+        assert!(st
+            .operator("anna")
+            .is_some_and(|o| o.disabled && o.updated_ms == 9));
+        assert!(refused(st.apply(&update(None, Some("plain")))));
+        assert_eq!(
+            st.operator("anna").map(|o| o.password_hash.as_str()),
+            Some(HASH)
+        );
+        assert!(matches!(
+            st.apply(&Command::UpdateOperator {
+                at_ms: 9,
+                update: OperatorUpdate {
+                    username: "nobody".into(),
+                    role: None,
+                    tenants: None,
+                    password_hash: None,
+                    disabled: None,
+                },
+            }),
+            Response::Refused(Refusal::UnknownOperator(_))
+        ));
+    }
+
+    #[test]
+    fn audited_commands_leave_who_what_and_the_result_in_the_log() {
+        let mut st = State::default();
+        let audited = |cmd: Command| Command::Audited {
+            at_ms: 7,
+            actor: "anna".into(),
+            tenant: Some(DEFAULT_TENANT.into()),
+            command: Box::new(cmd),
+        };
+        st.apply(&audited(sub(1, None)));
+        let Response::CampaignCreated(id) = st.apply(&audited(campaign(Audience::All))) else {
+            panic!("campaign not created");
+        };
+        assert_eq!(
+            st.apply(&audited(Command::StartCampaign { at_ms: 7, id })),
+            Response::Ok
+        );
+        let r = st.apply(&audited(Command::StartCampaign { at_ms: 8, id }));
+        assert!(matches!(r, Response::Refused(_)), "{r:?}");
+        assert!(matches!(
+            st.apply(&audited(audited(sub(2, None)))),
+            Response::Refused(Refusal::NestedAudit)
+        ));
+        let log: Vec<(u64, &str, &str, &str)> = st
+            .audit()
+            .iter()
+            .map(|e| {
+                (
+                    e.seq,
+                    e.action.as_str(),
+                    e.target.as_str(),
+                    e.result.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(log.len(), 4, "{log:?}");
+        assert_eq!(log[0], (1, "create_subscriber", "subscriber sub-1", "ok"));
+        assert_eq!(log[1], (2, "create_campaign", "campaign cmp-1", "ok"));
+        assert_eq!(log[2], (3, "start_campaign", "campaign cmp-1", "ok"));
+        assert_eq!(log[3].1, "start_campaign");
+        assert!(
+            log[3].3.starts_with("refused: campaign cmp-1 is running"),
+            "{log:?}"
+        );
+        assert!(st
+            .audit()
+            .iter()
+            .all(|e| e.actor == "anna" && e.at_ms == 7 || e.seq == 4));
+        // No phone number reaches the audit log.
+        let text = serde_json::to_string(st.audit()).unwrap();
+        assert!(!text.contains("3470000001"), "{text}");
+    }
+
+    #[test]
+    fn recordings_are_content_addressed_capped_and_private_to_their_tenant() {
+        let mut st = State::default();
+        st.apply(&Command::CreateTenant {
+            at_ms: 1,
+            slug: "pisa".into(),
+            name: "Pisa".into(),
+        });
+        let put = |tenant: &str, wav: Vec<u8>| Command::PutAudio {
+            at_ms: 2,
+            tenant: tenant.into(),
+            wav,
+        };
+        let Response::AudioStored(sha) = st.apply(&put("pisa", b"RIFF-wav-bytes".to_vec())) else {
+            panic!("not stored");
+        };
+        assert_eq!(sha.len(), 64);
+        assert_eq!(
+            st.apply(&put("pisa", b"RIFF-wav-bytes".to_vec())),
+            Response::AudioStored(sha.clone())
+        );
+        assert!(st.audio("pisa", &sha).is_some());
+        assert!(
+            st.audio(DEFAULT_TENANT, &sha).is_none(),
+            "another tenant cannot see it"
+        );
+        assert!(matches!(
+            st.apply(&put("pisa", vec![0; MAX_AUDIO_BYTES + 1])),
+            Response::Refused(Refusal::AudioTooLarge { .. })
+        ));
+        let with_recording = |tenant: &str| Command::CreateCampaign {
+            at_ms: 3,
+            spec: CampaignSpec {
+                tenant: tenant.into(),
+                title: "Registrata".into(),
+                message: Message::Recording {
+                    sha256: sha.clone(),
+                },
+                audience: Audience::All,
+                priority: Priority::Urgent,
+                require_confirmation: true,
+                retry: RetryPolicy::default_for(Priority::Urgent),
+            },
+        };
+        assert!(matches!(
+            st.apply(&with_recording(DEFAULT_TENANT)),
+            Response::Refused(Refusal::UnknownAudio(_))
+        ));
+        assert!(matches!(
+            st.apply(&with_recording("pisa")),
+            Response::CampaignCreated(_)
+        ));
+        // Audio survives a snapshot (base64 in JSON).
+        let copy: State = serde_json::from_str(&serde_json::to_string(&st).unwrap()).unwrap();
+        assert_eq!(
+            copy.audio("pisa", &sha).map(|a| a.wav.as_slice()),
+            Some(&b"RIFF-wav-bytes"[..])
+        );
     }
 
     #[test]
@@ -1227,7 +1826,7 @@ mod tests {
         back.rebuild_indexes();
         assert_eq!(back.due_tasks(5, 10).len(), 2);
         assert!(back
-            .subscriber_by_phone(&PhoneNumber::parse("+393470000001").unwrap())
+            .subscriber_by_phone("default", &PhoneNumber::parse("+393470000001").unwrap())
             .is_some());
         assert!(matches!(back.apply(&sub(1, None)), Response::Refused(_)));
     }

@@ -844,6 +844,7 @@ mod tests {
             at_ms: 1,
             subscribers: (0..n)
                 .map(|i| crate::NewSubscriber {
+                    tenant: crate::default_tenant(),
                     phone: crate::PhoneNumber::parse(&format!("+39347{i:07}")).unwrap(),
                     name: Some("Maria Rossi".into()),
                     language: "it".into(),

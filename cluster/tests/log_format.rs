@@ -12,6 +12,7 @@ use campanile_cluster::*;
 /// One command of every kind. The match in `kind` makes the compiler ask for a new variant here.
 fn one_of_each() -> Vec<Command> {
     let sub = NewSubscriber {
+        tenant: campanile_cluster::default_tenant(),
         phone: PhoneNumber::from_e164_unchecked("+393471234567"),
         name: Some("Maria Rossi".into()),
         language: "it".into(),
@@ -34,6 +35,7 @@ fn one_of_each() -> Vec<Command> {
         Command::CreateCampaign {
             at_ms: 3,
             spec: CampaignSpec {
+                tenant: campanile_cluster::default_tenant(),
                 title: "Allerta".into(),
                 message: Message::Tts {
                     text: "Il fiume è in piena".into(),
@@ -138,6 +140,58 @@ fn one_of_each() -> Vec<Command> {
                 epoch: Some(4),
             }],
         },
+        Command::CreateTenant {
+            at_ms: 16,
+            slug: "comune-di-pisa".into(),
+            name: "Comune di Pisa".into(),
+        },
+        Command::CreateOperator {
+            at_ms: 17,
+            operator: Operator {
+                username: "sindaco".into(),
+                display_name: "Il Sindaco".into(),
+                role: Role::Approver,
+                tenants: vec!["comune-di-pisa".into()],
+                password_hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo".into(),
+                disabled: false,
+                created_ms: 17,
+                updated_ms: 17,
+            },
+        },
+        Command::UpdateOperator {
+            at_ms: 18,
+            update: OperatorUpdate {
+                username: "sindaco".into(),
+                role: None,
+                tenants: None,
+                password_hash: None,
+                disabled: Some(true),
+            },
+        },
+        Command::PutAudio {
+            at_ms: 19,
+            tenant: "comune-di-pisa".into(),
+            wav: b"RIFF....WAVE".to_vec(),
+        },
+        Command::Audited {
+            at_ms: 20,
+            actor: "sindaco".into(),
+            tenant: Some("comune-di-pisa".into()),
+            command: Box::new(Command::CreateCampaign {
+                at_ms: 20,
+                spec: CampaignSpec {
+                    tenant: "comune-di-pisa".into(),
+                    title: "Registrazione".into(),
+                    message: Message::Recording {
+                        sha256: "ab".repeat(32),
+                    },
+                    audience: Audience::All,
+                    priority: Priority::Urgent,
+                    require_confirmation: false,
+                    retry: RetryPolicy::default_for(Priority::Urgent),
+                },
+            }),
+        },
     ]
 }
 
@@ -159,6 +213,11 @@ fn kind(c: &Command) -> &'static str {
         Command::RenewLeases { .. } => "renew_leases",
         Command::AssignLeases { .. } => "assign_leases",
         Command::ReleaseLeases { .. } => "release_leases",
+        Command::CreateTenant { .. } => "create_tenant",
+        Command::CreateOperator { .. } => "create_operator",
+        Command::UpdateOperator { .. } => "update_operator",
+        Command::PutAudio { .. } => "put_audio",
+        Command::Audited { .. } => "audited",
     }
 }
 

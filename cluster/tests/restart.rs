@@ -6,6 +6,7 @@ fn new_sub(n: u32) -> Command {
     Command::CreateSubscriber {
         at_ms: n as u64,
         subscriber: NewSubscriber {
+            tenant: campanile_cluster::default_tenant(),
             phone: PhoneNumber::parse(&format!("+39347{n:07}")).unwrap(),
             name: None,
             language: "it".into(),

@@ -35,6 +35,11 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let limit = if req.uri().path().ends_with("/subscribers/import") {
+            crate::IMPORT_BODY_LIMIT
+        } else {
+            crate::BODY_LIMIT
+        };
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(ApiJson(v)),
             Err(rejection) => {
@@ -46,10 +51,7 @@ where
                 };
                 let message = match status {
                     StatusCode::PAYLOAD_TOO_LARGE => {
-                        format!(
-                            "request body is larger than the {} KiB limit",
-                            crate::BODY_LIMIT / 1024
-                        )
+                        format!("request body is larger than the {} KiB limit", limit / 1024)
                     }
                     StatusCode::UNSUPPORTED_MEDIA_TYPE => {
                         "send the body as JSON with Content-Type: application/json".to_string()
@@ -71,8 +73,10 @@ pub async fn require_token(State(engine): State<AppState>, req: Request, next: N
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     match presented {
-        Some(token) if engine.check_token(token) => next.run(req).await,
-        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "bad_token", "the bearer token is not valid").into_response(),
+        Some(token) => match engine.token_actor(token) {
+            Some(actor) => crate::engine::ACTOR.scope(actor, next.run(req)).await,
+            None => ApiError::new(StatusCode::UNAUTHORIZED, "bad_token", "the bearer token is not valid").into_response(),
+        },
         None => ApiError::new(
             StatusCode::UNAUTHORIZED,
             "missing_token",
@@ -133,6 +137,23 @@ pub struct SubscriberBody {
     name: Option<String>,
     language: Option<String>,
     zone: Option<String>,
+    /// Default: the `default` tenant.
+    tenant: Option<String>,
+}
+
+/// A tenant slug from a request body (default `default`); whether it exists is the state machine's
+/// answer.
+fn tenant_field(field: &str, tenant: Option<String>) -> Result<String, ApiError> {
+    let tenant = tenant.unwrap_or_else(campanile_cluster::default_tenant);
+    if !campanile_cluster::Tenant::valid_slug(&tenant) {
+        return Err(ApiError::bad_request(
+            "invalid_field",
+            format!(
+                "`{field}` must be a tenant slug: 1 to 40 lower-case letters, digits and dashes"
+            ),
+        ));
+    }
+    Ok(tenant)
 }
 
 pub fn subscriber_view(s: &Subscriber) -> Value {
@@ -142,6 +163,7 @@ pub fn subscriber_view(s: &Subscriber) -> Value {
         "name": s.name,
         "language": s.language,
         "zone": s.zone,
+        "tenant": s.tenant,
         "verified": s.verified,
         "opted_out": s.opted_out,
         "created_ms": s.created_ms,
@@ -161,6 +183,7 @@ fn new_subscriber(body: SubscriberBody) -> Result<NewSubscriber, ApiError> {
     let language = body.language.unwrap_or_else(|| "it".into());
     check_language("language", &language)?;
     Ok(NewSubscriber {
+        tenant: tenant_field("tenant", body.tenant)?,
         phone,
         name: body.name,
         language,
@@ -267,12 +290,22 @@ pub struct CampaignBody {
     priority: Priority,
     require_confirmation: Option<bool>,
     retry: Option<RetryBody>,
+    /// Default: the `default` tenant.
+    tenant: Option<String>,
+}
+
+/// Exactly one of: text to speak, or a recording stored with `POST /api/v1/audio`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageBody {
+    tts: Option<TtsBody>,
+    recording: Option<RecordingBody>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct MessageBody {
-    tts: TtsBody,
+pub struct RecordingBody {
+    sha256: String,
 }
 
 #[derive(Deserialize)]
@@ -314,8 +347,33 @@ fn delay_ms(field: &str, v: Option<f64>, default: u64) -> Result<u64, ApiError> 
 impl CampaignBody {
     fn into_spec(self) -> Result<CampaignSpec, ApiError> {
         check_text("title", &self.title, 200)?;
-        check_text("message.tts.text", &self.message.tts.text, 2000)?;
-        check_language("message.tts.language", &self.message.tts.language)?;
+        let message = match (self.message.tts, self.message.recording) {
+            (Some(tts), None) => {
+                check_text("message.tts.text", &tts.text, 2000)?;
+                check_language("message.tts.language", &tts.language)?;
+                Message::Tts {
+                    text: tts.text,
+                    language: tts.language,
+                }
+            }
+            (None, Some(rec)) => {
+                let sha = rec.sha256.to_ascii_lowercase();
+                if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(ApiError::bad_request(
+                        "invalid_field",
+                        "`message.recording.sha256` must be 64 hex digits, as `POST /api/v1/audio` answers",
+                    ));
+                }
+                Message::Recording { sha256: sha }
+            }
+            _ => {
+                return Err(ApiError::bad_request(
+                    "invalid_field",
+                    "`message` must have exactly one of `tts` and `recording`",
+                ))
+            }
+        };
+        let tenant = tenant_field("tenant", self.tenant)?;
         let audience = match (self.audience.all, self.audience.zones) {
             (Some(true), None) => Audience::All,
             (None | Some(false), Some(zones)) => {
@@ -370,28 +428,30 @@ impl CampaignBody {
         };
         Ok(CampaignSpec {
             title: self.title.trim().to_string(),
-            message: Message::Tts {
-                text: self.message.tts.text,
-                language: self.message.tts.language,
-            },
+            message,
             audience,
             priority: self.priority,
             require_confirmation: self.require_confirmation.unwrap_or(true),
             retry,
+            tenant,
         })
     }
 }
 
 pub fn campaign_view(c: &Campaign) -> Value {
     let k = &c.counts;
-    let Message::Tts { text, language } = &c.spec.message;
+    let message = match &c.spec.message {
+        Message::Tts { text, language } => json!({ "tts": { "text": text, "language": language } }),
+        Message::Recording { sha256 } => json!({ "recording": { "sha256": sha256 } }),
+    };
     json!({
         "id": c.id.0,
         "title": c.spec.title,
         "state": c.state.as_str(),
         "priority": c.spec.priority.as_str(),
         "require_confirmation": c.spec.require_confirmation,
-        "message": { "tts": { "text": text, "language": language } },
+        "message": message,
+        "tenant": c.spec.tenant,
         "audience": match &c.spec.audience {
             Audience::All => json!({ "all": true }),
             Audience::Zones(z) => json!({ "zones": z }),
@@ -553,4 +613,98 @@ pub async fn linearizable_reads(
         }
     }
     next.run(req).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantBody {
+    slug: String,
+    name: String,
+}
+
+fn tenant_view(t: &campanile_cluster::Tenant) -> Value {
+    json!({ "slug": t.slug, "name": t.name, "created_ms": t.created_ms })
+}
+
+/// `GET /api/v1/tenants`.
+pub async fn tenants(State(engine): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let list: Vec<Value> = engine.tenants().await?.iter().map(tenant_view).collect();
+    Ok(Json(json!({ "tenants": list })))
+}
+
+/// `POST /api/v1/tenants` with `{"slug": "pisa", "name": "Comune di Pisa"}`.
+pub async fn create_tenant(
+    State(engine): State<AppState>,
+    ApiJson(body): ApiJson<TenantBody>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let slug = tenant_field("slug", Some(body.slug))?;
+    check_text("name", &body.name, 200)?;
+    let t = engine
+        .create_tenant(slug, body.name.trim().to_string())
+        .await?;
+    Ok((StatusCode::CREATED, Json(tenant_view(&t))))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantQuery {
+    tenant: Option<String>,
+}
+
+/// Largest WAV upload: two minutes of 48 kHz 32-bit stereo, comfortably; it is stored as 8 kHz mono.
+pub const AUDIO_BODY_LIMIT: usize = 64 * 1024 * 1024;
+
+/// `POST /api/v1/audio?tenant=T` with a WAV body: stored as 8 kHz mono, content-addressed. A campaign
+/// plays it with `"message": {"recording": {"sha256": ...}}`.
+pub async fn put_audio(
+    State(engine): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<TenantQuery>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let tenant = tenant_field("tenant", q.tenant)?;
+    let body = body.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!(
+                "the recording is larger than the {} MiB upload limit",
+                AUDIO_BODY_LIMIT / (1024 * 1024)
+            ),
+        ),
+        status => ApiError::new(status, "invalid_body", rejection.body_text()),
+    })?;
+    if body.is_empty() {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            "send the recording as a WAV file in the request body",
+        ));
+    }
+    let (sha256, duration_ms) = engine.put_audio(tenant.clone(), body.to_vec()).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "sha256": sha256, "tenant": tenant, "duration_ms": duration_ms })),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    tenant: Option<String>,
+    after: Option<u64>,
+    limit: Option<usize>,
+}
+
+/// `GET /api/v1/audit?tenant=T&after=SEQ&limit=N`: who did what, oldest first (at most 1,000 per
+/// page; page on with `after` = the last `seq`).
+pub async fn audit(
+    State(engine): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<AuditQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = match q.tenant {
+        Some(t) => Some(tenant_field("tenant", Some(t))?),
+        None => None,
+    };
+    let limit = q.limit.unwrap_or(100).clamp(1, 1_000);
+    let entries = engine.audit(tenant, q.after.unwrap_or(0), limit).await?;
+    Ok(Json(json!({ "entries": entries })))
 }

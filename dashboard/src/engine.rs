@@ -28,6 +28,16 @@ pub enum EngineError {
     Internal(String),
 }
 
+tokio::task_local! {
+    /// Who is making the API request being served (`token:<label>`): the audit log's actor.
+    pub static ACTOR: String;
+}
+
+/// The actor of the API request being served on this task, if any.
+pub fn current_actor() -> Option<String> {
+    ACTOR.try_with(|a| a.clone()).ok()
+}
+
 /// What the HTTP surface asks of a node.
 #[async_trait]
 pub trait Engine: Send + Sync + 'static {
@@ -65,6 +75,48 @@ pub trait Engine: Send + Sync + 'static {
     fn metrics_text(&self) -> String;
     /// Constant-time check of an API bearer token.
     fn check_token(&self, presented: &str) -> bool;
+    /// Who a valid token speaks for in the audit log (`token:<label>`); None for an invalid token.
+    fn token_actor(&self, presented: &str) -> Option<String> {
+        self.check_token(presented).then(|| "token".to_string())
+    }
+    /// Tenants (comuni) of the cluster.
+    async fn tenants(&self) -> Result<Vec<campanile_cluster::Tenant>, EngineError> {
+        Err(EngineError::Unavailable(
+            "tenants are not available on this node".into(),
+        ))
+    }
+    async fn create_tenant(
+        &self,
+        _slug: String,
+        _name: String,
+    ) -> Result<campanile_cluster::Tenant, EngineError> {
+        Err(EngineError::Unavailable(
+            "tenants are not available on this node".into(),
+        ))
+    }
+    /// Stores a recording (any common WAV) for `tenant` as 8 kHz mono; answers its SHA-256 and its
+    /// duration in milliseconds.
+    async fn put_audio(
+        &self,
+        _tenant: String,
+        _wav: Vec<u8>,
+    ) -> Result<(String, u64), EngineError> {
+        Err(EngineError::Unavailable(
+            "recordings are not available on this node".into(),
+        ))
+    }
+    /// Audit log entries after `after` (a sequence number), oldest first, at most `limit`, of one
+    /// tenant or all.
+    async fn audit(
+        &self,
+        _tenant: Option<String>,
+        _after: u64,
+        _limit: usize,
+    ) -> Result<Vec<campanile_cluster::AuditEntry>, EngineError> {
+        Err(EngineError::Unavailable(
+            "the audit log is not available on this node".into(),
+        ))
+    }
     /// Some(explanation) when calls go to a simulated city instead of a real trunk.
     fn drill_mode(&self) -> Option<String>;
     async fn health(&self) -> Health;

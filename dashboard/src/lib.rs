@@ -52,6 +52,12 @@ pub fn router(engine: Arc<dyn Engine>) -> Router {
         .route("/campaigns/{id}/tasks", get(api::campaign_tasks))
         .route("/cluster", get(api::cluster))
         .route("/backup", get(api::backup))
+        .route("/tenants", get(api::tenants).post(api::create_tenant))
+        .route(
+            "/audio",
+            post(api::put_audio).layer(DefaultBodyLimit::max(api::AUDIO_BODY_LIMIT)),
+        )
+        .route("/audit", get(api::audit))
         .route(
             "/cluster/members/{id}",
             axum::routing::delete(api::remove_member),

@@ -484,6 +484,29 @@ async fn malformed_json_oversize_bodies_and_wrong_content_type_are_refused() {
     let (s, v, _) = call(&app, "POST", "/api/v1/subscribers", Some(&big), Some(TOKEN)).await;
     assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
     assert_error(&v, "body_too_large", "64 KiB");
+    // Routes with a larger limit name theirs.
+    let big = format!("[{}]", "1".repeat(crate::IMPORT_BODY_LIMIT));
+    let (s, v, _) = call(
+        &app,
+        "POST",
+        "/api/v1/subscribers/import",
+        Some(&big),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_error(&v, "body_too_large", "4096 KiB");
+    let big = "R".repeat(crate::api::AUDIO_BODY_LIMIT + 1);
+    let (s, v, _) = call(
+        &app,
+        "POST",
+        "/api/v1/audio?tenant=default",
+        Some(&big),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_error(&v, "body_too_large", "64 MiB upload limit");
     let req = Request::builder()
         .method("POST")
         .uri("/api/v1/subscribers")

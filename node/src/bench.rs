@@ -585,6 +585,7 @@ pub async fn snapshot_memory(subscribers: usize) -> anyhow::Result<()> {
         let batch = (start..(start + 5_000).min(subscribers))
             .map(|i| {
                 Ok(NewSubscriber {
+                    tenant: campanile_cluster::default_tenant(),
                     phone: PhoneNumber::parse(&format!("+39347{i:07}"))?,
                     name: Some("Maria Rossi".into()),
                     language: "it".into(),
@@ -687,7 +688,10 @@ pub async fn snapshot_memory(subscribers: usize) -> anyhow::Result<()> {
         "restart: snapshot file parsed into {reopened} subscribers in {:.2} s",
         t.elapsed().as_secs_f64()
     );
-    anyhow::ensure!(reopened == count, "reopened with {reopened} subscribers, not {count}");
+    anyhow::ensure!(
+        reopened == count,
+        "reopened with {reopened} subscribers, not {count}"
+    );
     cluster.shutdown().await?;
     Ok(())
 }

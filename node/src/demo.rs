@@ -166,6 +166,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
                 let phone = PhoneNumber::parse(&format!("+39347{n:07}"))?;
                 engine
                     .create_subscriber(NewSubscriber {
+                        tenant: campanile_cluster::default_tenant(),
                         phone,
                         name: Some(format!("Cittadino {n}")),
                         language: "it".into(),
@@ -192,6 +193,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
 
     let campaign = alert_engine
         .create_campaign(CampaignSpec {
+            tenant: campanile_cluster::default_tenant(),
             title: "Allerta rossa: piena del fiume".into(),
             message: Message::Tts {
                 text: "Attenzione. Allerta meteo rossa. Il fiume è in piena: \

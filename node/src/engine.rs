@@ -36,12 +36,32 @@ fn refusal(r: Refusal) -> EngineError {
         Refusal::UnknownSubscriber(_) | Refusal::UnknownCampaign(_) => {
             EngineError::NotFound(r.to_string())
         }
-        Refusal::WrongCampaignState { .. } => EngineError::Conflict(r.to_string()),
+        Refusal::WrongCampaignState { .. }
+        | Refusal::DuplicateTenant(_)
+        | Refusal::DuplicateOperator(_) => EngineError::Conflict(r.to_string()),
+        Refusal::UnknownTenant(_) | Refusal::UnknownOperator(_) | Refusal::UnknownAudio(_) => {
+            EngineError::NotFound(r.to_string())
+        }
+        Refusal::InvalidTenant(_)
+        | Refusal::InvalidOperator { .. }
+        | Refusal::AudioTooLarge { .. }
+        | Refusal::NestedAudit => EngineError::Invalid(r.to_string()),
     }
 }
 
 impl NodeEngine {
+    /// Commits `cmd`. Inside an API request it is wrapped in `Audited`, so the audit log says which
+    /// token asked for it and what came of it.
     async fn write(&self, cmd: Command) -> Result<Response, EngineError> {
+        let cmd = match campanile_dashboard::engine::current_actor() {
+            Some(actor) => Command::Audited {
+                at_ms: now_ms(),
+                actor,
+                tenant: None,
+                command: Box::new(cmd),
+            },
+            None => cmd,
+        };
         match self.cluster.write(cmd).await.map_err(cluster_err)? {
             Response::Refused(r) => Err(refusal(r)),
             other => Ok(other),
@@ -256,6 +276,88 @@ impl Engine for NodeEngine {
             || self
                 .cluster
                 .read(|s| s.token(&token_sha256(presented)).is_some())
+    }
+
+    fn token_actor(&self, presented: &str) -> Option<String> {
+        if constant_time_eq(presented.as_bytes(), self.admin_token.as_bytes()) {
+            return Some(format!(
+                "token:admin token of node {}",
+                self.cluster.node_id().0
+            ));
+        }
+        self.cluster.read(|s| {
+            s.token(&token_sha256(presented))
+                .map(|t| format!("token:{}", t.label))
+        })
+    }
+
+    async fn tenants(&self) -> Result<Vec<campanile_cluster::Tenant>, EngineError> {
+        Ok(self.cluster.read(|s| s.tenants().cloned().collect()))
+    }
+
+    async fn create_tenant(
+        &self,
+        slug: String,
+        name: String,
+    ) -> Result<campanile_cluster::Tenant, EngineError> {
+        self.write(Command::CreateTenant {
+            at_ms: now_ms(),
+            slug: slug.clone(),
+            name,
+        })
+        .await?;
+        self.cluster
+            .read(|s| s.tenant(&slug).cloned())
+            .ok_or_else(|| EngineError::Internal(format!("tenant {slug} vanished")))
+    }
+
+    /// Decodes any common WAV to 8 kHz mono (refusing what cannot be decoded, by name) and stores that.
+    async fn put_audio(&self, tenant: String, wav: Vec<u8>) -> Result<(String, u64), EngineError> {
+        let samples = tokio::task::spawn_blocking(move || crate::media::wav::decode_to_8k(&wav))
+            .await
+            .map_err(|e| EngineError::Internal(e.to_string()))?
+            .map_err(|e| EngineError::Invalid(format!("the recording cannot be decoded: {e}")))?;
+        if samples.is_empty() {
+            return Err(EngineError::Invalid("the recording holds no audio".into()));
+        }
+        let duration_ms = samples.len() as u64 * 1000 / crate::media::wav::RATE as u64;
+        let wav = crate::media::wav::encode_wav_8k(&samples);
+        if wav.len() > campanile_cluster::MAX_AUDIO_BYTES {
+            return Err(EngineError::Invalid(format!(
+                "the recording lasts {} s; the limit is 600 s",
+                duration_ms / 1000
+            )));
+        }
+        match self
+            .write(Command::PutAudio {
+                at_ms: now_ms(),
+                tenant,
+                wav,
+            })
+            .await?
+        {
+            Response::AudioStored(sha) => Ok((sha, duration_ms)),
+            other => Err(EngineError::Internal(format!(
+                "unexpected answer {other:?}"
+            ))),
+        }
+    }
+
+    async fn audit(
+        &self,
+        tenant: Option<String>,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<campanile_cluster::AuditEntry>, EngineError> {
+        Ok(self.cluster.read(|s| {
+            s.audit()
+                .iter()
+                .skip(after.min(usize::MAX as u64) as usize)
+                .filter(|e| tenant.is_none() || e.tenant == tenant)
+                .take(limit)
+                .cloned()
+                .collect()
+        }))
     }
 
     fn drill_mode(&self) -> Option<String> {

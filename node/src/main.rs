@@ -523,7 +523,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 (None, Some(path)) => {
                     let bytes = std::fs::read(&path)
                         .with_context(|| format!("--wav: cannot read {}", path.display()))?;
-                    media::message::prepare_wav(&bytes)
+                    media::message::prepare_wav(&bytes, &lang)
                         .with_context(|| format!("--wav {}", path.display()))?
                 }
                 (None, None) => anyhow::bail!("give --tts TEXT or --wav FILE"),

@@ -329,15 +329,29 @@ fn audio_for(
     slots.insert(key.clone(), AudioSlot::Preparing);
     drop(slots);
     let sh = sh.clone();
-    let Message::Tts {
-        text,
-        language: msg_lang,
-    } = message.clone();
     let prompt_lang = language.to_string();
+    let message = message.clone();
     tokio::spawn(async move {
         let cache = sh.cache.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            crate::media::message::prepare_tts_message(&text, &msg_lang, &prompt_lang, &cache)
+        let cluster = sh.cluster.clone();
+        let result = tokio::task::spawn_blocking(move || match message {
+            Message::Tts {
+                text,
+                language: msg_lang,
+            } => crate::media::message::prepare_tts_message(&text, &msg_lang, &prompt_lang, &cache),
+            Message::Recording { sha256 } => {
+                let wav = cluster.read(|s| {
+                    s.campaign(campaign)
+                        .and_then(|c| s.audio(&c.spec.tenant, &sha256))
+                        .map(|a| a.wav.clone())
+                });
+                let wav = wav.ok_or_else(|| {
+                    crate::media::MediaError::Missing(format!(
+                        "recording {sha256} is not stored in the cluster"
+                    ))
+                })?;
+                crate::media::message::prepare_recording(&sha256, &wav, &prompt_lang, &cache)
+            }
         })
         .await;
         let slot = match result {

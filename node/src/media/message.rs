@@ -165,11 +165,29 @@ pub fn prepare_tts_message(
     })
 }
 
-/// Chime, an uploaded WAV message, and the Italian prompt.
-pub fn prepare_wav(bytes: &[u8]) -> Result<PreparedAudio, MediaError> {
+/// Chime, a recorded WAV message (any common format), and the prompt in `prompt_lang`.
+pub fn prepare_wav(bytes: &[u8], prompt_lang: &str) -> Result<PreparedAudio, MediaError> {
+    Ok(PreparedAudio::from_samples(recording_samples(
+        bytes,
+        prompt_lang,
+    )?))
+}
+
+/// `prepare_wav` for a recording stored in the cluster under `sha256`, cached by it.
+pub fn prepare_recording(
+    sha256: &str,
+    bytes: &[u8],
+    prompt_lang: &str,
+    cache: &AudioCache,
+) -> Result<PreparedAudio, MediaError> {
+    let key = content_key(&["recording", sha256, prompt_lang]);
+    cache.get_or_make(&key, || recording_samples(bytes, prompt_lang))
+}
+
+fn recording_samples(bytes: &[u8], prompt_lang: &str) -> Result<Vec<i16>, MediaError> {
     let message = wav::decode_to_8k(bytes)?;
-    let prompt = tts::synthesize(prompt_text("it"), "it")?;
-    Ok(PreparedAudio::from_samples(compose(&message, &prompt)))
+    let prompt = tts::synthesize(prompt_text(prompt_lang), prompt_lang)?;
+    Ok(compose(&message, &prompt))
 }
 
 fn compose(message: &[i16], prompt: &[i16]) -> Vec<i16> {
@@ -218,7 +236,7 @@ mod tests {
 
     #[test]
     fn undecodable_upload_is_named() {
-        let err = prepare_wav(b"not audio").unwrap_err().to_string();
+        let err = prepare_wav(b"not audio", "it").unwrap_err().to_string();
         assert!(err.contains("WAV"), "{err}");
     }
 }

@@ -21,6 +21,8 @@ pub enum MediaError {
     Tts(#[from] tts::TtsError),
     #[error("uploaded audio: {0}")]
     Wav(#[from] wav::WavError),
+    #[error("{0}")]
+    Missing(String),
 }
 pub mod inband;
 pub mod machine;
