@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace on a fresh Debian machine with Rust. Installs the real peers the tests
-# drive (SIPp, baresip, Kamailio, espeak-ng, tshark, promtool, sox) from Debian packages when they are missing.
+# drive (SIPp, baresip, Kamailio, espeak-ng, tshark, promtool, sox, and nftables to cut a node's cluster traffic)
+# from Debian packages when they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +13,7 @@ command -v sox >/dev/null 2>&1 || need+=(sox)
 command -v tshark >/dev/null 2>&1 || need+=(tshark)
 command -v baresip >/dev/null 2>&1 || need+=(baresip-core)
 command -v kamailio >/dev/null 2>&1 || need+=(kamailio)
+command -v nft >/dev/null 2>&1 || need+=(nftables)
 if [ "${#need[@]}" -gt 0 ]; then
   echo "test-all: installing ${need[*]}"
   SUDO=""

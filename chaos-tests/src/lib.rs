@@ -675,3 +675,57 @@ impl NodeProc {
         Ok(())
     }
 }
+
+/// Cuts one node's cluster traffic on loopback: an nftables table of this test's own drops every UDP
+/// datagram to or from the node's Raft (QUIC) port, so its SIP and HTTP keep working. Dropping the
+/// guard heals the cut (the table is deleted). Needs root and `nft` (Debian nftables, which
+/// `scripts/test-all.sh` installs); without them the test fails, it does not pass quietly.
+pub struct RaftCut {
+    table: String,
+}
+
+fn nft(args: &[&str]) -> anyhow::Result<()> {
+    let out = std::process::Command::new("nft")
+        .args(args)
+        .output()
+        .context("cannot run `nft` (install Debian's nftables; scripts/test-all.sh does)")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "nft {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+impl RaftCut {
+    pub fn start(raft: SocketAddr) -> anyhow::Result<RaftCut> {
+        anyhow::ensure!(raft.ip().is_loopback(), "only loopback traffic is cut");
+        let port = raft.port().to_string();
+        let table = format!("campanile_cut_{}_{port}", std::process::id());
+        nft(&["add", "table", "inet", &table])?;
+        let cut = RaftCut { table };
+        nft(&[
+            "add",
+            "chain",
+            "inet",
+            &cut.table,
+            "out",
+            "{ type filter hook output priority 0 ; policy accept ; }",
+        ])?;
+        for dir in ["dport", "sport"] {
+            nft(&[
+                "add", "rule", "inet", &cut.table, "out", "oifname", "lo", "udp", dir, &port,
+                "drop",
+            ])?;
+        }
+        Ok(cut)
+    }
+}
+
+impl Drop for RaftCut {
+    fn drop(&mut self) {
+        if let Err(e) = nft(&["delete", "table", "inet", &self.table]) {
+            eprintln!("could not heal the cut: {e}");
+        }
+    }
+}

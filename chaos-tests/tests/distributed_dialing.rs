@@ -300,3 +300,173 @@ fn pause_and_cancel_stop_every_node_within_a_second() {
         assert!(!matches!(state, "pending" | "in_flight"), "{t}");
     }
 }
+
+/// Lease timing of a node (node/src/dialer/leases.rs): a lease lasts 3 s from its renewal, and a node
+/// dials only until 1 s before it lapses.
+const LEASE_MS: u64 = 3_000;
+const MARGIN_MS: u64 = 1_000;
+
+#[test]
+fn a_node_cut_off_from_the_cluster_stops_dialing_and_the_others_take_its_partitions() {
+    let dir = tempfile::tempdir().unwrap();
+    let city = SimCityProc::start(dir.path(), "realistic", 13).unwrap();
+    let nodes = start_three(dir.path(), &city);
+    nodes[0].import(1, 300).unwrap();
+    let id = nodes[0].start_campaign(retry()).unwrap();
+
+    // Cut a node that is not the leader, once it has calls up: only its Raft traffic.
+    let view = cluster_view(&nodes[0]).unwrap();
+    let leader = view["leader"].as_u64().unwrap();
+    let cut_id: u64 = if leader == 3 { 2 } else { 3 };
+    let (cut_node, others): (&NodeProc, Vec<&NodeProc>) = (
+        &nodes[cut_id as usize - 1],
+        nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i as u64 + 1 != cut_id)
+            .map(|(_, n)| n)
+            .collect(),
+    );
+    let raft: std::net::SocketAddr = view["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == cut_id)
+        .and_then(|m| m["raft_addr"].as_str()?.parse().ok())
+        .unwrap();
+    let victim = cut_node.sip.to_string();
+    wait_for(
+        "the node to cut on the phone",
+        Duration::from_secs(60),
+        || {
+            (city
+                .events()
+                .iter()
+                .filter(|e| e["event"] == "answer" && e["from"] == victim.as_str())
+                .count()
+                >= 5)
+                .then_some(())
+        },
+    )
+    .unwrap();
+    let cut = RaftCut::start(raft).unwrap();
+    let cut_ms = now_ms();
+
+    // The others take every partition once its leases expire.
+    wait_for(
+        "the others to hold all 256 partitions",
+        Duration::from_secs(30),
+        || {
+            let v = cluster_view(others[0])?;
+            let leases = |id: u64| {
+                v["members"].as_array()?.iter().find(|m| m["id"] == id)?["leases"].as_u64()
+            };
+            let held: u64 = (1..=3).filter(|i| *i != cut_id).filter_map(leases).sum();
+            (held == 256 && leases(cut_id) == Some(0)).then_some(())
+        },
+    )
+    .unwrap();
+    // Keep the cut a while: the others dial on, the cut-off node must stay silent.
+    let others_dialing = wait_for(
+        "the others dialing its share",
+        Duration::from_secs(30),
+        || {
+            let after = city
+                .events()
+                .iter()
+                .filter(|e| {
+                    e["event"] == "invite"
+                        && e["from"] != victim.as_str()
+                        && e["t_ms"].as_u64().is_some_and(|t| t > cut_ms + LEASE_MS)
+                })
+                .count();
+            (after >= 20 && now_ms() > cut_ms + 2 * LEASE_MS).then_some(())
+        },
+    );
+    let heal_ms = now_ms();
+    drop(cut);
+    others_dialing.unwrap();
+
+    // During the cut: no new call from the cut-off node after its lease margin, and every call it had
+    // up ended before its leases could go to anyone else.
+    let spans = calls_by_number(&city.events());
+    let last_end = spans
+        .values()
+        .flatten()
+        .filter(|c| c.from == victim && c.start < heal_ms && c.end != u64::MAX)
+        .map(|c| c.end.saturating_sub(cut_ms))
+        .max();
+    eprintln!("the cut-off node's last call ended {last_end:?} ms after the cut");
+    for (number, calls) in &spans {
+        for c in calls
+            .iter()
+            .filter(|c| c.from == victim && c.start < heal_ms)
+        {
+            assert!(
+                c.start <= cut_ms + LEASE_MS - MARGIN_MS,
+                "{number}: the cut-off node placed a call {} ms after the cut",
+                c.start - cut_ms
+            );
+            assert!(
+                c.end <= cut_ms + LEASE_MS,
+                "{number}: a call of the cut-off node lasted until {} ms after the cut",
+                c.end.saturating_sub(cut_ms)
+            );
+        }
+    }
+
+    // After healing it rejoins and gets a share again; the campaign ends with everyone final.
+    wait_for(
+        "the healed node to hold leases again",
+        Duration::from_secs(60),
+        || {
+            let v = cluster_view(others[0])?;
+            let held = v["members"]
+                .as_array()?
+                .iter()
+                .find(|m| m["id"] == cut_id)?["leases"]
+                .as_u64()?;
+            (held > 0).then_some(())
+        },
+    )
+    .unwrap();
+    let done = others[0]
+        .wait_campaign_done(id, Duration::from_secs(600))
+        .unwrap();
+    assert_eq!(done["state"], "completed", "{done}");
+    let events = city.events();
+    let pressed = numbers_that_pressed(&events);
+    let by_number = calls_by_number(&events);
+    for t in tasks(others[1], id) {
+        let (phone, state) = (t["phone"].as_str().unwrap(), t["state"].as_str().unwrap());
+        assert!(
+            !matches!(state, "pending" | "in_flight"),
+            "{phone} left {state}"
+        );
+        if state == "confirmed" {
+            assert!(pressed.contains(phone), "{phone} confirmed without a 1");
+        } else if pressed.contains(phone) {
+            // A 1 pressed on a call the cut-off node hung up could not reach the cluster.
+            let on_victim = by_number[phone].iter().any(|c| c.from == victim);
+            assert!(on_victim, "{phone} pressed 1 but ended {state}");
+        }
+    }
+    let overlaps = overlapping_calls(&events);
+    for (number, a, b) in &overlaps {
+        assert!(
+            a.from == victim || b.from == victim,
+            "{number}: overlapping calls {a:?} and {b:?} without the cut-off node"
+        );
+    }
+    assert!(
+        overlaps.len() <= CHANNELS,
+        "{} overlapping calls, more than the cut-off node's {CHANNELS} channels",
+        overlaps.len()
+    );
+    eprintln!(
+        "cut node {cut_id} for {} ms; {} overlapping calls; {} numbers pressed 1",
+        heal_ms - cut_ms,
+        overlaps.len(),
+        pressed.len()
+    );
+}

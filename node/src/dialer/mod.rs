@@ -168,7 +168,10 @@ async fn run(sh: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
         }
         let reopens = lock(&sh.gate).reopens_at(std::time::Instant::now());
         if let Some(at) = reopens {
-            // The trunk asked for a pause: start nothing until it ends (or something else wakes us).
+            // The trunk asked for a pause: start nothing until it ends (or something else wakes us),
+            // but look at the leases at least every 250 ms: a lapsed lease hangs up its calls even
+            // while the trunk backs off.
+            let at = at.min(std::time::Instant::now() + Duration::from_millis(250));
             tokio::select! {
                 _ = tokio::time::sleep_until(tokio::time::Instant::from_std(at)) => {}
                 _ = shutdown.changed() => {}
