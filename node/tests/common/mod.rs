@@ -14,6 +14,20 @@ pub fn free_udp_port() -> u16 {
         .port()
 }
 
+/// The first of four consecutive free UDP ports on 127.0.0.1 (SIPp's media port takes audio RTP and
+/// RTCP and video RTP and RTCP from it).
+pub fn free_udp_block() -> u16 {
+    loop {
+        let first = free_udp_port();
+        let held: Vec<_> = (first..first.saturating_add(4))
+            .map(|p| UdpSocket::bind(("127.0.0.1", p)))
+            .collect();
+        if first < u16::MAX - 4 && held.iter().all(|h| h.is_ok()) {
+            return first;
+        }
+    }
+}
+
 /// A SIPp UAS, killed on drop so a failed assertion leaves nothing behind.
 pub struct Sipp {
     pub child: std::process::Child,
@@ -64,9 +78,27 @@ pub fn start_sipp_tcp(scenario: &str) -> Sipp {
 }
 
 fn start_sipp_on(scenario: &str, replacements: &[(&str, String)], tcp: bool) -> Sipp {
+    // Ports picked free can be taken by another test before SIPp binds them: then SIPp exits
+    // with EADDRINUSE and is started again on new ports (at most three times).
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match try_start_sipp(scenario, replacements, tcp) {
+            Ok(sipp) => return sipp,
+            Err(log) if attempt < 3 && log.contains("Address already in use") => continue,
+            Err(log) => panic!("sipp did not start: {log}"),
+        }
+    }
+}
+
+fn try_start_sipp(
+    scenario: &str,
+    replacements: &[(&str, String)],
+    tcp: bool,
+) -> Result<Sipp, String> {
     let dir = tempfile::tempdir().unwrap();
     let port = free_udp_port();
-    let media = free_udp_port();
+    let media = free_udp_block();
     let mut cmd = Command::new("sipp");
     cmd.current_dir(dir.path());
     if scenario == "uas" {
@@ -113,19 +145,38 @@ fn start_sipp_on(scenario: &str, replacements: &[(&str, String)], tcp: bool) -> 
     let child = cmd
         .spawn()
         .expect("sipp is installed by the test command (Debian package sip-tester)");
-    let sipp = Sipp {
+    let mut sipp = Sipp {
         child,
         port,
         media,
         dir,
     };
     let log = sipp.dir.path().join("sipp.stderr");
-    if tcp {
-        wait_until_listening(port, "sipp", Some(&log));
-    } else {
-        wait_until_bound(port, "sipp", Some(&log));
+    // Generous: on a loaded CI machine a peer's start can take seconds.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let up = if tcp {
+            tcp_listening(port)
+        } else {
+            udp_port_held(port)
+        };
+        if up {
+            return Ok(sipp);
+        }
+        let exited = matches!(sipp.child.try_wait(), Ok(Some(_)));
+        if exited || Instant::now() > deadline {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            return Err(format!(
+                "{} on 127.0.0.1:{port}: {text}",
+                if exited {
+                    "sipp exited"
+                } else {
+                    "sipp never bound"
+                }
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
-    sipp
 }
 
 impl Sipp {
@@ -239,21 +290,23 @@ impl Drop for ReapGroup {
     }
 }
 
-/// Waits (bounded) until a peer listens on TCP `port`, read from `/proc/net/tcp` (state 0A).
-pub fn wait_until_listening(port: u16, who: &str, log: Option<&Path>) {
+/// Whether something listens on TCP `port`, read from `/proc/net/tcp` (state 0A).
+pub fn tcp_listening(port: u16) -> bool {
     let suffix = format!(":{port:04X}");
-    let listening = || {
-        ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|table| {
-            std::fs::read_to_string(table)
-                .unwrap_or_default()
-                .lines()
-                .skip(1)
-                .map(|l| l.split_whitespace().collect::<Vec<_>>())
-                .any(|f| f.len() > 3 && f[1].ends_with(&suffix) && f[3] == "0A")
-        })
-    };
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|table| {
+        std::fs::read_to_string(table)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .any(|f| f.len() > 3 && f[1].ends_with(&suffix) && f[3] == "0A")
+    })
+}
+
+/// Waits (bounded) until a peer listens on TCP `port`.
+pub fn wait_until_listening(port: u16, who: &str, log: Option<&Path>) {
     let deadline = Instant::now() + Duration::from_secs(15);
-    while !listening() {
+    while !tcp_listening(port) {
         assert!(
             Instant::now() < deadline,
             "{who} never listened on TCP 127.0.0.1:{port}: {}",
