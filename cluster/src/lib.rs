@@ -15,6 +15,7 @@ pub use command::{Command, Imported, Refusal, Response};
 pub use domain::*;
 pub use state::State;
 pub mod cluster;
+pub mod kv;
 pub mod network;
 pub mod store;
 pub mod tls;

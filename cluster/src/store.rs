@@ -1,4 +1,5 @@
-//! openraft storage (v2 API) on sled: the Raft log, the vote and the committed id in their own trees,
+//! openraft storage (v2 API) on a key-value engine (`kv`: sled in production): the Raft log, the vote
+//! and the committed id in their own trees,
 //! and the state machine held in memory with its latest snapshot persisted, so a restarted node loads the
 //! snapshot and replays only the log after it.
 //!
@@ -8,7 +9,7 @@
 //! straight into a file, sending one reads the file in chunks, receiving one writes chunks to an
 //! unnamed temporary file, and loading one parses the file through a small buffer. The serialised
 //! state is never held in memory beside the state itself. Only the snapshot's metadata and file name
-//! live in sled, written together, so a crash leaves either the old snapshot or the new one current.
+//! live in the engine (one atomic batch), so a crash leaves either the old snapshot or the new one current.
 
 // openraft's StorageError is the error type its storage traits require; it is large by design.
 #![allow(clippy::result_large_err)]
@@ -29,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::command::{Command, Response};
+use crate::kv::{KvEngine, KvTree, SledEngine};
 use crate::state::State;
 
 openraft::declare_raft_types!(
@@ -43,7 +45,7 @@ openraft::declare_raft_types!(
 pub type RaftNodeId = u64;
 type StoreResult<T> = Result<T, StorageError<RaftNodeId>>;
 
-/// Marks a sled database as a Campanile Raft store of this format.
+/// Marks a store as a Campanile Raft store of this format.
 pub const FORMAT: &str = "campanile-raft-v1";
 
 const KEY_FORMAT: &str = "format";
@@ -74,26 +76,29 @@ fn write_err(e: impl std::error::Error + 'static) -> StorageError<RaftNodeId> {
     io_err(ErrorSubject::Store, ErrorVerb::Write, e)
 }
 
-fn get_json<T: for<'de> Deserialize<'de>>(tree: &sled::Tree, key: &str) -> StoreResult<Option<T>> {
-    match tree.get(key).map_err(read_err)? {
+fn get_json<T: for<'de> Deserialize<'de>>(
+    tree: &Arc<dyn KvTree>,
+    key: &str,
+) -> StoreResult<Option<T>> {
+    match tree.get(key.as_bytes()).map_err(read_err)? {
         None => Ok(None),
         Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(read_err),
     }
 }
 
-fn put_json<T: Serialize>(tree: &sled::Tree, key: &str, value: &T) -> StoreResult<()> {
+fn put_json<T: Serialize>(tree: &Arc<dyn KvTree>, key: &str, value: &T) -> StoreResult<()> {
     let bytes = serde_json::to_vec(value).map_err(write_err)?;
-    tree.insert(key, bytes).map_err(write_err)?;
+    tree.insert(key.as_bytes(), bytes).map_err(write_err)?;
     Ok(())
 }
 
-/// The sled database of one node, opened once and shared by the log and the state machine.
+/// The store of one node, opened once and shared by the log and the state machine.
 #[derive(Clone)]
 pub struct Db {
-    db: sled::Db,
-    log: sled::Tree,
-    meta: sled::Tree,
-    snapshot: sled::Tree,
+    engine: Arc<dyn KvEngine>,
+    log: Arc<dyn KvTree>,
+    meta: Arc<dyn KvTree>,
+    snapshot: Arc<dyn KvTree>,
     /// Snapshot files.
     dir: PathBuf,
     /// Serialises snapshot commits (a build may finish while a received snapshot is installed).
@@ -104,7 +109,10 @@ pub struct Db {
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     #[error("cannot open the store at {path}: {source}; if the directory is damaged, restore a backup or move it away")]
-    Sled { path: String, source: sled::Error },
+    Engine {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path} is not a Campanile store ({found}); point --data at a Campanile data directory or an empty one")]
     Foreign { path: String, found: String },
 }
@@ -129,67 +137,62 @@ impl Db {
                 found: "it is a file, not a directory".into(),
             });
         }
-        let db = sled::Config::new()
-            .path(path)
-            .open()
-            .map_err(|source| OpenError::Sled {
-                path: display.clone(),
-                source,
-            })?;
-        let open_tree = |name: &str| {
-            db.open_tree(name).map_err(|source| OpenError::Sled {
-                path: display.clone(),
-                source,
-            })
+        let engine = SledEngine::open(path).map_err(|e| OpenError::Engine {
+            path: display.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        // sled keeps one default tree beside ours.
+        Db::on_engine(Arc::new(engine), path.join("snapshots"), &display, 4)
+    }
+
+    /// The store on `engine`, with snapshot files in `snapshot_dir`. `own_trees` is how many trees a
+    /// Campanile store of this engine has (more means the engine holds someone else's data).
+    pub fn on_engine(
+        engine: Arc<dyn KvEngine>,
+        snapshot_dir: PathBuf,
+        display: &str,
+        own_trees: usize,
+    ) -> Result<Db, OpenError> {
+        let engine_err = |source: std::io::Error| OpenError::Engine {
+            path: display.to_string(),
+            source,
         };
         let store = Db {
-            log: open_tree("raft_log")?,
-            meta: open_tree("raft_meta")?,
-            snapshot: open_tree("snapshot")?,
-            db: db.clone(),
-            dir: path.join("snapshots"),
+            log: engine.open_tree("raft_log").map_err(engine_err)?,
+            meta: engine.open_tree("raft_meta").map_err(engine_err)?,
+            snapshot: engine.open_tree("snapshot").map_err(engine_err)?,
+            engine: engine.clone(),
+            dir: snapshot_dir,
             commit_lock: Arc::default(),
         };
-        match store
-            .meta
-            .get(KEY_FORMAT)
-            .map_err(|source| OpenError::Sled {
-                path: display.clone(),
-                source,
-            })? {
-            Some(v) if v.as_ref() == FORMAT.as_bytes() => {}
+        match store.meta.get(KEY_FORMAT.as_bytes()).map_err(engine_err)? {
+            Some(v) if v == FORMAT.as_bytes() => {}
             Some(v) => {
                 return Err(OpenError::Foreign {
-                    path: display,
+                    path: display.to_string(),
                     found: format!("format `{}`", String::from_utf8_lossy(&v)),
                 })
             }
             None => {
-                let others = db.tree_names().len() > 4
+                let others = engine.tree_count() > own_trees
                     || !store.log.is_empty()
                     || !store.snapshot.is_empty();
                 if others {
                     return Err(OpenError::Foreign {
-                        path: display,
-                        found: "a sled database without a Campanile format marker".into(),
+                        path: display.to_string(),
+                        found: "a database without a Campanile format marker".into(),
                     });
                 }
                 store
                     .meta
-                    .insert(KEY_FORMAT, FORMAT.as_bytes())
-                    .map_err(|source| OpenError::Sled {
-                        path: display.clone(),
-                        source,
-                    })?;
-                db.flush().map_err(|source| OpenError::Sled {
-                    path: display,
-                    source,
-                })?;
+                    .insert(KEY_FORMAT.as_bytes(), FORMAT.as_bytes().to_vec())
+                    .map_err(engine_err)?;
+                engine.flush_blocking().map_err(engine_err)?;
             }
         }
-        std::fs::create_dir_all(&store.dir).map_err(|e| OpenError::Sled {
+        std::fs::create_dir_all(&store.dir).map_err(|source| OpenError::Engine {
             path: store.dir.display().to_string(),
-            source: sled::Error::Io(e),
+            source,
         })?;
         Ok(store)
     }
@@ -203,7 +206,7 @@ impl Db {
                     .sum()
             })
             .unwrap_or(0);
-        self.db.size_on_disk().unwrap_or(0) + files
+        self.engine.size_on_disk() + files
     }
 
     /// The current snapshot's metadata and file, if there is one.
@@ -259,16 +262,18 @@ impl Db {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let mut batch = sled::Batch::default();
-        batch.insert(
-            KEY_SNAPSHOT_META,
-            serde_json::to_vec(meta).map_err(write_err)?,
-        );
-        batch.insert(
-            KEY_SNAPSHOT_FILE,
-            serde_json::to_vec(&name).map_err(write_err)?,
-        );
-        self.snapshot.apply_batch(batch).map_err(write_err)?;
+        self.snapshot
+            .apply_batch(vec![
+                (
+                    KEY_SNAPSHOT_META.as_bytes().to_vec(),
+                    Some(serde_json::to_vec(meta).map_err(write_err)?),
+                ),
+                (
+                    KEY_SNAPSHOT_FILE.as_bytes().to_vec(),
+                    Some(serde_json::to_vec(&name).map_err(write_err)?),
+                ),
+            ])
+            .map_err(write_err)?;
         self.flush().await?;
         self.remove_stale_snapshot_files(&path, false);
         Ok(path)
@@ -290,8 +295,7 @@ impl Db {
     }
 
     async fn flush(&self) -> StoreResult<()> {
-        self.db.flush_async().await.map_err(write_err)?;
-        Ok(())
+        self.engine.flush().await.map_err(write_err)
     }
 }
 
@@ -342,7 +346,7 @@ fn restore_into(
     let db = Db::open(path)?;
     let empty = db.log.is_empty()
         && db.snapshot.is_empty()
-        && db.meta.get(KEY_VOTE).ok().flatten().is_none();
+        && db.meta.get(KEY_VOTE.as_bytes()).ok().flatten().is_none();
     if !empty {
         return Err(RestoreError::NotEmpty(path.display().to_string()));
     }
@@ -369,8 +373,8 @@ fn restore_into(
     block_on_store(db.commit_snapshot(&meta, &tmp, Replace::Always)).map_err(w)?;
     put_json(&db.meta, KEY_PURGED, &Some(log_id)).map_err(w)?;
     put_json(&db.meta, KEY_COMMITTED, &Some(log_id)).map_err(w)?;
-    db.db
-        .flush()
+    db.engine
+        .flush_blocking()
         .map_err(|e| RestoreError::Write(e.to_string()))?;
     Ok(state.subscriber_count() as u64)
 }
@@ -379,10 +383,10 @@ fn index_key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
 }
 
-fn byte_bound(b: Bound<&u64>) -> Bound<[u8; 8]> {
+fn byte_bound(b: Bound<&u64>) -> Bound<Vec<u8>> {
     match b {
-        Bound::Included(i) => Bound::Included(index_key(*i)),
-        Bound::Excluded(i) => Bound::Excluded(index_key(*i)),
+        Bound::Included(i) => Bound::Included(index_key(*i).to_vec()),
+        Bound::Excluded(i) => Bound::Excluded(index_key(*i).to_vec()),
         Bound::Unbounded => Bound::Unbounded,
     }
 }
@@ -404,13 +408,16 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> StoreResult<Vec<Entry<TypeConfig>>> {
-        let range = (
-            byte_bound(range.start_bound()),
-            byte_bound(range.end_bound()),
-        );
-        let mut out = Vec::new();
-        for item in self.db.log.range::<[u8; 8], _>(range) {
-            let (_, v) = item.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+        let items = self
+            .db
+            .log
+            .range(
+                byte_bound(range.start_bound()),
+                byte_bound(range.end_bound()),
+            )
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+        let mut out = Vec::with_capacity(items.len());
+        for (_, v) in items {
             let entry: Entry<TypeConfig> = serde_json::from_slice(&v)
                 .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
             out.push(entry);
@@ -470,29 +477,24 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = sled::Batch::default();
+        let mut batch = Vec::new();
         for entry in entries {
             let bytes = serde_json::to_vec(&entry)
                 .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
-            batch.insert(&index_key(entry.log_id.index), bytes);
+            batch.push((index_key(entry.log_id.index).to_vec(), Some(bytes)));
         }
         self.db
             .log
             .apply_batch(batch)
             .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
         // Entries are acknowledged only once they are on disk.
-        let flushed = self.db.db.flush_async().await;
-        callback.log_io_completed(flushed.map(|_| ()).map_err(std::io::Error::other));
+        let flushed = self.db.engine.flush().await;
+        callback.log_io_completed(flushed);
         Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId<RaftNodeId>) -> StoreResult<()> {
-        let mut batch = sled::Batch::default();
-        for item in self.db.log.range(index_key(log_id.index)..) {
-            let (k, _) = item.map_err(write_err)?;
-            batch.remove(k);
-        }
-        self.db.log.apply_batch(batch).map_err(write_err)?;
+        self.remove_log(Bound::Included(log_id.index), Bound::Unbounded)?;
         self.db.flush().await
     }
 
@@ -500,13 +502,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Record the purge point first, so a crash in between never leaves a hole unexplained.
         put_json(&self.db.meta, KEY_PURGED, &log_id)?;
         self.db.flush().await?;
-        let mut batch = sled::Batch::default();
-        for item in self.db.log.range(..=index_key(log_id.index)) {
-            let (k, _) = item.map_err(write_err)?;
-            batch.remove(k);
-        }
-        self.db.log.apply_batch(batch).map_err(write_err)?;
-        Ok(())
+        self.remove_log(Bound::Unbounded, Bound::Included(log_id.index))
+    }
+}
+
+impl LogStore {
+    /// Removes the log entries between two indexes, in one batch.
+    fn remove_log(&self, from: Bound<u64>, to: Bound<u64>) -> StoreResult<()> {
+        let keys = self
+            .db
+            .log
+            .keys(byte_bound(from.as_ref()), byte_bound(to.as_ref()))
+            .map_err(write_err)?;
+        let batch = keys.into_iter().map(|k| (k, None)).collect();
+        self.db.log.apply_batch(batch).map_err(write_err)
     }
 }
 
@@ -576,7 +585,7 @@ pub struct Applied {
     pub last_membership: StoredMembership<RaftNodeId, BasicNode>,
 }
 
-/// The domain state machine with snapshots in sled.
+/// The domain state machine with snapshots in files.
 #[derive(Clone)]
 pub struct StateMachineStore {
     db: Db,
@@ -630,7 +639,11 @@ impl StateMachineStore {
 
 /// Moves a snapshot kept inside sled by an earlier release into a snapshot file.
 fn migrate_v1_snapshot(db: &Db) -> StoreResult<()> {
-    let Some(data) = db.snapshot.get(KEY_SNAPSHOT_DATA_V1).map_err(read_err)? else {
+    let Some(data) = db
+        .snapshot
+        .get(KEY_SNAPSHOT_DATA_V1.as_bytes())
+        .map_err(read_err)?
+    else {
         return Ok(());
     };
     if db.current_snapshot()?.is_none() {
@@ -647,9 +660,9 @@ fn migrate_v1_snapshot(db: &Db) -> StoreResult<()> {
         }
     }
     db.snapshot
-        .remove(KEY_SNAPSHOT_DATA_V1)
+        .remove(KEY_SNAPSHOT_DATA_V1.as_bytes())
         .map_err(write_err)?;
-    db.db.flush().map_err(write_err)?;
+    db.engine.flush_blocking().map_err(write_err)?;
     Ok(())
 }
 
@@ -927,14 +940,21 @@ mod tests {
             };
             put_json(&db.snapshot, KEY_SNAPSHOT_META, &meta).unwrap();
             db.snapshot
-                .insert(KEY_SNAPSHOT_DATA_V1, serde_json::to_vec(&state).unwrap())
+                .insert(
+                    KEY_SNAPSHOT_DATA_V1.as_bytes(),
+                    serde_json::to_vec(&state).unwrap(),
+                )
                 .unwrap();
-            db.db.flush().unwrap();
+            db.engine.flush_blocking().unwrap();
         }
         let db = Db::open(&path).unwrap();
         let mut sm = StateMachineStore::open(db.clone()).unwrap();
         assert_eq!(read_lock(&sm.applied).state.subscriber_count(), 40);
-        assert!(db.snapshot.get(KEY_SNAPSHOT_DATA_V1).unwrap().is_none());
+        assert!(db
+            .snapshot
+            .get(KEY_SNAPSHOT_DATA_V1.as_bytes())
+            .unwrap()
+            .is_none());
         assert_eq!(snapshot_files(&path).len(), 1);
         let snap = sm.get_current_snapshot().await.unwrap().unwrap();
         assert_eq!(snap.meta.snapshot_id, "7-0");
@@ -953,6 +973,33 @@ mod tests {
         let err = restore(&dir.path().join("b"), 1, "127.0.0.1:1", &b"{\"subscri"[..]).unwrap_err();
         assert!(matches!(err, RestoreError::Unreadable(_)), "{err}");
         assert!(!dir.path().join("b").exists());
+    }
+
+    /// The same suite on an in-memory engine: the store uses its engine only through `kv`'s traits,
+    /// so the engine can change.
+    struct MemoryBuilder {
+        dirs: std::sync::Mutex<Vec<tempfile::TempDir>>,
+    }
+
+    impl openraft::testing::StoreBuilder<TypeConfig, LogStore, StateMachineStore, ()>
+        for MemoryBuilder
+    {
+        async fn build(&self) -> StoreResult<((), LogStore, StateMachineStore)> {
+            let dir = tempfile::tempdir().map_err(write_err)?;
+            let engine = Arc::new(crate::kv::memory::MemoryEngine::default());
+            let db = Db::on_engine(engine, dir.path().join("snapshots"), "memory", 3)
+                .map_err(write_err)?;
+            self.dirs.lock().unwrap().push(dir);
+            Ok(((), LogStore::new(db.clone()), StateMachineStore::open(db)?))
+        }
+    }
+
+    #[test]
+    fn openraft_storage_suite_passes_on_another_engine() {
+        openraft::testing::Suite::test_all(MemoryBuilder {
+            dirs: Default::default(),
+        })
+        .unwrap();
     }
 
     #[test]
