@@ -384,9 +384,19 @@ impl InviteParts {
 struct Answered {
     dialog: Dialog,
     remote: RemoteMedia,
+    /// The callee's media address (`remote.addr`) for the receiver, which takes RTP only from it.
+    peer: watch::Sender<SocketAddr>,
     answered_at: Instant,
     /// The 2xx's ACK, resent if the 2xx is retransmitted.
     ack: Vec<u8>,
+}
+
+impl Answered {
+    /// The callee moved its media (a re-INVITE either way): send there and listen to it alone.
+    fn set_remote_addr(&mut self, addr: SocketAddr) {
+        self.remote.addr = addr;
+        self.peer.send_replace(addr);
+    }
 }
 
 struct Call<'a> {
@@ -643,6 +653,7 @@ impl Call<'_> {
         };
         Ok(Answered {
             dialog,
+            peer: watch::channel(remote.addr).0,
             remote,
             answered_at: Instant::now(),
             ack,
@@ -669,6 +680,7 @@ impl Call<'_> {
         let info_digits = digits_tx.clone();
         let receiver = tokio::spawn(receive_audio(
             media.rtp.clone(),
+            a.peer.subscribe(),
             a.remote.telephone_event,
             digits_tx,
             self.spec.detect_machines.then_some(machine_tx),
@@ -914,7 +926,7 @@ impl Call<'_> {
                         if let Some(s) = stream {
                             s.set_dest(remote.addr);
                         }
-                        a.remote.addr = remote.addr;
+                        a.set_remote_addr(remote.addr);
                         a.remote.rtcp = remote.rtcp;
                     }
                     tracing::info!(code = status(&resp), "re-INVITE accepted");
@@ -944,7 +956,7 @@ impl Call<'_> {
         rtp: &mut RtpClock,
     ) {
         let was_held = !a.remote.accepts_audio();
-        a.remote.addr = remote.addr;
+        a.set_remote_addr(remote.addr);
         a.remote.rtcp = remote.rtcp;
         a.remote.direction = remote.direction;
         match (was_held, a.remote.accepts_audio()) {
@@ -1067,8 +1079,13 @@ enum Machine {
 /// Reads RTP from the callee and reports keys: RFC 4733 events when telephone-event was negotiated,
 /// otherwise tones in the audio itself (for trunks that pass keys only in-band). With `machine`, the
 /// audio also goes through answering-machine detection.
+///
+/// Only datagrams from the callee's media address (`peer`, from its SDP) count: a port is reused by
+/// later calls, and a key pressed on an earlier call (its last RFC 4733 packets still on the way) must
+/// never confirm the next citizen on that port.
 async fn receive_audio(
     socket: Arc<RtpSocket>,
+    peer: watch::Receiver<SocketAddr>,
     telephone_event: Option<u8>,
     digits: mpsc::UnboundedSender<char>,
     machine: Option<mpsc::UnboundedSender<MachineEvent>>,
@@ -1080,10 +1097,18 @@ async fn receive_audio(
     let mut tones = InbandDetector::new();
     let mut linear = Vec::with_capacity(160);
     let mut buf = [0u8; 1500];
+    let mut strangers = 0u64;
     loop {
-        let Ok((n, _)) = socket.recv_from(&mut buf).await else {
+        let Ok((n, from)) = socket.recv_from(&mut buf).await else {
             return;
         };
+        if from != *peer.borrow() {
+            strangers += 1;
+            if strangers == 1 {
+                tracing::debug!(%from, "RTP from an address other than the callee's: ignored");
+            }
+            continue;
+        }
         let Ok((header, payload)) = rtp::parse(&buf[..n]) else {
             continue;
         };
@@ -1116,5 +1141,40 @@ async fn receive_audio(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A port is reused by the next call: the last RFC 4733 packets of a key pressed on the earlier
+    /// call must not confirm the citizen now on that port. Only the callee's address counts.
+    #[tokio::test]
+    async fn keys_count_only_from_the_callee_media_address() {
+        let ours = Arc::new(RtpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap());
+        let to = ours.local_addr().unwrap();
+        let callee = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let earlier_call = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (peer_tx, peer_rx) = watch::channel(callee.local_addr().unwrap());
+        let (digits_tx, mut digits) = mpsc::unbounded_channel();
+        let receiver = tokio::spawn(receive_audio(ours, peer_rx, Some(101), digits_tx, None));
+        // The stranger's "1" goes first, then the callee's "5": the first key heard must be the 5.
+        for p in crate::media::dtmf::dtmf_packets('1', 7, 1, 160, 101) {
+            earlier_call.send_to(&p, to).unwrap();
+        }
+        for p in crate::media::dtmf::dtmf_packets('5', 9, 1, 160, 101) {
+            callee.send_to(&p, to).unwrap();
+        }
+        let first = tokio::time::timeout(Duration::from_secs(10), digits.recv()).await;
+        assert_eq!(first.ok().flatten(), Some('5'));
+        // After a re-INVITE moves the callee's media, keys from the new address count.
+        peer_tx.send_replace(earlier_call.local_addr().unwrap());
+        for p in crate::media::dtmf::dtmf_packets('9', 11, 1, 320, 101) {
+            earlier_call.send_to(&p, to).unwrap();
+        }
+        let next = tokio::time::timeout(Duration::from_secs(10), digits.recv()).await;
+        assert_eq!(next.ok().flatten(), Some('9'));
+        receiver.abort();
     }
 }
