@@ -119,6 +119,21 @@ fn three_nodes_share_the_city_and_agree_with_its_log() {
         "phones with two calls at once: {:?}",
         &overlaps[..overlaps.len().min(5)]
     );
+    // Progress per node in the API adds up to the campaign's, and every node has a share.
+    let by_node = done["by_node"].as_object().unwrap();
+    assert_eq!(by_node.len(), 3, "{done}");
+    for field in ["attempts", "answered", "confirmed"] {
+        let sum: u64 = by_node.values().map(|p| p[field].as_u64().unwrap()).sum();
+        assert_eq!(
+            sum,
+            done["counts"][field].as_u64().unwrap(),
+            "{field}: {done}"
+        );
+    }
+    assert!(
+        by_node.values().all(|p| p["attempts"].as_u64() > Some(0)),
+        "{done}"
+    );
 }
 
 #[test]

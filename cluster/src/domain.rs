@@ -487,6 +487,18 @@ pub struct Campaign {
     pub started_ms: Option<u64>,
     pub finished_ms: Option<u64>,
     pub counts: Counts,
+    /// What each node did for this campaign (absent from snapshots of earlier releases).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub by_node: std::collections::BTreeMap<NodeId, NodeProgress>,
+}
+
+/// One node's share of a campaign: the subscribers' attempts it finished, how many were answered,
+/// and how many ended `confirmed` on its calls.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeProgress {
+    pub attempts: u64,
+    pub answered: u64,
+    pub confirmed: u64,
 }
 
 /// The state every targeted subscriber must end in (ARCHITECTURE.md, delivery guarantee).

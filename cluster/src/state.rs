@@ -139,6 +139,7 @@ impl State {
                         started_ms: None,
                         finished_ms: None,
                         counts: Counts::default(),
+                        by_node: Default::default(),
                     },
                 );
                 Response::CampaignCreated(id)
@@ -671,9 +672,15 @@ impl State {
                     // Not the subscriber's attempt: give it back.
                     task.attempts = task.attempts.saturating_sub(1);
                 } else {
+                    let mine = c.by_node.entry(node).or_default();
                     counts.attempts += 1;
+                    mine.attempts += 1;
                     if outcome.answered() {
                         counts.answered += 1;
+                        mine.answered += 1;
+                    }
+                    if *next == Next::Final(FinalState::Confirmed) {
+                        mine.confirmed += 1;
                     }
                 }
                 task.last_outcome = Some(outcome.clone());
@@ -1434,6 +1441,20 @@ mod tests {
         assert_eq!(c.counts.confirmed, 1);
         assert_eq!(c.counts.attempts, 2);
         assert_eq!(c.counts.answered, 1);
+        // Per node: node 1 placed both attempts and confirmed the citizen.
+        assert_eq!(
+            c.by_node.get(&NodeId(1)),
+            Some(&NodeProgress {
+                attempts: 2,
+                answered: 1,
+                confirmed: 1
+            })
+        );
+        // A campaign without per-node progress (an earlier release's snapshot) still loads.
+        let mut json = serde_json::to_value(c).unwrap();
+        json.as_object_mut().unwrap().remove("by_node");
+        let old: Campaign = serde_json::from_value(json).unwrap();
+        assert!(old.by_node.is_empty());
     }
 
     #[test]

@@ -469,6 +469,9 @@ pub fn campaign_view(c: &Campaign) -> Value {
             "attempts": k.attempts, "answered": k.answered,
         },
         "answer_ratio": k.answer_ratio(),
+        "by_node": c.by_node.iter().map(|(node, p)| (node.0.to_string(), json!({
+            "attempts": p.attempts, "answered": p.answered, "confirmed": p.confirmed,
+        }))).collect::<serde_json::Map<String, Value>>(),
         "created_ms": c.created_ms,
         "started_ms": c.started_ms,
         "finished_ms": c.finished_ms,
