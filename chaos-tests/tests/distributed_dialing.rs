@@ -171,10 +171,24 @@ fn a_node_killed_mid_campaign_hands_its_partitions_over() {
         .and_then(|m| m["leases"].as_u64());
     assert_eq!(on_dead, Some(0), "{view}");
 
+    let (overlaps, pressed) = check_outcomes_after_losing(&nodes[1], id, &city, &victim);
+    eprintln!("{overlaps} overlapping calls after the SIGKILL; {pressed} numbers pressed 1");
+}
+
+/// After a campaign lost a node (`victim`, its SIP address) mid-way: every task is final, `confirmed`
+/// exactly where the city logged a 1 (a 1 pressed on a call of the lost node may not have reached the
+/// cluster), and the only phones with two calls at once had one from the lost node, no more than its
+/// channels. Answers the number of overlapping calls and of numbers that pressed 1.
+fn check_outcomes_after_losing(
+    node: &NodeProc,
+    id: u64,
+    city: &SimCityProc,
+    victim: &str,
+) -> (usize, usize) {
     let events = city.events();
     let pressed = numbers_that_pressed(&events);
     let by_number = calls_by_number(&events);
-    for t in tasks(&nodes[1], id) {
+    for t in tasks(node, id) {
         let (phone, state) = (t["phone"].as_str().unwrap(), t["state"].as_str().unwrap());
         assert!(
             !matches!(state, "pending" | "in_flight"),
@@ -183,30 +197,23 @@ fn a_node_killed_mid_campaign_hands_its_partitions_over() {
         if state == "confirmed" {
             assert!(pressed.contains(phone), "{phone} confirmed without a 1");
         } else if pressed.contains(phone) {
-            // A 1 pressed on a call of the killed node never reached the cluster.
             let on_victim = by_number[phone].iter().any(|c| c.from == victim);
             assert!(on_victim, "{phone} pressed 1 but ended {state}");
         }
     }
-    // The only phones with two calls at once had one from the killed node, and no more than it
-    // had channels.
     let overlaps = overlapping_calls(&events);
     for (number, a, b) in &overlaps {
         assert!(
             a.from == victim || b.from == victim,
-            "{number}: overlapping calls {a:?} and {b:?} without the killed node"
+            "{number}: overlapping calls {a:?} and {b:?} without the lost node"
         );
     }
     assert!(
         overlaps.len() <= CHANNELS,
-        "{} overlapping calls, more than the killed node's {CHANNELS} channels",
+        "{} overlapping calls, more than the lost node's {CHANNELS} channels",
         overlaps.len()
     );
-    eprintln!(
-        "{} overlapping calls after the SIGKILL; {} numbers pressed 1",
-        overlaps.len(),
-        pressed.len()
-    );
+    (overlaps.len(), pressed.len())
 }
 
 fn now_ms() -> u64 {
@@ -449,39 +456,11 @@ fn a_node_cut_off_from_the_cluster_stops_dialing_and_the_others_take_its_partiti
         .wait_campaign_done(id, Duration::from_secs(600))
         .unwrap();
     assert_eq!(done["state"], "completed", "{done}");
-    let events = city.events();
-    let pressed = numbers_that_pressed(&events);
-    let by_number = calls_by_number(&events);
-    for t in tasks(others[1], id) {
-        let (phone, state) = (t["phone"].as_str().unwrap(), t["state"].as_str().unwrap());
-        assert!(
-            !matches!(state, "pending" | "in_flight"),
-            "{phone} left {state}"
-        );
-        if state == "confirmed" {
-            assert!(pressed.contains(phone), "{phone} confirmed without a 1");
-        } else if pressed.contains(phone) {
-            // A 1 pressed on a call the cut-off node hung up could not reach the cluster.
-            let on_victim = by_number[phone].iter().any(|c| c.from == victim);
-            assert!(on_victim, "{phone} pressed 1 but ended {state}");
-        }
-    }
-    let overlaps = overlapping_calls(&events);
-    for (number, a, b) in &overlaps {
-        assert!(
-            a.from == victim || b.from == victim,
-            "{number}: overlapping calls {a:?} and {b:?} without the cut-off node"
-        );
-    }
-    assert!(
-        overlaps.len() <= CHANNELS,
-        "{} overlapping calls, more than the cut-off node's {CHANNELS} channels",
-        overlaps.len()
-    );
+    let (overlaps, pressed) = check_outcomes_after_losing(others[1], id, &city, &victim);
     eprintln!(
         "cut node {cut_id} for {} ms; {} overlapping calls; {} numbers pressed 1",
         heal_ms - cut_ms,
-        overlaps.len(),
-        pressed.len()
+        overlaps,
+        pressed
     );
 }

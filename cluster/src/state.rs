@@ -79,24 +79,10 @@ impl State {
     /// Applies one committed command. Never panics on any command, well-formed or not.
     pub fn apply(&mut self, cmd: &Command) -> Response {
         match cmd {
-            Command::CreateSubscriber { subscriber, .. }
-                if !self.tenants.0.contains_key(&subscriber.tenant) =>
-            {
-                Response::Refused(Refusal::UnknownTenant(subscriber.tenant.clone()))
-            }
-            Command::CreateSubscribers { subscribers, .. }
-                if subscribers
-                    .iter()
-                    .any(|s| !self.tenants.0.contains_key(&s.tenant)) =>
-            {
-                let unknown = subscribers
-                    .iter()
-                    .find(|s| !self.tenants.0.contains_key(&s.tenant))
-                    .map(|s| s.tenant.clone())
-                    .unwrap_or_default();
-                Response::Refused(Refusal::UnknownTenant(unknown))
-            }
             Command::CreateSubscriber { at_ms, subscriber } => {
+                if !self.tenants.0.contains_key(&subscriber.tenant) {
+                    return Response::Refused(Refusal::UnknownTenant(subscriber.tenant.clone()));
+                }
                 match self.create_subscriber(subscriber, *at_ms) {
                     Imported::Created(id) => Response::SubscriberCreated(id),
                     Imported::Duplicate(existing) => Response::Refused(Refusal::DuplicatePhone(
@@ -105,12 +91,21 @@ impl State {
                     )),
                 }
             }
-            Command::CreateSubscribers { at_ms, subscribers } => Response::Imported(
-                subscribers
+            Command::CreateSubscribers { at_ms, subscribers } => {
+                // A batch with an unknown tenant is refused whole, before anything is created.
+                if let Some(s) = subscribers
                     .iter()
-                    .map(|s| self.create_subscriber(s, *at_ms))
-                    .collect(),
-            ),
+                    .find(|s| !self.tenants.0.contains_key(&s.tenant))
+                {
+                    return Response::Refused(Refusal::UnknownTenant(s.tenant.clone()));
+                }
+                Response::Imported(
+                    subscribers
+                        .iter()
+                        .map(|s| self.create_subscriber(s, *at_ms))
+                        .collect(),
+                )
+            }
             Command::DeleteSubscriber { at_ms, id } => {
                 let Some(sub) = self.subscribers.remove(id) else {
                     return Response::Refused(Refusal::UnknownSubscriber(*id));
@@ -336,7 +331,7 @@ impl State {
                     at_ms: *at_ms,
                     actor: actor.clone(),
                     tenant,
-                    action: command.kind(),
+                    action: command.kind().to_string(),
                     target: audit_target(command, &response),
                     result,
                 });
@@ -1133,6 +1128,21 @@ mod tests {
             st.apply(&in_tenant("lucca", sub(3, None))),
             Response::Refused(Refusal::UnknownTenant(_))
         ));
+        // A batch naming an unknown tenant is refused whole: nobody of it is created.
+        let count = st.subscriber_count();
+        let batch = |c: Command| match c {
+            Command::CreateSubscriber { subscriber, .. } => subscriber,
+            _ => unreachable!(),
+        };
+        let r = st.apply(&Command::CreateSubscribers {
+            at_ms: 1,
+            subscribers: vec![
+                batch(in_tenant("pisa", sub(7, None))),
+                batch(in_tenant("lucca", sub(8, None))),
+            ],
+        });
+        assert_eq!(r, Response::Refused(Refusal::UnknownTenant("lucca".into())));
+        assert_eq!(st.subscriber_count(), count);
         assert!(matches!(
             st.apply(&in_tenant("lucca", campaign(Audience::All))),
             Response::Refused(Refusal::UnknownTenant(_))

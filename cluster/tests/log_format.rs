@@ -241,6 +241,13 @@ fn every_logged_command_of_this_release_replays() {
         );
         seen.insert(kind(&cmd));
     }
+    // The library's kind is the tag the log carries.
+    for c in one_of_each() {
+        let tag = serde_json::to_value(&c).unwrap();
+        let tag = tag.as_object().and_then(|o| o.keys().next()).unwrap();
+        assert_eq!(c.kind(), tag);
+        assert_eq!(c.kind(), kind(&c));
+    }
     let missing: Vec<Command> = one_of_each()
         .into_iter()
         .filter(|c| !seen.contains(kind(c)))
