@@ -134,6 +134,16 @@ pub struct Subscriber {
     pub created_ms: u64,
     #[serde(default = "default_tenant", skip_serializing_if = "is_default_tenant")]
     pub tenant: String,
+    /// The privacy consent a citizen gave on the public page (operator-entered numbers have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consent: Option<Consent>,
+}
+
+/// The privacy notice a citizen accepted, word for word, and when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Consent {
+    pub text: String,
+    pub at_ms: u64,
 }
 
 /// What a new subscriber looks like before the state machine gives it an id.
@@ -147,6 +157,8 @@ pub struct NewSubscriber {
     /// The tenant the subscriber registers with; the same number may be registered with several.
     #[serde(default = "default_tenant", skip_serializing_if = "is_default_tenant")]
     pub tenant: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consent: Option<Consent>,
 }
 
 /// How urgent an alert is; emergency calls are dialled first and ignore quiet hours.

@@ -479,6 +479,7 @@ impl State {
                 opted_out: false,
                 created_ms: at_ms,
                 tenant: subscriber.tenant.clone(),
+                consent: subscriber.consent.clone(),
             },
         );
         Imported::Created(id)
@@ -988,6 +989,7 @@ mod tests {
                 language: "it".into(),
                 zone: zone.map(String::from),
                 verified: true,
+                consent: None,
             },
         }
     }

@@ -863,6 +863,7 @@ mod tests {
                     language: "it".into(),
                     zone: None,
                     verified: true,
+                    consent: None,
                 })
                 .collect(),
         }

@@ -18,6 +18,7 @@ fn one_of_each() -> Vec<Command> {
         language: "it".into(),
         zone: Some("centro".into()),
         verified: true,
+        consent: None,
     };
     vec![
         Command::CreateSubscriber {

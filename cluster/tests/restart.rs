@@ -12,6 +12,7 @@ fn new_sub(n: u32) -> Command {
             language: "it".into(),
             zone: None,
             verified: true,
+            consent: None,
         },
     }
 }

@@ -20,6 +20,7 @@ fn new_sub(n: u32) -> Command {
             language: "it".into(),
             zone: None,
             verified: true,
+            consent: None,
         },
     }
 }

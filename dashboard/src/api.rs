@@ -189,6 +189,7 @@ fn new_subscriber(body: SubscriberBody) -> Result<NewSubscriber, ApiError> {
         language,
         zone: body.zone,
         verified: true,
+        consent: None,
     })
 }
 

@@ -117,6 +117,16 @@ pub trait Engine: Send + Sync + 'static {
             "the audit log is not available on this node".into(),
         ))
     }
+    /// A citizen registering on a tenant's public page (`/r/{tenant}`): stored unverified, with the
+    /// consent given; verified numbers are the only ones a campaign calls.
+    async fn register_citizen(&self, s: NewSubscriber) -> Result<Subscriber, EngineError> {
+        self.create_subscriber(s).await
+    }
+    /// The address citizens reach this deployment at (`https://allerta.comune.example`), from the
+    /// configuration; None when unset (pages then use the request's Host).
+    fn public_url(&self) -> Option<String> {
+        None
+    }
     /// Some(explanation) when calls go to a simulated city instead of a real trunk.
     fn drill_mode(&self) -> Option<String>;
     async fn health(&self) -> Health;

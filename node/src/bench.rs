@@ -591,6 +591,7 @@ pub async fn snapshot_memory(subscribers: usize) -> anyhow::Result<()> {
                     language: "it".into(),
                     zone: Some("centro".into()),
                     verified: true,
+                    consent: None,
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;

@@ -172,6 +172,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
                         language: "it".into(),
                         zone: Some(ZONES[n as usize % ZONES.len()].into()),
                         verified: true,
+                        consent: None,
                     })
                     .await
                     .map_err(anyhow::Error::from)
