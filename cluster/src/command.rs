@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::{
     ApiToken, AttemptEvent, CampaignId, CampaignSpec, NewSubscriber, NodeId, NodeInfo, Operator,
-    OperatorUpdate, SubscriberId,
+    OperatorUpdate, Session, SubscriberId,
 };
 
 /// A change to the replicated state. `at_ms` is the proposer's wall clock; `apply` never reads a clock.
@@ -30,6 +30,10 @@ pub enum Command {
     CreateCampaign {
         at_ms: u64,
         spec: CampaignSpec,
+        /// The console operator composing it (None for an API token): a city-wide or emergency
+        /// campaign from an operator waits for a second person's approval.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        created_by: Option<String>,
     },
     StartCampaign {
         at_ms: u64,
@@ -119,6 +123,29 @@ pub enum Command {
         #[serde(with = "crate::domain::base64_bytes")]
         wav: Vec<u8>,
     },
+    /// A second operator approves a campaign waiting for approval; its author cannot.
+    ApproveCampaign {
+        at_ms: u64,
+        id: CampaignId,
+        by: String,
+    },
+    /// Life safety: the campaign may start without a second person; the reason is kept.
+    OverrideApproval {
+        at_ms: u64,
+        id: CampaignId,
+        by: String,
+        reason: String,
+    },
+    /// An operator logged in; expired sessions are dropped when this applies.
+    CreateSession {
+        at_ms: u64,
+        session: Session,
+    },
+    /// Logout (or a password change elsewhere): the session stops working on every node.
+    EndSession {
+        at_ms: u64,
+        token_sha256: String,
+    },
     /// `command`, applied as usual, and a line in the audit log saying who asked and what came of it.
     Audited {
         at_ms: u64,
@@ -153,6 +180,10 @@ impl Command {
             Command::CreateOperator { .. } => "create_operator",
             Command::UpdateOperator { .. } => "update_operator",
             Command::PutAudio { .. } => "put_audio",
+            Command::ApproveCampaign { .. } => "approve_campaign",
+            Command::OverrideApproval { .. } => "override_approval",
+            Command::CreateSession { .. } => "create_session",
+            Command::EndSession { .. } => "end_session",
             Command::Audited { .. } => "audited",
         }
     }
@@ -220,6 +251,20 @@ pub enum Refusal {
     AudioTooLarge { bytes: usize, limit: usize },
     #[error("recording {0} does not exist for this tenant")]
     UnknownAudio(String),
+    #[error("operator `{0}` is disabled")]
+    DisabledOperator(String),
+    #[error(
+        "campaign {0} needs a second person's approval (or an emergency override) before it starts"
+    )]
+    ApprovalRequired(CampaignId),
+    #[error("campaign {0} does not need an approval")]
+    ApprovalNotNeeded(CampaignId),
+    #[error("`{0}` composed campaign {1}; a different person must approve it")]
+    SelfApproval(String, CampaignId),
+    #[error("only an emergency campaign can start on an override; campaign {0} is not one")]
+    OverrideNotEmergency(CampaignId),
+    #[error("an emergency override needs a reason of at least 10 characters")]
+    OverrideWithoutReason,
     #[error("an audited command cannot wrap another audited command")]
     NestedAudit,
 }

@@ -290,6 +290,51 @@ pub struct OperatorUpdate {
     pub disabled: Option<bool>,
 }
 
+/// A console login, replicated so that any node accepts it after a failover. Only the SHA-256 of the
+/// cookie's secret is kept; the secret itself lives in the operator's browser.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    pub token_sha256: String,
+    pub username: String,
+    pub created_ms: u64,
+    pub expires_ms: u64,
+}
+
+/// Most sessions one operator keeps; a new login past it ends the oldest.
+pub const MAX_SESSIONS_PER_OPERATOR: usize = 10;
+
+/// The two-person rule: a city-wide or emergency alert composed by an operator waits for a second
+/// person, or for an emergency override whose reason is logged.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Approval {
+    /// Created by automation (an API token) or neither city-wide nor an emergency.
+    #[default]
+    NotNeeded,
+    Pending,
+    Approved {
+        by: String,
+        at_ms: u64,
+    },
+    /// Started without a second person, for life safety; the reason is kept and audited.
+    Overridden {
+        by: String,
+        reason: String,
+        at_ms: u64,
+    },
+}
+
+impl Approval {
+    pub fn is_not_needed(&self) -> bool {
+        *self == Approval::NotNeeded
+    }
+
+    /// Whether the campaign may start.
+    pub fn allows_start(&self) -> bool {
+        *self != Approval::Pending
+    }
+}
+
 /// One line of the replicated audit log: who did what, and what the state machine answered.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditEntry {
@@ -499,6 +544,11 @@ pub struct Campaign {
     pub started_ms: Option<u64>,
     pub finished_ms: Option<u64>,
     pub counts: Counts,
+    /// The operator who composed it; None when an API token created it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Approval::is_not_needed")]
+    pub approval: Approval,
     /// What each node did for this campaign (absent from snapshots of earlier releases).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub by_node: std::collections::BTreeMap<NodeId, NodeProgress>,

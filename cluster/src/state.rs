@@ -10,10 +10,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::command::{Command, Imported, Refusal, Response};
 use crate::domain::{
-    partition_of, ApiToken, AttemptEvent, AudioBlob, AuditEntry, CallTask, Campaign, CampaignId,
-    CampaignSpec, CampaignState, Counts, FinalState, Lease, Message, NewSubscriber, Next, NodeId,
-    NodeInfo, Operator, OperatorUpdate, Outcome, PhoneNumber, Subscriber, SubscriberId, TaskState,
-    Tenant, DEFAULT_TENANT, MAX_AUDIO_BYTES, PARTITIONS,
+    partition_of, ApiToken, Approval, AttemptEvent, Audience, AudioBlob, AuditEntry, CallTask,
+    Campaign, CampaignId, CampaignSpec, CampaignState, Counts, FinalState, Lease, Message,
+    NewSubscriber, Next, NodeId, NodeInfo, Operator, OperatorUpdate, Outcome, PhoneNumber,
+    Priority, Session, Subscriber, SubscriberId, TaskState, Tenant, DEFAULT_TENANT,
+    MAX_AUDIO_BYTES, MAX_SESSIONS_PER_OPERATOR, PARTITIONS,
 };
 
 /// Key of the due queue: priority rank first, then due time, so the dialer pops emergencies first.
@@ -51,6 +52,9 @@ pub struct State {
     /// Recordings by SHA-256.
     #[serde(default)]
     audio: BTreeMap<String, AudioBlob>,
+    /// Console sessions by the SHA-256 of their secret.
+    #[serde(default)]
+    sessions: BTreeMap<String, Session>,
     /// (tenant, phone) → subscriber.
     #[serde(skip)]
     phones: BTreeMap<(String, PhoneNumber), SubscriberId>,
@@ -118,10 +122,22 @@ impl State {
                 }
                 Response::Ok
             }
-            Command::CreateCampaign { at_ms, spec } => {
+            Command::CreateCampaign {
+                at_ms,
+                spec,
+                created_by,
+            } => {
                 if let Some(refusal) = self.campaign_refusal(spec) {
                     return Response::Refused(refusal);
                 }
+                let city_wide = spec.audience == Audience::All;
+                let approval = if created_by.is_some()
+                    && (city_wide || spec.priority == Priority::Emergency)
+                {
+                    Approval::Pending
+                } else {
+                    Approval::NotNeeded
+                };
                 self.next_campaign += 1;
                 let id = CampaignId(self.next_campaign);
                 self.campaigns.insert(
@@ -134,6 +150,8 @@ impl State {
                         started_ms: None,
                         finished_ms: None,
                         counts: Counts::default(),
+                        created_by: created_by.clone(),
+                        approval,
                         by_node: Default::default(),
                     },
                 );
@@ -311,6 +329,81 @@ impl State {
                     });
                 Response::AudioStored(sha256)
             }
+            Command::ApproveCampaign { at_ms, id, by } => {
+                let Some(c) = self.campaigns.get_mut(id) else {
+                    return Response::Refused(Refusal::UnknownCampaign(*id));
+                };
+                if c.approval != Approval::Pending {
+                    return Response::Refused(Refusal::ApprovalNotNeeded(*id));
+                }
+                if c.created_by.as_deref() == Some(by.as_str()) {
+                    return Response::Refused(Refusal::SelfApproval(by.clone(), *id));
+                }
+                c.approval = Approval::Approved {
+                    by: by.clone(),
+                    at_ms: *at_ms,
+                };
+                Response::Ok
+            }
+            Command::OverrideApproval {
+                at_ms,
+                id,
+                by,
+                reason,
+            } => {
+                let Some(c) = self.campaigns.get_mut(id) else {
+                    return Response::Refused(Refusal::UnknownCampaign(*id));
+                };
+                if c.approval != Approval::Pending {
+                    return Response::Refused(Refusal::ApprovalNotNeeded(*id));
+                }
+                if c.spec.priority != Priority::Emergency {
+                    return Response::Refused(Refusal::OverrideNotEmergency(*id));
+                }
+                if reason.trim().chars().count() < 10 {
+                    return Response::Refused(Refusal::OverrideWithoutReason);
+                }
+                c.approval = Approval::Overridden {
+                    by: by.clone(),
+                    reason: reason.trim().to_string(),
+                    at_ms: *at_ms,
+                };
+                Response::Ok
+            }
+            Command::CreateSession { at_ms, session } => {
+                match self.operators.get(&session.username) {
+                    None => {
+                        return Response::Refused(Refusal::UnknownOperator(
+                            session.username.clone(),
+                        ))
+                    }
+                    Some(op) if op.disabled => {
+                        return Response::Refused(Refusal::DisabledOperator(
+                            session.username.clone(),
+                        ))
+                    }
+                    Some(_) => {}
+                }
+                self.sessions.retain(|_, s| s.expires_ms > *at_ms);
+                let mut own: Vec<(u64, String)> = self
+                    .sessions
+                    .values()
+                    .filter(|s| s.username == session.username)
+                    .map(|s| (s.created_ms, s.token_sha256.clone()))
+                    .collect();
+                own.sort();
+                while own.len() >= MAX_SESSIONS_PER_OPERATOR {
+                    let (_, oldest) = own.remove(0);
+                    self.sessions.remove(&oldest);
+                }
+                self.sessions
+                    .insert(session.token_sha256.clone(), session.clone());
+                Response::Ok
+            }
+            Command::EndSession { token_sha256, .. } => {
+                self.sessions.remove(token_sha256);
+                Response::Ok
+            }
             Command::Audited {
                 at_ms,
                 actor,
@@ -355,7 +448,9 @@ impl State {
             Command::StartCampaign { id, .. }
             | Command::CancelCampaign { id, .. }
             | Command::PauseCampaign { id, .. }
-            | Command::ResumeCampaign { id, .. } => of_campaign(id),
+            | Command::ResumeCampaign { id, .. }
+            | Command::ApproveCampaign { id, .. }
+            | Command::OverrideApproval { id, .. } => of_campaign(id),
             Command::CreateTenant { slug, .. } => Some(slug.clone()),
             Command::PutAudio { tenant, .. } => Some(tenant.clone()),
             Command::CreateOperator { operator, .. } => operator.tenants.first().cloned(),
@@ -422,6 +517,10 @@ impl State {
         next.updated_ms = at_ms;
         if let Some(refusal) = self.operator_refusal(&next) {
             return Response::Refused(refusal);
+        }
+        // A new password or a disabled account ends every session the operator had.
+        if update.password_hash.is_some() || next.disabled {
+            self.sessions.retain(|_, s| s.username != next.username);
         }
         self.operators.insert(next.username.clone(), next);
         Response::Ok
@@ -491,6 +590,9 @@ impl State {
         };
         if campaign.state != CampaignState::Draft {
             return Response::Refused(wrong_state(campaign, "draft", "started"));
+        }
+        if !campaign.approval.allows_start() {
+            return Response::Refused(Refusal::ApprovalRequired(id));
         }
         let rank = campaign.spec.priority.rank();
         let mut tasks = BTreeMap::new();
@@ -867,6 +969,16 @@ impl State {
         self.operators.get(username)
     }
 
+    /// The operator a live session speaks for: known, not expired at `now_ms`, account enabled.
+    pub fn session(&self, token_sha256: &str, now_ms: u64) -> Option<(&Session, &Operator)> {
+        let session = self.sessions.get(token_sha256)?;
+        if session.expires_ms <= now_ms {
+            return None;
+        }
+        let op = self.operators.get(&session.username)?;
+        (!op.disabled).then_some((session, op))
+    }
+
     pub fn operators(&self) -> impl Iterator<Item = &Operator> {
         self.operators.values()
     }
@@ -962,9 +1074,14 @@ fn audit_target(command: &Command, response: &Response) -> String {
             Command::StartCampaign { id, .. }
             | Command::CancelCampaign { id, .. }
             | Command::PauseCampaign { id, .. }
-            | Command::ResumeCampaign { id, .. },
+            | Command::ResumeCampaign { id, .. }
+            | Command::ApproveCampaign { id, .. },
             _,
         ) => format!("campaign {id}"),
+        (Command::OverrideApproval { id, reason, .. }, _) => {
+            format!("campaign {id} (override: {reason})")
+        }
+        (Command::CreateSession { session, .. }, _) => format!("operator {}", session.username),
         (Command::CreateTenant { slug, .. }, _) => format!("tenant {slug}"),
         (Command::CreateOperator { operator, .. }, _) => format!("operator {}", operator.username),
         (Command::UpdateOperator { update, .. }, _) => format!("operator {}", update.username),
@@ -997,6 +1114,7 @@ mod tests {
     fn campaign(audience: Audience) -> Command {
         Command::CreateCampaign {
             at_ms: 2,
+            created_by: None,
             spec: CampaignSpec {
                 tenant: crate::domain::default_tenant(),
                 title: "Piena del fiume".into(),
@@ -1268,6 +1386,194 @@ mod tests {
     }
 
     #[test]
+    fn sessions_expire_end_on_logout_and_on_a_new_password_or_disabled_account() {
+        let mut st = State::default();
+        st.apply(&operator("anna", Role::Operator, &["default"], HASH));
+        let login = |token: &str, at_ms: u64| Command::CreateSession {
+            at_ms,
+            session: Session {
+                token_sha256: token.into(),
+                username: "anna".into(),
+                created_ms: at_ms,
+                expires_ms: at_ms + 1_000,
+            },
+        };
+        assert_eq!(st.apply(&login("a", 10)), Response::Ok);
+        assert_eq!(
+            st.session("a", 500).map(|(_, o)| o.username.as_str()),
+            Some("anna")
+        );
+        assert!(st.session("a", 1_010).is_none(), "expired");
+        assert!(st.session("nope", 500).is_none());
+        // A login of an unknown account is refused.
+        let mut ghost = login("g", 10);
+        if let Command::CreateSession { session, .. } = &mut ghost {
+            session.username = "ghost".into();
+        }
+        assert!(matches!(
+            st.apply(&ghost),
+            Response::Refused(Refusal::UnknownOperator(_))
+        ));
+        // Logout.
+        st.apply(&login("b", 20));
+        st.apply(&Command::EndSession {
+            at_ms: 21,
+            token_sha256: "b".into(),
+        });
+        assert!(st.session("b", 22).is_none());
+        // A new password ends every session; so does disabling the account, which also refuses logins.
+        st.apply(&login("c", 30));
+        st.apply(&Command::UpdateOperator {
+            at_ms: 31,
+            update: OperatorUpdate {
+                username: "anna".into(),
+                role: None,
+                tenants: None,
+                password_hash: Some(HASH.into()),
+                disabled: None,
+            },
+        });
+        assert!(st.session("c", 32).is_none());
+        st.apply(&login("d", 40));
+        st.apply(&Command::UpdateOperator {
+            at_ms: 41,
+            update: OperatorUpdate {
+                username: "anna".into(),
+                role: None,
+                tenants: None,
+                password_hash: None,
+                disabled: Some(true),
+            },
+        });
+        assert!(st.session("d", 42).is_none());
+        assert!(matches!(
+            st.apply(&login("e", 50)),
+            Response::Refused(Refusal::DisabledOperator(_))
+        ));
+        // Expired sessions are dropped when a login applies; one account keeps a bounded number.
+        st.apply(&Command::UpdateOperator {
+            at_ms: 60,
+            update: OperatorUpdate {
+                username: "anna".into(),
+                role: None,
+                tenants: None,
+                password_hash: None,
+                disabled: Some(false),
+            },
+        });
+        for i in 0..(MAX_SESSIONS_PER_OPERATOR as u64 + 5) {
+            st.apply(&login(&format!("s{i}"), 100 + i));
+        }
+        assert_eq!(st.sessions.len(), MAX_SESSIONS_PER_OPERATOR);
+        assert!(st.session("s0", 150).is_none(), "the oldest went first");
+        st.apply(&login("late", 5_000));
+        assert_eq!(st.sessions.len(), 1, "expired ones are gone");
+    }
+
+    #[test]
+    fn a_campaign_from_an_operator_to_everyone_or_an_emergency_waits_for_a_second_person() {
+        let mut st = State::default();
+        let mut by = |who: Option<&str>, audience: Audience, priority: Priority| {
+            let mut cmd = campaign(audience);
+            if let Command::CreateCampaign {
+                created_by, spec, ..
+            } = &mut cmd
+            {
+                *created_by = who.map(str::to_string);
+                spec.priority = priority;
+            }
+            let Response::CampaignCreated(id) = st.apply(&cmd) else {
+                panic!("not created")
+            };
+            st.campaign(id)
+                .map(|c| c.approval.clone())
+                .unwrap_or_default()
+        };
+        let zones = || Audience::Zones(vec!["colle".into()]);
+        assert_eq!(
+            by(Some("anna"), Audience::All, Priority::Info),
+            Approval::Pending
+        );
+        assert_eq!(
+            by(Some("anna"), zones(), Priority::Emergency),
+            Approval::Pending
+        );
+        assert_eq!(
+            by(Some("anna"), zones(), Priority::Urgent),
+            Approval::NotNeeded
+        );
+        assert_eq!(
+            by(None, Audience::All, Priority::Emergency),
+            Approval::NotNeeded
+        );
+        let id = CampaignId(1);
+        assert!(matches!(
+            st.apply(&Command::StartCampaign { at_ms: 5, id }),
+            Response::Refused(Refusal::ApprovalRequired(_))
+        ));
+        assert!(matches!(
+            st.apply(&Command::ApproveCampaign {
+                at_ms: 5,
+                id,
+                by: "anna".into()
+            }),
+            Response::Refused(Refusal::SelfApproval(..))
+        ));
+        assert!(matches!(
+            st.apply(&Command::OverrideApproval {
+                at_ms: 5,
+                id,
+                by: "anna".into(),
+                reason: "frana in corso adesso".into()
+            }),
+            Response::Refused(Refusal::OverrideNotEmergency(_))
+        ));
+        assert_eq!(
+            st.apply(&Command::ApproveCampaign {
+                at_ms: 6,
+                id,
+                by: "carla".into()
+            }),
+            Response::Ok
+        );
+        assert!(matches!(
+            st.apply(&Command::ApproveCampaign {
+                at_ms: 7,
+                id,
+                by: "dario".into()
+            }),
+            Response::Refused(Refusal::ApprovalNotNeeded(_))
+        ));
+        assert_eq!(
+            st.apply(&Command::StartCampaign { at_ms: 8, id }),
+            Response::Ok
+        );
+        let e = CampaignId(2);
+        assert!(matches!(
+            st.apply(&Command::OverrideApproval {
+                at_ms: 9,
+                id: e,
+                by: "anna".into(),
+                reason: "  corta ".into()
+            }),
+            Response::Refused(Refusal::OverrideWithoutReason)
+        ));
+        assert_eq!(
+            st.apply(&Command::OverrideApproval {
+                at_ms: 9,
+                id: e,
+                by: "anna".into(),
+                reason: "frana in corso adesso".into()
+            }),
+            Response::Ok
+        );
+        assert_eq!(
+            st.apply(&Command::StartCampaign { at_ms: 10, id: e }),
+            Response::Ok
+        );
+    }
+
+    #[test]
     fn audited_commands_leave_who_what_and_the_result_in_the_log() {
         let mut st = State::default();
         let audited = |cmd: Command| Command::Audited {
@@ -1352,6 +1658,7 @@ mod tests {
         ));
         let with_recording = |tenant: &str| Command::CreateCampaign {
             at_ms: 3,
+            created_by: None,
             spec: CampaignSpec {
                 tenant: tenant.into(),
                 title: "Registrata".into(),

@@ -35,6 +35,7 @@ fn one_of_each() -> Vec<Command> {
         },
         Command::CreateCampaign {
             at_ms: 3,
+            created_by: None,
             spec: CampaignSpec {
                 tenant: campanile_cluster::default_tenant(),
                 title: "Allerta".into(),
@@ -180,6 +181,7 @@ fn one_of_each() -> Vec<Command> {
             tenant: Some("comune-di-pisa".into()),
             command: Box::new(Command::CreateCampaign {
                 at_ms: 20,
+                created_by: None,
                 spec: CampaignSpec {
                     tenant: "comune-di-pisa".into(),
                     title: "Registrazione".into(),
@@ -192,6 +194,46 @@ fn one_of_each() -> Vec<Command> {
                     retry: RetryPolicy::default_for(Priority::Urgent),
                 },
             }),
+        },
+        Command::CreateCampaign {
+            at_ms: 30,
+            created_by: Some("sindaco".into()),
+            spec: CampaignSpec {
+                tenant: campanile_cluster::default_tenant(),
+                title: "Allerta a tutta la città".into(),
+                message: Message::Tts {
+                    text: "Evacuare".into(),
+                    language: "it".into(),
+                },
+                audience: Audience::All,
+                priority: Priority::Emergency,
+                require_confirmation: true,
+                retry: RetryPolicy::default_for(Priority::Emergency),
+            },
+        },
+        Command::ApproveCampaign {
+            at_ms: 31,
+            id: CampaignId(2),
+            by: "vicesindaco".into(),
+        },
+        Command::OverrideApproval {
+            at_ms: 32,
+            id: CampaignId(2),
+            by: "sindaco".into(),
+            reason: "frana in corso, nessun altro raggiungibile".into(),
+        },
+        Command::CreateSession {
+            at_ms: 33,
+            session: Session {
+                token_sha256: "5f".repeat(32),
+                username: "sindaco".into(),
+                created_ms: 33,
+                expires_ms: 43_200_033,
+            },
+        },
+        Command::EndSession {
+            at_ms: 34,
+            token_sha256: "5f".repeat(32),
         },
     ]
 }
@@ -218,6 +260,10 @@ fn kind(c: &Command) -> &'static str {
         Command::CreateOperator { .. } => "create_operator",
         Command::UpdateOperator { .. } => "update_operator",
         Command::PutAudio { .. } => "put_audio",
+        Command::ApproveCampaign { .. } => "approve_campaign",
+        Command::OverrideApproval { .. } => "override_approval",
+        Command::CreateSession { .. } => "create_session",
+        Command::EndSession { .. } => "end_session",
         Command::Audited { .. } => "audited",
     }
 }

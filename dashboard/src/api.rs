@@ -16,7 +16,8 @@ use campanile_cluster::{
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::engine::Engine;
+use crate::auth::{Action, Principal};
+use crate::engine::{Engine, EngineError};
 use crate::error::ApiError;
 
 pub type AppState = Arc<dyn Engine>;
@@ -64,27 +65,87 @@ where
     }
 }
 
-/// Requires `Authorization: Bearer <token>` on every API route.
-pub async fn require_token(State(engine): State<AppState>, req: Request, next: Next) -> Response {
+/// Every API route needs a caller: `Authorization: Bearer <token>` (automation), or a console
+/// session cookie — and then, on anything but GET, the session's `X-CSRF-Token`. The caller goes
+/// into the request as a `Principal` and into the audit log as its actor.
+pub async fn authenticate(
+    State(engine): State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let presented = req
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    match presented {
+    let principal = match presented {
         Some(token) => match engine.token_actor(token) {
-            Some(actor) => crate::engine::ACTOR.scope(actor, next.run(req)).await,
-            None => ApiError::new(StatusCode::UNAUTHORIZED, "bad_token", "the bearer token is not valid").into_response(),
+            Some(label) => Principal::Token { label },
+            None => {
+                return ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "bad_token",
+                    "the bearer token is not valid",
+                )
+                .into_response()
+            }
         },
-        None => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "missing_token",
-            "send Authorization: Bearer <token>; the admin token is in the node's data directory (admin-token)",
-        )
-        .into_response(),
+        None => match crate::auth::session_principal(&*engine, req.headers()).await {
+            Some(p) => {
+                if let Err(e) = check_csrf(&p, req.method(), req.headers()) {
+                    return e.into_response();
+                }
+                p
+            }
+            None => {
+                return ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "missing_token",
+                    "log in at /login, or send Authorization: Bearer <token>; the admin token is in the node's data directory (admin-token)",
+                )
+                .into_response()
+            }
+        },
+    };
+    let actor = principal.actor();
+    req.extensions_mut().insert(principal);
+    crate::engine::ACTOR.scope(actor, next.run(req)).await
+}
+
+/// A session's state-changing request must carry its CSRF token in `X-CSRF-Token`.
+fn check_csrf(
+    p: &Principal,
+    method: &axum::http::Method,
+    headers: &axum::http::HeaderMap,
+) -> Result<(), ApiError> {
+    let Principal::Operator { csrf, .. } = p else {
+        return Ok(());
+    };
+    if matches!(*method, axum::http::Method::GET | axum::http::Method::HEAD) {
+        return Ok(());
+    }
+    let sent = headers
+        .get("x-csrf-token")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if crate::auth::same(sent, csrf) {
+        Ok(())
+    } else {
+        Err(csrf_refused())
     }
 }
+
+/// The 403 for a missing, stale or foreign CSRF token.
+pub fn csrf_refused() -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "csrf",
+        "the form's security token is missing or no longer valid; reload the page and try again",
+    )
+}
+
+type Who = axum::Extension<Principal>;
 
 fn parse_id(raw: &str, what: &str) -> Result<u64, ApiError> {
     raw.parse::<u64>().map_err(|_| {
@@ -141,10 +202,10 @@ pub struct SubscriberBody {
     tenant: Option<String>,
 }
 
-/// A tenant slug from a request body (default `default`); whether it exists is the state machine's
-/// answer.
-fn tenant_field(field: &str, tenant: Option<String>) -> Result<String, ApiError> {
-    let tenant = tenant.unwrap_or_else(campanile_cluster::default_tenant);
+/// A tenant slug from a request (default: the caller's own tenant); whether it exists is the state
+/// machine's answer.
+fn tenant_field(field: &str, tenant: Option<String>, who: &Principal) -> Result<String, ApiError> {
+    let tenant = tenant.unwrap_or_else(|| who.home_tenant());
     if !campanile_cluster::Tenant::valid_slug(&tenant) {
         return Err(ApiError::bad_request(
             "invalid_field",
@@ -170,8 +231,10 @@ pub fn subscriber_view(s: &Subscriber) -> Value {
     })
 }
 
-/// Checks every field of a subscriber as an operator sent it.
-fn new_subscriber(body: SubscriberBody) -> Result<NewSubscriber, ApiError> {
+/// Checks every field of a subscriber as an operator sent it, and that the caller may add it.
+fn new_subscriber(body: SubscriberBody, who: &Principal) -> Result<NewSubscriber, ApiError> {
+    let tenant = tenant_field("tenant", body.tenant, who)?;
+    who.check(Action::Operate, &tenant, &format!("tenant `{tenant}`"))?;
     let phone = PhoneNumber::parse(&body.phone)
         .map_err(|e| ApiError::bad_request("invalid_phone", format!("`phone`: {e}")))?;
     if let Some(name) = &body.name {
@@ -183,7 +246,7 @@ fn new_subscriber(body: SubscriberBody) -> Result<NewSubscriber, ApiError> {
     let language = body.language.unwrap_or_else(|| "it".into());
     check_language("language", &language)?;
     Ok(NewSubscriber {
-        tenant: tenant_field("tenant", body.tenant)?,
+        tenant,
         phone,
         name: body.name,
         language,
@@ -195,9 +258,12 @@ fn new_subscriber(body: SubscriberBody) -> Result<NewSubscriber, ApiError> {
 
 pub async fn create_subscriber(
     State(engine): State<AppState>,
+    axum::Extension(who): Who,
     ApiJson(body): ApiJson<SubscriberBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let s = engine.create_subscriber(new_subscriber(body)?).await?;
+    let s = engine
+        .create_subscriber(new_subscriber(body, &who)?)
+        .await?;
     Ok((StatusCode::CREATED, Json(subscriber_view(&s))))
 }
 
@@ -215,8 +281,10 @@ pub struct ImportBody {
 /// (1-based) with the reason, numbers already registered are named with the subscriber holding them.
 pub async fn import_subscribers(
     State(engine): State<AppState>,
+    axum::Extension(who): Who,
     ApiJson(body): ApiJson<ImportBody>,
 ) -> Result<Json<Value>, ApiError> {
+    who.require(Action::Operate)?;
     if body.subscribers.len() > IMPORT_MAX {
         return Err(ApiError::bad_request(
             "too_many",
@@ -232,7 +300,7 @@ pub async fn import_subscribers(
     for (i, item) in body.subscribers.into_iter().enumerate() {
         let checked = serde_json::from_value::<SubscriberBody>(item)
             .map_err(|e| e.to_string())
-            .and_then(|b| new_subscriber(b).map_err(|e| e.message));
+            .and_then(|b| new_subscriber(b, &who).map_err(|e| e.message));
         match checked {
             Ok(s) => {
                 batch.push(s);
@@ -263,20 +331,35 @@ pub async fn import_subscribers(
     })))
 }
 
+/// The subscriber `id` if `who` may do `action` on it; another tenant's subscriber does not exist.
+async fn subscriber_for(
+    engine: &AppState,
+    who: &Principal,
+    id: &str,
+    action: Action,
+) -> Result<Subscriber, ApiError> {
+    let id = SubscriberId(parse_id(id, "subscriber")?);
+    let s = engine.subscriber(id).await?;
+    who.check(action, &s.tenant, &format!("subscriber {id}"))?;
+    Ok(s)
+}
+
 pub async fn get_subscriber(
     State(engine): State<AppState>,
+    axum::Extension(who): Who,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let id = SubscriberId(parse_id(&id, "subscriber")?);
-    Ok(Json(subscriber_view(&engine.subscriber(id).await?)))
+    let s = subscriber_for(&engine, &who, &id, Action::Read).await?;
+    Ok(Json(subscriber_view(&s)))
 }
 
 pub async fn delete_subscriber(
     State(engine): State<AppState>,
+    axum::Extension(who): Who,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let id = SubscriberId(parse_id(&id, "subscriber")?);
-    engine.delete_subscriber(id).await?;
+    let s = subscriber_for(&engine, &who, &id, Action::Operate).await?;
+    engine.delete_subscriber(s.id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -346,7 +429,7 @@ fn delay_ms(field: &str, v: Option<f64>, default: u64) -> Result<u64, ApiError> 
 }
 
 impl CampaignBody {
-    fn into_spec(self) -> Result<CampaignSpec, ApiError> {
+    fn into_spec(self, who: &Principal) -> Result<CampaignSpec, ApiError> {
         check_text("title", &self.title, 200)?;
         let message = match (self.message.tts, self.message.recording) {
             (Some(tts), None) => {
@@ -374,7 +457,8 @@ impl CampaignBody {
                 ))
             }
         };
-        let tenant = tenant_field("tenant", self.tenant)?;
+        let tenant = tenant_field("tenant", self.tenant, who)?;
+        who.check(Action::Operate, &tenant, &format!("tenant `{tenant}`"))?;
         let audience = match (self.audience.all, self.audience.zones) {
             (Some(true), None) => Audience::All,
             (None | Some(false), Some(zones)) => {
@@ -473,10 +557,26 @@ pub fn campaign_view(c: &Campaign) -> Value {
         "by_node": c.by_node.iter().map(|(node, p)| (node.0.to_string(), json!({
             "attempts": p.attempts, "answered": p.answered, "confirmed": p.confirmed,
         }))).collect::<serde_json::Map<String, Value>>(),
+        "created_by": c.created_by,
+        "approval": approval_view(&c.approval),
         "created_ms": c.created_ms,
         "started_ms": c.started_ms,
         "finished_ms": c.finished_ms,
     })
+}
+
+fn approval_view(a: &campanile_cluster::Approval) -> Value {
+    use campanile_cluster::Approval;
+    match a {
+        Approval::NotNeeded => json!({ "state": "not_needed" }),
+        Approval::Pending => json!({ "state": "pending" }),
+        Approval::Approved { by, at_ms } => {
+            json!({ "state": "approved", "by": by, "at_ms": at_ms })
+        }
+        Approval::Overridden { by, reason, at_ms } => {
+            json!({ "state": "overridden", "by": by, "reason": reason, "at_ms": at_ms })
+        }
+    }
 }
 
 fn task_view(t: &CallTask) -> Value {
@@ -492,68 +592,181 @@ fn task_view(t: &CallTask) -> Value {
 
 pub async fn create_campaign(
     State(engine): State<AppState>,
+    axum::Extension(who): Who,
     ApiJson(body): ApiJson<CampaignBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let c = engine.create_campaign(body.into_spec()?).await?;
+    let spec = body.into_spec(&who)?;
+    let c = engine
+        .create_campaign(spec, who.operator().map(str::to_string))
+        .await?;
     Ok((StatusCode::CREATED, Json(campaign_view(&c))))
 }
 
-pub async fn list_campaigns(State(engine): State<AppState>) -> Result<Json<Value>, ApiError> {
+pub async fn list_campaigns(
+    State(engine): State<AppState>,
+    axum::Extension(who): Who,
+) -> Result<Json<Value>, ApiError> {
     let list: Vec<Value> = engine
         .campaigns()
         .await?
         .iter()
+        .filter(|c| who.serves(&c.spec.tenant))
         .map(campaign_view)
         .collect();
     Ok(Json(Value::Array(list)))
 }
 
+/// The campaign `id` if `who` may do `action` on it; another tenant's campaign does not exist.
+pub async fn campaign_for(
+    engine: &AppState,
+    who: &Principal,
+    id: &str,
+    action: Action,
+) -> Result<Campaign, ApiError> {
+    let id = CampaignId(parse_id(id, "campaign")?);
+    let c = engine.campaign(id).await?;
+    who.check(action, &c.spec.tenant, &format!("campaign {id}"))?;
+    Ok(c)
+}
+
 pub async fn get_campaign(
     State(engine): State<AppState>,
+    axum::Extension(who): Who,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let id = CampaignId(parse_id(&id, "campaign")?);
-    Ok(Json(campaign_view(&engine.campaign(id).await?)))
+    let c = campaign_for(&engine, &who, &id, Action::Read).await?;
+    Ok(Json(campaign_view(&c)))
+}
+
+/// What an operator can do to a campaign from the console or the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CampaignAction {
+    Start,
+    Pause,
+    Resume,
+    Cancel,
+    Approve,
+}
+
+/// Checks the caller's right to `action` on campaign `id` and does it.
+pub async fn act_on_campaign(
+    engine: &AppState,
+    who: &Principal,
+    id: &str,
+    action: CampaignAction,
+) -> Result<Campaign, ApiError> {
+    let needs = if action == CampaignAction::Approve {
+        Action::Approve
+    } else {
+        Action::Operate
+    };
+    let c = campaign_for(engine, who, id, needs).await?;
+    Ok(match action {
+        CampaignAction::Start => engine.start_campaign(c.id).await?,
+        CampaignAction::Pause => engine.pause_campaign(c.id).await?,
+        CampaignAction::Resume => engine.resume_campaign(c.id).await?,
+        CampaignAction::Cancel => engine.cancel_campaign(c.id).await?,
+        CampaignAction::Approve => {
+            let by = who.operator().ok_or_else(person_only)?;
+            engine.approve_campaign(c.id, by.to_string()).await?
+        }
+    })
+}
+
+/// Approvals and overrides are a person's decision, never automation's.
+fn person_only() -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "person_required",
+        "approvals and emergency overrides are made by a logged-in operator, not an API token",
+    )
 }
 
 pub async fn start_campaign(
     State(engine): State<AppState>,
+    axum::Extension(who): Who,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let id = CampaignId(parse_id(&id, "campaign")?);
-    Ok(Json(campaign_view(&engine.start_campaign(id).await?)))
+    let c = act_on_campaign(&engine, &who, &id, CampaignAction::Start).await?;
+    Ok(Json(campaign_view(&c)))
 }
 
 pub async fn cancel_campaign(
     State(engine): State<AppState>,
+    axum::Extension(who): Who,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let id = CampaignId(parse_id(&id, "campaign")?);
-    Ok(Json(campaign_view(&engine.cancel_campaign(id).await?)))
+    let c = act_on_campaign(&engine, &who, &id, CampaignAction::Cancel).await?;
+    Ok(Json(campaign_view(&c)))
 }
 
 pub async fn pause_campaign(
     State(engine): State<AppState>,
+    axum::Extension(who): Who,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let id = CampaignId(parse_id(&id, "campaign")?);
-    Ok(Json(campaign_view(&engine.pause_campaign(id).await?)))
+    let c = act_on_campaign(&engine, &who, &id, CampaignAction::Pause).await?;
+    Ok(Json(campaign_view(&c)))
 }
 
 pub async fn resume_campaign(
     State(engine): State<AppState>,
+    axum::Extension(who): Who,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let id = CampaignId(parse_id(&id, "campaign")?);
-    Ok(Json(campaign_view(&engine.resume_campaign(id).await?)))
+    let c = act_on_campaign(&engine, &who, &id, CampaignAction::Resume).await?;
+    Ok(Json(campaign_view(&c)))
+}
+
+pub async fn approve_campaign(
+    State(engine): State<AppState>,
+    axum::Extension(who): Who,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let c = act_on_campaign(&engine, &who, &id, CampaignAction::Approve).await?;
+    Ok(Json(campaign_view(&c)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OverrideBody {
+    reason: String,
+}
+
+/// Checks the caller's right to start emergency campaign `id` without a second person, and records
+/// the override with its reason.
+pub async fn override_campaign_approval(
+    engine: &AppState,
+    who: &Principal,
+    id: &str,
+    reason: String,
+) -> Result<Campaign, ApiError> {
+    let c = campaign_for(engine, who, id, Action::Operate).await?;
+    let by = who.operator().ok_or_else(person_only)?;
+    check_text("reason", &reason, 500)?;
+    Ok(engine
+        .override_approval(c.id, by.to_string(), reason)
+        .await?)
+}
+
+/// `POST /api/v1/campaigns/{id}/override` with `{"reason": "..."}`.
+pub async fn override_approval(
+    State(engine): State<AppState>,
+    axum::Extension(who): Who,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<OverrideBody>,
+) -> Result<Json<Value>, ApiError> {
+    let c = override_campaign_approval(&engine, &who, &id, body.reason).await?;
+    Ok(Json(campaign_view(&c)))
 }
 
 pub async fn campaign_tasks(
     State(engine): State<AppState>,
+    axum::Extension(who): Who,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let id = CampaignId(parse_id(&id, "campaign")?);
-    let list: Vec<Value> = engine.tasks(id).await?.iter().map(task_view).collect();
+    let c = campaign_for(&engine, &who, &id, Action::Read).await?;
+    let list: Vec<Value> = engine.tasks(c.id).await?.iter().map(task_view).collect();
     Ok(Json(Value::Array(list)))
 }
 
@@ -564,13 +777,21 @@ pub async fn unknown_route() -> ApiError {
 
 /// `GET /api/v1/cluster`: leader, term and members (id, data centre, role, raft and HTTP addresses,
 /// applied index, lag).
-pub async fn cluster(State(engine): State<AppState>) -> Result<Json<Value>, ApiError> {
+pub async fn cluster(
+    State(engine): State<AppState>,
+    axum::Extension(who): Who,
+) -> Result<Json<Value>, ApiError> {
+    who.require(Action::Read)?;
     Ok(Json(engine.cluster().await?))
 }
 
 /// `GET /api/v1/backup`: a consistent copy of the replicated state, for `campanile restore`. It holds
 /// personal data (phone numbers): the response says so in its file name.
-pub async fn backup(State(engine): State<AppState>) -> Result<Response, ApiError> {
+pub async fn backup(
+    State(engine): State<AppState>,
+    axum::Extension(who): Who,
+) -> Result<Response, ApiError> {
+    who.require(Action::System)?;
     let file = tokio::fs::File::from_std(engine.backup().await?);
     let body =
         axum::body::Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 16));
@@ -591,8 +812,10 @@ pub async fn backup(State(engine): State<AppState>) -> Result<Response, ApiError
 /// given to the others.
 pub async fn remove_member(
     State(engine): State<AppState>,
+    axum::Extension(who): Who,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    who.require(Action::System)?;
     let id = parse_id(&id, "node")?;
     Ok(Json(engine.remove_member(id).await?))
 }
@@ -631,17 +854,28 @@ fn tenant_view(t: &campanile_cluster::Tenant) -> Value {
 }
 
 /// `GET /api/v1/tenants`.
-pub async fn tenants(State(engine): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let list: Vec<Value> = engine.tenants().await?.iter().map(tenant_view).collect();
+pub async fn tenants(
+    State(engine): State<AppState>,
+    axum::Extension(who): Who,
+) -> Result<Json<Value>, ApiError> {
+    let list: Vec<Value> = engine
+        .tenants()
+        .await?
+        .iter()
+        .filter(|t| who.serves(&t.slug))
+        .map(tenant_view)
+        .collect();
     Ok(Json(json!({ "tenants": list })))
 }
 
 /// `POST /api/v1/tenants` with `{"slug": "pisa", "name": "Comune di Pisa"}`.
 pub async fn create_tenant(
     State(engine): State<AppState>,
+    axum::Extension(who): Who,
     ApiJson(body): ApiJson<TenantBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let slug = tenant_field("slug", Some(body.slug))?;
+    who.require(Action::System)?;
+    let slug = tenant_field("slug", Some(body.slug), &who)?;
     check_text("name", &body.name, 200)?;
     let t = engine
         .create_tenant(slug, body.name.trim().to_string())
@@ -662,10 +896,12 @@ pub const AUDIO_BODY_LIMIT: usize = 64 * 1024 * 1024;
 /// plays it with `"message": {"recording": {"sha256": ...}}`.
 pub async fn put_audio(
     State(engine): State<AppState>,
+    axum::Extension(who): Who,
     axum::extract::Query(q): axum::extract::Query<TenantQuery>,
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let tenant = tenant_field("tenant", q.tenant)?;
+    let tenant = tenant_field("tenant", q.tenant, &who)?;
+    who.check(Action::Operate, &tenant, &format!("tenant `{tenant}`"))?;
     let body = body.map_err(|rejection| match rejection.status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -703,12 +939,234 @@ pub struct AuditQuery {
 pub async fn audit(
     State(engine): State<AppState>,
     axum::extract::Query(q): axum::extract::Query<AuditQuery>,
+    axum::Extension(who): Who,
 ) -> Result<Json<Value>, ApiError> {
-    let tenant = match q.tenant {
-        Some(t) => Some(tenant_field("tenant", Some(t))?),
-        None => None,
+    // A token reads the whole log; an operator reads one of its tenants' (its first by default).
+    let tenant = match (q.tenant, &who) {
+        (None, Principal::Token { .. }) => None,
+        (t, _) => {
+            let t = tenant_field("tenant", t, &who)?;
+            who.check(Action::Audit, &t, &format!("tenant `{t}`"))?;
+            Some(t)
+        }
     };
     let limit = q.limit.unwrap_or(100).clamp(1, 1_000);
     let entries = engine.audit(tenant, q.after.unwrap_or(0), limit).await?;
     Ok(Json(json!({ "entries": entries })))
+}
+
+// ---- operators ----
+
+fn operator_view(o: &campanile_cluster::Operator) -> Value {
+    json!({
+        "username": o.username,
+        "display_name": o.display_name,
+        "role": crate::auth::role_name(o.role),
+        "tenants": o.tenants,
+        "disabled": o.disabled,
+        "created_ms": o.created_ms,
+        "updated_ms": o.updated_ms,
+    })
+}
+
+/// `GET /api/v1/operators`: the accounts of the caller's tenants (never a password hash).
+pub async fn operators(
+    State(engine): State<AppState>,
+    axum::Extension(who): Who,
+) -> Result<Json<Value>, ApiError> {
+    who.require(Action::Audit)?;
+    let list: Vec<Value> = engine
+        .operators()
+        .await?
+        .iter()
+        .filter(|o| o.tenants.iter().any(|t| who.serves(t)))
+        .map(operator_view)
+        .collect();
+    Ok(Json(json!({ "operators": list })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorBody {
+    username: String,
+    display_name: Option<String>,
+    role: String,
+    /// Default: the caller's own tenant.
+    tenants: Option<Vec<String>>,
+    password: String,
+}
+
+fn role_field(role: &str) -> Result<campanile_cluster::Role, ApiError> {
+    crate::auth::parse_role(role).ok_or_else(|| {
+        ApiError::bad_request(
+            "invalid_field",
+            "`role` must be one of admin, approver, operator, viewer, regional",
+        )
+    })
+}
+
+/// An admin of a tenant manages that tenant's accounts; regional accounts and accounts of several
+/// tenants are made with an API token (by whoever runs the cluster).
+fn check_may_manage(
+    who: &Principal,
+    role: campanile_cluster::Role,
+    tenants: &[String],
+) -> Result<(), ApiError> {
+    for t in tenants {
+        who.check(Action::Administer, t, &format!("tenant `{t}`"))?;
+    }
+    if who.operator().is_some() && (role == campanile_cluster::Role::Regional || tenants.len() != 1)
+    {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "regional accounts and accounts of several tenants are made with an API token",
+        ));
+    }
+    who.require(Action::Administer)
+}
+
+/// Hashes a password (argon2id) off the async workers, after checking it is acceptable.
+pub async fn hash_new_password(password: String) -> Result<String, ApiError> {
+    if let Some(problem) = crate::auth::password_problem(&password) {
+        return Err(ApiError::bad_request("weak_password", problem));
+    }
+    tokio::task::spawn_blocking(move || crate::auth::hash_password(&password))
+        .await
+        .map_err(|e| EngineError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::from(EngineError::Internal(e)))
+}
+
+/// `POST /api/v1/operators` with `{"username", "display_name", "role", "tenants", "password"}`.
+pub async fn create_operator(
+    State(engine): State<AppState>,
+    axum::Extension(who): Who,
+    ApiJson(body): ApiJson<OperatorBody>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let role = role_field(&body.role)?;
+    let tenants = match body.tenants {
+        Some(t) => t,
+        None => vec![who.home_tenant()],
+    };
+    check_may_manage(&who, role, &tenants)?;
+    if let Some(name) = &body.display_name {
+        check_text("display_name", name, 100)?;
+    }
+    let password_hash = hash_new_password(body.password).await?;
+    let op = campanile_cluster::Operator {
+        display_name: body
+            .display_name
+            .unwrap_or_else(|| body.username.clone())
+            .trim()
+            .to_string(),
+        username: body.username,
+        role,
+        tenants,
+        password_hash,
+        disabled: false,
+        created_ms: 0,
+        updated_ms: 0,
+    };
+    engine.create_operator(op.clone()).await?;
+    Ok((StatusCode::CREATED, Json(operator_view(&op))))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorPatch {
+    role: Option<String>,
+    disabled: Option<bool>,
+    password: Option<String>,
+}
+
+/// `PATCH /api/v1/operators/{username}`: role, disabled, or a new password (which ends the
+/// account's sessions everywhere).
+pub async fn update_operator(
+    State(engine): State<AppState>,
+    axum::Extension(who): Who,
+    Path(username): Path<String>,
+    ApiJson(body): ApiJson<OperatorPatch>,
+) -> Result<Json<Value>, ApiError> {
+    let current = engine
+        .operators()
+        .await?
+        .into_iter()
+        .find(|o| o.username == username)
+        .filter(|o| o.tenants.iter().any(|t| who.serves(t)))
+        .ok_or_else(|| ApiError::not_found(format!("operator `{username}` does not exist")))?;
+    let role = body.role.as_deref().map(role_field).transpose()?;
+    check_may_manage(&who, role.unwrap_or(current.role), &current.tenants)?;
+    let password_hash = match body.password {
+        Some(p) => Some(hash_new_password(p).await?),
+        None => None,
+    };
+    engine
+        .update_operator(campanile_cluster::OperatorUpdate {
+            username: username.clone(),
+            role,
+            tenants: None,
+            password_hash,
+            disabled: body.disabled,
+        })
+        .await?;
+    let updated = engine
+        .operators()
+        .await?
+        .into_iter()
+        .find(|o| o.username == username)
+        .ok_or_else(|| ApiError::not_found(format!("operator `{username}` does not exist")))?;
+    Ok(Json(operator_view(&updated)))
+}
+
+/// `GET /api/v1/session`: who the caller is, what it may do, and (for a console session) its CSRF
+/// token for scripts.
+pub async fn whoami(axum::Extension(who): Who) -> Json<Value> {
+    let may = |a| who.may(a);
+    let mut v = json!({
+        "actor": who.actor(),
+        "may": {
+            "read": may(Action::Read), "operate": may(Action::Operate), "approve": may(Action::Approve),
+            "audit": may(Action::Audit), "administer": may(Action::Administer),
+            "system": may(Action::System),
+        },
+    });
+    if let Principal::Operator {
+        role,
+        tenants,
+        csrf,
+        ..
+    } = &who
+    {
+        v["role"] = json!(crate::auth::role_name(*role));
+        v["tenants"] = json!(tenants);
+        v["csrf"] = json!(csrf);
+    }
+    Json(v)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreviewQuery {
+    text: String,
+    language: String,
+}
+
+/// `GET /api/v1/preview?text=...&language=it`: the message as a citizen would hear it, as WAV.
+pub async fn preview(
+    State(engine): State<AppState>,
+    axum::Extension(who): Who,
+    axum::extract::Query(q): axum::extract::Query<PreviewQuery>,
+) -> Result<Response, ApiError> {
+    who.require(Action::Operate)?;
+    check_text("text", &q.text, 2000)?;
+    check_language("language", &q.language)?;
+    let wav = engine.preview(q.text, q.language).await?;
+    Ok((
+        [
+            (axum::http::header::CONTENT_TYPE, "audio/wav"),
+            (axum::http::header::CACHE_CONTROL, "private, max-age=600"),
+        ],
+        wav,
+    )
+        .into_response())
 }

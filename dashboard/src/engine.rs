@@ -3,7 +3,8 @@
 
 use async_trait::async_trait;
 use campanile_cluster::{
-    CallTask, Campaign, CampaignId, CampaignSpec, NewSubscriber, Subscriber, SubscriberId,
+    CallTask, Campaign, CampaignId, CampaignSpec, NewSubscriber, Operator, OperatorUpdate, Session,
+    Subscriber, SubscriberId,
 };
 
 /// Whether the node can serve.
@@ -54,7 +55,34 @@ pub trait Engine: Send + Sync + 'static {
         ))
     }
     async fn delete_subscriber(&self, id: SubscriberId) -> Result<(), EngineError>;
-    async fn create_campaign(&self, spec: CampaignSpec) -> Result<Campaign, EngineError>;
+    /// `created_by` is the console operator composing it (None for an API token); the state machine
+    /// decides from it whether the campaign waits for a second person's approval.
+    async fn create_campaign(
+        &self,
+        spec: CampaignSpec,
+        created_by: Option<String>,
+    ) -> Result<Campaign, EngineError>;
+    /// A second person approves a campaign that waits for approval.
+    async fn approve_campaign(
+        &self,
+        _id: CampaignId,
+        _by: String,
+    ) -> Result<Campaign, EngineError> {
+        Err(EngineError::Unavailable(
+            "approvals are not available on this node".into(),
+        ))
+    }
+    /// Life safety: an emergency campaign may start without a second person; `reason` is kept.
+    async fn override_approval(
+        &self,
+        _id: CampaignId,
+        _by: String,
+        _reason: String,
+    ) -> Result<Campaign, EngineError> {
+        Err(EngineError::Unavailable(
+            "approvals are not available on this node".into(),
+        ))
+    }
     async fn start_campaign(&self, id: CampaignId) -> Result<Campaign, EngineError>;
     async fn cancel_campaign(&self, id: CampaignId) -> Result<Campaign, EngineError>;
     /// Stops a running campaign's dialing on every node until it is resumed.
@@ -115,6 +143,43 @@ pub trait Engine: Send + Sync + 'static {
     ) -> Result<Vec<campanile_cluster::AuditEntry>, EngineError> {
         Err(EngineError::Unavailable(
             "the audit log is not available on this node".into(),
+        ))
+    }
+    /// Console accounts (with their password hashes, which the HTTP surface never shows).
+    async fn operators(&self) -> Result<Vec<Operator>, EngineError> {
+        Err(EngineError::Unavailable(
+            "operators are not available on this node".into(),
+        ))
+    }
+    /// Creates a console account; the password is already an argon2id hash.
+    async fn create_operator(&self, _op: Operator) -> Result<(), EngineError> {
+        Err(EngineError::Unavailable(
+            "operators are not available on this node".into(),
+        ))
+    }
+    async fn update_operator(&self, _update: OperatorUpdate) -> Result<(), EngineError> {
+        Err(EngineError::Unavailable(
+            "operators are not available on this node".into(),
+        ))
+    }
+    /// Records a login (replicated: any node accepts the session afterwards).
+    async fn create_session(&self, _session: Session) -> Result<(), EngineError> {
+        Err(EngineError::Unavailable(
+            "logins are not available on this node".into(),
+        ))
+    }
+    async fn end_session(&self, _token_sha256: String) -> Result<(), EngineError> {
+        Ok(())
+    }
+    /// The live session with this secret hash and its operator (enabled, not expired).
+    async fn session(&self, _token_sha256: &str) -> Option<(Session, Operator)> {
+        None
+    }
+    /// The message as a citizen would hear it (TTS in `language`), as a WAV file: the console's
+    /// "listen" preview.
+    async fn preview(&self, _text: String, _language: String) -> Result<Vec<u8>, EngineError> {
+        Err(EngineError::Unavailable(
+            "previews are not available on this node".into(),
         ))
     }
     /// A citizen registering on a tenant's public page (`/r/{tenant}`): stored unverified, with the

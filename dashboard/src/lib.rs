@@ -6,9 +6,11 @@
 //! implements, never on node internals; every error is one JSON format that names the problem.
 
 pub mod api;
+pub mod auth;
+pub mod console;
 pub mod engine;
 pub mod error;
-pub mod page;
+pub mod portal;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -49,6 +51,15 @@ pub fn router(engine: Arc<dyn Engine>) -> Router {
         .route("/campaigns/{id}/cancel", post(api::cancel_campaign))
         .route("/campaigns/{id}/pause", post(api::pause_campaign))
         .route("/campaigns/{id}/resume", post(api::resume_campaign))
+        .route("/campaigns/{id}/approve", post(api::approve_campaign))
+        .route("/campaigns/{id}/override", post(api::override_approval))
+        .route("/operators", get(api::operators).post(api::create_operator))
+        .route(
+            "/operators/{username}",
+            axum::routing::patch(api::update_operator),
+        )
+        .route("/session", get(api::whoami))
+        .route("/preview", get(api::preview))
         .route("/campaigns/{id}/tasks", get(api::campaign_tasks))
         .route("/cluster", get(api::cluster))
         .route("/backup", get(api::backup))
@@ -69,14 +80,16 @@ pub fn router(engine: Arc<dyn Engine>) -> Router {
         ))
         .layer(middleware::from_fn_with_state(
             engine.clone(),
-            api::require_token,
+            api::authenticate,
         ));
     Router::new()
         .nest("/api/v1", api)
-        .route("/", get(page::index))
+        .merge(console::routes())
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
+        .merge(portal::routes())
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::Extension(Arc::new(auth::LoginThrottle::default())))
         .with_state(engine)
 }
 
@@ -111,9 +124,12 @@ pub async fn serve(
     engine: Arc<dyn Engine>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(engine))
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        router(engine).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 #[cfg(test)]

@@ -25,8 +25,15 @@ impl FakeEngine {
     fn apply(&self, cmd: Command) -> Result<Response, EngineError> {
         match self.state.lock().unwrap().apply(&cmd) {
             Response::Refused(r) => Err(match r {
-                Refusal::DuplicatePhone(..) | Refusal::WrongCampaignState { .. } => {
-                    EngineError::Conflict(r.to_string())
+                Refusal::DuplicatePhone(..)
+                | Refusal::WrongCampaignState { .. }
+                | Refusal::ApprovalRequired(_)
+                | Refusal::ApprovalNotNeeded(_)
+                | Refusal::SelfApproval(..)
+                | Refusal::OverrideNotEmergency(_)
+                | Refusal::DuplicateOperator(_) => EngineError::Conflict(r.to_string()),
+                Refusal::OverrideWithoutReason | Refusal::InvalidOperator { .. } => {
+                    EngineError::Invalid(r.to_string())
                 }
                 _ => EngineError::NotFound(r.to_string()),
             }),
@@ -79,13 +86,109 @@ impl Engine for FakeEngine {
         self.apply(Command::DeleteSubscriber { at_ms: 2, id })
             .map(|_| ())
     }
-    async fn create_campaign(&self, spec: CampaignSpec) -> Result<Campaign, EngineError> {
-        let Response::CampaignCreated(id) =
-            self.apply(Command::CreateCampaign { at_ms: 3, spec })?
+    async fn create_campaign(
+        &self,
+        spec: CampaignSpec,
+        created_by: Option<String>,
+    ) -> Result<Campaign, EngineError> {
+        let Response::CampaignCreated(id) = self.apply(Command::CreateCampaign {
+            at_ms: 3,
+            spec,
+            created_by,
+        })?
         else {
             unreachable!()
         };
         self.campaign_now(id)
+    }
+    async fn approve_campaign(&self, id: CampaignId, by: String) -> Result<Campaign, EngineError> {
+        self.apply(Command::ApproveCampaign { at_ms: 4, id, by })?;
+        self.campaign_now(id)
+    }
+    async fn override_approval(
+        &self,
+        id: CampaignId,
+        by: String,
+        reason: String,
+    ) -> Result<Campaign, EngineError> {
+        self.apply(Command::OverrideApproval {
+            at_ms: 4,
+            id,
+            by,
+            reason,
+        })?;
+        self.campaign_now(id)
+    }
+    async fn pause_campaign(&self, id: CampaignId) -> Result<Campaign, EngineError> {
+        self.apply(Command::PauseCampaign { at_ms: 5, id })?;
+        self.campaign_now(id)
+    }
+    async fn resume_campaign(&self, id: CampaignId) -> Result<Campaign, EngineError> {
+        self.apply(Command::ResumeCampaign { at_ms: 5, id })?;
+        self.campaign_now(id)
+    }
+    async fn tenants(&self) -> Result<Vec<Tenant>, EngineError> {
+        Ok(self.state.lock().unwrap().tenants().cloned().collect())
+    }
+    async fn create_tenant(&self, slug: String, name: String) -> Result<Tenant, EngineError> {
+        self.apply(Command::CreateTenant {
+            at_ms: 1,
+            slug: slug.clone(),
+            name,
+        })?;
+        Ok(self
+            .state
+            .lock()
+            .unwrap()
+            .tenants()
+            .find(|t| t.slug == slug)
+            .cloned()
+            .unwrap())
+    }
+    async fn audit(
+        &self,
+        tenant: Option<String>,
+        _after: u64,
+        _limit: usize,
+    ) -> Result<Vec<AuditEntry>, EngineError> {
+        Ok(self
+            .state
+            .lock()
+            .unwrap()
+            .audit()
+            .iter()
+            .filter(|e| tenant.is_none() || e.tenant == tenant)
+            .cloned()
+            .collect())
+    }
+    async fn operators(&self) -> Result<Vec<Operator>, EngineError> {
+        Ok(self.state.lock().unwrap().operators().cloned().collect())
+    }
+    async fn create_operator(&self, operator: Operator) -> Result<(), EngineError> {
+        self.apply(Command::CreateOperator { at_ms: 1, operator })
+            .map(drop)
+    }
+    async fn update_operator(&self, update: OperatorUpdate) -> Result<(), EngineError> {
+        self.apply(Command::UpdateOperator { at_ms: 1, update })
+            .map(drop)
+    }
+    async fn create_session(&self, session: Session) -> Result<(), EngineError> {
+        self.apply(Command::CreateSession { at_ms: 1, session })
+            .map(drop)
+    }
+    async fn end_session(&self, token_sha256: String) -> Result<(), EngineError> {
+        self.apply(Command::EndSession {
+            at_ms: 1,
+            token_sha256,
+        })
+        .map(drop)
+    }
+    async fn session(&self, token_sha256: &str) -> Option<(Session, Operator)> {
+        self.state
+            .lock()
+            .unwrap()
+            .session(token_sha256, 2)
+            .map(|(s, o)| (s.clone(), o.clone()))
     }
     async fn start_campaign(&self, id: CampaignId) -> Result<Campaign, EngineError> {
         self.apply(Command::StartCampaign { at_ms: 4, id })?;
@@ -550,15 +653,6 @@ async fn api_routes_require_the_bearer_token() {
     assert!(text.contains("campanile_up 1"));
 }
 
-#[tokio::test]
-async fn the_page_escapes_titles_and_shows_drill_mode() {
-    let app = app();
-    let mut b = campaign_body();
-    b["title"] = json!("<script>alert('x')</script>");
-    api(&app, "POST", "/api/v1/campaigns", Some(b)).await;
-    let (s, _, html) = call(&app, "GET", "/", None, None).await;
-    assert_eq!(s, StatusCode::OK);
-    assert!(!html.contains("<script>alert"), "{html}");
-    assert!(html.contains("&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;"));
-    assert!(html.contains("DRILL MODE"));
-}
+/// Console, sessions, CSRF and the authorization matrix.
+#[path = "tests_console.rs"]
+mod console;

@@ -52,6 +52,17 @@ impl TokenArgs {
 
 /// One API call; the error carries the API's own message, never the token.
 fn call(method: &str, via: &str, path: &str, auth: &TokenArgs) -> anyhow::Result<ureq::Response> {
+    call_with(method, via, path, auth, None)
+}
+
+/// `call` with an optional JSON body.
+fn call_with(
+    method: &str,
+    via: &str,
+    path: &str,
+    auth: &TokenArgs,
+    body: Option<&Value>,
+) -> anyhow::Result<ureq::Response> {
     let token = auth.token()?;
     let base = if via.starts_with("http://") || via.starts_with("https://") {
         via.trim_end_matches('/').to_string()
@@ -63,11 +74,14 @@ fn call(method: &str, via: &str, path: &str, auth: &TokenArgs) -> anyhow::Result
         .timeout_connect(std::time::Duration::from_secs(5))
         .timeout(std::time::Duration::from_secs(600))
         .build();
-    match agent
+    let req = agent
         .request(method, &url)
-        .set("Authorization", &format!("Bearer {token}"))
-        .call()
-    {
+        .set("Authorization", &format!("Bearer {token}"));
+    let sent = match body {
+        Some(b) => req.send_json(b.clone()),
+        None => req.call(),
+    };
+    match sent {
         Ok(r) => Ok(r),
         Err(ureq::Error::Status(code, r)) => {
             let body = r.into_string().unwrap_or_default();
@@ -84,6 +98,50 @@ fn call(method: &str, via: &str, path: &str, auth: &TokenArgs) -> anyhow::Result
 fn json(r: ureq::Response) -> anyhow::Result<Value> {
     r.into_json::<Value>()
         .context("the node's answer is not JSON")
+}
+
+/// The new operator's password: `CAMPANILE_PASSWORD`, or the first line of standard input.
+pub fn read_password() -> anyhow::Result<String> {
+    if let Ok(p) = std::env::var("CAMPANILE_PASSWORD") {
+        if !p.is_empty() {
+            return Ok(p);
+        }
+    }
+    eprintln!("Password for the new operator (at least 12 characters), then Enter:");
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("cannot read the password from standard input")?;
+    let p = line.trim_end_matches(['\r', '\n']).to_string();
+    if p.is_empty() {
+        anyhow::bail!("no password given: set CAMPANILE_PASSWORD or type it on standard input");
+    }
+    Ok(p)
+}
+
+/// `campanile admin create-operator`: `POST /api/v1/operators` (the node hashes the password).
+pub fn create_operator(via: &str, body: Value, auth: &TokenArgs) -> anyhow::Result<String> {
+    let v = json(call_with(
+        "POST",
+        via,
+        "/api/v1/operators",
+        auth,
+        Some(&body),
+    )?)?;
+    Ok(format!(
+        "operator `{}` ({}) created for {}; log in at http://{}/login",
+        v["username"].as_str().unwrap_or("?"),
+        v["role"].as_str().unwrap_or("?"),
+        v["tenants"]
+            .as_array()
+            .map(|t| t
+                .iter()
+                .filter_map(|x| x.as_str())
+                .collect::<Vec<_>>()
+                .join(", "))
+            .unwrap_or_default(),
+        via.trim_start_matches("http://").trim_end_matches('/')
+    ))
 }
 
 /// `campanile cluster status`: the cluster as the node at `via` sees it.

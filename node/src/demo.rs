@@ -193,25 +193,28 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     );
 
     let campaign = alert_engine
-        .create_campaign(CampaignSpec {
-            tenant: campanile_cluster::default_tenant(),
-            title: "Allerta rossa: piena del fiume".into(),
-            message: Message::Tts {
-                text: "Attenzione. Allerta meteo rossa. Il fiume è in piena: \
+        .create_campaign(
+            CampaignSpec {
+                tenant: campanile_cluster::default_tenant(),
+                title: "Allerta rossa: piena del fiume".into(),
+                message: Message::Tts {
+                    text: "Attenzione. Allerta meteo rossa. Il fiume è in piena: \
                        allontanatevi dagli argini e salite ai piani alti."
-                    .into(),
-                language: "it".into(),
+                        .into(),
+                    language: "it".into(),
+                },
+                audience: Audience::All,
+                priority: Priority::Emergency,
+                require_confirmation: true,
+                retry: RetryPolicy {
+                    max_attempts: 6,
+                    busy_delay_ms: 5_000,
+                    no_answer_delay_ms: 8_000,
+                    failure_delay_ms: 5_000,
+                },
             },
-            audience: Audience::All,
-            priority: Priority::Emergency,
-            require_confirmation: true,
-            retry: RetryPolicy {
-                max_attempts: 6,
-                busy_delay_ms: 5_000,
-                no_answer_delay_ms: 8_000,
-                failure_delay_ms: 5_000,
-            },
-        })
+            None,
+        )
         .await?;
     let campaign = alert_engine.start_campaign(campaign.id).await?;
     let alert_started = Instant::now();

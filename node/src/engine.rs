@@ -38,13 +38,19 @@ fn refusal(r: Refusal) -> EngineError {
         }
         Refusal::WrongCampaignState { .. }
         | Refusal::DuplicateTenant(_)
-        | Refusal::DuplicateOperator(_) => EngineError::Conflict(r.to_string()),
+        | Refusal::DuplicateOperator(_)
+        | Refusal::ApprovalRequired(_)
+        | Refusal::ApprovalNotNeeded(_)
+        | Refusal::SelfApproval(..)
+        | Refusal::OverrideNotEmergency(_)
+        | Refusal::DisabledOperator(_) => EngineError::Conflict(r.to_string()),
         Refusal::UnknownTenant(_) | Refusal::UnknownOperator(_) | Refusal::UnknownAudio(_) => {
             EngineError::NotFound(r.to_string())
         }
         Refusal::InvalidTenant(_)
         | Refusal::InvalidOperator { .. }
         | Refusal::AudioTooLarge { .. }
+        | Refusal::OverrideWithoutReason
         | Refusal::NestedAudit => EngineError::Invalid(r.to_string()),
     }
 }
@@ -211,10 +217,15 @@ impl Engine for NodeEngine {
         .map(|_| ())
     }
 
-    async fn create_campaign(&self, spec: CampaignSpec) -> Result<Campaign, EngineError> {
+    async fn create_campaign(
+        &self,
+        spec: CampaignSpec,
+        created_by: Option<String>,
+    ) -> Result<Campaign, EngineError> {
         let resp = self
             .write(Command::CreateCampaign {
                 at_ms: now_ms(),
+                created_by,
                 spec,
             })
             .await?;
@@ -229,6 +240,99 @@ impl Engine for NodeEngine {
     async fn start_campaign(&self, id: CampaignId) -> Result<Campaign, EngineError> {
         self.campaign_command(id, |at_ms, id| Command::StartCampaign { at_ms, id })
             .await
+    }
+
+    async fn approve_campaign(&self, id: CampaignId, by: String) -> Result<Campaign, EngineError> {
+        self.campaign_command(id, |at_ms, id| Command::ApproveCampaign { at_ms, id, by })
+            .await
+    }
+
+    async fn override_approval(
+        &self,
+        id: CampaignId,
+        by: String,
+        reason: String,
+    ) -> Result<Campaign, EngineError> {
+        self.campaign_command(id, |at_ms, id| Command::OverrideApproval {
+            at_ms,
+            id,
+            by,
+            reason,
+        })
+        .await
+    }
+
+    async fn operators(&self) -> Result<Vec<campanile_cluster::Operator>, EngineError> {
+        Ok(self.cluster.read(|s| s.operators().cloned().collect()))
+    }
+
+    async fn create_operator(
+        &self,
+        operator: campanile_cluster::Operator,
+    ) -> Result<(), EngineError> {
+        self.write(Command::CreateOperator {
+            at_ms: now_ms(),
+            operator,
+        })
+        .await
+        .map(drop)
+    }
+
+    async fn update_operator(
+        &self,
+        update: campanile_cluster::OperatorUpdate,
+    ) -> Result<(), EngineError> {
+        self.write(Command::UpdateOperator {
+            at_ms: now_ms(),
+            update,
+        })
+        .await
+        .map(drop)
+    }
+
+    async fn create_session(&self, session: campanile_cluster::Session) -> Result<(), EngineError> {
+        self.write(Command::CreateSession {
+            at_ms: now_ms(),
+            session,
+        })
+        .await
+        .map(drop)
+    }
+
+    async fn end_session(&self, token_sha256: String) -> Result<(), EngineError> {
+        self.write(Command::EndSession {
+            at_ms: now_ms(),
+            token_sha256,
+        })
+        .await
+        .map(drop)
+    }
+
+    async fn session(
+        &self,
+        token_sha256: &str,
+    ) -> Option<(campanile_cluster::Session, campanile_cluster::Operator)> {
+        let look = |s: &campanile_cluster::State| {
+            s.session(token_sha256, now_ms())
+                .map(|(a, b)| (a.clone(), b.clone()))
+        };
+        // A login made through another node may not be applied here yet: catch up once.
+        if let Some(found) = self.cluster.read(look) {
+            return Some(found);
+        }
+        self.linearize().await.ok()?;
+        self.cluster.read(look)
+    }
+
+    async fn preview(&self, text: String, language: String) -> Result<Vec<u8>, EngineError> {
+        tokio::task::spawn_blocking(move || {
+            let cache = crate::media::message::AudioCache::new(None);
+            crate::media::message::prepare_tts_message(&text, &language, &language, &cache)
+                .map(|audio| crate::media::wav::encode_wav_8k(&audio.samples))
+        })
+        .await
+        .map_err(|e| EngineError::Internal(e.to_string()))?
+        .map_err(|e| EngineError::Unavailable(format!("the preview cannot be made: {e}")))
     }
 
     async fn cancel_campaign(&self, id: CampaignId) -> Result<Campaign, EngineError> {

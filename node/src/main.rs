@@ -137,6 +137,11 @@ enum Cmd {
         #[command(subcommand)]
         what: CertsCmd,
     },
+    /// Console accounts, through any node's HTTP API with an API token.
+    Admin {
+        #[command(subcommand)]
+        what: AdminCmd,
+    },
     /// Look at or change the cluster through any node's HTTP API.
     Cluster {
         #[command(subcommand)]
@@ -165,6 +170,30 @@ enum Cmd {
         /// Its Raft address, for a node that will be a cluster member.
         #[arg(long)]
         raft: Option<SocketAddr>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCmd {
+    /// Make a console account (the first admin of a comune, or a regional account). The password
+    /// is read from CAMPANILE_PASSWORD or, when unset, from the first line of standard input.
+    CreateOperator {
+        #[arg(long)]
+        username: String,
+        /// admin, approver, operator, viewer or regional.
+        #[arg(long, default_value = "admin")]
+        role: String,
+        /// The tenant it works for; repeat for a regional account.
+        #[arg(long = "tenant", default_value = "default")]
+        tenants: Vec<String>,
+        /// The name the console shows (default: the username).
+        #[arg(long)]
+        display_name: Option<String>,
+        /// HTTP address of any node.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        via: String,
+        #[command(flatten)]
+        auth: campanile::admin::TokenArgs,
     },
 }
 
@@ -328,6 +357,32 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "certificate for node {node_id} ({host}) written to {}",
                 out.display()
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Admin {
+            what:
+                AdminCmd::CreateOperator {
+                    username,
+                    role,
+                    tenants,
+                    display_name,
+                    via,
+                    auth,
+                },
+        } => {
+            let password = campanile::admin::read_password()?;
+            let body = serde_json::json!({
+                "username": username,
+                "role": role,
+                "tenants": tenants,
+                "display_name": display_name,
+                "password": password,
+            });
+            let out = tokio::task::spawn_blocking(move || {
+                campanile::admin::create_operator(&via, body, &auth)
+            })
+            .await??;
+            println!("{out}");
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Cluster {
