@@ -4,6 +4,8 @@
 //! Every process started here is killed when its handle is dropped, so a failing test leaves nothing
 //! running. Waits are polls with deadlines, never fixed sleeps.
 
+pub mod browser;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
