@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::{
     ApiToken, AttemptEvent, CampaignId, CampaignSpec, NewSubscriber, NodeId, NodeInfo, Operator,
-    OperatorUpdate, Session, SubscriberId,
+    OperatorUpdate, Session, SubscriberId, SubscriberUpdate, Verification,
 };
 
 /// A change to the replicated state. `at_ms` is the proposer's wall clock; `apply` never reads a clock.
@@ -146,6 +146,25 @@ pub enum Command {
         at_ms: u64,
         token_sha256: String,
     },
+    /// An operator corrects a subscriber's name, language or zone.
+    UpdateSubscriber {
+        at_ms: u64,
+        id: SubscriberId,
+        update: SubscriberUpdate,
+    },
+    /// A verification call is about to read a code to the subscriber (replaces any earlier one).
+    RequestVerification {
+        at_ms: u64,
+        id: SubscriberId,
+        verification: Verification,
+    },
+    /// The citizen typed a code on the public page: right, it registers or erases the subscriber
+    /// (as the verification's purpose says); wrong, it uses up a try.
+    ConfirmVerification {
+        at_ms: u64,
+        id: SubscriberId,
+        code_sha256: String,
+    },
     /// `command`, applied as usual, and a line in the audit log saying who asked and what came of it.
     Audited {
         at_ms: u64,
@@ -184,6 +203,9 @@ impl Command {
             Command::OverrideApproval { .. } => "override_approval",
             Command::CreateSession { .. } => "create_session",
             Command::EndSession { .. } => "end_session",
+            Command::UpdateSubscriber { .. } => "update_subscriber",
+            Command::RequestVerification { .. } => "request_verification",
+            Command::ConfirmVerification { .. } => "confirm_verification",
             Command::Audited { .. } => "audited",
         }
     }
@@ -265,6 +287,10 @@ pub enum Refusal {
     OverrideNotEmergency(CampaignId),
     #[error("an emergency override needs a reason of at least 10 characters")]
     OverrideWithoutReason,
+    #[error("no verification code is waiting for this number (or it expired); ask for a new call")]
+    NoVerification(SubscriberId),
+    #[error("wrong code; {tries_left} tries left")]
+    WrongCode { tries_left: u32 },
     #[error("an audited command cannot wrap another audited command")]
     NestedAudit,
 }

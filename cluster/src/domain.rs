@@ -137,6 +137,53 @@ pub struct Subscriber {
     /// The privacy consent a citizen gave on the public page (operator-entered numbers have none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consent: Option<Consent>,
+    /// A verification call's code waiting to be entered on the public page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification: Option<Verification>,
+}
+
+/// What entering a verification code does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VerificationPurpose {
+    /// The number becomes verified: campaigns call it.
+    Register,
+    /// The subscriber is erased.
+    Unsubscribe,
+}
+
+/// A code read to the citizen by a verification call; only its hash is kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verification {
+    pub code_sha256: String,
+    pub expires_ms: u64,
+    /// Wrong codes still allowed before the code is void.
+    pub tries_left: u32,
+    pub purpose: VerificationPurpose,
+}
+
+/// Wrong codes allowed per verification call.
+pub const VERIFICATION_TRIES: u32 = 5;
+
+/// The hash a verification code is kept under: bound to the tenant and the number, so a code is
+/// worth nothing for another one.
+pub fn verification_hash(tenant: &str, phone: &PhoneNumber, code: &str) -> String {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    for part in ["campanile-verification-v1", tenant, phone.as_str(), code] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part.as_bytes());
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The fields of a subscriber an operator may change (the number itself is not one: a new number
+/// is a new registration).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubscriberUpdate {
+    pub name: Option<String>,
+    pub language: String,
+    pub zone: Option<String>,
 }
 
 /// The privacy notice a citizen accepted, word for word, and when.

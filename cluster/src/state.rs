@@ -13,8 +13,8 @@ use crate::domain::{
     partition_of, ApiToken, Approval, AttemptEvent, Audience, AudioBlob, AuditEntry, CallTask,
     Campaign, CampaignId, CampaignSpec, CampaignState, Counts, FinalState, Lease, Message,
     NewSubscriber, Next, NodeId, NodeInfo, Operator, OperatorUpdate, Outcome, PhoneNumber,
-    Priority, Session, Subscriber, SubscriberId, TaskState, Tenant, DEFAULT_TENANT,
-    MAX_AUDIO_BYTES, MAX_SESSIONS_PER_OPERATOR, PARTITIONS,
+    Priority, Session, Subscriber, SubscriberId, TaskState, Tenant, VerificationPurpose,
+    DEFAULT_TENANT, MAX_AUDIO_BYTES, MAX_SESSIONS_PER_OPERATOR, PARTITIONS,
 };
 
 /// Key of the due queue: priority rank first, then due time, so the dialer pops emergencies first.
@@ -110,17 +110,54 @@ impl State {
                         .collect(),
                 )
             }
-            Command::DeleteSubscriber { at_ms, id } => {
-                let Some(sub) = self.subscribers.remove(id) else {
+            Command::DeleteSubscriber { at_ms, id } => self.erase_subscriber(*id, *at_ms),
+            Command::UpdateSubscriber { id, update, .. } => {
+                let Some(sub) = self.subscribers.get_mut(id) else {
                     return Response::Refused(Refusal::UnknownSubscriber(*id));
                 };
-                self.phones.remove(&(sub.tenant.clone(), sub.phone.clone()));
-                // Erasure: open tasks for this person end as cancelled; nobody dials a deleted number.
-                let campaign_ids: Vec<CampaignId> = self.tasks.keys().copied().collect();
-                for cid in campaign_ids {
-                    self.finish_task_if_open(cid, *id, FinalState::Cancelled, *at_ms);
-                }
+                sub.name = update.name.clone();
+                sub.language = update.language.clone();
+                sub.zone = update.zone.clone();
                 Response::Ok
+            }
+            Command::RequestVerification {
+                id, verification, ..
+            } => {
+                let Some(sub) = self.subscribers.get_mut(id) else {
+                    return Response::Refused(Refusal::UnknownSubscriber(*id));
+                };
+                sub.verification = Some(verification.clone());
+                Response::Ok
+            }
+            Command::ConfirmVerification {
+                at_ms,
+                id,
+                code_sha256,
+            } => {
+                let Some(sub) = self.subscribers.get_mut(id) else {
+                    return Response::Refused(Refusal::UnknownSubscriber(*id));
+                };
+                let Some(v) = sub.verification.as_mut().filter(|v| v.expires_ms > *at_ms) else {
+                    sub.verification = None;
+                    return Response::Refused(Refusal::NoVerification(*id));
+                };
+                if v.code_sha256 != *code_sha256 {
+                    v.tries_left = v.tries_left.saturating_sub(1);
+                    let tries_left = v.tries_left;
+                    if tries_left == 0 {
+                        sub.verification = None;
+                    }
+                    return Response::Refused(Refusal::WrongCode { tries_left });
+                }
+                let purpose = v.purpose;
+                sub.verification = None;
+                match purpose {
+                    VerificationPurpose::Register => {
+                        sub.verified = true;
+                        Response::Ok
+                    }
+                    VerificationPurpose::Unsubscribe => self.erase_subscriber(*id, *at_ms),
+                }
             }
             Command::CreateCampaign {
                 at_ms,
@@ -441,7 +478,10 @@ impl State {
             Command::CreateSubscribers { subscribers, .. } => {
                 subscribers.first().map(|s| s.tenant.clone())
             }
-            Command::DeleteSubscriber { id, .. } => {
+            Command::DeleteSubscriber { id, .. }
+            | Command::UpdateSubscriber { id, .. }
+            | Command::RequestVerification { id, .. }
+            | Command::ConfirmVerification { id, .. } => {
                 self.subscribers.get(id).map(|s| s.tenant.clone())
             }
             Command::CreateCampaign { spec, .. } => Some(spec.tenant.clone()),
@@ -456,6 +496,20 @@ impl State {
             Command::CreateOperator { operator, .. } => operator.tenants.first().cloned(),
             _ => None,
         }
+    }
+
+    /// Removes a subscriber (an erasure request): open tasks for this person end as cancelled;
+    /// nobody dials a deleted number.
+    fn erase_subscriber(&mut self, id: SubscriberId, at_ms: u64) -> Response {
+        let Some(sub) = self.subscribers.remove(&id) else {
+            return Response::Refused(Refusal::UnknownSubscriber(id));
+        };
+        self.phones.remove(&(sub.tenant.clone(), sub.phone.clone()));
+        let campaign_ids: Vec<CampaignId> = self.tasks.keys().copied().collect();
+        for cid in campaign_ids {
+            self.finish_task_if_open(cid, id, FinalState::Cancelled, at_ms);
+        }
+        Response::Ok
     }
 
     /// Why a campaign cannot be created: its tenant or its recording does not exist.
@@ -579,6 +633,7 @@ impl State {
                 created_ms: at_ms,
                 tenant: subscriber.tenant.clone(),
                 consent: subscriber.consent.clone(),
+                verification: None,
             },
         );
         Imported::Created(id)
@@ -1069,7 +1124,13 @@ fn audit_target(command: &Command, response: &Response) -> String {
         (Command::CreateSubscribers { subscribers, .. }, _) => {
             format!("{} subscribers", subscribers.len())
         }
-        (Command::DeleteSubscriber { id, .. }, _) => format!("subscriber {id}"),
+        (
+            Command::DeleteSubscriber { id, .. }
+            | Command::UpdateSubscriber { id, .. }
+            | Command::RequestVerification { id, .. }
+            | Command::ConfirmVerification { id, .. },
+            _,
+        ) => format!("subscriber {id}"),
         (
             Command::StartCampaign { id, .. }
             | Command::CancelCampaign { id, .. }
@@ -1571,6 +1632,71 @@ mod tests {
             st.apply(&Command::StartCampaign { at_ms: 10, id: e }),
             Response::Ok
         );
+    }
+
+    #[test]
+    fn a_verification_code_registers_or_erases_once_within_its_tries_and_time() {
+        let mut st = State::default();
+        let Response::SubscriberCreated(id) = st.apply(&sub(1, None)) else {
+            panic!("not created")
+        };
+        let phone = st
+            .subscriber(id)
+            .map(|s| s.phone.clone())
+            .expect("subscriber");
+        let hash = |code: &str| verification_hash(DEFAULT_TENANT, &phone, code);
+        let ask = |purpose, expires_ms| Command::RequestVerification {
+            at_ms: 10,
+            id,
+            verification: Verification {
+                code_sha256: hash("123456"),
+                expires_ms,
+                tries_left: VERIFICATION_TRIES,
+                purpose,
+            },
+        };
+        let confirm = |code: &str, at_ms| Command::ConfirmVerification {
+            at_ms,
+            id,
+            code_sha256: hash(code),
+        };
+        // No code asked yet.
+        assert!(matches!(
+            st.apply(&confirm("123456", 11)),
+            Response::Refused(Refusal::NoVerification(_))
+        ));
+        // Wrong codes use up tries; the last one voids the code.
+        st.apply(&ask(VerificationPurpose::Register, 1_000));
+        for left in (0..VERIFICATION_TRIES).rev() {
+            assert_eq!(
+                st.apply(&confirm("000000", 12)),
+                Response::Refused(Refusal::WrongCode { tries_left: left })
+            );
+        }
+        assert!(matches!(
+            st.apply(&confirm("123456", 13)),
+            Response::Refused(Refusal::NoVerification(_))
+        ));
+        // An expired code does nothing.
+        st.apply(&ask(VerificationPurpose::Register, 1_000));
+        assert!(matches!(
+            st.apply(&confirm("123456", 1_000)),
+            Response::Refused(Refusal::NoVerification(_))
+        ));
+        // The right code in time verifies, once.
+        st.apply(&ask(VerificationPurpose::Register, 1_000));
+        let mut unverified = st.subscriber(id).cloned().expect("subscriber");
+        unverified.verified = false;
+        st.subscribers.insert(id, unverified);
+        assert_eq!(st.apply(&confirm("123456", 20)), Response::Ok);
+        assert!(st
+            .subscriber(id)
+            .is_some_and(|s| s.verified && s.verification.is_none()));
+        // A code for unsubscribing erases the subscriber and its number.
+        st.apply(&ask(VerificationPurpose::Unsubscribe, 1_000));
+        assert_eq!(st.apply(&confirm("123456", 30)), Response::Ok);
+        assert!(st.subscriber(id).is_none());
+        assert!(st.subscriber_by_phone(DEFAULT_TENANT, &phone).is_none());
     }
 
     #[test]

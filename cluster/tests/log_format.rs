@@ -235,6 +235,30 @@ fn one_of_each() -> Vec<Command> {
             at_ms: 34,
             token_sha256: "5f".repeat(32),
         },
+        Command::UpdateSubscriber {
+            at_ms: 35,
+            id: SubscriberId(1),
+            update: SubscriberUpdate {
+                name: Some("Maria Bianchi".into()),
+                language: "en".into(),
+                zone: None,
+            },
+        },
+        Command::RequestVerification {
+            at_ms: 36,
+            id: SubscriberId(1),
+            verification: Verification {
+                code_sha256: "7a".repeat(32),
+                expires_ms: 600_036,
+                tries_left: VERIFICATION_TRIES,
+                purpose: VerificationPurpose::Register,
+            },
+        },
+        Command::ConfirmVerification {
+            at_ms: 37,
+            id: SubscriberId(1),
+            code_sha256: "7a".repeat(32),
+        },
     ]
 }
 
@@ -264,6 +288,9 @@ fn kind(c: &Command) -> &'static str {
         Command::OverrideApproval { .. } => "override_approval",
         Command::CreateSession { .. } => "create_session",
         Command::EndSession { .. } => "end_session",
+        Command::UpdateSubscriber { .. } => "update_subscriber",
+        Command::RequestVerification { .. } => "request_verification",
+        Command::ConfirmVerification { .. } => "confirm_verification",
         Command::Audited { .. } => "audited",
     }
 }

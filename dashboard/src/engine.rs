@@ -3,8 +3,8 @@
 
 use async_trait::async_trait;
 use campanile_cluster::{
-    CallTask, Campaign, CampaignId, CampaignSpec, NewSubscriber, Operator, OperatorUpdate, Session,
-    Subscriber, SubscriberId,
+    CallTask, Campaign, CampaignId, CampaignSpec, NewSubscriber, Operator, OperatorUpdate,
+    PhoneNumber, Session, Subscriber, SubscriberId, SubscriberUpdate, VerificationPurpose,
 };
 
 /// Whether the node can serve.
@@ -55,6 +55,53 @@ pub trait Engine: Send + Sync + 'static {
         ))
     }
     async fn delete_subscriber(&self, id: SubscriberId) -> Result<(), EngineError>;
+    /// One page of a tenant's subscribers whose number, name or zone contains `query` (all when
+    /// empty), by id; and how many match in all.
+    async fn search_subscribers(
+        &self,
+        _tenant: String,
+        _query: String,
+        _offset: usize,
+        _limit: usize,
+    ) -> Result<(Vec<Subscriber>, usize), EngineError> {
+        Err(EngineError::Unavailable(
+            "subscriber search is not available on this node".into(),
+        ))
+    }
+    /// Changes a subscriber's name, language and zone.
+    async fn update_subscriber(
+        &self,
+        _id: SubscriberId,
+        _update: SubscriberUpdate,
+    ) -> Result<Subscriber, EngineError> {
+        Err(EngineError::Unavailable(
+            "subscribers cannot be changed on this node".into(),
+        ))
+    }
+    /// Calls `phone` (registered with `tenant`) and reads it a fresh code to type on the public page.
+    /// A number that is not registered gets no call and the same answer, so the page does not tell
+    /// who is registered.
+    async fn start_verification(
+        &self,
+        _tenant: String,
+        _phone: PhoneNumber,
+        _purpose: VerificationPurpose,
+    ) -> Result<(), EngineError> {
+        Err(EngineError::Unavailable(
+            "verification calls are not available on this node".into(),
+        ))
+    }
+    /// Checks a typed code; right, it registers or erases the subscriber and answers which.
+    async fn confirm_verification(
+        &self,
+        _tenant: String,
+        _phone: PhoneNumber,
+        _code: String,
+    ) -> Result<VerificationPurpose, EngineError> {
+        Err(EngineError::Unavailable(
+            "verification calls are not available on this node".into(),
+        ))
+    }
     /// `created_by` is the console operator composing it (None for an API token); the state machine
     /// decides from it whether the campaign waits for a second person's approval.
     async fn create_campaign(

@@ -16,9 +16,11 @@ use axum::extract::{ConnectInfo, FromRequestParts, Path, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Extension, Form, Router};
-use campanile_cluster::{Consent, NewSubscriber, PhoneError, PhoneNumber, Tenant};
+use campanile_cluster::{
+    Consent, NewSubscriber, PhoneError, PhoneNumber, Tenant, VerificationPurpose,
+};
 use serde::Deserialize;
 
 use crate::api::{AppState, LANGUAGES};
@@ -48,6 +50,12 @@ pub fn routes() -> Router<AppState> {
         .route("/r/{tenant}/qr.svg", get(qr_svg))
         .route("/r/{tenant}/qr.png", get(qr_png))
         .route("/r/{tenant}/poster", get(poster))
+        .route("/r/{tenant}/verify", post(verify))
+        .route("/r/{tenant}/call-again", post(call_again))
+        .route(
+            "/r/{tenant}/unsubscribe",
+            get(unsubscribe_form).post(unsubscribe),
+        )
         .layer(Extension(Arc::new(Throttle::default())))
 }
 
@@ -111,9 +119,6 @@ pub struct Texts {
     pub language_bad: &'static str,
     pub consent_missing: &'static str,
     pub form_unreadable: &'static str,
-    pub done_title: &'static str,
-    pub done_registered: &'static str,
-    pub done_call: &'static str,
     pub conflict_title: &'static str,
     pub conflict_body: &'static str,
     pub throttled_title: &'static str,
@@ -126,6 +131,22 @@ pub struct Texts {
     pub bad_host_title: &'static str,
     pub bad_host_body: &'static str,
     pub back: &'static str,
+    pub code_title: &'static str,
+    pub code_calling: &'static str,
+    pub code_calling_unsubscribe: &'static str,
+    pub code_label: &'static str,
+    pub code_hint: &'static str,
+    pub code_submit: &'static str,
+    pub code_wrong: &'static str,
+    pub call_again: &'static str,
+    pub verified_title: &'static str,
+    pub verified_body: &'static str,
+    pub erased_title: &'static str,
+    pub erased_body: &'static str,
+    pub unsubscribe_link: &'static str,
+    pub unsubscribe_title: &'static str,
+    pub unsubscribe_intro: &'static str,
+    pub unsubscribe_submit: &'static str,
 }
 
 const IT: Texts = Texts {
@@ -156,10 +177,6 @@ const IT: Texts = Texts {
     language_bad: "Scegli una delle lingue dell'elenco.",
     consent_missing: "Per registrarti devi accettare l'informativa sulla privacy.",
     form_unreadable: "Il modulo non è arrivato completo: compilalo e invialo di nuovo.",
-    done_title: "Registrazione ricevuta",
-    done_registered: "Il numero {phone} è registrato per le allerte del {comune}.",
-    done_call: "Riceverai una chiamata con un codice per confermare che il numero è tuo. Le allerte \
-                arriveranno solo dopo la conferma.",
     conflict_title: "Numero già registrato",
     conflict_body: "Questo numero è già registrato per le allerte del {comune}: non serve registrarlo di nuovo.",
     throttled_title: "Troppe registrazioni",
@@ -174,6 +191,26 @@ const IT: Texts = Texts {
     bad_host_body: "Il nome del server nella richiesta (intestazione Host) non è valido: apri la pagina \
                     dall'indirizzo pubblico del servizio.",
     back: "Torna al modulo",
+    code_title: "Ti stiamo chiamando",
+    code_calling: "Tra poco il numero {phone} riceverà una chiamata che legge un codice di 6 cifre. \
+                   Scrivilo qui sotto per confermare che il numero è tuo.",
+    code_calling_unsubscribe: "Se il numero {phone} è registrato, tra poco riceverà una chiamata che legge \
+                               un codice di 6 cifre. Scrivilo qui sotto per cancellare la registrazione.",
+    code_label: "Codice ricevuto per telefono",
+    code_hint: "6 cifre. Il codice vale 10 minuti.",
+    code_submit: "Conferma",
+    code_wrong: "Il codice non è giusto o è scaduto. Controlla le cifre, oppure chiedi una nuova chiamata.",
+    call_again: "Non è arrivata la chiamata? Chiamami di nuovo",
+    verified_title: "Numero confermato",
+    verified_body: "Grazie: il numero {phone} riceverà le allerte del {comune}.",
+    erased_title: "Registrazione cancellata",
+    erased_body: "Il numero {phone} e i dati che avevi lasciato sono stati cancellati: non riceverai più \
+                  le allerte del {comune}.",
+    unsubscribe_link: "Non vuoi più ricevere le allerte? Cancella la registrazione",
+    unsubscribe_title: "Cancella la registrazione",
+    unsubscribe_intro: "Scrivi il numero registrato: riceverà una chiamata con un codice per confermare \
+                        che sei tu. Poi i tuoi dati saranno cancellati.",
+    unsubscribe_submit: "Chiamami con il codice",
 };
 
 const EN: Texts = Texts {
@@ -204,10 +241,6 @@ const EN: Texts = Texts {
     language_bad: "Choose one of the languages in the list.",
     consent_missing: "To sign up you must accept the privacy notice.",
     form_unreadable: "The form did not arrive complete: please fill it in and send it again.",
-    done_title: "Registration received",
-    done_registered: "The number {phone} is registered for alerts from the {comune}.",
-    done_call: "You will receive a call with a code to confirm that the number is yours. Alerts start \
-                only once it is confirmed.",
     conflict_title: "Number already registered",
     conflict_body: "This number is already registered for alerts from the {comune}: there is no need to \
                     register it again.",
@@ -223,6 +256,26 @@ const EN: Texts = Texts {
     bad_host_body: "The server name in the request (Host header) is not valid: open the page from the \
                     service's public address.",
     back: "Back to the form",
+    code_title: "We are calling you",
+    code_calling: "In a moment {phone} will get a call that reads a 6-digit code. Type it below to \
+                   confirm the number is yours.",
+    code_calling_unsubscribe: "If {phone} is registered, it will get a call in a moment that reads a \
+                               6-digit code. Type it below to cancel the registration.",
+    code_label: "Code from the call",
+    code_hint: "6 digits. The code is valid for 10 minutes.",
+    code_submit: "Confirm",
+    code_wrong: "The code is wrong or has expired. Check the digits, or ask for a new call.",
+    call_again: "No call? Call me again",
+    verified_title: "Number confirmed",
+    verified_body: "Thank you: {phone} will receive the alerts of {comune}.",
+    erased_title: "Registration cancelled",
+    erased_body: "The number {phone} and the details you gave have been erased: you will no longer \
+                  receive the alerts of {comune}.",
+    unsubscribe_link: "No longer want the alerts? Cancel your registration",
+    unsubscribe_title: "Cancel your registration",
+    unsubscribe_intro: "Type the registered number: it will get a call with a code to confirm it is you. \
+                        Then your details are erased.",
+    unsubscribe_submit: "Call me with the code",
 };
 
 /// The names the language menu offers, each in its own language.
@@ -351,6 +404,28 @@ struct MessagePage {
     /// Where "back to the form" leads, if anywhere.
     back: Option<String>,
     notice: bool,
+}
+
+#[derive(Template)]
+#[template(path = "portal_code.html")]
+struct CodePage {
+    drill: Option<String>,
+    c: Chrome,
+    slug: String,
+    phone: String,
+    purpose: &'static str,
+    calling: String,
+    error: Option<&'static str>,
+}
+
+#[derive(Template)]
+#[template(path = "portal_unsubscribe.html")]
+struct UnsubscribePage {
+    drill: Option<String>,
+    c: Chrome,
+    slug: String,
+    phone: String,
+    error: Option<&'static str>,
 }
 
 #[derive(Template)]
@@ -644,18 +719,14 @@ async fn register(
     match engine.register_citizen(subscriber).await {
         Ok(s) => {
             tracing::info!(tenant = %tenant.slug, phone = %masked, id = %s.id, "citizen registered on the public page");
-            let registered = t
-                .done_registered
-                .replace("{phone}", reg.phone.as_str())
-                .replace("{comune}", &comune);
-            message(
+            call_for_code(
                 &engine,
-                StatusCode::OK,
-                chrome(),
-                t.done_title,
-                vec![registered, t.done_call.to_string()],
-                None,
+                &tenant,
+                lang,
+                reg.phone,
+                VerificationPurpose::Register,
             )
+            .await
         }
         Err(EngineError::Conflict(_)) => {
             tracing::info!(tenant = %tenant.slug, phone = %masked, "citizen registration of a number already registered");
@@ -704,6 +775,327 @@ async fn register(
             )
         }
     }
+}
+
+// ---- verification by a voice call ----
+
+fn purpose_name(p: VerificationPurpose) -> &'static str {
+    match p {
+        VerificationPurpose::Register => "register",
+        VerificationPurpose::Unsubscribe => "unsubscribe",
+    }
+}
+
+/// Places the verification call and shows the page to type its code on.
+async fn call_for_code(
+    engine: &AppState,
+    tenant: &Tenant,
+    lang: Lang,
+    phone: PhoneNumber,
+    purpose: VerificationPurpose,
+) -> Response {
+    let t = lang.texts();
+    if let Err(e) = engine
+        .start_verification(tenant.slug.clone(), phone.clone(), purpose)
+        .await
+    {
+        tracing::error!(tenant = %tenant.slug, phone = %phone.masked(), error = %e, "cannot start a verification call");
+        return message(
+            engine,
+            StatusCode::SERVICE_UNAVAILABLE,
+            Chrome {
+                t,
+                tenant_name: tenant.name.clone(),
+            },
+            t.unavailable_title,
+            vec![t.unavailable_body.to_string()],
+            None,
+        );
+    }
+    code_page(engine, tenant, lang, &phone, purpose, StatusCode::OK, None)
+}
+
+fn code_page(
+    engine: &AppState,
+    tenant: &Tenant,
+    lang: Lang,
+    phone: &PhoneNumber,
+    purpose: VerificationPurpose,
+    status: StatusCode,
+    error: Option<&'static str>,
+) -> Response {
+    let t = lang.texts();
+    let calling = match purpose {
+        VerificationPurpose::Register => t.code_calling,
+        VerificationPurpose::Unsubscribe => t.code_calling_unsubscribe,
+    }
+    .replace("{phone}", phone.as_str());
+    let page = CodePage {
+        drill: engine.drill_mode(),
+        c: Chrome {
+            t,
+            tenant_name: tenant.name.clone(),
+        },
+        slug: tenant.slug.clone(),
+        phone: phone.as_str().to_string(),
+        purpose: purpose_name(purpose),
+        calling,
+        error,
+    };
+    html(status, &page)
+}
+
+/// The code form as posted.
+#[derive(Debug, Default, Deserialize)]
+pub struct CodeForm {
+    #[serde(default)]
+    pub phone: String,
+    #[serde(default)]
+    pub code: String,
+    #[serde(default)]
+    pub purpose: String,
+}
+
+fn purpose_of(s: &str) -> VerificationPurpose {
+    if s == "unsubscribe" {
+        VerificationPurpose::Unsubscribe
+    } else {
+        VerificationPurpose::Register
+    }
+}
+
+/// `POST /r/{tenant}/verify`: the code read by the call. Right, the number is verified (or erased);
+/// wrong, the page asks again (five tries per call, counted by the cluster).
+async fn verify(
+    State(engine): State<AppState>,
+    Path(slug): Path<String>,
+    uri: Uri,
+    body: Result<Form<CodeForm>, FormRejection>,
+) -> Response {
+    let lang = Lang::of(&uri);
+    let t = lang.texts();
+    let tenant = match tenant(&engine, &slug, lang).await {
+        Ok(t) => t,
+        Err(page) => return page,
+    };
+    let form = body.map(|Form(f)| f).unwrap_or_default();
+    let Ok(phone) = PhoneNumber::parse(&form.phone) else {
+        let page = register_page(
+            &engine,
+            &tenant,
+            lang,
+            RegistrationForm::default(),
+            FieldErrors {
+                phone: Some(t.phone_invalid),
+                ..FieldErrors::default()
+            },
+        );
+        return html(StatusCode::BAD_REQUEST, &page);
+    };
+    let purpose = purpose_of(&form.purpose);
+    let code: String = form.code.chars().filter(|c| !c.is_whitespace()).collect();
+    if code.len() != 6 || !code.bytes().all(|b| b.is_ascii_digit()) {
+        return code_page(
+            &engine,
+            &tenant,
+            lang,
+            &phone,
+            purpose,
+            StatusCode::BAD_REQUEST,
+            Some(t.code_wrong),
+        );
+    }
+    let chrome = Chrome {
+        t,
+        tenant_name: tenant.name.clone(),
+    };
+    let comune = comune(&tenant.name);
+    match engine
+        .confirm_verification(tenant.slug.clone(), phone.clone(), code)
+        .await
+    {
+        Ok(VerificationPurpose::Register) => {
+            tracing::info!(tenant = %tenant.slug, phone = %phone.masked(), "citizen verified the number");
+            message(
+                &engine,
+                StatusCode::OK,
+                chrome,
+                t.verified_title,
+                vec![t
+                    .verified_body
+                    .replace("{phone}", phone.as_str())
+                    .replace("{comune}", &comune)],
+                None,
+            )
+        }
+        Ok(VerificationPurpose::Unsubscribe) => {
+            tracing::info!(tenant = %tenant.slug, phone = %phone.masked(), "citizen erased the registration");
+            message(
+                &engine,
+                StatusCode::OK,
+                chrome,
+                t.erased_title,
+                vec![t
+                    .erased_body
+                    .replace("{phone}", phone.as_str())
+                    .replace("{comune}", &comune)],
+                None,
+            )
+        }
+        Err(EngineError::Invalid(_) | EngineError::NotFound(_)) => code_page(
+            &engine,
+            &tenant,
+            lang,
+            &phone,
+            purpose,
+            StatusCode::BAD_REQUEST,
+            Some(t.code_wrong),
+        ),
+        Err(e) => {
+            tracing::error!(tenant = %tenant.slug, phone = %phone.masked(), error = %e, "cannot check a verification code");
+            message(
+                &engine,
+                StatusCode::SERVICE_UNAVAILABLE,
+                chrome,
+                t.unavailable_title,
+                vec![t.unavailable_body.to_string()],
+                None,
+            )
+        }
+    }
+}
+
+/// `POST /r/{tenant}/call-again`: a new call with a new code (throttled like a registration).
+async fn call_again(
+    State(engine): State<AppState>,
+    Extension(throttle): Extension<Arc<Throttle>>,
+    Path(slug): Path<String>,
+    uri: Uri,
+    ClientAddr(client): ClientAddr,
+    body: Result<Form<CodeForm>, FormRejection>,
+) -> Response {
+    let lang = Lang::of(&uri);
+    let tenant = match tenant(&engine, &slug, lang).await {
+        Ok(t) => t,
+        Err(page) => return page,
+    };
+    let form = body.map(|Form(f)| f).unwrap_or_default();
+    call_checked(
+        &engine,
+        &throttle,
+        &tenant,
+        lang,
+        &client,
+        &form.phone,
+        purpose_of(&form.purpose),
+    )
+    .await
+}
+
+/// Throttles, checks the number and calls it; a bad number goes back to the right form.
+async fn call_checked(
+    engine: &AppState,
+    throttle: &Throttle,
+    tenant: &Tenant,
+    lang: Lang,
+    client: &str,
+    phone: &str,
+    purpose: VerificationPurpose,
+) -> Response {
+    let t = lang.texts();
+    let Ok(phone) = PhoneNumber::parse(phone) else {
+        return unsubscribe_page(
+            engine,
+            tenant,
+            lang,
+            phone,
+            StatusCode::BAD_REQUEST,
+            Some(t.phone_invalid),
+        );
+    };
+    if let Err(wait) = throttle.admit(client, phone.as_str(), Instant::now()) {
+        let minutes = wait.as_secs().div_ceil(60).max(1);
+        let mut resp = message(
+            engine,
+            StatusCode::TOO_MANY_REQUESTS,
+            Chrome {
+                t,
+                tenant_name: tenant.name.clone(),
+            },
+            t.throttled_title,
+            vec![t.throttled_body.replace("{minutes}", &minutes.to_string())],
+            None,
+        );
+        resp.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(wait.as_secs().max(1)),
+        );
+        return resp;
+    }
+    call_for_code(engine, tenant, lang, phone, purpose).await
+}
+
+fn unsubscribe_page(
+    engine: &AppState,
+    tenant: &Tenant,
+    lang: Lang,
+    phone: &str,
+    status: StatusCode,
+    error: Option<&'static str>,
+) -> Response {
+    let t = lang.texts();
+    let page = UnsubscribePage {
+        drill: engine.drill_mode(),
+        c: Chrome {
+            t,
+            tenant_name: tenant.name.clone(),
+        },
+        slug: tenant.slug.clone(),
+        phone: phone.to_string(),
+        error,
+    };
+    html(status, &page)
+}
+
+/// `GET /r/{tenant}/unsubscribe`: the number to erase.
+async fn unsubscribe_form(
+    State(engine): State<AppState>,
+    Path(slug): Path<String>,
+    uri: Uri,
+) -> Response {
+    let lang = Lang::of(&uri);
+    match tenant(&engine, &slug, lang).await {
+        Ok(tenant) => unsubscribe_page(&engine, &tenant, lang, "", StatusCode::OK, None),
+        Err(page) => page,
+    }
+}
+
+/// `POST /r/{tenant}/unsubscribe`: calls the number with a code; the page never says whether the
+/// number was registered.
+async fn unsubscribe(
+    State(engine): State<AppState>,
+    Extension(throttle): Extension<Arc<Throttle>>,
+    Path(slug): Path<String>,
+    uri: Uri,
+    ClientAddr(client): ClientAddr,
+    body: Result<Form<CodeForm>, FormRejection>,
+) -> Response {
+    let lang = Lang::of(&uri);
+    let tenant = match tenant(&engine, &slug, lang).await {
+        Ok(t) => t,
+        Err(page) => return page,
+    };
+    let form = body.map(|Form(f)| f).unwrap_or_default();
+    call_checked(
+        &engine,
+        &throttle,
+        &tenant,
+        lang,
+        &client,
+        &form.phone,
+        VerificationPurpose::Unsubscribe,
+    )
+    .await
 }
 
 // ---- throttling ----
@@ -1091,6 +1483,8 @@ mod tests {
         state: Mutex<State>,
         public_url: Option<String>,
         drill: bool,
+        /// The verification calls placed: number and the code read.
+        calls: Mutex<Vec<(String, String)>>,
     }
 
     impl PortalFake {
@@ -1105,6 +1499,7 @@ mod tests {
                 state: Mutex::new(state),
                 public_url: public_url.map(str::to_string),
                 drill,
+                calls: Mutex::default(),
             })
         }
 
@@ -1137,6 +1532,53 @@ mod tests {
         }
         async fn tenants(&self) -> Result<Vec<campanile_cluster::Tenant>, EngineError> {
             Ok(self.state.lock().unwrap().tenants().cloned().collect())
+        }
+        async fn start_verification(
+            &self,
+            tenant: String,
+            phone: PhoneNumber,
+            purpose: VerificationPurpose,
+        ) -> Result<(), EngineError> {
+            let mut st = self.state.lock().unwrap();
+            let Some(id) = st.subscriber_by_phone(&tenant, &phone).map(|s| s.id) else {
+                return Ok(());
+            };
+            let mut calls = self.calls.lock().unwrap();
+            let code = format!("{:06}", 271_828 + calls.len());
+            st.apply(&Command::RequestVerification {
+                at_ms: 3,
+                id,
+                verification: campanile_cluster::Verification {
+                    code_sha256: campanile_cluster::verification_hash(&tenant, &phone, &code),
+                    expires_ms: u64::MAX,
+                    tries_left: campanile_cluster::VERIFICATION_TRIES,
+                    purpose,
+                },
+            });
+            calls.push((phone.as_str().to_string(), code));
+            Ok(())
+        }
+        async fn confirm_verification(
+            &self,
+            tenant: String,
+            phone: PhoneNumber,
+            code: String,
+        ) -> Result<VerificationPurpose, EngineError> {
+            let mut st = self.state.lock().unwrap();
+            let Some((id, Some(purpose))) = st
+                .subscriber_by_phone(&tenant, &phone)
+                .map(|s| (s.id, s.verification.as_ref().map(|v| v.purpose)))
+            else {
+                return Err(EngineError::Invalid("no code waiting".into()));
+            };
+            match st.apply(&Command::ConfirmVerification {
+                at_ms: 4,
+                id,
+                code_sha256: campanile_cluster::verification_hash(&tenant, &phone, &code),
+            }) {
+                Applied::Refused(r) => Err(EngineError::Invalid(r.to_string())),
+                _ => Ok(purpose),
+            }
         }
         fn public_url(&self) -> Option<String> {
             self.public_url.clone()
@@ -1447,7 +1889,7 @@ mod tests {
         assert_eq!(a.status, StatusCode::OK, "{}", a.text());
         let page = a.text();
         assert!(page.contains("+393471234567"));
-        assert!(page.contains("Riceverai una chiamata con un codice"));
+        assert!(page.contains(&escaped(IT.code_title)), "{page}");
         let subs = site.engine.subscribers();
         assert_eq!(subs.len(), 1);
         let s = &subs[0];
@@ -1470,7 +1912,7 @@ mod tests {
         )
         .await;
         assert_eq!(a.status, StatusCode::OK);
-        assert!(a.text().contains("You will receive a call with a code"));
+        assert!(a.text().contains(&escaped(EN.code_title)));
         let subs = site.engine.subscribers();
         let swiss = subs
             .iter()
@@ -1937,5 +2379,68 @@ mod tests {
         assert_eq!(comune("Comune di Pisa"), "Comune di Pisa");
         assert_eq!(comune("Pisa"), "Comune di Pisa");
         assert_eq!(comune("Città"), "Comune di Città");
+    }
+
+    #[tokio::test]
+    async fn the_code_from_the_call_verifies_the_number_and_erases_it_on_request() {
+        let site = Site::new(None, false);
+        let a = post(&site, "/r/pisa", &good_form("347 123 4567"), None).await;
+        assert_eq!(a.status, StatusCode::OK);
+        let (number, code) = site.engine.calls.lock().unwrap()[0].clone();
+        assert_eq!(number, "+393471234567");
+        // A wrong code asks again; the right one verifies.
+        let wrong = [
+            ("phone", "+393471234567"),
+            ("purpose", "register"),
+            ("code", "000000"),
+        ];
+        let a = post(&site, "/r/pisa/verify", &wrong, None).await;
+        assert_eq!(a.status, StatusCode::BAD_REQUEST);
+        assert!(a.text().contains(&escaped(IT.code_wrong)));
+        assert!(!site.engine.subscribers()[0].verified);
+        let right = [
+            ("phone", "+393471234567"),
+            ("purpose", "register"),
+            ("code", code.as_str()),
+        ];
+        let a = post(&site, "/r/pisa/verify", &right, None).await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+        assert!(a.text().contains(&escaped(IT.verified_title)));
+        assert!(site.engine.subscribers()[0].verified);
+        // The same code does not work twice.
+        let a = post(&site, "/r/pisa/verify", &right, None).await;
+        assert_eq!(a.status, StatusCode::BAD_REQUEST);
+
+        // Unsubscribing a number that is not registered looks the same, and places no call.
+        let a = get(&site, "/r/pisa/unsubscribe").await;
+        assert_eq!(a.status, StatusCode::OK);
+        let a = post(
+            &site,
+            "/r/pisa/unsubscribe",
+            &[("phone", "+393470000000")],
+            Some(Ipv4Addr::new(10, 0, 0, 2)),
+        )
+        .await;
+        assert_eq!(a.status, StatusCode::OK);
+        assert_eq!(site.engine.calls.lock().unwrap().len(), 1);
+        // The registered one gets a call, and its code erases the subscriber.
+        let a = post(
+            &site,
+            "/r/pisa/unsubscribe",
+            &[("phone", "347 123 4567")],
+            Some(Ipv4Addr::new(10, 0, 0, 2)),
+        )
+        .await;
+        assert_eq!(a.status, StatusCode::OK);
+        let (_, code) = site.engine.calls.lock().unwrap()[1].clone();
+        let erase = [
+            ("phone", "+393471234567"),
+            ("purpose", "unsubscribe"),
+            ("code", code.as_str()),
+        ];
+        let a = post(&site, "/r/pisa/verify", &erase, None).await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.text());
+        assert!(a.text().contains(&escaped(IT.erased_title)));
+        assert!(site.engine.subscribers().is_empty());
     }
 }

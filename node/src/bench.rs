@@ -278,6 +278,7 @@ pub async fn campanile_setup(uas: SocketAddr, rate: f64, calls: u64) -> anyhow::
         credentials: None,
         reinvite_after: None,
         detect_machines: false,
+        listen_for_keys: true,
         outbound_proxy: None,
     });
     let ok = Arc::new(AtomicU64::new(0));

@@ -60,6 +60,9 @@ pub struct CallSpec {
     /// Listen for an answering machine and, when one answers, leave the message after its beep
     /// (outcome `voicemail`) instead of talking over its greeting.
     pub detect_machines: bool,
+    /// Whether keys do anything (1 confirms, 2 replays, 9 opts out). A verification call reads a
+    /// code and asks nothing, so a key pressed by chance must not cut it short.
+    pub listen_for_keys: bool,
     /// Send one re-INVITE this long after the answer (a trunk check: the takeover of a call by another
     /// node is a re-INVITE, so the trunk must accept one).
     pub reinvite_after: Option<Duration>,
@@ -761,7 +764,7 @@ impl Call<'_> {
                 }
                 d = digits.recv() => match d {
                     // A machine's keys (or its greeting's tones) never confirm anything.
-                    _ if machine != Machine::Unknown => {}
+                    _ if machine != Machine::Unknown || !self.spec.listen_for_keys => {}
                     Some('1') => break CallOutcome::Confirmed { after: a.answered_at.elapsed() },
                     Some('9') if self.spec.allow_opt_out => break CallOutcome::OptOut,
                     Some('2') if replays < self.spec.max_replays => {

@@ -24,6 +24,8 @@ pub struct NodeEngine {
     pub drill: Option<String>,
     /// This node's data-centre label.
     pub datacenter: String,
+    /// Places the public page's verification calls.
+    pub verifier: std::sync::Arc<crate::verify::Verifier>,
 }
 
 fn cluster_err(e: ClusterError) -> EngineError {
@@ -51,6 +53,8 @@ fn refusal(r: Refusal) -> EngineError {
         | Refusal::InvalidOperator { .. }
         | Refusal::AudioTooLarge { .. }
         | Refusal::OverrideWithoutReason
+        | Refusal::NoVerification(_)
+        | Refusal::WrongCode { .. }
         | Refusal::NestedAudit => EngineError::Invalid(r.to_string()),
     }
 }
@@ -322,6 +326,118 @@ impl Engine for NodeEngine {
         }
         self.linearize().await.ok()?;
         self.cluster.read(look)
+    }
+
+    async fn search_subscribers(
+        &self,
+        tenant: String,
+        query: String,
+        offset: usize,
+        limit: usize,
+    ) -> Result<(Vec<campanile_cluster::Subscriber>, usize), EngineError> {
+        let q = query.trim().to_lowercase();
+        Ok(self.cluster.read(|s| {
+            let mut total = 0;
+            let mut page = Vec::new();
+            for sub in s.subscribers().filter(|x| x.tenant == tenant) {
+                let hit = q.is_empty()
+                    || sub.phone.as_str().contains(&q)
+                    || sub
+                        .name
+                        .as_ref()
+                        .is_some_and(|n| n.to_lowercase().contains(&q))
+                    || sub
+                        .zone
+                        .as_ref()
+                        .is_some_and(|z| z.to_lowercase().contains(&q));
+                if hit {
+                    if total >= offset && page.len() < limit {
+                        page.push(sub.clone());
+                    }
+                    total += 1;
+                }
+            }
+            (page, total)
+        }))
+    }
+
+    async fn update_subscriber(
+        &self,
+        id: SubscriberId,
+        update: campanile_cluster::SubscriberUpdate,
+    ) -> Result<Subscriber, EngineError> {
+        self.write(Command::UpdateSubscriber {
+            at_ms: now_ms(),
+            id,
+            update,
+        })
+        .await?;
+        self.subscriber(id).await
+    }
+
+    async fn start_verification(
+        &self,
+        tenant: String,
+        phone: campanile_cluster::PhoneNumber,
+        purpose: campanile_cluster::VerificationPurpose,
+    ) -> Result<(), EngineError> {
+        self.linearize().await?;
+        let Some(sub) = self
+            .cluster
+            .read(|s| s.subscriber_by_phone(&tenant, &phone).cloned())
+        else {
+            tracing::info!(number = %phone.masked(), "verification asked for a number that is not registered; no call");
+            return Ok(());
+        };
+        let code = crate::verify::new_code();
+        self.write(Command::RequestVerification {
+            at_ms: now_ms(),
+            id: sub.id,
+            verification: campanile_cluster::Verification {
+                code_sha256: campanile_cluster::verification_hash(&tenant, &phone, &code),
+                expires_ms: now_ms() + crate::verify::CODE_TTL.as_millis() as u64,
+                tries_left: campanile_cluster::VERIFICATION_TRIES,
+                purpose,
+            },
+        })
+        .await?;
+        self.verifier
+            .call(phone.as_str().to_string(), code, sub.language.clone());
+        Ok(())
+    }
+
+    async fn confirm_verification(
+        &self,
+        tenant: String,
+        phone: campanile_cluster::PhoneNumber,
+        code: String,
+    ) -> Result<campanile_cluster::VerificationPurpose, EngineError> {
+        self.linearize().await?;
+        let found = self.cluster.read(|s| {
+            s.subscriber_by_phone(&tenant, &phone)
+                .map(|sub| (sub.id, sub.verification.as_ref().map(|v| v.purpose)))
+        });
+        let Some((id, Some(purpose))) = found else {
+            return Err(EngineError::Invalid(
+                "no verification code is waiting for this number (or it expired); ask for a new call"
+                    .into(),
+            ));
+        };
+        // The citizen's own request: in the audit log as such (an erasure must be traceable).
+        let cmd = Command::Audited {
+            at_ms: now_ms(),
+            actor: "citizen (public page)".into(),
+            tenant: Some(tenant.clone()),
+            command: Box::new(Command::ConfirmVerification {
+                at_ms: now_ms(),
+                id,
+                code_sha256: campanile_cluster::verification_hash(&tenant, &phone, code.trim()),
+            }),
+        };
+        match self.cluster.write(cmd).await.map_err(cluster_err)? {
+            Response::Refused(r) => Err(refusal(r)),
+            _ => Ok(purpose),
+        }
     }
 
     async fn preview(&self, text: String, language: String) -> Result<Vec<u8>, EngineError> {

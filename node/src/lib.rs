@@ -14,3 +14,4 @@ pub mod metrics;
 pub mod node;
 pub mod simcity;
 pub mod sip;
+pub mod verify;

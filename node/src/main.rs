@@ -616,6 +616,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 reinvite_after: reinvite_after
                     .map(|s| Duration::from_secs_f64(s.clamp(0.0, 3600.0))),
                 detect_machines: !no_machine_detection,
+                listen_for_keys: true,
                 outbound_proxy: proxy.as_deref().map(campanile::call::proxy_route),
             };
             let (_abort_tx, abort_rx) = tokio::sync::watch::channel(false);

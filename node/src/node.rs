@@ -119,30 +119,32 @@ impl Node {
             pacer: Pacer::spawn(),
         };
         let cache = Arc::new(AudioCache::new(Some(data.join("audio-cache"))));
+        let dialer_cfg = DialerConfig {
+            node: NodeId(cfg.node.id),
+            trunk,
+            trunk_host,
+            max_channels: cfg.trunk.max_channels,
+            calls_per_second: cfg.trunk.calls_per_second,
+            ring_timeout: Duration::from_secs_f64(cfg.dialer.ring_timeout_s),
+            confirm_wait: Duration::from_secs_f64(cfg.dialer.confirm_wait_s),
+            batch: Duration::from_millis(cfg.dialer.batch_ms),
+            max_replays: cfg.dialer.max_replays,
+            from_user: cfg.caller_id.number.clone(),
+            display_name: cfg.caller_id.display_name.clone(),
+            timers: cfg.timers(),
+            credentials: cfg.credentials()?,
+            outbound_proxy: cfg
+                .trunk
+                .outbound_proxy
+                .as_deref()
+                .map(crate::call::proxy_route),
+            options_interval: (cfg.trunk.options_interval_s > 0.0)
+                .then(|| Duration::from_secs_f64(cfg.trunk.options_interval_s)),
+            lease: Default::default(),
+        };
+        let verifier = crate::verify::Verifier::new(dialer_cfg.clone(), ctx.clone());
         tasks.push(dialer::spawn(
-            DialerConfig {
-                node: NodeId(cfg.node.id),
-                trunk,
-                trunk_host,
-                max_channels: cfg.trunk.max_channels,
-                calls_per_second: cfg.trunk.calls_per_second,
-                ring_timeout: Duration::from_secs_f64(cfg.dialer.ring_timeout_s),
-                confirm_wait: Duration::from_secs_f64(cfg.dialer.confirm_wait_s),
-                batch: Duration::from_millis(cfg.dialer.batch_ms),
-                max_replays: cfg.dialer.max_replays,
-                from_user: cfg.caller_id.number.clone(),
-                display_name: cfg.caller_id.display_name.clone(),
-                timers: cfg.timers(),
-                credentials: cfg.credentials()?,
-                outbound_proxy: cfg
-                    .trunk
-                    .outbound_proxy
-                    .as_deref()
-                    .map(crate::call::proxy_route),
-                options_interval: (cfg.trunk.options_interval_s > 0.0)
-                    .then(|| Duration::from_secs_f64(cfg.trunk.options_interval_s)),
-                lease: Default::default(),
-            },
+            dialer_cfg,
             cluster.clone(),
             ctx,
             cache,
@@ -157,6 +159,7 @@ impl Node {
             admin_token: admin_token.clone(),
             drill,
             datacenter: cfg.node.datacenter.clone(),
+            verifier,
         });
         let listener = tokio::net::TcpListener::bind(cfg.http.listen)
             .await

@@ -422,6 +422,7 @@ fn start_call(sh: &Arc<Shared>, due: Due, audio: PreparedAudio) {
             credentials: sh.cfg.credentials.clone(),
             reinvite_after: None,
             detect_machines: true,
+            listen_for_keys: true,
             outbound_proxy: sh.cfg.outbound_proxy.clone(),
         };
         let masked = campanile_cluster::mask_number(&spec.to);

@@ -190,6 +190,60 @@ fn recording_samples(bytes: &[u8], prompt_lang: &str) -> Result<Vec<i16>, MediaE
     Ok(compose(&message, &prompt))
 }
 
+/// The words around a verification code, per language: the introduction and "again".
+pub fn code_phrases(lang: &str) -> (&'static str, &'static str) {
+    match lang {
+        "en" => (
+            "This is your verification code for voice alerts. The code is:",
+            "Again:",
+        ),
+        "de" => (
+            "Dies ist Ihr Bestätigungscode für Sprachwarnungen. Der Code lautet:",
+            "Noch einmal:",
+        ),
+        "fr" => (
+            "Voici votre code de vérification pour les alertes vocales. Le code est :",
+            "Je répète :",
+        ),
+        "es" => (
+            "Este es su código de verificación para las alertas de voz. El código es:",
+            "Repito:",
+        ),
+        _ => (
+            "Questo è il codice di verifica per le allerte vocali. Il codice è:",
+            "Ripeto:",
+        ),
+    }
+}
+
+/// One digit as the code message speaks it: each digit is synthesised on its own, so a listener
+/// (or the simulated city) hears the same sound for the same digit every time.
+pub fn digit_samples(digit: char, lang: &str) -> Result<Vec<i16>, MediaError> {
+    Ok(tts::synthesize(&digit.to_string(), lang)?)
+}
+
+/// A verification call's audio: the chime, the introduction, the code digit by digit, and the code
+/// again. No prompt: nothing is asked of the citizen but to note the code.
+pub fn prepare_code_message(code: &str, lang: &str) -> Result<PreparedAudio, MediaError> {
+    let (intro, again) = code_phrases(lang);
+    let mut digits = Vec::new();
+    for d in code.chars() {
+        digits.extend(digit_samples(d, lang)?);
+        digits.extend(silence(450));
+    }
+    let mut out = chime();
+    out.extend(silence(300));
+    out.extend(tts::synthesize(intro, lang)?);
+    out.extend(silence(500));
+    out.extend_from_slice(&digits);
+    out.extend(silence(500));
+    out.extend(tts::synthesize(again, lang)?);
+    out.extend(silence(500));
+    out.extend_from_slice(&digits);
+    out.extend(silence(300));
+    Ok(PreparedAudio::from_samples(out))
+}
+
 fn compose(message: &[i16], prompt: &[i16]) -> Vec<i16> {
     let mut out = chime();
     out.extend(silence(300));

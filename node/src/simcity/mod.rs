@@ -12,6 +12,7 @@
 //! beyond which new calls get 503 with Retry-After (`max_channels`) and in-band-only keys
 //! (`inband_dtmf`).
 
+mod hearing;
 mod phone;
 pub mod profile;
 

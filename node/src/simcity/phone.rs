@@ -41,6 +41,8 @@ struct Media {
     remote: RemoteMedia,
     seen: HashSet<u16>,
     last_rtp: Instant,
+    /// The G.711 payload heard, in arrival order (only when the profile listens for codes).
+    heard: Option<Vec<u8>>,
 }
 
 struct PhoneCall {
@@ -315,6 +317,24 @@ impl PhoneCall {
     }
 
     async fn answer_and_listen(&mut self, listener: Listener, listen_limit_ms: Option<u64>) {
+        self.listen(listener, listen_limit_ms).await;
+        let Some((heard, codec)) = self
+            .media
+            .as_mut()
+            .and_then(|m| m.heard.take().map(|h| (h, m.remote.codec)))
+        else {
+            return;
+        };
+        let digits =
+            tokio::task::spawn_blocking(move || super::hearing::digits_heard(&heard, codec))
+                .await
+                .unwrap_or_default();
+        if !digits.is_empty() {
+            self.log("heard_code", json!({ "digits": digits }));
+        }
+    }
+
+    async fn listen(&mut self, listener: Listener, listen_limit_ms: Option<u64>) {
         let offer = match sdp::parse_remote(&self.invite.body) {
             Ok(o) => o,
             Err(_) => {
@@ -348,6 +368,7 @@ impl PhoneCall {
             remote,
             seen: HashSet::new(),
             last_rtp: Instant::now(),
+            heard: self.shared.profile.hear_codes.then(Vec::new),
         });
         self.respond(200, Some(("application/sdp", answer.into_bytes())))
             .await;
@@ -549,14 +570,21 @@ impl PhoneCall {
         let Some(media) = self.media.as_mut() else {
             return false;
         };
-        let Ok((h, _)) = rtp::parse(packet) else {
+        let Ok((h, payload)) = rtp::parse(packet) else {
             return false;
         };
         if h.payload_type != 0 && h.payload_type != 8 {
             return false;
         }
         media.last_rtp = Instant::now();
-        media.seen.insert(h.sequence)
+        let new = media.seen.insert(h.sequence);
+        if let (true, Some(heard)) = (new, media.heard.as_mut()) {
+            // At most ten minutes: a listener, not a recorder.
+            if heard.len() < 10 * 60 * 8_000 {
+                heard.extend_from_slice(payload);
+            }
+        }
+        new
     }
 
     async fn on_sip(&mut self, msg: SipMessage, from: SocketAddr) -> Option<Wake> {

@@ -63,6 +63,9 @@ pub struct Profile {
     pub auth: Option<AuthQuirk>,
     /// The carrier's channel cap: a new call beyond this many in progress gets 503 with Retry-After.
     pub max_channels: Option<u64>,
+    /// Phones listen for a spoken verification code (the public page's call) and write the digits
+    /// they heard to the log (`heard_code`), as a citizen would note them down.
+    pub hear_codes: bool,
 }
 
 /// The credentials a challenging carrier expects.
@@ -118,6 +121,7 @@ impl Profile {
             early_media: false,
             auth: None,
             max_channels: None,
+            hear_codes: false,
         }
     }
 
@@ -148,6 +152,7 @@ impl Profile {
             early_media: false,
             auth: None,
             max_channels: None,
+            hear_codes: false,
         }
     }
 

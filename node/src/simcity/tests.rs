@@ -73,6 +73,7 @@ async fn call_city_with(
         credentials: None,
         reinvite_after: None,
         detect_machines: true,
+        listen_for_keys: true,
         outbound_proxy: None,
     };
     adjust(&mut spec);
@@ -322,6 +323,7 @@ async fn a_carrier_at_its_channel_cap_answers_503_with_retry_after() {
         credentials: None,
         reinvite_after: None,
         detect_machines: true,
+        listen_for_keys: true,
         outbound_proxy: None,
     };
     let (_abort, abort_rx) = tokio::sync::watch::channel(false);
