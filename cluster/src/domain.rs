@@ -501,6 +501,9 @@ pub struct CampaignSpec {
     /// Whose subscribers are called.
     #[serde(default = "default_tenant", skip_serializing_if = "is_default_tenant")]
     pub tenant: String,
+    /// Scheduled: started before this time (ms since the epoch), nobody is called until it comes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before_ms: Option<u64>,
 }
 
 /// Where a campaign is in its life.

@@ -650,6 +650,8 @@ impl State {
             return Response::Refused(Refusal::ApprovalRequired(id));
         }
         let rank = campaign.spec.priority.rank();
+        // A scheduled campaign starts now, and its first calls fall due at the scheduled time.
+        let first_due = campaign.spec.not_before_ms.map_or(at_ms, |t| t.max(at_ms));
         let mut tasks = BTreeMap::new();
         let mut counts = Counts::default();
         for sub in self.subscribers.values() {
@@ -669,12 +671,12 @@ impl State {
                     language: sub.language.clone(),
                     attempts: 0,
                     state: TaskState::Pending,
-                    next_due_ms: at_ms,
+                    next_due_ms: first_due,
                     last_outcome: None,
                     updated_ms: at_ms,
                 },
             );
-            self.due.insert((rank, at_ms, id, sub.id));
+            self.due.insert((rank, first_due, id, sub.id));
             counts.targeted += 1;
             counts.pending += 1;
         }
@@ -1177,6 +1179,7 @@ mod tests {
             at_ms: 2,
             created_by: None,
             spec: CampaignSpec {
+                not_before_ms: None,
                 tenant: crate::domain::default_tenant(),
                 title: "Piena del fiume".into(),
                 message: Message::Tts {
@@ -1700,6 +1703,39 @@ mod tests {
     }
 
     #[test]
+    fn a_scheduled_campaign_calls_nobody_before_its_time() {
+        let mut st = State::default();
+        st.apply(&sub(1, None));
+        let mut cmd = campaign(Audience::All);
+        if let Command::CreateCampaign { spec, .. } = &mut cmd {
+            spec.not_before_ms = Some(10_000);
+        }
+        let Response::CampaignCreated(id) = st.apply(&cmd) else {
+            panic!("not created")
+        };
+        assert_eq!(
+            st.apply(&Command::StartCampaign { at_ms: 100, id }),
+            Response::Ok
+        );
+        assert!(st.due_tasks_where(9_999, 10, |_| true).is_empty());
+        assert_eq!(st.due_tasks_where(10_000, 10, |_| true).len(), 1);
+        // Started after its time: due at once.
+        let mut late = campaign(Audience::All);
+        if let Command::CreateCampaign { spec, .. } = &mut late {
+            spec.not_before_ms = Some(50);
+            spec.priority = Priority::Info;
+        }
+        let Response::CampaignCreated(id) = st.apply(&late) else {
+            panic!("not created")
+        };
+        st.apply(&Command::StartCampaign { at_ms: 200, id });
+        assert!(st
+            .due_tasks_where(200, 10, |_| true)
+            .iter()
+            .any(|t| t.campaign == id));
+    }
+
+    #[test]
     fn audited_commands_leave_who_what_and_the_result_in_the_log() {
         let mut st = State::default();
         let audited = |cmd: Command| Command::Audited {
@@ -1786,6 +1822,7 @@ mod tests {
             at_ms: 3,
             created_by: None,
             spec: CampaignSpec {
+                not_before_ms: None,
                 tenant: tenant.into(),
                 title: "Registrata".into(),
                 message: Message::Recording {

@@ -37,6 +37,7 @@ fn one_of_each() -> Vec<Command> {
             at_ms: 3,
             created_by: None,
             spec: CampaignSpec {
+                not_before_ms: None,
                 tenant: campanile_cluster::default_tenant(),
                 title: "Allerta".into(),
                 message: Message::Tts {
@@ -183,6 +184,7 @@ fn one_of_each() -> Vec<Command> {
                 at_ms: 20,
                 created_by: None,
                 spec: CampaignSpec {
+                    not_before_ms: None,
                     tenant: "comune-di-pisa".into(),
                     title: "Registrazione".into(),
                     message: Message::Recording {
@@ -200,6 +202,7 @@ fn one_of_each() -> Vec<Command> {
             created_by: Some("sindaco".into()),
             spec: CampaignSpec {
                 tenant: campanile_cluster::default_tenant(),
+                not_before_ms: None,
                 title: "Allerta a tutta la città".into(),
                 message: Message::Tts {
                     text: "Evacuare".into(),

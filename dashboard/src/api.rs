@@ -65,6 +65,39 @@ where
     }
 }
 
+/// `Query` whose rejections use our error format (400 `invalid_query`, naming the parameter).
+pub struct ApiQuery<T>(pub T);
+
+impl<S, T> axum::extract::FromRequestParts<S> for ApiQuery<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(ApiQuery(v)),
+            Err(rejection) => Err(ApiError::bad_request(
+                "invalid_query",
+                rejection.body_text(),
+            )),
+        }
+    }
+}
+
+/// Any API route called with a method it does not take.
+pub async fn wrong_method() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this API route does not take that method; see /api/v1/openapi.json",
+    )
+}
+
 /// Every API route needs a caller: `Authorization: Bearer <token>` (automation), or a console
 /// session cookie — and then, on anything but GET, the session's `X-CSRF-Token`. The caller goes
 /// into the request as a `Principal` and into the audit log as its actor.
@@ -376,6 +409,8 @@ pub struct CampaignBody {
     retry: Option<RetryBody>,
     /// Default: the `default` tenant.
     tenant: Option<String>,
+    /// Schedule: nobody is called before this time (ms since the epoch).
+    not_before_ms: Option<u64>,
 }
 
 /// Exactly one of: text to speak, or a recording stored with `POST /api/v1/audio`.
@@ -519,8 +554,26 @@ impl CampaignBody {
             require_confirmation: self.require_confirmation.unwrap_or(true),
             retry,
             tenant,
+            not_before_ms: check_schedule("not_before_ms", self.not_before_ms)
+                .map_err(|m| ApiError::bad_request("invalid_field", m))?,
         })
     }
+}
+
+/// Furthest ahead a campaign may be scheduled.
+pub const MAX_SCHEDULE_AHEAD_MS: u64 = 31 * 24 * 3_600_000;
+
+/// A schedule time: not in the past (a minute's grace for clocks), at most a month ahead.
+pub fn check_schedule(field: &str, at_ms: Option<u64>) -> Result<Option<u64>, String> {
+    let Some(at) = at_ms else { return Ok(None) };
+    let now = crate::auth::now_ms();
+    if at + 60_000 < now {
+        return Err(format!("`{field}` is in the past"));
+    }
+    if at > now + MAX_SCHEDULE_AHEAD_MS {
+        return Err(format!("`{field}` is more than 31 days ahead"));
+    }
+    Ok(Some(at))
 }
 
 pub fn campaign_view(c: &Campaign) -> Value {
@@ -562,6 +615,7 @@ pub fn campaign_view(c: &Campaign) -> Value {
         "created_ms": c.created_ms,
         "started_ms": c.started_ms,
         "finished_ms": c.finished_ms,
+        "not_before_ms": c.spec.not_before_ms,
     })
 }
 
@@ -897,7 +951,7 @@ pub const AUDIO_BODY_LIMIT: usize = 64 * 1024 * 1024;
 pub async fn put_audio(
     State(engine): State<AppState>,
     axum::Extension(who): Who,
-    axum::extract::Query(q): axum::extract::Query<TenantQuery>,
+    ApiQuery(q): ApiQuery<TenantQuery>,
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let tenant = tenant_field("tenant", q.tenant, &who)?;
@@ -932,13 +986,16 @@ pub struct AuditQuery {
     tenant: Option<String>,
     after: Option<u64>,
     limit: Option<usize>,
+    /// Read this node's state as it is (see `linearizable_reads`).
+    #[allow(dead_code)]
+    stale: Option<bool>,
 }
 
 /// `GET /api/v1/audit?tenant=T&after=SEQ&limit=N`: who did what, oldest first (at most 1,000 per
 /// page; page on with `after` = the last `seq`).
 pub async fn audit(
     State(engine): State<AppState>,
-    axum::extract::Query(q): axum::extract::Query<AuditQuery>,
+    ApiQuery(q): ApiQuery<AuditQuery>,
     axum::Extension(who): Who,
 ) -> Result<Json<Value>, ApiError> {
     // A token reads the whole log; an operator reads one of its tenants' (its first by default).
@@ -1067,8 +1124,16 @@ pub async fn create_operator(
         created_ms: 0,
         updated_ms: 0,
     };
-    engine.create_operator(op.clone()).await?;
-    Ok((StatusCode::CREATED, Json(operator_view(&op))))
+    let username = op.username.clone();
+    engine.create_operator(op).await?;
+    // Answer what the cluster stored (it stamps the times).
+    let stored = engine
+        .operators()
+        .await?
+        .into_iter()
+        .find(|o| o.username == username)
+        .ok_or_else(|| ApiError::not_found(format!("operator `{username}` does not exist")))?;
+    Ok((StatusCode::CREATED, Json(operator_view(&stored))))
 }
 
 #[derive(Deserialize)]
@@ -1149,13 +1214,15 @@ pub async fn whoami(axum::Extension(who): Who) -> Json<Value> {
 pub struct PreviewQuery {
     text: String,
     language: String,
+    #[allow(dead_code)]
+    stale: Option<bool>,
 }
 
 /// `GET /api/v1/preview?text=...&language=it`: the message as a citizen would hear it, as WAV.
 pub async fn preview(
     State(engine): State<AppState>,
     axum::Extension(who): Who,
-    axum::extract::Query(q): axum::extract::Query<PreviewQuery>,
+    ApiQuery(q): ApiQuery<PreviewQuery>,
 ) -> Result<Response, ApiError> {
     who.require(Action::Operate)?;
     check_text("text", &q.text, 2000)?;

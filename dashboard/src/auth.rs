@@ -405,13 +405,18 @@ pub async fn login(
     throttle.succeeded(username);
     let secret = new_secret();
     let sha = secret_sha256(&secret);
-    engine
-        .create_session(campanile_cluster::Session {
-            token_sha256: sha.clone(),
-            username: op.username.clone(),
-            created_ms: now_ms,
-            expires_ms: now_ms + SESSION_TTL.as_millis() as u64,
-        })
+    // A login is in the audit log under the operator's name (failed ones only in this node's log:
+    // anyone can make those).
+    crate::engine::ACTOR
+        .scope(
+            op.username.clone(),
+            engine.create_session(campanile_cluster::Session {
+                token_sha256: sha.clone(),
+                username: op.username.clone(),
+                created_ms: now_ms,
+                expires_ms: now_ms + SESSION_TTL.as_millis() as u64,
+            }),
+        )
         .await
         .map_err(|e| LoginError::Unavailable(e.to_string()))?;
     let csrf = csrf_token(&secret);

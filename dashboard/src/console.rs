@@ -79,6 +79,19 @@ impl FromRequestParts<AppState> for Console {
     }
 }
 
+/// Console requests act as the logged-in operator: whatever they change lands in the audit log
+/// under the operator's name, as API calls do under their token's.
+pub async fn as_operator(
+    State(engine): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match auth::session_principal(&*engine, req.headers()).await {
+        Some(p) => crate::engine::ACTOR.scope(p.actor(), next.run(req)).await,
+        None => next.run(req).await,
+    }
+}
+
 /// Renders a template, or a plain 500 naming the failure.
 fn render(t: &impl Template) -> Response {
     match t.render() {
@@ -94,7 +107,7 @@ fn render(t: &impl Template) -> Response {
     }
 }
 
-fn render_status(status: StatusCode, t: &impl Template) -> Response {
+pub(crate) fn render_status(status: StatusCode, t: &impl Template) -> Response {
     let mut r = render(t);
     if r.status() == StatusCode::OK {
         *r.status_mut() = status;
@@ -112,7 +125,7 @@ pub struct Chrome {
     pub may_operate: bool,
 }
 
-fn chrome(engine: &AppState, who: &Principal, current: &'static str) -> Chrome {
+pub(crate) fn chrome(engine: &AppState, who: &Principal, current: &'static str) -> Chrome {
     let (display_name, role, csrf) = match who {
         Principal::Operator {
             display_name,
@@ -297,7 +310,7 @@ struct CsrfForm {
     csrf: String,
 }
 
-fn check_form_csrf(who: &Principal, sent: &str) -> Result<(), ApiError> {
+pub(crate) fn check_form_csrf(who: &Principal, sent: &str) -> Result<(), ApiError> {
     match who {
         Principal::Operator { csrf, .. } if auth::same(csrf, sent) => Ok(()),
         _ => Err(crate::api::csrf_refused()),
@@ -445,6 +458,9 @@ pub struct ComposeForm {
     require_confirmation: Option<String>,
     #[serde(default)]
     retry: String,
+    /// Italian local time (`datetime-local`), empty for "as soon as it starts".
+    #[serde(default)]
+    schedule: String,
 }
 
 async fn compose_page(State(engine): State<AppState>, Console(who): Console) -> Response {
@@ -565,6 +581,23 @@ fn compose_spec(form: &ComposeForm, who: &Principal) -> Result<CampaignSpec, Vec
         errors.push("Choose how often to call again.".into());
         RetryPolicy::default_for(priority)
     });
+    let not_before_ms = if form.schedule.trim().is_empty() {
+        None
+    } else {
+        match crate::italian_time::parse_italian_local(&form.schedule)
+            .map(|t| crate::api::check_schedule("schedule", Some(t)))
+        {
+            Some(Ok(t)) => t,
+            Some(Err(_)) => {
+                errors.push("Schedule a time from now to 31 days ahead, or leave it empty.".into());
+                None
+            }
+            None => {
+                errors.push("Write the scheduled time as day and hour, or leave it empty.".into());
+                None
+            }
+        }
+    };
     if !errors.is_empty() {
         return Err(errors);
     }
@@ -576,6 +609,7 @@ fn compose_spec(form: &ComposeForm, who: &Principal) -> Result<CampaignSpec, Vec
         require_confirmation: form.require_confirmation.is_some(),
         retry,
         tenant: form.tenant.clone(),
+        not_before_ms,
     })
 }
 
@@ -628,6 +662,7 @@ struct CampaignPage {
     c: CampaignRow,
     message: String,
     audience: String,
+    schedule: Option<String>,
     created_by: String,
     counts: Vec<(&'static str, &'static str, u64)>,
     answer_ratio: String,
@@ -711,6 +746,10 @@ async fn campaign_page(
             Audience::All => "everyone".into(),
             Audience::Zones(z) => format!("zones: {}", z.join(", ")),
         },
+        schedule: c
+            .spec
+            .not_before_ms
+            .map(crate::italian_time::italian_datetime),
         created_by: c
             .created_by
             .clone()
@@ -752,7 +791,7 @@ struct ErrorPage {
     message: String,
 }
 
-fn error_page(engine: &AppState, who: &Principal, e: ApiError) -> Response {
+pub(crate) fn error_page(engine: &AppState, who: &Principal, e: ApiError) -> Response {
     let chrome = chrome(engine, who, "");
     render_status(
         e.status,
@@ -981,10 +1020,11 @@ async fn cluster_page(State(engine): State<AppState>, Console(who): Console) -> 
                                 "id",
                                 "datacenter",
                                 "role",
-                                "http",
+                                "http_addr",
                                 "leases",
-                                "applied",
+                                "applied_index",
                                 "lag",
+                                "heartbeat_age_ms",
                             ]
                             .iter()
                             .map(|k| match &m[*k] {

@@ -10,7 +10,10 @@ pub mod auth;
 pub mod console;
 pub mod engine;
 pub mod error;
+pub mod italian_time;
+pub mod openapi;
 pub mod portal;
+pub mod subscribers_page;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -74,6 +77,7 @@ pub fn router(engine: Arc<dyn Engine>) -> Router {
             axum::routing::delete(api::remove_member),
         )
         .fallback(api::unknown_route)
+        .method_not_allowed_fallback(api::wrong_method)
         .layer(middleware::from_fn_with_state(
             engine.clone(),
             api::linearizable_reads,
@@ -83,8 +87,11 @@ pub fn router(engine: Arc<dyn Engine>) -> Router {
             api::authenticate,
         ));
     Router::new()
+        .route("/api/v1/openapi.json", get(openapi::document))
         .nest("/api/v1", api)
-        .merge(console::routes())
+        .merge(console::routes().merge(subscribers_page::routes()).layer(
+            middleware::from_fn_with_state(engine.clone(), console::as_operator),
+        ))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .merge(portal::routes())

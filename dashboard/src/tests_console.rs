@@ -725,3 +725,41 @@ async fn every_api_route_for_every_role_in_its_own_and_another_tenant() {
     }
     assert_eq!(checked, 5 * 2 * routes("x", 1, 1).len());
 }
+
+#[tokio::test]
+async fn a_campaign_can_be_scheduled_but_not_in_the_past_or_months_ahead() {
+    let engine = seeded();
+    let app = crate::router(engine.clone());
+    let now = auth::now_ms();
+    let mut body = city_wide("pisa");
+    body["not_before_ms"] = json!(now + 3_600_000);
+    let (s, v) = api(&app, "POST", "/api/v1/campaigns", Some(body.clone())).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["not_before_ms"], now + 3_600_000);
+    body["not_before_ms"] = json!(now - 3_600_000);
+    let (s, v) = api(&app, "POST", "/api/v1/campaigns", Some(body.clone())).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_error(&v, "invalid_field", "in the past");
+    body["not_before_ms"] = json!(now + 40 * 24 * 3_600_000);
+    let (s, v) = api(&app, "POST", "/api/v1/campaigns", Some(body)).await;
+    assert_error(&v, "invalid_field", "31 days");
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    // The console's form takes Italian local time.
+    let op = operator(&engine, "anna", Role::Operator, &["pisa"]);
+    let form = format!(
+        "csrf={}&tenant=pisa&title=Prova&message_kind=tts&text=Ciao&language=it&audience=zones&zones=colle&priority=info&retry=standard&schedule=2020-01-01T10%3A00",
+        op.1
+    );
+    let (s, _, html) = send(
+        &app,
+        "POST",
+        "/campaigns/new",
+        Some(&op.0),
+        None,
+        Some(Body::from(form)),
+        "application/x-www-form-urlencoded",
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(html.contains("Schedule a time from now"), "{html}");
+}

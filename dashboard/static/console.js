@@ -27,6 +27,13 @@ function csrf() {
     if (ratio) ratio.textContent = Math.round(100 * p.answer_ratio) + "%";
     const state = document.getElementById("state");
     if (state) { state.textContent = p.state; state.className = "state-" + p.state; }
+    // A finished campaign has nothing left to pause or cancel.
+    if (p.state === "completed" || p.state === "cancelled") {
+      for (const id of ["pause", "resume", "cancel", "start", "approve"]) {
+        const b = document.getElementById(id);
+        if (b && b.form) b.form.hidden = true;
+      }
+    }
     const appr = document.getElementById("approval");
     if (appr) appr.textContent = p.approval || "not needed";
     const t = p.counts.targeted || 1;

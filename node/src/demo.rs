@@ -195,6 +195,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let campaign = alert_engine
         .create_campaign(
             CampaignSpec {
+                not_before_ms: None,
                 tenant: campanile_cluster::default_tenant(),
                 title: "Allerta rossa: piena del fiume".into(),
                 message: Message::Tts {
