@@ -146,6 +146,11 @@ pub enum Command {
         at_ms: u64,
         token_sha256: String,
     },
+    /// An API token stops working everywhere.
+    RevokeToken {
+        at_ms: u64,
+        sha256: String,
+    },
     /// An operator corrects a subscriber's name, language or zone.
     UpdateSubscriber {
         at_ms: u64,
@@ -203,6 +208,7 @@ impl Command {
             Command::OverrideApproval { .. } => "override_approval",
             Command::CreateSession { .. } => "create_session",
             Command::EndSession { .. } => "end_session",
+            Command::RevokeToken { .. } => "revoke_token",
             Command::UpdateSubscriber { .. } => "update_subscriber",
             Command::RequestVerification { .. } => "request_verification",
             Command::ConfirmVerification { .. } => "confirm_verification",
@@ -287,6 +293,8 @@ pub enum Refusal {
     OverrideNotEmergency(CampaignId),
     #[error("an emergency override needs a reason of at least 10 characters")]
     OverrideWithoutReason,
+    #[error("no API token has that hash")]
+    UnknownToken,
     #[error("no verification code is waiting for this number (or it expired); ask for a new call")]
     NoVerification(SubscriberId),
     #[error("wrong code; {tries_left} tries left")]

@@ -306,6 +306,9 @@ pub struct Operator {
     pub disabled: bool,
     pub created_ms: u64,
     pub updated_ms: u64,
+    /// The shared secret (base32) of a second factor (RFC 6238 TOTP), when the operator turned it on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub totp_secret: Option<String>,
 }
 
 impl Operator {
@@ -335,6 +338,17 @@ pub struct OperatorUpdate {
     pub password_hash: Option<String>,
     #[serde(default)]
     pub disabled: Option<bool>,
+    /// Turns the second factor on (with its secret) or off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub totp: Option<TotpChange>,
+}
+
+/// A change to an operator's second factor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TotpChange {
+    Enable(String),
+    Disable,
 }
 
 /// A console login, replicated so that any node accepts it after a failover. Only the SHA-256 of the
@@ -766,6 +780,17 @@ pub struct ApiToken {
     /// What the token is for (`admin token of node 2`, `import script`).
     pub label: String,
     pub created_ms: u64,
+    /// What an automation token may do; None for a node's admin token (everything, every tenant).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<TokenScope>,
+}
+
+/// An automation token's rights: a role in some tenants, like an operator's, and who made it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenScope {
+    pub role: Role,
+    pub tenants: Vec<String>,
+    pub created_by: String,
 }
 
 /// A member of the cluster as it announced itself: where to reach it and in which data centre it runs.

@@ -13,8 +13,8 @@ use crate::domain::{
     partition_of, ApiToken, Approval, AttemptEvent, Audience, AudioBlob, AuditEntry, CallTask,
     Campaign, CampaignId, CampaignSpec, CampaignState, Counts, FinalState, Lease, Message,
     NewSubscriber, Next, NodeId, NodeInfo, Operator, OperatorUpdate, Outcome, PhoneNumber,
-    Priority, Session, Subscriber, SubscriberId, TaskState, Tenant, VerificationPurpose,
-    DEFAULT_TENANT, MAX_AUDIO_BYTES, MAX_SESSIONS_PER_OPERATOR, PARTITIONS,
+    Priority, Session, Subscriber, SubscriberId, TaskState, Tenant, TotpChange,
+    VerificationPurpose, DEFAULT_TENANT, MAX_AUDIO_BYTES, MAX_SESSIONS_PER_OPERATOR, PARTITIONS,
 };
 
 /// Key of the due queue: priority rank first, then due time, so the dialer pops emergencies first.
@@ -216,11 +216,24 @@ impl State {
                 }
             }
             Command::AddToken { token } => {
+                if let Some(scope) = &token.scope {
+                    if let Some(t) = scope
+                        .tenants
+                        .iter()
+                        .find(|t| !self.tenants.0.contains_key(*t))
+                    {
+                        return Response::Refused(Refusal::UnknownTenant(t.clone()));
+                    }
+                }
                 self.tokens
                     .entry(token.sha256.clone())
                     .or_insert_with(|| token.clone());
                 Response::Ok
             }
+            Command::RevokeToken { sha256, .. } => match self.tokens.remove(sha256) {
+                Some(_) => Response::Ok,
+                None => Response::Refused(Refusal::UnknownToken),
+            },
             Command::RegisterNode { at_ms, node } => {
                 let registered_ms = self
                     .nodes
@@ -564,6 +577,11 @@ impl State {
         }
         if let Some(hash) = &update.password_hash {
             next.password_hash = hash.clone();
+        }
+        match &update.totp {
+            Some(TotpChange::Enable(secret)) => next.totp_secret = Some(secret.clone()),
+            Some(TotpChange::Disable) => next.totp_secret = None,
+            None => {}
         }
         if let Some(disabled) = update.disabled {
             next.disabled = disabled;
@@ -975,6 +993,11 @@ impl State {
         out
     }
 
+    /// Every API token (hashes and scopes only).
+    pub fn tokens(&self) -> impl Iterator<Item = &ApiToken> {
+        self.tokens.values()
+    }
+
     /// The token whose secret hashes to `sha256_hex`, if the cluster knows it.
     pub fn token(&self, sha256_hex: &str) -> Option<&ApiToken> {
         self.tokens.get(sha256_hex)
@@ -1149,6 +1172,9 @@ fn audit_target(command: &Command, response: &Response) -> String {
         (Command::CreateOperator { operator, .. }, _) => format!("operator {}", operator.username),
         (Command::UpdateOperator { update, .. }, _) => format!("operator {}", update.username),
         (Command::AddToken { token }, _) => format!("token {}", token.label),
+        (Command::RevokeToken { sha256, .. }, _) => {
+            format!("token {}", sha256.get(..12).unwrap_or(sha256))
+        }
         (Command::ForgetNode { node, .. }, _) => format!("node {node}"),
         _ => String::new(),
     }
@@ -1252,6 +1278,7 @@ mod tests {
         Command::CreateOperator {
             at_ms: 5,
             operator: Operator {
+                totp_secret: None,
                 username: username.into(),
                 display_name: username.into(),
                 role,
@@ -1418,6 +1445,7 @@ mod tests {
         let update = |disabled: Option<bool>, hash: Option<&str>| Command::UpdateOperator {
             at_ms: 9,
             update: OperatorUpdate {
+                totp: None,
                 username: "anna".into(),
                 role: None,
                 tenants: None,
@@ -1438,6 +1466,7 @@ mod tests {
             st.apply(&Command::UpdateOperator {
                 at_ms: 9,
                 update: OperatorUpdate {
+                    totp: None,
                     username: "nobody".into(),
                     role: None,
                     tenants: None,
@@ -1490,6 +1519,7 @@ mod tests {
         st.apply(&Command::UpdateOperator {
             at_ms: 31,
             update: OperatorUpdate {
+                totp: None,
                 username: "anna".into(),
                 role: None,
                 tenants: None,
@@ -1502,6 +1532,7 @@ mod tests {
         st.apply(&Command::UpdateOperator {
             at_ms: 41,
             update: OperatorUpdate {
+                totp: None,
                 username: "anna".into(),
                 role: None,
                 tenants: None,
@@ -1518,6 +1549,7 @@ mod tests {
         st.apply(&Command::UpdateOperator {
             at_ms: 60,
             update: OperatorUpdate {
+                totp: None,
                 username: "anna".into(),
                 role: None,
                 tenants: None,
@@ -2209,6 +2241,7 @@ mod tests {
     fn tokens_and_nodes_are_registered_idempotently() {
         let mut st = State::default();
         let token = ApiToken {
+            scope: None,
             sha256: "ab".repeat(32),
             label: "admin token of node 1".into(),
             created_ms: 1,

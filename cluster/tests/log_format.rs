@@ -94,6 +94,7 @@ fn one_of_each() -> Vec<Command> {
         },
         Command::AddToken {
             token: ApiToken {
+                scope: None,
                 sha256: "ab".repeat(32),
                 label: "admin token of node 1".into(),
                 created_ms: 7,
@@ -151,6 +152,7 @@ fn one_of_each() -> Vec<Command> {
         Command::CreateOperator {
             at_ms: 17,
             operator: Operator {
+                totp_secret: None,
                 username: "sindaco".into(),
                 display_name: "Il Sindaco".into(),
                 role: Role::Approver,
@@ -164,6 +166,7 @@ fn one_of_each() -> Vec<Command> {
         Command::UpdateOperator {
             at_ms: 18,
             update: OperatorUpdate {
+                totp: None,
                 username: "sindaco".into(),
                 role: None,
                 tenants: None,
@@ -262,6 +265,10 @@ fn one_of_each() -> Vec<Command> {
             id: SubscriberId(1),
             code_sha256: "7a".repeat(32),
         },
+        Command::RevokeToken {
+            at_ms: 38,
+            sha256: "9c".repeat(32),
+        },
     ]
 }
 
@@ -291,6 +298,7 @@ fn kind(c: &Command) -> &'static str {
         Command::OverrideApproval { .. } => "override_approval",
         Command::CreateSession { .. } => "create_session",
         Command::EndSession { .. } => "end_session",
+        Command::RevokeToken { .. } => "revoke_token",
         Command::UpdateSubscriber { .. } => "update_subscriber",
         Command::RequestVerification { .. } => "request_verification",
         Command::ConfirmVerification { .. } => "confirm_verification",

@@ -113,8 +113,8 @@ pub async fn authenticate(
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     let principal = match presented {
-        Some(token) => match engine.token_actor(token) {
-            Some(label) => Principal::Token { label },
+        Some(token) => match engine.token_principal(token) {
+            Some((label, scope)) => Principal::Token { label, scope },
             None => {
                 return ApiError::new(
                     StatusCode::UNAUTHORIZED,
@@ -1000,7 +1000,7 @@ pub async fn audit(
 ) -> Result<Json<Value>, ApiError> {
     // A token reads the whole log; an operator reads one of its tenants' (its first by default).
     let tenant = match (q.tenant, &who) {
-        (None, Principal::Token { .. }) => None,
+        (None, Principal::Token { scope: None, .. }) => None,
         (t, _) => {
             let t = tenant_field("tenant", t, &who)?;
             who.check(Action::Audit, &t, &format!("tenant `{t}`"))?;
@@ -1072,8 +1072,7 @@ fn check_may_manage(
     for t in tenants {
         who.check(Action::Administer, t, &format!("tenant `{t}`"))?;
     }
-    if who.operator().is_some() && (role == campanile_cluster::Role::Regional || tenants.len() != 1)
-    {
+    if !who.is_system() && (role == campanile_cluster::Role::Regional || tenants.len() != 1) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
@@ -1111,6 +1110,7 @@ pub async fn create_operator(
     }
     let password_hash = hash_new_password(body.password).await?;
     let op = campanile_cluster::Operator {
+        totp_secret: None,
         display_name: body
             .display_name
             .unwrap_or_else(|| body.username.clone())
@@ -1167,6 +1167,7 @@ pub async fn update_operator(
     };
     engine
         .update_operator(campanile_cluster::OperatorUpdate {
+            totp: None,
             username: username.clone(),
             role,
             tenants: None,
@@ -1236,4 +1237,114 @@ pub async fn preview(
         wav,
     )
         .into_response())
+}
+
+// ---- API tokens ----
+
+/// A token's public id: the first 16 hex digits of its hash (enough to name it, useless to call
+/// the API with).
+fn token_id(t: &campanile_cluster::ApiToken) -> &str {
+    t.sha256.get(..16).unwrap_or(&t.sha256)
+}
+
+fn token_view(t: &campanile_cluster::ApiToken) -> Value {
+    json!({
+        "id": token_id(t),
+        "label": t.label,
+        "created_ms": t.created_ms,
+        "role": t.scope.as_ref().map_or("admin token", |s| crate::auth::role_name(s.role)),
+        "tenants": t.scope.as_ref().map(|s| s.tenants.clone()),
+        "created_by": t.scope.as_ref().map(|s| s.created_by.clone()),
+    })
+}
+
+/// Whether `who` may see and revoke `t`: a node's admin token only by another admin token; a
+/// scoped one by whoever administers all of its tenants.
+fn manages_token(who: &Principal, t: &campanile_cluster::ApiToken) -> bool {
+    match &t.scope {
+        None => who.is_system(),
+        Some(scope) => scope.tenants.iter().all(|x| who.serves(x)),
+    }
+}
+
+/// `GET /api/v1/tokens`: the API tokens the caller administers (never their secrets).
+pub async fn tokens(
+    State(engine): State<AppState>,
+    axum::Extension(who): Who,
+) -> Result<Json<Value>, ApiError> {
+    who.require(Action::Administer)?;
+    let list: Vec<Value> = engine
+        .tokens()
+        .await?
+        .iter()
+        .filter(|t| manages_token(&who, t))
+        .map(token_view)
+        .collect();
+    Ok(Json(json!({ "tokens": list })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenBody {
+    label: String,
+    role: String,
+    /// Default: the caller's own tenant.
+    tenants: Option<Vec<String>>,
+}
+
+/// `POST /api/v1/tokens` with `{"label", "role", "tenants"}`: a token for automation with that role
+/// in those tenants. The secret is in this answer only; the cluster keeps its hash.
+pub async fn create_token(
+    State(engine): State<AppState>,
+    axum::Extension(who): Who,
+    ApiJson(body): ApiJson<TokenBody>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let role = role_field(&body.role)?;
+    check_text("label", &body.label, 100)?;
+    let tenants = body.tenants.unwrap_or_else(|| vec![who.home_tenant()]);
+    if tenants.is_empty() {
+        return Err(ApiError::bad_request(
+            "invalid_field",
+            "`tenants` must name at least one tenant",
+        ));
+    }
+    check_may_manage(&who, role, &tenants)?;
+    let secret = crate::auth::new_secret();
+    let token = campanile_cluster::ApiToken {
+        sha256: crate::auth::secret_sha256(&secret),
+        label: body.label.trim().to_string(),
+        created_ms: crate::auth::now_ms(),
+        scope: Some(campanile_cluster::TokenScope {
+            role,
+            tenants,
+            created_by: who.actor(),
+        }),
+    };
+    engine.add_token(token.clone()).await?;
+    let mut view = token_view(&token);
+    view["token"] = json!(secret);
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+/// `DELETE /api/v1/tokens/{id}`: the token stops working on every node.
+pub async fn revoke_token(
+    State(engine): State<AppState>,
+    axum::Extension(who): Who,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    who.require(Action::Administer)?;
+    let found = engine
+        .tokens()
+        .await?
+        .into_iter()
+        .find(|t| id.len() >= 8 && t.sha256.starts_with(&id.to_ascii_lowercase()))
+        .filter(|t| manages_token(&who, t))
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no API token with id `{}`",
+                id.chars().take(64).collect::<String>()
+            ))
+        })?;
+    engine.revoke_token(found.sha256).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -33,8 +33,12 @@ pub const MIN_PASSWORD_CHARS: usize = 12;
 /// Who makes a request.
 #[derive(Debug, Clone)]
 pub enum Principal {
-    /// An API token; `label` names it in the audit log.
-    Token { label: String },
+    /// An API token; `label` names it in the audit log. A node's admin token has no scope (every
+    /// tenant, every right); an automation token has a role in some tenants.
+    Token {
+        label: String,
+        scope: Option<campanile_cluster::TokenScope>,
+    },
     /// A console operator with a live session.
     Operator {
         username: String,
@@ -69,7 +73,7 @@ impl Principal {
     /// The audit log's actor.
     pub fn actor(&self) -> String {
         match self {
-            Principal::Token { label } => label.clone(),
+            Principal::Token { label, .. } => label.clone(),
             Principal::Operator { username, .. } => username.clone(),
         }
     }
@@ -85,16 +89,28 @@ impl Principal {
     /// Whether this caller may see `tenant` at all (otherwise its data answers 404).
     pub fn serves(&self, tenant: &str) -> bool {
         match self {
-            Principal::Token { .. } => true,
+            Principal::Token { scope: None, .. } => true,
+            Principal::Token {
+                scope: Some(scope), ..
+            } => scope.tenants.iter().any(|t| t == tenant),
             Principal::Operator { tenants, .. } => tenants.iter().any(|t| t == tenant),
         }
+    }
+
+    /// Whether this is a node's admin token (every tenant and right).
+    pub fn is_system(&self) -> bool {
+        matches!(self, Principal::Token { scope: None, .. })
     }
 
     /// The tenant a request without one acts on: the operator's first, or `default` for a token.
     pub fn home_tenant(&self) -> String {
         match self {
-            Principal::Token { .. } => campanile_cluster::default_tenant(),
-            Principal::Operator { tenants, .. } => tenants
+            Principal::Token { scope: None, .. } => campanile_cluster::default_tenant(),
+            Principal::Token {
+                scope: Some(campanile_cluster::TokenScope { tenants, .. }),
+                ..
+            }
+            | Principal::Operator { tenants, .. } => tenants
                 .first()
                 .cloned()
                 .unwrap_or_else(campanile_cluster::default_tenant),
@@ -103,10 +119,13 @@ impl Principal {
 
     /// Whether the role allows `action` (tenant membership is checked separately, by `serves`).
     pub fn may(&self, action: Action) -> bool {
-        let Principal::Operator { role, .. } = self else {
-            return true;
-        };
-        role_may(*role, action)
+        match self {
+            Principal::Token { scope: None, .. } => true,
+            Principal::Token {
+                scope: Some(scope), ..
+            } => role_may(scope.role, action),
+            Principal::Operator { role, .. } => role_may(*role, action),
+        }
     }
 
     /// `may` and `serves` together: 404 when the tenant is not the caller's (its data does not
@@ -129,8 +148,12 @@ impl Principal {
                 format!(
                     "your role ({}) does not allow this: it needs {}",
                     match self {
-                        Principal::Operator { role, .. } => role_name(*role),
-                        Principal::Token { .. } => "token",
+                        Principal::Operator { role, .. }
+                        | Principal::Token {
+                            scope: Some(campanile_cluster::TokenScope { role, .. }),
+                            ..
+                        } => role_name(*role),
+                        Principal::Token { scope: None, .. } => "admin token",
                     },
                     action_needs(action)
                 ),

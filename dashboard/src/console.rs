@@ -133,7 +133,7 @@ pub(crate) fn chrome(engine: &AppState, who: &Principal, current: &'static str) 
             csrf,
             ..
         } => (display_name.clone(), auth::role_name(*role), csrf.clone()),
-        Principal::Token { label } => (label.clone(), "token", String::new()),
+        Principal::Token { label, .. } => (label.clone(), "token", String::new()),
     };
     Chrome {
         drill: engine.drill_mode(),

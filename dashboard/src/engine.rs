@@ -154,6 +154,31 @@ pub trait Engine: Send + Sync + 'static {
     fn token_actor(&self, presented: &str) -> Option<String> {
         self.check_token(presented).then(|| "token".to_string())
     }
+    /// The label and scope of a valid token (scope None: a node's admin token); None for an
+    /// invalid one.
+    fn token_principal(
+        &self,
+        presented: &str,
+    ) -> Option<(String, Option<campanile_cluster::TokenScope>)> {
+        self.token_actor(presented).map(|label| (label, None))
+    }
+    /// API tokens (hashes and scopes, never secrets).
+    async fn tokens(&self) -> Result<Vec<campanile_cluster::ApiToken>, EngineError> {
+        Err(EngineError::Unavailable(
+            "API tokens are not available on this node".into(),
+        ))
+    }
+    /// Stores a new token (its hash).
+    async fn add_token(&self, _token: campanile_cluster::ApiToken) -> Result<(), EngineError> {
+        Err(EngineError::Unavailable(
+            "API tokens are not available on this node".into(),
+        ))
+    }
+    async fn revoke_token(&self, _sha256: String) -> Result<(), EngineError> {
+        Err(EngineError::Unavailable(
+            "API tokens are not available on this node".into(),
+        ))
+    }
     /// Tenants (comuni) of the cluster.
     async fn tenants(&self) -> Result<Vec<campanile_cluster::Tenant>, EngineError> {
         Err(EngineError::Unavailable(

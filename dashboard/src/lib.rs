@@ -61,6 +61,8 @@ pub fn router(engine: Arc<dyn Engine>) -> Router {
             "/operators/{username}",
             axum::routing::patch(api::update_operator),
         )
+        .route("/tokens", get(api::tokens).post(api::create_token))
+        .route("/tokens/{id}", axum::routing::delete(api::revoke_token))
         .route("/session", get(api::whoami))
         .route("/preview", get(api::preview))
         .route("/campaigns/{id}/tasks", get(api::campaign_tasks))

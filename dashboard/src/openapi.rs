@@ -98,7 +98,7 @@ pub fn spec() -> Value {
                 },
             },
             "responses": error_responses(),
-            "schemas": schemas(),
+            "schemas": all_schemas(),
         },
     })
 }
@@ -544,6 +544,40 @@ fn path_items() -> Vec<(&'static str, Value)> {
             }),
         ),
         (
+            "/tokens",
+            json!({
+                "get": Op::new("listTokens", "accounts", "The API tokens the caller administers (never their secrets)")
+                    .param(stale())
+                    .ok("200", json_response("The tokens", exact(json!({
+                        "tokens": { "type": "array", "items": schema_ref("Token") },
+                    }))))
+                    .errors(&["403"])
+                    .build("get"),
+                "post": Op::new("createToken", "accounts", "Makes an API token for automation with a role in some tenants; the secret is in this answer only")
+                    .body(json_body(schema_ref("TokenInput"), json!({
+                        "label": "import from the registry office", "role": "operator", "tenants": ["default"],
+                    })))
+                    .ok("201", json_response("The new token and its secret", schema_ref("NewToken")))
+                    .errors(&["400", "403", "404", "413", "415"])
+                    .build("post"),
+            }),
+        ),
+        (
+            "/tokens/{id}",
+            json!({
+                "delete": Op::new("revokeToken", "accounts", "The token stops working on every node")
+                    .param(json!({
+                        "name": "id", "in": "path", "required": true,
+                        "schema": { "type": "string", "pattern": "^[0-9a-fA-F]{8,64}$" },
+                        "description": "The token's id (the start of its hash, as listed)",
+                        "example": "0123456789abcdef",
+                    }))
+                    .ok("204", json!({ "description": "Revoked" }))
+                    .errors(&["403", "404"])
+                    .build("delete"),
+            }),
+        ),
+        (
             "/session",
             json!({
                 "get": Op::new("whoami", "accounts", "Who the caller is and what it may do")
@@ -676,6 +710,46 @@ fn path_items() -> Vec<(&'static str, Value)> {
             }),
         ),
     ]
+}
+
+/// Every schema of the document.
+fn all_schemas() -> Value {
+    let mut all = schemas();
+    if let (Some(all), Value::Object(more)) = (all.as_object_mut(), token_schemas()) {
+        all.extend(more);
+    }
+    all
+}
+
+/// The API token schemas (kept apart: one `json!` for every schema outgrows the macro's recursion).
+fn token_schemas() -> Value {
+    json!({
+        "TokenInput": body(&["label", "role"], json!({
+            "label": text(100, "What the token is for"),
+            "role": schema_ref("Role"),
+            "tenants": nullable(json!({
+                "type": "array", "minItems": 1, "items": tenant_slug(),
+                "description": "Default: the caller's own tenant",
+            })),
+        })),
+        "Token": exact(json!({
+            "id": { "type": "string" },
+            "label": { "type": "string" },
+            "created_ms": uint(),
+            "role": { "type": "string", "description": "The token's role, or `admin token` for a node's own" },
+            "tenants": nullable(json!({ "type": "array", "items": { "type": "string" } })),
+            "created_by": nullable(json!({ "type": "string" })),
+        })),
+        "NewToken": exact(json!({
+            "id": { "type": "string" },
+            "label": { "type": "string" },
+            "created_ms": uint(),
+            "role": { "type": "string", "description": "The token's role, or `admin token` for a node's own" },
+            "tenants": nullable(json!({ "type": "array", "items": { "type": "string" } })),
+            "created_by": nullable(json!({ "type": "string" })),
+            "token": { "type": "string", "description": "The secret: send it as `Authorization: Bearer`" },
+        })),
+    })
 }
 
 fn schemas() -> Value {

@@ -1489,6 +1489,7 @@ mod tests {
             self.apply(Command::CreateOperator {
                 at_ms: 1,
                 operator: Operator {
+                    totp_secret: None,
                     username: username.into(),
                     display_name: username.into(),
                     role,

@@ -183,6 +183,26 @@ impl Engine for FakeEngine {
         })
         .map(drop)
     }
+    fn token_principal(&self, presented: &str) -> Option<(String, Option<TokenScope>)> {
+        if presented == TOKEN {
+            return Some(("token:admin".into(), None));
+        }
+        self.state
+            .lock()
+            .unwrap()
+            .token(&crate::auth::secret_sha256(presented))
+            .map(|t| (format!("token:{}", t.label), t.scope.clone()))
+    }
+    async fn tokens(&self) -> Result<Vec<ApiToken>, EngineError> {
+        Ok(self.state.lock().unwrap().tokens().cloned().collect())
+    }
+    async fn add_token(&self, token: ApiToken) -> Result<(), EngineError> {
+        self.apply(Command::AddToken { token }).map(drop)
+    }
+    async fn revoke_token(&self, sha256: String) -> Result<(), EngineError> {
+        self.apply(Command::RevokeToken { at_ms: 9, sha256 })
+            .map(drop)
+    }
     async fn session(&self, token_sha256: &str) -> Option<(Session, Operator)> {
         self.state
             .lock()

@@ -30,6 +30,7 @@ fn operator(engine: &FakeEngine, username: &str, role: Role, tenants: &[&str]) -
         .apply(Command::CreateOperator {
             at_ms: 1,
             operator: Operator {
+                totp_secret: None,
                 username: username.into(),
                 display_name: username.into(),
                 role,
@@ -123,6 +124,7 @@ async fn pages_behind_the_login_redirect_and_the_login_form_opens_a_session() {
         .apply(Command::CreateOperator {
             at_ms: 1,
             operator: Operator {
+                totp_secret: None,
                 username: "sindaco".into(),
                 display_name: "Il Sindaco".into(),
                 role: Role::Operator,
@@ -644,6 +646,14 @@ fn routes(tenant: &str, campaign: u64, subscriber: u64) -> Vec<RouteCase> {
             true,
         ),
         c("GET", "/api/v1/session".into(), None, Read, false),
+        c("GET", "/api/v1/tokens".into(), None, Administer, false),
+        c(
+            "POST",
+            "/api/v1/tokens".into(),
+            Some(json!({"label": "script", "role": "operator", "tenants": [tenant]})),
+            Administer,
+            true,
+        ),
     ]
 }
 
@@ -762,4 +772,90 @@ async fn a_campaign_can_be_scheduled_but_not_in_the_past_or_months_ahead() {
     .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert!(html.contains("Schedule a time from now"), "{html}");
+}
+
+#[tokio::test]
+async fn an_automation_token_has_a_role_in_its_tenants_and_can_be_revoked() {
+    let engine = seeded();
+    let app = crate::router(engine.clone());
+    let admin = operator(&engine, "amministratore", Role::Admin, &["pisa"]);
+    let (s, t) = json_as(
+        &app,
+        "POST",
+        "/api/v1/tokens",
+        &admin,
+        Some(json!({"label": "anagrafe", "role": "operator"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{t}");
+    assert_eq!(t["tenants"], json!(["pisa"]));
+    assert_eq!(t["created_by"], "amministratore");
+    let secret = t["token"].as_str().unwrap().to_string();
+    // Its secret is shown once: the list has the id, never the secret.
+    let (_, list) = json_as(&app, "GET", "/api/v1/tokens", &admin, None).await;
+    assert!(!list.to_string().contains(&secret), "{list}");
+    assert_eq!(
+        list["tokens"].as_array().unwrap().len(),
+        1,
+        "node admin tokens are not the tenant's: {list}"
+    );
+    // It works as an operator of pisa: create there, nothing in lucca, no approvals, no tokens.
+    let (s, v, _) = call(
+        &app,
+        "POST",
+        "/api/v1/campaigns",
+        Some(&city_wide("pisa").to_string()),
+        Some(&secret),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(
+        v["approval"]["state"], "not_needed",
+        "automation is not a person composing"
+    );
+    let (s, _, _) = call(
+        &app,
+        "POST",
+        "/api/v1/campaigns",
+        Some(&city_wide("lucca").to_string()),
+        Some(&secret),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _, _) = call(&app, "GET", "/api/v1/tokens", None, Some(&secret)).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _, _) = call(&app, "GET", "/api/v1/backup", None, Some(&secret)).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    // An admin cannot make a token for a tenant it does not serve, nor a regional one.
+    let (s, _) = json_as(
+        &app,
+        "POST",
+        "/api/v1/tokens",
+        &admin,
+        Some(json!({"label": "x", "role": "operator", "tenants": ["lucca"]})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = json_as(
+        &app,
+        "POST",
+        "/api/v1/tokens",
+        &admin,
+        Some(json!({"label": "x", "role": "regional"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    // Revoked, it stops working.
+    let id = t["id"].as_str().unwrap().to_string();
+    let (s, _) = json_as(
+        &app,
+        "DELETE",
+        &format!("/api/v1/tokens/{id}"),
+        &admin,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _, _) = call(&app, "GET", "/api/v1/campaigns", None, Some(&secret)).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
 }

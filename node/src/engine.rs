@@ -35,7 +35,7 @@ fn cluster_err(e: ClusterError) -> EngineError {
 fn refusal(r: Refusal) -> EngineError {
     match r {
         Refusal::DuplicatePhone(..) => EngineError::Conflict(r.to_string()),
-        Refusal::UnknownSubscriber(_) | Refusal::UnknownCampaign(_) => {
+        Refusal::UnknownSubscriber(_) | Refusal::UnknownCampaign(_) | Refusal::UnknownToken => {
             EngineError::NotFound(r.to_string())
         }
         Refusal::WrongCampaignState { .. }
@@ -509,6 +509,36 @@ impl Engine for NodeEngine {
             s.token(&token_sha256(presented))
                 .map(|t| format!("token:{}", t.label))
         })
+    }
+
+    fn token_principal(
+        &self,
+        presented: &str,
+    ) -> Option<(String, Option<campanile_cluster::TokenScope>)> {
+        if constant_time_eq(presented.as_bytes(), self.admin_token.as_bytes()) {
+            return self.token_actor(presented).map(|label| (label, None));
+        }
+        self.cluster.read(|s| {
+            s.token(&token_sha256(presented))
+                .map(|t| (format!("token:{}", t.label), t.scope.clone()))
+        })
+    }
+
+    async fn tokens(&self) -> Result<Vec<campanile_cluster::ApiToken>, EngineError> {
+        Ok(self.cluster.read(|s| s.tokens().cloned().collect()))
+    }
+
+    async fn add_token(&self, token: campanile_cluster::ApiToken) -> Result<(), EngineError> {
+        self.write(Command::AddToken { token }).await.map(drop)
+    }
+
+    async fn revoke_token(&self, sha256: String) -> Result<(), EngineError> {
+        self.write(Command::RevokeToken {
+            at_ms: now_ms(),
+            sha256,
+        })
+        .await
+        .map(drop)
     }
 
     async fn tenants(&self) -> Result<Vec<campanile_cluster::Tenant>, EngineError> {

@@ -262,6 +262,7 @@ async fn register(
         (cluster.read(|s| s.token(&sha256).is_none())).then(|| {
             campanile_cluster::Command::AddToken {
                 token: campanile_cluster::ApiToken {
+                    scope: None,
                     sha256,
                     label: format!("admin token of node {}", cfg.node.id),
                     created_ms: at_ms,
