@@ -142,6 +142,7 @@ async fn an_operator_composes_a_second_approves_the_city_is_called_and_the_count
         preview.as_f64().is_some_and(|d| d > 3.0),
         "the preview plays the chime, the message and the prompt: {preview}"
     );
+    in_page(&browser, "window.scrollTo(0, 0); arguments[0](true);").await;
     browser.screenshot("console-compose").await.unwrap();
     browser.click("#create").await.unwrap();
     browser

@@ -78,12 +78,16 @@ impl Default for NodeSection {
 #[serde(deny_unknown_fields, default)]
 pub struct HttpSection {
     pub listen: SocketAddr,
+    /// The address citizens and operators reach this deployment at, for QR codes and posters (and
+    /// Secure cookies when it is https); empty: the request's Host.
+    pub public_url: String,
 }
 
 impl Default for HttpSection {
     fn default() -> Self {
         HttpSection {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            public_url: String::new(),
         }
     }
 }
@@ -247,6 +251,13 @@ impl Config {
         if self.node.id == 0 {
             return bad("node.id", "must be 1 or more");
         }
+        let url = self.http.public_url.trim();
+        if !url.is_empty() && !(url.starts_with("http://") || url.starts_with("https://")) {
+            return bad(
+                "http.public_url",
+                "must start with https:// (or http://), e.g. https://allerta.comune.example",
+            );
+        }
         match (&self.node.raft, &self.node.certs) {
             (Some(_), None) => {
                 return bad(
@@ -386,8 +397,11 @@ voters = 3
 snapshot_every = 10000
 
 [http]
-# Console, JSON API (/api/v1), /metrics and /healthz.
+# Console, JSON API (/api/v1), citizen portal (/r/TENANT), /metrics and /healthz.
 listen = "127.0.0.1:8080"
+# The public address (https://allerta.comune.example) printed in QR codes and posters; empty = the
+# request's Host. With https, session cookies are Secure.
+public_url = ""
 
 [sip]
 # The UDP address calls are placed from.

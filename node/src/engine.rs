@@ -26,6 +26,8 @@ pub struct NodeEngine {
     pub datacenter: String,
     /// Places the public page's verification calls.
     pub verifier: std::sync::Arc<crate::verify::Verifier>,
+    /// `http.public_url`, without a trailing slash; None when unset.
+    pub public_url: Option<String>,
 }
 
 fn cluster_err(e: ClusterError) -> EngineError {
@@ -608,6 +610,10 @@ impl Engine for NodeEngine {
                 .cloned()
                 .collect()
         }))
+    }
+
+    fn public_url(&self) -> Option<String> {
+        self.public_url.clone()
     }
 
     fn drill_mode(&self) -> Option<String> {

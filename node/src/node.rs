@@ -160,6 +160,8 @@ impl Node {
             drill,
             datacenter: cfg.node.datacenter.clone(),
             verifier,
+            public_url: Some(cfg.http.public_url.trim().trim_end_matches('/').to_string())
+                .filter(|u| !u.is_empty()),
         });
         let listener = tokio::net::TcpListener::bind(cfg.http.listen)
             .await
