@@ -107,7 +107,7 @@ async fn an_operator_composes_a_second_approves_the_city_is_called_and_the_count
     browser
         .wait_for_text(
             "#login-error",
-            "Wrong username or password",
+            "Wrong username, password or code",
             Duration::from_secs(10),
         )
         .await

@@ -79,6 +79,9 @@ pub enum Command {
         at_ms: u64,
         node: NodeId,
         lease_ms: u64,
+        /// The node's calls in progress (trunk channels in use), for the cluster view.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        channels_in_use: Option<u32>,
     },
     /// The leader hands partitions to nodes. A grant takes effect only if the partition has no
     /// lease or its lease has expired by `at_ms`; the epoch grows, and calls the previous holder

@@ -40,6 +40,9 @@ pub struct State {
     /// Each node's last lease renewal (its heartbeat), on its own clock.
     #[serde(default)]
     heartbeats: BTreeMap<NodeId, u64>,
+    /// Each node's calls in progress at its last heartbeat.
+    #[serde(default)]
+    channels: BTreeMap<NodeId, u32>,
     /// Tenants by slug; `default` always exists.
     #[serde(default)]
     tenants: Tenants,
@@ -257,8 +260,12 @@ impl State {
                 at_ms,
                 node,
                 lease_ms,
+                channels_in_use,
             } => {
                 self.heartbeats.insert(*node, *at_ms);
+                if let Some(n) = channels_in_use {
+                    self.channels.insert(*node, *n);
+                }
                 let mut renewed = 0;
                 // Only a live lease is renewed: an expired or released one must be granted anew
                 // (with a new epoch) by the leader.
@@ -316,6 +323,7 @@ impl State {
             Command::ForgetNode { at_ms, node } => {
                 self.nodes.remove(node);
                 self.heartbeats.remove(node);
+                self.channels.remove(node);
                 for l in self.leases.values_mut().filter(|l| l.node == *node) {
                     l.expires_ms = 0;
                 }
@@ -963,6 +971,11 @@ impl State {
     }
 
     /// Each node's last heartbeat (lease renewal), on its own clock.
+    /// Each node's calls in progress at its last heartbeat.
+    pub fn channels_in_use(&self) -> impl Iterator<Item = (NodeId, u32)> + '_ {
+        self.channels.iter().map(|(n, c)| (*n, *c))
+    }
+
     pub fn heartbeats(&self) -> impl Iterator<Item = (NodeId, u64)> + '_ {
         self.heartbeats.iter().map(|(n, t)| (*n, *t))
     }
@@ -2113,6 +2126,7 @@ mod tests {
             at_ms: 90,
             node: NodeId(1),
             lease_ms: 100,
+            channels_in_use: None,
         });
         assert_eq!(assign(&mut st, 150, 2), Response::Recorded { applied: 0 });
         assert_eq!(
@@ -2163,6 +2177,7 @@ mod tests {
             at_ms: 210,
             node: NodeId(2),
             lease_ms: 100,
+            channels_in_use: None,
         });
         assert_eq!(assign(&mut st, 211, 3), Response::Recorded { applied: 1 });
         assert_eq!(st.lease(p).map(|l| l.epoch), Some(3));
@@ -2468,6 +2483,7 @@ mod tests {
                 at_ms: at,
                 node: NodeId(n),
                 lease_ms: 5,
+                channels_in_use: None,
             }),
             (1u64..3).prop_map(|n| Command::ForgetNode {
                 at_ms: 9,

@@ -123,6 +123,7 @@ fn one_of_each() -> Vec<Command> {
             at_ms: 11,
             node: NodeId(2),
             lease_ms: 3000,
+            channels_in_use: None,
         },
         Command::AssignLeases {
             at_ms: 12,
@@ -264,6 +265,12 @@ fn one_of_each() -> Vec<Command> {
             at_ms: 37,
             id: SubscriberId(1),
             code_sha256: "7a".repeat(32),
+        },
+        Command::RenewLeases {
+            at_ms: 41,
+            node: NodeId(2),
+            lease_ms: 3_000,
+            channels_in_use: Some(12),
         },
         Command::RevokeToken {
             at_ms: 38,

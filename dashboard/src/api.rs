@@ -1021,6 +1021,7 @@ fn operator_view(o: &campanile_cluster::Operator) -> Value {
         "role": crate::auth::role_name(o.role),
         "tenants": o.tenants,
         "disabled": o.disabled,
+        "totp": o.totp_secret.is_some(),
         "created_ms": o.created_ms,
         "updated_ms": o.updated_ms,
     })
@@ -1142,6 +1143,8 @@ pub struct OperatorPatch {
     role: Option<String>,
     disabled: Option<bool>,
     password: Option<String>,
+    /// `true` turns the account's second factor off (a lost phone); the operator sets it up again.
+    reset_totp: Option<bool>,
 }
 
 /// `PATCH /api/v1/operators/{username}`: role, disabled, or a new password (which ends the
@@ -1167,7 +1170,7 @@ pub async fn update_operator(
     };
     engine
         .update_operator(campanile_cluster::OperatorUpdate {
-            totp: None,
+            totp: (body.reset_totp == Some(true)).then_some(campanile_cluster::TotpChange::Disable),
             username: username.clone(),
             role,
             tenants: None,

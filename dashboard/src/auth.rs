@@ -339,6 +339,8 @@ fn operator_principal(op: &Operator, csrf: String, session_sha256: String) -> Pr
 #[derive(Default)]
 pub struct LoginThrottle {
     failures: Mutex<HashMap<String, Vec<Instant>>>,
+    /// The last second-factor time step accepted per username: a code is good once (RFC 6238 §5.2).
+    used_steps: Mutex<HashMap<String, u64>>,
 }
 
 /// Failures allowed in `THROTTLE_WINDOW` before a lock.
@@ -373,13 +375,26 @@ impl LoginThrottle {
         }
     }
 
+    /// Accepts a second-factor code's time step for `username` once; false for a step already used
+    /// (or an older one).
+    pub fn use_step(&self, username: &str, step: u64) -> bool {
+        let mut used = self.used_steps.lock().unwrap_or_else(|e| e.into_inner());
+        match used.get(username) {
+            Some(last) if *last >= step => false,
+            _ => {
+                used.insert(username.to_string(), step);
+                true
+            }
+        }
+    }
+
     pub fn succeeded(&self, username: &str) {
         let mut map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
         map.remove(&format!("user:{username}"));
     }
 }
 
-/// Why a login failed. Unknown user and wrong password read the same to the person trying.
+/// Why a login failed. Unknown user, wrong password and a wrong or missing code read the same.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LoginError {
     Wrong,
@@ -399,6 +414,7 @@ pub async fn login(
     throttle: &LoginThrottle,
     username: &str,
     password: &str,
+    totp: Option<&str>,
     client: &str,
     now_ms: u64,
 ) -> Result<LoggedIn, LoginError> {
@@ -421,7 +437,16 @@ pub async fn login(
     let ok = tokio::task::spawn_blocking(move || verify_password(&pw, &hash))
         .await
         .unwrap_or(false);
-    let Some(op) = op.filter(|_| ok) else {
+    // The second factor, when on: a missing or wrong code fails exactly like a wrong password (same
+    // throttle count, same answer), so the reply never tells whether the password was right.
+    let code_ok = match op.as_ref().and_then(|o| o.totp_secret.as_deref()) {
+        Some(secret) if ok => totp
+            .and_then(|code| crate::totp::matching_step(secret, code, now_ms / 1000))
+            .is_some_and(|step| throttle.use_step(username, step)),
+        Some(_) => false,
+        None => true,
+    };
+    let Some(op) = op.filter(|_| ok && code_ok) else {
         throttle.failed(username, client, Instant::now());
         return Err(LoginError::Wrong);
     };

@@ -201,6 +201,9 @@ struct LoginForm {
     username: String,
     password: String,
     login_token: String,
+    /// The second factor's code, for operators who turned it on.
+    #[serde(default)]
+    totp: String,
 }
 
 /// The TCP peer of the request, when the server records it (`serve` does).
@@ -260,6 +263,7 @@ async fn login_submit(
         &throttle,
         &username,
         &form.password,
+        Some(form.totp.as_str()).filter(|c| !c.trim().is_empty()),
         &client,
         auth::now_ms(),
     )
@@ -280,7 +284,7 @@ async fn login_submit(
                 &engine,
                 &headers,
                 StatusCode::UNAUTHORIZED,
-                Some("Wrong username or password.".into()),
+                Some("Wrong username, password or code.".into()),
                 username,
             )
         }
@@ -863,7 +867,7 @@ async fn campaign_action(
 }
 
 /// Percent-encodes a query value.
-fn url_encode(s: &str) -> String {
+pub(crate) fn url_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len() * 3);
     for b in s.bytes() {
         match b {
@@ -1025,6 +1029,7 @@ async fn cluster_page(State(engine): State<AppState>, Console(who): Console) -> 
                                 "applied_index",
                                 "lag",
                                 "heartbeat_age_ms",
+                                "channels_in_use",
                             ]
                             .iter()
                             .map(|k| match &m[*k] {

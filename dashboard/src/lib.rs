@@ -5,6 +5,7 @@
 //! at `/metrics` and a health check at `/healthz`. It depends on the `Engine` trait, which the node
 //! implements, never on node internals; every error is one JSON format that names the problem.
 
+pub mod account;
 pub mod api;
 pub mod auth;
 pub mod console;
@@ -14,6 +15,7 @@ pub mod italian_time;
 pub mod openapi;
 pub mod portal;
 pub mod subscribers_page;
+pub mod totp;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -91,9 +93,15 @@ pub fn router(engine: Arc<dyn Engine>) -> Router {
     Router::new()
         .route("/api/v1/openapi.json", get(openapi::document))
         .nest("/api/v1", api)
-        .merge(console::routes().merge(subscribers_page::routes()).layer(
-            middleware::from_fn_with_state(engine.clone(), console::as_operator),
-        ))
+        .merge(
+            console::routes()
+                .merge(subscribers_page::routes())
+                .merge(account::routes())
+                .layer(middleware::from_fn_with_state(
+                    engine.clone(),
+                    console::as_operator,
+                )),
+        )
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .merge(portal::routes())

@@ -954,6 +954,7 @@ fn schemas() -> Value {
             "role": nullable(json!({ "type": "string", "enum": ROLES })),
             "disabled": nullable(json!({ "type": "boolean" })),
             "password": nullable(password()),
+            "reset_totp": nullable(json!({ "type": "boolean", "description": "true turns the account's second factor off" })),
         })),
         "Operator": exact(json!({
             "username": { "type": "string" },
@@ -961,6 +962,7 @@ fn schemas() -> Value {
             "role": schema_ref("Role"),
             "tenants": { "type": "array", "items": { "type": "string" } },
             "disabled": { "type": "boolean" },
+            "totp": { "type": "boolean", "description": "Whether the second factor is on" },
             "created_ms": uint(),
             "updated_ms": uint(),
         })),

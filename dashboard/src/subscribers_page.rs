@@ -134,19 +134,7 @@ async fn subscriber_for(
     Ok(s)
 }
 
-/// Percent-encodes a query value.
-fn url_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                out.push(b as char)
-            }
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
-}
+use crate::console::url_encode;
 
 // ---- fields, judged as the API judges them ----
 

@@ -183,7 +183,7 @@ async fn pages_behind_the_login_redirect_and_the_login_form_opens_a_session() {
     )
     .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
-    assert!(html.contains("Wrong username or password"));
+    assert!(html.contains("Wrong username, password or code"));
 
     let (s, h, _) = send(
         &app,
@@ -858,4 +858,100 @@ async fn an_automation_token_has_a_role_in_its_tenants_and_can_be_revoked() {
     assert_eq!(s, StatusCode::NO_CONTENT);
     let (s, _, _) = call(&app, "GET", "/api/v1/campaigns", None, Some(&secret)).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn with_the_second_factor_on_a_login_needs_a_fresh_code_and_each_code_works_once() {
+    let engine = seeded();
+    let secret = crate::totp::new_secret();
+    engine
+        .apply(Command::CreateOperator {
+            at_ms: 1,
+            operator: Operator {
+                username: "sindaco".into(),
+                display_name: "Il Sindaco".into(),
+                role: Role::Operator,
+                tenants: vec!["pisa".into()],
+                password_hash: auth::hash_password("una password lunga").unwrap(),
+                disabled: false,
+                created_ms: 0,
+                updated_ms: 0,
+                totp_secret: Some(secret.clone()),
+            },
+        })
+        .unwrap();
+    let app = crate::router(engine.clone());
+    let (_, h, _) = send(&app, "GET", "/login", None, None, None, "").await;
+    let login_cookie = h["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let token = login_cookie.split('=').nth(1).unwrap().to_string();
+    let urlenc = "application/x-www-form-urlencoded";
+    let attempt = |code: String| {
+        Body::from(format!(
+            "username=sindaco&password=una+password+lunga&login_token={token}&totp={code}"
+        ))
+    };
+    // The right password alone is not enough, and the page does not say which part was wrong.
+    let (s, _, html) = send(
+        &app,
+        "POST",
+        "/login",
+        Some(&login_cookie),
+        None,
+        Some(attempt(String::new())),
+        urlenc,
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert!(html.contains("Wrong username, password or code"));
+    let (s, _, _) = send(
+        &app,
+        "POST",
+        "/login",
+        Some(&login_cookie),
+        None,
+        Some(attempt("000000".into())),
+        urlenc,
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let code = crate::totp::code_at(&secret, auth::now_ms() / 1000).unwrap();
+    let (s, _, _) = send(
+        &app,
+        "POST",
+        "/login",
+        Some(&login_cookie),
+        None,
+        Some(attempt(code.clone())),
+        urlenc,
+    )
+    .await;
+    assert_eq!(s, StatusCode::SEE_OTHER);
+    // The same code again is refused (it could have been seen over a shoulder).
+    let (s, _, _) = send(
+        &app,
+        "POST",
+        "/login",
+        Some(&login_cookie),
+        None,
+        Some(attempt(code)),
+        urlenc,
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // An admin can turn a lost second factor off.
+    let (s, v) = api(
+        &app,
+        "PATCH",
+        "/api/v1/operators/sindaco",
+        Some(json!({"reset_totp": true})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["totp"], false);
 }

@@ -89,6 +89,9 @@ impl NodeEngine {
             .cluster
             .read(|s| s.nodes().map(|n| (n.id.0, n.clone())).collect());
         let now = now_ms();
+        let channels: std::collections::BTreeMap<u64, u32> = self
+            .cluster
+            .read(|s| s.channels_in_use().map(|(n, c)| (n.0, c)).collect());
         let heartbeats: std::collections::BTreeMap<u64, u64> = self
             .cluster
             .read(|s| s.heartbeats().map(|(n, t)| (n.0, t)).collect());
@@ -127,6 +130,7 @@ impl NodeEngine {
                     "lag": lag,
                     "leases": leases.get(&id).copied().unwrap_or(0),
                     "heartbeat_age_ms": heartbeats.get(&id).map(|t| now.saturating_sub(*t)),
+                    "channels_in_use": channels.get(&id).copied(),
                 })
             })
             .collect();

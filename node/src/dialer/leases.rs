@@ -65,12 +65,14 @@ impl Held {
 }
 
 /// One round: renew (and learn what this node holds), then on the leader assign free partitions,
-/// then give up a surplus. `busy` says whether this node has a call in flight in a partition.
+/// then give up a surplus. `busy` says whether this node has a call in flight in a partition;
+/// `channels_in_use` (its calls in progress) goes with the heartbeat for the cluster view.
 pub async fn round(
     node: NodeId,
     cluster: &Cluster,
     held: &Held,
     timing: LeaseTiming,
+    channels_in_use: u32,
     busy: impl Fn(u16) -> bool,
 ) {
     let lease_ms = timing.lease.as_millis() as u64;
@@ -80,6 +82,7 @@ pub async fn round(
             at_ms: now_ms(),
             node,
             lease_ms,
+            channels_in_use: Some(channels_in_use),
         })
         .await;
     if let Err(e) = &renewed {

@@ -203,14 +203,23 @@ async fn run(sh: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
 async fn keep_leases(sh: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     let timing = sh.cfg.lease;
     loop {
-        let busy: std::collections::HashSet<u16> = lock(&sh.inflight)
-            .keys()
-            .map(|(_, s)| campanile_cluster::partition_of(*s))
-            .collect();
+        let (busy, calls): (std::collections::HashSet<u16>, usize) = {
+            let inflight = lock(&sh.inflight);
+            let busy = inflight
+                .keys()
+                .map(|(_, s)| campanile_cluster::partition_of(*s))
+                .collect();
+            (busy, inflight.len())
+        };
         let before = sh.held.valid(std::time::Instant::now()).len();
-        leases::round(sh.cfg.node, &sh.cluster, &sh.held, timing, |p| {
-            busy.contains(&p)
-        })
+        leases::round(
+            sh.cfg.node,
+            &sh.cluster,
+            &sh.held,
+            timing,
+            calls as u32,
+            |p| busy.contains(&p),
+        )
         .await;
         if sh.held.valid(std::time::Instant::now()).len() != before {
             sh.wake.notify_one();
