@@ -252,7 +252,7 @@ impl Config {
             return bad("node.id", "must be 1 or more");
         }
         let url = self.http.public_url.trim();
-        if !url.is_empty() && !(url.starts_with("http://") || url.starts_with("https://")) {
+        if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
             return bad(
                 "http.public_url",
                 "must start with https:// (or http://), e.g. https://allerta.comune.example",
