@@ -233,6 +233,10 @@ impl Browser {
                     "--disable-component-update",
                     "--disable-sync",
                     "--no-first-run",
+                    // A synthetic microphone (a beep) that needs no permission prompt: the
+                    // console's "record with the microphone" can be driven like any button.
+                    "--use-fake-device-for-media-stream",
+                    "--use-fake-ui-for-media-stream",
                 ],
             }),
         );

@@ -370,3 +370,144 @@ fn copy_artifact(from: &Path, name: &str) {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(from, dir.join(name)).unwrap();
 }
+
+/// One second of a 440 Hz tone as 16-bit mono 16 kHz WAV.
+fn tone_wav(path: &Path) {
+    let rate = 16_000u32;
+    let samples: Vec<i16> = (0..rate)
+        .map(|i| ((i as f32 * 440.0 * std::f32::consts::TAU / rate as f32).sin() * 12_000.0) as i16)
+        .collect();
+    let mut b = Vec::new();
+    b.extend_from_slice(b"RIFF");
+    b.extend_from_slice(&(36 + 2 * samples.len() as u32).to_le_bytes());
+    b.extend_from_slice(b"WAVEfmt ");
+    b.extend_from_slice(&16u32.to_le_bytes());
+    b.extend_from_slice(&1u16.to_le_bytes());
+    b.extend_from_slice(&1u16.to_le_bytes());
+    b.extend_from_slice(&rate.to_le_bytes());
+    b.extend_from_slice(&(rate * 2).to_le_bytes());
+    b.extend_from_slice(&2u16.to_le_bytes());
+    b.extend_from_slice(&16u16.to_le_bytes());
+    b.extend_from_slice(b"data");
+    b.extend_from_slice(&(2 * samples.len() as u32).to_le_bytes());
+    for s in samples {
+        b.extend_from_slice(&s.to_le_bytes());
+    }
+    std::fs::write(path, b).unwrap();
+}
+
+#[tokio::test]
+async fn an_operator_uploads_a_wav_or_records_from_the_microphone_and_the_city_hears_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let city = SimCityProc::start(dir.path(), "always-answer", 3).unwrap();
+    let node = NodeProc::start(
+        &dir.path().join("node"),
+        &fast_node_config(4),
+        &format!("sip:{}", city.addr),
+    )
+    .unwrap();
+    let mut zone_phones = Vec::new();
+    for phone in ["+393471000001", "+393471000002"] {
+        let (status, body) = node
+            .post(
+                "/api/v1/subscribers",
+                &serde_json::json!({ "phone": phone, "zone": "centro" }),
+            )
+            .unwrap();
+        assert_eq!(status, 201, "{body}");
+        zone_phones.push(phone.to_string());
+    }
+    create_operator(&node, "sindaco", "operator", PASSWORD_SINDACO);
+    let base = format!("http://{}", node.http);
+    let browser = Browser::start().await.unwrap();
+    log_in(&browser, &base, "sindaco", PASSWORD_SINDACO).await;
+
+    // A WAV file chosen in the form is uploaded and stored.
+    let wav = dir.path().join("tono.wav");
+    tone_wav(&wav);
+    browser
+        .goto(&format!("{base}/campaigns/new"))
+        .await
+        .unwrap();
+    browser
+        .click("input[name=message_kind][value=recording]")
+        .await
+        .unwrap();
+    browser
+        .client()
+        .find(fantoccini::Locator::Css("#wav"))
+        .await
+        .unwrap()
+        .send_keys(&wav.display().to_string())
+        .await
+        .unwrap();
+    browser
+        .wait_for_text(
+            "#upload-status",
+            "Recording stored (1 s)",
+            Duration::from_secs(20),
+        )
+        .await
+        .unwrap();
+    // The microphone (Chromium's synthetic one) is captured, turned into WAV and uploaded too.
+    browser.click("#record").await.unwrap();
+    browser
+        .wait_for_text("#upload-status", "speak now", Duration::from_secs(10))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await; // the length of what is recorded
+    browser.click("#record").await.unwrap();
+    browser
+        .wait_for_text(
+            "#upload-status",
+            "Recording stored",
+            Duration::from_secs(20),
+        )
+        .await
+        .unwrap();
+    let sha = in_page(
+        &browser,
+        "arguments[0](document.getElementById('recording_sha256').value);",
+    )
+    .await;
+    let sha = sha.as_str().unwrap_or_default().to_string();
+    assert_eq!(
+        sha.len(),
+        64,
+        "the form carries the recording's hash: {sha:?}"
+    );
+    browser
+        .fill("#title", "Registrato al microfono")
+        .await
+        .unwrap();
+    browser
+        .click("input[name=audience][value=zones]")
+        .await
+        .unwrap();
+    browser.fill("#zones", "centro").await.unwrap();
+    browser.select("#priority", "info").await.unwrap();
+    browser.click("#create").await.unwrap();
+    browser
+        .wait_for_text("#approval", "not needed", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let source = browser.source().await.unwrap();
+    assert!(
+        source.contains(&format!("recording {}", &sha[..12])),
+        "the campaign plays the recording"
+    );
+    browser.click("#start").await.unwrap();
+    browser
+        .wait_for_text("#state", "completed", Duration::from_secs(60))
+        .await
+        .unwrap();
+    // The citizens of the zone heard it (the city logged their answer and their 1).
+    let pressed = numbers_that_pressed(&city.events());
+    for phone in &zone_phones {
+        assert!(
+            pressed.contains(phone),
+            "{phone} did not confirm: {pressed:?}"
+        );
+    }
+    browser.close().await.unwrap();
+}

@@ -1007,6 +1007,7 @@ fn schemas() -> Value {
             "lag": nullable(json!({ "type": "integer", "minimum": 0, "description": "Known on the leader only" })),
             "leases": uint(),
             "heartbeat_age_ms": nullable(uint()),
+            "channels_in_use": nullable(json!({ "type": "integer", "minimum": 0, "description": "Calls in progress at its last heartbeat" })),
         })),
         "Cluster": exact(json!({
             "node": uint(),
