@@ -410,206 +410,57 @@ async fn totp_disable(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
-
-    use async_trait::async_trait;
     use axum::body::Body;
     use axum::http::{HeaderMap, Request};
-    use campanile_cluster::{
-        CallTask, Campaign, CampaignId, CampaignSpec, Command, NewSubscriber, Response as Applied,
-        Role, Session, State as Cluster, Subscriber, SubscriberId,
-    };
-    use http_body_util::BodyExt;
-    use tower::ServiceExt;
+    use campanile_cluster::Role;
 
     use super::*;
-    use crate::engine::{Engine, EngineError, Health};
-
-    /// The real state machine with the tenant `pisa`, and only what the account pages use.
-    #[derive(Default)]
-    struct AccountFake {
-        state: Mutex<Cluster>,
-    }
-
-    impl AccountFake {
-        fn apply(&self, cmd: Command) -> Result<(), EngineError> {
-            match self.state.lock().unwrap().apply(&cmd) {
-                Applied::Refused(r) => Err(EngineError::Invalid(r.to_string())),
-                _ => Ok(()),
-            }
-        }
-
-        fn operator(&self, username: &str) -> Operator {
-            self.state
-                .lock()
-                .unwrap()
-                .operators()
-                .find(|o| o.username == username)
-                .cloned()
-                .unwrap()
-        }
-    }
-
-    fn unavailable<T>() -> Result<T, EngineError> {
-        Err(EngineError::Unavailable("not in the account fake".into()))
-    }
-
-    #[async_trait]
-    impl Engine for AccountFake {
-        async fn operators(&self) -> Result<Vec<Operator>, EngineError> {
-            Ok(self.state.lock().unwrap().operators().cloned().collect())
-        }
-        async fn update_operator(&self, update: OperatorUpdate) -> Result<(), EngineError> {
-            self.apply(Command::UpdateOperator { at_ms: 2, update })
-        }
-        async fn session(&self, token_sha256: &str) -> Option<(Session, Operator)> {
-            self.state
-                .lock()
-                .unwrap()
-                .session(token_sha256, 2)
-                .map(|(s, o)| (s.clone(), o.clone()))
-        }
-        fn drill_mode(&self) -> Option<String> {
-            None
-        }
-        async fn create_subscriber(&self, _s: NewSubscriber) -> Result<Subscriber, EngineError> {
-            unavailable()
-        }
-        async fn subscriber(&self, _id: SubscriberId) -> Result<Subscriber, EngineError> {
-            unavailable()
-        }
-        async fn delete_subscriber(&self, _id: SubscriberId) -> Result<(), EngineError> {
-            unavailable()
-        }
-        async fn create_campaign(
-            &self,
-            _spec: CampaignSpec,
-            _created_by: Option<String>,
-        ) -> Result<Campaign, EngineError> {
-            unavailable()
-        }
-        async fn start_campaign(&self, _id: CampaignId) -> Result<Campaign, EngineError> {
-            unavailable()
-        }
-        async fn cancel_campaign(&self, _id: CampaignId) -> Result<Campaign, EngineError> {
-            unavailable()
-        }
-        async fn campaign(&self, _id: CampaignId) -> Result<Campaign, EngineError> {
-            unavailable()
-        }
-        async fn campaigns(&self) -> Result<Vec<Campaign>, EngineError> {
-            Ok(Vec::new())
-        }
-        async fn tasks(&self, _id: CampaignId) -> Result<Vec<CallTask>, EngineError> {
-            unavailable()
-        }
-        fn metrics_text(&self) -> String {
-            String::new()
-        }
-        fn check_token(&self, _presented: &str) -> bool {
-            false
-        }
-        async fn health(&self) -> Health {
-            Health {
-                ok: true,
-                detail: "fine".into(),
-            }
-        }
-    }
+    use crate::testkit::{exchange, get_with, login, operator_account, post_with, FakeEngine};
 
     /// A site with the operator `mario` (pisa) logged in: the router, the engine, the session's
     /// cookie header and CSRF token.
     struct Site {
-        engine: Arc<AccountFake>,
+        engine: Arc<FakeEngine>,
         router: axum::Router,
         cookie: String,
         csrf: String,
     }
 
-    const HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA";
-
     fn site() -> Site {
-        let engine = Arc::new(AccountFake::default());
-        engine
-            .apply(Command::CreateTenant {
-                at_ms: 1,
-                slug: "pisa".into(),
-                name: "Comune di Pisa".into(),
-            })
-            .unwrap();
-        engine
-            .apply(Command::CreateOperator {
-                at_ms: 1,
-                operator: Operator {
-                    username: "mario".into(),
-                    display_name: "Mario Rossi".into(),
-                    role: Role::Operator,
-                    tenants: vec!["pisa".into()],
-                    password_hash: HASH.into(),
-                    disabled: false,
-                    created_ms: 0,
-                    updated_ms: 0,
-                    totp_secret: None,
-                },
-            })
-            .unwrap();
-        let secret = auth::new_secret();
-        engine
-            .apply(Command::CreateSession {
-                at_ms: 1,
-                session: Session {
-                    token_sha256: auth::secret_sha256(&secret),
-                    username: "mario".into(),
-                    created_ms: 1,
-                    expires_ms: u64::MAX,
-                },
-            })
-            .unwrap();
+        let engine = Arc::new(FakeEngine::new());
+        engine.tenant("pisa", "Comune di Pisa");
+        engine.add_operator(Operator {
+            display_name: "Mario Rossi".into(),
+            ..operator_account("mario", Role::Operator, &["pisa"])
+        });
+        let (cookie, csrf) = login(&engine, "mario");
         Site {
             router: crate::router(engine.clone()),
             engine,
-            cookie: format!("{}={secret}", auth::SESSION_COOKIE),
-            csrf: auth::csrf_token(&secret),
+            cookie,
+            csrf,
         }
     }
 
     async fn send(site: &Site, req: Request<Body>) -> (StatusCode, HeaderMap, String) {
-        let resp = site.router.clone().oneshot(req).await.unwrap();
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        (
-            status,
-            headers,
-            String::from_utf8_lossy(&bytes).into_owned(),
-        )
+        exchange(&site.router, req).await.into_parts()
     }
 
     async fn get(site: &Site, path: &str) -> (StatusCode, HeaderMap, String) {
-        let req = Request::get(path)
-            .header(header::COOKIE, &site.cookie)
-            .body(Body::empty())
-            .unwrap();
-        send(site, req).await
+        get_with(&site.router, path, &site.cookie)
+            .await
+            .into_parts()
     }
 
-    /// A form post as the logged-in browser sends it; `fields` are already URL-safe.
+    /// A form post as the logged-in browser sends it.
     async fn post(
         site: &Site,
         path: &str,
         fields: &[(&str, &str)],
     ) -> (StatusCode, HeaderMap, String) {
-        let body = fields
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join("&");
-        let req = Request::post(path)
-            .header(header::COOKIE, &site.cookie)
-            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-            .body(Body::from(body))
-            .unwrap();
-        send(site, req).await
+        post_with(&site.router, path, &site.cookie, fields)
+            .await
+            .into_parts()
     }
 
     /// The value of the hidden field `name` in a page.
@@ -674,7 +525,7 @@ mod tests {
         assert!(html.contains(&grouped(&secret)));
         assert!(html.contains("<svg"));
         assert!(html.contains("autocomplete=\"one-time-code\""));
-        assert_eq!(site.engine.operator("mario").totp_secret, None);
+        assert_eq!(site.engine.operator_named("mario").totp_secret, None);
     }
 
     #[tokio::test]
@@ -697,7 +548,7 @@ mod tests {
             secret,
             "the same secret to try again"
         );
-        assert_eq!(site.engine.operator("mario").totp_secret, None);
+        assert_eq!(site.engine.operator_named("mario").totp_secret, None);
 
         let code = totp::code_at(&secret, now_secs()).unwrap();
         let (s, h, _) = post(
@@ -708,7 +559,10 @@ mod tests {
         .await;
         assert_eq!(s, StatusCode::SEE_OTHER);
         assert_eq!(h[header::LOCATION], "/account?done=totp_on");
-        assert_eq!(site.engine.operator("mario").totp_secret, Some(secret));
+        assert_eq!(
+            site.engine.operator_named("mario").totp_secret,
+            Some(secret)
+        );
 
         let (_, _, html) = get(&site, "/account?done=totp_on").await;
         assert!(html.contains("id=\"totp-on\""));
@@ -730,7 +584,10 @@ mod tests {
         )
         .await;
         assert_eq!(s, StatusCode::CONFLICT);
-        assert_eq!(site.engine.operator("mario").totp_secret, Some(secret));
+        assert_eq!(
+            site.engine.operator_named("mario").totp_secret,
+            Some(secret)
+        );
     }
 
     #[tokio::test]
@@ -745,7 +602,7 @@ mod tests {
             .await;
             assert_eq!(s, StatusCode::BAD_REQUEST, "{secret}");
         }
-        assert_eq!(site.engine.operator("mario").totp_secret, None);
+        assert_eq!(site.engine.operator_named("mario").totp_secret, None);
     }
 
     #[tokio::test]
@@ -765,7 +622,7 @@ mod tests {
         let (s, _, _) = post(&site, "/account/totp/disable", &[("csrf", &site.csrf)]).await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "no code at all");
         assert_eq!(
-            site.engine.operator("mario").totp_secret.as_deref(),
+            site.engine.operator_named("mario").totp_secret.as_deref(),
             Some(secret.as_str())
         );
 
@@ -778,7 +635,7 @@ mod tests {
         .await;
         assert_eq!(s, StatusCode::SEE_OTHER);
         assert_eq!(h[header::LOCATION], "/account?done=totp_off");
-        assert_eq!(site.engine.operator("mario").totp_secret, None);
+        assert_eq!(site.engine.operator_named("mario").totp_secret, None);
     }
 
     #[tokio::test]
@@ -804,7 +661,7 @@ mod tests {
         .await;
         assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
         assert!(html.contains("Try again in"));
-        assert!(site.engine.operator("mario").totp_secret.is_some());
+        assert!(site.engine.operator_named("mario").totp_secret.is_some());
     }
 
     #[tokio::test]
@@ -824,12 +681,12 @@ mod tests {
         )
         .await;
         assert_eq!(s, StatusCode::FORBIDDEN);
-        assert_eq!(site.engine.operator("mario").totp_secret, None);
+        assert_eq!(site.engine.operator_named("mario").totp_secret, None);
 
         let secret = turn_on(&site).await;
         let code = totp::code_at(&secret, now_secs()).unwrap();
         let (s, _, _) = post(&site, "/account/totp/disable", &[("code", &code)]).await;
         assert_eq!(s, StatusCode::FORBIDDEN);
-        assert!(site.engine.operator("mario").totp_secret.is_some());
+        assert!(site.engine.operator_named("mario").totp_secret.is_some());
     }
 }

@@ -386,6 +386,77 @@ pub async fn get_subscriber(
     Ok(Json(subscriber_view(&s)))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriberQuery {
+    tenant: Option<String>,
+    q: Option<String>,
+    offset: Option<usize>,
+    limit: Option<usize>,
+    #[allow(dead_code)]
+    stale: Option<bool>,
+}
+
+/// `GET /api/v1/subscribers?tenant=T&q=TEXT&offset=N&limit=N`: a page of a tenant's subscribers whose
+/// number, name or zone contains `q` (all when absent), by id, and how many match.
+pub async fn list_subscribers(
+    State(engine): State<AppState>,
+    axum::Extension(who): Who,
+    ApiQuery(q): ApiQuery<SubscriberQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = tenant_field("tenant", q.tenant, &who)?;
+    who.check(Action::Read, &tenant, &format!("tenant `{tenant}`"))?;
+    let query = q.q.unwrap_or_default();
+    if query.chars().count() > 100 {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "`q` is longer than 100 characters",
+        ));
+    }
+    let limit = q.limit.unwrap_or(100).clamp(1, 1_000);
+    let (page, total) = engine
+        .search_subscribers(tenant, query, q.offset.unwrap_or(0), limit)
+        .await?;
+    Ok(Json(json!({
+        "total": total,
+        "subscribers": page.iter().map(subscriber_view).collect::<Vec<_>>(),
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriberPatch {
+    name: Option<String>,
+    language: Option<String>,
+    zone: Option<String>,
+}
+
+/// `PATCH /api/v1/subscribers/{id}` with any of `name`, `language`, `zone` (an empty string clears
+/// the name or the zone).
+pub async fn update_subscriber(
+    State(engine): State<AppState>,
+    axum::Extension(who): Who,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<SubscriberPatch>,
+) -> Result<Json<Value>, ApiError> {
+    let s = subscriber_for(&engine, &who, &id, Action::Operate).await?;
+    let clearable = |field: &str, v: Option<String>, current: Option<String>, max| match v {
+        None => Ok(current),
+        Some(v) if v.trim().is_empty() => Ok(None),
+        Some(v) => check_text(field, &v, max).map(|_| Some(v.trim().to_string())),
+    };
+    let language = body.language.unwrap_or(s.language.clone());
+    check_language("language", &language)?;
+    let update = campanile_cluster::SubscriberUpdate {
+        name: clearable("name", body.name, s.name.clone(), 100)?,
+        language,
+        zone: clearable("zone", body.zone, s.zone.clone(), 64)?,
+    };
+    Ok(Json(subscriber_view(
+        &engine.update_subscriber(s.id, update).await?,
+    )))
+}
+
 pub async fn delete_subscriber(
     State(engine): State<AppState>,
     axum::Extension(who): Who,

@@ -29,6 +29,37 @@ pub enum EngineError {
     Internal(String),
 }
 
+impl From<campanile_cluster::Refusal> for EngineError {
+    /// The status a refusal of the state machine answers with.
+    fn from(r: campanile_cluster::Refusal) -> Self {
+        use campanile_cluster::Refusal;
+        match r {
+            Refusal::DuplicatePhone(..) => EngineError::Conflict(r.to_string()),
+            Refusal::UnknownSubscriber(_) | Refusal::UnknownCampaign(_) | Refusal::UnknownToken => {
+                EngineError::NotFound(r.to_string())
+            }
+            Refusal::WrongCampaignState { .. }
+            | Refusal::DuplicateTenant(_)
+            | Refusal::DuplicateOperator(_)
+            | Refusal::ApprovalRequired(_)
+            | Refusal::ApprovalNotNeeded(_)
+            | Refusal::SelfApproval(..)
+            | Refusal::OverrideNotEmergency(_)
+            | Refusal::DisabledOperator(_) => EngineError::Conflict(r.to_string()),
+            Refusal::UnknownTenant(_) | Refusal::UnknownOperator(_) | Refusal::UnknownAudio(_) => {
+                EngineError::NotFound(r.to_string())
+            }
+            Refusal::InvalidTenant(_)
+            | Refusal::InvalidOperator { .. }
+            | Refusal::AudioTooLarge { .. }
+            | Refusal::OverrideWithoutReason
+            | Refusal::NoVerification(_)
+            | Refusal::WrongCode { .. }
+            | Refusal::NestedAudit => EngineError::Invalid(r.to_string()),
+        }
+    }
+}
+
 tokio::task_local! {
     /// Who is making the API request being served (`token:<label>`): the audit log's actor.
     pub static ACTOR: String;

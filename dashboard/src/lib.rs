@@ -1,9 +1,16 @@
 //! Campanile's HTTP surface.
 //!
-//! Operators and automation reach a node through this crate: a JSON API under `/api/v1` (bearer token
-//! required; reads are linearizable unless `?stale=true`), a minimal console page at `/` that lists campaigns and their progress, Prometheus metrics
-//! at `/metrics` and a health check at `/healthz`. It depends on the `Engine` trait, which the node
-//! implements, never on node internals; every error is one JSON format that names the problem.
+//! Operators, citizens and automation reach a node through this crate: a JSON API under `/api/v1`
+//! (a bearer token or a console session; reads linearizable unless `?stale=true`; described by the
+//! OpenAPI document at `/api/v1/openapi.json`), the operator console behind a login (`/`, `/login`,
+//! server-rendered askama templates, live progress over server-sent events), the public citizen
+//! portal (`/r/{tenant}`, with its QR codes and poster), Prometheus metrics at `/metrics` and a health
+//! check at `/healthz`. Who may do what is decided in one place (`auth`); the crate depends on the
+//! `Engine` trait, which the node implements, never on node internals; every API error is one JSON
+//! format that names the problem.
+
+// The OpenAPI document is one large `json!` literal.
+#![recursion_limit = "256"]
 
 pub mod account;
 pub mod api;
@@ -38,14 +45,19 @@ pub const IMPORT_BODY_LIMIT: usize = 4 * 1024 * 1024;
 /// All routes, bound to `engine`.
 pub fn router(engine: Arc<dyn Engine>) -> Router {
     let api = Router::new()
-        .route("/subscribers", post(api::create_subscriber))
+        .route(
+            "/subscribers",
+            post(api::create_subscriber).get(api::list_subscribers),
+        )
         .route(
             "/subscribers/import",
             post(api::import_subscribers).layer(DefaultBodyLimit::max(IMPORT_BODY_LIMIT)),
         )
         .route(
             "/subscribers/{id}",
-            get(api::get_subscriber).delete(api::delete_subscriber),
+            get(api::get_subscriber)
+                .patch(api::update_subscriber)
+                .delete(api::delete_subscriber),
         )
         .route(
             "/campaigns",
@@ -149,5 +161,7 @@ pub async fn serve(
     .await
 }
 
+#[cfg(test)]
+mod testkit;
 #[cfg(test)]
 mod tests;

@@ -384,6 +384,29 @@ fn path_items() -> Vec<(&'static str, Value)> {
         (
             "/subscribers",
             json!({
+                "get": Op::new("listSubscribers", "subscribers", "A page of a tenant's subscribers whose number, name or zone contains `q`")
+                    .param(json!({
+                        "name": "tenant", "in": "query", "required": false,
+                        "description": "Default: the caller's own tenant",
+                        "schema": tenant_slug(),
+                    }))
+                    .param(json!({
+                        "name": "q", "in": "query", "required": false,
+                        "schema": { "type": "string", "maxLength": 100 },
+                        "description": "Part of a number, a name or a zone",
+                    }))
+                    .param(json!({ "name": "offset", "in": "query", "required": false, "schema": uint() }))
+                    .param(json!({
+                        "name": "limit", "in": "query", "required": false,
+                        "schema": { "type": "integer", "minimum": 1, "maximum": 1000 },
+                    }))
+                    .param(stale())
+                    .ok("200", json_response("The page and how many match", exact(json!({
+                        "total": uint(),
+                        "subscribers": { "type": "array", "items": schema_ref("Subscriber") },
+                    }))))
+                    .errors(&["400", "403", "404"])
+                    .build("get"),
                 "post": Op::new("createSubscriber", "subscribers", "Registers a phone number (verified: entered by an operator)")
                     .body(json_body(
                         schema_ref("SubscriberInput"),
@@ -424,6 +447,16 @@ fn path_items() -> Vec<(&'static str, Value)> {
                     .ok("200", json_response("The subscriber", schema_ref("Subscriber")))
                     .errors(&["400", "404"])
                     .build("get"),
+                "patch": Op::new("updateSubscriber", "subscribers", "Changes a subscriber's name, language or zone (an empty string clears the name or the zone)")
+                    .param(param_ref("subscriberId"))
+                    .body(json_body(body(&[], json!({
+                        "name": nullable(json!({ "type": "string", "maxLength": 100 })),
+                        "language": nullable(language()),
+                        "zone": nullable(json!({ "type": "string", "maxLength": 64 })),
+                    })), json!({ "zone": "collina" })))
+                    .ok("200", json_response("The subscriber afterwards", schema_ref("Subscriber")))
+                    .errors(&["400", "403", "404", "413", "415"])
+                    .build("patch"),
                 "delete": Op::new("deleteSubscriber", "subscribers", "Forgets a subscriber")
                     .param(param_ref("subscriberId"))
                     .ok("204", json!({ "description": "Deleted" }))
@@ -1095,7 +1128,11 @@ mod tests {
         let find = |p: &str| routes.iter().find(|(path, _)| path == p).cloned();
         assert_eq!(
             find("/subscribers/{id}").map(|r| r.1),
-            Some(vec!["get".to_string(), "delete".to_string()])
+            Some(vec![
+                "get".to_string(),
+                "patch".to_string(),
+                "delete".to_string()
+            ])
         );
         assert_eq!(
             find("/subscribers/import").map(|r| r.1),

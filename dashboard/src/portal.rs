@@ -1461,186 +1461,32 @@ async fn poster(
 #[cfg(test)]
 mod tests {
     use std::net::{Ipv4Addr, SocketAddr};
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    use async_trait::async_trait;
     use axum::body::Body;
     use axum::extract::ConnectInfo;
-    use axum::http::{header, HeaderMap, Request, StatusCode};
-    use campanile_cluster::{
-        CallTask, Campaign, CampaignId, CampaignSpec, Command, NewSubscriber, Refusal,
-        Response as Applied, State, Subscriber, SubscriberId,
-    };
-    use http_body_util::BodyExt;
-    use tower::ServiceExt;
+    use axum::http::{header, Request, StatusCode};
 
     use super::*;
-    use crate::engine::{Engine, EngineError, Health};
+    use crate::testkit::{escaped, exchange, form_body, Answer, FakeEngine};
 
-    /// An engine with the real state machine, the tenant `pisa`, and only what the portal uses.
-    struct PortalFake {
-        state: Mutex<State>,
-        public_url: Option<String>,
-        drill: bool,
-        /// The verification calls placed: number and the code read.
-        calls: Mutex<Vec<(String, String)>>,
-    }
-
-    impl PortalFake {
-        fn new(public_url: Option<&str>, drill: bool) -> Arc<PortalFake> {
-            let mut state = State::default();
-            state.apply(&Command::CreateTenant {
-                at_ms: 1,
-                slug: "pisa".into(),
-                name: "Comune di Pisa".into(),
-            });
-            Arc::new(PortalFake {
-                state: Mutex::new(state),
-                public_url: public_url.map(str::to_string),
-                drill,
-                calls: Mutex::default(),
-            })
-        }
-
-        fn subscribers(&self) -> Vec<Subscriber> {
-            self.state.lock().unwrap().subscribers().cloned().collect()
-        }
-    }
-
-    fn unavailable<T>() -> Result<T, EngineError> {
-        Err(EngineError::Unavailable("not in the portal fake".into()))
-    }
-
-    #[async_trait]
-    impl Engine for PortalFake {
-        async fn register_citizen(&self, s: NewSubscriber) -> Result<Subscriber, EngineError> {
-            let mut state = self.state.lock().unwrap();
-            match state.apply(&Command::CreateSubscriber {
-                at_ms: 2,
-                subscriber: s,
-            }) {
-                Applied::SubscriberCreated(id) => state
-                    .subscriber(id)
-                    .cloned()
-                    .ok_or_else(|| EngineError::Internal("created subscriber is missing".into())),
-                Applied::Refused(r @ Refusal::DuplicatePhone(..)) => {
-                    Err(EngineError::Conflict(r.to_string()))
-                }
-                other => Err(EngineError::NotFound(format!("{other:?}"))),
-            }
-        }
-        async fn tenants(&self) -> Result<Vec<campanile_cluster::Tenant>, EngineError> {
-            Ok(self.state.lock().unwrap().tenants().cloned().collect())
-        }
-        async fn start_verification(
-            &self,
-            tenant: String,
-            phone: PhoneNumber,
-            purpose: VerificationPurpose,
-        ) -> Result<(), EngineError> {
-            let mut st = self.state.lock().unwrap();
-            let Some(id) = st.subscriber_by_phone(&tenant, &phone).map(|s| s.id) else {
-                return Ok(());
-            };
-            let mut calls = self.calls.lock().unwrap();
-            let code = format!("{:06}", 271_828 + calls.len());
-            st.apply(&Command::RequestVerification {
-                at_ms: 3,
-                id,
-                verification: campanile_cluster::Verification {
-                    code_sha256: campanile_cluster::verification_hash(&tenant, &phone, &code),
-                    expires_ms: u64::MAX,
-                    tries_left: campanile_cluster::VERIFICATION_TRIES,
-                    purpose,
-                },
-            });
-            calls.push((phone.as_str().to_string(), code));
-            Ok(())
-        }
-        async fn confirm_verification(
-            &self,
-            tenant: String,
-            phone: PhoneNumber,
-            code: String,
-        ) -> Result<VerificationPurpose, EngineError> {
-            let mut st = self.state.lock().unwrap();
-            let Some((id, Some(purpose))) = st
-                .subscriber_by_phone(&tenant, &phone)
-                .map(|s| (s.id, s.verification.as_ref().map(|v| v.purpose)))
-            else {
-                return Err(EngineError::Invalid("no code waiting".into()));
-            };
-            match st.apply(&Command::ConfirmVerification {
-                at_ms: 4,
-                id,
-                code_sha256: campanile_cluster::verification_hash(&tenant, &phone, &code),
-            }) {
-                Applied::Refused(r) => Err(EngineError::Invalid(r.to_string())),
-                _ => Ok(purpose),
-            }
-        }
-        fn public_url(&self) -> Option<String> {
-            self.public_url.clone()
-        }
-        fn drill_mode(&self) -> Option<String> {
-            self.drill.then(|| "calls go to the simulated city".into())
-        }
-        // The portal must register through `register_citizen`, never the operator path.
-        async fn create_subscriber(&self, _s: NewSubscriber) -> Result<Subscriber, EngineError> {
-            unavailable()
-        }
-        async fn subscriber(&self, _id: SubscriberId) -> Result<Subscriber, EngineError> {
-            unavailable()
-        }
-        async fn delete_subscriber(&self, _id: SubscriberId) -> Result<(), EngineError> {
-            unavailable()
-        }
-        async fn create_campaign(
-            &self,
-            _spec: CampaignSpec,
-            _created_by: Option<String>,
-        ) -> Result<Campaign, EngineError> {
-            unavailable()
-        }
-        async fn start_campaign(&self, _id: CampaignId) -> Result<Campaign, EngineError> {
-            unavailable()
-        }
-        async fn cancel_campaign(&self, _id: CampaignId) -> Result<Campaign, EngineError> {
-            unavailable()
-        }
-        async fn campaign(&self, _id: CampaignId) -> Result<Campaign, EngineError> {
-            unavailable()
-        }
-        async fn campaigns(&self) -> Result<Vec<Campaign>, EngineError> {
-            Ok(Vec::new())
-        }
-        async fn tasks(&self, _id: CampaignId) -> Result<Vec<CallTask>, EngineError> {
-            unavailable()
-        }
-        fn metrics_text(&self) -> String {
-            String::new()
-        }
-        fn check_token(&self, _presented: &str) -> bool {
-            false
-        }
-        async fn health(&self) -> Health {
-            Health {
-                ok: true,
-                detail: "fine".into(),
-            }
-        }
-    }
-
-    /// One router for the whole test, as a node has: the throttle lives in it.
+    /// One router for the whole test, as a node has: the throttle lives in it. The engine has the
+    /// tenant `pisa` and registers citizens only through `register_citizen`.
     struct Site {
-        engine: Arc<PortalFake>,
+        engine: Arc<FakeEngine>,
         router: axum::Router,
     }
 
     impl Site {
         fn new(public_url: Option<&str>, drill: bool) -> Site {
-            let engine = PortalFake::new(public_url, drill);
+            let engine = Arc::new(
+                FakeEngine::new()
+                    .with_public_url(public_url)
+                    .with_drill(drill)
+                    .citizens_only(),
+            );
+            engine.tenant("pisa", "Comune di Pisa");
             Site {
                 router: crate::router(engine.clone()),
                 engine,
@@ -1648,34 +1494,8 @@ mod tests {
         }
     }
 
-    struct Answer {
-        status: StatusCode,
-        headers: HeaderMap,
-        body: Vec<u8>,
-    }
-
-    impl Answer {
-        fn text(&self) -> String {
-            String::from_utf8_lossy(&self.body).into_owned()
-        }
-    }
-
     async fn send(site: &Site, req: Request<Body>) -> Answer {
-        let resp = site.router.clone().oneshot(req).await.unwrap();
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
-            .to_vec();
-        Answer {
-            status,
-            headers,
-            body,
-        }
+        exchange(&site.router, req).await
     }
 
     async fn get(site: &Site, path: &str) -> Answer {
@@ -1684,29 +1504,6 @@ mod tests {
             .body(Body::empty())
             .unwrap();
         send(site, req).await
-    }
-
-    /// `application/x-www-form-urlencoded`, as a browser sends it.
-    fn urlencode(s: &str) -> String {
-        let mut out = String::new();
-        for b in s.bytes() {
-            match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' => {
-                    out.push(b as char)
-                }
-                b' ' => out.push('+'),
-                _ => out.push_str(&format!("%{b:02X}")),
-            }
-        }
-        out
-    }
-
-    fn form_body(fields: &[(&str, &str)]) -> String {
-        fields
-            .iter()
-            .map(|(k, v)| format!("{k}={}", urlencode(v)))
-            .collect::<Vec<_>>()
-            .join("&")
     }
 
     async fn post(
@@ -1734,15 +1531,6 @@ mod tests {
             ("zone", "Porta a Mare"),
             ("consent", "yes"),
         ]
-    }
-
-    /// What a template makes of `text`: askama escapes these five characters as numeric entities.
-    fn escaped(text: &str) -> String {
-        text.replace('&', "&#38;")
-            .replace('<', "&#60;")
-            .replace('>', "&#62;")
-            .replace('"', "&#34;")
-            .replace('\'', "&#39;")
     }
 
     #[tokio::test]
@@ -2317,8 +2105,8 @@ mod tests {
         assert_eq!(a.status, StatusCode::OK);
         assert_eq!(a.headers[header::CONTENT_TYPE], "image/png");
         assert_eq!(a.headers[header::CACHE_CONTROL], "public, max-age=3600");
-        assert!(a.body.starts_with(b"\x89PNG\r\n\x1a\n"));
-        let (n, dark) = modules_from_png(&a.body);
+        assert!(a.bytes.starts_with(b"\x89PNG\r\n\x1a\n"));
+        let (n, dark) = modules_from_png(&a.bytes);
         let expected = QrMatrix::encode("https://allerta.example.it/r/pisa").unwrap();
         assert_eq!(n, expected.width);
         assert_eq!(read_qr(n, &dark), "https://allerta.example.it/r/pisa");
@@ -2338,10 +2126,10 @@ mod tests {
         let site = Site::new(None, false);
         let a = get(&site, "/r/pisa/qr.png").await;
         assert_eq!(a.status, StatusCode::OK);
-        let (n, dark) = modules_from_png(&a.body);
+        let (n, dark) = modules_from_png(&a.bytes);
         assert_eq!(read_qr(n, &dark), "http://node1.local:8080/r/pisa");
         let side = (n + 2 * QR_QUIET_ZONE) * QR_PNG_SCALE;
-        let decoder = png::Decoder::new(std::io::Cursor::new(&a.body));
+        let decoder = png::Decoder::new(std::io::Cursor::new(&a.bytes));
         let info = decoder.read_info().unwrap().info().clone();
         assert_eq!((info.width as usize, info.height as usize), (side, side));
     }

@@ -1384,295 +1384,18 @@ async fn export_csv(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
 
-    use crate::auth;
-
-    use async_trait::async_trait;
-    use axum::body::Body;
-    use axum::http::{HeaderMap, Request};
-    use campanile_cluster::{
-        CallTask, Campaign, CampaignId, CampaignSpec, Command, Operator, Refusal,
-        Response as Applied, Role, Session, State,
-    };
-    use http_body_util::BodyExt;
-    use tower::ServiceExt;
+    use campanile_cluster::Role;
 
     use super::*;
-    use crate::engine::{Engine, Health};
+    use crate::testkit::{escaped, get_with, operator, post_with, Answer, FakeEngine};
 
     /// 2024-06-01T00:00:00Z: 2 in the morning of June 1st in Italy.
     const NOW_MS: u64 = 1_717_200_000_000;
 
-    /// The real state machine with the comuni pisa and lucca, and what the Citizens page uses.
-    struct PageFake {
-        state: Mutex<State>,
-    }
-
-    impl PageFake {
-        fn new() -> Arc<PageFake> {
-            let fake = PageFake {
-                state: Mutex::new(State::default()),
-            };
-            for slug in ["pisa", "lucca"] {
-                fake.apply(Command::CreateTenant {
-                    at_ms: 1,
-                    slug: slug.into(),
-                    name: format!("Comune di {slug}"),
-                })
-                .unwrap();
-            }
-            Arc::new(fake)
-        }
-
-        fn apply(&self, cmd: Command) -> Result<Applied, EngineError> {
-            match self.state.lock().unwrap().apply(&cmd) {
-                Applied::Refused(r @ Refusal::DuplicatePhone(..)) => {
-                    Err(EngineError::Conflict(r.to_string()))
-                }
-                Applied::Refused(r) => Err(EngineError::NotFound(r.to_string())),
-                ok => Ok(ok),
-            }
-        }
-
-        fn find(&self, id: u64) -> Option<Subscriber> {
-            self.state
-                .lock()
-                .unwrap()
-                .subscriber(SubscriberId(id))
-                .cloned()
-        }
-
-        fn of_tenant(&self, tenant: &str) -> Vec<Subscriber> {
-            self.state
-                .lock()
-                .unwrap()
-                .subscribers()
-                .filter(|s| s.tenant == tenant)
-                .cloned()
-                .collect()
-        }
-
-        /// A citizen registered directly in the state; answers the id.
-        fn seed(&self, tenant: &str, phone: &str, name: Option<&str>, zone: Option<&str>) -> u64 {
-            match self.apply(Command::CreateSubscriber {
-                at_ms: NOW_MS,
-                subscriber: NewSubscriber {
-                    phone: PhoneNumber::parse(phone).unwrap(),
-                    name: name.map(str::to_string),
-                    language: "it".into(),
-                    zone: zone.map(str::to_string),
-                    verified: true,
-                    tenant: tenant.into(),
-                    consent: None,
-                },
-            }) {
-                Ok(Applied::SubscriberCreated(id)) => id.0,
-                other => panic!("seeding {phone}: {other:?}"),
-            }
-        }
-
-        /// An operator with a live session: the cookie header and the CSRF token.
-        fn operator(&self, username: &str, role: Role, tenants: &[&str]) -> (String, String) {
-            self.apply(Command::CreateOperator {
-                at_ms: 1,
-                operator: Operator {
-                    totp_secret: None,
-                    username: username.into(),
-                    display_name: username.into(),
-                    role,
-                    tenants: tenants.iter().map(|t| t.to_string()).collect(),
-                    password_hash:
-                        "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA".into(),
-                    disabled: false,
-                    created_ms: 0,
-                    updated_ms: 0,
-                },
-            })
-            .unwrap();
-            let secret = auth::new_secret();
-            self.apply(Command::CreateSession {
-                at_ms: 1,
-                session: Session {
-                    token_sha256: auth::secret_sha256(&secret),
-                    username: username.into(),
-                    created_ms: 1,
-                    expires_ms: u64::MAX,
-                },
-            })
-            .unwrap();
-            (
-                format!("{}={secret}", auth::SESSION_COOKIE),
-                auth::csrf_token(&secret),
-            )
-        }
-    }
-
-    fn unavailable<T>() -> Result<T, EngineError> {
-        Err(EngineError::Unavailable(
-            "not in the Citizens page fake".into(),
-        ))
-    }
-
-    #[async_trait]
-    impl Engine for PageFake {
-        async fn create_subscriber(&self, s: NewSubscriber) -> Result<Subscriber, EngineError> {
-            match self.apply(Command::CreateSubscriber {
-                at_ms: NOW_MS,
-                subscriber: s,
-            })? {
-                Applied::SubscriberCreated(id) => self.subscriber(id).await,
-                other => Err(EngineError::Internal(format!("{other:?}"))),
-            }
-        }
-        async fn subscriber(&self, id: SubscriberId) -> Result<Subscriber, EngineError> {
-            self.find(id.0)
-                .ok_or_else(|| EngineError::NotFound(format!("subscriber {id} does not exist")))
-        }
-        async fn import_subscribers(
-            &self,
-            batch: Vec<NewSubscriber>,
-        ) -> Result<Vec<Imported>, EngineError> {
-            match self.apply(Command::CreateSubscribers {
-                at_ms: NOW_MS,
-                subscribers: batch,
-            })? {
-                Applied::Imported(r) => Ok(r),
-                other => Err(EngineError::Internal(format!("{other:?}"))),
-            }
-        }
-        async fn delete_subscriber(&self, id: SubscriberId) -> Result<(), EngineError> {
-            self.apply(Command::DeleteSubscriber { at_ms: NOW_MS, id })
-                .map(drop)
-        }
-        async fn search_subscribers(
-            &self,
-            tenant: String,
-            query: String,
-            offset: usize,
-            limit: usize,
-        ) -> Result<(Vec<Subscriber>, usize), EngineError> {
-            let q = query.trim().to_lowercase();
-            let hits: Vec<Subscriber> = self
-                .of_tenant(&tenant)
-                .into_iter()
-                .filter(|s| {
-                    q.is_empty()
-                        || s.phone.as_str().contains(&q)
-                        || s.name
-                            .as_ref()
-                            .is_some_and(|n| n.to_lowercase().contains(&q))
-                        || s.zone
-                            .as_ref()
-                            .is_some_and(|z| z.to_lowercase().contains(&q))
-                })
-                .collect();
-            let total = hits.len();
-            Ok((hits.into_iter().skip(offset).take(limit).collect(), total))
-        }
-        async fn update_subscriber(
-            &self,
-            id: SubscriberId,
-            update: SubscriberUpdate,
-        ) -> Result<Subscriber, EngineError> {
-            self.apply(Command::UpdateSubscriber {
-                at_ms: NOW_MS,
-                id,
-                update,
-            })?;
-            self.subscriber(id).await
-        }
-        async fn session(&self, token_sha256: &str) -> Option<(Session, Operator)> {
-            self.state
-                .lock()
-                .unwrap()
-                .session(token_sha256, 2)
-                .map(|(s, o)| (s.clone(), o.clone()))
-        }
-        async fn create_campaign(
-            &self,
-            _spec: CampaignSpec,
-            _created_by: Option<String>,
-        ) -> Result<Campaign, EngineError> {
-            unavailable()
-        }
-        async fn start_campaign(&self, _id: CampaignId) -> Result<Campaign, EngineError> {
-            unavailable()
-        }
-        async fn cancel_campaign(&self, _id: CampaignId) -> Result<Campaign, EngineError> {
-            unavailable()
-        }
-        async fn campaign(&self, _id: CampaignId) -> Result<Campaign, EngineError> {
-            unavailable()
-        }
-        async fn campaigns(&self) -> Result<Vec<Campaign>, EngineError> {
-            Ok(Vec::new())
-        }
-        async fn tasks(&self, _id: CampaignId) -> Result<Vec<CallTask>, EngineError> {
-            unavailable()
-        }
-        fn metrics_text(&self) -> String {
-            String::new()
-        }
-        fn check_token(&self, _presented: &str) -> bool {
-            false
-        }
-        fn drill_mode(&self) -> Option<String> {
-            None
-        }
-        async fn health(&self) -> Health {
-            Health {
-                ok: true,
-                detail: "fine".into(),
-            }
-        }
-    }
-
-    struct Answer {
-        status: StatusCode,
-        headers: HeaderMap,
-        body: String,
-    }
-
-    async fn send(app: &axum::Router, req: Request<Body>) -> Answer {
-        let resp = app.clone().oneshot(req).await.unwrap();
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        Answer {
-            status,
-            headers,
-            body: String::from_utf8_lossy(&bytes).into_owned(),
-        }
-    }
-
     async fn get(app: &axum::Router, path: &str, who: &(String, String)) -> Answer {
-        let req = Request::get(path)
-            .header(header::COOKIE, &who.0)
-            .body(Body::empty())
-            .unwrap();
-        send(app, req).await
-    }
-
-    /// `application/x-www-form-urlencoded`, as a browser sends it.
-    fn form_body(fields: &[(&str, &str)]) -> String {
-        fields
-            .iter()
-            .map(|(k, v)| {
-                let mut out = format!("{k}=");
-                for b in v.bytes() {
-                    match b {
-                        b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' => {
-                            out.push(b as char)
-                        }
-                        b' ' => out.push('+'),
-                        _ => out.push_str(&format!("%{b:02X}")),
-                    }
-                }
-                out
-            })
-            .collect::<Vec<_>>()
-            .join("&")
+        get_with(app, path, &who.0).await
     }
 
     /// A form posted with the operator's CSRF token added.
@@ -1684,16 +1407,15 @@ mod tests {
     ) -> Answer {
         let mut all = vec![("csrf", who.1.as_str())];
         all.extend_from_slice(fields);
-        let req = Request::post(path)
-            .header(header::COOKIE, &who.0)
-            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-            .body(Body::from(form_body(&all)))
-            .unwrap();
-        send(app, req).await
+        post_with(app, path, &who.0, &all).await
     }
 
-    fn site() -> (Arc<PageFake>, axum::Router) {
-        let engine = PageFake::new();
+    /// The real state machine with the comuni pisa and lucca, its clock at `NOW_MS`.
+    fn site() -> (Arc<FakeEngine>, axum::Router) {
+        let engine = Arc::new(FakeEngine::new().with_clock(NOW_MS));
+        for slug in ["pisa", "lucca"] {
+            engine.tenant(slug, &format!("Comune di {slug}"));
+        }
         (engine.clone(), crate::router(engine))
     }
 
@@ -1711,27 +1433,18 @@ mod tests {
             .collect()
     }
 
-    /// What askama makes of `text`.
-    fn escaped(text: &str) -> String {
-        text.replace('&', "&#38;")
-            .replace('<', "&#60;")
-            .replace('>', "&#62;")
-            .replace('"', "&#34;")
-            .replace('\'', "&#39;")
-    }
-
     #[tokio::test]
     async fn search_finds_by_name_and_by_part_of_the_number_within_the_operators_comune() {
         let (engine, app) = site();
-        engine.seed("pisa", "+393471234567", Some("Maria Rossi"), Some("Centro"));
-        engine.seed(
+        engine.seed_subscriber("pisa", "+393471234567", Some("Maria Rossi"), Some("Centro"));
+        engine.seed_subscriber(
             "pisa",
             "+393339876543",
             Some("Luigi Bianchi"),
             Some("Marina"),
         );
-        engine.seed("lucca", "+393471234599", Some("Maria Verdi"), None);
-        let op = engine.operator("anna", Role::Operator, &["pisa"]);
+        engine.seed_subscriber("lucca", "+393471234599", Some("Maria Verdi"), None);
+        let op = operator(&engine, "anna", Role::Operator, &["pisa"]);
 
         let a = get(&app, "/subscribers", &op).await;
         assert_eq!(a.status, StatusCode::OK);
@@ -1767,9 +1480,9 @@ mod tests {
     #[tokio::test]
     async fn an_operator_of_two_comuni_chooses_which_to_list() {
         let (engine, app) = site();
-        engine.seed("lucca", "+393471234599", Some("Maria Verdi"), None);
+        engine.seed_subscriber("lucca", "+393471234599", Some("Maria Verdi"), None);
         // Only a regional account (read-only) works for several comuni.
-        let op = engine.operator("prefetto", Role::Regional, &["pisa", "lucca"]);
+        let op = operator(&engine, "prefetto", Role::Regional, &["pisa", "lucca"]);
         let a = get(&app, "/subscribers", &op).await;
         assert!(a.body.contains("<select id=\"tenant\" name=\"tenant\">"));
         assert!(!a.body.contains("Maria Verdi"));
@@ -1782,9 +1495,9 @@ mod tests {
     async fn the_list_shows_fifty_citizens_a_page() {
         let (engine, app) = site();
         for i in 0..51 {
-            engine.seed("pisa", &format!("+39347100{i:04}"), None, None);
+            engine.seed_subscriber("pisa", &format!("+39347100{i:04}"), None, None);
         }
-        let op = engine.operator("anna", Role::Viewer, &["pisa"]);
+        let op = operator(&engine, "anna", Role::Viewer, &["pisa"]);
         let a = get(&app, "/subscribers", &op).await;
         assert!(a.body.contains("51 citizens registered."));
         assert_eq!(a.body.matches("<th scope=\"row\"").count(), PAGE_SIZE);
@@ -1804,7 +1517,7 @@ mod tests {
     #[tokio::test]
     async fn adding_a_citizen_makes_a_verified_subscriber_without_consent() {
         let (engine, app) = site();
-        let op = engine.operator("anna", Role::Operator, &["pisa"]);
+        let op = operator(&engine, "anna", Role::Operator, &["pisa"]);
         let a = get(&app, "/subscribers/new", &op).await;
         assert_eq!(a.status, StatusCode::OK);
         for field in ["phone", "name", "language", "zone"] {
@@ -1849,7 +1562,7 @@ mod tests {
     #[tokio::test]
     async fn adding_with_a_bad_phone_shows_the_error_and_keeps_the_values() {
         let (engine, app) = site();
-        let op = engine.operator("anna", Role::Operator, &["pisa"]);
+        let op = operator(&engine, "anna", Role::Operator, &["pisa"]);
         let a = post(
             &app,
             "/subscribers/new",
@@ -1897,8 +1610,8 @@ mod tests {
     #[tokio::test]
     async fn adding_a_registered_number_names_the_subscriber_holding_it() {
         let (engine, app) = site();
-        let id = engine.seed("pisa", "+393471234567", Some("Maria Rossi"), None);
-        let op = engine.operator("anna", Role::Operator, &["pisa"]);
+        let id = engine.seed_subscriber("pisa", "+393471234567", Some("Maria Rossi"), None);
+        let op = operator(&engine, "anna", Role::Operator, &["pisa"]);
         let a = post(
             &app,
             "/subscribers/new",
@@ -1920,8 +1633,9 @@ mod tests {
     #[tokio::test]
     async fn editing_changes_the_zone() {
         let (engine, app) = site();
-        let id = engine.seed("pisa", "+393471234567", Some("Maria Rossi"), Some("Centro"));
-        let op = engine.operator("anna", Role::Operator, &["pisa"]);
+        let id =
+            engine.seed_subscriber("pisa", "+393471234567", Some("Maria Rossi"), Some("Centro"));
+        let op = operator(&engine, "anna", Role::Operator, &["pisa"]);
         let a = get(&app, &format!("/subscribers/{id}"), &op).await;
         assert_eq!(a.status, StatusCode::OK);
         assert!(a.body.contains("value=\"Centro\""));
@@ -1965,8 +1679,8 @@ mod tests {
     #[tokio::test]
     async fn erasing_asks_first_then_removes_the_citizen() {
         let (engine, app) = site();
-        let id = engine.seed("pisa", "+393471234567", Some("Maria Rossi"), None);
-        let op = engine.operator("anna", Role::Operator, &["pisa"]);
+        let id = engine.seed_subscriber("pisa", "+393471234567", Some("Maria Rossi"), None);
+        let op = operator(&engine, "anna", Role::Operator, &["pisa"]);
         let a = get(&app, &format!("/subscribers/{id}/erase"), &op).await;
         assert_eq!(a.status, StatusCode::OK);
         assert!(a.body.contains("cannot be undone"));
@@ -1998,8 +1712,8 @@ mod tests {
     #[tokio::test]
     async fn a_viewer_may_look_but_gets_403_on_add() {
         let (engine, app) = site();
-        let id = engine.seed("pisa", "+393471234567", Some("Maria Rossi"), None);
-        let viewer = engine.operator("vera", Role::Viewer, &["pisa"]);
+        let id = engine.seed_subscriber("pisa", "+393471234567", Some("Maria Rossi"), None);
+        let viewer = operator(&engine, "vera", Role::Viewer, &["pisa"]);
         let a = get(&app, "/subscribers", &viewer).await;
         assert_eq!(a.status, StatusCode::OK);
         assert!(a.body.contains("Maria Rossi"));
@@ -2052,8 +1766,8 @@ mod tests {
     #[tokio::test]
     async fn another_comunes_citizen_is_404() {
         let (engine, app) = site();
-        let id = engine.seed("lucca", "+393471234599", Some("Maria Verdi"), None);
-        let op = engine.operator("anna", Role::Admin, &["pisa"]);
+        let id = engine.seed_subscriber("lucca", "+393471234599", Some("Maria Verdi"), None);
+        let op = operator(&engine, "anna", Role::Admin, &["pisa"]);
         for path in [
             format!("/subscribers/{id}"),
             format!("/subscribers/{id}/erase"),
@@ -2089,8 +1803,8 @@ mod tests {
     #[tokio::test]
     async fn changes_without_the_sessions_csrf_token_are_refused() {
         let (engine, app) = site();
-        let id = engine.seed("pisa", "+393471234567", None, None);
-        let op = engine.operator("anna", Role::Operator, &["pisa"]);
+        let id = engine.seed_subscriber("pisa", "+393471234567", None, None);
+        let op = operator(&engine, "anna", Role::Operator, &["pisa"]);
         let forged = (op.0.clone(), "0".repeat(40));
         let a = post(
             &app,
@@ -2127,8 +1841,8 @@ mod tests {
     #[tokio::test]
     async fn import_names_bad_lines_and_duplicates_by_line_and_creates_the_good_ones() {
         let (engine, app) = site();
-        let existing = engine.seed("pisa", "+393471234567", Some("Maria Rossi"), None);
-        let op = engine.operator("anna", Role::Operator, &["pisa"]);
+        let existing = engine.seed_subscriber("pisa", "+393471234567", Some("Maria Rossi"), None);
+        let op = operator(&engine, "anna", Role::Operator, &["pisa"]);
         let csv = "\u{feff}phone,name,language,zone\r\n\
                    +393471110001,Anna Neri,it,Centro\r\n\
                    12345,Numero Sbagliato,it,Centro\r\n\
@@ -2180,7 +1894,7 @@ mod tests {
     #[tokio::test]
     async fn an_import_over_the_limit_is_refused_naming_the_limit() {
         let (engine, app) = site();
-        let op = engine.operator("anna", Role::Operator, &["pisa"]);
+        let op = operator(&engine, "anna", Role::Operator, &["pisa"]);
         let mut csv = String::from("phone,name\n");
         for i in 0..=IMPORT_MAX {
             csv.push_str(&format!("+39347{i:07},Cittadino numero {i}\n"));
@@ -2216,7 +1930,7 @@ mod tests {
     #[tokio::test]
     async fn a_paste_without_a_usable_header_is_refused_whole() {
         let (engine, app) = site();
-        let op = engine.operator("anna", Role::Operator, &["pisa"]);
+        let op = operator(&engine, "anna", Role::Operator, &["pisa"]);
         for (csv, says) in [
             ("3471234567,Maria\n", "not the header"),
             (
@@ -2244,19 +1958,19 @@ mod tests {
     async fn export_round_trips_through_the_parser_and_defuses_formulas() {
         let (engine, app) = site();
         let formula = "=cmd|' /C calc'!A0";
-        let a = engine.seed("pisa", "+393471234567", Some(formula), Some("@zona"));
-        let b = engine.seed(
+        let a = engine.seed_subscriber("pisa", "+393471234567", Some(formula), Some("@zona"));
+        let b = engine.seed_subscriber(
             "pisa",
             "+393339876543",
             Some("Rossi, \"Nina\"\nseconda riga"),
             Some("Niccolò"),
         );
-        engine.seed("lucca", "+393471234599", Some("Maria Verdi"), None);
+        engine.seed_subscriber("lucca", "+393471234599", Some("Maria Verdi"), None);
         // All of a comune's personal data: a viewer may look, not take it away.
-        let viewer = engine.operator("vera", Role::Viewer, &["pisa"]);
+        let viewer = operator(&engine, "vera", Role::Viewer, &["pisa"]);
         let resp = get(&app, "/subscribers/export.csv?tenant=pisa", &viewer).await;
         assert_eq!(resp.status, StatusCode::FORBIDDEN);
-        let op = engine.operator("anna", Role::Operator, &["pisa"]);
+        let op = operator(&engine, "anna", Role::Operator, &["pisa"]);
         let resp = get(&app, "/subscribers/export.csv?tenant=pisa", &op).await;
         assert_eq!(resp.status, StatusCode::OK);
         assert_eq!(
@@ -2290,7 +2004,7 @@ mod tests {
         assert_eq!(rows[2][4], b.to_string());
 
         // The file imports as it is, and the defused cells come back as they were.
-        let op2 = engine.operator("admin", Role::Admin, &["lucca"]);
+        let op2 = operator(&engine, "admin", Role::Admin, &["lucca"]);
         let r = post(
             &app,
             "/subscribers/import",
@@ -2312,8 +2026,8 @@ mod tests {
     async fn a_script_in_a_name_is_shown_escaped() {
         let (engine, app) = site();
         let script = "<script>alert(1)</script>";
-        let id = engine.seed("pisa", "+393471234567", Some(script), Some(script));
-        let op = engine.operator("anna", Role::Operator, &["pisa"]);
+        let id = engine.seed_subscriber("pisa", "+393471234567", Some(script), Some(script));
+        let op = operator(&engine, "anna", Role::Operator, &["pisa"]);
         for path in [
             "/subscribers".to_string(),
             format!("/subscribers/{id}"),

@@ -1,255 +1,17 @@
 //! Router tests against an in-memory engine built on the real domain state machine.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use async_trait::async_trait;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use campanile_cluster::*;
-use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
-use crate::engine::{Engine, EngineError, Health};
-
-const TOKEN: &str = "0123456789abcdef0123456789abcdef";
-
-/// Applies commands straight to a `State`: the same rules as a node, minus Raft.
-#[derive(Default)]
-struct FakeEngine {
-    state: Mutex<State>,
-    drill: bool,
-}
-
-impl FakeEngine {
-    fn apply(&self, cmd: Command) -> Result<Response, EngineError> {
-        match self.state.lock().unwrap().apply(&cmd) {
-            Response::Refused(r) => Err(match r {
-                Refusal::DuplicatePhone(..)
-                | Refusal::WrongCampaignState { .. }
-                | Refusal::ApprovalRequired(_)
-                | Refusal::ApprovalNotNeeded(_)
-                | Refusal::SelfApproval(..)
-                | Refusal::OverrideNotEmergency(_)
-                | Refusal::DuplicateOperator(_) => EngineError::Conflict(r.to_string()),
-                Refusal::OverrideWithoutReason | Refusal::InvalidOperator { .. } => {
-                    EngineError::Invalid(r.to_string())
-                }
-                _ => EngineError::NotFound(r.to_string()),
-            }),
-            ok => Ok(ok),
-        }
-    }
-    fn campaign_now(&self, id: CampaignId) -> Result<Campaign, EngineError> {
-        self.state
-            .lock()
-            .unwrap()
-            .campaign(id)
-            .cloned()
-            .ok_or_else(|| EngineError::NotFound(format!("campaign {id} does not exist")))
-    }
-}
-
-#[async_trait]
-impl Engine for FakeEngine {
-    async fn create_subscriber(&self, s: NewSubscriber) -> Result<Subscriber, EngineError> {
-        let Response::SubscriberCreated(id) = self.apply(Command::CreateSubscriber {
-            at_ms: 1,
-            subscriber: s,
-        })?
-        else {
-            unreachable!()
-        };
-        self.subscriber(id).await
-    }
-    async fn import_subscribers(
-        &self,
-        batch: Vec<NewSubscriber>,
-    ) -> Result<Vec<campanile_cluster::Imported>, EngineError> {
-        match self.apply(Command::CreateSubscribers {
-            at_ms: 1,
-            subscribers: batch,
-        })? {
-            Response::Imported(r) => Ok(r),
-            other => Err(EngineError::Internal(format!("{other:?}"))),
-        }
-    }
-    async fn subscriber(&self, id: SubscriberId) -> Result<Subscriber, EngineError> {
-        self.state
-            .lock()
-            .unwrap()
-            .subscriber(id)
-            .cloned()
-            .ok_or_else(|| EngineError::NotFound(format!("subscriber {id} does not exist")))
-    }
-    async fn delete_subscriber(&self, id: SubscriberId) -> Result<(), EngineError> {
-        self.apply(Command::DeleteSubscriber { at_ms: 2, id })
-            .map(|_| ())
-    }
-    async fn create_campaign(
-        &self,
-        spec: CampaignSpec,
-        created_by: Option<String>,
-    ) -> Result<Campaign, EngineError> {
-        let Response::CampaignCreated(id) = self.apply(Command::CreateCampaign {
-            at_ms: 3,
-            spec,
-            created_by,
-        })?
-        else {
-            unreachable!()
-        };
-        self.campaign_now(id)
-    }
-    async fn approve_campaign(&self, id: CampaignId, by: String) -> Result<Campaign, EngineError> {
-        self.apply(Command::ApproveCampaign { at_ms: 4, id, by })?;
-        self.campaign_now(id)
-    }
-    async fn override_approval(
-        &self,
-        id: CampaignId,
-        by: String,
-        reason: String,
-    ) -> Result<Campaign, EngineError> {
-        self.apply(Command::OverrideApproval {
-            at_ms: 4,
-            id,
-            by,
-            reason,
-        })?;
-        self.campaign_now(id)
-    }
-    async fn pause_campaign(&self, id: CampaignId) -> Result<Campaign, EngineError> {
-        self.apply(Command::PauseCampaign { at_ms: 5, id })?;
-        self.campaign_now(id)
-    }
-    async fn resume_campaign(&self, id: CampaignId) -> Result<Campaign, EngineError> {
-        self.apply(Command::ResumeCampaign { at_ms: 5, id })?;
-        self.campaign_now(id)
-    }
-    async fn tenants(&self) -> Result<Vec<Tenant>, EngineError> {
-        Ok(self.state.lock().unwrap().tenants().cloned().collect())
-    }
-    async fn create_tenant(&self, slug: String, name: String) -> Result<Tenant, EngineError> {
-        self.apply(Command::CreateTenant {
-            at_ms: 1,
-            slug: slug.clone(),
-            name,
-        })?;
-        Ok(self
-            .state
-            .lock()
-            .unwrap()
-            .tenants()
-            .find(|t| t.slug == slug)
-            .cloned()
-            .unwrap())
-    }
-    async fn audit(
-        &self,
-        tenant: Option<String>,
-        _after: u64,
-        _limit: usize,
-    ) -> Result<Vec<AuditEntry>, EngineError> {
-        Ok(self
-            .state
-            .lock()
-            .unwrap()
-            .audit()
-            .iter()
-            .filter(|e| tenant.is_none() || e.tenant == tenant)
-            .cloned()
-            .collect())
-    }
-    async fn operators(&self) -> Result<Vec<Operator>, EngineError> {
-        Ok(self.state.lock().unwrap().operators().cloned().collect())
-    }
-    async fn create_operator(&self, operator: Operator) -> Result<(), EngineError> {
-        self.apply(Command::CreateOperator { at_ms: 1, operator })
-            .map(drop)
-    }
-    async fn update_operator(&self, update: OperatorUpdate) -> Result<(), EngineError> {
-        self.apply(Command::UpdateOperator { at_ms: 1, update })
-            .map(drop)
-    }
-    async fn create_session(&self, session: Session) -> Result<(), EngineError> {
-        self.apply(Command::CreateSession { at_ms: 1, session })
-            .map(drop)
-    }
-    async fn end_session(&self, token_sha256: String) -> Result<(), EngineError> {
-        self.apply(Command::EndSession {
-            at_ms: 1,
-            token_sha256,
-        })
-        .map(drop)
-    }
-    fn token_principal(&self, presented: &str) -> Option<(String, Option<TokenScope>)> {
-        if presented == TOKEN {
-            return Some(("token:admin".into(), None));
-        }
-        self.state
-            .lock()
-            .unwrap()
-            .token(&crate::auth::secret_sha256(presented))
-            .map(|t| (format!("token:{}", t.label), t.scope.clone()))
-    }
-    async fn tokens(&self) -> Result<Vec<ApiToken>, EngineError> {
-        Ok(self.state.lock().unwrap().tokens().cloned().collect())
-    }
-    async fn add_token(&self, token: ApiToken) -> Result<(), EngineError> {
-        self.apply(Command::AddToken { token }).map(drop)
-    }
-    async fn revoke_token(&self, sha256: String) -> Result<(), EngineError> {
-        self.apply(Command::RevokeToken { at_ms: 9, sha256 })
-            .map(drop)
-    }
-    async fn session(&self, token_sha256: &str) -> Option<(Session, Operator)> {
-        self.state
-            .lock()
-            .unwrap()
-            .session(token_sha256, 2)
-            .map(|(s, o)| (s.clone(), o.clone()))
-    }
-    async fn start_campaign(&self, id: CampaignId) -> Result<Campaign, EngineError> {
-        self.apply(Command::StartCampaign { at_ms: 4, id })?;
-        self.campaign_now(id)
-    }
-    async fn cancel_campaign(&self, id: CampaignId) -> Result<Campaign, EngineError> {
-        self.apply(Command::CancelCampaign { at_ms: 5, id })?;
-        self.campaign_now(id)
-    }
-    async fn campaign(&self, id: CampaignId) -> Result<Campaign, EngineError> {
-        self.campaign_now(id)
-    }
-    async fn campaigns(&self) -> Result<Vec<Campaign>, EngineError> {
-        Ok(self.state.lock().unwrap().campaigns().cloned().collect())
-    }
-    async fn tasks(&self, id: CampaignId) -> Result<Vec<CallTask>, EngineError> {
-        self.campaign_now(id)?;
-        Ok(self.state.lock().unwrap().tasks(id).cloned().collect())
-    }
-    fn metrics_text(&self) -> String {
-        "# HELP campanile_up 1\n# TYPE campanile_up gauge\ncampanile_up 1\n".into()
-    }
-    fn check_token(&self, presented: &str) -> bool {
-        presented == TOKEN
-    }
-    fn drill_mode(&self) -> Option<String> {
-        self.drill.then(|| "calls go to the simulated city".into())
-    }
-    async fn health(&self) -> Health {
-        Health {
-            ok: true,
-            detail: "fine".into(),
-        }
-    }
-}
+use crate::testkit::{exchange, FakeEngine, TOKEN};
 
 fn app() -> axum::Router {
-    crate::router(Arc::new(FakeEngine {
-        drill: true,
-        ..Default::default()
-    }))
+    crate::router(Arc::new(FakeEngine::new().with_drill(true)))
 }
 
 async fn call(
@@ -270,14 +32,11 @@ async fn call(
             .unwrap(),
         None => req.body(Body::empty()).unwrap(),
     };
-    let resp = app.clone().oneshot(req).await.unwrap();
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    let text = String::from_utf8_lossy(&bytes).to_string();
+    let a = exchange(app, req).await;
     (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::Null),
-        text,
+        a.status,
+        serde_json::from_str(&a.body).unwrap_or(Value::Null),
+        a.body,
     )
 }
 

@@ -1,91 +1,17 @@
 //! The console behind its login: sessions, CSRF, the two-person rule, and every API route × every
-//! role × own and other tenant. The engine is the fake above, on the real state machine.
+//! role × own and other tenant. The engine is `testkit::FakeEngine`, on the real state machine.
 
 use super::*;
 use crate::auth;
+use crate::testkit::{operator, operator_account, send};
 
 /// A fake with two comuni (pisa, lucca) plus siena for the regional account.
 fn seeded() -> Arc<FakeEngine> {
-    let engine = Arc::new(FakeEngine {
-        drill: true,
-        ..Default::default()
-    });
+    let engine = Arc::new(FakeEngine::new().with_drill(true));
     for slug in ["pisa", "lucca", "siena"] {
-        engine
-            .apply(Command::CreateTenant {
-                at_ms: 1,
-                slug: slug.into(),
-                name: format!("Comune di {slug}"),
-            })
-            .unwrap();
+        engine.tenant(slug, &format!("Comune di {slug}"));
     }
     engine
-}
-
-const HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA";
-
-/// An operator with a live session; answers the cookie header and the CSRF token.
-fn operator(engine: &FakeEngine, username: &str, role: Role, tenants: &[&str]) -> (String, String) {
-    engine
-        .apply(Command::CreateOperator {
-            at_ms: 1,
-            operator: Operator {
-                totp_secret: None,
-                username: username.into(),
-                display_name: username.into(),
-                role,
-                tenants: tenants.iter().map(|t| t.to_string()).collect(),
-                password_hash: HASH.into(),
-                disabled: false,
-                created_ms: 0,
-                updated_ms: 0,
-            },
-        })
-        .unwrap();
-    let secret = auth::new_secret();
-    engine
-        .apply(Command::CreateSession {
-            at_ms: 1,
-            session: Session {
-                token_sha256: auth::secret_sha256(&secret),
-                username: username.into(),
-                created_ms: 1,
-                expires_ms: u64::MAX,
-            },
-        })
-        .unwrap();
-    (
-        format!("{}={secret}", auth::SESSION_COOKIE),
-        auth::csrf_token(&secret),
-    )
-}
-
-/// One request with optional cookie, CSRF header, JSON or form body.
-async fn send(
-    app: &axum::Router,
-    method: &str,
-    path: &str,
-    cookie: Option<&str>,
-    csrf: Option<&str>,
-    body: Option<Body>,
-    content_type: &str,
-) -> (StatusCode, axum::http::HeaderMap, String) {
-    let mut req = Request::builder().method(method).uri(path);
-    if let Some(c) = cookie {
-        req = req.header("Cookie", c);
-    }
-    if let Some(t) = csrf {
-        req = req.header("X-CSRF-Token", t);
-    }
-    let req = match body {
-        Some(b) => req.header("Content-Type", content_type).body(b).unwrap(),
-        None => req.body(Body::empty()).unwrap(),
-    };
-    let resp = app.clone().oneshot(req).await.unwrap();
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, headers, String::from_utf8_lossy(&bytes).to_string())
 }
 
 async fn json_as(
@@ -119,23 +45,11 @@ fn city_wide(tenant: &str) -> Value {
 #[tokio::test]
 async fn pages_behind_the_login_redirect_and_the_login_form_opens_a_session() {
     let engine = seeded();
-    let hash = auth::hash_password("una password lunga").unwrap();
-    engine
-        .apply(Command::CreateOperator {
-            at_ms: 1,
-            operator: Operator {
-                totp_secret: None,
-                username: "sindaco".into(),
-                display_name: "Il Sindaco".into(),
-                role: Role::Operator,
-                tenants: vec!["pisa".into()],
-                password_hash: hash,
-                disabled: false,
-                created_ms: 0,
-                updated_ms: 0,
-            },
-        })
-        .unwrap();
+    engine.add_operator(Operator {
+        display_name: "Il Sindaco".into(),
+        password_hash: auth::hash_password("una password lunga").unwrap(),
+        ..operator_account("sindaco", Role::Operator, &["pisa"])
+    });
     let app = crate::router(engine.clone());
     let (s, h, _) = send(&app, "GET", "/", None, None, None, "").await;
     assert_eq!(s, StatusCode::SEE_OTHER);
@@ -539,6 +453,20 @@ fn routes(tenant: &str, campaign: u64, subscriber: u64) -> Vec<RouteCase> {
             true,
         ),
         c(
+            "GET",
+            format!("/api/v1/subscribers?tenant={tenant}&q=347"),
+            None,
+            Read,
+            true,
+        ),
+        c(
+            "PATCH",
+            format!("/api/v1/subscribers/{subscriber}"),
+            Some(json!({"zone": "collina"})),
+            Operate,
+            true,
+        ),
+        c(
             "DELETE",
             format!("/api/v1/subscribers/{subscriber}"),
             None,
@@ -725,6 +653,9 @@ async fn every_api_route_for_every_role_in_its_own_and_another_tenant() {
                     if case.method == "GET" && case.path == "/api/v1/campaigns" {
                         assert_eq!(v.as_array().unwrap().len(), usize::from(own), "{cell}");
                     }
+                    if case.path.starts_with("/api/v1/subscribers?") {
+                        assert_eq!(v["total"], 1, "{cell}");
+                    }
                     if case.path == "/api/v1/subscribers/import" && !own {
                         assert_eq!(v["created"], 0, "{cell}");
                     }
@@ -864,22 +795,12 @@ async fn an_automation_token_has_a_role_in_its_tenants_and_can_be_revoked() {
 async fn with_the_second_factor_on_a_login_needs_a_fresh_code_and_each_code_works_once() {
     let engine = seeded();
     let secret = crate::totp::new_secret();
-    engine
-        .apply(Command::CreateOperator {
-            at_ms: 1,
-            operator: Operator {
-                username: "sindaco".into(),
-                display_name: "Il Sindaco".into(),
-                role: Role::Operator,
-                tenants: vec!["pisa".into()],
-                password_hash: auth::hash_password("una password lunga").unwrap(),
-                disabled: false,
-                created_ms: 0,
-                updated_ms: 0,
-                totp_secret: Some(secret.clone()),
-            },
-        })
-        .unwrap();
+    engine.add_operator(Operator {
+        display_name: "Il Sindaco".into(),
+        password_hash: auth::hash_password("una password lunga").unwrap(),
+        totp_secret: Some(secret.clone()),
+        ..operator_account("sindaco", Role::Operator, &["pisa"])
+    });
     let app = crate::router(engine.clone());
     let (_, h, _) = send(&app, "GET", "/login", None, None, None, "").await;
     let login_cookie = h["set-cookie"]

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use campanile_cluster::{
     CallTask, Campaign, CampaignId, CampaignSpec, Cluster, ClusterError, Command, NewSubscriber,
-    NodeId, Refusal, Response, Subscriber, SubscriberId,
+    NodeId, Response, Subscriber, SubscriberId,
 };
 use campanile_dashboard::{Engine, EngineError, Health};
 
@@ -34,33 +34,6 @@ fn cluster_err(e: ClusterError) -> EngineError {
     EngineError::Unavailable(e.to_string())
 }
 
-fn refusal(r: Refusal) -> EngineError {
-    match r {
-        Refusal::DuplicatePhone(..) => EngineError::Conflict(r.to_string()),
-        Refusal::UnknownSubscriber(_) | Refusal::UnknownCampaign(_) | Refusal::UnknownToken => {
-            EngineError::NotFound(r.to_string())
-        }
-        Refusal::WrongCampaignState { .. }
-        | Refusal::DuplicateTenant(_)
-        | Refusal::DuplicateOperator(_)
-        | Refusal::ApprovalRequired(_)
-        | Refusal::ApprovalNotNeeded(_)
-        | Refusal::SelfApproval(..)
-        | Refusal::OverrideNotEmergency(_)
-        | Refusal::DisabledOperator(_) => EngineError::Conflict(r.to_string()),
-        Refusal::UnknownTenant(_) | Refusal::UnknownOperator(_) | Refusal::UnknownAudio(_) => {
-            EngineError::NotFound(r.to_string())
-        }
-        Refusal::InvalidTenant(_)
-        | Refusal::InvalidOperator { .. }
-        | Refusal::AudioTooLarge { .. }
-        | Refusal::OverrideWithoutReason
-        | Refusal::NoVerification(_)
-        | Refusal::WrongCode { .. }
-        | Refusal::NestedAudit => EngineError::Invalid(r.to_string()),
-    }
-}
-
 impl NodeEngine {
     /// Commits `cmd`. Inside an API request it is wrapped in `Audited`, so the audit log says which
     /// token asked for it and what came of it.
@@ -75,7 +48,7 @@ impl NodeEngine {
             None => cmd,
         };
         match self.cluster.write(cmd).await.map_err(cluster_err)? {
-            Response::Refused(r) => Err(refusal(r)),
+            Response::Refused(r) => Err(EngineError::from(r)),
             other => Ok(other),
         }
     }
@@ -441,7 +414,7 @@ impl Engine for NodeEngine {
             }),
         };
         match self.cluster.write(cmd).await.map_err(cluster_err)? {
-            Response::Refused(r) => Err(refusal(r)),
+            Response::Refused(r) => Err(EngineError::from(r)),
             _ => Ok(purpose),
         }
     }
