@@ -344,6 +344,15 @@ impl NodeProc {
         self.post_within(path, body, Duration::from_secs(30))
     }
 
+    /// PUT JSON to an API path; returns (status, JSON body).
+    pub fn put(&self, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
+        let r = ureq::put(&self.url(path))
+            .set("Authorization", &self.auth())
+            .timeout(Duration::from_secs(30))
+            .send_json(body.clone());
+        into_json(r)
+    }
+
     /// `post`, giving up on the answer after `timeout`.
     pub fn post_within(
         &self,

@@ -94,6 +94,23 @@ fn a_second_tenant_records_a_message_calls_only_its_citizens_and_everything_is_a
         .collect();
     assert_eq!(slugs, BTreeSet::from(["default", "pisa"]));
 
+    // Pisa's calls show Pisa's own number and name; a caller ID that would break a SIP header is refused.
+    let (status, body) = node
+        .put(
+            "/api/v1/tenants/pisa/caller-id",
+            &json!({ "number": "+390502211", "display_name": "Comune di Pisa" }),
+        )
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["caller_id"]["number"], "+390502211");
+    let (status, body) = node
+        .put(
+            "/api/v1/tenants/pisa/caller-id",
+            &json!({ "number": "+390502211", "display_name": "Pisa\"\r\nX-Evil: 1" }),
+        )
+        .unwrap();
+    assert_eq!(status, 400, "{body}");
+
     // Subscribers: four in `default`, three in `pisa`, one number registered with both.
     node.register(1, 4).unwrap();
     let pisa_numbers = ["+393470000001", "+393470000101", "+393470000102"];
@@ -175,6 +192,13 @@ fn a_second_tenant_records_a_message_calls_only_its_citizens_and_everything_is_a
     let expected: BTreeSet<String> = pisa_numbers.iter().map(|n| n.to_string()).collect();
     assert_eq!(called, expected);
     assert_eq!(numbers_that_pressed(&city.events()), expected);
+    for e in city.events().iter().filter(|e| e["event"] == "invite") {
+        let caller = e["caller"].as_str().unwrap_or_default();
+        assert!(
+            caller.contains("\"Comune di Pisa\"") && caller.contains("sip:+390502211@"),
+            "the phone shows Pisa's caller ID: {e}"
+        );
+    }
 
     // The audit log: who did what, refusals included, no phone number.
     let audit = |node: &NodeProc, q: &str| -> Vec<Value> {

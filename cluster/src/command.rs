@@ -6,8 +6,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{
-    ApiToken, AttemptEvent, CampaignId, CampaignSpec, NewSubscriber, NodeId, NodeInfo, Operator,
-    OperatorUpdate, Session, SubscriberId, SubscriberUpdate, Verification,
+    ApiToken, AttemptEvent, CallerId, CampaignId, CampaignSpec, NewSubscriber, NodeId, NodeInfo,
+    Operator, OperatorUpdate, Session, SubscriberId, SubscriberUpdate, Verification,
 };
 
 /// A change to the replicated state. `at_ms` is the proposer's wall clock; `apply` never reads a clock.
@@ -149,6 +149,12 @@ pub enum Command {
         at_ms: u64,
         token_sha256: String,
     },
+    /// Sets (or, with None, clears) the caller ID a tenant's calls present.
+    SetCallerId {
+        at_ms: u64,
+        tenant: String,
+        caller_id: Option<CallerId>,
+    },
     /// An API token stops working everywhere.
     RevokeToken {
         at_ms: u64,
@@ -211,6 +217,7 @@ impl Command {
             Command::OverrideApproval { .. } => "override_approval",
             Command::CreateSession { .. } => "create_session",
             Command::EndSession { .. } => "end_session",
+            Command::SetCallerId { .. } => "set_caller_id",
             Command::RevokeToken { .. } => "revoke_token",
             Command::UpdateSubscriber { .. } => "update_subscriber",
             Command::RequestVerification { .. } => "request_verification",
@@ -296,6 +303,8 @@ pub enum Refusal {
     OverrideNotEmergency(CampaignId),
     #[error("an emergency override needs a reason of at least 10 characters")]
     OverrideWithoutReason,
+    #[error("caller ID refused: {0}")]
+    InvalidCallerId(String),
     #[error("no API token has that hash")]
     UnknownToken,
     #[error("no verification code is waiting for this number (or it expired); ask for a new call")]

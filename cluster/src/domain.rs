@@ -268,6 +268,38 @@ pub struct Tenant {
     pub slug: String,
     pub name: String,
     pub created_ms: u64,
+    /// What citizens see calling: the comune's own number and name; None: the node's `[caller_id]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caller_id: Option<CallerId>,
+}
+
+/// A caller ID: the number (user part of From and P-Asserted-Identity) and the display name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallerId {
+    pub number: String,
+    pub display_name: String,
+}
+
+impl CallerId {
+    /// Why this caller ID cannot go into a SIP header, if it cannot: a number of 3 to 20 digits
+    /// (a leading `+` allowed), a name of at most 60 printable characters without quotes or
+    /// backslashes.
+    pub fn problem(&self) -> Option<&'static str> {
+        let digits = self.number.strip_prefix('+').unwrap_or(&self.number);
+        if !(3..=20).contains(&digits.len()) || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Some("the number must be 3 to 20 digits, optionally after a +");
+        }
+        let name = &self.display_name;
+        if name.trim().is_empty()
+            || name.chars().count() > 60
+            || name
+                .chars()
+                .any(|c| c.is_control() || c == '"' || c == '\\')
+        {
+            return Some("the name must be 1 to 60 characters, without quotes or backslashes");
+        }
+        None
+    }
 }
 
 impl Tenant {

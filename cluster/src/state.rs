@@ -77,6 +77,7 @@ impl Default for Tenants {
             slug: DEFAULT_TENANT.into(),
             name: "Default".into(),
             created_ms: 0,
+            caller_id: None,
         };
         Tenants([(default.slug.clone(), default)].into_iter().collect())
     }
@@ -233,6 +234,20 @@ impl State {
                     .or_insert_with(|| token.clone());
                 Response::Ok
             }
+            Command::SetCallerId {
+                tenant, caller_id, ..
+            } => {
+                if let Some(problem) = caller_id.as_ref().and_then(|c| c.problem()) {
+                    return Response::Refused(Refusal::InvalidCallerId(problem.into()));
+                }
+                match self.tenants.0.get_mut(tenant) {
+                    Some(t) => {
+                        t.caller_id = caller_id.clone();
+                        Response::Ok
+                    }
+                    None => Response::Refused(Refusal::UnknownTenant(tenant.clone())),
+                }
+            }
             Command::RevokeToken { sha256, .. } => match self.tokens.remove(sha256) {
                 Some(_) => Response::Ok,
                 None => Response::Refused(Refusal::UnknownToken),
@@ -342,6 +357,7 @@ impl State {
                     slug: slug.clone(),
                     name: name.clone(),
                     created_ms: *at_ms,
+                    caller_id: None,
                 };
                 self.tenants.0.insert(slug.clone(), tenant);
                 Response::Ok
@@ -513,6 +529,7 @@ impl State {
             | Command::ApproveCampaign { id, .. }
             | Command::OverrideApproval { id, .. } => of_campaign(id),
             Command::CreateTenant { slug, .. } => Some(slug.clone()),
+            Command::SetCallerId { tenant, .. } => Some(tenant.clone()),
             Command::PutAudio { tenant, .. } => Some(tenant.clone()),
             Command::CreateOperator { operator, .. } => operator.tenants.first().cloned(),
             _ => None,
@@ -1745,6 +1762,56 @@ mod tests {
         assert_eq!(st.apply(&confirm("123456", 30)), Response::Ok);
         assert!(st.subscriber(id).is_none());
         assert!(st.subscriber_by_phone(DEFAULT_TENANT, &phone).is_none());
+    }
+
+    #[test]
+    fn a_tenant_caller_id_is_set_checked_and_cleared() {
+        let mut st = State::default();
+        let set = |number: &str, name: &str| Command::SetCallerId {
+            at_ms: 1,
+            tenant: DEFAULT_TENANT.into(),
+            caller_id: Some(CallerId {
+                number: number.into(),
+                display_name: name.into(),
+            }),
+        };
+        assert_eq!(st.apply(&set("+390502211", "Comune di Pisa")), Response::Ok);
+        assert_eq!(
+            st.tenant(DEFAULT_TENANT)
+                .and_then(|t| t.caller_id.as_ref())
+                .map(|c| c.number.as_str()),
+            Some("+390502211")
+        );
+        for (number, name) in [
+            ("12", "ok"),
+            ("+39abc", "ok"),
+            ("+390502211", "Pisa\"\r\nX: 1"),
+            ("+390502211", ""),
+        ] {
+            assert!(
+                matches!(
+                    st.apply(&set(number, name)),
+                    Response::Refused(Refusal::InvalidCallerId(_))
+                ),
+                "{number:?} {name:?}"
+            );
+        }
+        let mut other = set("+390502211", "x");
+        if let Command::SetCallerId { tenant, .. } = &mut other {
+            *tenant = "nowhere".into();
+        }
+        assert!(matches!(
+            st.apply(&other),
+            Response::Refused(Refusal::UnknownTenant(_))
+        ));
+        st.apply(&Command::SetCallerId {
+            at_ms: 2,
+            tenant: DEFAULT_TENANT.into(),
+            caller_id: None,
+        });
+        assert!(st
+            .tenant(DEFAULT_TENANT)
+            .is_some_and(|t| t.caller_id.is_none()));
     }
 
     #[test]

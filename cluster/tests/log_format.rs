@@ -272,6 +272,14 @@ fn one_of_each() -> Vec<Command> {
             lease_ms: 3_000,
             channels_in_use: Some(12),
         },
+        Command::SetCallerId {
+            at_ms: 42,
+            tenant: "default".into(),
+            caller_id: Some(CallerId {
+                number: "+390502211".into(),
+                display_name: "Comune di Pisa".into(),
+            }),
+        },
         Command::RevokeToken {
             at_ms: 38,
             sha256: "9c".repeat(32),
@@ -305,6 +313,7 @@ fn kind(c: &Command) -> &'static str {
         Command::OverrideApproval { .. } => "override_approval",
         Command::CreateSession { .. } => "create_session",
         Command::EndSession { .. } => "end_session",
+        Command::SetCallerId { .. } => "set_caller_id",
         Command::RevokeToken { .. } => "revoke_token",
         Command::UpdateSubscriber { .. } => "update_subscriber",
         Command::RequestVerification { .. } => "request_verification",

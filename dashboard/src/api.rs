@@ -975,7 +975,48 @@ pub struct TenantBody {
 }
 
 fn tenant_view(t: &campanile_cluster::Tenant) -> Value {
-    json!({ "slug": t.slug, "name": t.name, "created_ms": t.created_ms })
+    json!({
+        "slug": t.slug, "name": t.name, "created_ms": t.created_ms,
+        "caller_id": t.caller_id.as_ref().map(|c| json!({ "number": c.number, "display_name": c.display_name })),
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallerIdBody {
+    number: String,
+    display_name: String,
+}
+
+/// `PUT /api/v1/tenants/{slug}/caller-id` with `{"number", "display_name"}`: what the tenant's
+/// calls show (From and P-Asserted-Identity); the trunk must allow the number.
+pub async fn set_caller_id(
+    State(engine): State<AppState>,
+    axum::Extension(who): Who,
+    Path(slug): Path<String>,
+    ApiJson(body): ApiJson<CallerIdBody>,
+) -> Result<Json<Value>, ApiError> {
+    who.check(Action::Administer, &slug, &format!("tenant `{slug}`"))?;
+    let caller = campanile_cluster::CallerId {
+        number: body.number.trim().to_string(),
+        display_name: body.display_name.trim().to_string(),
+    };
+    if let Some(problem) = caller.problem() {
+        return Err(ApiError::bad_request("invalid_field", problem));
+    }
+    Ok(Json(tenant_view(
+        &engine.set_caller_id(slug, Some(caller)).await?,
+    )))
+}
+
+/// `DELETE /api/v1/tenants/{slug}/caller-id`: back to the node's `[caller_id]`.
+pub async fn clear_caller_id(
+    State(engine): State<AppState>,
+    axum::Extension(who): Who,
+    Path(slug): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    who.check(Action::Administer, &slug, &format!("tenant `{slug}`"))?;
+    Ok(Json(tenant_view(&engine.set_caller_id(slug, None).await?)))
 }
 
 /// `GET /api/v1/tenants`.

@@ -54,6 +54,7 @@ impl From<campanile_cluster::Refusal> for EngineError {
             | Refusal::AudioTooLarge { .. }
             | Refusal::OverrideWithoutReason
             | Refusal::NoVerification(_)
+            | Refusal::InvalidCallerId(_)
             | Refusal::WrongCode { .. }
             | Refusal::NestedAudit => EngineError::Invalid(r.to_string()),
         }
@@ -208,6 +209,16 @@ pub trait Engine: Send + Sync + 'static {
     async fn revoke_token(&self, _sha256: String) -> Result<(), EngineError> {
         Err(EngineError::Unavailable(
             "API tokens are not available on this node".into(),
+        ))
+    }
+    /// Sets (None: clears) the caller ID a tenant's calls present; answers the tenant.
+    async fn set_caller_id(
+        &self,
+        _tenant: String,
+        _caller_id: Option<campanile_cluster::CallerId>,
+    ) -> Result<campanile_cluster::Tenant, EngineError> {
+        Err(EngineError::Unavailable(
+            "caller IDs cannot be changed on this node".into(),
         ))
     }
     /// Tenants (comuni) of the cluster.

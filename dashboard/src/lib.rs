@@ -84,6 +84,10 @@ pub fn router(engine: Arc<dyn Engine>) -> Router {
         .route("/backup", get(api::backup))
         .route("/tenants", get(api::tenants).post(api::create_tenant))
         .route(
+            "/tenants/{slug}/caller-id",
+            axum::routing::put(api::set_caller_id).delete(api::clear_caller_id),
+        )
+        .route(
             "/audio",
             post(api::put_audio).layer(DefaultBodyLimit::max(api::AUDIO_BODY_LIMIT)),
         )

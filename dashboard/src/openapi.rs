@@ -675,6 +675,29 @@ fn path_items() -> Vec<(&'static str, Value)> {
             }),
         ),
         (
+            "/tenants/{slug}/caller-id",
+            json!({
+                "put": Op::new("setCallerId", "accounts", "What the tenant's calls show (From and P-Asserted-Identity); the trunk must allow the number")
+                    .param(json!({
+                        "name": "slug", "in": "path", "required": true, "schema": tenant_slug(), "example": "default",
+                    }))
+                    .body(json_body(body(&["number", "display_name"], json!({
+                        "number": { "type": "string", "pattern": "^\\+?[0-9]{3,20}$" },
+                        "display_name": { "type": "string", "minLength": 1, "maxLength": 60, "pattern": "^[^\"\\\\\\u0000-\\u001f\\u007f]+$" },
+                    })), json!({ "number": "+390502211", "display_name": "Comune di Pisa" })))
+                    .ok("200", json_response("The tenant afterwards", schema_ref("Tenant")))
+                    .errors(&["400", "403", "404", "413", "415"])
+                    .build("put"),
+                "delete": Op::new("clearCallerId", "accounts", "Back to the node's own caller ID")
+                    .param(json!({
+                        "name": "slug", "in": "path", "required": true, "schema": tenant_slug(), "example": "default",
+                    }))
+                    .ok("200", json_response("The tenant afterwards", schema_ref("Tenant")))
+                    .errors(&["403", "404"])
+                    .build("delete"),
+            }),
+        ),
+        (
             "/tenants",
             json!({
                 "get": Op::new("listTenants", "accounts", "The tenants the caller serves")
@@ -1015,6 +1038,11 @@ fn schemas() -> Value {
             "slug": { "type": "string" },
             "name": { "type": "string" },
             "created_ms": uint(),
+            "caller_id": nullable(schema_ref("CallerId")),
+        })),
+        "CallerId": exact(json!({
+            "number": { "type": "string" },
+            "display_name": { "type": "string" },
         })),
         "AudioStored": exact(json!({
             "sha256": { "type": "string", "pattern": "^[0-9a-f]{64}$" },

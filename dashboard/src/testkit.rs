@@ -452,6 +452,23 @@ impl Engine for FakeEngine {
             .cloned()
             .ok_or_else(|| EngineError::Internal(format!("tenant {slug} is missing")))
     }
+    async fn set_caller_id(
+        &self,
+        tenant: String,
+        caller_id: Option<campanile_cluster::CallerId>,
+    ) -> Result<Tenant, EngineError> {
+        self.apply(Command::SetCallerId {
+            at_ms: self.now_ms,
+            tenant: tenant.clone(),
+            caller_id,
+        })?;
+        self.state
+            .lock()
+            .unwrap()
+            .tenant(&tenant)
+            .cloned()
+            .ok_or_else(|| EngineError::Internal(format!("tenant {tenant} is missing")))
+    }
     async fn audit(
         &self,
         tenant: Option<String>,

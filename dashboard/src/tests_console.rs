@@ -460,6 +460,13 @@ fn routes(tenant: &str, campaign: u64, subscriber: u64) -> Vec<RouteCase> {
             true,
         ),
         c(
+            "PUT",
+            format!("/api/v1/tenants/{tenant}/caller-id"),
+            Some(json!({"number": "+390502211", "display_name": "Comune"})),
+            Administer,
+            true,
+        ),
+        c(
             "PATCH",
             format!("/api/v1/subscribers/{subscriber}"),
             Some(json!({"zone": "collina"})),

@@ -380,8 +380,15 @@ impl Engine for NodeEngine {
             },
         })
         .await?;
-        self.verifier
-            .call(phone.as_str().to_string(), code, sub.language.clone());
+        let caller = self
+            .cluster
+            .read(|s| s.tenant(&tenant).and_then(|t| t.caller_id.clone()));
+        self.verifier.call(
+            phone.as_str().to_string(),
+            code,
+            sub.language.clone(),
+            caller,
+        );
         Ok(())
     }
 
@@ -518,6 +525,22 @@ impl Engine for NodeEngine {
         })
         .await
         .map(drop)
+    }
+
+    async fn set_caller_id(
+        &self,
+        tenant: String,
+        caller_id: Option<campanile_cluster::CallerId>,
+    ) -> Result<campanile_cluster::Tenant, EngineError> {
+        self.write(Command::SetCallerId {
+            at_ms: now_ms(),
+            tenant: tenant.clone(),
+            caller_id,
+        })
+        .await?;
+        self.cluster
+            .read(|s| s.tenant(&tenant).cloned())
+            .ok_or_else(|| EngineError::NotFound(format!("tenant `{tenant}` does not exist")))
     }
 
     async fn tenants(&self) -> Result<Vec<campanile_cluster::Tenant>, EngineError> {

@@ -35,7 +35,14 @@ impl Verifier {
 
     /// Calls `phone` and reads `code` in `language`, in the background; the outcome goes to the log
     /// (number masked, code never).
-    pub fn call(self: &Arc<Self>, phone: String, code: String, language: String) {
+    /// `caller` is the tenant's own caller ID, when it has one.
+    pub fn call(
+        self: &Arc<Self>,
+        phone: String,
+        code: String,
+        language: String,
+        caller: Option<campanile_cluster::CallerId>,
+    ) {
         let me = self.clone();
         tokio::spawn(async move {
             let masked = campanile_cluster::mask_number(&phone);
@@ -58,8 +65,12 @@ impl Verifier {
                 to: phone,
                 trunk: me.cfg.trunk,
                 trunk_host: me.cfg.trunk_host.clone(),
-                from_user: me.cfg.from_user.clone(),
-                display_name: me.cfg.display_name.clone(),
+                from_user: caller
+                    .as_ref()
+                    .map_or_else(|| me.cfg.from_user.clone(), |c| c.number.clone()),
+                display_name: caller
+                    .as_ref()
+                    .map_or_else(|| me.cfg.display_name.clone(), |c| c.display_name.clone()),
                 audio,
                 ring_timeout: me.cfg.ring_timeout,
                 confirm_wait: Duration::from_millis(500),

@@ -83,6 +83,8 @@ struct Due {
     priority: Priority,
     require_confirmation: bool,
     retry: RetryPolicy,
+    /// The tenant's own caller ID, when it has one.
+    caller: Option<campanile_cluster::CallerId>,
 }
 
 struct Shared {
@@ -317,6 +319,7 @@ fn collect_due(sh: &Shared, free: usize, held: &HashMap<u16, u64>) -> Vec<Due> {
                 priority: c.spec.priority,
                 require_confirmation: c.spec.require_confirmation,
                 retry: c.spec.retry,
+                caller: s.tenant(&c.spec.tenant).and_then(|t| t.caller_id.clone()),
             })
         })
         .collect()
@@ -419,8 +422,14 @@ fn start_call(sh: &Arc<Shared>, due: Due, audio: PreparedAudio) {
             to: due.phone,
             trunk: sh.cfg.trunk,
             trunk_host: sh.cfg.trunk_host.clone(),
-            from_user: sh.cfg.from_user.clone(),
-            display_name: sh.cfg.display_name.clone(),
+            from_user: due
+                .caller
+                .as_ref()
+                .map_or_else(|| sh.cfg.from_user.clone(), |c| c.number.clone()),
+            display_name: due
+                .caller
+                .as_ref()
+                .map_or_else(|| sh.cfg.display_name.clone(), |c| c.display_name.clone()),
             audio,
             ring_timeout: sh.cfg.ring_timeout,
             confirm_wait: sh.cfg.confirm_wait,

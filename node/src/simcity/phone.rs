@@ -60,6 +60,22 @@ struct PhoneCall {
     early_socket: Option<Arc<UdpSocket>>,
 }
 
+/// The caller ID a phone would show: P-Asserted-Identity (RFC 3325) when the trunk passes it, else From.
+fn caller_of(invite: &Request) -> Option<String> {
+    invite
+        .headers
+        .iter()
+        .find_map(|h| match h {
+            rsip::Header::Other(name, value)
+                if name.eq_ignore_ascii_case("P-Asserted-Identity") =>
+            {
+                Some(value.clone())
+            }
+            _ => None,
+        })
+        .or_else(|| message::header_value(invite, message::HeaderName::From).map(str::to_string))
+}
+
 /// Handles one incoming INVITE to the end of its call.
 pub(crate) async fn run(
     shared: Arc<Shared>,
@@ -79,7 +95,11 @@ pub(crate) async fn run(
         &call_id,
         from,
         "invite",
-        json!({ "attempt": attempt }),
+        // The caller ID the trunk would present (RFC 3325), else From: what the phone's screen shows.
+        json!({
+            "attempt": attempt,
+            "caller": caller_of(&invite),
+        }),
     );
     let st = ServerTransaction::new(invite.clone(), Instant::now(), shared.timers, false);
     let mut call = PhoneCall {
