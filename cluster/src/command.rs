@@ -149,6 +149,11 @@ pub enum Command {
         at_ms: u64,
         token_sha256: String,
     },
+    /// The leader closes campaigns whose deadline has come: their citizens waiting for a call end
+    /// `exhausted` (calls up at that moment end as they end, without a retry).
+    CloseExpired {
+        at_ms: u64,
+    },
     /// Sets (or, with None, clears) the caller ID a tenant's calls present.
     SetCallerId {
         at_ms: u64,
@@ -217,6 +222,7 @@ impl Command {
             Command::OverrideApproval { .. } => "override_approval",
             Command::CreateSession { .. } => "create_session",
             Command::EndSession { .. } => "end_session",
+            Command::CloseExpired { .. } => "close_expired",
             Command::SetCallerId { .. } => "set_caller_id",
             Command::RevokeToken { .. } => "revoke_token",
             Command::UpdateSubscriber { .. } => "update_subscriber",

@@ -550,6 +550,16 @@ pub struct CampaignSpec {
     /// Scheduled: started before this time (ms since the epoch), nobody is called until it comes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_before_ms: Option<u64>,
+    /// Deadline: nobody is called from this time on; citizens not reached by then end `exhausted`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
+}
+
+impl CampaignSpec {
+    /// Whether the deadline has come at `now_ms`.
+    pub fn past_deadline(&self, now_ms: u64) -> bool {
+        self.deadline_ms.is_some_and(|d| now_ms >= d)
+    }
 }
 
 /// Where a campaign is in its life.

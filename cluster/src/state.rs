@@ -234,6 +234,27 @@ impl State {
                     .or_insert_with(|| token.clone());
                 Response::Ok
             }
+            Command::CloseExpired { at_ms } => {
+                let expired = self.expired_campaigns(*at_ms);
+                let mut closed = 0;
+                for id in expired {
+                    let waiting: Vec<SubscriberId> = self
+                        .tasks
+                        .get(&id)
+                        .map(|t| {
+                            t.values()
+                                .filter(|t| t.state == TaskState::Pending)
+                                .map(|t| t.subscriber)
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    for sid in waiting {
+                        self.finish_task_if_open(id, sid, FinalState::Exhausted, *at_ms);
+                        closed += 1;
+                    }
+                }
+                Response::Recorded { applied: closed }
+            }
             Command::SetCallerId {
                 tenant, caller_id, ..
             } => {
@@ -882,6 +903,13 @@ impl State {
                     }
                 }
                 task.last_outcome = Some(outcome.clone());
+                // Past the deadline nobody is called again.
+                let next = match next {
+                    Next::RetryAt(_) if c.spec.past_deadline(at_ms) => {
+                        &Next::Final(FinalState::Exhausted)
+                    }
+                    other => other,
+                };
                 match next {
                     Next::RetryAt(due) => {
                         task.state = TaskState::Pending;
@@ -940,6 +968,19 @@ impl State {
         task.updated_ms = at_ms;
         c.counts.enter(&task.state);
         self.complete_if_done(campaign, at_ms);
+    }
+
+    /// Running or paused campaigns whose deadline has come and that still have citizens waiting.
+    pub fn expired_campaigns(&self, now_ms: u64) -> Vec<CampaignId> {
+        self.campaigns
+            .values()
+            .filter(|c| {
+                matches!(c.state, CampaignState::Running | CampaignState::Paused)
+                    && c.spec.past_deadline(now_ms)
+                    && c.counts.pending > 0
+            })
+            .map(|c| c.id)
+            .collect()
     }
 
     fn complete_if_done(&mut self, id: CampaignId, at_ms: u64) {
@@ -1236,6 +1277,7 @@ mod tests {
             created_by: None,
             spec: CampaignSpec {
                 not_before_ms: None,
+                deadline_ms: None,
                 tenant: crate::domain::default_tenant(),
                 title: "Piena del fiume".into(),
                 message: Message::Tts {
@@ -1765,6 +1807,49 @@ mod tests {
     }
 
     #[test]
+    fn at_the_deadline_waiting_citizens_end_exhausted_and_calls_up_are_not_retried() {
+        let mut st = State::default();
+        st.apply(&sub(1, None));
+        st.apply(&sub(2, None));
+        let mut cmd = campaign(Audience::All);
+        if let Command::CreateCampaign { spec, .. } = &mut cmd {
+            spec.deadline_ms = Some(1_000);
+        }
+        let Response::CampaignCreated(id) = st.apply(&cmd) else {
+            panic!("not created")
+        };
+        st.apply(&Command::StartCampaign { at_ms: 5, id });
+        assert!(st.expired_campaigns(999).is_empty());
+        // Subscriber 1 is on the phone at the deadline; subscriber 2 waits.
+        record(&mut st, vec![started(id.0, 1, 1)]);
+        assert_eq!(st.expired_campaigns(1_000), vec![id]);
+        assert_eq!(
+            st.apply(&Command::CloseExpired { at_ms: 1_000 }),
+            Response::Recorded { applied: 1 }
+        );
+        let state_of = |st: &State, s: u64| st.task(id, SubscriberId(s)).map(|t| t.state);
+        assert_eq!(
+            state_of(&st, 2),
+            Some(TaskState::Final(FinalState::Exhausted))
+        );
+        assert!(st.expired_campaigns(2_000).is_empty());
+        // The call up ends busy after the deadline: no retry, exhausted; the campaign completes.
+        st.apply(&Command::RecordAttempts {
+            at_ms: 1_500,
+            node: NodeId(1),
+            events: vec![finished(id.0, 1, 1, Outcome::Busy, Next::RetryAt(1_600))],
+        });
+        assert_eq!(
+            state_of(&st, 1),
+            Some(TaskState::Final(FinalState::Exhausted))
+        );
+        assert_eq!(
+            st.campaign(id).map(|c| c.state),
+            Some(CampaignState::Completed)
+        );
+    }
+
+    #[test]
     fn a_tenant_caller_id_is_set_checked_and_cleared() {
         let mut st = State::default();
         let set = |number: &str, name: &str| Command::SetCallerId {
@@ -1935,6 +2020,7 @@ mod tests {
             created_by: None,
             spec: CampaignSpec {
                 not_before_ms: None,
+                deadline_ms: None,
                 tenant: tenant.into(),
                 title: "Registrata".into(),
                 message: Message::Recording {

@@ -38,6 +38,7 @@ fn one_of_each() -> Vec<Command> {
             created_by: None,
             spec: CampaignSpec {
                 not_before_ms: None,
+                deadline_ms: None,
                 tenant: campanile_cluster::default_tenant(),
                 title: "Allerta".into(),
                 message: Message::Tts {
@@ -189,6 +190,7 @@ fn one_of_each() -> Vec<Command> {
                 created_by: None,
                 spec: CampaignSpec {
                     not_before_ms: None,
+                    deadline_ms: None,
                     tenant: "comune-di-pisa".into(),
                     title: "Registrazione".into(),
                     message: Message::Recording {
@@ -207,6 +209,7 @@ fn one_of_each() -> Vec<Command> {
             spec: CampaignSpec {
                 tenant: campanile_cluster::default_tenant(),
                 not_before_ms: None,
+                deadline_ms: None,
                 title: "Allerta a tutta la città".into(),
                 message: Message::Tts {
                     text: "Evacuare".into(),
@@ -272,6 +275,7 @@ fn one_of_each() -> Vec<Command> {
             lease_ms: 3_000,
             channels_in_use: Some(12),
         },
+        Command::CloseExpired { at_ms: 43 },
         Command::SetCallerId {
             at_ms: 42,
             tenant: "default".into(),
@@ -313,6 +317,7 @@ fn kind(c: &Command) -> &'static str {
         Command::OverrideApproval { .. } => "override_approval",
         Command::CreateSession { .. } => "create_session",
         Command::EndSession { .. } => "end_session",
+        Command::CloseExpired { .. } => "close_expired",
         Command::SetCallerId { .. } => "set_caller_id",
         Command::RevokeToken { .. } => "revoke_token",
         Command::UpdateSubscriber { .. } => "update_subscriber",

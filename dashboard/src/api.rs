@@ -482,6 +482,8 @@ pub struct CampaignBody {
     tenant: Option<String>,
     /// Schedule: nobody is called before this time (ms since the epoch).
     not_before_ms: Option<u64>,
+    /// Deadline: nobody is called from this time on (ms since the epoch).
+    deadline_ms: Option<u64>,
 }
 
 /// Exactly one of: text to speak, or a recording stored with `POST /api/v1/audio`.
@@ -586,6 +588,10 @@ impl CampaignBody {
                 ))
             }
         };
+        let not_before_ms = check_schedule("not_before_ms", self.not_before_ms)
+            .map_err(|m| ApiError::bad_request("invalid_field", m))?;
+        let deadline_ms = check_deadline("deadline_ms", self.deadline_ms, not_before_ms)
+            .map_err(|m| ApiError::bad_request("invalid_field", m))?;
         let defaults = RetryPolicy::default_for(self.priority);
         let retry = match self.retry {
             None => defaults,
@@ -625,8 +631,8 @@ impl CampaignBody {
             require_confirmation: self.require_confirmation.unwrap_or(true),
             retry,
             tenant,
-            not_before_ms: check_schedule("not_before_ms", self.not_before_ms)
-                .map_err(|m| ApiError::bad_request("invalid_field", m))?,
+            not_before_ms,
+            deadline_ms,
         })
     }
 }
@@ -643,6 +649,23 @@ pub fn check_schedule(field: &str, at_ms: Option<u64>) -> Result<Option<u64>, St
     }
     if at > now + MAX_SCHEDULE_AHEAD_MS {
         return Err(format!("`{field}` is more than 31 days ahead"));
+    }
+    Ok(Some(at))
+}
+
+/// A deadline: after the start time (or now) and at most a month ahead.
+pub fn check_deadline(
+    field: &str,
+    at_ms: Option<u64>,
+    not_before_ms: Option<u64>,
+) -> Result<Option<u64>, String> {
+    let Some(at) = at_ms else { return Ok(None) };
+    let start = not_before_ms.unwrap_or_else(crate::auth::now_ms);
+    if at <= start {
+        return Err(format!("`{field}` must come after the start"));
+    }
+    if at > crate::auth::now_ms() + 2 * MAX_SCHEDULE_AHEAD_MS {
+        return Err(format!("`{field}` is more than 62 days ahead"));
     }
     Ok(Some(at))
 }
@@ -687,6 +710,7 @@ pub fn campaign_view(c: &Campaign) -> Value {
         "started_ms": c.started_ms,
         "finished_ms": c.finished_ms,
         "not_before_ms": c.spec.not_before_ms,
+        "deadline_ms": c.spec.deadline_ms,
     })
 }
 

@@ -465,6 +465,9 @@ pub struct ComposeForm {
     /// Italian local time (`datetime-local`), empty for "as soon as it starts".
     #[serde(default)]
     schedule: String,
+    /// Italian local time after which nobody is called; empty for none.
+    #[serde(default)]
+    deadline: String,
 }
 
 async fn compose_page(State(engine): State<AppState>, Console(who): Console) -> Response {
@@ -602,6 +605,23 @@ fn compose_spec(form: &ComposeForm, who: &Principal) -> Result<CampaignSpec, Vec
             }
         }
     };
+    let deadline_ms = if form.deadline.trim().is_empty() {
+        None
+    } else {
+        match crate::italian_time::parse_italian_local(&form.deadline)
+            .map(|t| crate::api::check_deadline("deadline", Some(t), not_before_ms))
+        {
+            Some(Ok(t)) => t,
+            Some(Err(_)) => {
+                errors.push("The deadline must come after the start, or be left empty.".into());
+                None
+            }
+            None => {
+                errors.push("Write the deadline as day and hour, or leave it empty.".into());
+                None
+            }
+        }
+    };
     if !errors.is_empty() {
         return Err(errors);
     }
@@ -614,6 +634,7 @@ fn compose_spec(form: &ComposeForm, who: &Principal) -> Result<CampaignSpec, Vec
         retry,
         tenant: form.tenant.clone(),
         not_before_ms,
+        deadline_ms,
     })
 }
 
@@ -667,6 +688,7 @@ struct CampaignPage {
     message: String,
     audience: String,
     schedule: Option<String>,
+    deadline: Option<String>,
     created_by: String,
     counts: Vec<(&'static str, &'static str, u64)>,
     answer_ratio: String,
@@ -753,6 +775,10 @@ async fn campaign_page(
         schedule: c
             .spec
             .not_before_ms
+            .map(crate::italian_time::italian_datetime),
+        deadline: c
+            .spec
+            .deadline_ms
             .map(crate::italian_time::italian_datetime),
         created_by: c
             .created_by

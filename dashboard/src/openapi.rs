@@ -928,6 +928,10 @@ fn schemas() -> Value {
             "require_confirmation": { "type": "boolean", "default": true, "description": "Whether a citizen must press 1" },
             "retry": schema_ref("RetryInput"),
             "tenant": tenant_slug(),
+            "deadline_ms": {
+                "type": "integer", "minimum": 0,
+                "description": "Nobody is called from this time on (ms since the epoch; after the start, at most 62 days ahead); who is not reached by then ends exhausted",
+            },
             "not_before_ms": {
                 "type": "integer", "minimum": 0,
                 "description": "Schedule: once started, nobody is called before this time (ms since the epoch; at most 31 days ahead)",
@@ -978,6 +982,7 @@ fn schemas() -> Value {
             "started_ms": nullable(uint()),
             "finished_ms": nullable(uint()),
             "not_before_ms": nullable(uint()),
+            "deadline_ms": nullable(uint()),
         })),
         "Task": exact(json!({
             "subscriber": uint(),

@@ -692,6 +692,17 @@ async fn a_campaign_can_be_scheduled_but_not_in_the_past_or_months_ahead() {
     let (s, v) = api(&app, "POST", "/api/v1/campaigns", Some(body)).await;
     assert_error(&v, "invalid_field", "31 days");
     assert_eq!(s, StatusCode::BAD_REQUEST);
+    // A deadline must come after the start.
+    let mut body = city_wide("pisa");
+    body["not_before_ms"] = json!(now + 3_600_000);
+    body["deadline_ms"] = json!(now + 1_800_000);
+    let (s, v) = api(&app, "POST", "/api/v1/campaigns", Some(body.clone())).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_error(&v, "invalid_field", "after the start");
+    body["deadline_ms"] = json!(now + 7_200_000);
+    let (s, v) = api(&app, "POST", "/api/v1/campaigns", Some(body)).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["deadline_ms"], now + 7_200_000);
     // The console's form takes Italian local time.
     let op = operator(&engine, "anna", Role::Operator, &["pisa"]);
     let form = format!(

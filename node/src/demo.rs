@@ -196,6 +196,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         .create_campaign(
             CampaignSpec {
                 not_before_ms: None,
+                deadline_ms: None,
                 tenant: campanile_cluster::default_tenant(),
                 title: "Allerta rossa: piena del fiume".into(),
                 message: Message::Tts {

@@ -64,6 +64,18 @@ impl Held {
     }
 }
 
+/// On the leader: campaigns whose deadline has come stop waiting for calls (a write only when one
+/// has).
+async fn close_expired(cluster: &Cluster) {
+    let now = now_ms();
+    if cluster.read(|s| s.expired_campaigns(now).is_empty()) {
+        return;
+    }
+    if let Err(e) = cluster.write(Command::CloseExpired { at_ms: now }).await {
+        tracing::warn!(error = %e, "cannot close campaigns past their deadline; trying again");
+    }
+}
+
 /// One round: renew (and learn what this node holds), then on the leader assign free partitions,
 /// then give up a surplus. `busy` says whether this node has a call in flight in a partition;
 /// `channels_in_use` (its calls in progress) goes with the heartbeat for the cluster view.
@@ -90,6 +102,7 @@ pub async fn round(
     }
     if cluster.is_leader() {
         assign(cluster, timing).await;
+        close_expired(cluster).await;
     }
     if renewed.is_ok() {
         let until = sent + timing.lease.saturating_sub(timing.margin);

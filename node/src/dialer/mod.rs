@@ -308,7 +308,9 @@ fn collect_due(sh: &Shared, free: usize, held: &HashMap<u16, u64>) -> Vec<Due> {
         .filter(|t| !inflight.contains_key(&(t.campaign, t.subscriber)))
         .take(free)
         .filter_map(|t| {
-            let c = s.campaign(t.campaign)?;
+            let c = s
+                .campaign(t.campaign)
+                .filter(|c| !c.spec.past_deadline(now))?;
             Some(Due {
                 key: (t.campaign, t.subscriber),
                 attempt: t.attempts + 1,
