@@ -745,9 +745,7 @@ pub async fn create_campaign(
     ApiJson(body): ApiJson<CampaignBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let spec = body.into_spec(&who)?;
-    let c = engine
-        .create_campaign(spec, who.operator().map(str::to_string))
-        .await?;
+    let c = engine.create_campaign(spec, who.composer()).await?;
     Ok((StatusCode::CREATED, Json(campaign_view(&c))))
 }
 

@@ -1,8 +1,9 @@
 //! Who is asking, and what they may do.
 //!
-//! Two kinds of callers reach the API: automation with a bearer token (an API token: every tenant, no
-//! two-person rule — the node's admin token is the break-glass key of whoever runs the node), and
-//! operators logged into the console. An operator's login is a server-side session, replicated
+//! Two kinds of callers reach the API: automation with a bearer token, and operators logged into the
+//! console. A node's admin token is the break-glass key of whoever runs the node (every tenant, no
+//! two-person rule); a comune's automation token has a role in its tenants, like an operator, and its
+//! city-wide or emergency campaigns wait for a person's approval too (tokens never approve). An operator's login is a server-side session, replicated
 //! through Raft so that any node accepts it after a failover: the browser holds a random secret in an
 //! HttpOnly, SameSite=Strict cookie (Secure when the console is reached over HTTPS), the cluster holds
 //! only its SHA-256. Every state-changing request from a session must carry that session's CSRF token
@@ -95,6 +96,13 @@ impl Principal {
             } => scope.tenants.iter().any(|t| t == tenant),
             Principal::Operator { tenants, .. } => tenants.iter().any(|t| t == tenant),
         }
+    }
+
+    /// Who composes a campaign, for the two-person rule: an operator, or a tenant's automation token
+    /// (an admin must not sidestep the rule by making a token); None for a node's admin token, the
+    /// break-glass key of whoever runs the node.
+    pub fn composer(&self) -> Option<String> {
+        (!self.is_system()).then(|| self.actor())
     }
 
     /// Whether this is a node's admin token (every tenant and right).

@@ -653,10 +653,7 @@ async fn compose_submit(
         Ok(spec) => spec,
         Err(errors) => return compose_form(&engine, &who, StatusCode::BAD_REQUEST, form, errors),
     };
-    match engine
-        .create_campaign(spec, who.operator().map(str::to_string))
-        .await
-    {
+    match engine.create_campaign(spec, who.composer()).await {
         Ok(c) => Redirect::to(&format!("/campaigns/{}", c.id.0)).into_response(),
         Err(e) => compose_form(
             &engine,

@@ -759,8 +759,8 @@ async fn an_automation_token_has_a_role_in_its_tenants_and_can_be_revoked() {
     .await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
     assert_eq!(
-        v["approval"]["state"], "not_needed",
-        "automation is not a person composing"
+        v["approval"]["state"], "pending",
+        "a comune's token cannot sidestep the two-person rule"
     );
     let (s, _, _) = call(
         &app,
