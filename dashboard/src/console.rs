@@ -697,14 +697,13 @@ struct CampaignPage {
     can_cancel: bool,
     open_tasks: Vec<OpenTask>,
     open_total: usize,
-    notice: Option<String>,
+    notice: Option<&'static str>,
     error: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
 struct PageQuery {
     done: Option<String>,
-    error: Option<String>,
 }
 
 fn counts_list(c: &Campaign) -> Vec<(&'static str, &'static str, u64)> {
@@ -726,11 +725,41 @@ async fn campaign_page(
     State(engine): State<AppState>,
     Console(who): Console,
     Path(id): Path<String>,
-    axum::extract::Query(q): axum::extract::Query<PageQuery>,
+    q: Result<axum::extract::Query<PageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    let c = match crate::api::campaign_for(&engine, &who, &id, Action::Read).await {
+    let notice = q
+        .ok()
+        .and_then(|q| q.0.done)
+        .and_then(|key| notice_for(&key));
+    show_campaign(&engine, &who, &id, notice, None, StatusCode::OK).await
+}
+
+/// What an action that worked says on the campaign page. Only these fixed sentences can appear: a
+/// link cannot put words of its own on the page.
+fn notice_for(key: &str) -> Option<&'static str> {
+    Some(match key {
+        "started" => "Started: the calls are going out.",
+        "paused" => "Paused: no new calls until you resume.",
+        "resumed" => "Resumed.",
+        "cancelled" => "Cancelled: no more calls will be made.",
+        "approved" => "Approved: it can start now.",
+        "overridden" => "Emergency override recorded: the alert can start now.",
+        _ => return None,
+    })
+}
+
+/// The campaign page, with what the last action did.
+async fn show_campaign(
+    engine: &AppState,
+    who: &Principal,
+    id: &str,
+    notice: Option<&'static str>,
+    error: Option<String>,
+    status: StatusCode,
+) -> Response {
+    let c = match crate::api::campaign_for(engine, who, id, Action::Read).await {
         Ok(c) => c,
-        Err(e) => return error_page(&engine, &who, e),
+        Err(e) => return error_page(engine, who, e),
     };
     let tasks = engine.tasks(c.id).await.unwrap_or_default();
     let open: Vec<OpenTask> = tasks
@@ -755,7 +784,7 @@ async fn campaign_page(
     let mine = who.operator().is_some() && c.created_by.as_deref() == who.operator();
     let pending = c.approval == Approval::Pending;
     let draft = c.state == CampaignState::Draft;
-    let chrome = chrome(&engine, &who, "campaigns");
+    let chrome = chrome(engine, who, "campaigns");
     let page = CampaignPage {
         drill: chrome.drill.clone(),
         chrome,
@@ -803,11 +832,11 @@ async fn campaign_page(
             ),
         open_tasks: open.into_iter().take(200).collect(),
         open_total,
-        notice: q.done,
-        error: q.error,
+        notice,
+        error,
         c: row(&c),
     };
-    render(&page)
+    render_status(status, &page)
 }
 
 #[derive(Template)]
@@ -847,25 +876,18 @@ async fn campaign_action(
     if let Err(e) = check_form_csrf(&who, &form.csrf) {
         return e.into_response();
     }
-    let back = |q: String| Redirect::to(&format!("/campaigns/{id}?{q}")).into_response();
     let (result, done) = match action.as_str() {
         "override" => (
             crate::api::override_campaign_approval(&engine, &who, &id, form.reason).await,
-            "Emergency override recorded: the alert can start now.",
+            "overridden",
         ),
         other => {
             let (a, done) = match other {
-                "start" => (CampaignAction::Start, "Started: the calls are going out."),
-                "pause" => (
-                    CampaignAction::Pause,
-                    "Paused: no new calls until you resume.",
-                ),
-                "resume" => (CampaignAction::Resume, "Resumed."),
-                "cancel" => (
-                    CampaignAction::Cancel,
-                    "Cancelled: no more calls will be made.",
-                ),
-                "approve" => (CampaignAction::Approve, "Approved: it can start now."),
+                "start" => (CampaignAction::Start, "started"),
+                "pause" => (CampaignAction::Pause, "paused"),
+                "resume" => (CampaignAction::Resume, "resumed"),
+                "cancel" => (CampaignAction::Cancel, "cancelled"),
+                "approve" => (CampaignAction::Approve, "approved"),
                 _ => {
                     return error_page(
                         &engine,
@@ -881,11 +903,12 @@ async fn campaign_action(
         }
     };
     match result {
-        Ok(_) => back(format!("done={}", url_encode(done))),
+        Ok(_) => Redirect::to(&format!("/campaigns/{id}?done={done}")).into_response(),
         Err(e) if e.status == StatusCode::NOT_FOUND || e.status == StatusCode::FORBIDDEN => {
             error_page(&engine, &who, e)
         }
-        Err(e) => back(format!("error={}", url_encode(&e.message))),
+        // Refused (e.g. it needs an approval first): the page again, saying why.
+        Err(e) => show_campaign(&engine, &who, &id, None, Some(e.message), e.status).await,
     }
 }
 

@@ -894,3 +894,61 @@ async fn with_the_second_factor_on_a_login_needs_a_fresh_code_and_each_code_work
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["totp"], false);
 }
+
+#[tokio::test]
+async fn a_link_cannot_put_words_of_its_own_on_the_campaign_page() {
+    let engine = seeded();
+    let app = crate::router(engine.clone());
+    let op = operator(&engine, "anna", Role::Operator, &["pisa"]);
+    json_as(
+        &app,
+        "POST",
+        "/api/v1/campaigns",
+        &op,
+        Some(city_wide("pisa")),
+    )
+    .await;
+    let (s, _, html) = send(
+        &app,
+        "GET",
+        "/campaigns/1?done=started",
+        Some(&op.0),
+        None,
+        None,
+        "",
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(html.contains("Started: the calls are going out."));
+    for q in ["done=Call+0123+456+now", "error=Your+account+is+blocked"] {
+        let (s, _, html) = send(
+            &app,
+            "GET",
+            &format!("/campaigns/1?{q}"),
+            Some(&op.0),
+            None,
+            None,
+            "",
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{q}");
+        assert!(
+            !html.contains("0123") && !html.contains("blocked"),
+            "{q}: {html}"
+        );
+    }
+    // A refused action shows the page again with the reason, without a redirect carrying it.
+    let form = format!("csrf={}", op.1);
+    let (s, _, html) = send(
+        &app,
+        "POST",
+        "/campaigns/1/start",
+        Some(&op.0),
+        None,
+        Some(Body::from(form)),
+        "application/x-www-form-urlencoded",
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    assert!(html.contains("approval"), "{html}");
+}
