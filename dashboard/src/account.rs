@@ -71,15 +71,6 @@ async fn own_record(engine: &AppState, who: &Principal) -> Result<Operator, ApiE
         })
 }
 
-/// A form body axum could not read.
-fn form_refused(r: &FormRejection) -> ApiError {
-    ApiError::new(
-        r.status(),
-        "invalid_form",
-        "The form could not be read. Reload the page and try again.",
-    )
-}
-
 /// A page that shows a secret must not stay in a cache or the browser's history.
 fn no_store(mut r: Response) -> Response {
     r.headers_mut().insert(
@@ -243,7 +234,13 @@ async fn totp_start(
 ) -> Response {
     let form = match form {
         Ok(Form(f)) => f,
-        Err(r) => return error_page(&engine, &who, form_refused(&r)),
+        Err(r) => {
+            return error_page(
+                &engine,
+                &who,
+                crate::console::form_refused(&r, crate::BODY_LIMIT),
+            )
+        }
     };
     if let Err(e) = check_form_csrf(&who, &form.csrf) {
         return e.into_response();
@@ -274,7 +271,13 @@ async fn totp_confirm(
 ) -> Response {
     let form = match form {
         Ok(Form(f)) => f,
-        Err(r) => return error_page(&engine, &who, form_refused(&r)),
+        Err(r) => {
+            return error_page(
+                &engine,
+                &who,
+                crate::console::form_refused(&r, crate::BODY_LIMIT),
+            )
+        }
     };
     if let Err(e) = check_form_csrf(&who, &form.csrf) {
         return e.into_response();
@@ -349,7 +352,13 @@ async fn totp_disable(
 ) -> Response {
     let form = match form {
         Ok(Form(f)) => f,
-        Err(r) => return error_page(&engine, &who, form_refused(&r)),
+        Err(r) => {
+            return error_page(
+                &engine,
+                &who,
+                crate::console::form_refused(&r, crate::BODY_LIMIT),
+            )
+        }
     };
     if let Err(e) = check_form_csrf(&who, &form.csrf) {
         return e.into_response();

@@ -92,6 +92,20 @@ pub async fn as_operator(
     }
 }
 
+/// A console form axum could not read: too large (naming the page's `limit`), or not a form.
+pub(crate) fn form_refused(r: &axum::extract::rejection::FormRejection, limit: usize) -> ApiError {
+    let status = r.status();
+    let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+        format!(
+            "The form is larger than the {} KiB this page accepts: send long lists in parts.",
+            limit / 1024
+        )
+    } else {
+        "The form could not be read. Reload the page and try again.".to_string()
+    };
+    ApiError::new(status, "invalid_form", message)
+}
+
 /// Renders a template, or a plain 500 naming the failure.
 fn render(t: &impl Template) -> Response {
     match t.render() {
@@ -529,6 +543,31 @@ fn retry_preset(name: &str, priority: Priority) -> Option<RetryPolicy> {
     })
 }
 
+/// An optional Italian local time from the compose form, checked by `check`; a problem is added to
+/// `errors` as `out_of_range` or `unreadable`.
+fn time_field(
+    raw: &str,
+    check: impl FnOnce(u64) -> Result<Option<u64>, String>,
+    out_of_range: &str,
+    unreadable: &str,
+    errors: &mut Vec<String>,
+) -> Option<u64> {
+    if raw.trim().is_empty() {
+        return None;
+    }
+    match crate::italian_time::parse_italian_local(raw).map(check) {
+        Some(Ok(t)) => t,
+        Some(Err(_)) => {
+            errors.push(out_of_range.into());
+            None
+        }
+        None => {
+            errors.push(unreadable.into());
+            None
+        }
+    }
+}
+
 /// Checks the compose form; every problem is listed, in the form's order.
 fn compose_spec(form: &ComposeForm, who: &Principal) -> Result<CampaignSpec, Vec<String>> {
     let mut errors = Vec::new();
@@ -588,40 +627,20 @@ fn compose_spec(form: &ComposeForm, who: &Principal) -> Result<CampaignSpec, Vec
         errors.push("Choose how often to call again.".into());
         RetryPolicy::default_for(priority)
     });
-    let not_before_ms = if form.schedule.trim().is_empty() {
-        None
-    } else {
-        match crate::italian_time::parse_italian_local(&form.schedule)
-            .map(|t| crate::api::check_schedule("schedule", Some(t)))
-        {
-            Some(Ok(t)) => t,
-            Some(Err(_)) => {
-                errors.push("Schedule a time from now to 31 days ahead, or leave it empty.".into());
-                None
-            }
-            None => {
-                errors.push("Write the scheduled time as day and hour, or leave it empty.".into());
-                None
-            }
-        }
-    };
-    let deadline_ms = if form.deadline.trim().is_empty() {
-        None
-    } else {
-        match crate::italian_time::parse_italian_local(&form.deadline)
-            .map(|t| crate::api::check_deadline("deadline", Some(t), not_before_ms))
-        {
-            Some(Ok(t)) => t,
-            Some(Err(_)) => {
-                errors.push("The deadline must come after the start, or be left empty.".into());
-                None
-            }
-            None => {
-                errors.push("Write the deadline as day and hour, or leave it empty.".into());
-                None
-            }
-        }
-    };
+    let not_before_ms = time_field(
+        &form.schedule,
+        |t| crate::api::check_schedule("schedule", Some(t)),
+        "Schedule a time from now to 31 days ahead, or leave it empty.",
+        "Write the scheduled time as day and hour, or leave it empty.",
+        &mut errors,
+    );
+    let deadline_ms = time_field(
+        &form.deadline,
+        |t| crate::api::check_deadline("deadline", Some(t), not_before_ms),
+        "The deadline must come after the start, or be left empty.",
+        "Write the deadline as day and hour, or leave it empty.",
+        &mut errors,
+    );
     if !errors.is_empty() {
         return Err(errors);
     }
@@ -970,6 +989,9 @@ fn progress_stream(
         let mut last = String::new();
         let mut finished_for = 0u32;
         let mut quiet = 0u32;
+        // The page's numbers refresh once a second.
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let Ok(c) = engine.campaign(id).await else {
                 break;
@@ -995,7 +1017,7 @@ fn progress_stream(
                     break;
                 }
             }
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            tick.tick().await;
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)

@@ -974,22 +974,35 @@ async fn call_again(
     ClientAddr(client): ClientAddr,
     body: Result<Form<CodeForm>, FormRejection>,
 ) -> Response {
-    let lang = Lang::of(&uri);
-    let tenant = match tenant(&engine, &slug, lang).await {
-        Ok(t) => t,
-        Err(page) => return page,
-    };
     let form = body.map(|Form(f)| f).unwrap_or_default();
-    call_checked(
+    let purpose = purpose_of(&form.purpose);
+    call_for_form(
         &engine,
         &throttle,
-        &tenant,
-        lang,
+        &slug,
+        &uri,
         &client,
         &form.phone,
-        purpose_of(&form.purpose),
+        purpose,
     )
     .await
+}
+
+/// The tenant of the path, then `call_checked`.
+async fn call_for_form(
+    engine: &AppState,
+    throttle: &Throttle,
+    slug: &str,
+    uri: &Uri,
+    client: &str,
+    phone: &str,
+    purpose: VerificationPurpose,
+) -> Response {
+    let lang = Lang::of(uri);
+    match tenant(engine, slug, lang).await {
+        Ok(tenant) => call_checked(engine, throttle, &tenant, lang, client, phone, purpose).await,
+        Err(page) => page,
+    }
 }
 
 /// Throttles, checks the number and calls it; a bad number goes back to the right form.
@@ -1080,20 +1093,16 @@ async fn unsubscribe(
     ClientAddr(client): ClientAddr,
     body: Result<Form<CodeForm>, FormRejection>,
 ) -> Response {
-    let lang = Lang::of(&uri);
-    let tenant = match tenant(&engine, &slug, lang).await {
-        Ok(t) => t,
-        Err(page) => return page,
-    };
     let form = body.map(|Form(f)| f).unwrap_or_default();
-    call_checked(
+    let purpose = VerificationPurpose::Unsubscribe;
+    call_for_form(
         &engine,
         &throttle,
-        &tenant,
-        lang,
+        &slug,
+        &uri,
         &client,
         &form.phone,
-        VerificationPurpose::Unsubscribe,
+        purpose,
     )
     .await
 }

@@ -73,21 +73,7 @@ fn chrome(engine: &AppState, who: &Principal) -> Chrome {
     crate::console::chrome(engine, who, "subscribers")
 }
 
-use crate::console::{check_form_csrf as check_csrf, error_page};
-
-/// A form body axum could not read (wrong content type, too large).
-fn form_refused(r: &FormRejection) -> ApiError {
-    let status = r.status();
-    let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
-        format!(
-            "The form is larger than the {} KiB this page accepts: send the list in parts.",
-            crate::IMPORT_BODY_LIMIT / 1024
-        )
-    } else {
-        "The form could not be read. Reload the page and try again.".to_string()
-    };
-    ApiError::new(status, "invalid_form", message)
-}
+use crate::console::{check_form_csrf as check_csrf, error_page, form_refused};
 
 /// The comuni the operator serves, for the tenant selects.
 fn tenants_of(who: &Principal) -> Vec<String> {
@@ -541,7 +527,7 @@ async fn new_submit(
 ) -> Response {
     let form = match form {
         Ok(Form(f)) => f,
-        Err(r) => return error_page(&engine, &who, form_refused(&r)),
+        Err(r) => return error_page(&engine, &who, form_refused(&r, crate::BODY_LIMIT)),
     };
     if let Err(e) = check_csrf(&who, &form.csrf) {
         return error_page(&engine, &who, e);
@@ -710,7 +696,7 @@ async fn edit_submit(
 ) -> Response {
     let form = match form {
         Ok(Form(f)) => f,
-        Err(r) => return error_page(&engine, &who, form_refused(&r)),
+        Err(r) => return error_page(&engine, &who, form_refused(&r, crate::BODY_LIMIT)),
     };
     if let Err(e) = check_csrf(&who, &form.csrf) {
         return error_page(&engine, &who, e);
@@ -803,7 +789,7 @@ async fn erase_submit(
 ) -> Response {
     let form = match form {
         Ok(Form(f)) => f,
-        Err(r) => return error_page(&engine, &who, form_refused(&r)),
+        Err(r) => return error_page(&engine, &who, form_refused(&r, crate::BODY_LIMIT)),
     };
     if let Err(e) = check_csrf(&who, &form.csrf) {
         return error_page(&engine, &who, e);
@@ -1265,7 +1251,7 @@ async fn import_submit(
 ) -> Response {
     let form = match form {
         Ok(Form(f)) => f,
-        Err(r) => return error_page(&engine, &who, form_refused(&r)),
+        Err(r) => return error_page(&engine, &who, form_refused(&r, crate::IMPORT_BODY_LIMIT)),
     };
     if let Err(e) = check_csrf(&who, &form.csrf) {
         return error_page(&engine, &who, e);
