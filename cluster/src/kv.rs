@@ -52,16 +52,33 @@ fn sled_err(e: sled::Error) -> io::Error {
     }
 }
 
+/// How long opening a store waits for its file lock.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// sled: the engine in production.
 pub struct SledEngine {
     db: sled::Db,
 }
 
 impl SledEngine {
+    /// Opens the database, waiting up to [`LOCK_WAIT`] for its file lock: sled finishes writing on
+    /// background threads that may still hold the file for a moment after the previous holder in
+    /// this process was dropped (a restart in place, an offline restore). Another process holding
+    /// it keeps it past the wait and gets sled's "could not acquire lock" error.
     pub fn open(path: &std::path::Path) -> Result<SledEngine, sled::Error> {
-        Ok(SledEngine {
-            db: sled::Config::new().path(path).open()?,
-        })
+        let until = std::time::Instant::now() + LOCK_WAIT;
+        loop {
+            match sled::Config::new().path(path).open() {
+                Ok(db) => return Ok(SledEngine { db }),
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < until =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 }
 
@@ -235,5 +252,33 @@ pub mod memory {
         fn size_on_disk(&self) -> u64 {
             0
         }
+    }
+}
+
+#[cfg(test)]
+mod lock_tests {
+    use super::*;
+
+    #[test]
+    fn a_store_released_during_the_wait_opens_and_one_held_throughout_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = SledEngine::open(dir.path()).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            // Released only once the second open is already waiting for the lock.
+            rx.recv().unwrap();
+            drop(first);
+        });
+        let path = dir.path().to_path_buf();
+        let opener = std::thread::spawn(move || SledEngine::open(&path));
+        tx.send(()).unwrap();
+        holder.join().unwrap();
+        let second = opener.join().unwrap();
+        assert!(second.is_ok(), "{:?}", second.err());
+
+        let held = second.unwrap();
+        let err = SledEngine::open(dir.path()).err().expect("held elsewhere");
+        assert!(err.to_string().contains("could not acquire lock"), "{err}");
+        drop(held);
     }
 }
