@@ -141,6 +141,135 @@ fn realistic_city_every_subscriber_final_and_confirmed_only_where_a_phone_presse
     assert!(metrics.contains("campanile_calls_total"), "{metrics}");
     let check = promtool_check(&metrics);
     assert!(check.is_empty(), "promtool check metrics: {check}");
+    check_answer_rate_metrics(&metrics, id, counts, pressed.len() as f64, overloads as f64);
+}
+
+/// Issue 5's answer-rate series: per campaign and tenant, per trunk, takeovers; with values that
+/// agree with the campaign's counts and with this (only) node's own calls.
+fn check_answer_rate_metrics(
+    metrics: &str,
+    id: u64,
+    counts: &serde_json::Value,
+    pressed: f64,
+    overloads: f64,
+) {
+    let campaign = id.to_string();
+    let of_campaign = [("campaign", campaign.as_str()), ("tenant", "default")];
+    let get = |name: &str, labels: &[(&str, &str)]| {
+        sample(metrics, name, labels)
+            .unwrap_or_else(|| panic!("no {name} {labels:?} in\n{metrics}"))
+    };
+    let attempts = counts["attempts"].as_f64().unwrap();
+    let answered = counts["answered"].as_f64().unwrap();
+    let confirmed = counts["confirmed"].as_f64().unwrap();
+
+    // Cluster-wide gauges from the replicated state.
+    let ratio = get("campanile_campaign_answer_ratio", &of_campaign);
+    assert!(
+        (ratio - answered / attempts).abs() < 1e-9,
+        "answer ratio {ratio}"
+    );
+    let ratio = get("campanile_campaign_confirmed_ratio", &of_campaign);
+    assert!(
+        (ratio - confirmed / 200.0).abs() < 1e-9,
+        "confirmed ratio {ratio}"
+    );
+    let per = get("campanile_campaign_attempts_per_confirmed", &of_campaign);
+    assert!(
+        per >= 1.0 && (per - attempts / confirmed).abs() < 1e-9,
+        "attempts per confirmed {per}"
+    );
+    let mut with_state = of_campaign.to_vec();
+    with_state.push(("state", "confirmed"));
+    assert_eq!(get("campanile_campaign_tasks", &with_state), confirmed);
+
+    // This node's calls of the campaign, by outcome: every INVITE the city saw ended in one.
+    let by_outcome = |outcome: &str| {
+        let mut l = of_campaign.to_vec();
+        l.push(("outcome", outcome));
+        sample(metrics, "campanile_campaign_calls_total", &l).unwrap_or(0.0)
+    };
+    assert_eq!(by_outcome("confirmed"), pressed);
+    assert_eq!(by_outcome("trunk_rejected"), overloads);
+    let all_calls = sum_of(metrics, "campanile_campaign_calls_total", &of_campaign);
+    assert_eq!(
+        all_calls,
+        attempts + overloads,
+        "calls by outcome\n{metrics}"
+    );
+
+    // Histograms: one time to confirm per confirmed call; a time to answer for every call whose
+    // outcome says when it was answered (confirmed, hung up).
+    let to_confirm = get(
+        "campanile_campaign_time_to_confirm_seconds_count",
+        &of_campaign,
+    );
+    assert_eq!(to_confirm, by_outcome("confirmed"));
+    assert_eq!(
+        get("campanile_calls_total", &[("outcome", "confirmed")]),
+        to_confirm,
+        "the node's own confirmed calls"
+    );
+    let to_answer = get(
+        "campanile_campaign_time_to_answer_seconds_count",
+        &of_campaign,
+    );
+    assert_eq!(to_answer, by_outcome("confirmed") + by_outcome("hung_up"));
+    let mut inf = of_campaign.to_vec();
+    inf.push(("le", "+Inf"));
+    assert_eq!(
+        get("campanile_campaign_time_to_answer_seconds_bucket", &inf),
+        to_answer
+    );
+    let answer_sum = get(
+        "campanile_campaign_time_to_answer_seconds_sum",
+        &of_campaign,
+    );
+    // Phones ring at most ring_timeout_s = 4 s before the node gives up.
+    assert!(
+        answer_sum > 0.0 && answer_sum <= to_answer * 5.0,
+        "time to answer sum {answer_sum}"
+    );
+
+    // Per node: the trunk's channels, and takeovers (none without a failure).
+    let in_use = get("campanile_trunk_channels_in_use", &[("trunk", "sim")]);
+    assert!((0.0..=60.0).contains(&in_use), "channels in use {in_use}");
+    assert_eq!(
+        get("campanile_trunk_channels_max", &[("trunk", "sim")]),
+        60.0
+    );
+    for result in ["resumed", "redialled", "failed"] {
+        assert_eq!(get("campanile_takeovers_total", &[("result", result)]), 0.0);
+    }
+}
+
+/// The value of the series `name` carrying (at least) `labels`, in the text exposition format.
+fn sample(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    series(metrics, name, labels).next()
+}
+
+/// The sum over every series `name` carrying (at least) `labels`.
+fn sum_of(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    series(metrics, name, labels).sum()
+}
+
+fn series<'a>(
+    metrics: &'a str,
+    name: &'a str,
+    labels: &'a [(&'a str, &'a str)],
+) -> impl Iterator<Item = f64> + 'a {
+    metrics.lines().filter_map(move |line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (metric, rest) = match series.split_once('{') {
+            Some((m, rest)) => (m, rest.strip_suffix('}')?),
+            None => (series, ""),
+        };
+        if metric != name {
+            return None;
+        }
+        let has = |(k, v): &(&str, &str)| rest.split(',').any(|p| p == format!("{k}=\"{v}\""));
+        labels.iter().all(has).then(|| value.parse().ok())?
+    })
 }
 
 /// Runs `promtool check metrics` on `text`; returns its complaints (empty when clean).

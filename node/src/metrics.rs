@@ -1,14 +1,34 @@
 //! Prometheus metrics on the node's own registry (never the global one), named after Prometheus
-//! conventions so `promtool check metrics` is clean. Per-campaign gauges are refreshed from the
-//! replicated state at scrape time, so every node reports the same answer rates.
+//! conventions so `promtool check metrics` is clean.
+//!
+//! Two kinds of series:
+//! - **Cluster-wide** (`campanile_campaign_*` gauges): refreshed from the replicated state at scrape
+//!   time, so every node reports the same answer rates; aggregate them with `max`, never `sum`.
+//! - **This node's own** (counters and histograms): what this node observed on the calls it placed;
+//!   aggregate them across nodes with `sum`.
+//!
+//! Per-campaign series are kept only for the campaigns an operator still looks at (see
+//! [`reported_campaigns`]): running and paused ones, and the [`REPORTED_CAMPAIGNS`] most recent
+//! others. Older campaigns' series are dropped, so a city that sends an alert a day does not grow
+//! its scrape without bound.
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use campanile_cluster::{CampaignState, Cluster, Outcome};
+use campanile_cluster::{Campaign, CampaignId, CampaignState, Cluster, Outcome};
 use prometheus::{
-    Encoder, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+use crate::call::CallOutcome;
+
+/// Finished campaigns (besides running and paused ones) whose series are kept.
+pub const REPORTED_CAMPAIGNS: usize = 50;
+
+/// How a takeover of another node's call ended (the `result` label of `takeovers_total`).
+pub const TAKEOVER_RESULTS: [&str; 3] = ["resumed", "redialled", "failed"];
 
 /// The node's metrics; cheap to clone.
 #[derive(Clone)]
@@ -21,11 +41,23 @@ pub struct Metrics {
     pub leases_held: IntGauge,
     answer_ratio: GaugeVec,
     confirmed_ratio: GaugeVec,
+    attempts_per_confirmed: GaugeVec,
     campaign_tasks: IntGaugeVec,
+    campaign_calls: IntCounterVec,
+    time_to_answer: HistogramVec,
+    time_to_confirm: HistogramVec,
+    trunk_channels: IntGaugeVec,
+    trunk_channels_max: IntGaugeVec,
+    takeovers: IntCounterVec,
     raft_applied: IntGauge,
     drill_mode: IntGauge,
     trunk_up: IntGauge,
     sip_malformed: IntGauge,
+    /// This node's trunk: its name and channel limit.
+    trunk: Arc<Mutex<Option<(String, usize)>>>,
+    /// Label sets of this node's per-campaign series, so those of campaigns no longer reported
+    /// can be removed: (campaign, tenant) → outcomes seen.
+    observed: Arc<Mutex<BTreeMap<(String, String), BTreeSet<&'static str>>>>,
 }
 
 fn must<T>(r: Result<T, prometheus::Error>) -> T {
@@ -68,22 +100,80 @@ impl Metrics {
                 "campaign_answer_ratio",
                 "Answered attempts over finished attempts, per campaign (cluster-wide).",
             ),
-            &["campaign"],
+            &["campaign", "tenant"],
         ));
         let confirmed_ratio = must(GaugeVec::new(
             Opts::new(
                 "campaign_confirmed_ratio",
                 "Confirmed subscribers over targeted subscribers, per campaign (cluster-wide).",
             ),
-            &["campaign"],
+            &["campaign", "tenant"],
+        ));
+        let attempts_per_confirmed = must(GaugeVec::new(
+            Opts::new(
+                "campaign_attempts_per_confirmed",
+                "Calls placed over subscribers confirmed, per campaign (cluster-wide; absent until the first confirmation).",
+            ),
+            &["campaign", "tenant"],
         ));
         let campaign_tasks = must(IntGaugeVec::new(
             Opts::new(
                 "campaign_tasks",
                 "Call tasks per campaign by state (cluster-wide).",
             ),
-            &["campaign", "state"],
+            &["campaign", "tenant", "state"],
         ));
+        let campaign_calls = must(IntCounterVec::new(
+            Opts::new(
+                "campaign_calls_total",
+                "Calls of a campaign placed by this node, by outcome.",
+            ),
+            &["campaign", "tenant", "outcome"],
+        ));
+        let time_to_answer = must(HistogramVec::new(
+            HistogramOpts::new(
+                "campaign_time_to_answer_seconds",
+                "From the INVITE to the answer, for calls of a campaign placed by this node.",
+            )
+            .buckets(vec![
+                1.0, 2.0, 3.0, 5.0, 8.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0,
+            ]),
+            &["campaign", "tenant"],
+        ));
+        let time_to_confirm = must(HistogramVec::new(
+            HistogramOpts::new(
+                "campaign_time_to_confirm_seconds",
+                "From the answer to the key press 1, for calls of a campaign placed by this node.",
+            )
+            .buckets(vec![
+                5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0,
+            ]),
+            &["campaign", "tenant"],
+        ));
+        let trunk_channels = must(IntGaugeVec::new(
+            Opts::new(
+                "trunk_channels_in_use",
+                "Channels of the trunk this node's alert calls use right now.",
+            ),
+            &["trunk"],
+        ));
+        let trunk_channels_max = must(IntGaugeVec::new(
+            Opts::new(
+                "trunk_channels_max",
+                "Concurrent channels the trunk allows this node (trunk.max_channels).",
+            ),
+            &["trunk"],
+        ));
+        let takeovers = must(IntCounterVec::new(
+            Opts::new(
+                "takeovers_total",
+                "Calls answered on a failed node that this node took over, by result (resumed, redialled, failed).",
+            ),
+            &["result"],
+        ));
+        for result in TAKEOVER_RESULTS {
+            takeovers.with_label_values(&[result]);
+        }
         let raft_applied = must(IntGauge::new(
             "raft_applied_index",
             "Index of the last Raft log entry applied on this node.",
@@ -109,7 +199,14 @@ impl Metrics {
             Box::new(leases_held.clone()),
             Box::new(answer_ratio.clone()),
             Box::new(confirmed_ratio.clone()),
+            Box::new(attempts_per_confirmed.clone()),
             Box::new(campaign_tasks.clone()),
+            Box::new(campaign_calls.clone()),
+            Box::new(time_to_answer.clone()),
+            Box::new(time_to_confirm.clone()),
+            Box::new(trunk_channels.clone()),
+            Box::new(trunk_channels_max.clone()),
+            Box::new(takeovers.clone()),
             Box::new(raft_applied.clone()),
             Box::new(drill_mode.clone()),
             Box::new(trunk_up.clone()),
@@ -126,15 +223,24 @@ impl Metrics {
             leases_held,
             answer_ratio,
             confirmed_ratio,
+            attempts_per_confirmed,
             campaign_tasks,
+            campaign_calls,
+            time_to_answer,
+            time_to_confirm,
+            trunk_channels,
+            trunk_channels_max,
+            takeovers,
             raft_applied,
             drill_mode,
             trunk_up,
             sip_malformed,
+            trunk: Arc::default(),
+            observed: Arc::default(),
         }
     }
 
-    /// Counts one finished call.
+    /// Counts one finished call (this node's totals, by outcome and by trunk rejection code).
     pub fn record_call(&self, outcome: &Outcome, confirmed: bool) {
         self.calls.with_label_values(&[outcome.label()]).inc();
         if confirmed {
@@ -148,6 +254,59 @@ impl Metrics {
                 .with_label_values(&[&code.to_string()])
                 .inc();
         }
+    }
+
+    /// Counts one finished alert call of `campaign` that took `took` from the INVITE to its end:
+    /// this node's totals, the campaign's calls by outcome, and its time to answer and to confirm.
+    pub fn call_ended(
+        &self,
+        cluster: &Cluster,
+        campaign: CampaignId,
+        outcome: &CallOutcome,
+        took: Duration,
+    ) {
+        let domain = outcome.to_domain();
+        self.record_call(&domain, matches!(outcome, CallOutcome::Confirmed { .. }));
+        let Some(tenant) = cluster.read(|s| s.campaign(campaign).map(|c| c.spec.tenant.clone()))
+        else {
+            return;
+        };
+        let label = domain.label();
+        let (id, tenant) = (campaign.0.to_string(), tenant);
+        let labels = [id.as_str(), tenant.as_str()];
+        self.campaign_calls
+            .with_label_values(&[&id, &tenant, label])
+            .inc();
+        let times = CallTimes::of(outcome, took);
+        if let Some(t) = times.to_answer {
+            self.time_to_answer
+                .with_label_values(&labels)
+                .observe(t.as_secs_f64());
+        }
+        if let Some(t) = times.to_confirm {
+            self.time_to_confirm
+                .with_label_values(&labels)
+                .observe(t.as_secs_f64());
+        }
+        lock(&self.observed)
+            .entry((id, tenant))
+            .or_default()
+            .insert(label);
+    }
+
+    /// Counts a takeover of a call answered on another node: `result` is one of
+    /// [`TAKEOVER_RESULTS`] (`resumed`, `redialled`, `failed`).
+    pub fn takeover(&self, result: &str) {
+        self.takeovers.with_label_values(&[result]).inc();
+    }
+
+    /// Names this node's trunk (`trunk.name`) and its channel limit for the per-trunk series.
+    pub fn set_trunk(&self, name: &str, max_channels: usize) {
+        self.trunk_channels_max
+            .with_label_values(&[name])
+            .set(max_channels as i64);
+        self.trunk_channels.with_label_values(&[name]).set(0);
+        *lock(&self.trunk) = Some((name.to_string(), max_channels));
     }
 
     pub fn set_trunk_up(&self, up: bool) {
@@ -165,51 +324,261 @@ impl Metrics {
     /// Refreshes the state-derived gauges and renders the text exposition format.
     pub fn render(&self, cluster: &Cluster) -> String {
         self.raft_applied.set(*cluster.applied().borrow() as i64);
+        if let Some((name, _)) = lock(&self.trunk).as_ref() {
+            // The dialer's calls are the trunk's alert channels (one trunk per node).
+            self.trunk_channels
+                .with_label_values(&[name])
+                .set(self.calls_in_flight.get());
+        }
         self.answer_ratio.reset();
         self.confirmed_ratio.reset();
+        self.attempts_per_confirmed.reset();
         self.campaign_tasks.reset();
-        cluster.read(|s| {
-            for c in s.campaigns() {
-                if c.state == CampaignState::Draft {
-                    continue;
-                }
-                let id = c.id.0.to_string();
-                self.answer_ratio
-                    .with_label_values(&[&id])
-                    .set(c.counts.answer_ratio());
-                let confirmed = if c.counts.targeted == 0 {
-                    0.0
-                } else {
-                    c.counts.confirmed as f64 / c.counts.targeted as f64
-                };
-                self.confirmed_ratio
-                    .with_label_values(&[&id])
-                    .set(confirmed);
-                for (state, n) in [
-                    ("pending", c.counts.pending),
-                    ("in_flight", c.counts.in_flight),
-                    ("confirmed", c.counts.confirmed),
-                    ("exhausted", c.counts.exhausted),
-                    ("invalid", c.counts.invalid),
-                    ("opted_out", c.counts.opted_out),
-                    ("cancelled", c.counts.cancelled),
-                ] {
-                    self.campaign_tasks
-                        .with_label_values(&[&id, state])
-                        .set(n as i64);
-                }
+        let reported = cluster.read(|s| {
+            let reported = reported_campaigns(s.campaigns());
+            for c in s.campaigns().filter(|c| reported.contains(&c.id)) {
+                self.set_campaign_gauges(c);
             }
+            reported
         });
+        self.forget_unreported(&reported);
         let mut out = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
             tracing::error!(error = %e, "cannot encode metrics");
         }
         String::from_utf8(out).unwrap_or_default()
     }
+
+    fn set_campaign_gauges(&self, c: &Campaign) {
+        let id = c.id.0.to_string();
+        let labels = [id.as_str(), c.spec.tenant.as_str()];
+        let k = &c.counts;
+        self.answer_ratio
+            .with_label_values(&labels)
+            .set(k.answer_ratio());
+        let confirmed = if k.targeted == 0 {
+            0.0
+        } else {
+            k.confirmed as f64 / k.targeted as f64
+        };
+        self.confirmed_ratio
+            .with_label_values(&labels)
+            .set(confirmed);
+        if k.confirmed > 0 {
+            self.attempts_per_confirmed
+                .with_label_values(&labels)
+                .set(k.attempts as f64 / k.confirmed as f64);
+        }
+        for (state, n) in [
+            ("pending", k.pending),
+            ("in_flight", k.in_flight),
+            ("confirmed", k.confirmed),
+            ("exhausted", k.exhausted),
+            ("invalid", k.invalid),
+            ("opted_out", k.opted_out),
+            ("cancelled", k.cancelled),
+        ] {
+            self.campaign_tasks
+                .with_label_values(&[labels[0], labels[1], state])
+                .set(n as i64);
+        }
+    }
+
+    /// Drops this node's per-campaign counters and histograms of campaigns no longer reported.
+    fn forget_unreported(&self, reported: &BTreeSet<CampaignId>) {
+        let mut observed = lock(&self.observed);
+        observed.retain(|(id, tenant), outcomes| {
+            let keep = id
+                .parse()
+                .is_ok_and(|n: u64| reported.contains(&CampaignId(n)));
+            if !keep {
+                for outcome in outcomes.iter() {
+                    let _ = self.campaign_calls.remove_label_values(&[
+                        id.as_str(),
+                        tenant.as_str(),
+                        outcome,
+                    ]);
+                }
+                let _ = self
+                    .time_to_answer
+                    .remove_label_values(&[id.as_str(), tenant.as_str()]);
+                let _ = self
+                    .time_to_confirm
+                    .remove_label_values(&[id.as_str(), tenant.as_str()]);
+            }
+            keep
+        });
+    }
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+/// The campaigns whose per-campaign series are exported: every running or paused one, and the
+/// [`REPORTED_CAMPAIGNS`] most recently created among the others (drafts never: nothing is dialled).
+pub fn reported_campaigns<'a>(
+    campaigns: impl Iterator<Item = &'a Campaign>,
+) -> BTreeSet<CampaignId> {
+    let mut out = BTreeSet::new();
+    let mut ended: Vec<(u64, CampaignId)> = Vec::new();
+    for c in campaigns {
+        match c.state {
+            CampaignState::Draft => {}
+            CampaignState::Running | CampaignState::Paused => {
+                out.insert(c.id);
+            }
+            CampaignState::Completed | CampaignState::Cancelled => ended.push((c.created_ms, c.id)),
+        }
+    }
+    ended.sort_unstable_by(|a, b| b.cmp(a));
+    out.extend(ended.into_iter().take(REPORTED_CAMPAIGNS).map(|(_, id)| id));
+    out
+}
+
+/// How long a call took to be answered (from the INVITE) and to be confirmed (from the answer),
+/// where its outcome says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct CallTimes {
+    to_answer: Option<Duration>,
+    to_confirm: Option<Duration>,
+}
+
+impl CallTimes {
+    /// A call's outcome carries the time since the answer only when it was confirmed or hung up;
+    /// the answer came that long before the call's end.
+    fn of(outcome: &CallOutcome, took: Duration) -> CallTimes {
+        match outcome {
+            CallOutcome::Confirmed { after } => CallTimes {
+                to_answer: Some(took.saturating_sub(*after)),
+                to_confirm: Some(*after),
+            },
+            CallOutcome::HungUp { after } => CallTimes {
+                to_answer: Some(took.saturating_sub(*after)),
+                to_confirm: None,
+            },
+            _ => CallTimes {
+                to_answer: None,
+                to_confirm: None,
+            },
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Plain bookkeeping: a panic elsewhere while holding it cannot leave it inconsistent.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use campanile_cluster::{Audience, CampaignSpec, Counts, Message, Priority, RetryPolicy};
+
+    fn campaign(id: u64, state: CampaignState) -> Campaign {
+        Campaign {
+            id: CampaignId(id),
+            spec: CampaignSpec {
+                title: format!("allerta {id}"),
+                message: Message::Tts {
+                    text: "Allerta".into(),
+                    language: "it".into(),
+                },
+                audience: Audience::All,
+                priority: Priority::Info,
+                require_confirmation: true,
+                retry: RetryPolicy::default_for(Priority::Info),
+                tenant: "pisa".into(),
+                not_before_ms: None,
+                deadline_ms: None,
+            },
+            state,
+            created_ms: 1_000 * id,
+            started_ms: None,
+            finished_ms: None,
+            counts: Counts::default(),
+            created_by: None,
+            approval: Default::default(),
+            by_node: Default::default(),
+        }
+    }
+
+    #[test]
+    fn running_campaigns_and_the_fifty_latest_ended_ones_are_reported() {
+        let mut all: Vec<Campaign> = (1..=120)
+            .map(|id| campaign(id, CampaignState::Completed))
+            .collect();
+        all[0].state = CampaignState::Running;
+        all[1].state = CampaignState::Paused;
+        all[2].state = CampaignState::Cancelled;
+        all[119].state = CampaignState::Draft;
+        let reported = reported_campaigns(all.iter());
+        assert!(reported.contains(&CampaignId(1)), "running, however old");
+        assert!(reported.contains(&CampaignId(2)), "paused, however old");
+        assert!(!reported.contains(&CampaignId(3)), "old and ended");
+        assert!(!reported.contains(&CampaignId(120)), "a draft dials nobody");
+        let ended: Vec<u64> = reported.iter().map(|c| c.0).filter(|&c| c > 2).collect();
+        assert_eq!(ended, (70..=119).collect::<Vec<u64>>());
+    }
+
+    #[test]
+    fn answer_and_confirmation_times_come_from_the_outcome() {
+        let took = Duration::from_secs(40);
+        assert_eq!(
+            CallTimes::of(
+                &CallOutcome::Confirmed {
+                    after: Duration::from_secs(25)
+                },
+                took
+            ),
+            CallTimes {
+                to_answer: Some(Duration::from_secs(15)),
+                to_confirm: Some(Duration::from_secs(25)),
+            }
+        );
+        assert_eq!(
+            CallTimes::of(
+                &CallOutcome::HungUp {
+                    after: Duration::from_secs(4)
+                },
+                took
+            )
+            .to_answer,
+            Some(Duration::from_secs(36))
+        );
+        let busy = CallTimes::of(&CallOutcome::Busy, took);
+        assert_eq!((busy.to_answer, busy.to_confirm), (None, None));
+    }
+
+    #[test]
+    fn takeover_results_are_exported_from_the_start() {
+        let m = Metrics::new();
+        m.takeover("resumed");
+        let families = m.registry.gather();
+        let takeovers = families
+            .iter()
+            .find(|f| f.get_name() == "campanile_takeovers_total")
+            .expect("takeovers_total is registered");
+        let mut seen: Vec<(String, f64)> = takeovers
+            .get_metric()
+            .iter()
+            .map(|m| {
+                (
+                    m.get_label()[0].get_value().to_string(),
+                    m.get_counter().get_value(),
+                )
+            })
+            .collect();
+        seen.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            seen,
+            vec![
+                ("failed".to_string(), 0.0),
+                ("redialled".to_string(), 0.0),
+                ("resumed".to_string(), 1.0)
+            ]
+        );
     }
 }

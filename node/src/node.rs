@@ -100,6 +100,7 @@ impl Node {
             }
         };
         metrics.set_drill_mode(drill.is_some());
+        metrics.set_trunk(&cfg.trunk.name, cfg.trunk.max_channels);
 
         // The simulated city speaks UDP; a real trunk speaks what trunk.transport says.
         let transport = match (&cfg.trunk.uri, cfg.trunk.sip_transport()) {

@@ -463,7 +463,7 @@ fn start_call(sh: &Arc<Shared>, due: Due, audio: PreparedAudio) {
         }
         let domain = outcome.to_domain();
         sh.metrics
-            .record_call(&domain, matches!(outcome, CallOutcome::Confirmed { .. }));
+            .call_ended(&sh.cluster, due.key.0, &outcome, started.elapsed());
         let next = retry::next_step(
             &domain,
             due.attempt,
