@@ -353,6 +353,15 @@ impl NodeProc {
         into_json(r)
     }
 
+    /// DELETE an API path; returns (status, JSON body).
+    pub fn delete(&self, path: &str) -> anyhow::Result<(u16, Value)> {
+        let r = ureq::delete(&self.url(path))
+            .set("Authorization", &self.auth())
+            .timeout(Duration::from_secs(30))
+            .call();
+        into_json(r)
+    }
+
     /// `post`, giving up on the answer after `timeout`.
     pub fn post_within(
         &self,

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::{
     ApiToken, AttemptEvent, CallerId, CampaignId, CampaignSpec, NewSubscriber, NodeId, NodeInfo,
-    Operator, OperatorUpdate, Session, SubscriberId, SubscriberUpdate, Verification,
+    Operator, OperatorUpdate, QuietHours, Session, SubscriberId, SubscriberUpdate, Verification,
 };
 
 /// A change to the replicated state. `at_ms` is the proposer's wall clock; `apply` never reads a clock.
@@ -160,6 +160,12 @@ pub enum Command {
         tenant: String,
         caller_id: Option<CallerId>,
     },
+    /// Sets (or, with None, clears) a tenant's quiet hours.
+    SetQuietHours {
+        at_ms: u64,
+        tenant: String,
+        quiet_hours: Option<QuietHours>,
+    },
     /// An API token stops working everywhere.
     RevokeToken {
         at_ms: u64,
@@ -224,6 +230,7 @@ impl Command {
             Command::EndSession { .. } => "end_session",
             Command::CloseExpired { .. } => "close_expired",
             Command::SetCallerId { .. } => "set_caller_id",
+            Command::SetQuietHours { .. } => "set_quiet_hours",
             Command::RevokeToken { .. } => "revoke_token",
             Command::UpdateSubscriber { .. } => "update_subscriber",
             Command::RequestVerification { .. } => "request_verification",
@@ -311,6 +318,8 @@ pub enum Refusal {
     OverrideWithoutReason,
     #[error("caller ID refused: {0}")]
     InvalidCallerId(String),
+    #[error("invalid quiet hours: {0}")]
+    InvalidQuietHours(String),
     #[error("no API token has that hash")]
     UnknownToken,
     #[error("no verification code is waiting for this number (or it expired); ask for a new call")]

@@ -271,6 +271,48 @@ pub struct Tenant {
     /// What citizens see calling: the comune's own number and name; None: the node's `[caller_id]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub caller_id: Option<CallerId>,
+    /// When the comune's non-emergency campaigns start no calls; None: any time of day.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quiet_hours: Option<QuietHours>,
+}
+
+/// A daily window, in Italian local time, in which a tenant's non-emergency campaigns start no
+/// calls (calls already up go on to their end; emergencies ignore it). The window may wrap
+/// midnight: 22:00 to 07:00 is `start_minute: 1320, end_minute: 420`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuietHours {
+    /// Minutes after local midnight when the window opens (0 to 1439).
+    pub start_minute: u16,
+    /// Minutes after local midnight when it closes (0 to 1439), exclusive.
+    pub end_minute: u16,
+}
+
+/// Minutes in a day (a clock change day is read on the local clock, so still 0 to 1439).
+pub const MINUTES_PER_DAY: u16 = 24 * 60;
+
+impl QuietHours {
+    /// Why this window cannot be kept, if it cannot.
+    pub fn problem(&self) -> Option<&'static str> {
+        if self.start_minute >= MINUTES_PER_DAY || self.end_minute >= MINUTES_PER_DAY {
+            return Some("start and end must be times of day, 00:00 to 23:59");
+        }
+        if self.start_minute == self.end_minute {
+            return Some(
+                "start and end are the same time: an empty window (clear quiet hours instead)",
+            );
+        }
+        None
+    }
+
+    /// Whether the local time `minute_of_day` (minutes after local midnight) falls in the window.
+    pub fn contains(&self, minute_of_day: u16) -> bool {
+        let (start, end, m) = (self.start_minute, self.end_minute, minute_of_day);
+        if start <= end {
+            start <= m && m < end
+        } else {
+            m >= start || m < end
+        }
+    }
 }
 
 /// A caller ID: the number (user part of From and P-Asserted-Identity) and the display name.

@@ -78,6 +78,7 @@ impl Default for Tenants {
             name: "Default".into(),
             created_ms: 0,
             caller_id: None,
+            quiet_hours: None,
         };
         Tenants([(default.slug.clone(), default)].into_iter().collect())
     }
@@ -269,6 +270,22 @@ impl State {
                     None => Response::Refused(Refusal::UnknownTenant(tenant.clone())),
                 }
             }
+            Command::SetQuietHours {
+                tenant,
+                quiet_hours,
+                ..
+            } => {
+                if let Some(problem) = quiet_hours.as_ref().and_then(|q| q.problem()) {
+                    return Response::Refused(Refusal::InvalidQuietHours(problem.into()));
+                }
+                match self.tenants.0.get_mut(tenant) {
+                    Some(t) => {
+                        t.quiet_hours = *quiet_hours;
+                        Response::Ok
+                    }
+                    None => Response::Refused(Refusal::UnknownTenant(tenant.clone())),
+                }
+            }
             Command::RevokeToken { sha256, .. } => match self.tokens.remove(sha256) {
                 Some(_) => Response::Ok,
                 None => Response::Refused(Refusal::UnknownToken),
@@ -379,6 +396,7 @@ impl State {
                     name: name.clone(),
                     created_ms: *at_ms,
                     caller_id: None,
+                    quiet_hours: None,
                 };
                 self.tenants.0.insert(slug.clone(), tenant);
                 Response::Ok
@@ -551,6 +569,7 @@ impl State {
             | Command::OverrideApproval { id, .. } => of_campaign(id),
             Command::CreateTenant { slug, .. } => Some(slug.clone()),
             Command::SetCallerId { tenant, .. } => Some(tenant.clone()),
+            Command::SetQuietHours { tenant, .. } => Some(tenant.clone()),
             Command::PutAudio { tenant, .. } => Some(tenant.clone()),
             Command::CreateOperator { operator, .. } => operator.tenants.first().cloned(),
             _ => None,
@@ -1045,6 +1064,17 @@ impl State {
         limit: usize,
         mine: impl Fn(SubscriberId) -> bool,
     ) -> Vec<&CallTask> {
+        self.due_tasks_filtered(now_ms, limit, |_, sid| mine(sid))
+    }
+
+    /// `due_tasks` restricted to the (campaign, subscriber) pairs `keep` accepts; the others do not
+    /// count toward `limit` (a node's leased partitions, campaigns outside quiet hours).
+    pub fn due_tasks_filtered(
+        &self,
+        now_ms: u64,
+        limit: usize,
+        keep: impl Fn(CampaignId, SubscriberId) -> bool,
+    ) -> Vec<&CallTask> {
         let mut out = Vec::new();
         for rank in 0..=2u8 {
             let range = (rank, 0, CampaignId(0), SubscriberId(0))
@@ -1053,7 +1083,7 @@ impl State {
                 if out.len() >= limit {
                     return out;
                 }
-                if !mine(*sid) {
+                if !keep(*cid, *sid) {
                     continue;
                 }
                 if let Some(t) = self.task(*cid, *sid) {
@@ -1897,6 +1927,73 @@ mod tests {
         assert!(st
             .tenant(DEFAULT_TENANT)
             .is_some_and(|t| t.caller_id.is_none()));
+    }
+
+    #[test]
+    fn a_tenant_quiet_hours_are_set_checked_and_cleared() {
+        let mut st = State::default();
+        let set = |start_minute, end_minute| Command::SetQuietHours {
+            at_ms: 1,
+            tenant: DEFAULT_TENANT.into(),
+            quiet_hours: Some(QuietHours {
+                start_minute,
+                end_minute,
+            }),
+        };
+        let quiet = |st: &State| st.tenant(DEFAULT_TENANT).and_then(|t| t.quiet_hours);
+        assert_eq!(st.apply(&set(22 * 60, 7 * 60)), Response::Ok);
+        assert_eq!(
+            quiet(&st),
+            Some(QuietHours {
+                start_minute: 1320,
+                end_minute: 420
+            })
+        );
+        for (start, end) in [(600, 600), (1440, 60), (60, 2000)] {
+            assert!(
+                matches!(
+                    st.apply(&set(start, end)),
+                    Response::Refused(Refusal::InvalidQuietHours(_))
+                ),
+                "{start}..{end}"
+            );
+        }
+        assert_eq!(
+            quiet(&st).map(|q| q.start_minute),
+            Some(1320),
+            "refusals change nothing"
+        );
+        let elsewhere = Command::SetQuietHours {
+            at_ms: 2,
+            tenant: "nowhere".into(),
+            quiet_hours: None,
+        };
+        assert!(matches!(
+            st.apply(&elsewhere),
+            Response::Refused(Refusal::UnknownTenant(_))
+        ));
+        st.apply(&Command::SetQuietHours {
+            at_ms: 3,
+            tenant: DEFAULT_TENANT.into(),
+            quiet_hours: None,
+        });
+        assert_eq!(quiet(&st), None);
+        // Audited like every operator's change, under the tenant it concerns.
+        st.apply(&Command::Audited {
+            at_ms: 4,
+            actor: "sindaco".into(),
+            tenant: None,
+            command: Box::new(set(0, 360)),
+        });
+        let last = st.audit().last().expect("an audit line");
+        assert_eq!(
+            (
+                last.action.as_str(),
+                last.tenant.as_deref(),
+                last.result.as_str()
+            ),
+            ("set_quiet_hours", Some(DEFAULT_TENANT), "ok")
+        );
     }
 
     #[test]

@@ -284,6 +284,14 @@ fn one_of_each() -> Vec<Command> {
                 display_name: "Comune di Pisa".into(),
             }),
         },
+        Command::SetQuietHours {
+            at_ms: 46,
+            tenant: "default".into(),
+            quiet_hours: Some(QuietHours {
+                start_minute: 22 * 60,
+                end_minute: 7 * 60,
+            }),
+        },
         Command::RevokeToken {
             at_ms: 38,
             sha256: "9c".repeat(32),
@@ -319,6 +327,7 @@ fn kind(c: &Command) -> &'static str {
         Command::EndSession { .. } => "end_session",
         Command::CloseExpired { .. } => "close_expired",
         Command::SetCallerId { .. } => "set_caller_id",
+        Command::SetQuietHours { .. } => "set_quiet_hours",
         Command::RevokeToken { .. } => "revoke_token",
         Command::UpdateSubscriber { .. } => "update_subscriber",
         Command::RequestVerification { .. } => "request_verification",

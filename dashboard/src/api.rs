@@ -1000,7 +1000,74 @@ fn tenant_view(t: &campanile_cluster::Tenant) -> Value {
     json!({
         "slug": t.slug, "name": t.name, "created_ms": t.created_ms,
         "caller_id": t.caller_id.as_ref().map(|c| json!({ "number": c.number, "display_name": c.display_name })),
+        "quiet_hours": t.quiet_hours.map(|q| json!({
+            "start": clock_time(q.start_minute), "end": clock_time(q.end_minute),
+        })),
     })
+}
+
+/// `HH:MM` of a minute of the day.
+fn clock_time(minute: u16) -> String {
+    format!("{:02}:{:02}", minute / 60, minute % 60)
+}
+
+/// Minutes after midnight of an `HH:MM` time of day; None when it is not one.
+fn parse_clock_time(s: &str) -> Option<u16> {
+    let (h, m) = s.trim().split_once(':')?;
+    if h.len() != 2 || m.len() != 2 {
+        return None;
+    }
+    let (h, m): (u16, u16) = (h.parse().ok()?, m.parse().ok()?);
+    (h < 24 && m < 60).then_some(h * 60 + m)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuietHoursBody {
+    start: String,
+    end: String,
+}
+
+/// `PUT /api/v1/tenants/{slug}/quiet-hours` with `{"start": "22:00", "end": "07:00"}` (Italian
+/// local time; the window may wrap midnight): the tenant's non-emergency campaigns start no calls
+/// then.
+pub async fn set_quiet_hours(
+    State(engine): State<AppState>,
+    axum::Extension(who): Who,
+    Path(slug): Path<String>,
+    ApiJson(body): ApiJson<QuietHoursBody>,
+) -> Result<Json<Value>, ApiError> {
+    who.check(Action::Administer, &slug, &format!("tenant `{slug}`"))?;
+    let time = |field: &str, value: &str| {
+        parse_clock_time(value).ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_field",
+                format!("`{field}` must be a time of day as HH:MM (00:00 to 23:59)"),
+            )
+        })
+    };
+    let quiet = campanile_cluster::QuietHours {
+        start_minute: time("start", &body.start)?,
+        end_minute: time("end", &body.end)?,
+    };
+    if let Some(problem) = quiet.problem() {
+        return Err(ApiError::bad_request("invalid_field", problem));
+    }
+    Ok(Json(tenant_view(
+        &engine.set_quiet_hours(slug, Some(quiet)).await?,
+    )))
+}
+
+/// `DELETE /api/v1/tenants/{slug}/quiet-hours`: the tenant's campaigns call at any time of day.
+pub async fn clear_quiet_hours(
+    State(engine): State<AppState>,
+    axum::Extension(who): Who,
+    Path(slug): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    who.check(Action::Administer, &slug, &format!("tenant `{slug}`"))?;
+    Ok(Json(tenant_view(
+        &engine.set_quiet_hours(slug, None).await?,
+    )))
 }
 
 #[derive(Deserialize)]

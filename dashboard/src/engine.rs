@@ -55,6 +55,7 @@ impl From<campanile_cluster::Refusal> for EngineError {
             | Refusal::OverrideWithoutReason
             | Refusal::NoVerification(_)
             | Refusal::InvalidCallerId(_)
+            | Refusal::InvalidQuietHours(_)
             | Refusal::WrongCode { .. }
             | Refusal::NestedAudit => EngineError::Invalid(r.to_string()),
         }
@@ -219,6 +220,16 @@ pub trait Engine: Send + Sync + 'static {
     ) -> Result<campanile_cluster::Tenant, EngineError> {
         Err(EngineError::Unavailable(
             "caller IDs cannot be changed on this node".into(),
+        ))
+    }
+    /// Sets (None: clears) a tenant's quiet hours; answers the tenant.
+    async fn set_quiet_hours(
+        &self,
+        _tenant: String,
+        _quiet_hours: Option<campanile_cluster::QuietHours>,
+    ) -> Result<campanile_cluster::Tenant, EngineError> {
+        Err(EngineError::Unavailable(
+            "quiet hours cannot be changed on this node".into(),
         ))
     }
     /// Tenants (comuni) of the cluster.

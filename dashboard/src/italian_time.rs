@@ -76,6 +76,12 @@ pub fn italian_datetime(ms: u64) -> String {
     format!("{y:04}-{m:02}-{d:02} {:02}:{:02}", mins / 60, mins % 60)
 }
 
+/// Minutes after local midnight in Italy at `ms` (0 to 1439), as a wall clock there reads: on the
+/// day summer time starts 02:00 to 02:59 never comes, on the day it ends they come twice.
+pub fn italian_minute_of_day(ms: u64) -> u16 {
+    (to_italian(ms).rem_euclid(DAY_MS) / 60_000) as u16
+}
+
 fn to_italian(ms: u64) -> i64 {
     let utc = i64::try_from(ms).unwrap_or(i64::MAX / 2);
     let (year, _, _) = civil_from_days(utc.div_euclid(DAY_MS));
@@ -140,6 +146,21 @@ mod tests {
         ] {
             assert_eq!(parse_italian_local(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn minutes_of_the_day_follow_the_italian_clock_across_clock_changes() {
+        assert_eq!(utc_timestamp(1_768_509_000_000), "2026-01-15T20:30:00Z");
+        assert_eq!(italian_minute_of_day(1_768_509_000_000), 21 * 60 + 30); // CET
+        assert_eq!(italian_minute_of_day(1_784_147_400_000), 22 * 60 + 30); // 2026-07-15T20:30Z, CEST
+        assert_eq!(italian_minute_of_day(1_768_519_800_000), 30); // 23:30Z: past local midnight
+                                                                  // 2026-03-29: at 01:00 UTC clocks jump from 02:00 CET to 03:00 CEST.
+        assert_eq!(italian_minute_of_day(1_774_745_100_000), 60 + 45); // 00:45Z
+        assert_eq!(italian_minute_of_day(1_774_746_300_000), 3 * 60 + 5); // 01:05Z
+                                                                          // 2026-10-25: at 01:00 UTC clocks go back from 03:00 CEST to 02:00 CET.
+        assert_eq!(italian_minute_of_day(1_792_888_200_000), 2 * 60 + 30); // 00:30Z
+        assert_eq!(italian_minute_of_day(1_792_891_800_000), 2 * 60 + 30); // 01:30Z
+        assert_eq!(italian_minute_of_day(1_792_893_600_000), 3 * 60); // 02:00Z
     }
 
     #[test]

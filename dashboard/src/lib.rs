@@ -88,6 +88,10 @@ pub fn router(engine: Arc<dyn Engine>) -> Router {
             axum::routing::put(api::set_caller_id).delete(api::clear_caller_id),
         )
         .route(
+            "/tenants/{slug}/quiet-hours",
+            axum::routing::put(api::set_quiet_hours).delete(api::clear_quiet_hours),
+        )
+        .route(
             "/audio",
             post(api::put_audio).layer(DefaultBodyLimit::max(api::AUDIO_BODY_LIMIT)),
         )

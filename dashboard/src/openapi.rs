@@ -179,6 +179,11 @@ fn uint() -> Value {
     json!({ "type": "integer", "format": "int64", "minimum": 0 })
 }
 
+/// A time of day, `HH:MM` (Italian local time).
+fn clock_time() -> Value {
+    json!({ "type": "string", "pattern": "^([01][0-9]|2[0-3]):[0-5][0-9]$", "example": "22:00" })
+}
+
 fn nullable(mut schema: Value) -> Value {
     schema["nullable"] = json!(true);
     // OpenAPI 3.0.3: a nullable enum lists null among its values.
@@ -698,6 +703,29 @@ fn path_items() -> Vec<(&'static str, Value)> {
             }),
         ),
         (
+            "/tenants/{slug}/quiet-hours",
+            json!({
+                "put": Op::new("setQuietHours", "accounts", "When the tenant's non-emergency campaigns start no calls: a daily window in Italian local time, which may wrap midnight (calls up at its start go on; emergencies ignore it)")
+                    .param(json!({
+                        "name": "slug", "in": "path", "required": true, "schema": tenant_slug(), "example": "default",
+                    }))
+                    .body(json_body(body(&["start", "end"], json!({
+                        "start": clock_time(),
+                        "end": clock_time(),
+                    })), json!({ "start": "22:00", "end": "07:00" })))
+                    .ok("200", json_response("The tenant afterwards", schema_ref("Tenant")))
+                    .errors(&["400", "403", "404", "413", "415"])
+                    .build("put"),
+                "delete": Op::new("clearQuietHours", "accounts", "The tenant's campaigns call at any time of day")
+                    .param(json!({
+                        "name": "slug", "in": "path", "required": true, "schema": tenant_slug(), "example": "default",
+                    }))
+                    .ok("200", json_response("The tenant afterwards", schema_ref("Tenant")))
+                    .errors(&["403", "404"])
+                    .build("delete"),
+            }),
+        ),
+        (
             "/tenants",
             json!({
                 "get": Op::new("listTenants", "accounts", "The tenants the caller serves")
@@ -1044,6 +1072,11 @@ fn schemas() -> Value {
             "name": { "type": "string" },
             "created_ms": uint(),
             "caller_id": nullable(schema_ref("CallerId")),
+            "quiet_hours": nullable(schema_ref("QuietHours")),
+        })),
+        "QuietHours": exact(json!({
+            "start": clock_time(),
+            "end": clock_time(),
         })),
         "CallerId": exact(json!({
             "number": { "type": "string" },

@@ -469,6 +469,23 @@ impl Engine for FakeEngine {
             .cloned()
             .ok_or_else(|| EngineError::Internal(format!("tenant {tenant} is missing")))
     }
+    async fn set_quiet_hours(
+        &self,
+        tenant: String,
+        quiet_hours: Option<campanile_cluster::QuietHours>,
+    ) -> Result<Tenant, EngineError> {
+        self.apply(Command::SetQuietHours {
+            at_ms: self.now_ms,
+            tenant: tenant.clone(),
+            quiet_hours,
+        })?;
+        self.state
+            .lock()
+            .unwrap()
+            .tenant(&tenant)
+            .cloned()
+            .ok_or_else(|| EngineError::Internal(format!("tenant {tenant} is missing")))
+    }
     async fn audit(
         &self,
         tenant: Option<String>,

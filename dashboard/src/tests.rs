@@ -435,3 +435,44 @@ async fn api_routes_require_the_bearer_token() {
 /// Console, sessions, CSRF and the authorization matrix.
 #[path = "tests_console.rs"]
 mod console;
+
+#[tokio::test]
+async fn quiet_hours_are_set_as_local_times_checked_and_cleared() {
+    let app = app();
+    let path = "/api/v1/tenants/default/quiet-hours";
+    let (s, v) = api(
+        &app,
+        "PUT",
+        path,
+        Some(json!({"start": "22:00", "end": "07:30"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["quiet_hours"], json!({"start": "22:00", "end": "07:30"}));
+    let (_, tenants) = api(&app, "GET", "/api/v1/tenants", None).await;
+    let default = tenants["tenants"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["slug"] == "default"))
+        .cloned()
+        .unwrap_or(Value::Null);
+    assert_eq!(default["quiet_hours"]["start"], "22:00", "{tenants}");
+    for (body, mentions) in [
+        (json!({"start": "24:00", "end": "07:00"}), "`start`"),
+        (json!({"start": "22:00", "end": "7:00"}), "`end`"),
+        (json!({"start": "08:00", "end": "08:00"}), "empty window"),
+    ] {
+        let (s, v) = api(&app, "PUT", path, Some(body.clone())).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+        assert_error(&v, "invalid_field", mentions);
+    }
+    let (s, _) = api(
+        &app,
+        "PUT",
+        "/api/v1/tenants/nowhere/quiet-hours",
+        Some(json!({"start": "22:00", "end": "07:00"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, v) = api(&app, "DELETE", path, None).await;
+    assert_eq!((s, v["quiet_hours"].clone()), (StatusCode::OK, Value::Null));
+}

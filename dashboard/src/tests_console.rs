@@ -467,6 +467,20 @@ fn routes(tenant: &str, campaign: u64, subscriber: u64) -> Vec<RouteCase> {
             true,
         ),
         c(
+            "PUT",
+            format!("/api/v1/tenants/{tenant}/quiet-hours"),
+            Some(json!({"start": "22:00", "end": "07:00"})),
+            Administer,
+            true,
+        ),
+        c(
+            "DELETE",
+            format!("/api/v1/tenants/{tenant}/quiet-hours"),
+            None,
+            Administer,
+            true,
+        ),
+        c(
             "PATCH",
             format!("/api/v1/subscribers/{subscriber}"),
             Some(json!({"zone": "collina"})),

@@ -542,6 +542,21 @@ impl Engine for NodeEngine {
             .read(|s| s.tenant(&tenant).cloned())
             .ok_or_else(|| EngineError::NotFound(format!("tenant `{tenant}` does not exist")))
     }
+    async fn set_quiet_hours(
+        &self,
+        tenant: String,
+        quiet_hours: Option<campanile_cluster::QuietHours>,
+    ) -> Result<campanile_cluster::Tenant, EngineError> {
+        self.write(Command::SetQuietHours {
+            at_ms: now_ms(),
+            tenant: tenant.clone(),
+            quiet_hours,
+        })
+        .await?;
+        self.cluster
+            .read(|s| s.tenant(&tenant).cloned())
+            .ok_or_else(|| EngineError::NotFound(format!("tenant `{tenant}` does not exist")))
+    }
 
     async fn tenants(&self) -> Result<Vec<campanile_cluster::Tenant>, EngineError> {
         Ok(self.cluster.read(|s| s.tenants().cloned().collect()))

@@ -56,9 +56,12 @@ pub struct Metrics {
     /// This node's trunk: its name and channel limit.
     trunk: Arc<Mutex<Option<(String, usize)>>>,
     /// Label sets of this node's per-campaign series, so those of campaigns no longer reported
-    /// can be removed: (campaign, tenant) → outcomes seen.
-    observed: Arc<Mutex<BTreeMap<(String, String), BTreeSet<&'static str>>>>,
+    /// can be removed.
+    observed: Arc<Mutex<Observed>>,
 }
+
+/// (campaign, tenant) → the outcome labels seen for it.
+type Observed = BTreeMap<(String, String), BTreeSet<&'static str>>;
 
 fn must<T>(r: Result<T, prometheus::Error>) -> T {
     // Metric definitions are static; a failure here is a programming error caught by the tests.
@@ -559,14 +562,14 @@ mod tests {
         let families = m.registry.gather();
         let takeovers = families
             .iter()
-            .find(|f| f.get_name() == "campanile_takeovers_total")
+            .find(|f| f.name() == "campanile_takeovers_total")
             .expect("takeovers_total is registered");
         let mut seen: Vec<(String, f64)> = takeovers
             .get_metric()
             .iter()
             .map(|m| {
                 (
-                    m.get_label()[0].get_value().to_string(),
+                    m.get_label()[0].value().to_string(),
                     m.get_counter().get_value(),
                 )
             })

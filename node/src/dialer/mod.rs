@@ -14,6 +14,7 @@
 //! holder is handed the calls still in flight and dials those citizens again.
 
 pub mod leases;
+pub mod quiet;
 pub mod retry;
 pub mod trunk;
 
@@ -301,8 +302,10 @@ fn collect_due(sh: &Shared, free: usize, held: &HashMap<u16, u64>) -> Vec<Due> {
     let inflight = lock(&sh.inflight);
     let now = now_ms();
     sh.cluster.read(|s| {
-        s.due_tasks_where(now, free + inflight.len(), |sid| {
-            held.contains_key(&campanile_cluster::partition_of(sid))
+        // Tasks of campaigns in their tenant's quiet hours stay due; they are not even counted.
+        let quiet = quiet::held_campaigns(s, now);
+        s.due_tasks_filtered(now, free + inflight.len(), |cid, sid| {
+            !quiet.contains(&cid) && held.contains_key(&campanile_cluster::partition_of(sid))
         })
         .into_iter()
         .filter(|t| !inflight.contains_key(&(t.campaign, t.subscriber)))
