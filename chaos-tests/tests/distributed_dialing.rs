@@ -3,9 +3,10 @@
 //! - every node dials its share (partition leases): the city sees INVITEs from all three nodes,
 //!   every subscriber ends final, `confirmed` exactly where the city logged a 1, and no phone ever
 //!   has two calls up at once;
-//! - a non-leader SIGKILLed mid-campaign: its partitions go to the others, every subscriber still
-//!   ends final, and the only overlapping calls are ones the killed node had up (at most its
-//!   channel count).
+//! - a non-leader SIGKILLed mid-campaign, and the leader in another run: its partitions go to the
+//!   others, every subscriber still ends final, the only overlapping calls are ones the killed node
+//!   had up (at most its channel count), and the calls it had answered go on under the same Call-ID
+//!   from another node (a re-INVITE) with less than 2 s of silence on the phone.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -137,15 +138,31 @@ fn three_nodes_share_the_city_and_agree_with_its_log() {
 }
 
 #[test]
-fn a_node_killed_mid_campaign_hands_its_partitions_over() {
+fn a_node_killed_mid_campaign_hands_its_partitions_and_its_answered_calls_over() {
+    kill_mid_campaign(false);
+}
+
+#[test]
+fn the_leader_killed_mid_campaign_hands_its_partitions_and_its_answered_calls_over() {
+    kill_mid_campaign(true);
+}
+
+/// SIGKILLs one node (the leader, or a follower) once it has calls up, and checks what follows.
+fn kill_mid_campaign(leader: bool) {
     let dir = tempfile::tempdir().unwrap();
     let city = SimCityProc::start(dir.path(), "realistic", 12).unwrap();
     let mut nodes = start_three(dir.path(), &city);
     nodes[0].import(1, 300).unwrap();
     let id = nodes[0].start_campaign(retry()).unwrap();
-    // Kill node 3 (not the leader) once it has calls up.
-    let victim = nodes[2].sip.to_string();
-    wait_for("node 3 on the phone", Duration::from_secs(60), || {
+    let leader_id = cluster_view(&nodes[0]).unwrap()["leader"].as_u64().unwrap() as usize;
+    let victim_at = if leader {
+        leader_id - 1
+    } else {
+        (0..3).find(|i| *i + 1 != leader_id).unwrap()
+    };
+    let witness = (0..3).find(|i| *i != victim_at).unwrap();
+    let victim = nodes[victim_at].sip.to_string();
+    wait_for("the victim on the phone", Duration::from_secs(60), || {
         let events = city.events();
         (events
             .iter()
@@ -155,24 +172,104 @@ fn a_node_killed_mid_campaign_hands_its_partitions_over() {
             .then_some(())
     })
     .unwrap();
-    nodes[2].kill();
-    let done = nodes[0]
+    let killed_ms = now_ms();
+    nodes[victim_at].kill();
+    let done = nodes[witness]
         .wait_campaign_done(id, Duration::from_secs(600))
         .unwrap();
     assert_eq!(done["state"], "completed", "{done}");
 
     // Its partitions went to the survivors.
-    let view = cluster_view(&nodes[0]).unwrap();
+    let view = cluster_view(&nodes[witness]).unwrap();
     let on_dead = view["members"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|m| m["id"] == 3)
+        .find(|m| m["id"] == victim_at as u64 + 1)
         .and_then(|m| m["leases"].as_u64());
     assert_eq!(on_dead, Some(0), "{view}");
 
-    let (overlaps, pressed) = check_outcomes_after_losing(&nodes[1], id, &city, &victim);
-    eprintln!("{overlaps} overlapping calls after the SIGKILL; {pressed} numbers pressed 1");
+    let (overlaps, pressed) = check_outcomes_after_losing(&nodes[witness], id, &city, &victim);
+    let (up, taken, gaps) = check_takeovers(&city.events(), &victim, killed_ms);
+    eprintln!(
+        "{overlaps} overlapping calls after the SIGKILL; {pressed} numbers pressed 1; \
+         {taken} of {up} answered calls taken over, silences {gaps:?} ms"
+    );
+}
+
+/// The calls `victim` had answered and up when it was killed (`killed_ms`): each went on under the
+/// same Call-ID from another node (a re-INVITE), none was left to die of silence, and where the
+/// message was still playing the phone heard less than 2 s of silence. Answers how many calls were
+/// up, how many were taken over, and the silences.
+fn check_takeovers(events: &[Value], victim: &str, killed_ms: u64) -> (usize, usize, Vec<u64>) {
+    // A call answered in the last moments before the kill may not have been committed yet (the
+    // dialer records in batches of 20 ms): nobody can know of it, and its citizen is called again.
+    let answered: BTreeSet<&str> = events
+        .iter()
+        .filter(|e| e["event"] == "answer" && e["from"] == victim)
+        .filter(|e| e["t_ms"].as_u64().is_some_and(|t| t + 500 <= killed_ms))
+        .filter_map(|e| e["call_id"].as_str())
+        .collect();
+    let ended_before: BTreeSet<&str> = events
+        .iter()
+        .filter(|e| {
+            matches!(
+                e["event"].as_str(),
+                Some("bye_received" | "bye_sent" | "cancel" | "reject")
+            ) && e["t_ms"].as_u64().is_some_and(|t| t <= killed_ms)
+        })
+        .filter_map(|e| e["call_id"].as_str())
+        .collect();
+    let up: Vec<&str> = answered.difference(&ended_before).copied().collect();
+    assert!(
+        !up.is_empty(),
+        "the victim had no answered call up when it was killed"
+    );
+    let mut gaps = Vec::new();
+    for call in &up {
+        let of_call: Vec<&Value> = events.iter().filter(|e| e["call_id"] == *call).collect();
+        let taken = of_call
+            .iter()
+            .position(|e| e["event"] == "reinvite" && e["from"] != victim);
+        let Some(taken) = taken else {
+            // Not taken over: only acceptable if the call ended by itself around the kill (the
+            // citizen hung up), never by the phone giving up on silence.
+            let gave_up = of_call
+                .iter()
+                .any(|e| e["event"] == "bye_sent" && e["reason"] == "media_timeout");
+            assert!(!gave_up, "{call} died of silence: {of_call:#?}");
+            continue;
+        };
+        assert!(
+            of_call[taken..]
+                .iter()
+                .any(|e| matches!(e["event"].as_str(), Some("bye_received" | "bye_sent"))),
+            "{call} never ended after the takeover: {of_call:#?}"
+        );
+        if let Some(gap) = of_call[taken..]
+            .iter()
+            .find(|e| e["event"] == "media_gap")
+            .and_then(|e| e["gap_ms"].as_u64())
+        {
+            assert!(gap < 2_000, "{call}: {gap} ms of silence: {of_call:#?}");
+            gaps.push(gap);
+        }
+    }
+    let taken = up
+        .iter()
+        .filter(|c| {
+            events
+                .iter()
+                .any(|e| e["call_id"] == **c && e["event"] == "reinvite" && e["from"] != victim)
+        })
+        .count();
+    assert!(
+        taken > 0,
+        "none of {} answered calls was taken over",
+        up.len()
+    );
+    gaps.sort_unstable();
+    (up.len(), taken, gaps)
 }
 
 /// After a campaign lost a node (`victim`, its SIP address) mid-way: every task is final, `confirmed`

@@ -97,6 +97,14 @@ pub enum Command {
         node: NodeId,
         partitions: Vec<u16>,
     },
+    /// The leader moves answered calls of a node that stopped renewing its leases to live nodes
+    /// (campaign, subscriber, new node): they continue each call inside its dialog (a re-INVITE),
+    /// without waiting for the dead node's partition leases to expire.
+    HandOverCalls {
+        at_ms: u64,
+        from: NodeId,
+        moves: Vec<(CampaignId, SubscriberId, NodeId)>,
+    },
     /// A node left the cluster (`campanile cluster remove`): its registration goes, and every call
     /// task it had in flight is given back as interrupted so another node dials it.
     ForgetNode {
@@ -216,6 +224,7 @@ impl Command {
             Command::AddToken { .. } => "add_token",
             Command::RegisterNode { .. } => "register_node",
             Command::ReclaimTasks { .. } => "reclaim_tasks",
+            Command::HandOverCalls { .. } => "hand_over_calls",
             Command::RenewLeases { .. } => "renew_leases",
             Command::AssignLeases { .. } => "assign_leases",
             Command::ReleaseLeases { .. } => "release_leases",

@@ -853,6 +853,9 @@ pub struct CallTask {
     pub next_due_ms: u64,
     pub last_outcome: Option<Outcome>,
     pub updated_ms: u64,
+    /// While an answered call is up: its dialog and stream, for a takeover.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handover: Option<CallHandover>,
 }
 
 /// An API token as the cluster stores it: only the SHA-256 of the secret, never the secret itself, so a
@@ -929,6 +932,53 @@ pub enum AttemptEvent {
         outcome: Outcome,
         next: Next,
     },
+    /// The call was answered (or its stream moved): what another node needs to continue it if this
+    /// one dies. A later record replaces an earlier one; the attempt's end clears it.
+    Answered {
+        campaign: CampaignId,
+        subscriber: SubscriberId,
+        attempt: u32,
+        call: Box<CallHandover>,
+    },
+}
+
+/// An answered call as another node needs it to take the call over: the SIP dialog (RFC 3261 §12)
+/// to send a re-INVITE inside, and where the message's RTP stream stood at a moment, so the new
+/// node continues the same stream (SSRC, sequence, timestamp) at the right place of the message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallHandover {
+    pub call_id: String,
+    pub local_tag: String,
+    pub remote_tag: String,
+    /// Our From header value, without tag.
+    pub local_party: String,
+    /// The callee's To header value, without tag.
+    pub remote_party: String,
+    /// Where in-dialog requests go (the callee's Contact).
+    pub remote_target: String,
+    /// Route headers for in-dialog requests, in order.
+    pub route_set: Vec<String>,
+    /// The last CSeq number we used in the dialog.
+    pub local_cseq: u32,
+    /// `UDP` or `TCP`.
+    pub via_transport: String,
+    /// The callee's RTP address (`ip:port`), and RTCP if it named one.
+    pub remote_rtp: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_rtcp: Option<String>,
+    /// RTP payload type of the audio (0 PCMU, 8 PCMA) and of telephone-event, if negotiated.
+    pub payload_type: u8,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub telephone_event: Option<u8>,
+    pub ssrc: u32,
+    /// At wall-clock time `at_ms` the stream was about to send frame `frame` of the message with
+    /// this sequence number and timestamp.
+    pub at_ms: u64,
+    pub frame: u32,
+    pub seq: u16,
+    pub ts: u32,
+    /// When the callee answered (wall clock).
+    pub answered_ms: u64,
 }
 
 #[cfg(test)]

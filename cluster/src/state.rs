@@ -43,6 +43,9 @@ pub struct State {
     /// Each node's calls in progress at its last heartbeat.
     #[serde(default)]
     channels: BTreeMap<NodeId, u32>,
+    /// Counts `HandOverCalls` that moved something.
+    #[serde(default)]
+    handovers_applied: u64,
     /// Tenants by slug; `default` always exists.
     #[serde(default)]
     tenants: Tenants,
@@ -308,6 +311,9 @@ impl State {
             }
             Command::ReclaimTasks { at_ms, from } => Response::Recorded {
                 applied: self.reclaim(*from, *at_ms),
+            },
+            Command::HandOverCalls { at_ms, from, moves } => Response::Recorded {
+                applied: self.hand_over(*from, moves, *at_ms),
             },
             Command::RenewLeases {
                 at_ms,
@@ -670,6 +676,76 @@ impl State {
         self.reclaim_where(node, at_ms, |_| true)
     }
 
+    /// Moves answered calls of `from` (a node that stopped renewing) to the nodes the leader chose:
+    /// each task stays in flight under the same attempt, now on its new node, which continues the
+    /// call with a re-INVITE. Records of `from` about these calls are refused from now on. Only a
+    /// call in flight on `from` with a handover record moves, so a repeated command changes nothing.
+    fn hand_over(
+        &mut self,
+        from: NodeId,
+        moves: &[(CampaignId, SubscriberId, NodeId)],
+        at_ms: u64,
+    ) -> u32 {
+        let mut moved = 0;
+        for (campaign, subscriber, to) in moves {
+            if *to == from {
+                continue;
+            }
+            let live = self
+                .campaigns
+                .get(campaign)
+                .is_some_and(|c| matches!(c.state, CampaignState::Running | CampaignState::Paused));
+            let Some(task) = self
+                .tasks
+                .get_mut(campaign)
+                .and_then(|t| t.get_mut(subscriber))
+            else {
+                continue;
+            };
+            match task.state {
+                TaskState::InFlight { attempt, node, .. }
+                    if live && node == from && task.handover.is_some() =>
+                {
+                    task.state = TaskState::InFlight {
+                        attempt,
+                        node: *to,
+                        since_ms: at_ms,
+                    };
+                    task.updated_ms = at_ms;
+                    moved += 1;
+                }
+                _ => {}
+            }
+        }
+        if moved > 0 {
+            self.handovers_applied += 1;
+        }
+        moved
+    }
+
+    /// How many `HandOverCalls` have moved calls so far: a node compares it with the value it saw
+    /// last to know when to look for calls it must continue or let go.
+    pub fn handovers_applied(&self) -> u64 {
+        self.handovers_applied
+    }
+
+    /// Answered calls in flight on `node`, in campaigns still running or paused.
+    pub fn answered_calls_on(&self, node: NodeId) -> Vec<&CallTask> {
+        self.tasks
+            .iter()
+            .filter(|(id, _)| {
+                self.campaigns.get(id).is_some_and(|c| {
+                    matches!(c.state, CampaignState::Running | CampaignState::Paused)
+                })
+            })
+            .flat_map(|(_, t)| t.values())
+            .filter(|t| {
+                t.handover.is_some()
+                    && matches!(t.state, TaskState::InFlight { node: n, .. } if n == node)
+            })
+            .collect()
+    }
+
     /// `reclaim`, for the subscribers `which` selects.
     fn reclaim_where(
         &mut self,
@@ -757,6 +833,7 @@ impl State {
                     next_due_ms: first_due,
                     last_outcome: None,
                     updated_ms: at_ms,
+                    handover: None,
                 },
             );
             self.due.insert((rank, first_due, id, sub.id));
@@ -846,6 +923,11 @@ impl State {
                 campaign,
                 subscriber,
                 ..
+            }
+            | AttemptEvent::Answered {
+                campaign,
+                subscriber,
+                ..
             } => (*campaign, *subscriber),
         };
         let Some(c) = self.campaigns.get_mut(&campaign) else {
@@ -867,6 +949,20 @@ impl State {
         };
         let before = task.state;
         match event {
+            AttemptEvent::Answered { attempt, call, .. } => {
+                // Only the node on the call, for the attempt it is on, describes it.
+                return match before {
+                    TaskState::InFlight {
+                        attempt: current,
+                        node: owner,
+                        ..
+                    } if current == *attempt && owner == node => {
+                        task.handover = Some(call.as_ref().clone());
+                        true
+                    }
+                    _ => false,
+                };
+            }
             AttemptEvent::Started { attempt, epoch, .. } => {
                 if before != TaskState::Pending || *attempt != task.attempts + 1 {
                     return false;
@@ -905,6 +1001,7 @@ impl State {
                 if current != *attempt || owner != node {
                     return false;
                 }
+                task.handover = None;
                 let counts = &mut c.counts;
                 if !outcome.is_subscribers_attempt() {
                     // Not the subscriber's attempt: give it back.
@@ -2264,6 +2361,118 @@ mod tests {
         assert_eq!(st.campaign(CampaignId(1)).unwrap().counts.in_flight, 1);
     }
 
+    fn handover(cseq: u32) -> CallHandover {
+        CallHandover {
+            call_id: "c1@campanile".into(),
+            local_tag: "ours".into(),
+            remote_tag: "theirs".into(),
+            local_party: "<sip:alert@127.0.0.1>".into(),
+            remote_party: "<sip:+393470000001@127.0.0.1>".into(),
+            remote_target: "sip:+393470000001@127.0.0.1:5070".into(),
+            route_set: vec![],
+            local_cseq: cseq,
+            via_transport: "UDP".into(),
+            remote_rtp: "127.0.0.1:40000".into(),
+            remote_rtcp: None,
+            payload_type: 0,
+            telephone_event: Some(101),
+            ssrc: 7,
+            at_ms: 100,
+            frame: 0,
+            seq: 1,
+            ts: 160,
+            answered_ms: 100,
+        }
+    }
+
+    fn answered(c: u64, s: u64, attempt: u32, cseq: u32) -> AttemptEvent {
+        AttemptEvent::Answered {
+            campaign: CampaignId(c),
+            subscriber: SubscriberId(s),
+            attempt,
+            call: Box::new(handover(cseq)),
+        }
+    }
+
+    #[test]
+    fn an_answered_call_is_handed_over_and_only_its_new_node_ends_it() {
+        let mut st = State::default();
+        st.apply(&sub(1, None));
+        st.apply(&sub(2, None));
+        st.apply(&campaign(Audience::All));
+        st.apply(&Command::StartCampaign {
+            at_ms: 5,
+            id: CampaignId(1),
+        });
+        record(&mut st, vec![started(1, 1, 1), started(1, 2, 1)]);
+        // Only the node on the call describes it, for the attempt it is on.
+        assert_eq!(
+            by(&mut st, 2, 11, vec![answered(1, 1, 1, 1)]),
+            Response::Recorded { applied: 0 }
+        );
+        assert_eq!(
+            record(&mut st, vec![answered(1, 1, 2, 1), answered(1, 1, 1, 1)]),
+            Response::Recorded { applied: 1 }
+        );
+        assert_eq!(st.answered_calls_on(NodeId(1)).len(), 1);
+        // Subscriber 2's call was never answered: it does not move.
+        let moves = vec![
+            (CampaignId(1), SubscriberId(1), NodeId(2)),
+            (CampaignId(1), SubscriberId(2), NodeId(2)),
+        ];
+        let hand_over = Command::HandOverCalls {
+            at_ms: 30,
+            from: NodeId(1),
+            moves: moves.clone(),
+        };
+        assert_eq!(st.apply(&hand_over), Response::Recorded { applied: 1 });
+        assert_eq!(st.handovers_applied(), 1);
+        let t = st.task(CampaignId(1), SubscriberId(1)).unwrap();
+        assert_eq!(
+            t.state,
+            TaskState::InFlight {
+                attempt: 1,
+                node: NodeId(2),
+                since_ms: 30
+            }
+        );
+        assert_eq!(t.attempts, 1, "the same attempt goes on");
+        // Repeating the command changes nothing.
+        assert_eq!(st.apply(&hand_over), Response::Recorded { applied: 0 });
+        assert_eq!(st.handovers_applied(), 1);
+        // The old node is fenced off; the new one updates the dialog and ends the call.
+        let confirmed = || {
+            finished(
+                1,
+                1,
+                1,
+                Outcome::Confirmed,
+                Next::Final(FinalState::Confirmed),
+            )
+        };
+        assert_eq!(
+            record(&mut st, vec![answered(1, 1, 1, 9), confirmed()]),
+            Response::Recorded { applied: 0 }
+        );
+        assert_eq!(
+            by(&mut st, 2, 40, vec![answered(1, 1, 1, 101)]),
+            Response::Recorded { applied: 1 }
+        );
+        let t = st.task(CampaignId(1), SubscriberId(1)).unwrap();
+        assert_eq!(t.handover.as_ref().map(|h| h.local_cseq), Some(101));
+        assert_eq!(
+            by(&mut st, 2, 41, vec![confirmed()]),
+            Response::Recorded { applied: 1 }
+        );
+        let t = st.task(CampaignId(1), SubscriberId(1)).unwrap();
+        assert_eq!(t.state, TaskState::Final(FinalState::Confirmed));
+        assert!(
+            t.handover.is_none(),
+            "an ended call leaves nothing to take over"
+        );
+        assert!(st.answered_calls_on(NodeId(2)).is_empty());
+    }
+
     #[test]
     fn reclaimed_calls_go_to_another_node_and_the_old_owner_is_fenced_off() {
         let mut st = State::default();
@@ -2676,6 +2885,7 @@ mod tests {
             (1u64..4, 1u64..12, 0u32..4).prop_map(|(c, s, a)| started(c, s, a)),
             (1u64..4, 1u64..12, 0u32..4, outcome, next)
                 .prop_map(|(c, s, a, o, n)| finished(c, s, a, o, n)),
+            (1u64..4, 1u64..12, 0u32..4, 0u32..3).prop_map(|(c, s, a, q)| answered(c, s, a, q)),
         ];
         prop_oneof![
             (1u32..12).prop_map(|n| sub(n, if n % 2 == 0 { Some("porto") } else { None })),
@@ -2723,6 +2933,13 @@ mod tests {
             (1u64..3).prop_map(|n| Command::ReclaimTasks {
                 at_ms: 9,
                 from: NodeId(n)
+            }),
+            (1u64..3, 1u64..4, 1u64..12, 1u64..3).prop_map(|(from, c, s, to)| {
+                Command::HandOverCalls {
+                    at_ms: 9,
+                    from: NodeId(from),
+                    moves: vec![(CampaignId(c), SubscriberId(s), NodeId(to))],
+                }
             }),
             (0u16..3, 1u64..3, 0u64..20).prop_map(|(p, n, at)| Command::AssignLeases {
                 at_ms: at,

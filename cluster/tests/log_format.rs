@@ -116,6 +116,11 @@ fn one_of_each() -> Vec<Command> {
             at_ms: 9,
             from: NodeId(2),
         },
+        Command::HandOverCalls {
+            at_ms: 9,
+            from: NodeId(2),
+            moves: vec![(CampaignId(1), SubscriberId(1), NodeId(3))],
+        },
         Command::ForgetNode {
             at_ms: 10,
             node: NodeId(2),
@@ -313,6 +318,7 @@ fn kind(c: &Command) -> &'static str {
         Command::AddToken { .. } => "add_token",
         Command::RegisterNode { .. } => "register_node",
         Command::ReclaimTasks { .. } => "reclaim_tasks",
+        Command::HandOverCalls { .. } => "hand_over_calls",
         Command::ForgetNode { .. } => "forget_node",
         Command::RenewLeases { .. } => "renew_leases",
         Command::AssignLeases { .. } => "assign_leases",

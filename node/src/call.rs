@@ -27,6 +27,7 @@ use crate::sip::message::{
 };
 use crate::sip::sdp::{self, Codec, RemoteMedia};
 use crate::sip::transaction::{ClientTransaction, Output, Timers};
+use campanile_cluster::CallHandover;
 
 /// How one call is placed.
 #[derive(Clone)]
@@ -68,6 +69,17 @@ pub struct CallSpec {
     pub reinvite_after: Option<Duration>,
 }
 
+/// The dialer's side of a call that another node may take over.
+#[derive(Clone)]
+pub struct HandoverHooks {
+    /// Receives the dialog and the stream's position when the call is answered and whenever the
+    /// message restarts (a replay, a voicemail beep).
+    pub answered: mpsc::UnboundedSender<CallHandover>,
+    /// Turns true when the cluster has given the call to another node: stop sending and leave
+    /// without BYE (the dialog goes on there).
+    pub let_go: watch::Receiver<bool>,
+}
+
 /// What happened on a call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CallOutcome {
@@ -107,6 +119,10 @@ pub enum CallOutcome {
     Unreachable,
     /// We ended the call because the campaign was cancelled or the node is stopping.
     Aborted,
+    /// Another node took the call over; we left it without BYE.
+    HandedOver,
+    /// Taking over another node's call failed (the re-INVITE was refused or not answered).
+    TakeoverFailed(String),
     /// Something local failed (socket, bad SDP from the peer ...).
     Failed(String),
 }
@@ -148,6 +164,8 @@ impl fmt::Display for CallOutcome {
             }
             CallOutcome::Unreachable => f.write_str("unreachable (no response from the trunk)"),
             CallOutcome::Aborted => f.write_str("aborted"),
+            CallOutcome::HandedOver => f.write_str("handed over to another node"),
+            CallOutcome::TakeoverFailed(why) => write!(f, "takeover failed: {why}"),
             CallOutcome::Failed(why) => write!(f, "failed: {why}"),
         }
     }
@@ -179,7 +197,10 @@ impl CallOutcome {
             }
             CallOutcome::TrunkUnavailable { code, .. } => O::TrunkRejected { code: *code },
             CallOutcome::Unreachable | CallOutcome::Failed(_) => O::Unreachable,
-            CallOutcome::Aborted => O::Interrupted,
+            // Neither is the citizen's attempt: the call is dialled again at once.
+            CallOutcome::Aborted | CallOutcome::HandedOver | CallOutcome::TakeoverFailed(_) => {
+                O::Interrupted
+            }
         }
     }
 }
@@ -222,7 +243,17 @@ pub struct CallContext {
 pub async fn place_call(
     ctx: &CallContext,
     spec: &CallSpec,
+    abort: watch::Receiver<bool>,
+) -> CallOutcome {
+    place_call_with(ctx, spec, abort, None).await
+}
+
+/// `place_call`, reporting through `hooks` what another node needs to take the call over.
+pub async fn place_call_with(
+    ctx: &CallContext,
+    spec: &CallSpec,
     mut abort: watch::Receiver<bool>,
+    hooks: Option<HandoverHooks>,
 ) -> CallOutcome {
     let local = ctx.endpoint.local_addr();
     let (rtp_socket, rtcp_socket) = match bind_rtp_pair(local.ip()) {
@@ -253,6 +284,7 @@ pub async fn place_call(
         spec,
         trunk: spec.trunk,
         channel: &mut channel,
+        hooks,
     };
     let answered = match call.invite_phase(invite, &parts, &mut abort).await {
         Ok(a) => a,
@@ -264,7 +296,136 @@ pub async fn place_call(
         sdp_session,
         sdp_version: sdp_session,
     };
-    call.media_phase(answered, media, &mut abort).await
+    call.media_phase(answered, media, &mut abort, None).await
+}
+
+/// How long a takeover waits for the callee to accept our re-INVITE before giving the call up.
+pub const TAKEOVER_WAIT: Duration = Duration::from_secs(3);
+
+/// Continues a call another node answered and can no longer carry: a re-INVITE inside its dialog
+/// with our Contact and media address (RFC 3261 §14), then the message from where it should be now,
+/// on the same RTP stream (SSRC, sequence and timestamp continue). A refused or unanswered re-INVITE
+/// ends in `TakeoverFailed`, and the citizen is called again.
+pub async fn resume_call(
+    ctx: &CallContext,
+    spec: &CallSpec,
+    h: &CallHandover,
+    mut abort: watch::Receiver<bool>,
+    hooks: Option<HandoverHooks>,
+) -> CallOutcome {
+    let failed = |why: String| CallOutcome::TakeoverFailed(why);
+    let Ok(committed_rtp) = h.remote_rtp.parse::<SocketAddr>() else {
+        return failed(format!("unusable media address {:?}", h.remote_rtp));
+    };
+    let local = ctx.endpoint.local_addr();
+    let (rtp_socket, rtcp_socket) = match bind_rtp_pair(local.ip()) {
+        Ok((rtp, rtcp)) => (Arc::new(rtp), Arc::new(rtcp)),
+        Err(e) => return failed(format!("cannot bind RTP and RTCP sockets: {e}")),
+    };
+    let rtp_addr = match rtp_socket.local_addr() {
+        Ok(a) => a,
+        Err(e) => return failed(format!("RTP socket has no address: {e}")),
+    };
+    let codec = if h.payload_type == sdp::PT_PCMA {
+        Codec::Pcma
+    } else {
+        Codec::Pcmu
+    };
+    let mut dialog = Dialog {
+        call_id: h.call_id.clone(),
+        local_tag: h.local_tag.clone(),
+        remote_tag: h.remote_tag.clone(),
+        local_party: h.local_party.clone(),
+        remote_party: h.remote_party.clone(),
+        remote_target: h.remote_target.clone(),
+        route_set: h.route_set.clone(),
+        // Above anything the previous node may have sent after its last record.
+        local_cseq: h.local_cseq.saturating_add(100),
+        remote_cseq: None,
+        local_contact: ctx.endpoint.contact(&spec.from_user),
+        via_transport: h.via_transport.clone(),
+    };
+    let mut channel = ctx.endpoint.register(&h.call_id);
+    let sdp_session = rand::random::<u32>() as u64;
+    // Offer only the codec the call already uses, so the stream goes on unchanged.
+    let te = h.telephone_event.or(Some(sdp::PT_TELEPHONE_EVENT));
+    let body = sdp::answer_with(sdp_session, rtp_addr, &[codec], te).into_bytes();
+    let reinvite = match dialog
+        .request(Method::Invite, local)
+        .body("application/sdp", body)
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return failed(format!("cannot build re-INVITE: {e}")),
+    };
+    let hop = dialog.next_hop().unwrap_or(spec.trunk);
+    let resp = crate::sip::endpoint::request_and_wait(
+        &ctx.endpoint,
+        &mut channel,
+        reinvite,
+        hop,
+        spec.timers,
+        TAKEOVER_WAIT,
+    )
+    .await;
+    let resp = match resp {
+        Some(r) if status(&r) / 100 == 2 => r,
+        Some(r) => return failed(format!("re-INVITE refused with {}", status(&r))),
+        None => return failed("re-INVITE not answered".into()),
+    };
+    let ack = match dialog.build(Method::Ack, local) {
+        Ok(a) => request_bytes(&a),
+        Err(e) => return failed(format!("cannot build ACK: {e}")),
+    };
+    if let Err(e) = ctx.endpoint.send(&ack, hop).await {
+        tracing::debug!(error = %e, "ACK send failed");
+    }
+    if let Some(target) = message::contact_uri(&resp) {
+        dialog.remote_target = target;
+    }
+    let remote = sdp::parse_remote(&resp.body).unwrap_or(RemoteMedia {
+        addr: committed_rtp,
+        codec,
+        telephone_event: h.telephone_event,
+        direction: sdp::Direction::SendRecv,
+        rtcp: h.remote_rtcp.as_deref().and_then(|a| a.parse().ok()),
+    });
+    let now = crate::dialer::now_ms();
+    let since_answer = Duration::from_millis(now.saturating_sub(h.answered_ms));
+    // The stream goes on where it would be had it never stopped.
+    let frames = (now.saturating_sub(h.at_ms) / 20) as usize;
+    let rtp = RtpClock {
+        ssrc: h.ssrc,
+        seq: h.seq,
+        ts: h.ts,
+        packets: 0,
+        frame: h.frame as usize,
+    }
+    .advanced(frames);
+    let answered = Answered {
+        dialog,
+        peer: watch::channel(remote.addr).0,
+        remote,
+        answered_at: Instant::now()
+            .checked_sub(since_answer)
+            .unwrap_or_else(Instant::now),
+        ack,
+    };
+    let mut call = Call {
+        ctx,
+        spec,
+        trunk: spec.trunk,
+        channel: &mut channel,
+        hooks,
+    };
+    let media = Media {
+        rtp: rtp_socket,
+        rtcp: rtcp_socket,
+        sdp_session,
+        sdp_version: sdp_session,
+    };
+    call.media_phase(answered, media, &mut abort, Some(rtp))
+        .await
 }
 
 /// The Route header value for an outbound proxy given as a SIP URI or host:port: loose routing.
@@ -407,6 +568,7 @@ struct Call<'a> {
     spec: &'a CallSpec,
     trunk: SocketAddr,
     channel: &'a mut CallChannel,
+    hooks: Option<HandoverHooks>,
 }
 
 impl Call<'_> {
@@ -669,6 +831,7 @@ impl Call<'_> {
         mut a: Answered,
         mut media: Media,
         abort: &mut watch::Receiver<bool>,
+        resumed: Option<RtpClock>,
     ) -> CallOutcome {
         let local = self.ctx.endpoint.local_addr();
         if !a.remote.accepts_audio() {
@@ -689,17 +852,25 @@ impl Call<'_> {
             self.spec.detect_machines.then_some(machine_tx),
         ));
         let mut machine = Machine::Unknown;
-        // RFC 3550 §5.1: random SSRC, initial sequence number and timestamp; replays continue the stream.
-        let mut rtp = RtpClock {
+        // RFC 3550 §5.1: random SSRC, initial sequence number and timestamp; replays continue the
+        // stream, and so does a node that takes the call over.
+        let mut rtp = resumed.unwrap_or_else(|| RtpClock {
             ssrc: rand::random(),
             seq: rand::random(),
             ts: rand::random(),
             packets: 0,
             frame: 0,
-        };
+        });
         let mut replays = 0;
-        let mut stream = Some(self.play(&a, &media, &rtp));
-        let mut message_done_at: Option<tokio::time::Instant> = None;
+        let (mut stream, mut message_done_at) = if rtp.frame < self.spec.audio.pcmu.len() {
+            (Some(self.play(&a, &media, &rtp)), None)
+        } else {
+            // Taken over after the message ended: wait for the key as the first node did.
+            (None, Some(tokio::time::Instant::now()))
+        };
+        self.report_handover(&a, &rtp);
+        let mut let_go = self.hooks.as_ref().map(|h| h.let_go.clone());
+        let mut handed_over = false;
         let mut remote_ended = false;
         let mut reinvite_at = self
             .spec
@@ -750,6 +921,7 @@ impl Call<'_> {
                         }
                         rtp.frame = 0;
                         stream = Some(self.play(&a, &media, &rtp));
+                        self.report_handover(&a, &rtp);
                         message_done_at = None;
                         machine = Machine::Recording;
                     }
@@ -759,6 +931,7 @@ impl Call<'_> {
                     // A greeting without a beep we could hear: leave the message now.
                     rtp.frame = 0;
                     stream = Some(self.play(&a, &media, &rtp));
+                    self.report_handover(&a, &rtp);
                     message_done_at = None;
                     machine = Machine::Recording;
                 }
@@ -775,6 +948,7 @@ impl Call<'_> {
                         }
                         rtp.frame = 0;
                         stream = Some(self.play(&a, &media, &rtp));
+                        self.report_handover(&a, &rtp);
                         message_done_at = None;
                     }
                     Some(_) => {}
@@ -879,13 +1053,18 @@ impl Call<'_> {
                         break CallOutcome::Aborted;
                     }
                 }
+                _ = until_true(let_go.as_mut()), if let_go.is_some() => {
+                    handed_over = true;
+                    break CallOutcome::HandedOver;
+                }
                 _ = &mut max_call => break CallOutcome::Failed("call exceeded its maximum duration".into()),
             }
         };
         if let Some(s) = stream.take() {
             s.stop();
         }
-        let outcome = if remote_ended {
+        let outcome = if remote_ended || handed_over {
+            // The dialog goes on at the node that took it over: no BYE from here.
             outcome
         } else {
             // Keys pressed while our BYE is in flight still count: the citizen did hear the alert.
@@ -978,6 +1157,37 @@ impl Call<'_> {
         }
     }
 
+    /// Tells the dialer what another node needs to continue this call: the dialog and where the
+    /// stream that was just (re)started stands.
+    fn report_handover(&self, a: &Answered, rtp: &RtpClock) {
+        let Some(hooks) = &self.hooks else {
+            return;
+        };
+        let d = &a.dialog;
+        let now = crate::dialer::now_ms();
+        let _ = hooks.answered.send(CallHandover {
+            call_id: d.call_id.clone(),
+            local_tag: d.local_tag.clone(),
+            remote_tag: d.remote_tag.clone(),
+            local_party: d.local_party.clone(),
+            remote_party: d.remote_party.clone(),
+            remote_target: d.remote_target.clone(),
+            route_set: d.route_set.clone(),
+            local_cseq: d.local_cseq,
+            via_transport: d.via_transport.clone(),
+            remote_rtp: a.remote.addr.to_string(),
+            remote_rtcp: a.remote.rtcp.map(|r| r.to_string()),
+            payload_type: a.remote.codec.payload_type(),
+            telephone_event: a.remote.telephone_event,
+            ssrc: rtp.ssrc,
+            at_ms: now,
+            frame: rtp.frame as u32,
+            seq: rtp.seq,
+            ts: rtp.ts,
+            answered_ms: now.saturating_sub(a.answered_at.elapsed().as_millis() as u64),
+        });
+    }
+
     /// Plays the message from the clock's frame, continuing the RTP stream where `rtp` says it is.
     fn play(&self, a: &Answered, media: &Media, rtp: &RtpClock) -> StreamHandle {
         let frames = match a.remote.codec {
@@ -1042,6 +1252,12 @@ struct RtpClock {
 }
 
 impl RtpClock {
+    /// The clock `frames` frames later.
+    fn advanced(mut self, frames: usize) -> RtpClock {
+        self.advance(frames);
+        self
+    }
+
     fn advance(&mut self, frames: usize) {
         self.packets = self.packets.wrapping_add(frames as u32);
         self.frame += frames;
@@ -1054,6 +1270,16 @@ impl RtpClock {
 
 fn a_duration(audio: &PreparedAudio) -> Duration {
     Duration::from_millis(audio.pcmu.len() as u64 * 20)
+}
+
+/// Waits until the switch turns true (forever if it is gone: nobody can throw it any more).
+async fn until_true(rx: Option<&mut watch::Receiver<bool>>) {
+    let Some(rx) = rx else {
+        return std::future::pending().await;
+    };
+    if rx.wait_for(|v| *v).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 async fn wait_stream(stream: Option<&StreamHandle>) {

@@ -16,6 +16,7 @@
 pub mod leases;
 pub mod quiet;
 pub mod retry;
+mod takeover;
 pub mod trunk;
 
 use std::collections::HashMap;
@@ -29,7 +30,7 @@ use campanile_cluster::{
 };
 use tokio::sync::{mpsc, watch, Notify};
 
-use crate::call::{place_call, CallContext, CallOutcome, CallSpec};
+use crate::call::{place_call_with, CallContext, CallOutcome, CallSpec, HandoverHooks};
 use crate::media::{AudioCache, PreparedAudio};
 use crate::metrics::Metrics;
 use crate::sip::transaction::Timers;
@@ -88,14 +89,50 @@ struct Due {
     caller: Option<campanile_cluster::CallerId>,
 }
 
+/// A call this node is responsible for.
+struct Running {
+    /// Turning true hangs the call up.
+    abort: watch::Sender<bool>,
+    /// Turning true leaves the call without BYE: another node has taken it over.
+    let_go: watch::Sender<bool>,
+    /// A call taken over from another node: its fence is the task's owner in the state machine,
+    /// not this node's lease on the partition.
+    taken_over: bool,
+}
+
+impl Running {
+    fn new(taken_over: bool) -> (Running, watch::Receiver<bool>, watch::Receiver<bool>) {
+        let (abort, abort_rx) = watch::channel(false);
+        let (let_go, let_go_rx) = watch::channel(false);
+        (
+            Running {
+                abort,
+                let_go,
+                taken_over,
+            },
+            abort_rx,
+            let_go_rx,
+        )
+    }
+
+    /// A placeholder for a task with no call (its record is on the way): nothing to abort.
+    fn placeholder() -> Running {
+        Running {
+            abort: watch::channel(true).0,
+            let_go: watch::channel(true).0,
+            taken_over: false,
+        }
+    }
+}
+
 struct Shared {
     cfg: DialerConfig,
     cluster: Cluster,
     ctx: CallContext,
     cache: Arc<AudioCache>,
     metrics: Metrics,
-    /// Calls this node is responsible for, with the switch that aborts them.
-    inflight: Mutex<HashMap<TaskKey, watch::Sender<bool>>>,
+    /// Calls this node is responsible for.
+    inflight: Mutex<HashMap<TaskKey, Running>>,
     /// Prepared audio per (campaign, subscriber language).
     audio: Mutex<HashMap<(CampaignId, String), AudioSlot>>,
     events: mpsc::UnboundedSender<Record>,
@@ -136,6 +173,10 @@ pub fn spawn(
         held: leases::Held::default(),
     });
     tokio::spawn(keep_leases(shared.clone(), shutdown.clone()));
+    tokio::spawn(takeover::watch_silent_nodes(
+        shared.clone(),
+        shutdown.clone(),
+    ));
     tokio::spawn(batcher(shared.clone(), events_rx));
     if let Some(every) = shared.cfg.options_interval {
         tokio::spawn(ping_trunk(shared.clone(), every, shutdown.clone()));
@@ -145,6 +186,7 @@ pub fn spawn(
 
 async fn run(sh: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     recover_interrupted(&sh);
+    let mut handovers_seen = 0;
     let mut applied = sh.cluster.applied();
     let mut next_start = tokio::time::Instant::now();
     let spacing = Duration::from_secs_f64(1.0 / sh.cfg.calls_per_second.max(1) as f64);
@@ -163,6 +205,7 @@ async fn run(sh: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
         sh.metrics.leases_held.set(held.len() as i64);
         abort_unleased(&sh, &held);
         abort_stopped_campaigns(&sh);
+        takeover::follow(&sh, &mut handovers_seen);
         let busy = lock(&sh.inflight).len();
         let free = sh.cfg.max_channels.saturating_sub(busy);
         sh.metrics.calls_in_flight.set(busy as i64);
@@ -242,9 +285,12 @@ async fn keep_leases(sh: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
 fn abort_unleased(sh: &Shared, held: &HashMap<u16, u64>) {
     let inflight = lock(&sh.inflight);
     let mut lapsed = 0;
-    for ((_, sid), abort) in inflight.iter() {
-        if !held.contains_key(&campanile_cluster::partition_of(*sid)) && !*abort.borrow() {
-            let _ = abort.send(true);
+    for ((_, sid), call) in inflight.iter() {
+        if !call.taken_over
+            && !held.contains_key(&campanile_cluster::partition_of(*sid))
+            && !*call.abort.borrow()
+        {
+            let _ = call.abort.send(true);
             lapsed += 1;
         }
     }
@@ -289,10 +335,8 @@ fn recover_interrupted(sh: &Arc<Shared>) {
             ..
         } = &ev
         {
-            // Keep them out of the due list until the batch that frees them is committed. There is
-            // no call to abort: the switch starts thrown.
-            let (tx, _) = watch::channel(true);
-            lock(&sh.inflight).insert((*campaign, *subscriber), tx);
+            // Keep them out of the due list until the batch that frees them is committed.
+            lock(&sh.inflight).insert((*campaign, *subscriber), Running::placeholder());
         }
         let _ = sh.events.send((ev, None));
     }
@@ -396,8 +440,8 @@ fn audio_for(
 }
 
 fn start_call(sh: &Arc<Shared>, due: Due, audio: PreparedAudio) {
-    let (abort_tx, abort_rx) = watch::channel(false);
-    lock(&sh.inflight).insert(due.key, abort_tx);
+    let (running, abort_rx, let_go_rx) = Running::new(false);
+    lock(&sh.inflight).insert(due.key, running);
     let (committed_tx, committed_rx) = tokio::sync::oneshot::channel();
     let _ = sh.events.send((
         AttemptEvent::Started {
@@ -423,68 +467,110 @@ fn start_call(sh: &Arc<Shared>, due: Due, audio: PreparedAudio) {
             sh.wake.notify_one();
             return;
         }
-        let spec = CallSpec {
-            to: due.phone,
-            trunk: sh.cfg.trunk,
-            trunk_host: sh.cfg.trunk_host.clone(),
-            from_user: due
-                .caller
-                .as_ref()
-                .map_or_else(|| sh.cfg.from_user.clone(), |c| c.number.clone()),
-            display_name: due
-                .caller
-                .as_ref()
-                .map_or_else(|| sh.cfg.display_name.clone(), |c| c.display_name.clone()),
-            audio,
-            ring_timeout: sh.cfg.ring_timeout,
-            confirm_wait: sh.cfg.confirm_wait,
-            require_confirmation: due.require_confirmation,
-            allow_opt_out: due.priority != Priority::Emergency,
-            max_replays: sh.cfg.max_replays,
-            timers: sh.cfg.timers,
-            credentials: sh.cfg.credentials.clone(),
-            reinvite_after: None,
-            detect_machines: true,
-            listen_for_keys: true,
-            outbound_proxy: sh.cfg.outbound_proxy.clone(),
-        };
-        let masked = campanile_cluster::mask_number(&spec.to);
+        let spec = call_spec(&sh, &due, audio, true);
         let started = std::time::Instant::now();
-        let outcome = place_call(&sh.ctx, &spec, abort_rx).await;
-        tracing::info!(
-            campaign = %due.key.0,
-            subscriber = %due.key.1,
-            number = %masked,
-            attempt = due.attempt,
-            outcome = %outcome,
-            secs = format_args!("{:.1}", started.elapsed().as_secs_f64()),
-            "call ended"
-        );
-        if let CallOutcome::TrunkUnavailable { retry_after, .. } = &outcome {
-            tracing::warn!(outcome = %outcome, "trunk is overloaded; pausing new calls on it");
-            lock(&sh.gate).on_overload(*retry_after, std::time::Instant::now());
-        }
-        let domain = outcome.to_domain();
-        sh.metrics
-            .call_ended(&sh.cluster, due.key.0, &outcome, started.elapsed());
-        let next = retry::next_step(
-            &domain,
-            due.attempt,
-            &due.retry,
-            due.require_confirmation,
-            now_ms(),
-        );
-        let _ = sh.events.send((
-            AttemptEvent::Finished {
-                campaign: due.key.0,
-                subscriber: due.key.1,
-                attempt: due.attempt,
-                outcome: domain,
-                next,
-            },
-            None,
-        ));
+        let hooks = handover_hooks(&sh, &due, let_go_rx);
+        let outcome = place_call_with(&sh.ctx, &spec, abort_rx, Some(hooks)).await;
+        call_ended(&sh, &due, &spec, outcome, started);
     });
+}
+
+/// How this node calls `due`'s citizen.
+fn call_spec(sh: &Shared, due: &Due, audio: PreparedAudio, detect_machines: bool) -> CallSpec {
+    CallSpec {
+        to: due.phone.clone(),
+        trunk: sh.cfg.trunk,
+        trunk_host: sh.cfg.trunk_host.clone(),
+        from_user: due
+            .caller
+            .as_ref()
+            .map_or_else(|| sh.cfg.from_user.clone(), |c| c.number.clone()),
+        display_name: due
+            .caller
+            .as_ref()
+            .map_or_else(|| sh.cfg.display_name.clone(), |c| c.display_name.clone()),
+        audio,
+        ring_timeout: sh.cfg.ring_timeout,
+        confirm_wait: sh.cfg.confirm_wait,
+        require_confirmation: due.require_confirmation,
+        allow_opt_out: due.priority != Priority::Emergency,
+        max_replays: sh.cfg.max_replays,
+        timers: sh.cfg.timers,
+        credentials: sh.cfg.credentials.clone(),
+        reinvite_after: None,
+        detect_machines,
+        listen_for_keys: true,
+        outbound_proxy: sh.cfg.outbound_proxy.clone(),
+    }
+}
+
+/// The call's reports of its dialog go into the attempt records, so another node can take it over.
+fn handover_hooks(sh: &Arc<Shared>, due: &Due, let_go: watch::Receiver<bool>) -> HandoverHooks {
+    let (answered, mut reports) = mpsc::unbounded_channel();
+    let events = sh.events.clone();
+    let (key, attempt) = (due.key, due.attempt);
+    tokio::spawn(async move {
+        while let Some(call) = reports.recv().await {
+            let _ = events.send((
+                AttemptEvent::Answered {
+                    campaign: key.0,
+                    subscriber: key.1,
+                    attempt,
+                    call: Box::new(call),
+                },
+                None,
+            ));
+        }
+    });
+    HandoverHooks { answered, let_go }
+}
+
+/// Records how a call this node placed (or took over) ended, and what follows for its citizen.
+fn call_ended(
+    sh: &Shared,
+    due: &Due,
+    spec: &CallSpec,
+    outcome: CallOutcome,
+    started: std::time::Instant,
+) {
+    let masked = campanile_cluster::mask_number(&spec.to);
+    tracing::info!(
+        campaign = %due.key.0,
+        subscriber = %due.key.1,
+        number = %masked,
+        attempt = due.attempt,
+        outcome = %outcome,
+        secs = format_args!("{:.1}", started.elapsed().as_secs_f64()),
+        "call ended"
+    );
+    if let CallOutcome::TrunkUnavailable { retry_after, .. } = &outcome {
+        tracing::warn!(outcome = %outcome, "trunk is overloaded; pausing new calls on it");
+        lock(&sh.gate).on_overload(*retry_after, std::time::Instant::now());
+    }
+    let domain = outcome.to_domain();
+    sh.metrics
+        .call_ended(&sh.cluster, due.key.0, &outcome, started.elapsed());
+    let deadline = sh
+        .cluster
+        .read(|s| s.campaign(due.key.0).and_then(|c| c.spec.deadline_ms));
+    let next = retry::next_step(
+        &domain,
+        due.attempt,
+        &due.retry,
+        due.require_confirmation,
+        deadline,
+        now_ms(),
+    );
+    let _ = sh.events.send((
+        AttemptEvent::Finished {
+            campaign: due.key.0,
+            subscriber: due.key.1,
+            attempt: due.attempt,
+            outcome: domain,
+            next,
+        },
+        None,
+    ));
 }
 
 /// Collects attempt events for `batch` and commits them as one Raft entry. A batch that fails to commit
@@ -614,20 +700,20 @@ fn abort_stopped_campaigns(sh: &Shared) {
         return;
     }
     sh.cluster.read(|s| {
-        for ((cid, _), abort) in inflight.iter() {
+        for ((cid, _), call) in inflight.iter() {
             let running = s
                 .campaign(*cid)
                 .is_some_and(|c| c.state == CampaignState::Running);
             if !running {
-                let _ = abort.send(true);
+                let _ = call.abort.send(true);
             }
         }
     });
 }
 
 fn abort_all(sh: &Shared) {
-    for abort in lock(&sh.inflight).values() {
-        let _ = abort.send(true);
+    for call in lock(&sh.inflight).values() {
+        let _ = call.abort.send(true);
     }
 }
 

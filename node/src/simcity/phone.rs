@@ -58,6 +58,8 @@ struct PhoneCall {
     media: Option<Media>,
     /// The RTP socket bound for early media, reused by the answer.
     early_socket: Option<Arc<UdpSocket>>,
+    /// The caller's Contact from its latest re-INVITE: another node that took the call over.
+    moved_to: Option<String>,
 }
 
 /// The caller ID a phone would show: P-Asserted-Identity (RFC 3325) when the trunk passes it, else From.
@@ -114,6 +116,7 @@ pub(crate) async fn run(
         answered: false,
         media: None,
         early_socket: None,
+        moved_to: None,
     };
     call.respond(100, None).await;
     let over_cap = shared
@@ -532,6 +535,9 @@ impl PhoneCall {
             return;
         };
         dialog.local_cseq = 1;
+        if let Some(target) = &self.moved_to {
+            dialog.remote_target = target.clone();
+        }
         let endpoint = self.shared.endpoint.clone();
         end_dialog(
             &endpoint,
@@ -596,6 +602,9 @@ impl PhoneCall {
         if h.payload_type != 0 && h.payload_type != 8 {
             return false;
         }
+        // Silence in the middle of the call (our caller stopped sending, or a node died and another
+        // took the call over) is logged when the audio comes back.
+        let gap = (!media.seen.is_empty()).then(|| media.last_rtp.elapsed());
         media.last_rtp = Instant::now();
         let new = media.seen.insert(h.sequence);
         if let (true, Some(heard)) = (new, media.heard.as_mut()) {
@@ -603,6 +612,12 @@ impl PhoneCall {
             if heard.len() < 10 * 60 * 8_000 {
                 heard.extend_from_slice(payload);
             }
+        }
+        if let Some(gap) = gap.filter(|g| *g >= MEDIA_GAP) {
+            self.log(
+                "media_gap",
+                json!({ "gap_ms": gap.as_millis() as u64, "audio_ms": self.audio_ms() }),
+            );
         }
         new
     }
@@ -624,18 +639,38 @@ impl PhoneCall {
                 None
             }
             Method::Invite => {
-                // re-INVITE inside the dialog: accept it and follow the new media address.
-                self.log("reinvite", json!({ "audio_ms": self.audio_ms() }));
+                // re-INVITE inside the dialog: accept it and follow the new media address, and the
+                // new Contact (another node taking the call over) for our own requests.
+                if from != self.from {
+                    self.from = from;
+                    self.moved_to = message::contact_uri(&req);
+                }
+                let silent_ms = self
+                    .media
+                    .as_ref()
+                    .map_or(0, |m| m.last_rtp.elapsed().as_millis() as u64);
+                self.log(
+                    "reinvite",
+                    json!({ "audio_ms": self.audio_ms(), "silent_ms": silent_ms }),
+                );
                 let local_rtp = self.media.as_ref().and_then(|m| m.socket.local_addr().ok());
-                if let (Some(media), Ok(remote)) =
+                let inband = self.shared.profile.inband_dtmf;
+                let mut codec = self.media.as_ref().map(|m| m.remote.codec);
+                let mut telephone_event = (!inband).then_some(sdp::PT_TELEPHONE_EVENT);
+                if let (Some(media), Ok(mut remote)) =
                     (self.media.as_mut(), sdp::parse_remote(&req.body))
                 {
+                    remote.telephone_event = remote.telephone_event.filter(|_| !inband);
+                    codec = Some(remote.codec);
+                    telephone_event = remote.telephone_event;
                     media.remote = remote;
                 }
+                // RFC 3264 §6: the answer lists only codecs of the offer; keep the one in use.
+                let codecs = codec.map_or(vec![Codec::Pcmu, Codec::Pcma], |c| vec![c]);
                 let body = local_rtp.map(|a| {
                     (
                         "application/sdp",
-                        sdp::answer_with(2, a, &[Codec::Pcmu, Codec::Pcma], Some(101)).into_bytes(),
+                        sdp::answer_with(2, a, &codecs, telephone_event).into_bytes(),
                     )
                 });
                 let contact = [("Contact", format!("<{}>", self.contact()))];
@@ -681,6 +716,9 @@ impl PhoneCall {
         }
     }
 }
+
+/// Silence in a call at least this long is logged as a `media_gap` when the audio comes back.
+const MEDIA_GAP: Duration = Duration::from_millis(300);
 
 /// Whether an SDP offer lists PCMA (payload type 8) on its audio line.
 fn offers_pcma(body: &[u8]) -> bool {

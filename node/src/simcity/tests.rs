@@ -416,3 +416,135 @@ async fn a_voicemail_box_gets_the_message_after_its_beep_and_the_outcome_is_voic
         total - before
     );
 }
+
+/// One node answers, then falls silent mid-message (let go: no BYE, as if it died); a second node,
+/// with its own SIP endpoint and media, continues the call from what the first one reported: a
+/// re-INVITE inside the same dialog, the same RTP stream, and the citizen's 1 reaches the second.
+#[tokio::test]
+async fn a_second_node_continues_an_answered_call_inside_its_dialog() {
+    use crate::call::{place_call_with, resume_call, HandoverHooks};
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("city.jsonl");
+    // The citizen presses 1 after hearing 1.5 s of the 3 s message.
+    let profile = Profile {
+        press_after_ms: [1_500, 1_500],
+        ..fast(Profile::always_answer())
+    };
+    let city = SimCity::start(SimCityConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        log: Some(log.clone()),
+        profile,
+        seed: 1,
+    })
+    .await
+    .unwrap();
+    let node = || async {
+        let (endpoint, _unrouted) = Endpoint::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        CallContext {
+            endpoint,
+            pacer: Pacer::spawn(),
+        }
+    };
+    let (first, second) = (node().await, node().await);
+    let spec = CallSpec {
+        to: "+393470000019".into(),
+        trunk: city.local_addr(),
+        trunk_host: city.local_addr().to_string(),
+        from_user: "campanile".into(),
+        display_name: "Test".into(),
+        audio: tone_audio(3.0),
+        ring_timeout: Duration::from_secs(5),
+        confirm_wait: Duration::from_millis(500),
+        require_confirmation: true,
+        allow_opt_out: false,
+        max_replays: 0,
+        timers: Default::default(),
+        credentials: None,
+        reinvite_after: None,
+        detect_machines: false,
+        listen_for_keys: true,
+        outbound_proxy: None,
+    };
+    let (reports_tx, mut reports) = tokio::sync::mpsc::unbounded_channel();
+    let (let_go, let_go_rx) = tokio::sync::watch::channel(false);
+    let (_abort, abort_rx) = tokio::sync::watch::channel(false);
+    let hooks = HandoverHooks {
+        answered: reports_tx,
+        let_go: let_go_rx,
+    };
+    let first_call = tokio::spawn({
+        let spec = spec.clone();
+        let abort_rx = abort_rx.clone();
+        async move { place_call_with(&first, &spec, abort_rx, Some(hooks)).await }
+    });
+    let handover = tokio::time::timeout(Duration::from_secs(10), reports.recv())
+        .await
+        .expect("the answer is reported")
+        .expect("a handover record");
+    // 500 ms into the message the first node goes silent.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let_go.send_replace(true);
+    let left = tokio::time::timeout(Duration::from_secs(5), first_call)
+        .await
+        .expect("the first node leaves at once")
+        .unwrap();
+    assert_eq!(left, CallOutcome::HandedOver);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(30),
+        resume_call(&second, &spec, &handover, abort_rx, None),
+    )
+    .await
+    .expect("the continued call ends by itself");
+    assert!(
+        matches!(outcome, CallOutcome::Confirmed { .. }),
+        "{outcome:?}"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let events = loop {
+        let events: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        if events.iter().any(|e| e["event"] == "bye_received")
+            || std::time::Instant::now() > deadline
+        {
+            break events;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    city.shutdown().await;
+    assert_eq!(
+        kinds(&events),
+        [
+            "invite",
+            "ringing",
+            "answer",
+            "reinvite",
+            "media_gap",
+            "dtmf",
+            "bye_received"
+        ],
+        "{events:#?}"
+    );
+    // One call: the same Call-ID throughout; the second half came from the second node.
+    assert!(events.iter().all(|e| e["call_id"] == events[0]["call_id"]));
+    let first_from = events[0]["from"].as_str().unwrap();
+    let second_from = second.endpoint.local_addr().to_string();
+    assert_ne!(first_from, second_from);
+    for e in &events[3..] {
+        assert_eq!(e["from"], second_from.as_str(), "{e}");
+    }
+    // The gap is the silence we made (0.3 s) plus the re-INVITE, not a restart of the message:
+    // the citizen pressed 1 after 1.5 s of audio in all, not 1.5 s after the takeover.
+    let gap = events[4]["gap_ms"].as_u64().unwrap();
+    assert!((300..2_000).contains(&gap), "{gap} ms of silence");
+    let heard_at_takeover = events[3]["audio_ms"].as_u64().unwrap();
+    assert!(
+        (300..=700).contains(&heard_at_takeover),
+        "{heard_at_takeover} ms heard from the first node"
+    );
+}

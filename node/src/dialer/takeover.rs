@@ -1,0 +1,317 @@
+//! Taking over the answered calls of a node that went silent.
+//!
+//! A node renews its leases every `renew_every` (500 ms by default), and the renewal is its
+//! heartbeat. Its partitions move only when their leases expire (3 s), because a node that is merely
+//! cut off may still be dialing until its own clock says stop. An answered call cannot wait that
+//! long: the citizen is listening. So the leader watches heartbeats every 100 ms, and when a node
+//! has been silent for [`SILENCE`] it moves that node's answered calls (those with a committed
+//! dialog, `CallTask::handover`) to live nodes with one `HandOverCalls` entry. The new owner sends a
+//! re-INVITE inside the same dialog (same Call-ID and tags, a higher CSeq, its own Contact and
+//! media address) and continues the message on the same RTP stream where it should be by now.
+//!
+//! Fencing: the state machine refuses records about a moved call from anyone but its new owner,
+//! and a node that was only slow, not dead, sees the move in the log and leaves the call without
+//! BYE (`Running::let_go`). The callee follows the latest re-INVITE, so at worst it hears both
+//! streams for the moment the slow node needs to notice. Calls that were still ringing are not
+//! moved: they end with the lease, and the partition's next holder calls those citizens again.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use campanile_cluster::{CallHandover, CampaignId, Command, NodeId, SubscriberId, TaskState};
+use tokio::sync::watch;
+
+use super::{audio_for, call_ended, call_spec, handover_hooks, lock, now_ms, Due, Running, Shared};
+use crate::call::{resume_call, CallOutcome};
+
+/// How long a node may go without a heartbeat before the leader moves its answered calls: two
+/// renewals missed.
+pub const SILENCE: Duration = Duration::from_millis(1000);
+
+/// How often the leader looks.
+const LOOK_EVERY: Duration = Duration::from_millis(100);
+
+/// On the leader: moves the answered calls of silent nodes to live ones, fewest calls first.
+pub(super) async fn watch_silent_nodes(sh: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let silence = SILENCE.max(sh.cfg.lease.renew_every * 2).as_millis() as u64;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(LOOK_EVERY) => {}
+            _ = shutdown.changed() => {}
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+        if !sh.cluster.is_leader() {
+            continue;
+        }
+        let now = now_ms();
+        for (from, moves) in sh.cluster.read(|s| plan(s, now, silence)) {
+            let n = moves.len();
+            let cmd = Command::HandOverCalls {
+                at_ms: now,
+                from,
+                moves,
+            };
+            match sh.cluster.write(cmd).await {
+                Ok(_) => tracing::warn!(
+                    node = %from,
+                    calls = n,
+                    "node silent for {silence} ms: its answered calls go to live nodes"
+                ),
+                Err(e) => tracing::warn!(error = %e, "cannot hand over a silent node's calls"),
+            }
+        }
+    }
+}
+
+/// Calls to move: (campaign, subscriber, new node).
+type Moves = Vec<(CampaignId, SubscriberId, NodeId)>;
+
+/// Which answered calls of silent nodes go where: to the live node with the fewest calls.
+fn plan(s: &campanile_cluster::State, now: u64, silence: u64) -> Vec<(NodeId, Moves)> {
+    let beats: Vec<(NodeId, u64)> = s.heartbeats().collect();
+    let silent: Vec<NodeId> = beats
+        .iter()
+        .filter(|(_, t)| t.saturating_add(silence) <= now)
+        .map(|(n, _)| *n)
+        .collect();
+    if silent.is_empty() {
+        return Vec::new();
+    }
+    let channels: BTreeMap<NodeId, u32> = s.channels_in_use().collect();
+    let mut load: BTreeMap<NodeId, u32> = beats
+        .iter()
+        .filter(|(_, t)| t.saturating_add(silence) > now)
+        .map(|(n, _)| (*n, channels.get(n).copied().unwrap_or(0)))
+        .collect();
+    let mut out = Vec::new();
+    for from in silent {
+        let mut moves = Vec::new();
+        for t in s.answered_calls_on(from) {
+            let Some((to, count)) = load.iter_mut().min_by_key(|(n, c)| (**c, **n)) else {
+                return out;
+            };
+            *count += 1;
+            moves.push((t.campaign, t.subscriber, *to));
+        }
+        if !moves.is_empty() {
+            out.push((from, moves));
+        }
+    }
+    out
+}
+
+/// On every node, after the cluster moved calls (`seen` is the last move it acted on): lets go of
+/// calls given to another node, and continues the calls given to this one.
+pub(super) fn follow(sh: &Arc<Shared>, seen: &mut u64) {
+    let applied = sh.cluster.read(|s| s.handovers_applied());
+    if applied == *seen {
+        return;
+    }
+    let me = sh.cfg.node;
+    let mut inflight = lock(&sh.inflight);
+    let now = now_ms();
+    let (gone, mine) = sh.cluster.read(|s| {
+        let gone: Vec<_> = inflight
+            .keys()
+            .filter(|(c, sid)| {
+                s.task(*c, *sid).is_some_and(
+                    |t| matches!(t.state, TaskState::InFlight { node, .. } if node != me),
+                )
+            })
+            .copied()
+            .collect();
+        let mine: Vec<(Due, CallHandover)> = s
+            .answered_calls_on(me)
+            .into_iter()
+            .filter(|t| !inflight.contains_key(&(t.campaign, t.subscriber)))
+            .filter_map(|t| {
+                let TaskState::InFlight { attempt, .. } = t.state else {
+                    return None;
+                };
+                let c = s.campaign(t.campaign)?;
+                let due = Due {
+                    key: (t.campaign, t.subscriber),
+                    attempt,
+                    epoch: 0,
+                    phone: t.phone.as_str().to_string(),
+                    language: t.language.clone(),
+                    message: c.spec.message.clone(),
+                    priority: c.spec.priority,
+                    require_confirmation: c.spec.require_confirmation,
+                    retry: c.spec.retry,
+                    caller: s.tenant(&c.spec.tenant).and_then(|t| t.caller_id.clone()),
+                };
+                Some((due, t.handover.clone()?))
+            })
+            .collect();
+        (gone, mine)
+    });
+    for key in gone {
+        if let Some(call) = inflight.get(&key) {
+            let _ = call.let_go.send(true);
+        }
+    }
+    let mut waiting = false;
+    for (due, handover) in mine {
+        // The message must be ready here; until it is, look again on the next round.
+        let Some(audio) = audio_for(sh, due.key.0, &due.message, &due.language) else {
+            waiting = true;
+            continue;
+        };
+        let (running, abort_rx, let_go_rx) = Running::new(true);
+        inflight.insert(due.key, running);
+        let sh = sh.clone();
+        tracing::info!(
+            campaign = %due.key.0,
+            subscriber = %due.key.1,
+            number = %campanile_cluster::mask_number(&due.phone),
+            silent_for_ms = now.saturating_sub(handover.at_ms),
+            "taking over an answered call"
+        );
+        tokio::spawn(async move {
+            let spec = call_spec(&sh, &due, audio, false);
+            let started = std::time::Instant::now();
+            let hooks = handover_hooks(&sh, &due, let_go_rx);
+            let outcome = resume_call(&sh.ctx, &spec, &handover, abort_rx, Some(hooks)).await;
+            let result = match &outcome {
+                CallOutcome::TakeoverFailed(why) => {
+                    tracing::warn!(campaign = %due.key.0, subscriber = %due.key.1, reason = %why,
+                        "could not take the call over; the citizen is called again");
+                    "failed"
+                }
+                _ => "resumed",
+            };
+            sh.metrics.takeover(result);
+            call_ended(&sh, &due, &spec, outcome, started);
+        });
+    }
+    if !waiting {
+        *seen = applied;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use campanile_cluster::*;
+
+    fn sub(n: u32) -> Command {
+        Command::CreateSubscriber {
+            at_ms: 1,
+            subscriber: NewSubscriber {
+                tenant: default_tenant(),
+                phone: PhoneNumber::parse(&format!("+39347{n:07}")).unwrap(),
+                name: None,
+                language: "it".into(),
+                zone: None,
+                verified: true,
+                consent: None,
+            },
+        }
+    }
+
+    fn beat(st: &mut State, node: u64, at_ms: u64, calls: u32) {
+        st.apply(&Command::RenewLeases {
+            at_ms,
+            node: NodeId(node),
+            lease_ms: 3_000,
+            channels_in_use: Some(calls),
+        });
+    }
+
+    #[test]
+    fn answered_calls_of_a_silent_node_go_to_the_least_busy_live_node() {
+        let mut st = State::default();
+        for n in 1..=3 {
+            st.apply(&sub(n));
+        }
+        st.apply(&Command::CreateCampaign {
+            at_ms: 2,
+            spec: CampaignSpec {
+                title: "t".into(),
+                message: Message::Tts {
+                    text: "Allerta".into(),
+                    language: "it".into(),
+                },
+                audience: Audience::All,
+                priority: Priority::Emergency,
+                require_confirmation: true,
+                retry: RetryPolicy::default_for(Priority::Emergency),
+                tenant: default_tenant(),
+                not_before_ms: None,
+                deadline_ms: None,
+            },
+            created_by: None,
+        });
+        st.apply(&Command::StartCampaign {
+            at_ms: 3,
+            id: CampaignId(1),
+        });
+        let mut events = Vec::new();
+        for s in 1..=3 {
+            events.push(AttemptEvent::Started {
+                campaign: CampaignId(1),
+                subscriber: SubscriberId(s),
+                attempt: 1,
+                epoch: None,
+            });
+        }
+        // Subscribers 1 and 2 answered; 3 is still ringing.
+        for s in 1..=2 {
+            events.push(AttemptEvent::Answered {
+                campaign: CampaignId(1),
+                subscriber: SubscriberId(s),
+                attempt: 1,
+                call: Box::new(CallHandover {
+                    call_id: format!("c{s}"),
+                    local_tag: "a".into(),
+                    remote_tag: "b".into(),
+                    local_party: "<sip:alert@127.0.0.1>".into(),
+                    remote_party: "<sip:x@127.0.0.1>".into(),
+                    remote_target: "sip:x@127.0.0.1:5070".into(),
+                    route_set: vec![],
+                    local_cseq: 1,
+                    via_transport: "UDP".into(),
+                    remote_rtp: "127.0.0.1:40000".into(),
+                    remote_rtcp: None,
+                    payload_type: 0,
+                    telephone_event: None,
+                    ssrc: 1,
+                    at_ms: 10,
+                    frame: 0,
+                    seq: 0,
+                    ts: 0,
+                    answered_ms: 10,
+                }),
+            });
+        }
+        st.apply(&Command::RecordAttempts {
+            at_ms: 10,
+            node: NodeId(3),
+            events,
+        });
+        beat(&mut st, 1, 1_000, 5);
+        beat(&mut st, 2, 1_000, 0);
+        beat(&mut st, 3, 1_000, 3);
+        // Everyone is fresh: nothing moves.
+        assert!(plan(&st, 1_500, 1_000).is_empty());
+        beat(&mut st, 1, 2_000, 5);
+        beat(&mut st, 2, 2_000, 1);
+        // Node 3 missed its renewals: its two answered calls go to node 2, then node 2 again
+        // (1 + 1 = 2 < 5), never to the busy node 1, and the ringing call stays.
+        let moves = plan(&st, 2_100, 1_000);
+        assert_eq!(moves.len(), 1);
+        let (from, moves) = &moves[0];
+        assert_eq!(*from, NodeId(3));
+        assert_eq!(
+            moves,
+            &vec![
+                (CampaignId(1), SubscriberId(1), NodeId(2)),
+                (CampaignId(1), SubscriberId(2), NodeId(2)),
+            ]
+        );
+    }
+}
