@@ -82,6 +82,10 @@ pub enum Command {
         /// The node's calls in progress (trunk channels in use), for the cluster view.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         channels_in_use: Option<u32>,
+        /// The node's trunk capacity (concurrent channels): the leader gives each node a share of
+        /// the partitions in proportion to it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        capacity: Option<u32>,
     },
     /// The leader hands partitions to nodes. A grant takes effect only if the partition has no
     /// lease or its lease has expired by `at_ms`; the epoch grows, and calls the previous holder

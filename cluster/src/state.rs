@@ -46,6 +46,9 @@ pub struct State {
     /// Counts `HandOverCalls` that moved something.
     #[serde(default)]
     handovers_applied: u64,
+    /// Each node's trunk capacity (concurrent channels), from its heartbeat.
+    #[serde(default)]
+    capacities: BTreeMap<NodeId, u32>,
     /// Tenants by slug; `default` always exists.
     #[serde(default)]
     tenants: Tenants,
@@ -320,10 +323,14 @@ impl State {
                 node,
                 lease_ms,
                 channels_in_use,
+                capacity,
             } => {
                 self.heartbeats.insert(*node, *at_ms);
                 if let Some(n) = channels_in_use {
                     self.channels.insert(*node, *n);
+                }
+                if let Some(c) = capacity {
+                    self.capacities.insert(*node, *c);
                 }
                 let mut renewed = 0;
                 // Only a live lease is renewed: an expired or released one must be granted anew
@@ -1146,6 +1153,11 @@ impl State {
 
     /// Each node's last heartbeat (lease renewal), on its own clock.
     /// Each node's calls in progress at its last heartbeat.
+    /// Each node's trunk capacity as its last heartbeat said (nodes of older releases say nothing).
+    pub fn capacities(&self) -> impl Iterator<Item = (NodeId, u32)> + '_ {
+        self.capacities.iter().map(|(n, c)| (*n, *c))
+    }
+
     pub fn channels_in_use(&self) -> impl Iterator<Item = (NodeId, u32)> + '_ {
         self.channels.iter().map(|(n, c)| (*n, *c))
     }
@@ -2586,6 +2598,7 @@ mod tests {
             node: NodeId(1),
             lease_ms: 100,
             channels_in_use: None,
+            capacity: None,
         });
         assert_eq!(assign(&mut st, 150, 2), Response::Recorded { applied: 0 });
         assert_eq!(
@@ -2637,6 +2650,7 @@ mod tests {
             node: NodeId(2),
             lease_ms: 100,
             channels_in_use: None,
+            capacity: None,
         });
         assert_eq!(assign(&mut st, 211, 3), Response::Recorded { applied: 1 });
         assert_eq!(st.lease(p).map(|l| l.epoch), Some(3));
@@ -2951,6 +2965,7 @@ mod tests {
                 node: NodeId(n),
                 lease_ms: 5,
                 channels_in_use: None,
+                capacity: None,
             }),
             (1u64..3).prop_map(|n| Command::ForgetNode {
                 at_ms: 9,

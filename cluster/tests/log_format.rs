@@ -130,6 +130,7 @@ fn one_of_each() -> Vec<Command> {
             node: NodeId(2),
             lease_ms: 3000,
             channels_in_use: None,
+            capacity: None,
         },
         Command::AssignLeases {
             at_ms: 12,
@@ -279,6 +280,7 @@ fn one_of_each() -> Vec<Command> {
             node: NodeId(2),
             lease_ms: 3_000,
             channels_in_use: Some(12),
+            capacity: None,
         },
         Command::CloseExpired { at_ms: 43 },
         Command::SetCallerId {

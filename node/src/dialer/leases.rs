@@ -4,9 +4,12 @@
 //! Every node renews its leases every `renew_every`; the renewal is also its heartbeat. A node counts a
 //! lease as valid until `sent + lease - margin` on its own monotonic clock, where `sent` is when it
 //! sent the renewal that was committed: it stops dialing a partition before anyone can be granted it.
-//! The leader hands expired or free partitions to live nodes (a renewal within the lease), fewest
-//! first, so the work is balanced; a node holding more than its share releases the surplus among
-//! partitions where it has no call in flight.
+//! The leader hands expired or free partitions to live nodes (a renewal within the lease) in
+//! proportion to each node's trunk capacity (its concurrent channels, carried by its heartbeat), so
+//! a data centre with twice the channels dials twice the citizens; a node holding more than its share
+//! releases the surplus among partitions where it has no call in flight. Data centres need no rule
+//! of their own: a data centre's share is the sum of its nodes' capacities, and when one is lost its
+//! partitions spread over the survivors in the same proportion.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -85,6 +88,7 @@ pub async fn round(
     held: &Held,
     timing: LeaseTiming,
     channels_in_use: u32,
+    capacity: u32,
     busy: impl Fn(u16) -> bool,
 ) {
     let lease_ms = timing.lease.as_millis() as u64;
@@ -95,6 +99,7 @@ pub async fn round(
             node,
             lease_ms,
             channels_in_use: Some(channels_in_use),
+            capacity: Some(capacity),
         })
         .await;
     if let Err(e) = &renewed {
@@ -129,7 +134,56 @@ fn live_nodes(cluster: &Cluster, lease_ms: u64) -> Vec<NodeId> {
     })
 }
 
-/// The leader's part: every free or expired partition goes to the live node holding fewest.
+/// Each live node's weight: its trunk capacity, or the median of the others' when its heartbeat
+/// does not say (a node of an older release), so it is neither starved nor flooded.
+fn weights(cluster: &Cluster, live: &[NodeId]) -> BTreeMap<NodeId, u64> {
+    let caps: BTreeMap<NodeId, u32> = cluster.read(|s| s.capacities().collect());
+    let mut known: Vec<u64> = live
+        .iter()
+        .filter_map(|n| caps.get(n).map(|c| u64::from(*c)))
+        .collect();
+    known.sort_unstable();
+    let fallback = known.get(known.len() / 2).copied().unwrap_or(1);
+    live.iter()
+        .map(|n| (*n, caps.get(n).map_or(fallback, |c| u64::from(*c)).max(1)))
+        .collect()
+}
+
+/// Hands each free partition to the node whose share would stay lowest relative to its weight
+/// (`held + 1) / weight`, compared without division), lowest id first among equals.
+fn plan_grants(
+    free: &[u16],
+    load: &mut BTreeMap<NodeId, usize>,
+    weight: &BTreeMap<NodeId, u64>,
+) -> Vec<(u16, NodeId)> {
+    let mut grants = Vec::with_capacity(free.len());
+    for p in free {
+        let best = load
+            .iter()
+            .map(|(n, held)| (*n, *held as u64 + 1, weight.get(n).copied().unwrap_or(1)))
+            .min_by(|(a, ha, wa), (b, hb, wb)| (ha * wb).cmp(&(hb * wa)).then(a.cmp(b)));
+        let Some((node, _, _)) = best else {
+            break;
+        };
+        if let Some(held) = load.get_mut(&node) {
+            *held += 1;
+        }
+        grants.push((*p, node));
+    }
+    grants
+}
+
+/// A node's fair share of the partitions: its weight's part of all live nodes' weights, rounded up.
+fn fair_share(me: NodeId, weight: &BTreeMap<NodeId, u64>) -> usize {
+    let total: u64 = weight.values().sum();
+    let mine = weight.get(&me).copied().unwrap_or(0);
+    if total == 0 {
+        return PARTITIONS as usize;
+    }
+    (u64::from(PARTITIONS) * mine).div_ceil(total) as usize
+}
+
+/// The leader's part: every free or expired partition goes to a live node, by capacity.
 async fn assign(cluster: &Cluster, timing: LeaseTiming) {
     let lease_ms = timing.lease.as_millis() as u64;
     let live = live_nodes(cluster, lease_ms);
@@ -155,14 +209,8 @@ async fn assign(cluster: &Cluster, timing: LeaseTiming) {
     if free.is_empty() {
         return;
     }
-    let mut grants = Vec::with_capacity(free.len());
-    for p in free {
-        let Some((node, count)) = load.iter_mut().min_by_key(|(n, c)| (**c, **n)) else {
-            break;
-        };
-        *count += 1;
-        grants.push((p, *node));
-    }
+    let weight = weights(cluster, &live);
+    let grants = plan_grants(&free, &mut load, &weight);
     let n = grants.len();
     match cluster
         .write(Command::AssignLeases {
@@ -190,8 +238,8 @@ async fn release_surplus(
     lease_ms: u64,
     busy: impl Fn(u16) -> bool,
 ) {
-    let live = live_nodes(cluster, lease_ms).len().max(1);
-    let fair = (PARTITIONS as usize).div_ceil(live);
+    let live = live_nodes(cluster, lease_ms);
+    let fair = fair_share(node, &weights(cluster, &live));
     let mine = held.valid(Instant::now());
     if mine.len() <= fair + 1 {
         return;
@@ -218,5 +266,44 @@ async fn release_surplus(
             partitions = n,
             "released surplus partition leases for a newer node"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_follow_trunk_capacity() {
+        let nodes = [NodeId(1), NodeId(2), NodeId(3)];
+        let weight: BTreeMap<NodeId, u64> = nodes.iter().copied().zip([100, 200, 100]).collect();
+        let mut load: BTreeMap<NodeId, usize> = nodes.iter().map(|n| (*n, 0)).collect();
+        let free: Vec<u16> = (0..PARTITIONS).collect();
+        let grants = plan_grants(&free, &mut load, &weight);
+        assert_eq!(grants.len(), PARTITIONS as usize);
+        assert_eq!(load[&NodeId(1)], 64);
+        assert_eq!(load[&NodeId(2)], 128);
+        assert_eq!(load[&NodeId(3)], 64);
+        assert_eq!(fair_share(NodeId(2), &weight), 128);
+        assert_eq!(fair_share(NodeId(1), &weight), 64);
+    }
+
+    #[test]
+    fn a_lost_node_s_partitions_spread_by_capacity_over_the_survivors() {
+        // Node 3 (a data centre of its own) is gone: its 64 partitions are free again.
+        let weight: BTreeMap<NodeId, u64> = [(NodeId(1), 100), (NodeId(2), 300)].into();
+        let mut load: BTreeMap<NodeId, usize> = [(NodeId(1), 64), (NodeId(2), 128)].into();
+        let free: Vec<u16> = (0..64).collect();
+        plan_grants(&free, &mut load, &weight);
+        assert_eq!(load[&NodeId(1)], 64, "already at its share");
+        assert_eq!(load[&NodeId(2)], 192);
+    }
+
+    #[test]
+    fn equal_capacities_share_equally_and_ties_go_to_the_lowest_id() {
+        let weight: BTreeMap<NodeId, u64> = [(NodeId(1), 20), (NodeId(2), 20)].into();
+        let mut load: BTreeMap<NodeId, usize> = [(NodeId(1), 0), (NodeId(2), 0)].into();
+        let grants = plan_grants(&[7, 8, 9], &mut load, &weight);
+        assert_eq!(grants, vec![(7, NodeId(1)), (8, NodeId(2)), (9, NodeId(1))]);
     }
 }

@@ -264,6 +264,7 @@ async fn keep_leases(sh: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
             &sh.held,
             timing,
             calls as u32,
+            sh.cfg.max_channels as u32,
             |p| busy.contains(&p),
         )
         .await;

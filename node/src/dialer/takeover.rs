@@ -219,6 +219,7 @@ mod tests {
             node: NodeId(node),
             lease_ms: 3_000,
             channels_in_use: Some(calls),
+            capacity: None,
         });
     }
 
