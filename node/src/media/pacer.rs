@@ -1,14 +1,15 @@
 //! The pacer: one thread per core sends its streams' next 20 ms frames on each tick, instead of one
 //! timer per call. Streams are spread over the tick's 20 one-millisecond phases (each new stream takes the
 //! least loaded phase), so the node sends a steady trickle rather than one burst every 20 ms. The thread
-//! sleeps until the next phase that has streams and then sends that phase's packets back to back with
-//! non-blocking sends. Lateness (actual send time minus the packet's due time) is measured for every
-//! packet into a histogram.
+//! sleeps until the next phase that has streams, writes that phase's packets into an outbox and sends
+//! them as one batch. Lateness (actual send time minus the packet's due time) is measured for every
+//! packet into a histogram; a batched packet counts as sent when its batch's system call returns.
 //!
 //! Why not `sendmmsg`: every call has its own RTP socket (the port in its SDP, which is also where its
 //! keys come back, RFC 4961 symmetric RTP), and `sendmmsg` batches datagrams of one socket only, so per
-//! stream there is one datagram per tick to send. The batching here is per phase: one wake-up, then
-//! every due packet. `campanile bench media` measures what that costs against a `sendmmsg` loop.
+//! stream there is one datagram per tick to send. A phase's datagrams from many sockets go out together
+//! through io_uring instead (see `socket::BatchSender`), or one `sendto` each where io_uring is not
+//! allowed. `campanile bench media` measures what that costs against a `sendmmsg` loop.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -20,7 +21,7 @@ use tokio::sync::watch;
 use super::message::FRAME;
 use super::rtcp::{self, SenderInfo, REPORT_INTERVAL_FRAMES};
 use super::rtp::{write_packet, RtpHeader};
-use super::socket::RtpSocket;
+use super::socket::{BatchSender, Outbox, RtpSocket, SendPath, Slot};
 
 /// Packetisation interval.
 pub const TICK: Duration = Duration::from_millis(20);
@@ -56,6 +57,8 @@ struct StreamShared {
     stopped: AtomicBool,
     sent: AtomicUsize,
     dest: Mutex<SocketAddr>,
+    /// Set with a new `dest`, so that the pacer takes the lock only after a change.
+    dest_changed: AtomicBool,
     done: watch::Sender<bool>,
 }
 
@@ -63,11 +66,17 @@ struct Stream {
     req: PlayRequest,
     shared: Arc<StreamShared>,
     next: usize,
+    /// Frames sent by this request (`StreamShared::sent` is its copy for the handle).
+    sent: usize,
+    dest: SocketAddr,
     seq: u16,
     ts: u32,
     first: bool,
     /// Frames until the next sender report.
     report_in: usize,
+    /// The RTP and RTCP sockets' places in this thread's sender, while the stream plays.
+    rtp_slot: Option<Slot>,
+    rtcp_slot: Option<Slot>,
 }
 
 /// Controls one stream; dropping it stops the stream.
@@ -96,6 +105,7 @@ impl StreamHandle {
     pub fn set_dest(&self, dest: SocketAddr) {
         if let Ok(mut d) = self.shared.dest.lock() {
             *d = dest;
+            self.shared.dest_changed.store(true, Ordering::Release);
         }
     }
 }
@@ -177,6 +187,7 @@ struct Shared {
 #[derive(Clone)]
 pub struct PacerHandle {
     lanes: Arc<Vec<Lane>>,
+    path: SendPath,
 }
 
 /// One pacer thread and the streams it owns.
@@ -197,8 +208,19 @@ impl Pacer {
 
     /// Starts `threads` pacer threads; each ends when every handle is dropped and its streams are done.
     pub fn spawn_threads(threads: usize) -> PacerHandle {
-        let lanes = (0..threads.max(1))
+        Pacer::spawn_with(threads, SendPath::IoUring)
+    }
+
+    /// Starts `threads` pacer threads sending on `path` (io_uring falls back to `sendto` where the
+    /// kernel does not allow it); logs which path runs.
+    pub fn spawn_with(threads: usize, path: SendPath) -> PacerHandle {
+        let threads = threads.max(1);
+        // Each thread makes its own sender (an io_uring belongs to the thread that submits to it)
+        // and reports what it got.
+        let (path_tx, path_rx) = mpsc::channel();
+        let lanes = (0..threads)
             .map(|i| {
+                let path_tx = path_tx.clone();
                 let (tx, rx) = mpsc::channel();
                 let shared = Arc::new(Shared {
                     lateness: Mutex::new(Histogram::new()),
@@ -208,7 +230,11 @@ impl Pacer {
                 let thread_shared = shared.clone();
                 let spawned = std::thread::Builder::new()
                     .name(format!("campanile-pacer-{i}"))
-                    .spawn(move || run(rx, &thread_shared));
+                    .spawn(move || {
+                        let (sender, why) = BatchSender::new(path);
+                        let _ = path_tx.send((sender.path(), why, sender.details()));
+                        run(rx, &thread_shared, sender)
+                    });
                 if let Err(e) = spawned {
                     // Without the thread its streams finish at once (see `play`); say why loudly.
                     tracing::error!(error = %e, "cannot start an RTP pacer thread: its calls get no audio");
@@ -216,13 +242,44 @@ impl Pacer {
                 Lane { tx, shared }
             })
             .collect();
+        drop(path_tx);
+        let mut running = path;
+        let mut reason = None;
+        let mut details = String::new();
+        for _ in 0..threads {
+            match path_rx.recv_timeout(Duration::from_secs(5)) {
+                Ok((p, why, d)) => {
+                    if p == SendPath::Sendto {
+                        running = SendPath::Sendto;
+                    }
+                    reason = reason.or(why);
+                    details = d;
+                }
+                // A thread that did not start was logged above.
+                Err(_) => break,
+            }
+        }
+        match (path, running, reason) {
+            (SendPath::IoUring, SendPath::Sendto, Some(why)) => tracing::warn!(
+                error = %why,
+                "RTP pacer: {threads} threads; io_uring is not available, so every packet is sent \
+                 with its own sendto (slower, see BENCHMARKS.md)"
+            ),
+            _ => tracing::info!("RTP pacer: {threads} threads sending with {running} ({details})"),
+        }
         PacerHandle {
             lanes: Arc::new(lanes),
+            path: running,
         }
     }
 }
 
 impl PacerHandle {
+    /// How the pacer threads send (`Sendto` if any of them could not set up io_uring).
+    pub fn send_path(&self) -> SendPath {
+        self.path
+    }
+
     /// Starts playing a stream from its phase's next slot.
     pub fn play(&self, req: PlayRequest) -> StreamHandle {
         let (done, _) = watch::channel(false);
@@ -230,15 +287,20 @@ impl PacerHandle {
             stopped: AtomicBool::new(false),
             sent: AtomicUsize::new(0),
             dest: Mutex::new(req.dest),
+            dest_changed: AtomicBool::new(false),
             done,
         });
         let stream = Stream {
             next: req.start_frame,
+            sent: 0,
+            dest: req.dest,
             seq: req.initial_seq,
             ts: req.initial_ts,
             first: true,
             // RFC 3550 §6.2: the first report after half an interval, then every interval.
             report_in: REPORT_INTERVAL_FRAMES / 2,
+            rtp_slot: None,
+            rtcp_slot: None,
             req,
             shared: shared.clone(),
         };
@@ -301,10 +363,13 @@ impl PacerHandle {
     }
 }
 
-fn run(rx: mpsc::Receiver<Stream>, shared: &Shared) {
+fn run(rx: mpsc::Receiver<Stream>, shared: &Shared, mut sender: BatchSender) {
     let mut phases: Vec<Vec<Stream>> = (0..PHASES).map(|_| Vec::new()).collect();
     let mut active = 0usize;
-    let mut buf = Vec::with_capacity(256);
+    let mut outbox = Outbox::default();
+    // Which of the outbox's datagrams are RTP (measured for lateness) rather than RTCP.
+    let mut is_rtp: Vec<bool> = Vec::new();
+    let mut late: Vec<Duration> = Vec::new();
     let mut epoch = Instant::now();
     // Absolute phase counter since `epoch`: phase `n` is due at `epoch + n ms`.
     let mut n: u64 = 0;
@@ -312,7 +377,8 @@ fn run(rx: mpsc::Receiver<Stream>, shared: &Shared) {
         if active == 0 {
             // Park until there is something to play; the clock restarts from the new stream.
             match rx.recv() {
-                Ok(s) => {
+                Ok(mut s) => {
+                    register(&mut s, &mut sender);
                     phases[0].push(s);
                     active = 1;
                     epoch = Instant::now();
@@ -321,7 +387,8 @@ fn run(rx: mpsc::Receiver<Stream>, shared: &Shared) {
                 Err(_) => return,
             }
         }
-        while let Ok(s) = rx.try_recv() {
+        while let Ok(mut s) = rx.try_recv() {
+            register(&mut s, &mut sender);
             // The least loaded phase; ties go to the one due soonest.
             let start = (n as usize) % PHASES;
             let pick = (0..PHASES)
@@ -342,14 +409,27 @@ fn run(rx: mpsc::Receiver<Stream>, shared: &Shared) {
         }
         let phase = &mut phases[(n as usize) % PHASES];
         let before = phase.len();
-        let mut late = Vec::with_capacity(before);
+        outbox.clear();
+        is_rtp.clear();
+        late.clear();
+        let mut ended = Vec::new();
         phase.retain_mut(|s| {
-            let more = send_next(s, &mut buf);
-            if more {
-                late.push(Instant::now().saturating_duration_since(due));
+            let more = queue_next(s, &mut outbox, &mut is_rtp);
+            if !more {
+                ended.extend(s.rtp_slot.take());
+                ended.extend(s.rtcp_slot.take());
             }
             more
         });
+        for slot in ended {
+            sender.unregister(slot);
+        }
+        sender.send(&outbox, |sent, now| {
+            let after = now.saturating_duration_since(due);
+            late.extend(sent.filter(|i| is_rtp[*i]).map(|_| after));
+        });
+        // The phase's sockets stay open until their datagrams have left.
+        outbox.clear();
         active -= before - phase.len();
         shared
             .active
@@ -358,8 +438,8 @@ fn run(rx: mpsc::Receiver<Stream>, shared: &Shared) {
             .packets
             .fetch_add(late.len() as u64, Ordering::Relaxed);
         if let Ok(mut h) = shared.lateness.lock() {
-            for l in late {
-                h.record(l);
+            for l in &late {
+                h.record(*l);
             }
         }
         n += 1;
@@ -371,13 +451,22 @@ fn run(rx: mpsc::Receiver<Stream>, shared: &Shared) {
     }
 }
 
-/// Sends one frame (and a sender report when one is due); returns false when the stream is over.
-fn send_next(s: &mut Stream, buf: &mut Vec<u8>) -> bool {
+/// Registers a new stream's sockets with the sender (a no-op without io_uring).
+fn register(s: &mut Stream, sender: &mut BatchSender) {
+    s.rtp_slot = sender.register(&s.req.socket);
+    if let Some(target) = &s.req.rtcp {
+        s.rtcp_slot = sender.register(&target.socket);
+    }
+}
+
+/// Queues one frame (and a sender report when one is due) in `out`; returns false when the stream
+/// is over. A frame the kernel then refuses (full socket buffer, ICMP error) is dropped; the stream
+/// keeps its timing.
+fn queue_next(s: &mut Stream, out: &mut Outbox, is_rtp: &mut Vec<bool>) -> bool {
     if s.shared.stopped.load(Ordering::Relaxed) || s.next >= s.req.frames.len() {
         s.shared.done.send_replace(true);
         return false;
     }
-    buf.clear();
     let h = RtpHeader {
         payload_type: s.req.payload_type,
         marker: s.first,
@@ -385,11 +474,21 @@ fn send_next(s: &mut Stream, buf: &mut Vec<u8>) -> bool {
         timestamp: s.ts,
         ssrc: s.req.ssrc,
     };
-    write_packet(&h, &s.req.frames[s.next], buf);
-    let dest = s.shared.dest.lock().map(|d| *d).unwrap_or(s.req.dest);
-    // A full socket buffer or an ICMP error drops this frame only; the stream keeps its timing.
-    let _ = s.req.socket.try_send_to(buf, dest);
-    let sent = s.shared.sent.fetch_add(1, Ordering::Relaxed) + 1;
+    if s.shared.dest_changed.load(Ordering::Relaxed)
+        && s.shared.dest_changed.swap(false, Ordering::Acquire)
+    {
+        if let Ok(d) = s.shared.dest.lock() {
+            s.dest = *d;
+        }
+    }
+    out.push(&s.req.socket, s.rtp_slot, s.dest, |buf| {
+        write_packet(&h, &s.req.frames[s.next], buf)
+    });
+    is_rtp.push(true);
+    // Only this thread writes the count: a store, not a read-modify-write.
+    s.sent += 1;
+    let sent = s.sent;
+    s.shared.sent.store(sent, Ordering::Relaxed);
     s.report_in = s.report_in.saturating_sub(1);
     if s.report_in == 0 {
         s.report_in = REPORT_INTERVAL_FRAMES;
@@ -402,9 +501,10 @@ fn send_next(s: &mut Stream, buf: &mut Vec<u8>) -> bool {
                 packets,
                 octets: packets.wrapping_mul(FRAME as u32),
             };
-            buf.clear();
-            rtcp::write_sender_report(&info, buf);
-            let _ = target.socket.try_send_to(buf, target.dest);
+            out.push(&target.socket, s.rtcp_slot, target.dest, |buf| {
+                rtcp::write_sender_report(&info, buf)
+            });
+            is_rtp.push(false);
         }
     }
     s.first = false;
@@ -530,6 +630,128 @@ mod tests {
         assert_eq!(sr.octets, (1000 + 125) * FRAME as u32);
         assert_eq!(sr.rtp_timestamp, 124 * FRAME as u32);
         drop(handles);
+    }
+
+    /// 200 streams, each on its own socket as calls are, played to 10 sinks: every packet of every
+    /// stream arrives exactly once, in order, with consecutive sequence numbers and timestamps.
+    async fn every_stream_packet_arrives_once_in_sequence(path: SendPath) {
+        const STREAMS: u32 = 200;
+        const FRAMES: usize = 12;
+        let pacer = Pacer::spawn_with(2, path);
+        if path == SendPath::Sendto {
+            assert_eq!(pacer.send_path(), SendPath::Sendto);
+        }
+        let mut sinks = Vec::new();
+        for _ in 0..10 {
+            sinks.push(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        }
+        let frames = Arc::new(vec![[0xD5u8; FRAME]; FRAMES]);
+        let handles: Vec<_> = (0..STREAMS)
+            .map(|i| {
+                pacer.play(PlayRequest {
+                    socket: sender(),
+                    dest: sinks[i as usize % sinks.len()].local_addr().unwrap(),
+                    frames: frames.clone(),
+                    payload_type: 8,
+                    ssrc: i,
+                    start_frame: 0,
+                    // Some streams wrap their sequence number mid-stream.
+                    initial_seq: 65_530u16.wrapping_add(i as u16 * 7),
+                    initial_ts: i * 1000,
+                    initial_packets: 0,
+                    rtcp: None,
+                })
+            })
+            .collect();
+        let mut got: Vec<Vec<RtpHeader>> = vec![Vec::new(); STREAMS as usize];
+        let mut buf = [0u8; 1500];
+        let collect = async {
+            let mut total = 0;
+            while total < STREAMS as usize * FRAMES {
+                for sink in &sinks {
+                    while let Ok((len, _)) = sink.try_recv_from(&mut buf) {
+                        let (h, payload) = parse(&buf[..len]).unwrap();
+                        assert_eq!(payload, &[0xD5u8; FRAME][..]);
+                        got[h.ssrc as usize].push(h);
+                        total += 1;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), collect)
+            .await
+            .expect("every packet arrives");
+        for (i, packets) in got.iter().enumerate() {
+            let seq0 = 65_530u16.wrapping_add(i as u16 * 7);
+            let expected: Vec<(u16, u32, bool)> = (0..FRAMES)
+                .map(|k| {
+                    (
+                        seq0.wrapping_add(k as u16),
+                        i as u32 * 1000 + (k * FRAME) as u32,
+                        k == 0,
+                    )
+                })
+                .collect();
+            let seen: Vec<_> = packets
+                .iter()
+                .map(|h| (h.sequence, h.timestamp, h.marker))
+                .collect();
+            assert_eq!(seen, expected, "stream {i}");
+        }
+        for h in &handles {
+            tokio::time::timeout(Duration::from_secs(5), h.wait_finished())
+                .await
+                .unwrap();
+            assert_eq!(h.frames_sent(), FRAMES);
+        }
+        // Nothing more arrives after the last frame: no packet was sent twice.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for sink in &sinks {
+            assert!(sink.try_recv_from(&mut buf).is_err());
+        }
+        assert_eq!(pacer.packets_sent(), STREAMS as u64 * FRAMES as u64);
+        assert_eq!(
+            pacer.lateness_snapshot().packets,
+            STREAMS as u64 * FRAMES as u64
+        );
+    }
+
+    #[tokio::test]
+    async fn io_uring_batches_send_each_stream_packet_once_in_sequence() {
+        every_stream_packet_arrives_once_in_sequence(SendPath::IoUring).await;
+    }
+
+    #[tokio::test]
+    async fn sendto_fallback_sends_each_stream_packet_once_in_sequence() {
+        every_stream_packet_arrives_once_in_sequence(SendPath::Sendto).await;
+    }
+
+    #[tokio::test]
+    async fn set_dest_moves_the_rest_of_the_stream() {
+        let pacer = Pacer::spawn_threads(1);
+        let rx1 = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let rx2 = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let s = pacer.play(PlayRequest {
+            socket: sender(),
+            dest: rx1.local_addr().unwrap(),
+            frames: Arc::new(vec![[0xFFu8; FRAME]; 10_000]),
+            payload_type: 0,
+            ssrc: 5,
+            start_frame: 0,
+            initial_seq: 100,
+            initial_ts: 0,
+            initial_packets: 0,
+            rtcp: None,
+        });
+        let first = receive(&rx1, 2).await;
+        s.set_dest(rx2.local_addr().unwrap());
+        let moved = receive(&rx2, 3).await;
+        // The stream goes on where it was: no packet repeated, none from before the change.
+        assert!(moved[0].sequence > first[1].sequence);
+        for w in moved.windows(2) {
+            assert_eq!(w[1].sequence, w[0].sequence.wrapping_add(1));
+        }
     }
 
     #[tokio::test]

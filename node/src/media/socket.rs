@@ -1,14 +1,26 @@
-//! The UDP socket of one call's RTP (or RTCP): sent to from the pacer thread with plain non-blocking
-//! `sendto`, read by the call's task through tokio.
+//! The UDP sockets of calls' RTP (and RTCP), and the system calls that send from them.
 //!
-//! It is registered with the reactor for readability only. A tokio `UdpSocket` also registers for
+//! A call's socket is sent from by the pacer thread and read by the call's task through tokio. It is
+//! registered with the reactor for readability only. A tokio `UdpSocket` also registers for
 //! writability, and on Linux every datagram a UDP socket sends frees its buffer space and raises a
 //! write-space event, so the reactor would wake for every RTP packet: measured with `campanile bench
 //! media`, that tripled the CPU cost of a packet.
+//!
+//! The pacer sends a phase's datagrams together through a [`BatchSender`]. Every datagram leaves from
+//! its own call's socket (symmetric RTP, RFC 4961: the callee sends its keys back to the port in our
+//! SDP), so `sendmmsg`, which batches datagrams of one socket, does not apply; io_uring does: one
+//! `io_uring_enter` submits up to [`URING_BATCH`] `sendmsg`s from as many sockets. Where io_uring is
+//! missing (kernels before 5.6, a seccomp profile that forbids it, `kernel.io_uring_disabled`) the
+//! sender falls back to one non-blocking `sendto` per datagram, and says so.
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
+use std::ops::Range;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::time::Instant;
 
+use io_uring::{opcode, types, IoUring};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
@@ -46,5 +58,582 @@ impl RtpSocket {
                 Err(_would_block) => continue,
             }
         }
+    }
+
+    fn raw_fd(&self) -> RawFd {
+        self.fd.get_ref().as_raw_fd()
+    }
+}
+
+/// Datagrams queued for one batched send, each with the socket it leaves from. Buffers are kept and
+/// reused from one batch to the next.
+#[derive(Default)]
+pub struct Outbox {
+    bufs: Vec<Vec<u8>>,
+    sockets: Vec<Arc<RtpSocket>>,
+    /// The socket's slot in the sender's registered files, when it has one.
+    slots: Vec<Option<Slot>>,
+    dests: Vec<SocketAddr>,
+}
+
+/// A socket's place in a [`BatchSender`]'s table of registered files: io_uring then skips looking
+/// the descriptor up (and counting a reference to it) for every datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot(u32);
+
+impl Outbox {
+    /// Datagrams queued.
+    pub fn len(&self) -> usize {
+        self.sockets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sockets.is_empty()
+    }
+
+    /// Queues a datagram that `write` fills in, to be sent from `socket` (registered in the sender
+    /// at `slot`, if it is) to `dest`; returns its index.
+    pub fn push(
+        &mut self,
+        socket: &Arc<RtpSocket>,
+        slot: Option<Slot>,
+        dest: SocketAddr,
+        write: impl FnOnce(&mut Vec<u8>),
+    ) -> usize {
+        let i = self.sockets.len();
+        if self.bufs.len() == i {
+            self.bufs.push(Vec::with_capacity(256));
+        }
+        let buf = &mut self.bufs[i];
+        buf.clear();
+        write(buf);
+        self.sockets.push(socket.clone());
+        self.slots.push(slot);
+        self.dests.push(dest);
+        i
+    }
+
+    /// Forgets the queued datagrams (and lets go of their sockets); keeps the buffers.
+    pub fn clear(&mut self) {
+        self.sockets.clear();
+        self.slots.clear();
+        self.dests.clear();
+    }
+
+    /// The bytes of datagram `i`.
+    pub fn datagram(&self, i: usize) -> &[u8] {
+        &self.bufs[i]
+    }
+}
+
+/// How the pacer sends: batched through io_uring when the kernel lets it, else one `sendto` each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendPath {
+    IoUring,
+    Sendto,
+}
+
+impl std::fmt::Display for SendPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendPath::IoUring => {
+                write!(f, "io_uring, up to {URING_BATCH} datagrams per system call")
+            }
+            SendPath::Sendto => f.write_str("one sendto per datagram"),
+        }
+    }
+}
+
+/// Most `sendmsg`s submitted with one `io_uring_enter` (and the ring's size).
+pub const URING_BATCH: usize = 256;
+
+/// Sends an [`Outbox`]'s datagrams. Must be made and used on one thread (the ring is created for
+/// a single issuer).
+pub struct BatchSender {
+    uring: Option<Uring>,
+}
+
+impl BatchSender {
+    /// A sender on `wanted`'s path; io_uring falls back to `sendto` if it cannot be set up, with the
+    /// reason.
+    pub fn new(wanted: SendPath) -> (BatchSender, Option<io::Error>) {
+        match wanted {
+            SendPath::Sendto => (BatchSender { uring: None }, None),
+            SendPath::IoUring => match Uring::new() {
+                Ok(u) => (BatchSender { uring: Some(u) }, None),
+                Err(e) => (BatchSender { uring: None }, Some(e)),
+            },
+        }
+    }
+
+    /// Registers `socket` with the ring, so that its datagrams skip the descriptor lookup; `None`
+    /// when there is no ring, no table, or no free slot (its datagrams then name the descriptor).
+    /// The registration keeps the socket open until [`BatchSender::unregister`].
+    pub fn register(&mut self, socket: &RtpSocket) -> Option<Slot> {
+        self.uring.as_mut()?.register(socket.raw_fd())
+    }
+
+    /// Frees `slot` (the socket closes if nothing else holds it).
+    pub fn unregister(&mut self, slot: Slot) {
+        if let Some(u) = self.uring.as_mut() {
+            u.unregister(slot);
+        }
+    }
+
+    /// What the ring uses, for the log: "IORING_OP_SEND with addresses, registered files".
+    pub fn details(&self) -> String {
+        match &self.uring {
+            None => "sendto".into(),
+            Some(u) => format!(
+                "{}, {}",
+                if u.send_to {
+                    "IORING_OP_SEND with addresses"
+                } else {
+                    "IORING_OP_SENDMSG"
+                },
+                if u.files.is_some() {
+                    "registered files"
+                } else {
+                    "descriptors"
+                }
+            ),
+        }
+    }
+
+    pub fn path(&self) -> SendPath {
+        if self.uring.is_some() {
+            SendPath::IoUring
+        } else {
+            SendPath::Sendto
+        }
+    }
+
+    /// Sends every queued datagram once, calling `sent(range, now)` as each part of the outbox has
+    /// left. A datagram the kernel refuses (full buffer, ICMP error) is dropped: streams keep their
+    /// timing. Returns how many were refused.
+    pub fn send(&mut self, out: &Outbox, mut sent: impl FnMut(Range<usize>, Instant)) -> usize {
+        let mut start = 0;
+        let mut refused = 0;
+        while start < out.len() {
+            let Some(uring) = self.uring.as_mut() else {
+                break;
+            };
+            let end = (start + URING_BATCH).min(out.len());
+            match uring.send(out, start..end) {
+                Ok(n) => refused += n,
+                Err(e) => {
+                    // Which of this part's datagrams left is unknown: they count as dropped rather
+                    // than risk sending one twice. The ring may still hold their addresses, so it
+                    // is never touched or freed again.
+                    refused += end - start;
+                    tracing::warn!(
+                        error = %e,
+                        "io_uring send failed: this RTP pacer thread now sends with sendto"
+                    );
+                    if let Some(u) = self.uring.take() {
+                        std::mem::forget(u);
+                    }
+                }
+            }
+            sent(start..end, Instant::now());
+            start = end;
+        }
+        for i in start..out.len() {
+            if out.sockets[i]
+                .try_send_to(&out.bufs[i], out.dests[i])
+                .is_err()
+            {
+                refused += 1;
+            }
+            sent(i..i + 1, Instant::now());
+        }
+        refused
+    }
+}
+
+/// An io_uring and the arguments of one submission, which the kernel reads until each send
+/// completes.
+struct Uring {
+    ring: IoUring,
+    /// `IORING_OP_SEND` with a destination (kernel 6.0+) instead of `IORING_OP_SENDMSG`: the kernel
+    /// then copies an address, not a `msghdr` and its iovec, per datagram.
+    send_to: bool,
+    files: Option<FileTable>,
+    headers: Vec<libc::msghdr>,
+    iovecs: Vec<libc::iovec>,
+    addrs: Vec<libc::sockaddr_in6>,
+}
+
+/// The ring's registered files: which slots are free.
+struct FileTable {
+    free: Vec<u32>,
+}
+
+/// Most files a pacer thread registers (its streams' RTP and RTCP sockets); past that, or past the
+/// process's open-file limit, datagrams name their descriptor.
+const MAX_REGISTERED: u64 = 32_768;
+
+impl Uring {
+    fn new() -> io::Result<Uring> {
+        let entries = URING_BATCH as u32;
+        // One thread submits and reaps; completions are only wanted when it asks (kernel 6.1+).
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .build(entries)
+            .or_else(|_| IoUring::new(entries))?;
+        let mut probe = io_uring::Probe::new();
+        ring.submitter().register_probe(&mut probe)?;
+        if !probe.is_supported(opcode::SendMsg::CODE) {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "this kernel's io_uring has no sendmsg",
+            ));
+        }
+        // SAFETY (for the zeroed values): msghdr, iovec and sockaddr_in6 are plain C structs for
+        // which all-zero bytes are valid.
+        let mut uring = Uring {
+            ring,
+            send_to: false,
+            files: None,
+            headers: vec![unsafe { std::mem::zeroed() }; URING_BATCH],
+            iovecs: vec![unsafe { std::mem::zeroed() }; URING_BATCH],
+            addrs: vec![unsafe { std::mem::zeroed() }; URING_BATCH],
+        };
+        uring.send_to = uring.sends_with_address();
+        let limit = open_file_limit().min(MAX_REGISTERED) as u32;
+        // Sparse tables need kernel 5.19; without one every datagram names its descriptor.
+        if limit > 0 && uring.ring.submitter().register_files_sparse(limit).is_ok() {
+            uring.files = Some(FileTable {
+                free: (0..limit).rev().collect(),
+            });
+        }
+        Ok(uring)
+    }
+
+    /// Whether `IORING_OP_SEND` honours a destination address here: one datagram to ourselves on
+    /// loopback tells (older kernels ignore the address or refuse the request).
+    fn sends_with_address(&mut self) -> bool {
+        let Ok(probe) = UdpSocket::bind("127.0.0.1:0") else {
+            return false;
+        };
+        let Ok(me) = probe.local_addr() else {
+            return false;
+        };
+        let len = write_sockaddr(me, &mut self.addrs[0]);
+        let byte = [0u8; 1];
+        let sqe = opcode::Send::new(types::Fd(probe.as_raw_fd()), byte.as_ptr(), 1)
+            .dest_addr(&self.addrs[0] as *const libc::sockaddr_in6 as *const libc::sockaddr)
+            .dest_addr_len(len)
+            .flags(libc::MSG_DONTWAIT)
+            .build();
+        // SAFETY: the byte, the address and the socket outlive the wait below, which reaps the
+        // only request in the ring.
+        if unsafe { self.ring.submission().push(&sqe) }.is_err() {
+            return false;
+        }
+        if self.ring.submit_and_wait(1).is_err() {
+            // The request may still be pending: leave the ring to the caller, who forgets it on
+            // its first failure.
+            return false;
+        }
+        let sent = self
+            .ring
+            .completion()
+            .next()
+            .is_some_and(|c| c.result() == 1);
+        let mut buf = [0u8; 4];
+        sent && probe.set_nonblocking(true).is_ok() && probe.recv(&mut buf).is_ok_and(|n| n == 1)
+    }
+
+    fn register(&mut self, fd: RawFd) -> Option<Slot> {
+        let table = self.files.as_mut()?;
+        let slot = table.free.pop()?;
+        match self.ring.submitter().register_files_update(slot, &[fd]) {
+            Ok(1) => Some(Slot(slot)),
+            _ => {
+                table.free.push(slot);
+                None
+            }
+        }
+    }
+
+    fn unregister(&mut self, slot: Slot) {
+        let Some(table) = self.files.as_mut() else {
+            return;
+        };
+        // A slot that cannot be emptied is not reused (it keeps its socket open: logged).
+        match self.ring.submitter().register_files_update(slot.0, &[-1]) {
+            Ok(_) => table.free.push(slot.0),
+            Err(e) => {
+                tracing::warn!(error = %e, slot = slot.0, "cannot unregister an RTP socket from io_uring")
+            }
+        }
+    }
+
+    /// Submits `range` (at most `URING_BATCH` datagrams) and waits until every one has completed.
+    /// Returns how many the kernel refused. An error means the ring itself failed; then which
+    /// datagrams left, and what the ring still reads, is unknown.
+    fn send(&mut self, out: &Outbox, range: Range<usize>) -> io::Result<usize> {
+        let n = range.len();
+        debug_assert!(n <= URING_BATCH);
+        for (j, i) in range.enumerate() {
+            let addr_len = write_sockaddr(out.dests[i], &mut self.addrs[j]);
+            let buf = &out.bufs[i];
+            // MSG_DONTWAIT: a full socket buffer completes with EAGAIN at once (the frame is
+            // dropped, as with a non-blocking sendto) instead of waiting in the ring for space.
+            let sqe = if self.send_to {
+                let addr = &self.addrs[j] as *const libc::sockaddr_in6 as *const libc::sockaddr;
+                match out.slots[i] {
+                    Some(Slot(k)) => {
+                        opcode::Send::new(types::Fixed(k), buf.as_ptr(), buf.len() as u32)
+                            .dest_addr(addr)
+                            .dest_addr_len(addr_len)
+                            .flags(libc::MSG_DONTWAIT)
+                            .build()
+                    }
+                    None => opcode::Send::new(
+                        types::Fd(out.sockets[i].raw_fd()),
+                        buf.as_ptr(),
+                        buf.len() as u32,
+                    )
+                    .dest_addr(addr)
+                    .dest_addr_len(addr_len)
+                    .flags(libc::MSG_DONTWAIT)
+                    .build(),
+                }
+            } else {
+                self.iovecs[j] = libc::iovec {
+                    iov_base: buf.as_ptr() as *mut libc::c_void,
+                    iov_len: buf.len(),
+                };
+                let h = &mut self.headers[j];
+                h.msg_name = &mut self.addrs[j] as *mut libc::sockaddr_in6 as *mut libc::c_void;
+                h.msg_namelen = addr_len;
+                h.msg_iov = &mut self.iovecs[j];
+                h.msg_iovlen = 1;
+                h.msg_control = std::ptr::null_mut();
+                h.msg_controllen = 0;
+                h.msg_flags = 0;
+                match out.slots[i] {
+                    Some(Slot(k)) => opcode::SendMsg::new(types::Fixed(k), h),
+                    None => opcode::SendMsg::new(types::Fd(out.sockets[i].raw_fd()), h),
+                }
+                .flags(libc::MSG_DONTWAIT as u32)
+                .build()
+            };
+            // SAFETY: the header, its iovec, address and buffer stay alive and unmoved until the
+            // completion is reaped below (`out` is borrowed for the whole call, our arrays are
+            // never resized), the socket is held by `out` (and a slot by the registration), and
+            // the queue has room: it holds URING_BATCH entries and is empty between calls.
+            if unsafe { self.ring.submission().push(&sqe.user_data(j as u64)) }.is_err() {
+                return Err(io::Error::other("io_uring submission queue full"));
+            }
+        }
+        let mut done = 0;
+        let mut refused = 0;
+        let mut busy = 0;
+        while done < n {
+            match self.ring.submit_and_wait(n - done) {
+                Ok(_) => {}
+                // Interrupted before anything was taken: ask again.
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                // The kernel wants completions reaped first (reaping below does it), or is short
+                // of memory for a moment; not for ever.
+                Err(e)
+                    if matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::EAGAIN))
+                        && busy < 1000 =>
+                {
+                    busy += 1;
+                }
+                Err(e) => return Err(e),
+            }
+            for cqe in self.ring.completion() {
+                done += 1;
+                if cqe.result() < 0 {
+                    refused += 1;
+                }
+            }
+        }
+        Ok(refused)
+    }
+}
+
+/// The soft limit on open files (registered files count against it).
+fn open_file_limit() -> u64 {
+    // SAFETY: getrlimit only writes the struct we pass.
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: `lim` is a valid, exclusively borrowed rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 0;
+    }
+    lim.rlim_cur
+}
+
+/// Writes `addr` as a C socket address into `out`; returns its length.
+fn write_sockaddr(addr: SocketAddr, out: &mut libc::sockaddr_in6) -> libc::socklen_t {
+    match addr {
+        SocketAddr::V4(a) => {
+            // SAFETY: sockaddr_in is smaller than sockaddr_in6 and has no stricter alignment.
+            let v4 = unsafe { &mut *(out as *mut libc::sockaddr_in6 as *mut libc::sockaddr_in) };
+            v4.sin_family = libc::AF_INET as libc::sa_family_t;
+            v4.sin_port = a.port().to_be();
+            v4.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
+            v4.sin_zero = [0; 8];
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t
+        }
+        SocketAddr::V6(a) => {
+            out.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            out.sin6_port = a.port().to_be();
+            out.sin6_flowinfo = a.flowinfo();
+            out.sin6_addr.s6_addr = a.ip().octets();
+            out.sin6_scope_id = a.scope_id();
+            std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    /// `count` datagrams from `senders` sockets round-robin to `receivers` sockets, each datagram
+    /// naming its index; every one must arrive exactly once from the socket it was queued on.
+    async fn every_datagram_arrives_once_from_its_socket(path: SendPath, sendmsg: bool) {
+        let senders: Vec<_> = (0..40)
+            .map(|_| Arc::new(RtpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap()))
+            .collect();
+        let mut receivers = Vec::new();
+        for _ in 0..8 {
+            receivers.push(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        }
+        let (mut sender, why) = BatchSender::new(path);
+        if sendmsg {
+            if let Some(u) = sender.uring.as_mut() {
+                u.send_to = false;
+            }
+        }
+        if path == SendPath::IoUring && sender.path() != SendPath::IoUring {
+            // The fallback is what runs here; it is tested below as well.
+            eprintln!("io_uring unavailable here ({why:?}); testing the sendto path");
+        }
+        // More than one ring's worth, so a batch is split.
+        let count = URING_BATCH + URING_BATCH / 2 + 3;
+        let mut out = Outbox::default();
+        // Registered sockets go through the ring's file table; the same sockets also send by
+        // descriptor, so both kinds of request are exercised.
+        let slots: Vec<Option<Slot>> = senders.iter().map(|s| sender.register(s)).collect();
+        if sender.path() == SendPath::Sendto {
+            assert!(slots.iter().all(Option::is_none));
+        }
+        let mut from = HashMap::new();
+        for i in 0..count {
+            let k = i % senders.len();
+            let socket = &senders[k];
+            let slot = if (i / senders.len()) % 2 == 0 {
+                slots[k]
+            } else {
+                None
+            };
+            let dest = receivers[i % receivers.len()].local_addr().unwrap();
+            let j = out.push(socket, slot, dest, |b| {
+                b.extend_from_slice(&(i as u32).to_be_bytes())
+            });
+            assert_eq!(j, i);
+            from.insert(i as u32, socket.local_addr().unwrap());
+        }
+        let mut reported = vec![0u32; count];
+        let receive = async {
+            let mut got = HashMap::new();
+            let mut buf = [0u8; 64];
+            while got.len() < count {
+                for r in &receivers {
+                    while let Ok((len, src)) = r.try_recv_from(&mut buf) {
+                        assert_eq!(len, 4);
+                        let i = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+                        assert!(got.insert(i, src).is_none(), "datagram {i} arrived twice");
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            got
+        };
+        let refused = sender.send(&out, |range, _| {
+            for i in range {
+                reported[i] += 1;
+            }
+        });
+        assert_eq!(refused, 0);
+        assert!(
+            reported.iter().all(|n| *n == 1),
+            "each datagram reported sent once"
+        );
+        let got = tokio::time::timeout(Duration::from_secs(10), receive)
+            .await
+            .expect("every datagram arrives");
+        assert_eq!(got, from);
+        for slot in slots.into_iter().flatten() {
+            sender.unregister(slot);
+        }
+        // The outbox is reusable: the next batch sends only what was queued after `clear`.
+        out.clear();
+        assert!(out.is_empty());
+        out.push(&senders[0], None, receivers[0].local_addr().unwrap(), |b| {
+            b.extend_from_slice(b"next")
+        });
+        assert_eq!(out.datagram(0), b"next");
+        assert_eq!(sender.send(&out, |_, _| {}), 0);
+        let mut buf = [0u8; 64];
+        let (len, _) =
+            tokio::time::timeout(Duration::from_secs(5), receivers[0].recv_from(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+        assert_eq!(&buf[..len], b"next");
+    }
+
+    #[tokio::test]
+    async fn io_uring_batches_send_every_datagram_once_from_its_own_socket() {
+        every_datagram_arrives_once_from_its_socket(SendPath::IoUring, false).await;
+    }
+
+    #[tokio::test]
+    async fn io_uring_sendmsg_batches_for_kernels_before_6_0_send_every_datagram_once() {
+        every_datagram_arrives_once_from_its_socket(SendPath::IoUring, true).await;
+    }
+
+    #[tokio::test]
+    async fn sendto_fallback_sends_every_datagram_once_from_its_own_socket() {
+        every_datagram_arrives_once_from_its_socket(SendPath::Sendto, false).await;
+    }
+
+    #[test]
+    fn this_kernel_offers_io_uring_or_says_why_not() {
+        // Not an assertion that io_uring exists (CI kernels and sandboxes may forbid it), but that
+        // asking for it yields either the ring or a reason.
+        let (sender, why) = BatchSender::new(SendPath::IoUring);
+        assert_eq!(sender.path() == SendPath::Sendto, why.is_some());
+        let (sender, why) = BatchSender::new(SendPath::Sendto);
+        assert_eq!(sender.path(), SendPath::Sendto);
+        assert!(why.is_none());
+    }
+
+    #[test]
+    fn socket_addresses_are_written_for_both_families() {
+        let mut a: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+        let len = write_sockaddr("127.0.0.1:5004".parse().unwrap(), &mut a);
+        assert_eq!(len as usize, std::mem::size_of::<libc::sockaddr_in>());
+        // SAFETY: just written as a sockaddr_in.
+        let v4 = unsafe { &*(&a as *const libc::sockaddr_in6 as *const libc::sockaddr_in) };
+        assert_eq!(v4.sin_family, libc::AF_INET as libc::sa_family_t);
+        assert_eq!(u16::from_be(v4.sin_port), 5004);
+        assert_eq!(v4.sin_addr.s_addr.to_ne_bytes(), [127, 0, 0, 1]);
+        let len = write_sockaddr("[::1]:5006".parse().unwrap(), &mut a);
+        assert_eq!(len as usize, std::mem::size_of::<libc::sockaddr_in6>());
+        assert_eq!(a.sin6_family, libc::AF_INET6 as libc::sa_family_t);
+        assert_eq!(u16::from_be(a.sin6_port), 5006);
+        assert_eq!(a.sin6_addr.s6_addr, std::net::Ipv6Addr::LOCALHOST.octets());
     }
 }
