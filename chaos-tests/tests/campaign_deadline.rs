@@ -1,5 +1,6 @@
 //! A campaign's deadline with a real node and the sim-city: from the deadline on nobody is called,
-//! the citizens not reached end `exhausted`, and the campaign completes.
+//! the citizens not reached end `exhausted`, and the campaign completes. An emergency with a
+//! deadline rings until then, past its attempt budget.
 
 use std::time::Duration;
 
@@ -67,6 +68,82 @@ fn from_the_deadline_nobody_is_called_and_the_unreached_end_exhausted() {
         .filter_map(|e| e["t_ms"].as_u64())
         .collect();
     assert!(!invites.is_empty());
+    let late: Vec<u64> = invites
+        .iter()
+        .filter(|t| **t > deadline + 500)
+        .copied()
+        .collect();
+    assert!(
+        late.is_empty(),
+        "calls placed after the deadline: {late:?} (deadline {deadline})"
+    );
+}
+
+#[test]
+fn an_emergency_with_a_deadline_rings_past_its_attempt_budget_until_the_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let profile = dir.path().join("nobody-answers.toml");
+    std::fs::write(
+        &profile,
+        "answer = 0.0\nno_answer = 1.0\nmax_ring_ms = 60000\n",
+    )
+    .unwrap();
+    let city = SimCityProc::start(dir.path(), &profile.display().to_string(), 10).unwrap();
+    let mut config = fast_node_config(4);
+    // Ring a second only, so a few seconds hold many attempts.
+    config = config.replace("ring_timeout_s = 4.0", "ring_timeout_s = 1.0");
+    let node = NodeProc::start(
+        &dir.path().join("node"),
+        &config,
+        &format!("sip:{}", city.addr),
+    )
+    .unwrap();
+    node.register(1, 3).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let deadline = now + 8_000;
+    let (status, body) = node
+        .post(
+            "/api/v1/campaigns",
+            &json!({
+                "title": "Evacuazione entro le 18",
+                "message": { "tts": { "text": "Evacuare il quartiere.", "language": "it" } },
+                "audience": { "all": true },
+                "priority": "emergency",
+                "retry": { "max_attempts": 2, "no_answer_delay_s": 0.5, "quick_delay_s": 0.2 },
+                "deadline_ms": deadline,
+            }),
+        )
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["retry"]["until_deadline"], true, "{body}");
+    let id = body["id"].as_u64().unwrap();
+    let (status, body) = node
+        .post(
+            &format!("/api/v1/campaigns/{id}/start"),
+            &serde_json::Value::Null,
+        )
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let done = node
+        .wait_campaign_done(id, Duration::from_secs(60))
+        .unwrap();
+    assert_eq!(done["state"], "completed", "{done}");
+    assert_eq!(done["counts"]["exhausted"], 3, "{done}");
+    // Three citizens, two attempts each by the budget: an emergency calls on regardless.
+    let attempts = done["counts"]["attempts"].as_u64().unwrap();
+    assert!(
+        attempts > 6,
+        "only {attempts} attempts before the deadline: {done}"
+    );
+    let invites: Vec<u64> = city
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "invite")
+        .filter_map(|e| e["t_ms"].as_u64())
+        .collect();
     let late: Vec<u64> = invites
         .iter()
         .filter(|t| **t > deadline + 500)

@@ -548,10 +548,29 @@ pub struct RetryPolicy {
     pub no_answer_delay_ms: u64,
     /// Delay after a network or trunk failure.
     pub failure_delay_ms: u64,
+    /// The first this many retries wait at most `quick_delay_ms`: a citizen who missed the first
+    /// ring is likely near the phone. Absent in campaigns of earlier releases (0: none).
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub quick_retries: u32,
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub quick_delay_ms: u64,
+    /// With a deadline, call until the citizen is reached or the deadline comes, however many
+    /// attempts that takes (`max_attempts` still bounds a campaign without a deadline).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub until_deadline: bool,
+}
+
+fn is_zero_u32(n: &u32) -> bool {
+    *n == 0
+}
+
+fn is_zero_u64(n: &u64) -> bool {
+    *n == 0
 }
 
 impl RetryPolicy {
-    /// Sensible defaults per priority: an emergency is retried sooner and more often.
+    /// Sensible defaults per priority: an emergency is retried sooner and more often, twice
+    /// after 15 s and then every minute, and with a deadline it rings until heard.
     pub fn default_for(priority: Priority) -> Self {
         match priority {
             Priority::Emergency => RetryPolicy {
@@ -559,21 +578,37 @@ impl RetryPolicy {
                 busy_delay_ms: 30_000,
                 no_answer_delay_ms: 60_000,
                 failure_delay_ms: 30_000,
+                quick_retries: 2,
+                quick_delay_ms: 15_000,
+                until_deadline: true,
             },
             Priority::Urgent => RetryPolicy {
                 max_attempts: 5,
                 busy_delay_ms: 60_000,
                 no_answer_delay_ms: 180_000,
                 failure_delay_ms: 60_000,
+                ..RetryPolicy::NONE
             },
             Priority::Info => RetryPolicy {
                 max_attempts: 3,
                 busy_delay_ms: 300_000,
                 no_answer_delay_ms: 900_000,
                 failure_delay_ms: 300_000,
+                ..RetryPolicy::NONE
             },
         }
     }
+
+    /// One attempt, no retries: the base for a policy written field by field.
+    pub const NONE: RetryPolicy = RetryPolicy {
+        max_attempts: 1,
+        busy_delay_ms: 0,
+        no_answer_delay_ms: 0,
+        failure_delay_ms: 0,
+        quick_retries: 0,
+        quick_delay_ms: 0,
+        until_deadline: false,
+    };
 }
 
 /// Everything an operator decides about a campaign.

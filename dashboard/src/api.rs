@@ -521,6 +521,9 @@ pub struct RetryBody {
     busy_delay_s: Option<f64>,
     no_answer_delay_s: Option<f64>,
     failure_delay_s: Option<f64>,
+    quick_retries: Option<u32>,
+    quick_delay_s: Option<f64>,
+    until_deadline: Option<bool>,
 }
 
 fn delay_ms(field: &str, v: Option<f64>, default: u64) -> Result<u64, ApiError> {
@@ -620,6 +623,22 @@ impl CampaignBody {
                         r.failure_delay_s,
                         defaults.failure_delay_ms,
                     )?,
+                    quick_retries: match r.quick_retries {
+                        None => defaults.quick_retries,
+                        Some(n) if n <= 10 => n,
+                        Some(_) => {
+                            return Err(ApiError::bad_request(
+                                "invalid_field",
+                                "`retry.quick_retries` must be between 0 and 10",
+                            ))
+                        }
+                    },
+                    quick_delay_ms: delay_ms(
+                        "quick_delay_s",
+                        r.quick_delay_s,
+                        defaults.quick_delay_ms,
+                    )?,
+                    until_deadline: r.until_deadline.unwrap_or(defaults.until_deadline),
                 }
             }
         };
@@ -693,6 +712,9 @@ pub fn campaign_view(c: &Campaign) -> Value {
             "busy_delay_s": c.spec.retry.busy_delay_ms as f64 / 1000.0,
             "no_answer_delay_s": c.spec.retry.no_answer_delay_ms as f64 / 1000.0,
             "failure_delay_s": c.spec.retry.failure_delay_ms as f64 / 1000.0,
+            "quick_retries": c.spec.retry.quick_retries,
+            "quick_delay_s": c.spec.retry.quick_delay_ms as f64 / 1000.0,
+            "until_deadline": c.spec.retry.until_deadline,
         },
         "counts": {
             "targeted": k.targeted, "pending": k.pending, "in_flight": k.in_flight,

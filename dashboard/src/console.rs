@@ -537,6 +537,7 @@ fn retry_preset(name: &str, priority: Priority) -> Option<RetryPolicy> {
         },
         "once" => RetryPolicy {
             max_attempts: 1,
+            until_deadline: false,
             ..base
         },
         _ => return None,

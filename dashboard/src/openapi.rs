@@ -941,12 +941,18 @@ fn schemas() -> Value {
             "busy_delay_s": delay("a busy line"),
             "no_answer_delay_s": delay("no answer"),
             "failure_delay_s": delay("a failure"),
+            "quick_retries": { "type": "integer", "minimum": 0, "maximum": 10, "description": "The first retries that wait at most quick_delay_s" },
+            "quick_delay_s": delay("a missed call, for the first quick_retries retries"),
+            "until_deadline": { "type": "boolean", "description": "With a deadline, call until confirmed or the deadline, beyond max_attempts (emergency default)" },
         })),
         "Retry": exact(json!({
             "max_attempts": { "type": "integer", "minimum": 1 },
             "busy_delay_s": { "type": "number", "minimum": 0 },
             "no_answer_delay_s": { "type": "number", "minimum": 0 },
             "failure_delay_s": { "type": "number", "minimum": 0 },
+            "quick_retries": { "type": "integer", "minimum": 0 },
+            "quick_delay_s": { "type": "number", "minimum": 0 },
+            "until_deadline": { "type": "boolean" },
         })),
         "CampaignInput": body(&["title", "message", "audience", "priority"], json!({
             "title": text(200, "What operators see"),

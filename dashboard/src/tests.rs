@@ -476,3 +476,30 @@ async fn quiet_hours_are_set_as_local_times_checked_and_cleared() {
     let (s, v) = api(&app, "DELETE", path, None).await;
     assert_eq!((s, v["quiet_hours"].clone()), (StatusCode::OK, Value::Null));
 }
+
+#[tokio::test]
+async fn an_emergency_rings_until_its_deadline_by_default_and_the_schedule_can_be_set() {
+    let app = app();
+    let mut b = campaign_body();
+    b["priority"] = json!("emergency");
+    let (s, v) = api(&app, "POST", "/api/v1/campaigns", Some(b.clone())).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(
+        (
+            v["retry"]["quick_retries"].clone(),
+            v["retry"]["quick_delay_s"].clone(),
+            v["retry"]["until_deadline"].clone()
+        ),
+        (json!(2), json!(15.0), json!(true)),
+        "{v}"
+    );
+    b["retry"] = json!({"quick_retries": 3, "quick_delay_s": 5, "until_deadline": false});
+    let (s, v) = api(&app, "POST", "/api/v1/campaigns", Some(b.clone())).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["retry"]["quick_retries"], 3);
+    assert_eq!(v["retry"]["until_deadline"], false);
+    b["retry"] = json!({"quick_retries": 11});
+    let (s, v) = api(&app, "POST", "/api/v1/campaigns", Some(b)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_error(&v, "invalid_field", "retry.quick_retries");
+}

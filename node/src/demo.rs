@@ -213,6 +213,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
                     busy_delay_ms: 5_000,
                     no_answer_delay_ms: 8_000,
                     failure_delay_ms: 5_000,
+                    ..RetryPolicy::default_for(Priority::Emergency)
                 },
             },
             None,
