@@ -98,10 +98,15 @@ struct Running {
     /// A call taken over from another node: its fence is the task's owner in the state machine,
     /// not this node's lease on the partition.
     taken_over: bool,
+    /// Its campaign's priority: an emergency takes the channels of lower ones.
+    priority: Priority,
 }
 
 impl Running {
-    fn new(taken_over: bool) -> (Running, watch::Receiver<bool>, watch::Receiver<bool>) {
+    fn new(
+        taken_over: bool,
+        priority: Priority,
+    ) -> (Running, watch::Receiver<bool>, watch::Receiver<bool>) {
         let (abort, abort_rx) = watch::channel(false);
         let (let_go, let_go_rx) = watch::channel(false);
         (
@@ -109,6 +114,7 @@ impl Running {
                 abort,
                 let_go,
                 taken_over,
+                priority,
             },
             abort_rx,
             let_go_rx,
@@ -121,6 +127,7 @@ impl Running {
             abort: watch::channel(true).0,
             let_go: watch::channel(true).0,
             taken_over: false,
+            priority: Priority::Emergency,
         }
     }
 }
@@ -206,6 +213,7 @@ async fn run(sh: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
         abort_unleased(&sh, &held);
         abort_stopped_campaigns(&sh);
         takeover::follow(&sh, &mut handovers_seen);
+        preempt_for_emergencies(&sh, &held);
         let busy = lock(&sh.inflight).len();
         let free = sh.cfg.max_channels.saturating_sub(busy);
         sh.metrics.calls_in_flight.set(busy as i64);
@@ -301,6 +309,55 @@ fn abort_unleased(sh: &Shared, held: &HashMap<u16, u64>) {
             "partition leases lapsed: hanging up their calls; the next holder dials them"
         );
     }
+}
+
+/// An emergency takes channels from lower priorities at once: when emergency calls are due here
+/// and the channels are full, calls of other campaigns are cut (those still ringing first; their
+/// citizens are called again later, the attempt is not counted against them).
+fn preempt_for_emergencies(sh: &Shared, held: &HashMap<u16, u64>) {
+    let inflight = lock(&sh.inflight);
+    let max = sh.cfg.max_channels;
+    // Calls already told to stop free their channels as soon as their records are committed.
+    let freeing = inflight.values().filter(|c| *c.abort.borrow()).count();
+    let free = max.saturating_sub(inflight.len()) + freeing;
+    let mut lower: Vec<(bool, TaskKey)> = inflight
+        .iter()
+        .filter(|(_, c)| c.priority != Priority::Emergency && !*c.abort.borrow())
+        .map(|(k, _)| (false, *k))
+        .collect();
+    if lower.is_empty() || free >= max {
+        return;
+    }
+    let now = now_ms();
+    let wanted = sh.cluster.read(|s| {
+        let due = s.due_tasks_filtered(now, max, |cid, sid| {
+            held.contains_key(&campanile_cluster::partition_of(sid))
+                && !inflight.contains_key(&(cid, sid))
+                && s.campaign(cid)
+                    .is_some_and(|c| c.spec.priority == Priority::Emergency)
+        });
+        for entry in lower.iter_mut() {
+            // Answered calls (their dialog is committed) are cut only after ringing ones.
+            entry.0 = s
+                .task(entry.1 .0, entry.1 .1)
+                .is_some_and(|t| t.handover.is_some());
+        }
+        due.len()
+    });
+    let cut = wanted.saturating_sub(free).min(lower.len());
+    if cut == 0 {
+        return;
+    }
+    lower.sort_unstable();
+    for (_, key) in &lower[..cut] {
+        if let Some(call) = inflight.get(key) {
+            let _ = call.abort.send(true);
+        }
+    }
+    tracing::warn!(
+        calls = cut,
+        "emergency calls are due and the channels are full: cutting lower-priority calls"
+    );
 }
 
 /// Tasks this node had in flight before it stopped: their calls are gone, give the attempts back.
@@ -441,7 +498,7 @@ fn audio_for(
 }
 
 fn start_call(sh: &Arc<Shared>, due: Due, audio: PreparedAudio) {
-    let (running, abort_rx, let_go_rx) = Running::new(false);
+    let (running, abort_rx, let_go_rx) = Running::new(false, due.priority);
     lock(&sh.inflight).insert(due.key, running);
     let (committed_tx, committed_rx) = tokio::sync::oneshot::channel();
     let _ = sh.events.send((
