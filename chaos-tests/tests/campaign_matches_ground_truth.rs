@@ -214,7 +214,19 @@ fn check_answer_rate_metrics(
         "campanile_campaign_time_to_answer_seconds_count",
         &of_campaign,
     );
-    assert_eq!(to_answer, by_outcome("confirmed") + by_outcome("hung_up"));
+    // Every answered call is timed, whatever came of it.
+    let answered: f64 = [
+        "confirmed",
+        "heard",
+        "not_confirmed",
+        "hung_up",
+        "voicemail",
+        "opt_out",
+    ]
+    .iter()
+    .map(|o| by_outcome(o))
+    .sum();
+    assert_eq!(to_answer, answered);
     let mut inf = of_campaign.to_vec();
     inf.push(("le", "+Inf"));
     assert_eq!(

@@ -259,15 +259,9 @@ impl Metrics {
         }
     }
 
-    /// Counts one finished alert call of `campaign` that took `took` from the INVITE to its end:
-    /// this node's totals, the campaign's calls by outcome, and its time to answer and to confirm.
-    pub fn call_ended(
-        &self,
-        cluster: &Cluster,
-        campaign: CampaignId,
-        outcome: &CallOutcome,
-        took: Duration,
-    ) {
+    /// Counts one finished alert call of `campaign`: this node's totals, the campaign's calls by
+    /// outcome, and its time to confirm.
+    pub fn call_ended(&self, cluster: &Cluster, campaign: CampaignId, outcome: &CallOutcome) {
         let domain = outcome.to_domain();
         self.record_call(&domain, matches!(outcome, CallOutcome::Confirmed { .. }));
         let Some(tenant) = cluster.read(|s| s.campaign(campaign).map(|c| c.spec.tenant.clone()))
@@ -280,13 +274,7 @@ impl Metrics {
         self.campaign_calls
             .with_label_values(&[&id, &tenant, label])
             .inc();
-        let times = CallTimes::of(outcome, took);
-        if let Some(t) = times.to_answer {
-            self.time_to_answer
-                .with_label_values(&labels)
-                .observe(t.as_secs_f64());
-        }
-        if let Some(t) = times.to_confirm {
+        if let Some(t) = time_to_confirm(outcome) {
             self.time_to_confirm
                 .with_label_values(&labels)
                 .observe(t.as_secs_f64());
@@ -295,6 +283,18 @@ impl Metrics {
             .entry((id, tenant))
             .or_default()
             .insert(label);
+    }
+
+    /// Observes the time from a call's INVITE to its answer (every answered call this node placed,
+    /// whatever its outcome turns out to be).
+    pub fn answered(&self, cluster: &Cluster, campaign: CampaignId, after: Duration) {
+        let Some(tenant) = cluster.read(|s| s.campaign(campaign).map(|c| c.spec.tenant.clone()))
+        else {
+            return;
+        };
+        self.time_to_answer
+            .with_label_values(&[campaign.0.to_string().as_str(), tenant.as_str()])
+            .observe(after.as_secs_f64());
     }
 
     /// Counts a takeover of a call answered on another node: `result` is one of
@@ -441,32 +441,11 @@ pub fn reported_campaigns<'a>(
     out
 }
 
-/// How long a call took to be answered (from the INVITE) and to be confirmed (from the answer),
-/// where its outcome says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct CallTimes {
-    to_answer: Option<Duration>,
-    to_confirm: Option<Duration>,
-}
-
-impl CallTimes {
-    /// A call's outcome carries the time since the answer only when it was confirmed or hung up;
-    /// the answer came that long before the call's end.
-    fn of(outcome: &CallOutcome, took: Duration) -> CallTimes {
-        match outcome {
-            CallOutcome::Confirmed { after } => CallTimes {
-                to_answer: Some(took.saturating_sub(*after)),
-                to_confirm: Some(*after),
-            },
-            CallOutcome::HungUp { after } => CallTimes {
-                to_answer: Some(took.saturating_sub(*after)),
-                to_confirm: None,
-            },
-            _ => CallTimes {
-                to_answer: None,
-                to_confirm: None,
-            },
-        }
+/// How long after the answer a call was confirmed, where its outcome says.
+fn time_to_confirm(outcome: &CallOutcome) -> Option<Duration> {
+    match outcome {
+        CallOutcome::Confirmed { after } => Some(*after),
+        _ => None,
     }
 }
 
@@ -527,32 +506,13 @@ mod tests {
     }
 
     #[test]
-    fn answer_and_confirmation_times_come_from_the_outcome() {
-        let took = Duration::from_secs(40);
+    fn confirmation_time_comes_from_the_outcome() {
+        let after = Duration::from_secs(25);
         assert_eq!(
-            CallTimes::of(
-                &CallOutcome::Confirmed {
-                    after: Duration::from_secs(25)
-                },
-                took
-            ),
-            CallTimes {
-                to_answer: Some(Duration::from_secs(15)),
-                to_confirm: Some(Duration::from_secs(25)),
-            }
+            time_to_confirm(&CallOutcome::Confirmed { after }),
+            Some(after)
         );
-        assert_eq!(
-            CallTimes::of(
-                &CallOutcome::HungUp {
-                    after: Duration::from_secs(4)
-                },
-                took
-            )
-            .to_answer,
-            Some(Duration::from_secs(36))
-        );
-        let busy = CallTimes::of(&CallOutcome::Busy, took);
-        assert_eq!((busy.to_answer, busy.to_confirm), (None, None));
+        assert_eq!(time_to_confirm(&CallOutcome::Busy), None);
     }
 
     #[test]

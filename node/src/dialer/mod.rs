@@ -527,7 +527,7 @@ fn start_call(sh: &Arc<Shared>, due: Due, audio: PreparedAudio) {
         }
         let spec = call_spec(&sh, &due, audio, true);
         let started = std::time::Instant::now();
-        let hooks = handover_hooks(&sh, &due, let_go_rx);
+        let hooks = handover_hooks(&sh, &due, let_go_rx, Some(started));
         let outcome = place_call_with(&sh.ctx, &spec, abort_rx, Some(hooks)).await;
         call_ended(&sh, &due, &spec, outcome, started);
     });
@@ -563,12 +563,22 @@ fn call_spec(sh: &Shared, due: &Due, audio: PreparedAudio, detect_machines: bool
 }
 
 /// The call's reports of its dialog go into the attempt records, so another node can take it over.
-fn handover_hooks(sh: &Arc<Shared>, due: &Due, let_go: watch::Receiver<bool>) -> HandoverHooks {
+/// The first report of a call placed at `invited` is its answer, which the metrics time.
+fn handover_hooks(
+    sh: &Arc<Shared>,
+    due: &Due,
+    let_go: watch::Receiver<bool>,
+    mut invited: Option<std::time::Instant>,
+) -> HandoverHooks {
     let (answered, mut reports) = mpsc::unbounded_channel();
     let events = sh.events.clone();
     let (key, attempt) = (due.key, due.attempt);
+    let (metrics, cluster) = (sh.metrics.clone(), sh.cluster.clone());
     tokio::spawn(async move {
         while let Some(call) = reports.recv().await {
+            if let Some(at) = invited.take() {
+                metrics.answered(&cluster, key.0, at.elapsed());
+            }
             let _ = events.send((
                 AttemptEvent::Answered {
                     campaign: key.0,
@@ -606,8 +616,7 @@ fn call_ended(
         lock(&sh.gate).on_overload(*retry_after, std::time::Instant::now());
     }
     let domain = outcome.to_domain();
-    sh.metrics
-        .call_ended(&sh.cluster, due.key.0, &outcome, started.elapsed());
+    sh.metrics.call_ended(&sh.cluster, due.key.0, &outcome);
     let deadline = sh
         .cluster
         .read(|s| s.campaign(due.key.0).and_then(|c| c.spec.deadline_ms));

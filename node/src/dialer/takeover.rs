@@ -174,7 +174,7 @@ pub(super) fn follow(sh: &Arc<Shared>, seen: &mut u64) {
         tokio::spawn(async move {
             let spec = call_spec(&sh, &due, audio, false);
             let started = std::time::Instant::now();
-            let hooks = handover_hooks(&sh, &due, let_go_rx);
+            let hooks = handover_hooks(&sh, &due, let_go_rx, None);
             let outcome = resume_call(&sh.ctx, &spec, &handover, abort_rx, Some(hooks)).await;
             let result = match &outcome {
                 CallOutcome::TakeoverFailed(why) => {
