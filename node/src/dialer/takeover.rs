@@ -174,16 +174,19 @@ pub(super) fn follow(sh: &Arc<Shared>, seen: &mut u64) {
         tokio::spawn(async move {
             let spec = call_spec(&sh, &due, audio, false);
             let started = std::time::Instant::now();
-            let hooks = handover_hooks(&sh, &due, let_go_rx, None);
-            let outcome = resume_call(&sh.ctx, &spec, &handover, abort_rx, Some(hooks)).await;
-            let result = match &outcome {
-                CallOutcome::TakeoverFailed(why) => {
-                    tracing::warn!(campaign = %due.key.0, subscriber = %due.key.1, reason = %why,
-                        "could not take the call over; the citizen is called again");
-                    "failed"
+            let hooks = handover_hooks(&sh, &due, let_go_rx.clone(), None);
+            let mut outcome =
+                resume_call(&sh.ctx, &spec, &handover, abort_rx.clone(), Some(hooks)).await;
+            let mut result = "resumed";
+            if let CallOutcome::TakeoverFailed(why) = &outcome {
+                tracing::warn!(campaign = %due.key.0, subscriber = %due.key.1, reason = %why,
+                    "could not take the call over; calling the citizen again at once");
+                result = "failed";
+                if let Some(redialled) = redial(&sh, &due, &spec, abort_rx, let_go_rx).await {
+                    outcome = redialled;
+                    result = "redialled";
                 }
-                _ => "resumed",
-            };
+            }
             sh.metrics.takeover(result);
             call_ended(&sh, &due, &spec, outcome, started);
         });
@@ -191,6 +194,58 @@ pub(super) fn follow(sh: &Arc<Shared>, seen: &mut u64) {
     if !waiting {
         *seen = applied;
     }
+}
+
+/// After a failed takeover, while the task is still this node's: a new call to the citizen at
+/// once, inside the same attempt, with "this message is repeated" before the message. None when
+/// the call cannot be placed here (the campaign stopped, the task moved, the prefix cannot be
+/// spoken): the attempt then ends interrupted and the citizen is called again by the partition's
+/// holder.
+async fn redial(
+    sh: &Arc<Shared>,
+    due: &Due,
+    spec: &crate::call::CallSpec,
+    abort: watch::Receiver<bool>,
+    let_go: watch::Receiver<bool>,
+) -> Option<CallOutcome> {
+    if *abort.borrow() || *let_go.borrow() {
+        return None;
+    }
+    let still_ours = sh.cluster.read(|s| {
+        s.campaign(due.key.0)
+            .is_some_and(|c| c.state == campanile_cluster::CampaignState::Running)
+            && s.task(due.key.0, due.key.1).is_some_and(|t| {
+                matches!(t.state, TaskState::InFlight { node, attempt, .. }
+                    if node == sh.cfg.node && attempt == due.attempt)
+            })
+    });
+    if !still_ours {
+        return None;
+    }
+    let (audio, lang, cache) = (spec.audio.clone(), due.language.clone(), sh.cache.clone());
+    let prefixed = tokio::task::spawn_blocking(move || {
+        crate::media::message::with_repeated_prefix(&audio, &lang, &cache)
+    })
+    .await;
+    let audio = match prefixed {
+        Ok(Ok(a)) => a,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot prepare the repeated message");
+            return None;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "repeated message preparation failed");
+            return None;
+        }
+    };
+    let spec = crate::call::CallSpec {
+        audio,
+        detect_machines: true,
+        ..spec.clone()
+    };
+    let started = std::time::Instant::now();
+    let hooks = handover_hooks(sh, due, let_go, Some(started));
+    Some(crate::call::place_call_with(&sh.ctx, &spec, abort, Some(hooks)).await)
 }
 
 #[cfg(test)]

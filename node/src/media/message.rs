@@ -190,6 +190,35 @@ fn recording_samples(bytes: &[u8], prompt_lang: &str) -> Result<Vec<i16>, MediaE
     Ok(compose(&message, &prompt))
 }
 
+/// Said before a message that is played again from the start because the call carrying it was lost.
+pub fn repeated_text(lang: &str) -> &'static str {
+    match lang {
+        "en" => "This message is repeated.",
+        "de" => "Diese Nachricht wird wiederholt.",
+        "fr" => "Ce message est répété.",
+        "es" => "Este mensaje se repite.",
+        _ => "Questo messaggio viene ripetuto.",
+    }
+}
+
+/// `audio` with "this message is repeated" in `lang` before it (the spoken words are cached).
+pub fn with_repeated_prefix(
+    audio: &PreparedAudio,
+    lang: &str,
+    cache: &AudioCache,
+) -> Result<PreparedAudio, MediaError> {
+    let key = content_key(&["repeated", lang]);
+    let prefix = cache.get_or_make(&key, || {
+        let mut words = tts::synthesize(repeated_text(lang), lang)?;
+        words.extend(silence(300));
+        Ok(words)
+    })?;
+    let mut samples = Vec::with_capacity(prefix.samples.len() + audio.samples.len());
+    samples.extend_from_slice(&prefix.samples);
+    samples.extend_from_slice(&audio.samples);
+    Ok(PreparedAudio::from_samples(samples))
+}
+
 /// The words around a verification code, per language: the introduction and "again".
 pub fn code_phrases(lang: &str) -> (&'static str, &'static str) {
     match lang {
@@ -286,6 +315,18 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.pcmu.len(), a.pcmu.len());
+    }
+
+    #[test]
+    fn a_repeated_message_is_said_to_be_repeated_then_played_whole() {
+        let cache = AudioCache::new(None);
+        let message = PreparedAudio::from_samples(vec![1234; 8_000]);
+        let repeated = with_repeated_prefix(&message, "it", &cache).unwrap();
+        let extra = repeated.samples.len() - message.samples.len();
+        // The spoken words and a short pause, then the whole message unchanged.
+        assert!(extra > 4_000, "{extra} samples of prefix");
+        assert_eq!(&repeated.samples[extra..], &message.samples[..]);
+        assert!(repeated.samples[..extra].iter().any(|s| s.abs() > 1_000));
     }
 
     #[test]

@@ -548,3 +548,82 @@ async fn a_second_node_continues_an_answered_call_inside_its_dialog() {
         "{heard_at_takeover} ms heard from the first node"
     );
 }
+
+/// A takeover of a dialog the phone no longer has (it hung up meanwhile) is refused (481) and
+/// reported as a failed takeover, so the citizen is called again rather than the call assumed up.
+#[tokio::test]
+async fn a_takeover_of_a_dialog_the_phone_no_longer_has_fails_with_its_reason() {
+    use crate::call::resume_call;
+    let city = SimCity::start(SimCityConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        log: None,
+        profile: fast(Profile::always_answer()),
+        seed: 1,
+    })
+    .await
+    .unwrap();
+    let (endpoint, _unrouted) = Endpoint::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let ctx = CallContext {
+        endpoint,
+        pacer: Pacer::spawn(),
+    };
+    let spec = CallSpec {
+        to: "+393470000020".into(),
+        trunk: city.local_addr(),
+        trunk_host: city.local_addr().to_string(),
+        from_user: "campanile".into(),
+        display_name: "Test".into(),
+        audio: tone_audio(1.0),
+        ring_timeout: Duration::from_secs(5),
+        confirm_wait: Duration::from_millis(200),
+        require_confirmation: true,
+        allow_opt_out: false,
+        max_replays: 0,
+        timers: Default::default(),
+        credentials: None,
+        reinvite_after: None,
+        detect_machines: false,
+        listen_for_keys: true,
+        outbound_proxy: None,
+    };
+    let gone = campanile_cluster::CallHandover {
+        call_id: "ended-long-ago@campanile".into(),
+        local_tag: "ours".into(),
+        remote_tag: "theirs".into(),
+        local_party: "<sip:campanile@127.0.0.1>".into(),
+        remote_party: format!("<sip:+393470000020@{}>", city.local_addr()),
+        remote_target: format!("sip:+393470000020@{}", city.local_addr()),
+        route_set: vec![],
+        local_cseq: 3,
+        via_transport: "UDP".into(),
+        remote_rtp: "127.0.0.1:9".into(),
+        remote_rtcp: None,
+        payload_type: 0,
+        telephone_event: Some(101),
+        ssrc: 1,
+        at_ms: 0,
+        frame: 0,
+        seq: 0,
+        ts: 0,
+        answered_ms: 0,
+    };
+    let (_abort, abort_rx) = tokio::sync::watch::channel(false);
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(20),
+        resume_call(&ctx, &spec, &gone, abort_rx, None),
+    )
+    .await
+    .expect("a refused takeover ends by itself");
+    match outcome {
+        CallOutcome::TakeoverFailed(why) => assert!(why.contains("481"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        CallOutcome::TakeoverFailed(String::new()).to_domain(),
+        campanile_cluster::Outcome::Interrupted,
+        "not held against the citizen"
+    );
+    city.shutdown().await;
+}
