@@ -23,9 +23,7 @@ use serde::Deserialize;
 
 use crate::api::AppState;
 use crate::auth::{self, LoginThrottle, Principal};
-use crate::console::{
-    check_form_csrf, chrome, error_page, render_status, Chrome, Console, PeerAddr,
-};
+use crate::console::{checked_form, chrome, error_page, render_status, Chrome, Console, PeerAddr};
 use crate::error::ApiError;
 use crate::totp;
 
@@ -232,18 +230,8 @@ async fn totp_start(
     Console(who): Console,
     form: Result<Form<CsrfForm>, FormRejection>,
 ) -> Response {
-    let form = match form {
-        Ok(Form(f)) => f,
-        Err(r) => {
-            return error_page(
-                &engine,
-                &who,
-                crate::console::form_refused(&r, crate::BODY_LIMIT),
-            )
-        }
-    };
-    if let Err(e) = check_form_csrf(&who, &form.csrf) {
-        return e.into_response();
+    if let Err(page) = checked_form(&engine, &who, form, crate::BODY_LIMIT, |f| &f.csrf) {
+        return *page;
     }
     let op = match own_record(&engine, &who).await {
         Ok(op) if op.totp_secret.is_some() => return error_page(&engine, &who, already_on()),
@@ -269,19 +257,10 @@ async fn totp_confirm(
     Console(who): Console,
     form: Result<Form<ConfirmForm>, FormRejection>,
 ) -> Response {
-    let form = match form {
-        Ok(Form(f)) => f,
-        Err(r) => {
-            return error_page(
-                &engine,
-                &who,
-                crate::console::form_refused(&r, crate::BODY_LIMIT),
-            )
-        }
+    let form = match checked_form(&engine, &who, form, crate::BODY_LIMIT, |f| &f.csrf) {
+        Ok(f) => f,
+        Err(page) => return *page,
     };
-    if let Err(e) = check_form_csrf(&who, &form.csrf) {
-        return e.into_response();
-    }
     let op = match own_record(&engine, &who).await {
         Ok(op) if op.totp_secret.is_some() => return error_page(&engine, &who, already_on()),
         Ok(op) => op,
@@ -350,19 +329,10 @@ async fn totp_disable(
     Console(who): Console,
     form: Result<Form<CodeForm>, FormRejection>,
 ) -> Response {
-    let form = match form {
-        Ok(Form(f)) => f,
-        Err(r) => {
-            return error_page(
-                &engine,
-                &who,
-                crate::console::form_refused(&r, crate::BODY_LIMIT),
-            )
-        }
+    let form = match checked_form(&engine, &who, form, crate::BODY_LIMIT, |f| &f.csrf) {
+        Ok(f) => f,
+        Err(page) => return *page,
     };
-    if let Err(e) = check_form_csrf(&who, &form.csrf) {
-        return e.into_response();
-    }
     let op = match own_record(&engine, &who).await {
         Ok(op) => op,
         Err(e) => return error_page(&engine, &who, e),

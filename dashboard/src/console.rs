@@ -106,6 +106,23 @@ pub(crate) fn form_refused(r: &axum::extract::rejection::FormRejection, limit: u
     ApiError::new(status, "invalid_form", message)
 }
 
+/// What every console POST checks first: the form could be read (within the page's `limit`) and
+/// carries this session's CSRF token (`csrf` picks it out). `Err` is the page to answer with.
+pub(crate) fn checked_form<T>(
+    engine: &AppState,
+    who: &Principal,
+    form: Result<Form<T>, axum::extract::rejection::FormRejection>,
+    limit: usize,
+    csrf: impl Fn(&T) -> &str,
+) -> Result<T, Box<Response>> {
+    let form = match form {
+        Ok(Form(f)) => f,
+        Err(r) => return Err(Box::new(error_page(engine, who, form_refused(&r, limit)))),
+    };
+    check_form_csrf(who, csrf(&form)).map_err(|e| Box::new(error_page(engine, who, e)))?;
+    Ok(form)
+}
+
 /// Renders a template, or a plain 500 naming the failure.
 fn render(t: &impl Template) -> Response {
     match t.render() {

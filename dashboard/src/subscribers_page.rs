@@ -73,7 +73,7 @@ fn chrome(engine: &AppState, who: &Principal) -> Chrome {
     crate::console::chrome(engine, who, "subscribers")
 }
 
-use crate::console::{check_form_csrf as check_csrf, error_page, form_refused};
+use crate::console::{checked_form, error_page};
 
 /// The comuni the operator serves, for the tenant selects.
 fn tenants_of(who: &Principal) -> Vec<String> {
@@ -525,13 +525,10 @@ async fn new_submit(
     Console(who): Console,
     form: Result<Form<SubscriberForm>, FormRejection>,
 ) -> Response {
-    let form = match form {
-        Ok(Form(f)) => f,
-        Err(r) => return error_page(&engine, &who, form_refused(&r, crate::BODY_LIMIT)),
+    let form = match checked_form(&engine, &who, form, crate::BODY_LIMIT, |f| &f.csrf) {
+        Ok(f) => f,
+        Err(page) => return *page,
     };
-    if let Err(e) = check_csrf(&who, &form.csrf) {
-        return error_page(&engine, &who, e);
-    }
     let tenant = match pick_tenant(&who, Some(&form.tenant), Action::Operate) {
         Ok(t) => t,
         Err(e) => return error_page(&engine, &who, e),
@@ -694,13 +691,10 @@ async fn edit_submit(
     Path(id): Path<String>,
     form: Result<Form<SubscriberForm>, FormRejection>,
 ) -> Response {
-    let form = match form {
-        Ok(Form(f)) => f,
-        Err(r) => return error_page(&engine, &who, form_refused(&r, crate::BODY_LIMIT)),
+    let form = match checked_form(&engine, &who, form, crate::BODY_LIMIT, |f| &f.csrf) {
+        Ok(f) => f,
+        Err(page) => return *page,
     };
-    if let Err(e) = check_csrf(&who, &form.csrf) {
-        return error_page(&engine, &who, e);
-    }
     let s = match subscriber_for(&engine, &who, &id, Action::Operate).await {
         Ok(s) => s,
         Err(e) => return error_page(&engine, &who, e),
@@ -787,13 +781,10 @@ async fn erase_submit(
     Path(id): Path<String>,
     form: Result<Form<EraseForm>, FormRejection>,
 ) -> Response {
-    let form = match form {
-        Ok(Form(f)) => f,
-        Err(r) => return error_page(&engine, &who, form_refused(&r, crate::BODY_LIMIT)),
+    let form = match checked_form(&engine, &who, form, crate::BODY_LIMIT, |f| &f.csrf) {
+        Ok(f) => f,
+        Err(page) => return *page,
     };
-    if let Err(e) = check_csrf(&who, &form.csrf) {
-        return error_page(&engine, &who, e);
-    }
     let s = match subscriber_for(&engine, &who, &id, Action::Operate).await {
         Ok(s) => s,
         Err(e) => return error_page(&engine, &who, e),
@@ -1249,13 +1240,10 @@ async fn import_submit(
     Console(who): Console,
     form: Result<Form<ImportForm>, FormRejection>,
 ) -> Response {
-    let form = match form {
-        Ok(Form(f)) => f,
-        Err(r) => return error_page(&engine, &who, form_refused(&r, crate::IMPORT_BODY_LIMIT)),
+    let form = match checked_form(&engine, &who, form, crate::IMPORT_BODY_LIMIT, |f| &f.csrf) {
+        Ok(f) => f,
+        Err(page) => return *page,
     };
-    if let Err(e) = check_csrf(&who, &form.csrf) {
-        return error_page(&engine, &who, e);
-    }
     let tenant = match pick_tenant(&who, Some(&form.tenant), Action::Operate) {
         Ok(t) => t,
         Err(e) => return error_page(&engine, &who, e),
