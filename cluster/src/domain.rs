@@ -775,11 +775,14 @@ impl FinalState {
 pub enum TaskState {
     /// Waiting for its next attempt at `CallTask::next_due_ms`.
     Pending,
-    /// A node is on the phone with this subscriber.
+    /// A node is on the phone with this subscriber, under the lease epoch it started the attempt
+    /// with (absent for attempts started before leases existed).
     InFlight {
         attempt: u32,
         node: NodeId,
         since_ms: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        epoch: Option<u64>,
     },
     Final(FinalState),
 }
@@ -966,6 +969,9 @@ pub enum AttemptEvent {
         attempt: u32,
         outcome: Outcome,
         next: Next,
+        /// The epoch the attempt was started under; an outcome of another epoch is stale.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        epoch: Option<u64>,
     },
     /// The call was answered (or its stream moved): what another node needs to continue it if this
     /// one dies. A later record replaces an earlier one; the attempt's end clears it.

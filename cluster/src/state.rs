@@ -710,13 +710,18 @@ impl State {
                 continue;
             };
             match task.state {
-                TaskState::InFlight { attempt, node, .. }
-                    if live && node == from && task.handover.is_some() =>
-                {
+                TaskState::InFlight {
+                    attempt,
+                    node,
+                    epoch,
+                    ..
+                } if live && node == from && task.handover.is_some() => {
+                    // The attempt and its epoch go on: only the node carrying it changes.
                     task.state = TaskState::InFlight {
                         attempt,
                         node: *to,
                         since_ms: at_ms,
+                        epoch,
                     };
                     task.updated_ms = at_ms;
                     moved += 1;
@@ -765,12 +770,13 @@ impl State {
             .into_iter()
             .filter(|t| which(t.subscriber))
             .filter_map(|t| match t.state {
-                TaskState::InFlight { attempt, .. } => Some(AttemptEvent::Finished {
+                TaskState::InFlight { attempt, epoch, .. } => Some(AttemptEvent::Finished {
                     campaign: t.campaign,
                     subscriber: t.subscriber,
                     attempt,
                     outcome: Outcome::Interrupted,
                     next: Next::RetryAt(at_ms),
+                    epoch,
                 }),
                 _ => None,
             })
@@ -989,23 +995,30 @@ impl State {
                     attempt: *attempt,
                     node,
                     since_ms: at_ms,
+                    epoch: *epoch,
                 };
             }
             AttemptEvent::Finished {
                 attempt,
                 outcome,
                 next,
+                epoch,
                 ..
             } => {
                 let TaskState::InFlight {
                     attempt: current,
                     node: owner,
+                    epoch: started_under,
                     ..
                 } = before
                 else {
                     return false;
                 };
                 if current != *attempt || owner != node {
+                    return false;
+                }
+                // Fencing: an outcome of an attempt started under another epoch is stale.
+                if epoch.is_some() && started_under.is_some() && *epoch != started_under {
                     return false;
                 }
                 task.handover = None;
@@ -1464,6 +1477,7 @@ mod tests {
             attempt,
             outcome,
             next,
+            epoch: None,
         }
     }
 
@@ -2445,7 +2459,8 @@ mod tests {
             TaskState::InFlight {
                 attempt: 1,
                 node: NodeId(2),
-                since_ms: 30
+                since_ms: 30,
+                epoch: None,
             }
         );
         assert_eq!(t.attempts, 1, "the same attempt goes on");
@@ -2637,6 +2652,24 @@ mod tests {
         assert_eq!(
             by(&mut st, 2, 200, vec![started_under(1, 1, 1, 2)]),
             Response::Recorded { applied: 1 }
+        );
+        // An outcome carries the epoch its attempt started under: another epoch's is stale.
+        let outcome_under = |epoch| AttemptEvent::Finished {
+            campaign: CampaignId(1),
+            subscriber: SubscriberId(1),
+            attempt: 1,
+            outcome: Outcome::Busy,
+            next: Next::RetryAt(1_000),
+            epoch: Some(epoch),
+        };
+        assert_eq!(
+            by(&mut st, 2, 201, vec![outcome_under(1)]),
+            Response::Recorded { applied: 0 }
+        );
+        assert_eq!(
+            by(&mut st, 2, 201, vec![outcome_under(2), outcome_under(2)]),
+            Response::Recorded { applied: 1 },
+            "applied once"
         );
         // A released lease can be granted at once, and its former holder's renewal does not
         // bring it back.

@@ -83,6 +83,7 @@ fn one_of_each() -> Vec<Command> {
                     attempt: 1,
                     outcome: Outcome::HungUp { after_ms: 4200 },
                     next: Next::RetryAt(60_000),
+                    epoch: None,
                 },
                 AttemptEvent::Finished {
                     campaign: CampaignId(1),
@@ -90,6 +91,7 @@ fn one_of_each() -> Vec<Command> {
                     attempt: 2,
                     outcome: Outcome::Confirmed,
                     next: Next::Final(FinalState::Confirmed),
+                    epoch: None,
                 },
             ],
         },

@@ -77,7 +77,8 @@ type Record = (AttemptEvent, Option<tokio::sync::oneshot::Sender<()>>);
 struct Due {
     key: TaskKey,
     attempt: u32,
-    /// The lease epoch of the subscriber's partition this node dials under.
+    /// The lease epoch of the subscriber's partition this node dials under (for a call taken
+    /// over, the one its attempt was started under); its outcome carries it.
     epoch: u64,
     phone: String,
     language: String,
@@ -367,13 +368,14 @@ fn recover_interrupted(sh: &Arc<Shared>) {
         s.in_flight_on(sh.cfg.node)
             .into_iter()
             .filter_map(|t| match t.state {
-                campanile_cluster::TaskState::InFlight { attempt, .. } => {
+                campanile_cluster::TaskState::InFlight { attempt, epoch, .. } => {
                     Some(AttemptEvent::Finished {
                         campaign: t.campaign,
                         subscriber: t.subscriber,
                         attempt,
                         outcome: Outcome::Interrupted,
                         next: campanile_cluster::Next::RetryAt(now),
+                        epoch,
                     })
                 }
                 _ => None,
@@ -635,6 +637,7 @@ fn call_ended(
             attempt: due.attempt,
             outcome: domain,
             next,
+            epoch: Some(due.epoch),
         },
         None,
     ));

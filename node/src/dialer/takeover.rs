@@ -128,14 +128,14 @@ pub(super) fn follow(sh: &Arc<Shared>, seen: &mut u64) {
             .into_iter()
             .filter(|t| !inflight.contains_key(&(t.campaign, t.subscriber)))
             .filter_map(|t| {
-                let TaskState::InFlight { attempt, .. } = t.state else {
+                let TaskState::InFlight { attempt, epoch, .. } = t.state else {
                     return None;
                 };
                 let c = s.campaign(t.campaign)?;
                 let due = Due {
                     key: (t.campaign, t.subscriber),
                     attempt,
-                    epoch: 0,
+                    epoch: epoch.unwrap_or(0),
                     phone: t.phone.as_str().to_string(),
                     language: t.language.clone(),
                     message: c.spec.message.clone(),

@@ -397,8 +397,10 @@ async fn a_voicemail_box_gets_the_message_after_its_beep_and_the_outcome_is_voic
         voicemail_delay_ms: [100, 100],
         ..fast(Profile::always_answer())
     };
-    let run = call_city(p, "+393470000018", Duration::from_secs(5)).await;
+    let mut run = call_city(p, "+393470000018", Duration::from_secs(5)).await;
     assert_eq!(run.outcome, CallOutcome::Voicemail);
+    // We fall silent while the greeting plays (the box logs that silence when we speak again).
+    run.events.retain(|e| e["event"] != "media_gap");
     assert_eq!(
         kinds(&run.events),
         ["invite", "ringing", "answer", "beep", "bye_received"]
