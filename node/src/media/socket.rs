@@ -300,7 +300,7 @@ impl Uring {
             iovecs: vec![unsafe { std::mem::zeroed() }; URING_BATCH],
             addrs: vec![unsafe { std::mem::zeroed() }; URING_BATCH],
         };
-        uring.send_to = uring.sends_with_address();
+        uring.send_to = uring.sends_with_address()?;
         let limit = open_file_limit().min(MAX_REGISTERED) as u32;
         // Sparse tables need kernel 5.19; without one every datagram names its descriptor.
         if limit > 0 && uring.ring.submitter().register_files_sparse(limit).is_ok() {
@@ -312,14 +312,13 @@ impl Uring {
     }
 
     /// Whether `IORING_OP_SEND` honours a destination address here: one datagram to ourselves on
-    /// loopback tells (older kernels ignore the address or refuse the request).
-    fn sends_with_address(&mut self) -> bool {
+    /// loopback tells (older kernels ignore the address or refuse the request). An error means the
+    /// ring itself failed and must not be used.
+    fn sends_with_address(&mut self) -> io::Result<bool> {
         let Ok(probe) = UdpSocket::bind("127.0.0.1:0") else {
-            return false;
+            return Ok(false);
         };
-        let Ok(me) = probe.local_addr() else {
-            return false;
-        };
+        let me = probe.local_addr()?;
         let len = write_sockaddr(me, &mut self.addrs[0]);
         let byte = [0u8; 1];
         let sqe = opcode::Send::new(types::Fd(probe.as_raw_fd()), byte.as_ptr(), 1)
@@ -328,22 +327,21 @@ impl Uring {
             .flags(libc::MSG_DONTWAIT)
             .build();
         // SAFETY: the byte, the address and the socket outlive the wait below, which reaps the
-        // only request in the ring.
+        // only request in the ring; if the wait fails, the caller drops the ring unused, which
+        // closes it before anything could submit the request again.
         if unsafe { self.ring.submission().push(&sqe) }.is_err() {
-            return false;
+            return Ok(false);
         }
-        if self.ring.submit_and_wait(1).is_err() {
-            // The request may still be pending: leave the ring to the caller, who forgets it on
-            // its first failure.
-            return false;
-        }
+        self.ring.submit_and_wait(1)?;
         let sent = self
             .ring
             .completion()
             .next()
             .is_some_and(|c| c.result() == 1);
         let mut buf = [0u8; 4];
-        sent && probe.set_nonblocking(true).is_ok() && probe.recv(&mut buf).is_ok_and(|n| n == 1)
+        Ok(sent
+            && probe.set_nonblocking(true).is_ok()
+            && probe.recv(&mut buf).is_ok_and(|n| n == 1))
     }
 
     fn register(&mut self, fd: RawFd) -> Option<Slot> {
