@@ -264,7 +264,10 @@ impl Pacer {
                 "RTP pacer: {threads} threads; io_uring is not available, so every packet is sent \
                  with its own sendto (slower, see BENCHMARKS.md)"
             ),
-            _ => tracing::info!("RTP pacer: {threads} threads sending with {running} ({details})"),
+            (_, SendPath::IoUring, _) => {
+                tracing::info!("RTP pacer: {threads} threads sending with {running} ({details})")
+            }
+            _ => tracing::info!("RTP pacer: {threads} threads sending with {running}"),
         }
         PacerHandle {
             lanes: Arc::new(lanes),
