@@ -43,9 +43,17 @@ impl Default for LeaseTiming {
 #[derive(Default)]
 pub struct Held {
     map: std::sync::Mutex<HashMap<u16, (u64, Instant)>>,
+    /// Until when this node's last committed heartbeat keeps it in the cluster (the same margin as
+    /// a lease): past it, the leader may have handed its answered calls to other nodes.
+    alive_until: std::sync::Mutex<Option<Instant>>,
 }
 
 impl Held {
+    /// Whether this node's last committed heartbeat still counts at `now`.
+    pub fn alive(&self, now: Instant) -> bool {
+        super::lock(&self.alive_until).is_some_and(|until| until > now)
+    }
+
     /// Partitions valid at `now`, with their epochs.
     pub fn valid(&self, now: Instant) -> HashMap<u16, u64> {
         super::lock(&self.map)
@@ -111,6 +119,7 @@ pub async fn round(
     }
     if renewed.is_ok() {
         let until = sent + timing.lease.saturating_sub(timing.margin);
+        *super::lock(&held.alive_until) = Some(until);
         let now = now_ms();
         let mine: HashMap<u16, (u64, Instant)> = cluster.read(|s| {
             s.leases()

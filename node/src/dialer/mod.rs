@@ -292,22 +292,43 @@ async fn keep_leases(sh: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
 
 /// Calls in partitions this node no longer holds a valid lease for end now: someone else may be
 /// granted them once the lease has expired.
+///
+/// An answered call whose dialog is committed is not hung up but let go (no BYE): the leader hands
+/// such calls to live nodes once this one falls silent, and a BYE from here would end the call the
+/// new node continues. Calls this node took over go the same way once its own heartbeat lapses.
 fn abort_unleased(sh: &Shared, held: &HashMap<u16, u64>) {
     let inflight = lock(&sh.inflight);
-    let mut lapsed = 0;
-    for ((_, sid), call) in inflight.iter() {
-        if !call.taken_over
-            && !held.contains_key(&campanile_cluster::partition_of(*sid))
-            && !*call.abort.borrow()
-        {
-            let _ = call.abort.send(true);
-            lapsed += 1;
+    let alive = sh.held.alive(std::time::Instant::now());
+    let (mut lapsed, mut let_go) = (0, 0);
+    sh.cluster.read(|s| {
+        for ((cid, sid), call) in inflight.iter() {
+            if *call.abort.borrow() || *call.let_go.borrow() {
+                continue;
+            }
+            let unleased = if call.taken_over {
+                !alive
+            } else {
+                !held.contains_key(&campanile_cluster::partition_of(*sid))
+            };
+            if !unleased {
+                continue;
+            }
+            let answered = s.task(*cid, *sid).is_some_and(|t| t.handover.is_some());
+            if answered {
+                let _ = call.let_go.send(true);
+                let_go += 1;
+            } else {
+                let _ = call.abort.send(true);
+                lapsed += 1;
+            }
         }
-    }
-    if lapsed > 0 {
+    });
+    if lapsed + let_go > 0 {
         tracing::warn!(
-            calls = lapsed,
-            "partition leases lapsed: hanging up their calls; the next holder dials them"
+            hung_up = lapsed,
+            left_to_others = let_go,
+            "partition leases lapsed: hanging up calls still ringing, leaving answered ones to \
+             the node that takes them over; the next holder dials the rest"
         );
     }
 }
