@@ -419,17 +419,19 @@ impl NodeProc {
 
     /// Creates and starts an emergency TTS campaign for everyone; returns its id.
     pub fn start_campaign(&self, retry: Value) -> anyhow::Result<u64> {
-        let (status, body) = self.post(
-            "/api/v1/campaigns",
-            &serde_json::json!({
-                "title": "Allerta test",
-                "message": { "tts": { "text": "Allerta di prova. Il fiume è in piena.", "language": "it" } },
-                "audience": { "all": true },
-                "priority": "emergency",
-                "require_confirmation": true,
-                "retry": retry,
-            }),
-        )?;
+        self.create_and_start(serde_json::json!({
+            "title": "Allerta test",
+            "message": { "tts": { "text": "Allerta di prova. Il fiume è in piena.", "language": "it" } },
+            "audience": { "all": true },
+            "priority": "emergency",
+            "require_confirmation": true,
+            "retry": retry,
+        }))
+    }
+
+    /// Creates the campaign `spec` (the API's JSON) and starts it; answers its id.
+    pub fn create_and_start(&self, spec: Value) -> anyhow::Result<u64> {
+        let (status, body) = self.post("/api/v1/campaigns", &spec)?;
         if status != 201 {
             bail!("creating campaign: {status} {body}");
         }

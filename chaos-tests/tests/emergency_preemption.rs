@@ -12,25 +12,14 @@ use serde_json::{json, Value};
 const CHANNELS: usize = 3;
 
 fn create_and_start(node: &NodeProc, zone: &str, priority: &str) -> u64 {
-    let (status, body) = node
-        .post(
-            "/api/v1/campaigns",
-            &json!({
-                "title": format!("{priority} for {zone}"),
-                "message": { "tts": { "text": "Avviso del comune.", "language": "it" } },
-                "audience": { "zones": [zone] },
-                "priority": priority,
-                "require_confirmation": true,
-            }),
-        )
-        .unwrap();
-    assert_eq!(status, 201, "{body}");
-    let id = body["id"].as_u64().unwrap();
-    let (status, body) = node
-        .post(&format!("/api/v1/campaigns/{id}/start"), &Value::Null)
-        .unwrap();
-    assert_eq!(status, 200, "{body}");
-    id
+    node.create_and_start(json!({
+        "title": format!("{priority} for {zone}"),
+        "message": { "tts": { "text": "Avviso del comune.", "language": "it" } },
+        "audience": { "zones": [zone] },
+        "priority": priority,
+        "require_confirmation": true,
+    }))
+    .unwrap()
 }
 
 #[test]

@@ -79,23 +79,12 @@ fn quiet_hours_hold_non_emergency_calls_and_let_emergencies_through() {
 }
 
 fn create_and_start(node: &NodeProc, title: &str, priority: &str) -> u64 {
-    let (status, body) = node
-        .post(
-            "/api/v1/campaigns",
-            &json!({
-                "title": title,
-                "message": { "tts": { "text": "Avviso del comune.", "language": "it" } },
-                "audience": { "all": true },
-                "priority": priority,
-                "require_confirmation": true,
-            }),
-        )
-        .unwrap();
-    assert_eq!(status, 201, "{body}");
-    let id = body["id"].as_u64().unwrap();
-    let (status, body) = node
-        .post(&format!("/api/v1/campaigns/{id}/start"), &Value::Null)
-        .unwrap();
-    assert_eq!(status, 200, "{body}");
-    id
+    node.create_and_start(json!({
+        "title": title,
+        "message": { "tts": { "text": "Avviso del comune.", "language": "it" } },
+        "audience": { "all": true },
+        "priority": priority,
+        "require_confirmation": true,
+    }))
+    .unwrap()
 }

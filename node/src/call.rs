@@ -256,13 +256,9 @@ pub async fn place_call_with(
     hooks: Option<HandoverHooks>,
 ) -> CallOutcome {
     let local = ctx.endpoint.local_addr();
-    let (rtp_socket, rtcp_socket) = match bind_rtp_pair(local.ip()) {
-        Ok((rtp, rtcp)) => (Arc::new(rtp), Arc::new(rtcp)),
-        Err(e) => return CallOutcome::Failed(format!("cannot bind RTP and RTCP sockets: {e}")),
-    };
-    let rtp_addr = match rtp_socket.local_addr() {
-        Ok(a) => a,
-        Err(e) => return CallOutcome::Failed(format!("RTP socket has no address: {e}")),
+    let (rtp_socket, rtcp_socket, rtp_addr) = match bind_media(local.ip()) {
+        Ok(m) => m,
+        Err(why) => return CallOutcome::Failed(why),
     };
     let call_id = format!("{}@campanile", random_token(20));
     let mut channel = ctx.endpoint.register(&call_id);
@@ -318,13 +314,9 @@ pub async fn resume_call(
         return failed(format!("unusable media address {:?}", h.remote_rtp));
     };
     let local = ctx.endpoint.local_addr();
-    let (rtp_socket, rtcp_socket) = match bind_rtp_pair(local.ip()) {
-        Ok((rtp, rtcp)) => (Arc::new(rtp), Arc::new(rtcp)),
-        Err(e) => return failed(format!("cannot bind RTP and RTCP sockets: {e}")),
-    };
-    let rtp_addr = match rtp_socket.local_addr() {
-        Ok(a) => a,
-        Err(e) => return failed(format!("RTP socket has no address: {e}")),
+    let (rtp_socket, rtcp_socket, rtp_addr) = match bind_media(local.ip()) {
+        Ok(m) => m,
+        Err(why) => return failed(why),
     };
     let codec = if h.payload_type == sdp::PT_PCMA {
         Codec::Pcma
@@ -441,6 +433,16 @@ pub fn proxy_route(proxy: &str) -> String {
     } else {
         format!("<{uri};lr>")
     }
+}
+
+/// A call's RTP and RTCP sockets and the RTP address for its SDP; the error says what failed.
+fn bind_media(ip: IpAddr) -> Result<(Arc<RtpSocket>, Arc<RtpSocket>, SocketAddr), String> {
+    let (rtp, rtcp) =
+        bind_rtp_pair(ip).map_err(|e| format!("cannot bind RTP and RTCP sockets: {e}"))?;
+    let addr = rtp
+        .local_addr()
+        .map_err(|e| format!("RTP socket has no address: {e}"))?;
+    Ok((Arc::new(rtp), Arc::new(rtcp), addr))
 }
 
 /// An RTP socket on an even port and its RTCP socket on the next one (RFC 3550 §11), so that peers

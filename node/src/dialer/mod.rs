@@ -90,6 +90,30 @@ struct Due {
     caller: Option<campanile_cluster::CallerId>,
 }
 
+impl Due {
+    /// Attempt `attempt` of task `t` of campaign `c`, under `epoch`.
+    fn of(
+        s: &campanile_cluster::State,
+        t: &campanile_cluster::CallTask,
+        c: &campanile_cluster::Campaign,
+        attempt: u32,
+        epoch: u64,
+    ) -> Due {
+        Due {
+            key: (t.campaign, t.subscriber),
+            attempt,
+            epoch,
+            phone: t.phone.as_str().to_string(),
+            language: t.language.clone(),
+            message: c.spec.message.clone(),
+            priority: c.spec.priority,
+            require_confirmation: c.spec.require_confirmation,
+            retry: c.spec.retry,
+            caller: s.tenant(&c.spec.tenant).and_then(|t| t.caller_id.clone()),
+        }
+    }
+}
+
 /// A call this node is responsible for.
 struct Running {
     /// Turning true hangs the call up.
@@ -439,18 +463,8 @@ fn collect_due(sh: &Shared, free: usize, held: &HashMap<u16, u64>) -> Vec<Due> {
             let c = s
                 .campaign(t.campaign)
                 .filter(|c| !c.spec.past_deadline(now))?;
-            Some(Due {
-                key: (t.campaign, t.subscriber),
-                attempt: t.attempts + 1,
-                epoch: *held.get(&campanile_cluster::partition_of(t.subscriber))?,
-                phone: t.phone.as_str().to_string(),
-                language: t.language.clone(),
-                message: c.spec.message.clone(),
-                priority: c.spec.priority,
-                require_confirmation: c.spec.require_confirmation,
-                retry: c.spec.retry,
-                caller: s.tenant(&c.spec.tenant).and_then(|t| t.caller_id.clone()),
-            })
+            let epoch = *held.get(&campanile_cluster::partition_of(t.subscriber))?;
+            Some(Due::of(s, t, c, t.attempts + 1, epoch))
         })
         .collect()
     })

@@ -132,18 +132,7 @@ pub(super) fn follow(sh: &Arc<Shared>, seen: &mut u64) {
                     return None;
                 };
                 let c = s.campaign(t.campaign)?;
-                let due = Due {
-                    key: (t.campaign, t.subscriber),
-                    attempt,
-                    epoch: epoch.unwrap_or(0),
-                    phone: t.phone.as_str().to_string(),
-                    language: t.language.clone(),
-                    message: c.spec.message.clone(),
-                    priority: c.spec.priority,
-                    require_confirmation: c.spec.require_confirmation,
-                    retry: c.spec.retry,
-                    caller: s.tenant(&c.spec.tenant).and_then(|t| t.caller_id.clone()),
-                };
+                let due = Due::of(s, t, c, attempt, epoch.unwrap_or(0));
                 Some((due, t.handover.clone()?))
             })
             .collect();

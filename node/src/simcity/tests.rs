@@ -25,6 +25,29 @@ fn tone_audio(secs: f32) -> PreparedAudio {
     )
 }
 
+/// A call to `to` through the city at `city`: a 2 s message, 5 s of ringing, 500 ms to press a key.
+fn spec_to(city: std::net::SocketAddr, to: &str) -> CallSpec {
+    CallSpec {
+        to: to.into(),
+        trunk: city,
+        trunk_host: city.to_string(),
+        from_user: "campanile".into(),
+        display_name: "Test".into(),
+        audio: tone_audio(2.0),
+        ring_timeout: Duration::from_secs(5),
+        confirm_wait: Duration::from_millis(500),
+        require_confirmation: true,
+        allow_opt_out: false,
+        max_replays: 0,
+        timers: Default::default(),
+        credentials: None,
+        reinvite_after: None,
+        detect_machines: true,
+        listen_for_keys: true,
+        outbound_proxy: None,
+    }
+}
+
 struct Run {
     outcome: CallOutcome,
     events: Vec<serde_json::Value>,
@@ -58,23 +81,8 @@ async fn call_city_with(
         pacer: Pacer::spawn(),
     };
     let mut spec = CallSpec {
-        to: number.into(),
-        trunk: city.local_addr(),
-        trunk_host: city.local_addr().to_string(),
-        from_user: "campanile".into(),
-        display_name: "Test".into(),
-        audio: tone_audio(2.0),
         ring_timeout,
-        confirm_wait: Duration::from_millis(500),
-        require_confirmation: true,
-        allow_opt_out: false,
-        max_replays: 0,
-        timers: Default::default(),
-        credentials: None,
-        reinvite_after: None,
-        detect_machines: true,
-        listen_for_keys: true,
-        outbound_proxy: None,
+        ..spec_to(city.local_addr(), number)
     };
     adjust(&mut spec);
     let (_abort, abort_rx) = tokio::sync::watch::channel(false);
@@ -308,23 +316,8 @@ async fn a_carrier_at_its_channel_cap_answers_503_with_retry_after() {
         pacer: Pacer::spawn(),
     };
     let spec = |to: &str| CallSpec {
-        to: to.into(),
-        trunk: city.local_addr(),
-        trunk_host: city.local_addr().to_string(),
-        from_user: "campanile".into(),
-        display_name: "Test".into(),
-        audio: tone_audio(2.0),
-        ring_timeout: Duration::from_secs(5),
         confirm_wait: Duration::from_millis(200),
-        require_confirmation: true,
-        allow_opt_out: false,
-        max_replays: 0,
-        timers: Default::default(),
-        credentials: None,
-        reinvite_after: None,
-        detect_machines: true,
-        listen_for_keys: true,
-        outbound_proxy: None,
+        ..spec_to(city.local_addr(), to)
     };
     let (_abort, abort_rx) = tokio::sync::watch::channel(false);
     let first_spec = spec("+393470000015");
@@ -451,23 +444,9 @@ async fn a_second_node_continues_an_answered_call_inside_its_dialog() {
     };
     let (first, second) = (node().await, node().await);
     let spec = CallSpec {
-        to: "+393470000019".into(),
-        trunk: city.local_addr(),
-        trunk_host: city.local_addr().to_string(),
-        from_user: "campanile".into(),
-        display_name: "Test".into(),
         audio: tone_audio(3.0),
-        ring_timeout: Duration::from_secs(5),
-        confirm_wait: Duration::from_millis(500),
-        require_confirmation: true,
-        allow_opt_out: false,
-        max_replays: 0,
-        timers: Default::default(),
-        credentials: None,
-        reinvite_after: None,
         detect_machines: false,
-        listen_for_keys: true,
-        outbound_proxy: None,
+        ..spec_to(city.local_addr(), "+393470000019")
     };
     let (reports_tx, mut reports) = tokio::sync::mpsc::unbounded_channel();
     let (let_go, let_go_rx) = tokio::sync::watch::channel(false);
@@ -572,23 +551,9 @@ async fn a_takeover_of_a_dialog_the_phone_no_longer_has_fails_with_its_reason() 
         pacer: Pacer::spawn(),
     };
     let spec = CallSpec {
-        to: "+393470000020".into(),
-        trunk: city.local_addr(),
-        trunk_host: city.local_addr().to_string(),
-        from_user: "campanile".into(),
-        display_name: "Test".into(),
         audio: tone_audio(1.0),
-        ring_timeout: Duration::from_secs(5),
-        confirm_wait: Duration::from_millis(200),
-        require_confirmation: true,
-        allow_opt_out: false,
-        max_replays: 0,
-        timers: Default::default(),
-        credentials: None,
-        reinvite_after: None,
         detect_machines: false,
-        listen_for_keys: true,
-        outbound_proxy: None,
+        ..spec_to(city.local_addr(), "+393470000020")
     };
     let gone = campanile_cluster::CallHandover {
         call_id: "ended-long-ago@campanile".into(),
