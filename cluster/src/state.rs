@@ -1197,8 +1197,20 @@ impl State {
         limit: usize,
         keep: impl Fn(CampaignId, SubscriberId) -> bool,
     ) -> Vec<&CallTask> {
+        self.due_tasks_up_to(Priority::Info, now_ms, limit, keep)
+    }
+
+    /// `due_tasks_filtered` for campaigns of priority `lowest` or higher only (the others are not
+    /// even looked at: an emergency's due tasks are found without walking a city's info tasks).
+    pub fn due_tasks_up_to(
+        &self,
+        lowest: Priority,
+        now_ms: u64,
+        limit: usize,
+        keep: impl Fn(CampaignId, SubscriberId) -> bool,
+    ) -> Vec<&CallTask> {
         let mut out = Vec::new();
-        for rank in 0..=2u8 {
+        for rank in 0..=lowest.rank() {
             let range = (rank, 0, CampaignId(0), SubscriberId(0))
                 ..=(rank, now_ms, CampaignId(u64::MAX), SubscriberId(u64::MAX));
             for (_, _, cid, sid) in self.due.range(range) {
@@ -2150,6 +2162,10 @@ mod tests {
             .due_tasks_where(200, 10, |_| true)
             .iter()
             .any(|t| t.campaign == id));
+        // Asked for emergencies only, the information campaign's tasks are not returned.
+        let urgent_only = st.due_tasks_up_to(Priority::Emergency, 20_000, 10, |_, _| true);
+        assert!(!urgent_only.is_empty());
+        assert!(urgent_only.iter().all(|t| t.campaign != id));
     }
 
     #[test]

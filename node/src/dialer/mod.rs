@@ -376,11 +376,9 @@ fn preempt_for_emergencies(sh: &Shared, held: &HashMap<u16, u64>) {
     }
     let now = now_ms();
     let wanted = sh.cluster.read(|s| {
-        let due = s.due_tasks_filtered(now, max, |cid, sid| {
+        let due = s.due_tasks_up_to(Priority::Emergency, now, max, |cid, sid| {
             held.contains_key(&campanile_cluster::partition_of(sid))
                 && !inflight.contains_key(&(cid, sid))
-                && s.campaign(cid)
-                    .is_some_and(|c| c.spec.priority == Priority::Emergency)
         });
         for entry in lower.iter_mut() {
             // Answered calls (their dialog is committed) are cut only after ringing ones.
