@@ -29,6 +29,10 @@ use crate::call::{resume_call, CallOutcome};
 /// renewals missed.
 pub const SILENCE: Duration = Duration::from_millis(1000);
 
+/// Silence after which a node's calls are no longer looked for: by then its leases have expired
+/// and whatever it still had in flight was given back to be dialled again.
+const GIVE_UP_AFTER_MS: u64 = 15_000;
+
 /// How often the leader looks.
 const LOOK_EVERY: Duration = Duration::from_millis(100);
 
@@ -72,9 +76,14 @@ type Moves = Vec<(CampaignId, SubscriberId, NodeId)>;
 /// Which answered calls of silent nodes go where: to the live node with the fewest calls.
 fn plan(s: &campanile_cluster::State, now: u64, silence: u64) -> Vec<(NodeId, Moves)> {
     let beats: Vec<(NodeId, u64)> = s.heartbeats().collect();
+    // Past a few leases of silence the node's partitions have moved and every call it had in
+    // flight was given back: nothing is left to look for (and a long-dead node is not scanned on
+    // every round).
     let silent: Vec<NodeId> = beats
         .iter()
-        .filter(|(_, t)| t.saturating_add(silence) <= now)
+        .filter(|(_, t)| {
+            t.saturating_add(silence) <= now && t.saturating_add(GIVE_UP_AFTER_MS) > now
+        })
         .map(|(n, _)| *n)
         .collect();
     if silent.is_empty() {
@@ -343,6 +352,8 @@ mod tests {
         beat(&mut st, 3, 1_000, 3);
         // Everyone is fresh: nothing moves.
         assert!(plan(&st, 1_500, 1_000).is_empty());
+        // Long silent: not looked at any more.
+        assert!(plan(&st, 1_000 + GIVE_UP_AFTER_MS, 1_000).is_empty());
         beat(&mut st, 1, 2_000, 5);
         beat(&mut st, 2, 2_000, 1);
         // Node 3 missed its renewals: its two answered calls go to node 2, then node 2 again
