@@ -25,6 +25,29 @@ fn tone_audio(secs: f32) -> PreparedAudio {
     )
 }
 
+/// A city on a loopback port, writing its log to `log` when given.
+async fn start_city(profile: Profile, log: Option<std::path::PathBuf>) -> SimCity {
+    SimCity::start(SimCityConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        log,
+        profile,
+        seed: 1,
+    })
+    .await
+    .unwrap()
+}
+
+/// What a node places calls with: its own SIP endpoint and pacer on loopback.
+async fn caller() -> CallContext {
+    let (endpoint, _unrouted) = Endpoint::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    CallContext {
+        endpoint,
+        pacer: Pacer::spawn(),
+    }
+}
+
 /// A call to `to` through the city at `city`: a 2 s message, 5 s of ringing, 500 ms to press a key.
 fn spec_to(city: std::net::SocketAddr, to: &str) -> CallSpec {
     CallSpec {
@@ -65,21 +88,8 @@ async fn call_city_with(
 ) -> Run {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("city.jsonl");
-    let city = SimCity::start(SimCityConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        log: Some(log.clone()),
-        profile,
-        seed: 1,
-    })
-    .await
-    .unwrap();
-    let (endpoint, _unrouted) = Endpoint::bind("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let ctx = CallContext {
-        endpoint,
-        pacer: Pacer::spawn(),
-    };
+    let city = start_city(profile, Some(log.clone())).await;
+    let ctx = caller().await;
     let mut spec = CallSpec {
         ring_timeout,
         ..spec_to(city.local_addr(), number)
@@ -296,25 +306,13 @@ async fn an_a_law_only_carrier_gets_pcma_and_early_media_is_handled() {
 async fn a_carrier_at_its_channel_cap_answers_503_with_retry_after() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("city.jsonl");
-    let city = SimCity::start(SimCityConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        log: Some(log.clone()),
-        profile: Profile {
-            max_channels: Some(1),
-            press_on_time: 0.0,
-            ..fast(Profile::always_answer())
-        },
-        seed: 1,
-    })
-    .await
-    .unwrap();
-    let (endpoint, _unrouted) = Endpoint::bind("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let ctx = CallContext {
-        endpoint,
-        pacer: Pacer::spawn(),
+    let profile = Profile {
+        max_channels: Some(1),
+        press_on_time: 0.0,
+        ..fast(Profile::always_answer())
     };
+    let city = start_city(profile, Some(log.clone())).await;
+    let ctx = caller().await;
     let spec = |to: &str| CallSpec {
         confirm_wait: Duration::from_millis(200),
         ..spec_to(city.local_addr(), to)
@@ -425,24 +423,8 @@ async fn a_second_node_continues_an_answered_call_inside_its_dialog() {
         press_after_ms: [1_500, 1_500],
         ..fast(Profile::always_answer())
     };
-    let city = SimCity::start(SimCityConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        log: Some(log.clone()),
-        profile,
-        seed: 1,
-    })
-    .await
-    .unwrap();
-    let node = || async {
-        let (endpoint, _unrouted) = Endpoint::bind("127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap();
-        CallContext {
-            endpoint,
-            pacer: Pacer::spawn(),
-        }
-    };
-    let (first, second) = (node().await, node().await);
+    let city = start_city(profile, Some(log.clone())).await;
+    let (first, second) = (caller().await, caller().await);
     let spec = CallSpec {
         audio: tone_audio(3.0),
         detect_machines: false,
@@ -535,21 +517,8 @@ async fn a_second_node_continues_an_answered_call_inside_its_dialog() {
 #[tokio::test]
 async fn a_takeover_of_a_dialog_the_phone_no_longer_has_fails_with_its_reason() {
     use crate::call::resume_call;
-    let city = SimCity::start(SimCityConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        log: None,
-        profile: fast(Profile::always_answer()),
-        seed: 1,
-    })
-    .await
-    .unwrap();
-    let (endpoint, _unrouted) = Endpoint::bind("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let ctx = CallContext {
-        endpoint,
-        pacer: Pacer::spawn(),
-    };
+    let city = start_city(fast(Profile::always_answer()), None).await;
+    let ctx = caller().await;
     let spec = CallSpec {
         audio: tone_audio(1.0),
         detect_machines: false,
