@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::auth;
-use crate::testkit::{operator, operator_account, send};
+use crate::testkit::{operator, operator_account, post_with, send};
 
 /// A fake with two comuni (pisa, lucca) plus siena for the regional account.
 fn seeded() -> Arc<FakeEngine> {
@@ -719,20 +719,26 @@ async fn a_campaign_can_be_scheduled_but_not_in_the_past_or_months_ahead() {
     assert_eq!(v["deadline_ms"], now + 7_200_000);
     // The console's form takes Italian local time.
     let op = operator(&engine, "anna", Role::Operator, &["pisa"]);
-    let form = format!(
-        "csrf={}&tenant=pisa&title=Prova&message_kind=tts&text=Ciao&language=it&audience=zones&zones=colle&priority=info&retry=standard&schedule=2020-01-01T10%3A00",
-        op.1
-    );
-    let (s, _, html) = send(
+    let (s, _, html) = post_with(
         &app,
-        "POST",
         "/campaigns/new",
-        Some(&op.0),
-        None,
-        Some(Body::from(form)),
-        "application/x-www-form-urlencoded",
+        &op.0,
+        &[
+            ("csrf", op.1.as_str()),
+            ("tenant", "pisa"),
+            ("title", "Prova"),
+            ("message_kind", "tts"),
+            ("text", "Ciao"),
+            ("language", "it"),
+            ("audience", "zones"),
+            ("zones", "colle"),
+            ("priority", "info"),
+            ("retry", "standard"),
+            ("schedule", "2020-01-01T10:00"),
+        ],
     )
-    .await;
+    .await
+    .into_parts();
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert!(html.contains("Schedule a time from now"), "{html}");
 }
@@ -952,17 +958,14 @@ async fn a_link_cannot_put_words_of_its_own_on_the_campaign_page() {
         );
     }
     // A refused action shows the page again with the reason, without a redirect carrying it.
-    let form = format!("csrf={}", op.1);
-    let (s, _, html) = send(
+    let (s, _, html) = post_with(
         &app,
-        "POST",
         "/campaigns/1/start",
-        Some(&op.0),
-        None,
-        Some(Body::from(form)),
-        "application/x-www-form-urlencoded",
+        &op.0,
+        &[("csrf", op.1.as_str())],
     )
-    .await;
+    .await
+    .into_parts();
     assert_eq!(s, StatusCode::CONFLICT);
     assert!(html.contains("approval"), "{html}");
 }
