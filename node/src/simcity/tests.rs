@@ -99,10 +99,17 @@ async fn call_city_with(
     let outcome = tokio::time::timeout(Duration::from_secs(30), place_call(&ctx, &spec, abort_rx))
         .await
         .expect("the call ends by itself");
-    // The phone logs its side of the hang-up as soon as it sees the BYE; wait for it with a deadline.
+    let events = events_once_ended(&log).await;
+    city.shutdown().await;
+    Run { outcome, events }
+}
+
+/// The city's log once it shows the call's end. The phone logs its side of the hang-up as soon as
+/// it sees the BYE; this waits for it with a deadline.
+async fn events_once_ended(log: &std::path::Path) -> Vec<serde_json::Value> {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let events = loop {
-        let events: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+    loop {
+        let events: Vec<serde_json::Value> = std::fs::read_to_string(log)
             .unwrap_or_default()
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
@@ -114,12 +121,10 @@ async fn call_city_with(
             )
         });
         if ended || std::time::Instant::now() > deadline {
-            break events;
+            return events;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    city.shutdown().await;
-    Run { outcome, events }
+    }
 }
 
 fn kinds(events: &[serde_json::Value]) -> Vec<String> {
@@ -465,20 +470,7 @@ async fn a_second_node_continues_an_answered_call_inside_its_dialog() {
         matches!(outcome, CallOutcome::Confirmed { .. }),
         "{outcome:?}"
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let events = loop {
-        let events: Vec<serde_json::Value> = std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect();
-        if events.iter().any(|e| e["event"] == "bye_received")
-            || std::time::Instant::now() > deadline
-        {
-            break events;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let events = events_once_ended(&log).await;
     city.shutdown().await;
     assert_eq!(
         kinds(&events),
