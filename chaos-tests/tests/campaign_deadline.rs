@@ -30,28 +30,14 @@ fn from_the_deadline_nobody_is_called_and_the_unreached_end_exhausted() {
         .unwrap()
         .as_millis() as u64;
     let deadline = now + 6_000;
-    let (status, body) = node
-        .post(
-            "/api/v1/campaigns",
-            &json!({
+    let id = node.create_and_start(json!({
                 "title": "Entro le 18",
                 "message": { "tts": { "text": "Chiusura della strada provinciale.", "language": "it" } },
                 "audience": { "all": true },
                 "priority": "info",
                 "retry": { "max_attempts": 10, "no_answer_delay_s": 0.5 },
                 "deadline_ms": deadline,
-            }),
-        )
-        .unwrap();
-    assert_eq!(status, 201, "{body}");
-    let id = body["id"].as_u64().unwrap();
-    let (status, body) = node
-        .post(
-            &format!("/api/v1/campaigns/{id}/start"),
-            &serde_json::Value::Null,
-        )
-        .unwrap();
-    assert_eq!(status, 200, "{body}");
+            })).unwrap();
     let done = node
         .wait_campaign_done(id, Duration::from_secs(60))
         .unwrap();
