@@ -17,8 +17,24 @@ use crate::domain::{
     VerificationPurpose, DEFAULT_TENANT, MAX_AUDIO_BYTES, MAX_SESSIONS_PER_OPERATOR, PARTITIONS,
 };
 
-/// Key of the due queue: priority rank first, then due time, so the dialer pops emergencies first.
-pub type DueKey = (u8, u64, CampaignId, SubscriberId);
+/// Key of the due queue: priority rank first, so the dialer pops emergencies first (`due_key`).
+pub type DueKey = (u8, u8, u64, CampaignId, SubscriberId);
+
+/// Where a pending task stands in the due order: by priority, then by how often its citizen has been
+/// called (fewest first, those called `ATTEMPT_CLASSES` times or more together), then by due time.
+///
+/// Fewest attempts first means a city is called once before anyone is called again, and, when
+/// the channels are full, a citizen with more of their retries ahead is not kept waiting behind
+/// one near the end of theirs: the last chains of retries start as early as they can, which is
+/// what decides when the city is done (the same channels otherwise sit idle at the end waiting
+/// for them). It changes which due task goes first, never whether one is due.
+pub fn due_key(rank: u8, task: &CallTask, campaign: CampaignId) -> DueKey {
+    let class = task.attempts.min(ATTEMPT_CLASSES - 1) as u8;
+    (rank, class, task.next_due_ms, campaign, task.subscriber)
+}
+
+/// Attempt counts the due order tells apart (`due_key`).
+const ATTEMPT_CLASSES: u32 = 8;
 
 /// The whole replicated domain state.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -834,22 +850,20 @@ impl State {
             {
                 continue;
             }
-            tasks.insert(
-                sub.id,
-                CallTask {
-                    campaign: id,
-                    subscriber: sub.id,
-                    phone: sub.phone.clone(),
-                    language: sub.language.clone(),
-                    attempts: 0,
-                    state: TaskState::Pending,
-                    next_due_ms: first_due,
-                    last_outcome: None,
-                    updated_ms: at_ms,
-                    handover: None,
-                },
-            );
-            self.due.insert((rank, first_due, id, sub.id));
+            let task = CallTask {
+                campaign: id,
+                subscriber: sub.id,
+                phone: sub.phone.clone(),
+                language: sub.language.clone(),
+                attempts: 0,
+                state: TaskState::Pending,
+                next_due_ms: first_due,
+                last_outcome: None,
+                updated_ms: at_ms,
+                handover: None,
+            };
+            self.due.insert(due_key(rank, &task, id));
+            tasks.insert(sub.id, task);
             counts.targeted += 1;
             counts.pending += 1;
         }
@@ -879,7 +893,7 @@ impl State {
         let rank = campaign.spec.priority.rank();
         for t in self.tasks.get(&id).into_iter().flat_map(|t| t.values()) {
             if t.state == TaskState::Pending {
-                let key = (rank, t.next_due_ms, id, t.subscriber);
+                let key = due_key(rank, t, id);
                 if pause {
                     self.due.remove(&key);
                 } else {
@@ -988,8 +1002,7 @@ impl State {
                     (None, None) => {}
                     _ => return false,
                 }
-                self.due
-                    .remove(&(rank, task.next_due_ms, campaign, subscriber));
+                self.due.remove(&due_key(rank, task, campaign));
                 task.attempts = *attempt;
                 task.state = TaskState::InFlight {
                     attempt: *attempt,
@@ -1051,7 +1064,7 @@ impl State {
                         task.state = TaskState::Pending;
                         task.next_due_ms = *due;
                         if !paused {
-                            self.due.insert((rank, *due, campaign, subscriber));
+                            self.due.insert(due_key(rank, task, campaign));
                         }
                     }
                     Next::Final(f) => task.state = TaskState::Final(*f),
@@ -1092,12 +1105,8 @@ impl State {
             return;
         }
         if task.state == TaskState::Pending {
-            self.due.remove(&(
-                c.spec.priority.rank(),
-                task.next_due_ms,
-                campaign,
-                subscriber,
-            ));
+            self.due
+                .remove(&due_key(c.spec.priority.rank(), task, campaign));
         }
         c.counts.leave(&task.state);
         task.state = TaskState::Final(to);
@@ -1146,7 +1155,7 @@ impl State {
             let rank = c.spec.priority.rank();
             for t in tasks.values() {
                 if t.state == TaskState::Pending {
-                    self.due.insert((rank, t.next_due_ms, *cid, t.subscriber));
+                    self.due.insert(due_key(rank, t, *cid));
                 }
             }
         }
@@ -1211,17 +1220,25 @@ impl State {
     ) -> Vec<&CallTask> {
         let mut out = Vec::new();
         for rank in 0..=lowest.rank() {
-            let range = (rank, 0, CampaignId(0), SubscriberId(0))
-                ..=(rank, now_ms, CampaignId(u64::MAX), SubscriberId(u64::MAX));
-            for (_, _, cid, sid) in self.due.range(range) {
-                if out.len() >= limit {
-                    return out;
-                }
-                if !keep(*cid, *sid) {
-                    continue;
-                }
-                if let Some(t) = self.task(*cid, *sid) {
-                    out.push(t);
+            for class in 0..ATTEMPT_CLASSES as u8 {
+                let range = (rank, class, 0, CampaignId(0), SubscriberId(0))
+                    ..=(
+                        rank,
+                        class,
+                        now_ms,
+                        CampaignId(u64::MAX),
+                        SubscriberId(u64::MAX),
+                    );
+                for (_, _, _, cid, sid) in self.due.range(range) {
+                    if out.len() >= limit {
+                        return out;
+                    }
+                    if !keep(*cid, *sid) {
+                        continue;
+                    }
+                    if let Some(t) = self.task(*cid, *sid) {
+                        out.push(t);
+                    }
                 }
             }
         }
@@ -1336,14 +1353,15 @@ impl State {
         self.tasks.get(&campaign).and_then(|t| t.get(&subscriber))
     }
 
-    /// Pending tasks of running campaigns due at or before `now_ms`, emergencies first, oldest first.
+    /// Pending tasks of running campaigns due at or before `now_ms`, in the order of `due_key`:
+    /// emergencies first, then citizens called fewer times, then the longest due.
     pub fn due_tasks(&self, now_ms: u64, limit: usize) -> Vec<&CallTask> {
         self.due_tasks_where(now_ms, limit, |_| true)
     }
 
     /// The earliest due time of any pending task, to know how long the dialer may sleep.
     pub fn next_due_ms(&self) -> Option<u64> {
-        self.due.iter().map(|(_, due, _, _)| *due).min()
+        self.due.iter().map(|(_, _, due, _, _)| *due).min()
     }
 
     /// Tasks a node had in flight (used after a restart to give interrupted attempts back).
@@ -2316,6 +2334,58 @@ mod tests {
         let c = st.campaign(CampaignId(1)).unwrap();
         assert_eq!(c.counts.targeted, 1);
         assert_eq!(st.due_tasks(5, 10)[0].subscriber, SubscriberId(2));
+    }
+
+    #[test]
+    fn citizens_called_fewer_times_go_first_among_due_tasks() {
+        let mut st = State::default();
+        for n in 1..=3 {
+            st.apply(&sub(n, None));
+        }
+        st.apply(&campaign(Audience::All));
+        st.apply(&Command::StartCampaign {
+            at_ms: 5,
+            id: CampaignId(1),
+        });
+        // Subscriber 1 has been called twice, 2 once; 3 not yet.
+        for (s, attempts) in [(1, 2), (2, 1)] {
+            for a in 1..=attempts {
+                record(
+                    &mut st,
+                    vec![
+                        started(1, s, a),
+                        finished(1, s, a, Outcome::Busy, Next::RetryAt(10)),
+                    ],
+                );
+            }
+        }
+        let order = |st: &State, now| -> Vec<u64> {
+            st.due_tasks(now, 10)
+                .iter()
+                .map(|t| t.subscriber.0)
+                .collect()
+        };
+        assert_eq!(order(&st, 100), [3, 2, 1]);
+        // Being called fewer times never makes a task due early.
+        record(
+            &mut st,
+            vec![
+                started(1, 3, 1),
+                finished(1, 3, 1, Outcome::Busy, Next::RetryAt(200)),
+            ],
+        );
+        assert_eq!(order(&st, 100), [2, 1]);
+        assert_eq!(order(&st, 200), [2, 3, 1]);
+        // An interrupted attempt is given back, and with it the task's place.
+        record(
+            &mut st,
+            vec![
+                started(1, 1, 3),
+                finished(1, 1, 3, Outcome::Interrupted, Next::RetryAt(10)),
+            ],
+        );
+        assert_eq!(order(&st, 200), [2, 3, 1]);
+        assert_eq!(st.task(CampaignId(1), SubscriberId(1)).unwrap().attempts, 2);
     }
 
     #[test]
