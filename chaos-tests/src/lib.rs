@@ -663,6 +663,29 @@ pub fn calls_by_number(events: &[Value]) -> BTreeMap<String, Vec<CallSpan>> {
     out
 }
 
+/// The most calls each caller (a node's SIP address) had up at once, per the city's log. A call
+/// ending at the same millisecond as another starts is counted as ended first.
+pub fn peak_calls_by_caller(events: &[Value]) -> BTreeMap<String, usize> {
+    let mut edges: BTreeMap<String, Vec<(u64, i32)>> = BTreeMap::new();
+    for call in calls_by_number(events).into_values().flatten() {
+        let e = edges.entry(call.from).or_default();
+        e.push((call.start, 1));
+        e.push((call.end, -1));
+    }
+    edges
+        .into_iter()
+        .map(|(from, mut e)| {
+            e.sort_unstable();
+            let (mut up, mut peak) = (0i32, 0i32);
+            for (_, d) in e {
+                up += d;
+                peak = peak.max(up);
+            }
+            (from, peak as usize)
+        })
+        .collect()
+}
+
 /// Pairs of calls to the same number that were up at the same time.
 pub fn overlapping_calls(events: &[Value]) -> Vec<(String, CallSpan, CallSpan)> {
     let mut out = Vec::new();

@@ -180,6 +180,16 @@ fn three_nodes_share_the_city_and_agree_with_its_log() {
         "phones with two calls at once: {:?}",
         &overlaps[..overlaps.len().min(5)]
     );
+    // No node had more calls up than its trunk's channels, though each starts a few tasks ahead.
+    let peaks = peak_calls_by_caller(&events);
+    assert_eq!(peaks.len(), 3, "{peaks:?}");
+    for (node, peak) in &peaks {
+        assert!(
+            *peak <= city_channels(),
+            "{node} had {peak} calls up at once, more than its {} channels",
+            city_channels()
+        );
+    }
     // Progress per node in the API adds up to the campaign's, and every node has a share.
     let by_node = done["by_node"].as_object().unwrap();
     assert_eq!(by_node.len(), 3, "{done}");

@@ -613,7 +613,11 @@ fn reach(subscribers: usize, channels: usize, cps: usize) -> anyhow::Result<()> 
     let (id, t0) = start_campaign(&nodes[0], MESSAGE, reach_retry())?;
     let mut last_print = now_ms();
     let done = wait_for("the campaign to finish", Duration::from_secs(3600), || {
-        let (_, c) = nodes[0].get(&format!("/api/v1/campaigns/{id}")).ok()?;
+        let (status, c) = nodes[0].get(&format!("/api/v1/campaigns/{id}")).ok()?;
+        if status != 200 {
+            eprintln!("campaign {id}: HTTP {status}: {c}");
+            return None;
+        }
         if now_ms() - last_print >= 30_000 {
             last_print = now_ms();
             eprintln!(

@@ -8,6 +8,11 @@
 //! A call is placed only after its `Started` record is committed and the state machine shows the task
 //! in flight on this node: a node cut off from the quorum cannot start calls.
 //!
+//! A trunk channel is held only from the INVITE to the call's end (`Phase::Up`), not through those
+//! commits: a few tasks more than the free channels are started ahead (`lookahead`) and wait, committed,
+//! for the next channel to free, and a channel is free again as soon as its call ends, while its
+//! outcome is still on the way to the log. The channels then carry calls back to back.
+//!
 //! Every node dials the subscribers of the partitions whose lease it holds (`leases`), and every
 //! start carries the lease's epoch so the state machine refuses a start from a stale holder. A node
 //! whose lease lapses (it was cut off, or gave the partition up) hangs up its calls there; the next
@@ -114,6 +119,17 @@ impl Due {
     }
 }
 
+/// Where a task this node is responsible for stands, as far as the trunk's channels go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Its start is being committed, or it waits for a free channel.
+    Starting,
+    /// Its call holds a channel.
+    Up,
+    /// Its call ended (or was never placed); its record is on the way.
+    Ended,
+}
+
 /// A call this node is responsible for.
 struct Running {
     /// Turning true hangs the call up.
@@ -125,12 +141,14 @@ struct Running {
     taken_over: bool,
     /// Its campaign's priority: an emergency takes the channels of lower ones.
     priority: Priority,
+    phase: Phase,
 }
 
 impl Running {
     fn new(
         taken_over: bool,
         priority: Priority,
+        phase: Phase,
     ) -> (Running, watch::Receiver<bool>, watch::Receiver<bool>) {
         let (abort, abort_rx) = watch::channel(false);
         let (let_go, let_go_rx) = watch::channel(false);
@@ -140,6 +158,7 @@ impl Running {
                 let_go,
                 taken_over,
                 priority,
+                phase,
             },
             abort_rx,
             let_go_rx,
@@ -153,8 +172,14 @@ impl Running {
             let_go: watch::channel(true).0,
             taken_over: false,
             priority: Priority::Emergency,
+            phase: Phase::Ended,
         }
     }
+}
+
+/// How many of `inflight`'s tasks are in `phase`.
+fn count(inflight: &HashMap<TaskKey, Running>, phase: Phase) -> usize {
+    inflight.values().filter(|r| r.phase == phase).count()
 }
 
 struct Shared {
@@ -165,6 +190,10 @@ struct Shared {
     metrics: Metrics,
     /// Calls this node is responsible for.
     inflight: Mutex<HashMap<TaskKey, Running>>,
+    /// Told when a channel frees: started tasks wait on it for one.
+    channel_freed: Notify,
+    /// When the next INVITE may go out under the trunk's calls-per-second limit.
+    next_invite: Mutex<tokio::time::Instant>,
     /// Prepared audio per (campaign, subscriber language).
     audio: Mutex<HashMap<(CampaignId, String), AudioSlot>>,
     events: mpsc::UnboundedSender<Record>,
@@ -198,6 +227,8 @@ pub fn spawn(
         cache,
         metrics,
         inflight: Mutex::default(),
+        channel_freed: Notify::new(),
+        next_invite: Mutex::new(tokio::time::Instant::now()),
         audio: Mutex::default(),
         events: events_tx,
         wake: Notify::new(),
@@ -220,8 +251,7 @@ async fn run(sh: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     recover_interrupted(&sh);
     let mut handovers_seen = 0;
     let mut applied = sh.cluster.applied();
-    let mut next_start = tokio::time::Instant::now();
-    let spacing = Duration::from_secs_f64(1.0 / sh.cfg.calls_per_second.max(1) as f64);
+    let lookahead = lookahead(sh.cfg.max_channels);
     loop {
         tokio::select! {
             _ = applied.changed() => {}
@@ -239,10 +269,16 @@ async fn run(sh: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
         abort_stopped_campaigns(&sh);
         takeover::follow(&sh, &mut handovers_seen);
         preempt_for_emergencies(&sh, &held);
-        let busy = lock(&sh.inflight).len();
-        let free = sh.cfg.max_channels.saturating_sub(busy);
-        sh.metrics.calls_in_flight.set(busy as i64);
-        if free == 0 {
+        let (up, starting) = {
+            let inflight = lock(&sh.inflight);
+            (
+                count(&inflight, Phase::Up),
+                count(&inflight, Phase::Starting),
+            )
+        };
+        sh.metrics.calls_in_flight.set(up as i64);
+        let wanted = (sh.cfg.max_channels.saturating_sub(up) + lookahead).saturating_sub(starting);
+        if wanted == 0 {
             continue;
         }
         let reopens = lock(&sh.gate).reopens_at(std::time::Instant::now());
@@ -257,7 +293,7 @@ async fn run(sh: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
             }
             continue;
         }
-        for due in collect_due(&sh, free, &held) {
+        for due in collect_due(&sh, wanted, &held) {
             if lock(&sh.gate)
                 .reopens_at(std::time::Instant::now())
                 .is_some()
@@ -267,12 +303,6 @@ async fn run(sh: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
             let Some(audio) = audio_for(&sh, due.key.0, &due.message, &due.language) else {
                 continue;
             };
-            // Calls-per-second limit of the trunk.
-            let now = tokio::time::Instant::now();
-            if next_start > now {
-                tokio::time::sleep_until(next_start).await;
-            }
-            next_start = tokio::time::Instant::now().max(next_start) + spacing;
             start_call(&sh, due, audio);
         }
     }
@@ -288,7 +318,7 @@ async fn keep_leases(sh: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
                 .keys()
                 .map(|(_, s)| campanile_cluster::partition_of(*s))
                 .collect();
-            (busy, inflight.len())
+            (busy, count(&inflight, Phase::Up))
         };
         let before = sh.held.valid(std::time::Instant::now()).len();
         leases::round(
@@ -362,20 +392,34 @@ fn abort_unleased(sh: &Shared, held: &HashMap<u16, u64>) {
 /// citizens are called again later, the attempt is not counted against them).
 fn preempt_for_emergencies(sh: &Shared, held: &HashMap<u16, u64>) {
     let inflight = lock(&sh.inflight);
-    let max = sh.cfg.max_channels;
-    // Calls already told to stop free their channels as soon as their records are committed.
-    let freeing = inflight.values().filter(|c| *c.abort.borrow()).count();
-    let free = max.saturating_sub(inflight.len()) + freeing;
-    let mut lower: Vec<(bool, TaskKey)> = inflight
-        .iter()
-        .filter(|(_, c)| c.priority != Priority::Emergency && !*c.abort.borrow())
-        .map(|(k, _)| (false, *k))
-        .collect();
-    if lower.is_empty() || free >= max {
+    let lower_in = |phase: Phase| -> Vec<(bool, TaskKey)> {
+        inflight
+            .iter()
+            .filter(|(_, c)| {
+                c.phase == phase && c.priority != Priority::Emergency && !*c.abort.borrow()
+            })
+            .map(|(k, _)| (false, *k))
+            .collect()
+    };
+    let (mut lower, lower_waiting) = (lower_in(Phase::Up), lower_in(Phase::Starting));
+    if lower.is_empty() && lower_waiting.is_empty() {
         return;
     }
+    let max = sh.cfg.max_channels;
+    let up = count(&inflight, Phase::Up);
+    // Calls already told to stop free their channels as soon as they have hung up.
+    let freeing = inflight
+        .values()
+        .filter(|c| c.phase == Phase::Up && *c.abort.borrow())
+        .count();
+    let free = max.saturating_sub(up) + freeing;
+    // Emergency tasks started here already and waiting for a channel want one too.
+    let waiting = inflight
+        .values()
+        .filter(|c| c.phase == Phase::Starting && c.priority == Priority::Emergency)
+        .count();
     let now = now_ms();
-    let wanted = sh.cluster.read(|s| {
+    let due = sh.cluster.read(|s| {
         let due = s.due_tasks_up_to(Priority::Emergency, now, max, |cid, sid| {
             held.contains_key(&campanile_cluster::partition_of(sid))
                 && !inflight.contains_key(&(cid, sid))
@@ -388,7 +432,16 @@ fn preempt_for_emergencies(sh: &Shared, held: &HashMap<u16, u64>) {
         }
         due.len()
     });
-    let cut = wanted.saturating_sub(free).min(lower.len());
+    // Lower tasks started ahead give way where they leave the emergency's no room to start.
+    let room =
+        (max.saturating_sub(up) + lookahead(max)).saturating_sub(count(&inflight, Phase::Starting));
+    let give_way = due.saturating_sub(room).min(lower_waiting.len());
+    for (_, key) in &lower_waiting[..give_way] {
+        if let Some(task) = inflight.get(key) {
+            let _ = task.abort.send(true);
+        }
+    }
+    let cut = (waiting + due).saturating_sub(free).min(lower.len());
     if cut == 0 {
         return;
     }
@@ -532,8 +585,14 @@ fn audio_for(
     None
 }
 
+/// How many tasks beyond its free channels a node starts ahead, so that a channel freed by a call's
+/// end carries the next call without waiting for a commit.
+fn lookahead(max_channels: usize) -> usize {
+    (max_channels / 8).clamp(2, 64)
+}
+
 fn start_call(sh: &Arc<Shared>, due: Due, audio: PreparedAudio) {
-    let (running, abort_rx, let_go_rx) = Running::new(false, due.priority);
+    let (running, mut abort_rx, let_go_rx) = Running::new(false, due.priority, Phase::Starting);
     lock(&sh.inflight).insert(due.key, running);
     let (committed_tx, committed_rx) = tokio::sync::oneshot::channel();
     let _ = sh.events.send((
@@ -560,12 +619,87 @@ fn start_call(sh: &Arc<Shared>, due: Due, audio: PreparedAudio) {
             sh.wake.notify_one();
             return;
         }
+        if !take_channel(&sh, &due, &mut abort_rx).await {
+            // Stopped (lease lapsed, campaign paused, shut down, its deadline came) before it
+            // rang: not the citizen's attempt.
+            lock(&sh.inflight)
+                .entry(due.key)
+                .and_modify(|r| r.phase = Phase::Ended);
+            sh.channel_freed.notify_waiters();
+            let _ = sh.events.send((
+                AttemptEvent::Finished {
+                    campaign: due.key.0,
+                    subscriber: due.key.1,
+                    attempt: due.attempt,
+                    outcome: Outcome::Interrupted,
+                    next: campanile_cluster::Next::RetryAt(now_ms()),
+                    epoch: Some(due.epoch),
+                },
+                None,
+            ));
+            return;
+        }
         let spec = call_spec(&sh, &due, audio, true);
         let started = std::time::Instant::now();
         let hooks = handover_hooks(&sh, &due, let_go_rx, Some(started));
         let outcome = place_call_with(&sh.ctx, &spec, abort_rx, Some(hooks)).await;
         call_ended(&sh, &due, &spec, outcome, started);
     });
+}
+
+/// Waits for a free channel for `due`, then for its turn under the trunk's calls-per-second limit.
+/// An emergency goes before the other waiting tasks; nothing goes while the trunk asks us to back
+/// off. False when the task was stopped meanwhile or its campaign's deadline came.
+async fn take_channel(sh: &Shared, due: &Due, abort: &mut watch::Receiver<bool>) -> bool {
+    loop {
+        let freed = sh.channel_freed.notified();
+        tokio::pin!(freed);
+        freed.as_mut().enable();
+        let mut wait = Duration::from_millis(250);
+        if let Some(at) = lock(&sh.gate).reopens_at(std::time::Instant::now()) {
+            wait = wait.min(at.saturating_duration_since(std::time::Instant::now()));
+        } else {
+            let mut inflight = lock(&sh.inflight);
+            if *abort.borrow() || past_deadline(sh, due.key.0) {
+                return false;
+            }
+            let emergency_waits = due.priority != Priority::Emergency
+                && inflight.values().any(|r| {
+                    r.phase == Phase::Starting
+                        && r.priority == Priority::Emergency
+                        && !*r.abort.borrow()
+                });
+            if count(&inflight, Phase::Up) < sh.cfg.max_channels && !emergency_waits {
+                match inflight.get_mut(&due.key) {
+                    Some(r) => r.phase = Phase::Up,
+                    None => return false,
+                }
+                break;
+            }
+        }
+        tokio::select! {
+            _ = &mut freed => {}
+            changed = abort.changed() => if changed.is_err() { return false },
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+    let spacing = Duration::from_secs_f64(1.0 / sh.cfg.calls_per_second.max(1) as f64);
+    let slot = {
+        let mut next = lock(&sh.next_invite);
+        let slot = (*next).max(tokio::time::Instant::now());
+        *next = slot + spacing;
+        slot
+    };
+    tokio::time::sleep_until(slot).await;
+    !*abort.borrow() && !past_deadline(sh, due.key.0)
+}
+
+fn past_deadline(sh: &Shared, campaign: CampaignId) -> bool {
+    let now = now_ms();
+    sh.cluster.read(|s| {
+        s.campaign(campaign)
+            .is_some_and(|c| c.spec.past_deadline(now))
+    })
 }
 
 /// How this node calls `due`'s citizen.
@@ -636,6 +770,12 @@ fn call_ended(
     outcome: CallOutcome,
     started: std::time::Instant,
 ) {
+    // The channel is free for the next call now; the outcome's commit follows on its own.
+    lock(&sh.inflight)
+        .entry(due.key)
+        .and_modify(|r| r.phase = Phase::Ended);
+    sh.channel_freed.notify_waiters();
+    sh.wake.notify_one();
     let masked = campanile_cluster::mask_number(&spec.to);
     tracing::info!(
         campaign = %due.key.0,

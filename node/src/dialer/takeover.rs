@@ -159,7 +159,7 @@ pub(super) fn follow(sh: &Arc<Shared>, seen: &mut u64) {
             waiting = true;
             continue;
         };
-        let (running, abort_rx, let_go_rx) = Running::new(true, due.priority);
+        let (running, abort_rx, let_go_rx) = Running::new(true, due.priority, super::Phase::Up);
         inflight.insert(due.key, running);
         let sh = sh.clone();
         tracing::info!(

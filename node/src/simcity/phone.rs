@@ -242,9 +242,9 @@ impl PhoneCall {
                     &[("Retry-After", "1".to_string())],
                     None,
                 );
+                self.log("reject", json!({ "code": 503, "audio_ms": 0 }));
                 self.st.respond(&resp, Instant::now());
                 self.flush().await;
-                self.log("reject", json!({ "code": 503, "audio_ms": 0 }));
             }
             Behaviour::Unreachable { after_ms } => {
                 if let Wake::Deadline = self
@@ -334,9 +334,11 @@ impl PhoneCall {
         }
     }
 
+    /// Every end is logged before the caller can learn of it, so that in the log a caller's next
+    /// call never seems to start before its previous one ended.
     async fn reject(&mut self, code: u16) {
-        self.respond(code, None).await;
         self.log("reject", json!({ "code": code, "audio_ms": 0 }));
+        self.respond(code, None).await;
     }
 
     async fn answer_and_listen(&mut self, listener: Listener, listen_limit_ms: Option<u64>) {
@@ -689,23 +691,25 @@ impl PhoneCall {
                 if self.st.is_answered() {
                     return None;
                 }
-                self.respond(487, None).await;
                 self.log("cancel", json!({ "audio_ms": 0 }));
+                self.respond(487, None).await;
                 Some(Wake::Cancelled)
             }
             Method::Bye => {
                 let ok = response_to(&req, 200, None, &[], None);
+                if self.answered {
+                    self.shared.log(
+                        &self.number,
+                        &self.call_id,
+                        from,
+                        "bye_received",
+                        json!({ "audio_ms": self.audio_ms() }),
+                    );
+                }
                 self.send(&response_bytes(&ok), from).await;
                 if !self.answered {
                     return None;
                 }
-                self.shared.log(
-                    &self.number,
-                    &self.call_id,
-                    from,
-                    "bye_received",
-                    json!({ "audio_ms": self.audio_ms() }),
-                );
                 Some(Wake::Bye)
             }
             _ => {
