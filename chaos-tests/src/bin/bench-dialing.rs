@@ -202,6 +202,9 @@ struct Trial {
     gaps: Vec<u64>,
     /// Taken-over calls without a `media_gap` after the re-INVITE, and why they ended.
     no_gap: Vec<String>,
+    /// Answered calls up at the kill that no other node re-INVITEd: how long before the kill they
+    /// were answered, and what the phone logged next.
+    not_taken: Vec<String>,
 }
 
 fn failover(trials: usize, subscribers: usize, channels: usize) -> anyhow::Result<()> {
@@ -232,8 +235,11 @@ fn failover(trials: usize, subscribers: usize, channels: usize) -> anyhow::Resul
                 String::new()
             } else {
                 format!(" no gap logged: {:?}", r.no_gap)
-            }
+            },
         );
+        if !r.not_taken.is_empty() {
+            println!("|  | not taken over: {:?} | | | | | |", r.not_taken);
+        }
     }
     let summary = |what: &str, mut v: Vec<u64>| {
         v.sort_unstable();
@@ -415,6 +421,7 @@ fn failover_trial(trial: usize, subscribers: usize, channels: usize) -> anyhow::
     let up = up_at_kill(&events);
     let mut gaps = Vec::new();
     let mut no_gap = Vec::new();
+    let mut not_taken = Vec::new();
     let mut taken = 0;
     for call in &up {
         let of_call: Vec<&Value> = events
@@ -425,6 +432,27 @@ fn failover_trial(trial: usize, subscribers: usize, channels: usize) -> anyhow::
             .iter()
             .position(|e| e["event"] == "reinvite" && e["from"] != victim.as_str())
         else {
+            let answered = of_call
+                .iter()
+                .find(|e| e["event"] == "answer")
+                .and_then(|e| e["t_ms"].as_u64())
+                .unwrap_or(killed_ms);
+            let next = of_call
+                .iter()
+                .find(|e| e["t_ms"].as_u64().is_some_and(|t| t > killed_ms))
+                .map_or("nothing".to_string(), |e| {
+                    format!(
+                        "{} {}",
+                        e["event"].as_str().unwrap_or_default(),
+                        e["reason"].as_str().unwrap_or_default()
+                    )
+                    .trim_end()
+                    .to_string()
+                });
+            not_taken.push(format!(
+                "answered {} ms before the kill, then {next}",
+                killed_ms.saturating_sub(answered)
+            ));
             continue;
         };
         taken += 1;
@@ -465,6 +493,9 @@ fn failover_trial(trial: usize, subscribers: usize, channels: usize) -> anyhow::
             format!(", no gap logged: {no_gap:?}")
         }
     );
+    if !not_taken.is_empty() {
+        eprintln!("trial {trial}: not taken over: {not_taken:?}");
+    }
     Ok(Trial {
         role,
         redial_ms,
@@ -473,6 +504,7 @@ fn failover_trial(trial: usize, subscribers: usize, channels: usize) -> anyhow::
         taken,
         gaps,
         no_gap,
+        not_taken,
     })
 }
 
@@ -787,6 +819,15 @@ fn reach(subscribers: usize, channels: usize, cps: usize) -> anyhow::Result<()> 
     println!(
         "call length INVITE → end: answered {n_answered} calls, mean {answered_len:.2} s; \
          not answered {n_other} calls, mean {other_len:.2} s"
+    );
+    // The city's congestion: every 503 (Retry-After: 1) pauses its node's new calls for a second.
+    let congestion = events
+        .iter()
+        .filter(|e| e["event"] == "reject" && e["code"] == 503)
+        .count();
+    println!(
+        "503 from the city: {congestion} ({:.1} % of calls), each pausing its node's new calls for 1 s",
+        100.0 * congestion as f64 / calls.len().max(1) as f64
     );
     println!(
         "confirmed (a 1 in the city's log): {} of {subscribers} ({:.1} %); the API says {}",
