@@ -2336,10 +2336,10 @@ mod tests {
         assert_eq!(st.due_tasks(5, 10)[0].subscriber, SubscriberId(2));
     }
 
-    #[test]
-    fn citizens_called_fewer_times_go_first_among_due_tasks() {
+    /// Subscribers 1..=`subscribers` and campaign 1 to all of them, started at 5 ms.
+    fn running(subscribers: u32) -> State {
         let mut st = State::default();
-        for n in 1..=3 {
+        for n in 1..=subscribers {
             st.apply(&sub(n, None));
         }
         st.apply(&campaign(Audience::All));
@@ -2347,6 +2347,12 @@ mod tests {
             at_ms: 5,
             id: CampaignId(1),
         });
+        st
+    }
+
+    #[test]
+    fn citizens_called_fewer_times_go_first_among_due_tasks() {
+        let mut st = running(3);
         // Subscriber 1 has been called twice, 2 once; 3 not yet.
         for (s, attempts) in [(1, 2), (2, 1)] {
             for a in 1..=attempts {
@@ -2390,13 +2396,7 @@ mod tests {
 
     #[test]
     fn a_task_walks_to_confirmed_and_the_campaign_completes() {
-        let mut st = State::default();
-        st.apply(&sub(1, None));
-        st.apply(&campaign(Audience::All));
-        st.apply(&Command::StartCampaign {
-            at_ms: 5,
-            id: CampaignId(1),
-        });
+        let mut st = running(1);
         assert_eq!(
             record(&mut st, vec![started(1, 1, 1)]),
             Response::Recorded { applied: 1 }
@@ -2445,13 +2445,7 @@ mod tests {
 
     #[test]
     fn duplicate_and_stale_records_change_nothing() {
-        let mut st = State::default();
-        st.apply(&sub(1, None));
-        st.apply(&campaign(Audience::All));
-        st.apply(&Command::StartCampaign {
-            at_ms: 5,
-            id: CampaignId(1),
-        });
+        let mut st = running(1);
         record(&mut st, vec![started(1, 1, 1)]);
         assert_eq!(
             record(&mut st, vec![started(1, 1, 1)]),
@@ -2508,14 +2502,7 @@ mod tests {
 
     #[test]
     fn an_answered_call_is_handed_over_and_only_its_new_node_ends_it() {
-        let mut st = State::default();
-        st.apply(&sub(1, None));
-        st.apply(&sub(2, None));
-        st.apply(&campaign(Audience::All));
-        st.apply(&Command::StartCampaign {
-            at_ms: 5,
-            id: CampaignId(1),
-        });
+        let mut st = running(2);
         record(&mut st, vec![started(1, 1, 1), started(1, 2, 1)]);
         // Only the node on the call describes it, for the attempt it is on.
         assert_eq!(
@@ -2588,13 +2575,7 @@ mod tests {
 
     #[test]
     fn reclaimed_calls_go_to_another_node_and_the_old_owner_is_fenced_off() {
-        let mut st = State::default();
-        st.apply(&sub(1, None));
-        st.apply(&campaign(Audience::All));
-        st.apply(&Command::StartCampaign {
-            at_ms: 5,
-            id: CampaignId(1),
-        });
+        let mut st = running(1);
         record(&mut st, vec![started(1, 1, 1)]);
         assert_eq!(
             st.nodes_with_calls_in_flight(NodeId(2)),
@@ -2662,13 +2643,7 @@ mod tests {
 
     #[test]
     fn leases_fence_starts_and_move_only_when_expired() {
-        let mut st = State::default();
-        st.apply(&sub(1, None));
-        st.apply(&campaign(Audience::All));
-        st.apply(&Command::StartCampaign {
-            at_ms: 5,
-            id: CampaignId(1),
-        });
+        let mut st = running(1);
         let p = partition_of(SubscriberId(1));
         let assign = |st: &mut State, at_ms: u64, node: u64| {
             st.apply(&Command::AssignLeases {
@@ -2781,14 +2756,7 @@ mod tests {
 
     #[test]
     fn a_paused_campaign_dials_nobody_lets_calls_end_and_resumes() {
-        let mut st = State::default();
-        st.apply(&sub(1, None));
-        st.apply(&sub(2, None));
-        st.apply(&campaign(Audience::All));
-        st.apply(&Command::StartCampaign {
-            at_ms: 5,
-            id: CampaignId(1),
-        });
+        let mut st = running(2);
         record(&mut st, vec![started(1, 1, 1)]);
         let pause = Command::PauseCampaign {
             at_ms: 6,
@@ -2896,13 +2864,7 @@ mod tests {
 
     #[test]
     fn interrupted_attempts_are_given_back() {
-        let mut st = State::default();
-        st.apply(&sub(1, None));
-        st.apply(&campaign(Audience::All));
-        st.apply(&Command::StartCampaign {
-            at_ms: 5,
-            id: CampaignId(1),
-        });
+        let mut st = running(1);
         record(&mut st, vec![started(1, 1, 1)]);
         assert_eq!(st.in_flight_on(NodeId(1)).len(), 1);
         record(
@@ -2920,15 +2882,7 @@ mod tests {
 
     #[test]
     fn cancel_finishes_every_open_task_and_ignores_late_records() {
-        let mut st = State::default();
-        for n in 1..=3 {
-            st.apply(&sub(n, None));
-        }
-        st.apply(&campaign(Audience::All));
-        st.apply(&Command::StartCampaign {
-            at_ms: 5,
-            id: CampaignId(1),
-        });
+        let mut st = running(3);
         record(&mut st, vec![started(1, 1, 1)]);
         st.apply(&Command::CancelCampaign {
             at_ms: 6,
@@ -2956,14 +2910,7 @@ mod tests {
 
     #[test]
     fn snapshot_round_trip_rebuilds_indexes() {
-        let mut st = State::default();
-        st.apply(&sub(1, None));
-        st.apply(&sub(2, None));
-        st.apply(&campaign(Audience::All));
-        st.apply(&Command::StartCampaign {
-            at_ms: 5,
-            id: CampaignId(1),
-        });
+        let st = running(2);
         let json = serde_json::to_vec(&st).unwrap();
         let mut back: State = serde_json::from_slice(&json).unwrap();
         back.rebuild_indexes();
