@@ -649,8 +649,39 @@ fn start_call(sh: &Arc<Shared>, due: Due, audio: PreparedAudio) {
 
 /// Waits for a free channel for `due`, then for its turn under the trunk's calls-per-second limit.
 /// An emergency goes before the other waiting tasks; nothing goes while the trunk asks us to back
-/// off. False when the task was stopped meanwhile or its campaign's deadline came.
+/// off, and a pause that began while this task waited for its turn sends it back to wait. False when
+/// the task was stopped meanwhile or its campaign's deadline came.
 async fn take_channel(sh: &Shared, due: &Due, abort: &mut watch::Receiver<bool>) -> bool {
+    let spacing = Duration::from_secs_f64(1.0 / sh.cfg.calls_per_second.max(1) as f64);
+    loop {
+        if !free_channel(sh, due, abort).await {
+            return false;
+        }
+        let slot = {
+            let mut next = lock(&sh.next_invite);
+            let slot = (*next).max(tokio::time::Instant::now());
+            *next = slot + spacing;
+            slot
+        };
+        tokio::time::sleep_until(slot).await;
+        if *abort.borrow() || past_deadline(sh, due.key.0) {
+            return false;
+        }
+        if lock(&sh.gate)
+            .reopens_at(std::time::Instant::now())
+            .is_none()
+        {
+            return true;
+        }
+        if let Some(r) = lock(&sh.inflight).get_mut(&due.key) {
+            r.phase = Phase::Starting;
+        }
+        sh.channel_freed.notify_waiters();
+    }
+}
+
+/// Waits until the trunk takes new calls and a channel is free for `due`, and marks it taken.
+async fn free_channel(sh: &Shared, due: &Due, abort: &mut watch::Receiver<bool>) -> bool {
     loop {
         let freed = sh.channel_freed.notified();
         tokio::pin!(freed);
@@ -670,11 +701,13 @@ async fn take_channel(sh: &Shared, due: &Due, abort: &mut watch::Receiver<bool>)
                         && !*r.abort.borrow()
                 });
             if count(&inflight, Phase::Up) < sh.cfg.max_channels && !emergency_waits {
-                match inflight.get_mut(&due.key) {
-                    Some(r) => r.phase = Phase::Up,
-                    None => return false,
-                }
-                break;
+                return match inflight.get_mut(&due.key) {
+                    Some(r) => {
+                        r.phase = Phase::Up;
+                        true
+                    }
+                    None => false,
+                };
             }
         }
         tokio::select! {
@@ -683,15 +716,6 @@ async fn take_channel(sh: &Shared, due: &Due, abort: &mut watch::Receiver<bool>)
             _ = tokio::time::sleep(wait) => {}
         }
     }
-    let spacing = Duration::from_secs_f64(1.0 / sh.cfg.calls_per_second.max(1) as f64);
-    let slot = {
-        let mut next = lock(&sh.next_invite);
-        let slot = (*next).max(tokio::time::Instant::now());
-        *next = slot + spacing;
-        slot
-    };
-    tokio::time::sleep_until(slot).await;
-    !*abort.borrow() && !past_deadline(sh, due.key.0)
 }
 
 fn past_deadline(sh: &Shared, campaign: CampaignId) -> bool {
@@ -770,6 +794,11 @@ fn call_ended(
     outcome: CallOutcome,
     started: std::time::Instant,
 ) {
+    // A trunk that answered 503 pauses before anyone can take the channel this call frees.
+    if let CallOutcome::TrunkUnavailable { retry_after, .. } = &outcome {
+        tracing::warn!(outcome = %outcome, "trunk is overloaded; pausing new calls on it");
+        lock(&sh.gate).on_overload(*retry_after, std::time::Instant::now());
+    }
     // The channel is free for the next call now; the outcome's commit follows on its own.
     lock(&sh.inflight)
         .entry(due.key)
@@ -786,10 +815,6 @@ fn call_ended(
         secs = format_args!("{:.1}", started.elapsed().as_secs_f64()),
         "call ended"
     );
-    if let CallOutcome::TrunkUnavailable { retry_after, .. } = &outcome {
-        tracing::warn!(outcome = %outcome, "trunk is overloaded; pausing new calls on it");
-        lock(&sh.gate).on_overload(*retry_after, std::time::Instant::now());
-    }
     let domain = outcome.to_domain();
     sh.metrics.call_ended(&sh.cluster, due.key.0, &outcome);
     let deadline = sh
