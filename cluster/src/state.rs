@@ -2353,43 +2353,35 @@ mod tests {
     #[test]
     fn citizens_called_fewer_times_go_first_among_due_tasks() {
         let mut st = running(3);
-        // Subscriber 1 has been called twice, 2 once; 3 not yet.
-        for (s, attempts) in [(1, 2), (2, 1)] {
-            for a in 1..=attempts {
-                record(
-                    &mut st,
-                    vec![
-                        started(1, s, a),
-                        finished(1, s, a, Outcome::Busy, Next::RetryAt(10)),
-                    ],
-                );
-            }
-        }
+        // Attempt `a` of subscriber `s` ends with `outcome`, next due at `due`.
+        let call = |st: &mut State, s, a, outcome, due| {
+            record(
+                st,
+                vec![
+                    started(1, s, a),
+                    finished(1, s, a, outcome, Next::RetryAt(due)),
+                ],
+            );
+        };
         let order = |st: &State, now| -> Vec<u64> {
             st.due_tasks(now, 10)
                 .iter()
                 .map(|t| t.subscriber.0)
                 .collect()
         };
+        // Subscriber 1 has been called twice, 2 once; 3 not yet.
+        for (s, attempts) in [(1, 2), (2, 1)] {
+            for a in 1..=attempts {
+                call(&mut st, s, a, Outcome::Busy, 10);
+            }
+        }
         assert_eq!(order(&st, 100), [3, 2, 1]);
         // Being called fewer times never makes a task due early.
-        record(
-            &mut st,
-            vec![
-                started(1, 3, 1),
-                finished(1, 3, 1, Outcome::Busy, Next::RetryAt(200)),
-            ],
-        );
+        call(&mut st, 3, 1, Outcome::Busy, 200);
         assert_eq!(order(&st, 100), [2, 1]);
         assert_eq!(order(&st, 200), [2, 3, 1]);
         // An interrupted attempt is given back, and with it the task's place.
-        record(
-            &mut st,
-            vec![
-                started(1, 1, 3),
-                finished(1, 1, 3, Outcome::Interrupted, Next::RetryAt(10)),
-            ],
-        );
+        call(&mut st, 1, 3, Outcome::Interrupted, 10);
         assert_eq!(order(&st, 200), [2, 3, 1]);
         assert_eq!(st.task(CampaignId(1), SubscriberId(1)).unwrap().attempts, 2);
     }
