@@ -686,6 +686,46 @@ pub fn peak_calls_by_caller(events: &[Value]) -> BTreeMap<String, usize> {
         .collect()
 }
 
+/// Call-IDs of the calls `caller` (a node's SIP address) had answered by `answered_by_ms` and that had
+/// not ended by `at_ms`, per the city's log.
+pub fn answered_calls_up(
+    events: &[Value],
+    caller: &str,
+    answered_by_ms: u64,
+    at_ms: u64,
+) -> Vec<String> {
+    let answered: BTreeSet<&str> = events
+        .iter()
+        .filter(|e| e["event"] == "answer" && e["from"] == caller)
+        .filter(|e| e["t_ms"].as_u64().is_some_and(|t| t <= answered_by_ms))
+        .filter_map(|e| e["call_id"].as_str())
+        .collect();
+    let ended: BTreeSet<&str> = events
+        .iter()
+        .filter(|e| {
+            matches!(
+                e["event"].as_str(),
+                Some("bye_received" | "bye_sent" | "cancel" | "reject")
+            ) && e["t_ms"].as_u64().is_some_and(|t| t <= at_ms)
+        })
+        .filter_map(|e| e["call_id"].as_str())
+        .collect();
+    answered.difference(&ended).map(|s| s.to_string()).collect()
+}
+
+/// A whole-number command-line flag `name` of `args` (`--trials 10`, `1_000` allowed), or `default`.
+pub fn usize_flag(args: &[String], name: &str, default: usize) -> anyhow::Result<usize> {
+    match args.iter().position(|a| a == name) {
+        Some(i) => args
+            .get(i + 1)
+            .context(format!("{name} needs a value"))?
+            .replace('_', "")
+            .parse()
+            .with_context(|| format!("{name} must be a whole number")),
+        None => Ok(default),
+    }
+}
+
 /// Pairs of calls to the same number that were up at the same time.
 pub fn overlapping_calls(events: &[Value]) -> Vec<(String, CallSpan, CallSpan)> {
     let mut out = Vec::new();

@@ -279,23 +279,7 @@ fn kill_mid_campaign(leader: bool) {
 fn check_takeovers(events: &[Value], victim: &str, killed_ms: u64) -> (usize, usize, Vec<u64>) {
     // A call answered in the last moments before the kill may not have been committed yet (the
     // dialer records in batches of 20 ms): nobody can know of it, and its citizen is called again.
-    let answered: BTreeSet<&str> = events
-        .iter()
-        .filter(|e| e["event"] == "answer" && e["from"] == victim)
-        .filter(|e| e["t_ms"].as_u64().is_some_and(|t| t + 500 <= killed_ms))
-        .filter_map(|e| e["call_id"].as_str())
-        .collect();
-    let ended_before: BTreeSet<&str> = events
-        .iter()
-        .filter(|e| {
-            matches!(
-                e["event"].as_str(),
-                Some("bye_received" | "bye_sent" | "cancel" | "reject")
-            ) && e["t_ms"].as_u64().is_some_and(|t| t <= killed_ms)
-        })
-        .filter_map(|e| e["call_id"].as_str())
-        .collect();
-    let up: Vec<&str> = answered.difference(&ended_before).copied().collect();
+    let up = answered_calls_up(events, victim, killed_ms.saturating_sub(500), killed_ms);
     let mut gaps = Vec::new();
     for call in &up {
         let of_call: Vec<&Value> = events.iter().filter(|e| e["call_id"] == *call).collect();

@@ -13,23 +13,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use campanile_chaos_tests::*;
 use serde_json::{json, Value};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let flag = |name: &str, default: usize| -> anyhow::Result<usize> {
-        match args.iter().position(|a| a == name) {
-            Some(i) => args
-                .get(i + 1)
-                .context(format!("{name} needs a value"))?
-                .replace('_', "")
-                .parse()
-                .with_context(|| format!("{name} must be a whole number")),
-            None => Ok(default),
-        }
-    };
+    let flag = |name: &str, default: usize| usize_flag(&args, name, default);
     ensure_etcd()?;
     match args.first().map(String::as_str) {
         Some("import") => import(

@@ -21,17 +21,7 @@ use serde_json::{json, Value};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let flag = |name: &str, default: usize| -> anyhow::Result<usize> {
-        match args.iter().position(|a| a == name) {
-            Some(i) => args
-                .get(i + 1)
-                .context(format!("{name} needs a value"))?
-                .replace('_', "")
-                .parse()
-                .with_context(|| format!("{name} must be a whole number")),
-            None => Ok(default),
-        }
-    };
+    let flag = |name: &str, default: usize| usize_flag(&args, name, default);
     match args.first().map(String::as_str) {
         Some("failover") => failover(
             flag("--trials", 10)?,
@@ -379,28 +369,7 @@ fn failover_trial(trial: usize, subscribers: usize, channels: usize) -> anyhow::
     };
 
     // The victim's answered calls that were up at the kill: wait (bounded) for each to end.
-    let up_at_kill = |events: &[Value]| -> Vec<String> {
-        let answered: BTreeSet<&str> = events
-            .iter()
-            .filter(|e| e["event"] == "answer" && e["from"] == victim.as_str())
-            .filter(|e| e["t_ms"].as_u64().is_some_and(|t| t <= killed_ms))
-            .filter_map(|e| e["call_id"].as_str())
-            .collect();
-        let ended_before: BTreeSet<&str> = events
-            .iter()
-            .filter(|e| {
-                matches!(
-                    e["event"].as_str(),
-                    Some("bye_received" | "bye_sent" | "cancel" | "reject")
-                ) && e["t_ms"].as_u64().is_some_and(|t| t <= killed_ms)
-            })
-            .filter_map(|e| e["call_id"].as_str())
-            .collect();
-        answered
-            .difference(&ended_before)
-            .map(|s| s.to_string())
-            .collect()
-    };
+    let up_at_kill = |events: &[Value]| answered_calls_up(events, &victim, killed_ms, killed_ms);
     let ended = |events: &[Value], call: &str| {
         events.iter().any(|e| {
             e["call_id"] == call && matches!(e["event"].as_str(), Some("bye_received" | "bye_sent"))
