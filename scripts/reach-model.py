@@ -15,6 +15,7 @@ gap between this and the benchmark is what our dialer costs.
     python3 scripts/reach-model.py --subscribers 12500 --channels 450 --seeds 6
 """
 import argparse
+import collections
 import heapq
 import random
 
@@ -47,8 +48,9 @@ def call(rng):
     return 0.05, None, 0  # congestion (503): not the citizen's attempt
 
 
-def node(n, channels, order, seed, backoff):
+def node(n, channels, order, seed, backoff, cps, window):
     rng = random.Random(seed)
+    sent = collections.deque()  # the latest `cps` call starts (window) or the last one (spaced)
     attempts = [0] * n
 
     def key(i, due):
@@ -60,9 +62,24 @@ def node(n, channels, order, seed, backoff):
     heapq.heapify(ready)
     events, free, work, last, closed_until = [], channels, 0.0, 0.0, 0.0
 
+    def next_slot(t):
+        """When the next call may start under the calls-per-second limit."""
+        if not cps:
+            return t
+        if window:
+            return t if len(sent) < cps else max(t, sent[0] + 1.0)
+        return max(t, sent[-1] + 1.0 / cps) if sent else t
+
     def start(t):
         nonlocal free, work
         while free and ready and t >= closed_until:
+            slot = next_slot(t)
+            if slot > t:
+                heapq.heappush(events, (slot, 2, -1, None, None))
+                break
+            sent.append(t)
+            if len(sent) > (cps if window else 1):
+                sent.popleft()
             _, i = heapq.heappop(ready)
             d, final, delay = call(rng)
             work += d
@@ -90,12 +107,15 @@ def node(n, channels, order, seed, backoff):
     return work, last
 
 
-def cluster(subscribers, channels, nodes, order, seed, backoff):
+def cluster(subscribers, channels, nodes, order, seed, backoff, cps=0, window=False):
     split = random.Random(seed * 7919)
     sizes = [0] * nodes
     for _ in range(subscribers):
         sizes[split.randrange(nodes)] += 1
-    runs = [node(s, channels // nodes, order, seed * 10 + k, backoff) for k, s in enumerate(sizes)]
+    runs = [
+        node(s, channels // nodes, order, seed * 10 + k, backoff, cps, window)
+        for k, s in enumerate(sizes)
+    ]
     bound = sum(w for w, _ in runs) / channels
     return bound / max(last for _, last in runs)
 
@@ -107,10 +127,15 @@ def main():
     ap.add_argument("--nodes", type=int, default=3)
     ap.add_argument("--seeds", type=int, default=6)
     ap.add_argument("--no-backoff", action="store_true", help="ignore the 503s' Retry-After")
+    ap.add_argument("--cps", type=int, default=0,
+                    help="each node's calls-per-second limit (0: none; the benchmark's nodes have 100)")
+    ap.add_argument("--window", action="store_true",
+                    help="count the limit per one-second window (bursts allowed) instead of spacing calls 1/cps apart")
     args = ap.parse_args()
     for order in ("due", "fewest-attempts"):
         effs = [
-            cluster(args.subscribers, args.channels, args.nodes, order, s, not args.no_backoff)
+            cluster(args.subscribers, args.channels, args.nodes, order, s, not args.no_backoff,
+                    args.cps, args.window)
             for s in range(1, args.seeds + 1)
         ]
         print(f"{order:>16} order: efficiency " + " ".join(f"{e:.3f}" for e in effs)

@@ -473,10 +473,13 @@ fn into_json(r: Result<ureq::Response, ureq::Error>) -> anyhow::Result<(u16, Val
     }
 }
 
+/// The trunk's calls-per-second limit in [`fast_node_config`].
+pub const TEST_CALLS_PER_SECOND: usize = 200;
+
 /// A node config tuned for tests: short ring timeout and confirmation wait.
 pub fn fast_node_config(max_channels: usize) -> String {
     format!(
-        "[trunk]\nname = \"sim\"\nmax_channels = {max_channels}\ncalls_per_second = 200\n\n\
+        "[trunk]\nname = \"sim\"\nmax_channels = {max_channels}\ncalls_per_second = {TEST_CALLS_PER_SECOND}\n\n\
          [dialer]\nring_timeout_s = 4.0\nconfirm_wait_s = 3.0\nbatch_ms = 20\n"
     )
 }
@@ -682,6 +685,26 @@ pub fn peak_calls_by_caller(events: &[Value]) -> BTreeMap<String, usize> {
                 peak = peak.max(up);
             }
             (from, peak as usize)
+        })
+        .collect()
+}
+
+/// The most calls each caller (a node's SIP address) started within any `window_ms`, per the city's
+/// log (a call's first INVITE as the city received it).
+pub fn busiest_window_by_caller(events: &[Value], window_ms: u64) -> BTreeMap<String, usize> {
+    let mut starts: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for call in calls_by_number(events).into_values().flatten() {
+        starts.entry(call.from).or_default().push(call.start);
+    }
+    starts
+        .into_iter()
+        .map(|(from, mut t)| {
+            t.sort_unstable();
+            let busiest = (0..t.len())
+                .map(|i| t[i..].partition_point(|x| *x < t[i] + window_ms))
+                .max()
+                .unwrap_or(0);
+            (from, busiest)
         })
         .collect()
 }

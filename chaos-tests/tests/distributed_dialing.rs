@@ -190,6 +190,18 @@ fn three_nodes_share_the_city_and_agree_with_its_log() {
             city_channels()
         );
     }
+    // Nor started more calls in a second than its trunk's calls-per-second limit. The city logs
+    // when an INVITE arrived, and a sender woken a little late can bring two INVITEs sent a second
+    // apart closer: windows of 900 ms leave 100 ms for that.
+    let busiest = busiest_window_by_caller(&events, 900);
+    assert_eq!(busiest.len(), 3, "{busiest:?}");
+    for (node, calls) in &busiest {
+        assert!(
+            *calls <= TEST_CALLS_PER_SECOND,
+            "{node} started {calls} calls within 900 ms, over its limit of {TEST_CALLS_PER_SECOND} a second"
+        );
+    }
+    eprintln!("most calls a node started within 900 ms: {busiest:?}");
     // Progress per node in the API adds up to the campaign's, and every node has a share.
     let by_node = done["by_node"].as_object().unwrap();
     assert_eq!(by_node.len(), 3, "{done}");

@@ -121,7 +121,7 @@ pub struct TrunkSection {
     pub name: String,
     /// Concurrent calls the trunk allows.
     pub max_channels: usize,
-    /// New calls per second the trunk allows.
+    /// New calls the trunk allows in any one second (a burst up to this many may go at once).
     pub calls_per_second: u32,
     /// Digest username, when the trunk challenges (401/407). The password comes only from the
     /// environment variable CAMPANILE_TRUNK_PASSWORD, never from this file.
@@ -419,7 +419,7 @@ t4_ms = 5000
 name = "trunk"
 # Concurrent calls the trunk allows.
 max_channels = 100
-# New calls per second the trunk allows.
+# New calls the trunk allows in any one second (a burst up to this many may go at once).
 calls_per_second = 50
 # Digest username if the trunk challenges (401/407). The password is read only from the
 # environment variable CAMPANILE_TRUNK_PASSWORD and never appears in logs.

@@ -192,8 +192,8 @@ struct Shared {
     inflight: Mutex<HashMap<TaskKey, Running>>,
     /// Told when a channel frees: started tasks wait on it for one.
     channel_freed: Notify,
-    /// When the next INVITE may go out under the trunk's calls-per-second limit.
-    next_invite: Mutex<tokio::time::Instant>,
+    /// When INVITEs may go out under the trunk's calls-per-second limit.
+    call_rate: Mutex<trunk::CallRate>,
     /// Prepared audio per (campaign, subscriber language).
     audio: Mutex<HashMap<(CampaignId, String), AudioSlot>>,
     events: mpsc::UnboundedSender<Record>,
@@ -220,6 +220,7 @@ pub fn spawn(
     shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let call_rate = Mutex::new(trunk::CallRate::new(cfg.calls_per_second));
     let shared = Arc::new(Shared {
         cfg,
         cluster,
@@ -228,7 +229,7 @@ pub fn spawn(
         metrics,
         inflight: Mutex::default(),
         channel_freed: Notify::new(),
-        next_invite: Mutex::new(tokio::time::Instant::now()),
+        call_rate,
         audio: Mutex::default(),
         events: events_tx,
         wake: Notify::new(),
@@ -652,18 +653,12 @@ fn start_call(sh: &Arc<Shared>, due: Due, audio: PreparedAudio) {
 /// off, and a pause that began while this task waited for its turn sends it back to wait. False when
 /// the task was stopped meanwhile or its campaign's deadline came.
 async fn take_channel(sh: &Shared, due: &Due, abort: &mut watch::Receiver<bool>) -> bool {
-    let spacing = Duration::from_secs_f64(1.0 / sh.cfg.calls_per_second.max(1) as f64);
     loop {
         if !free_channel(sh, due, abort).await {
             return false;
         }
-        let slot = {
-            let mut next = lock(&sh.next_invite);
-            let slot = (*next).max(tokio::time::Instant::now());
-            *next = slot + spacing;
-            slot
-        };
-        tokio::time::sleep_until(slot).await;
+        let slot = lock(&sh.call_rate).reserve(std::time::Instant::now());
+        tokio::time::sleep_until(slot.into()).await;
         if *abort.borrow() || past_deadline(sh, due.key.0) {
             return false;
         }

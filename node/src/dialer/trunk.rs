@@ -56,6 +56,40 @@ impl TrunkGate {
     }
 }
 
+/// The trunk's calls-per-second limit as carriers count it: at most `limit` INVITEs in any one
+/// second, not one every `1/limit` s. After a pause (a 503's Retry-After) the channels that freed
+/// meanwhile may all start at once, up to the limit, instead of trickling back at the spaced rate.
+#[derive(Debug, Clone)]
+pub struct CallRate {
+    limit: usize,
+    /// The latest `limit` slots handed out, oldest first (some may lie ahead of now).
+    slots: std::collections::VecDeque<Instant>,
+}
+
+impl CallRate {
+    pub fn new(calls_per_second: u32) -> CallRate {
+        let limit = calls_per_second.max(1) as usize;
+        CallRate {
+            limit,
+            slots: std::collections::VecDeque::with_capacity(limit),
+        }
+    }
+
+    /// Reserves the earliest time from `now` at which one more INVITE keeps every one-second
+    /// window within the limit. Slots come out in order, so a caller that sleeps until its slot
+    /// sends in order too.
+    pub fn reserve(&mut self, now: Instant) -> Instant {
+        let mut slot = self.slots.back().map_or(now, |b| (*b).max(now));
+        if self.slots.len() == self.limit {
+            if let Some(oldest) = self.slots.pop_front() {
+                slot = slot.max(oldest + Duration::from_secs(1));
+            }
+        }
+        self.slots.push_back(slot);
+        slot
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,5 +136,53 @@ mod tests {
         let mut g = TrunkGate::default();
         g.on_overload(None, t0);
         assert_eq!(g.reopens_at(t0), Some(t0 + DEFAULT_BACKOFF));
+    }
+
+    /// The most slots within any one-second window (a slot exactly one second after another is in
+    /// the next window).
+    fn busiest_second(slots: &[Instant]) -> usize {
+        (0..slots.len())
+            .map(|i| {
+                slots[i..]
+                    .iter()
+                    .take_while(|s| **s < slots[i] + Duration::from_secs(1))
+                    .count()
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn calls_per_second_allow_a_burst_up_to_the_limit_and_no_more_in_any_second() {
+        let t0 = Instant::now();
+        let mut r = CallRate::new(5);
+        let first: Vec<Instant> = (0..5).map(|_| r.reserve(t0)).collect();
+        assert!(first.iter().all(|s| *s == t0), "a burst of 5 goes at once");
+        let sixth = r.reserve(t0);
+        assert_eq!(sixth, t0 + Duration::from_secs(1));
+        // A steady demand, asked for every 50 ms for 10 s: never more than 5 in a second.
+        let mut slots = first;
+        slots.push(sixth);
+        for k in 0..200u64 {
+            slots.push(r.reserve(t0 + Duration::from_millis(50 * k)));
+        }
+        assert!(
+            slots.windows(2).all(|w| w[0] <= w[1]),
+            "slots come in order"
+        );
+        assert_eq!(busiest_second(&slots), 5);
+    }
+
+    #[test]
+    fn after_a_quiet_spell_the_whole_limit_is_available_again() {
+        let t0 = Instant::now();
+        let mut r = CallRate::new(3);
+        for _ in 0..3 {
+            r.reserve(t0);
+        }
+        let later = t0 + Duration::from_millis(2500);
+        let burst: Vec<Instant> = (0..3).map(|_| r.reserve(later)).collect();
+        assert_eq!(burst, vec![later; 3]);
+        assert_eq!(r.reserve(later), later + Duration::from_secs(1));
     }
 }
