@@ -68,10 +68,11 @@ pub struct CallRate {
 
 impl CallRate {
     pub fn new(calls_per_second: u32) -> CallRate {
-        let limit = calls_per_second.max(1) as usize;
+        // Not preallocated: the queue holds no more slots than calls were placed in a second,
+        // whatever limit a config file names.
         CallRate {
-            limit,
-            slots: std::collections::VecDeque::with_capacity(limit),
+            limit: calls_per_second.max(1) as usize,
+            slots: std::collections::VecDeque::new(),
         }
     }
 
