@@ -177,6 +177,14 @@ impl Running {
     }
 }
 
+/// Moves `key`'s task out of `Up` (to `phase`) and tells the tasks waiting for a channel.
+fn release_channel(sh: &Shared, key: TaskKey, phase: Phase) {
+    lock(&sh.inflight)
+        .entry(key)
+        .and_modify(|r| r.phase = phase);
+    sh.channel_freed.notify_waiters();
+}
+
 /// How many of `inflight`'s tasks are in `phase`.
 fn count(inflight: &HashMap<TaskKey, Running>, phase: Phase) -> usize {
     inflight.values().filter(|r| r.phase == phase).count()
@@ -417,7 +425,9 @@ fn preempt_for_emergencies(sh: &Shared, held: &HashMap<u16, u64>) {
     // Emergency tasks started here already and waiting for a channel want one too.
     let waiting = inflight
         .values()
-        .filter(|c| c.phase == Phase::Starting && c.priority == Priority::Emergency)
+        .filter(|c| {
+            c.phase == Phase::Starting && c.priority == Priority::Emergency && !*c.abort.borrow()
+        })
         .count();
     let now = now_ms();
     let due = sh.cluster.read(|s| {
@@ -623,10 +633,7 @@ fn start_call(sh: &Arc<Shared>, due: Due, audio: PreparedAudio) {
         if !take_channel(&sh, &due, &mut abort_rx).await {
             // Stopped (lease lapsed, campaign paused, shut down, its deadline came) before it
             // rang: not the citizen's attempt.
-            lock(&sh.inflight)
-                .entry(due.key)
-                .and_modify(|r| r.phase = Phase::Ended);
-            sh.channel_freed.notify_waiters();
+            release_channel(&sh, due.key, Phase::Ended);
             let _ = sh.events.send((
                 AttemptEvent::Finished {
                     campaign: due.key.0,
@@ -668,10 +675,7 @@ async fn take_channel(sh: &Shared, due: &Due, abort: &mut watch::Receiver<bool>)
         {
             return true;
         }
-        if let Some(r) = lock(&sh.inflight).get_mut(&due.key) {
-            r.phase = Phase::Starting;
-        }
-        sh.channel_freed.notify_waiters();
+        release_channel(sh, due.key, Phase::Starting);
     }
 }
 
@@ -681,14 +685,14 @@ async fn free_channel(sh: &Shared, due: &Due, abort: &mut watch::Receiver<bool>)
         let freed = sh.channel_freed.notified();
         tokio::pin!(freed);
         freed.as_mut().enable();
+        if *abort.borrow() || past_deadline(sh, due.key.0) {
+            return false;
+        }
         let mut wait = Duration::from_millis(250);
         if let Some(at) = lock(&sh.gate).reopens_at(std::time::Instant::now()) {
             wait = wait.min(at.saturating_duration_since(std::time::Instant::now()));
         } else {
             let mut inflight = lock(&sh.inflight);
-            if *abort.borrow() || past_deadline(sh, due.key.0) {
-                return false;
-            }
             let emergency_waits = due.priority != Priority::Emergency
                 && inflight.values().any(|r| {
                     r.phase == Phase::Starting
@@ -795,10 +799,7 @@ fn call_ended(
         lock(&sh.gate).on_overload(*retry_after, std::time::Instant::now());
     }
     // The channel is free for the next call now; the outcome's commit follows on its own.
-    lock(&sh.inflight)
-        .entry(due.key)
-        .and_modify(|r| r.phase = Phase::Ended);
-    sh.channel_freed.notify_waiters();
+    release_channel(sh, due.key, Phase::Ended);
     sh.wake.notify_one();
     let masked = campanile_cluster::mask_number(&spec.to);
     tracing::info!(
