@@ -158,6 +158,10 @@ pub async fn pacer_run(
             crate::media::socket::RtpSocket::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
                 .context("binding a stream socket")?,
         );
+        // As a call's socket is, once the callee's media address is known.
+        socket
+            .connect(*dest)
+            .context("connecting a stream socket")?;
         handles.push(pacer.play(PlayRequest {
             socket,
             dest: *dest,

@@ -559,8 +559,9 @@ struct Answered {
 
 impl Answered {
     /// The callee moved its media (a re-INVITE either way): send there and listen to it alone.
-    fn set_remote_addr(&mut self, addr: SocketAddr) {
+    fn set_remote_addr(&mut self, addr: SocketAddr, rtp: &RtpSocket) {
         self.remote.addr = addr;
+        connect_media(rtp, addr);
         self.peer.send_replace(addr);
     }
 }
@@ -842,6 +843,7 @@ impl Call<'_> {
                 "the callee's answer does not accept audio (a=sendonly or a=inactive)".into(),
             );
         }
+        connect_media(&media.rtp, a.remote.addr);
         let (digits_tx, mut digits) = mpsc::unbounded_channel();
         let (machine_tx, mut machine_events) = mpsc::unbounded_channel();
         // Keys arrive as RFC 4733 events on RTP, or as SIP INFO from trunks that only relay them that way.
@@ -971,7 +973,7 @@ impl Call<'_> {
                     match a.dialog.request(Method::Invite, local).body("application/sdp", body).build() {
                         Ok(req) => {
                             let mut tx = ClientTransaction::new(req, Instant::now(), self.spec.timers, self.reliable());
-                            self.drive_reinvite(&mut tx, &mut a, stream.as_ref()).await;
+                            self.drive_reinvite(&mut tx, &mut a, stream.as_ref(), &media.rtp).await;
                             reinvite = Some(tx);
                         }
                         Err(e) => tracing::warn!(error = %e, "cannot build re-INVITE"),
@@ -980,7 +982,7 @@ impl Call<'_> {
                 _ = sleep_until_opt(reinvite_timer), if reinvite_timer.is_some() => {
                     if let Some(tx) = reinvite.as_mut() {
                         tx.handle_timeout(Instant::now());
-                        self.drive_reinvite(tx, &mut a, stream.as_ref()).await;
+                        self.drive_reinvite(tx, &mut a, stream.as_ref(), &media.rtp).await;
                     }
                 }
                 inbound = self.channel.rx.recv() => {
@@ -1040,7 +1042,7 @@ impl Call<'_> {
                             if ours.is_some() && message::via_branch(&resp) == ours {
                                 if let Some(tx) = reinvite.as_mut() {
                                     tx.handle_response(resp, Instant::now());
-                                    self.drive_reinvite(tx, &mut a, stream.as_ref()).await;
+                                    self.drive_reinvite(tx, &mut a, stream.as_ref(), &media.rtp).await;
                                 }
                             } else if status(&resp) / 100 == 2 && message::cseq(&resp).is_some_and(|(_, m)| m == Method::Invite) {
                                 // A retransmitted 2xx means our ACK was lost (§13.2.2.4).
@@ -1093,6 +1095,7 @@ impl Call<'_> {
         tx: &mut ClientTransaction,
         a: &mut Answered,
         stream: Option<&StreamHandle>,
+        rtp: &RtpSocket,
     ) {
         let hop = a.dialog.next_hop().unwrap_or(self.trunk);
         while let Some(o) = tx.poll_output() {
@@ -1107,10 +1110,11 @@ impl Call<'_> {
                         Err(e) => tracing::warn!(error = %e, "cannot build ACK for re-INVITE"),
                     }
                     if let Ok(remote) = sdp::parse_remote(&resp.body) {
+                        // Connect first, then move the stream (see `PlayRequest`).
+                        a.set_remote_addr(remote.addr, rtp);
                         if let Some(s) = stream {
                             s.set_dest(remote.addr);
                         }
-                        a.set_remote_addr(remote.addr);
                         a.remote.rtcp = remote.rtcp;
                     }
                     tracing::info!(code = status(&resp), "re-INVITE accepted");
@@ -1140,7 +1144,7 @@ impl Call<'_> {
         rtp: &mut RtpClock,
     ) {
         let was_held = !a.remote.accepts_audio();
-        a.set_remote_addr(remote.addr);
+        a.set_remote_addr(remote.addr, &media.rtp);
         a.remote.rtcp = remote.rtcp;
         a.remote.direction = remote.direction;
         match (was_held, a.remote.accepts_audio()) {
@@ -1307,6 +1311,16 @@ enum Machine {
     Recording,
 }
 
+/// Connects the call's RTP socket to the callee's media address: the kernel then passes on only the
+/// callee's datagrams, and the pacer sends without naming the address (a route lookup less per
+/// packet; `campanile bench media`). Not being able to is no reason to end the call: the socket then
+/// listens to everyone and `receive_audio` picks the callee's datagrams out, as it always does.
+fn connect_media(rtp: &RtpSocket, callee: SocketAddr) {
+    if let Err(e) = rtp.connect(callee) {
+        tracing::debug!(error = %e, "cannot connect the RTP socket to the callee's media address");
+    }
+}
+
 /// Reads RTP from the callee and reports keys: RFC 4733 events when telephone-event was negotiated,
 /// otherwise tones in the audio itself (for trunks that pass keys only in-band). With `machine`, the
 /// audio also goes through answering-machine detection.
@@ -1330,9 +1344,19 @@ async fn receive_audio(
     let mut buf = [0u8; 1500];
     let mut strangers = 0u64;
     loop {
-        let Ok((n, from)) = socket.recv_from(&mut buf).await else {
-            return;
+        let (n, from) = match socket.recv_from(&mut buf).await {
+            Ok(got) => got,
+            // The socket is connected to the callee: an ICMP error for an earlier datagram of
+            // ours (the callee's port closed for a moment, a router's complaint) is reported
+            // here, once. The call goes on.
+            Err(e) if crate::media::socket::is_icmp_report(&e) => continue,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read RTP: keys and answering machines go unheard");
+                return;
+            }
         };
+        // The socket is connected to the callee, but datagrams queued before it was (or before
+        // the callee moved) are still read here.
         if from != *peer.borrow() {
             strangers += 1;
             if strangers == 1 {
@@ -1406,6 +1430,40 @@ mod tests {
         }
         let next = tokio::time::timeout(Duration::from_secs(10), digits.recv()).await;
         assert_eq!(next.ok().flatten(), Some('9'));
+        receiver.abort();
+    }
+
+    /// A call's RTP socket is connected to the callee, so an ICMP "port unreachable" for one of our
+    /// packets comes back as an error on the next read. The receiver reads on: keys pressed after
+    /// it still count.
+    #[tokio::test]
+    async fn an_icmp_error_does_not_stop_the_receiver() {
+        let ours = Arc::new(RtpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap());
+        let to = ours.local_addr().unwrap();
+        // The callee's port is closed for a moment while one of our packets reaches it.
+        let callee_addr = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        connect_media(&ours, callee_addr);
+        assert_eq!(ours.peer(), Some(callee_addr));
+        let (_peer_tx, peer_rx) = watch::channel(callee_addr);
+        let (digits_tx, mut digits) = mpsc::unbounded_channel();
+        // Our packet to the closed port: the kernel's ICMP error waits on the socket.
+        let mut out = crate::media::socket::Outbox::default();
+        out.push(ours.source(), None, |b| b.extend_from_slice(b"rtp"));
+        crate::media::socket::BatchSender::new(crate::media::socket::SendPath::Sendto)
+            .0
+            .send(&out, |_, _| {});
+        let receiver = tokio::spawn(receive_audio(ours, peer_rx, Some(101), digits_tx, None));
+        // The callee is back on its port and presses 4.
+        let callee = std::net::UdpSocket::bind(callee_addr).unwrap();
+        for p in crate::media::dtmf::dtmf_packets('4', 3, 1, 160, 101) {
+            callee.send_to(&p, to).unwrap();
+        }
+        let key = tokio::time::timeout(Duration::from_secs(10), digits.recv()).await;
+        assert_eq!(key.ok().flatten(), Some('4'));
+        assert!(!receiver.is_finished());
         receiver.abort();
     }
 }

@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use super::message::FRAME;
 use super::rtcp::{self, SenderInfo, REPORT_INTERVAL_FRAMES};
 use super::rtp::{write_packet, RtpHeader};
-use super::socket::{BatchSender, Outbox, RtpSocket, SendPath, Slot};
+use super::socket::{BatchSender, Outbox, RtpSocket, SendPath, Source};
 
 /// Packetisation interval.
 pub const TICK: Duration = Duration::from_millis(20);
@@ -37,6 +37,10 @@ pub struct RtcpTarget {
 }
 
 /// One stream to play.
+///
+/// If `socket` is connected to `dest` when the stream starts, or when [`StreamHandle::set_dest`]
+/// moves it, its datagrams leave without naming the address. Whoever connects the socket
+/// elsewhere during the stream then calls `set_dest` (a call connects first, then moves the stream).
 pub struct PlayRequest {
     pub socket: Arc<RtpSocket>,
     pub dest: SocketAddr,
@@ -74,8 +78,13 @@ struct Stream {
     first: bool,
     /// Frames until the next sender report.
     report_in: usize,
-    /// The RTP socket's place in this thread's sender, while the stream plays.
-    rtp_slot: Option<Slot>,
+    /// The RTP socket as this thread's sender names it (registered while the stream plays).
+    rtp: Source,
+    /// The RTCP socket, if there is one.
+    rtcp: Option<Source>,
+    /// Whether the RTP socket is connected to `dest` (as a call's is, to the callee): its datagrams
+    /// then leave without naming it, which spares the kernel a route lookup per datagram.
+    connected: bool,
 }
 
 /// Controls one stream; dropping it stops the stream.
@@ -301,7 +310,10 @@ impl PacerHandle {
             first: true,
             // RFC 3550 §6.2: the first report after half an interval, then every interval.
             report_in: REPORT_INTERVAL_FRAMES / 2,
-            rtp_slot: None,
+            rtp: req.socket.source(),
+            rtcp: req.rtcp.as_ref().map(|t| t.socket.source()),
+            // Worked out by the pacer thread when the stream arrives.
+            connected: false,
             req,
             shared: shared.clone(),
         };
@@ -413,17 +425,15 @@ fn run(rx: mpsc::Receiver<Stream>, shared: &Shared, mut sender: BatchSender) {
         outbox.clear();
         is_rtp.clear();
         late.clear();
-        let mut ended = Vec::new();
+        // A stream that ended queued nothing, so dropping it (and perhaps closing its socket)
+        // before the send is safe; the others keep their sockets open until after it.
         phase.retain_mut(|s| {
             let more = queue_next(s, &mut outbox, &mut is_rtp);
             if !more {
-                ended.extend(s.rtp_slot.take());
+                sender.unregister(s.rtp);
             }
             more
         });
-        for slot in ended {
-            sender.unregister(slot);
-        }
         sender.send(&outbox, |sent, now| {
             let after = now.saturating_duration_since(due);
             late.extend(sent.filter(|i| is_rtp[*i]).map(|_| after));
@@ -456,8 +466,9 @@ fn run(rx: mpsc::Receiver<Stream>, shared: &Shared, mut sender: BatchSender) {
 /// packet: worth it for a message, not for a stream of a few frames (a call setup's empty stream),
 /// nor for RTCP, one packet every 5 s.
 fn register(s: &mut Stream, sender: &mut BatchSender) {
+    s.connected = s.req.socket.peer() == Some(s.dest);
     if s.req.frames.len().saturating_sub(s.next) > REGISTER_FROM_FRAMES {
-        s.rtp_slot = sender.register(&s.req.socket);
+        s.rtp = sender.register(&s.req.socket);
     }
 }
 
@@ -479,14 +490,20 @@ fn queue_next(s: &mut Stream, out: &mut Outbox, is_rtp: &mut Vec<bool>) -> bool 
         timestamp: s.ts,
         ssrc: s.req.ssrc,
     };
+    let mut moved = false;
     if s.shared.dest_changed.load(Ordering::Relaxed)
         && s.shared.dest_changed.swap(false, Ordering::Acquire)
     {
         if let Ok(d) = s.shared.dest.lock() {
             s.dest = *d;
+            moved = true;
         }
     }
-    out.push(&s.req.socket, s.rtp_slot, s.dest, |buf| {
+    if moved {
+        s.connected = s.req.socket.peer() == Some(s.dest);
+    }
+    let to = (!s.connected).then_some(s.dest);
+    out.push(s.rtp, to, |buf| {
         write_packet(&h, &s.req.frames[s.next], buf)
     });
     is_rtp.push(true);
@@ -497,7 +514,7 @@ fn queue_next(s: &mut Stream, out: &mut Outbox, is_rtp: &mut Vec<bool>) -> bool 
     s.report_in = s.report_in.saturating_sub(1);
     if s.report_in == 0 {
         s.report_in = REPORT_INTERVAL_FRAMES;
-        if let Some(target) = &s.req.rtcp {
+        if let (Some(target), Some(from)) = (&s.req.rtcp, s.rtcp) {
             let packets = s.req.initial_packets.wrapping_add(sent as u32);
             let info = SenderInfo {
                 ssrc: s.req.ssrc,
@@ -506,7 +523,7 @@ fn queue_next(s: &mut Stream, out: &mut Outbox, is_rtp: &mut Vec<bool>) -> bool 
                 packets,
                 octets: packets.wrapping_mul(FRAME as u32),
             };
-            out.push(&target.socket, None, target.dest, |buf| {
+            out.push(from, Some(target.dest), |buf| {
                 rtcp::write_sender_report(&info, buf)
             });
             is_rtp.push(false);
@@ -757,6 +774,66 @@ mod tests {
         assert!(moved[0].sequence > first[1].sequence);
         for w in moved.windows(2) {
             assert_eq!(w[1].sequence, w[0].sequence.wrapping_add(1));
+        }
+    }
+
+    /// A call's socket is connected to the callee, and its datagrams leave without an address. A
+    /// stream moved to an address the socket is not connected to still gets there, and one
+    /// connected anew (as a call does before moving its stream) too.
+    #[tokio::test]
+    async fn a_connected_socket_streams_to_its_peer_and_follows_moves() {
+        for path in [SendPath::IoUring, SendPath::Sendto] {
+            let pacer = Pacer::spawn_with(1, path);
+            let rx1 = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let rx2 = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let rx3 = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let socket = sender();
+            socket.connect(rx1.local_addr().unwrap()).unwrap();
+            assert_eq!(socket.peer(), Some(rx1.local_addr().unwrap()));
+            let s = pacer.play(PlayRequest {
+                socket: socket.clone(),
+                dest: rx1.local_addr().unwrap(),
+                frames: Arc::new(vec![[0xFFu8; FRAME]; 10_000]),
+                payload_type: 0,
+                ssrc: 6,
+                start_frame: 0,
+                initial_seq: 1,
+                initial_ts: 0,
+                initial_packets: 0,
+                rtcp: None,
+            });
+            let first = receive(&rx1, 3).await;
+            // Moved without connecting: the socket is still connected to rx1, yet rx2 gets them.
+            s.set_dest(rx2.local_addr().unwrap());
+            let second = receive(&rx2, 3).await;
+            assert!(second[0].sequence > first[2].sequence);
+            // Connected to rx3 first, then moved there.
+            socket.connect(rx3.local_addr().unwrap()).unwrap();
+            s.set_dest(rx3.local_addr().unwrap());
+            let third = receive(&rx3, 3).await;
+            assert!(third[0].sequence > second[2].sequence);
+            for w in third.windows(2) {
+                assert_eq!(w[1].sequence, w[0].sequence.wrapping_add(1));
+            }
+            // Connected to rx1 again, the socket hears only rx1: rx2's datagram is not delivered.
+            socket.connect(rx1.local_addr().unwrap()).unwrap();
+            rx2.send_to(b"stranger", socket.local_addr().unwrap())
+                .await
+                .unwrap();
+            rx1.send_to(b"callee", socket.local_addr().unwrap())
+                .await
+                .unwrap();
+            let mut buf = [0u8; 64];
+            let (n, from) =
+                tokio::time::timeout(Duration::from_secs(5), socket.recv_from(&mut buf))
+                    .await
+                    .unwrap()
+                    .unwrap();
+            assert_eq!(
+                (&buf[..n], from),
+                (&b"callee"[..], rx1.local_addr().unwrap())
+            );
+            s.stop();
         }
     }
 

@@ -17,7 +17,7 @@ use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::ops::Range;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Instant;
 
 use io_uring::{opcode, types, IoUring};
@@ -26,6 +26,9 @@ use tokio::io::Interest;
 
 pub struct RtpSocket {
     fd: AsyncFd<UdpSocket>,
+    /// Where the socket is connected, if it is: it then receives datagrams from there only, and
+    /// datagrams sent without an address go there.
+    peer: Mutex<Option<SocketAddr>>,
 }
 
 impl RtpSocket {
@@ -37,16 +40,14 @@ impl RtpSocket {
         // while the registration lives, which is what `register_with_interest` asks.
         let fd = unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) }
             .map_err(|e| e.into_parts().1)?;
-        Ok(RtpSocket { fd })
+        Ok(RtpSocket {
+            fd,
+            peer: Mutex::new(None),
+        })
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.fd.get_ref().local_addr()
-    }
-
-    /// Sends one datagram now or not at all (a full buffer drops it: the stream keeps its timing).
-    pub fn try_send_to(&self, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
-        self.fd.get_ref().send_to(buf, to)
     }
 
     /// Receives the next datagram.
@@ -60,20 +61,79 @@ impl RtpSocket {
         }
     }
 
+    /// Connects the socket to `to` (the callee's media address): the kernel then drops datagrams
+    /// from anyone else, reports ICMP errors for `to` (as `ECONNREFUSED` on the next receive or
+    /// send), and the pacer sends without naming the address. Connecting again moves it.
+    pub fn connect(&self, to: SocketAddr) -> io::Result<()> {
+        let mut peer = self.peer.lock().unwrap_or_else(|e| e.into_inner());
+        if *peer == Some(to) {
+            return Ok(());
+        }
+        let result = self.fd.get_ref().connect(to);
+        if result.is_err() {
+            // A failed connect leaves the old connection in place, which would keep the new
+            // address out: dissolve it, so the socket hears everyone (the caller filters).
+            self.disconnect();
+        }
+        *peer = result.as_ref().ok().map(|_| to);
+        result
+    }
+
+    /// Dissolves the connection (`connect` to `AF_UNSPEC`, POSIX's way for datagram sockets).
+    fn disconnect(&self) {
+        // SAFETY: sockaddr is plain data for which all-zero bytes are valid; only the family is
+        // read for AF_UNSPEC.
+        let mut unspec: libc::sockaddr = unsafe { std::mem::zeroed() };
+        unspec.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
+        // SAFETY: the address is valid for the length given; the descriptor is ours.
+        unsafe {
+            libc::connect(
+                self.raw_fd(),
+                &unspec,
+                std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+            )
+        };
+    }
+
+    /// Where the socket is connected, if it is.
+    pub fn peer(&self) -> Option<SocketAddr> {
+        *self.peer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn raw_fd(&self) -> RawFd {
         self.fd.get_ref().as_raw_fd()
     }
+
+    /// Where datagrams from this socket leave from in an [`Outbox`] (not registered with a sender).
+    pub fn source(&self) -> Source {
+        Source {
+            fd: self.raw_fd(),
+            slot: None,
+        }
+    }
+}
+
+/// A socket as an [`Outbox`] names it: its descriptor, and its slot in the sender's registered
+/// files when it has one. Copied into the outbox per datagram, so that queueing a packet touches
+/// neither the socket nor a reference count; made only from an [`RtpSocket`], which must stay open
+/// until the outbox is sent or cleared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Source {
+    fd: RawFd,
+    slot: Option<Slot>,
 }
 
 /// Datagrams queued for one batched send, each with the socket it leaves from. Buffers are kept and
 /// reused from one batch to the next.
+///
+/// The outbox holds descriptors, not the sockets: whoever queues a datagram keeps its socket open
+/// until the outbox is sent or cleared (the pacer drops a stream only after its phase was sent).
 #[derive(Default)]
 pub struct Outbox {
     bufs: Vec<Vec<u8>>,
-    sockets: Vec<Arc<RtpSocket>>,
-    /// The socket's slot in the sender's registered files, when it has one.
-    slots: Vec<Option<Slot>>,
-    dests: Vec<SocketAddr>,
+    sources: Vec<Source>,
+    /// `None`: where the socket is connected.
+    dests: Vec<Option<SocketAddr>>,
 }
 
 /// A socket's place in a [`BatchSender`]'s table of registered files: io_uring then skips looking
@@ -84,39 +144,37 @@ pub struct Slot(u32);
 impl Outbox {
     /// Datagrams queued.
     pub fn len(&self) -> usize {
-        self.sockets.len()
+        self.sources.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.sockets.is_empty()
+        self.sources.is_empty()
     }
 
-    /// Queues a datagram that `write` fills in, to be sent from `socket` (registered in the sender
-    /// at `slot`, if it is) to `dest`; returns its index.
+    /// Queues a datagram that `write` fills in, to be sent from `from` to `dest` (`None`: where
+    /// `from` is connected); returns its index. `from`'s socket must stay open until the outbox is
+    /// sent or cleared.
     pub fn push(
         &mut self,
-        socket: &Arc<RtpSocket>,
-        slot: Option<Slot>,
-        dest: SocketAddr,
+        from: Source,
+        dest: Option<SocketAddr>,
         write: impl FnOnce(&mut Vec<u8>),
     ) -> usize {
-        let i = self.sockets.len();
+        let i = self.sources.len();
         if self.bufs.len() == i {
             self.bufs.push(Vec::with_capacity(256));
         }
         let buf = &mut self.bufs[i];
         buf.clear();
         write(buf);
-        self.sockets.push(socket.clone());
-        self.slots.push(slot);
+        self.sources.push(from);
         self.dests.push(dest);
         i
     }
 
-    /// Forgets the queued datagrams (and lets go of their sockets); keeps the buffers.
+    /// Forgets the queued datagrams; keeps the buffers.
     pub fn clear(&mut self) {
-        self.sockets.clear();
-        self.slots.clear();
+        self.sources.clear();
         self.dests.clear();
     }
 
@@ -166,16 +224,20 @@ impl BatchSender {
         }
     }
 
-    /// Registers `socket` with the ring, so that its datagrams skip the descriptor lookup; `None`
-    /// when there is no ring, no table, or no free slot (its datagrams then name the descriptor).
-    /// The registration keeps the socket open until [`BatchSender::unregister`].
-    pub fn register(&mut self, socket: &RtpSocket) -> Option<Slot> {
-        self.uring.as_mut()?.register(socket.raw_fd())
+    /// Registers `socket` with the ring, so that its datagrams skip the descriptor lookup: the
+    /// returned source names its slot, or only its descriptor when there is no ring, no table, or
+    /// no free slot. The registration keeps the socket open until [`BatchSender::unregister`].
+    pub fn register(&mut self, socket: &RtpSocket) -> Source {
+        let fd = socket.raw_fd();
+        Source {
+            fd,
+            slot: self.uring.as_mut().and_then(|u| u.register(fd)),
+        }
     }
 
-    /// Frees `slot` (the socket closes if nothing else holds it).
-    pub fn unregister(&mut self, slot: Slot) {
-        if let Some(u) = self.uring.as_mut() {
+    /// Frees `source`'s slot, if it has one (the socket closes if nothing else holds it).
+    pub fn unregister(&mut self, source: Source) {
+        if let (Some(u), Some(slot)) = (self.uring.as_mut(), source.slot) {
             u.unregister(slot);
         }
     }
@@ -239,10 +301,7 @@ impl BatchSender {
             start = end;
         }
         for i in start..out.len() {
-            if out.sockets[i]
-                .try_send_to(&out.bufs[i], out.dests[i])
-                .is_err()
-            {
+            if send_to(out.sources[i].fd, &out.bufs[i], out.dests[i]).is_err() {
                 refused += 1;
             }
             sent(i..i + 1, Instant::now());
@@ -376,53 +435,50 @@ impl Uring {
         let n = range.len();
         debug_assert!(n <= URING_BATCH);
         for (j, i) in range.enumerate() {
-            let addr_len = write_sockaddr(out.dests[i], &mut self.addrs[j]);
+            // A connected socket's datagram names no address (null, length 0).
+            let (addr, addr_len) = match out.dests[i] {
+                Some(dest) => (
+                    &self.addrs[j] as *const libc::sockaddr_in6,
+                    write_sockaddr(dest, &mut self.addrs[j]),
+                ),
+                None => (std::ptr::null(), 0),
+            };
             let buf = &out.bufs[i];
             // MSG_DONTWAIT: a full socket buffer completes with EAGAIN at once (the frame is
             // dropped, as with a non-blocking sendto) instead of waiting in the ring for space.
             let sqe = if self.send_to {
-                let addr = &self.addrs[j] as *const libc::sockaddr_in6 as *const libc::sockaddr;
-                match out.slots[i] {
-                    Some(Slot(k)) => {
-                        opcode::Send::new(types::Fixed(k), buf.as_ptr(), buf.len() as u32)
-                            .dest_addr(addr)
-                            .dest_addr_len(addr_len)
-                            .flags(libc::MSG_DONTWAIT)
-                            .build()
-                    }
-                    None => opcode::Send::new(
-                        types::Fd(out.sockets[i].raw_fd()),
-                        buf.as_ptr(),
-                        buf.len() as u32,
-                    )
-                    .dest_addr(addr)
-                    .dest_addr_len(addr_len)
-                    .flags(libc::MSG_DONTWAIT)
-                    .build(),
+                let (ptr, len) = (buf.as_ptr(), buf.len() as u32);
+                match out.sources[i].slot {
+                    Some(Slot(k)) => opcode::Send::new(types::Fixed(k), ptr, len),
+                    None => opcode::Send::new(types::Fd(out.sources[i].fd), ptr, len),
                 }
+                .dest_addr(addr as *const libc::sockaddr)
+                .dest_addr_len(addr_len)
+                .flags(libc::MSG_DONTWAIT)
+                .build()
             } else {
                 self.iovecs[j] = libc::iovec {
                     iov_base: buf.as_ptr() as *mut libc::c_void,
                     iov_len: buf.len(),
                 };
                 let h = &mut self.headers[j];
-                h.msg_name = &mut self.addrs[j] as *mut libc::sockaddr_in6 as *mut libc::c_void;
+                h.msg_name = addr as *mut libc::c_void;
                 h.msg_namelen = addr_len;
                 h.msg_iov = &mut self.iovecs[j];
                 h.msg_iovlen = 1;
                 h.msg_control = std::ptr::null_mut();
                 h.msg_controllen = 0;
                 h.msg_flags = 0;
-                match out.slots[i] {
+                match out.sources[i].slot {
                     Some(Slot(k)) => opcode::SendMsg::new(types::Fixed(k), h),
-                    None => opcode::SendMsg::new(types::Fd(out.sockets[i].raw_fd()), h),
+                    None => opcode::SendMsg::new(types::Fd(out.sources[i].fd), h),
                 }
                 .flags(libc::MSG_DONTWAIT as u32)
                 .build()
             };
             // SAFETY: the header, its iovec, address and buffer stay alive and unmoved until the
             // completion is reaped below (`out` is borrowed for the whole call, our arrays are
-            // never resized), the socket is held by `out` (and a slot by the registration), and
+            // never resized), the socket is kept open by whoever queued it (see `Outbox`), and
             // the queue has room: it holds URING_BATCH entries and is empty between calls.
             if unsafe { self.ring.submission().push(&sqe.user_data(j as u64)) }.is_err() {
                 return Err(io::Error::other("io_uring submission queue full"));
@@ -454,6 +510,57 @@ impl Uring {
             }
         }
         Ok(refused)
+    }
+}
+
+/// Whether `e` is how a connected UDP socket reports an ICMP error for an earlier datagram (port
+/// or host unreachable, and the like): once per error, nothing wrong with the socket itself.
+pub fn is_icmp_report(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ECONNREFUSED
+                | libc::EHOSTUNREACH
+                | libc::ENETUNREACH
+                | libc::EHOSTDOWN
+                | libc::ENONET
+                | libc::EPROTO
+                | libc::ENOPROTOOPT
+                | libc::EMSGSIZE
+        )
+    )
+}
+
+/// One non-blocking `sendto` from `fd` to `to` (`None`: where `fd` is connected); a full buffer
+/// refuses the datagram rather than wait.
+fn send_to(fd: RawFd, buf: &[u8], to: Option<SocketAddr>) -> io::Result<usize> {
+    // SAFETY: sockaddr_in6 is plain data for which all-zero bytes are valid.
+    let mut addr: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+    let (name, len) = match to {
+        Some(to) => {
+            let len = write_sockaddr(to, &mut addr);
+            (
+                &addr as *const libc::sockaddr_in6 as *const libc::sockaddr,
+                len,
+            )
+        }
+        None => (std::ptr::null(), 0),
+    };
+    // SAFETY: `buf` and `addr` are valid for the lengths given and outlive the call.
+    let n = unsafe {
+        libc::sendto(
+            fd,
+            buf.as_ptr() as *const libc::c_void,
+            buf.len(),
+            libc::MSG_DONTWAIT,
+            name,
+            len,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
     }
 }
 
@@ -495,6 +602,7 @@ fn write_sockaddr(addr: SocketAddr, out: &mut libc::sockaddr_in6) -> libc::sockl
 mod tests {
     use super::*;
     use std::collections::HashMap;
+    use std::sync::Arc;
     use std::time::Duration;
 
     /// `count` datagrams from `senders` sockets round-robin to `receivers` sockets, each datagram
@@ -522,21 +630,21 @@ mod tests {
         let mut out = Outbox::default();
         // Registered sockets go through the ring's file table; the same sockets also send by
         // descriptor, so both kinds of request are exercised.
-        let slots: Vec<Option<Slot>> = senders.iter().map(|s| sender.register(s)).collect();
+        let registered: Vec<Source> = senders.iter().map(|s| sender.register(s)).collect();
         if sender.path() == SendPath::Sendto {
-            assert!(slots.iter().all(Option::is_none));
+            assert!(registered.iter().all(|r| r.slot.is_none()));
         }
         let mut from = HashMap::new();
         for i in 0..count {
             let k = i % senders.len();
             let socket = &senders[k];
-            let slot = if (i / senders.len()) % 2 == 0 {
-                slots[k]
+            let source = if (i / senders.len()) % 2 == 0 {
+                registered[k]
             } else {
-                None
+                socket.source()
             };
             let dest = receivers[i % receivers.len()].local_addr().unwrap();
-            let j = out.push(socket, slot, dest, |b| {
+            let j = out.push(source, Some(dest), |b| {
                 b.extend_from_slice(&(i as u32).to_be_bytes())
             });
             assert_eq!(j, i);
@@ -572,15 +680,39 @@ mod tests {
             .await
             .expect("every datagram arrives");
         assert_eq!(got, from);
-        for slot in slots.into_iter().flatten() {
-            sender.unregister(slot);
+        // A connected socket's datagrams name no address; registered or not, they reach its peer.
+        let peer = &receivers[1];
+        senders[2].connect(peer.local_addr().unwrap()).unwrap();
+        out.clear();
+        out.push(registered[2], None, |b| b.extend_from_slice(b"via slot"));
+        out.push(senders[2].source(), None, |b| {
+            b.extend_from_slice(b"via fd")
+        });
+        assert_eq!(sender.send(&out, |_, _| {}), 0);
+        let mut heard = Vec::new();
+        let mut buf = [0u8; 64];
+        while heard.len() < 2 {
+            let (len, from) =
+                tokio::time::timeout(Duration::from_secs(5), peer.recv_from(&mut buf))
+                    .await
+                    .expect("both connected datagrams arrive")
+                    .unwrap();
+            assert_eq!(from, senders[2].local_addr().unwrap());
+            heard.push(buf[..len].to_vec());
+        }
+        heard.sort();
+        assert_eq!(heard, vec![b"via fd".to_vec(), b"via slot".to_vec()]);
+        for r in registered {
+            sender.unregister(r);
         }
         // The outbox is reusable: the next batch sends only what was queued after `clear`.
         out.clear();
         assert!(out.is_empty());
-        out.push(&senders[0], None, receivers[0].local_addr().unwrap(), |b| {
-            b.extend_from_slice(b"next")
-        });
+        out.push(
+            senders[0].source(),
+            Some(receivers[0].local_addr().unwrap()),
+            |b| b.extend_from_slice(b"next"),
+        );
         assert_eq!(out.datagram(0), b"next");
         assert_eq!(sender.send(&out, |_, _| {}), 0);
         let mut buf = [0u8; 64];
