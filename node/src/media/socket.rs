@@ -12,6 +12,10 @@
 //! `io_uring_enter` submits up to [`URING_BATCH`] `sendmsg`s from as many sockets. Where io_uring is
 //! missing (kernels before 5.6, a seccomp profile that forbids it, `kernel.io_uring_disabled`) the
 //! sender falls back to one non-blocking `sendto` per datagram, and says so.
+//!
+//! A call connects its socket to the callee's media address ([`RtpSocket::connect`]): the kernel
+//! then hears only the callee, and a datagram for that address leaves without naming it, which
+//! spares a route lookup per packet.
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
