@@ -750,23 +750,28 @@ mod tests {
         every_stream_packet_arrives_once_in_sequence(SendPath::Sendto).await;
     }
 
-    #[tokio::test]
-    async fn set_dest_moves_the_rest_of_the_stream() {
-        let pacer = Pacer::spawn_threads(1);
-        let rx1 = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let rx2 = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let s = pacer.play(PlayRequest {
-            socket: sender(),
-            dest: rx1.local_addr().unwrap(),
+    /// A stream of 200 s from `socket` to `dest`, registered with the ring like a message.
+    fn long_stream(socket: Arc<RtpSocket>, dest: SocketAddr, ssrc: u32) -> PlayRequest {
+        PlayRequest {
+            socket,
+            dest,
             frames: Arc::new(vec![[0xFFu8; FRAME]; 10_000]),
             payload_type: 0,
-            ssrc: 5,
+            ssrc,
             start_frame: 0,
             initial_seq: 100,
             initial_ts: 0,
             initial_packets: 0,
             rtcp: None,
-        });
+        }
+    }
+
+    #[tokio::test]
+    async fn set_dest_moves_the_rest_of_the_stream() {
+        let pacer = Pacer::spawn_threads(1);
+        let rx1 = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let rx2 = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let s = pacer.play(long_stream(sender(), rx1.local_addr().unwrap(), 5));
         let first = receive(&rx1, 2).await;
         s.set_dest(rx2.local_addr().unwrap());
         let moved = receive(&rx2, 3).await;
@@ -790,18 +795,7 @@ mod tests {
             let socket = sender();
             socket.connect(rx1.local_addr().unwrap()).unwrap();
             assert_eq!(socket.peer(), Some(rx1.local_addr().unwrap()));
-            let s = pacer.play(PlayRequest {
-                socket: socket.clone(),
-                dest: rx1.local_addr().unwrap(),
-                frames: Arc::new(vec![[0xFFu8; FRAME]; 10_000]),
-                payload_type: 0,
-                ssrc: 6,
-                start_frame: 0,
-                initial_seq: 1,
-                initial_ts: 0,
-                initial_packets: 0,
-                rtcp: None,
-            });
+            let s = pacer.play(long_stream(socket.clone(), rx1.local_addr().unwrap(), 6));
             let first = receive(&rx1, 3).await;
             // Moved without connecting: the socket is still connected to rx1, yet rx2 gets them.
             s.set_dest(rx2.local_addr().unwrap());
