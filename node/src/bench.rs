@@ -66,6 +66,10 @@ pub struct MediaRow {
     pub max_us: u64,
     /// How the pacer sent.
     pub path: SendPath,
+    /// Packets a second the callees sent back (0 when they do not answer).
+    pub heard_per_s: f64,
+    /// Of those, dropped a second by the kernel at the streams' full sockets: not read in time.
+    pub dropped_per_s: f64,
 }
 
 /// The sink: N sockets nobody reads, standing in for N phones.
@@ -146,6 +150,7 @@ pub async fn pacer_run(
     secs: f64,
     threads: usize,
     path: SendPath,
+    mut callees: Option<&mut Callees>,
 ) -> anyhow::Result<MediaRow> {
     let n = dests.len();
     let warmup = 2.0;
@@ -153,6 +158,7 @@ pub async fn pacer_run(
     let audio = Arc::new(vec![[0xFFu8; FRAME]; frames]);
     let pacer = Pacer::spawn_with(threads, path);
     let mut handles = Vec::with_capacity(n);
+    let mut sockets = Vec::with_capacity(n);
     for (i, dest) in dests.iter().enumerate() {
         let socket = Arc::new(
             crate::media::socket::RtpSocket::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
@@ -162,6 +168,7 @@ pub async fn pacer_run(
         socket
             .connect(*dest)
             .context("connecting a stream socket")?;
+        sockets.push(socket.clone());
         handles.push(pacer.play(PlayRequest {
             socket,
             dest: *dest,
@@ -175,7 +182,40 @@ pub async fn pacer_run(
             rtcp: None,
         }));
     }
+    // With callees answering, every stream's socket is read as a call's is: keys, and an answering
+    // machine detector on the decoded audio.
+    let mut listeners = Vec::new();
+    let mut ports = std::collections::HashSet::new();
+    if let Some(callees) = callees.as_deref_mut() {
+        let ours = sockets
+            .iter()
+            .map(|s| s.local_addr())
+            .collect::<std::io::Result<Vec<_>>>()?;
+        ports = ours.iter().map(|a| a.port()).collect();
+        callees.play(&ours)?;
+        for (socket, dest) in sockets.iter().zip(dests) {
+            let (peer_tx, peer_rx) = tokio::sync::watch::channel(*dest);
+            let (digits_tx, digits_rx) = tokio::sync::mpsc::unbounded_channel();
+            let (machine_tx, machine_rx) = tokio::sync::mpsc::unbounded_channel();
+            let task = tokio::spawn(crate::call::receive_audio(
+                socket.clone(),
+                peer_rx,
+                Some(TELEPHONE_EVENT),
+                digits_tx,
+                Some(machine_tx),
+            ));
+            listeners.push((task, peer_tx, digits_rx, machine_rx));
+        }
+    }
+    drop(sockets);
     tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
+    // Each count is divided by the time between its own two readings: reading /proc/net/udp
+    // with thousands of sockets takes a while, and so does asking the callees.
+    let dropped0 = (udp_drops(&ports), Instant::now());
+    let heard0 = match callees.as_deref_mut() {
+        Some(c) => (c.sent()?, Instant::now()),
+        None => (0, Instant::now()),
+    };
     pacer.reset_lateness();
     let packets0 = pacer.packets_sent();
     let cpu0 = cpu_seconds(libc::RUSAGE_SELF);
@@ -185,7 +225,20 @@ pub async fn pacer_run(
     let cpu = cpu_seconds(libc::RUSAGE_SELF) - cpu0;
     let packets = pacer.packets_sent() - packets0;
     let lateness = pacer.lateness_snapshot();
+    let heard_per_s = match callees {
+        Some(c) => {
+            let heard = (c.sent()? - heard0.0) as f64 / heard0.1.elapsed().as_secs_f64();
+            c.stop()?;
+            heard
+        }
+        None => 0.0,
+    };
+    let dropped_per_s =
+        (udp_drops(&ports) - dropped0.0) as f64 / dropped0.1.elapsed().as_secs_f64();
     drop(handles);
+    for (task, ..) in listeners {
+        task.abort();
+    }
     Ok(MediaRow {
         streams: n,
         packets_per_s: packets as f64 / wall,
@@ -194,11 +247,178 @@ pub async fn pacer_run(
         p99_us: lateness.p99_us,
         max_us: lateness.max_us,
         path: pacer.send_path(),
+        heard_per_s,
+        dropped_per_s,
     })
 }
 
-/// `campanile bench media`.
-pub async fn media(stream_counts: &[usize], secs: f64, threads: usize) -> anyhow::Result<()> {
+/// The payload type the benchmark's callees would send keys with; they send audio only.
+const TELEPHONE_EVENT: u8 = 101;
+
+/// Datagrams the kernel dropped so far at this host's IPv4 UDP sockets bound to `ports` (the
+/// `drops` column of /proc/net/udp: the socket's receive buffer was full).
+fn udp_drops(ports: &std::collections::HashSet<u16>) -> u64 {
+    if ports.is_empty() {
+        return 0;
+    }
+    let table = std::fs::read_to_string("/proc/net/udp").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let port = fields.get(1)?.rsplit(':').next()?;
+            let port = u16::from_str_radix(port, 16).ok()?;
+            ports
+                .contains(&port)
+                .then(|| fields.last()?.parse::<u64>().ok())?
+        })
+        .sum()
+}
+
+/// The callees of `bench media --answer`: a child process (`campanile bench media-callee`) whose
+/// sockets are the sinks, and which plays RTP back to each stream's socket, 50 packets a second,
+/// as a phone does. A process of its own, so that its CPU is not counted as the node's (it still
+/// takes its share of the machine's cores). Killed on drop.
+pub struct Callees {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    addrs: Vec<SocketAddr>,
+}
+
+impl Callees {
+    fn spawn(n: usize) -> anyhow::Result<Callees> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .args(["bench", "media-callee", "--streams", &n.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting the callees (campanile bench media-callee)")?;
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            bail!("the callees' pipes were not opened");
+        };
+        let mut callees = Callees {
+            child,
+            stdin,
+            stdout: std::io::BufReader::new(stdout),
+            addrs: Vec::new(),
+        };
+        let ports = callees.reply()?;
+        callees.addrs = ports
+            .split_whitespace()
+            .map(|p| Ok(SocketAddr::from(([127, 0, 0, 1], p.parse()?))))
+            .collect::<anyhow::Result<_>>()
+            .context("reading the callees' ports")?;
+        if callees.addrs.len() != n {
+            bail!("the callees bound {} sockets, not {n}", callees.addrs.len());
+        }
+        Ok(callees)
+    }
+
+    fn reply(&mut self) -> anyhow::Result<String> {
+        use std::io::BufRead;
+        let mut line = String::new();
+        if self.stdout.read_line(&mut line)? == 0 {
+            bail!("the callees' process ended");
+        }
+        Ok(line.trim().to_string())
+    }
+
+    fn ask(&mut self, line: &str) -> anyhow::Result<String> {
+        use std::io::Write;
+        writeln!(self.stdin, "{line}")?;
+        self.stdin.flush()?;
+        self.reply()
+    }
+
+    /// The first `to.len()` callees play to `to`, each to its stream.
+    fn play(&mut self, to: &[SocketAddr]) -> anyhow::Result<()> {
+        let ports: Vec<String> = to.iter().map(|a| a.port().to_string()).collect();
+        self.ask(&format!("play {}", ports.join(" ")))?;
+        Ok(())
+    }
+
+    /// Packets the callees have sent so far.
+    fn sent(&mut self) -> anyhow::Result<u64> {
+        Ok(self.ask("sent")?.parse()?)
+    }
+
+    fn stop(&mut self) -> anyhow::Result<()> {
+        self.ask("stop")?;
+        Ok(())
+    }
+}
+
+impl Drop for Callees {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `campanile bench media-callee`: the other end of `bench media --answer`. Binds `n` loopback
+/// sockets and prints their ports on one line; then, line by line on stdin, `play PORT...` connects
+/// the first sockets to those ports of 127.0.0.1 and plays RTP (G.711 silence, one pacer thread) to
+/// them until `stop`; `sent` prints the packets sent so far. Ends at the end of stdin.
+pub async fn media_callee(n: usize) -> anyhow::Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    raise_fd_limit();
+    let mut sockets = Vec::with_capacity(n);
+    for _ in 0..n {
+        sockets.push(Arc::new(crate::media::socket::RtpSocket::bind(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+        )?));
+    }
+    let ports: Vec<String> = sockets
+        .iter()
+        .map(|s| s.local_addr().map(|a| a.port().to_string()))
+        .collect::<std::io::Result<_>>()?;
+    println!("{}", ports.join(" "));
+    let pacer = Pacer::spawn_threads(1);
+    let audio = Arc::new(vec![[0xFFu8; FRAME]; 50 * 3600]);
+    let mut playing = Vec::new();
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Some(line) = lines.next_line().await? {
+        let mut words = line.split_whitespace();
+        match words.next() {
+            Some("play") => {
+                for (i, (socket, port)) in sockets.iter().zip(words).enumerate() {
+                    let dest = SocketAddr::from(([127, 0, 0, 1], port.parse()?));
+                    socket.connect(dest)?;
+                    playing.push(pacer.play(PlayRequest {
+                        socket: socket.clone(),
+                        dest,
+                        frames: audio.clone(),
+                        payload_type: 0,
+                        ssrc: i as u32,
+                        start_frame: 0,
+                        initial_seq: 0,
+                        initial_ts: 0,
+                        initial_packets: 0,
+                        rtcp: None,
+                    }));
+                }
+                println!("ok");
+            }
+            Some("sent") => println!("{}", pacer.packets_sent()),
+            Some("stop") => {
+                playing.clear();
+                println!("ok");
+            }
+            _ => bail!("unknown request {line:?}"),
+        }
+    }
+    Ok(())
+}
+
+/// `campanile bench media`; with `answer`, [`media_answered`] instead.
+pub async fn media(
+    stream_counts: &[usize],
+    secs: f64,
+    threads: usize,
+    answer: bool,
+) -> anyhow::Result<()> {
     let limit = raise_fd_limit();
     let most = stream_counts.iter().copied().max().unwrap_or(0);
     if (2 * most + 100) as u64 > limit {
@@ -209,6 +429,9 @@ pub async fn media(stream_counts: &[usize], secs: f64, threads: usize) -> anyhow
     }
     let (_sinks, addrs) = sinks(most)?;
     let threads = threads.max(1);
+    if answer {
+        return media_answered(stream_counts, &addrs, secs, threads).await;
+    }
     println!(
         "Each stream count: the bare sendmmsg loop on {threads} threads ({secs} s), then the pacer on \
          {threads} threads with io_uring and with the sendto fallback ({secs} s each after a 2 s warm-up)."
@@ -223,7 +446,7 @@ pub async fn media(stream_counts: &[usize], secs: f64, threads: usize) -> anyhow
         let (bare_pps, bare_cpu) = bare_loops(&addrs, secs, threads)?;
         // Each count with io_uring (what a node runs) and with the fallback, one sendto per packet.
         for path in [SendPath::IoUring, SendPath::Sendto] {
-            let row = pacer_run(&addrs[..n], secs, threads, path).await?;
+            let row = pacer_run(&addrs[..n], secs, threads, path, None).await?;
             let name = match (path, row.path) {
                 (SendPath::IoUring, SendPath::IoUring) => "io_uring",
                 // Asked for io_uring, but the kernel refused it (logged).
@@ -237,6 +460,53 @@ pub async fn media(stream_counts: &[usize], secs: f64, threads: usize) -> anyhow
                 row.packets_per_s / bare_pps * 100.0,
                 row.cpu_us_per_stream_s * row.streams as f64 / row.packets_per_s.max(1.0),
                 bare_cpu / bare_pps * 1e6,
+                row.p50_us as f64 / 1000.0,
+                row.p99_us as f64 / 1000.0,
+                row.max_us as f64 / 1000.0,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `campanile bench media --answer`: what the callees' RTP coming back costs. For each stream
+/// count, the pacer (io_uring) plays to the sinks nobody reads, as in the plain benchmark, and then to
+/// callees in a child process that play back to every stream, 50 packets a second, while each
+/// stream's socket is read as a call reads it (`call::receive_audio`: keys, answering machines).
+async fn media_answered(
+    stream_counts: &[usize],
+    sinks: &[SocketAddr],
+    secs: f64,
+    threads: usize,
+) -> anyhow::Result<()> {
+    let most = stream_counts.iter().copied().max().unwrap_or(0);
+    let mut callees = Callees::spawn(most)?;
+    println!(
+        "Each stream count: the pacer on {threads} threads (io_uring) to sinks nobody reads, then to \
+         callees that send RTP back, each stream read as a call reads it ({secs} s each after a 2 s warm-up)."
+    );
+    println!(
+        "| streams | callees send back | packets sent/s | packets back/s | dropped unread/s | \
+         CPU µs per stream-second | CPU µs per packet sent | lateness p50 | p99 | max |"
+    );
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for &n in stream_counts {
+        for answering in [false, true] {
+            let row = if answering {
+                let to = callees.addrs[..n].to_vec();
+                pacer_run(&to, secs, threads, SendPath::IoUring, Some(&mut callees)).await?
+            } else {
+                pacer_run(&sinks[..n], secs, threads, SendPath::IoUring, None).await?
+            };
+            println!(
+                "| {} | {} | {:.0} | {:.0} | {:.0} | {:.1} | {:.2} | {:.2} ms | {:.2} ms | {:.2} ms |",
+                row.streams,
+                if answering { "yes" } else { "no" },
+                row.packets_per_s,
+                row.heard_per_s,
+                row.dropped_per_s,
+                row.cpu_us_per_stream_s,
+                row.cpu_us_per_stream_s * row.streams as f64 / row.packets_per_s.max(1.0),
                 row.p50_us as f64 / 1000.0,
                 row.p99_us as f64 / 1000.0,
                 row.max_us as f64 / 1000.0,

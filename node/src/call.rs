@@ -1328,7 +1328,7 @@ fn connect_media(rtp: &RtpSocket, callee: SocketAddr) {
 /// Only datagrams from the callee's media address (`peer`, from its SDP) count: a port is reused by
 /// later calls, and a key pressed on an earlier call (its last RFC 4733 packets still on the way) must
 /// never confirm the next citizen on that port.
-async fn receive_audio(
+pub(crate) async fn receive_audio(
     socket: Arc<RtpSocket>,
     peer: watch::Receiver<SocketAddr>,
     telephone_event: Option<u8>,

@@ -256,6 +256,16 @@ enum BenchCmd {
         /// Pacer threads, and as many bare loops (default: one per core, as a node runs).
         #[arg(long)]
         threads: Option<usize>,
+        /// Callees (a child process) send RTP back and every stream is read as a call reads it;
+        /// compared with the same streams sent to sinks nobody reads, instead of the bare loop.
+        #[arg(long)]
+        answer: bool,
+    },
+    /// The callees of `bench media --answer` (started by it, driven through stdin).
+    #[command(hide = true)]
+    MediaCallee {
+        #[arg(long)]
+        streams: usize,
     },
     /// Calls per second and CPU per call: campanile's UAC against `sipp -sn uac`, both to `sipp -sn uas`.
     CallSetup {
@@ -634,6 +644,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     streams,
                     seconds,
                     threads,
+                    answer,
                 } => {
                     let threads = threads.unwrap_or_else(|| {
                         std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -642,8 +653,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         &streams,
                         seconds.clamp(1.0, 600.0),
                         threads.clamp(1, 64),
+                        answer,
                     )
                     .await?
+                }
+                BenchCmd::MediaCallee { streams } => {
+                    campanile::bench::media_callee(streams).await?
                 }
                 BenchCmd::CallSetup { rates, seconds } => {
                     campanile::bench::call_setup(&rates, seconds.clamp(1.0, 600.0)).await?
