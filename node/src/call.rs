@@ -848,13 +848,13 @@ impl Call<'_> {
         let (machine_tx, mut machine_events) = mpsc::unbounded_channel();
         // Keys arrive as RFC 4733 events on RTP, or as SIP INFO from trunks that only relay them that way.
         let info_digits = digits_tx.clone();
-        let receiver = tokio::spawn(receive_audio(
+        let receiver = AbortOnDrop(tokio::spawn(receive_audio(
             media.rtp.clone(),
             a.peer.subscribe(),
             a.remote.telephone_event,
             digits_tx,
             self.spec.detect_machines.then_some(machine_tx),
-        ));
+        )));
         let mut machine = Machine::Unknown;
         // RFC 3550 §5.1: random SSRC, initial sequence number and timestamp; replays continue the
         // stream, and so does a node that takes the call over.
@@ -1084,7 +1084,7 @@ impl Call<'_> {
                 (o, _) => o,
             }
         };
-        receiver.abort();
+        drop(receiver);
         outcome
     }
 
@@ -1321,6 +1321,16 @@ fn connect_media(rtp: &RtpSocket, callee: SocketAddr) {
     }
 }
 
+/// A task that ends when this is dropped: a call's RTP reader must not outlive the call, even one
+/// whose future is dropped half-way (it would hold the socket and look at it forever).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Reads RTP from the callee and reports keys: RFC 4733 events when telephone-event was negotiated,
 /// otherwise tones in the audio itself (for trunks that pass keys only in-band). With `machine`, the
 /// audio also goes through answering-machine detection.
@@ -1431,6 +1441,35 @@ mod tests {
         let next = tokio::time::timeout(Duration::from_secs(10), digits.recv()).await;
         assert_eq!(next.ok().flatten(), Some('9'));
         receiver.abort();
+    }
+
+    /// A call's RTP reader ends with the call, also when the call's future is dropped half-way:
+    /// left running, it would hold the socket (its port never freed) and look at it forever.
+    #[tokio::test]
+    async fn the_rtp_reader_ends_when_its_call_is_dropped() {
+        let ours = Arc::new(RtpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap());
+        let (_peer_tx, peer_rx) = watch::channel(ours.local_addr().unwrap());
+        let (digits_tx, _digits) = mpsc::unbounded_channel();
+        let reader = AbortOnDrop(tokio::spawn(receive_audio(
+            ours.clone(),
+            peer_rx,
+            Some(101),
+            digits_tx,
+            None,
+        )));
+        let call = async move {
+            let _reader = reader;
+            std::future::pending::<()>().await
+        };
+        drop(call);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Arc::strong_count(&ours) > 1 {
+            assert!(
+                Instant::now() < deadline,
+                "the reader still holds the socket"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// A call's RTP socket is connected to the callee, so an ICMP "port unreachable" for one of our

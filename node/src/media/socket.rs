@@ -1,10 +1,13 @@
 //! The UDP sockets of calls' RTP (and RTCP), and the system calls that send from them.
 //!
-//! A call's socket is sent from by the pacer thread and read by the call's task through tokio. It is
-//! registered with the reactor for readability only. A tokio `UdpSocket` also registers for
-//! writability, and on Linux every datagram a UDP socket sends frees its buffer space and raises a
-//! write-space event, so the reactor would wake for every RTP packet: measured with `campanile bench
-//! media`, that tripled the CPU cost of a packet.
+//! A call's socket is sent from by the pacer thread and read by the call's task, which looks at it
+//! every [`READ_INTERVAL`] and reads what has queued; the socket is not registered with tokio's
+//! reactor at all. Registered, each datagram the callee sends (50 a second) would wake the reactor
+//! and the call's task, and each one we send would wake the reactor's epoll too: on Linux a UDP
+//! socket that sends frees buffer space and wakes whoever waits on it (`sock_def_write_space`),
+//! whatever they wait for. `campanile bench media --answer` measured what that costs: a call's
+//! media, both ways, took 340–380 µs of CPU a second read through the reactor, 263–304 read this
+//! way (1,000–3,000 calls; BENCHMARKS.md).
 //!
 //! The pacer sends a phase's datagrams together through a [`BatchSender`]. Every datagram leaves from
 //! its own call's socket (symmetric RTP, RFC 4961: the callee sends its keys back to the port in our
@@ -22,28 +25,28 @@ use std::net::{SocketAddr, UdpSocket};
 use std::ops::Range;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types, IoUring};
-use tokio::io::unix::AsyncFd;
-use tokio::io::Interest;
+
+/// How long a reader of an [`RtpSocket`] waits before it looks again when it found nothing queued.
+/// A callee sends a datagram every 20 ms, so a reader finds about five at a time and a call's task
+/// wakes ten times a second instead of fifty; a key or an answering machine's beep is noticed at
+/// most this much later, which nobody on a phone can tell.
+pub const READ_INTERVAL: Duration = Duration::from_millis(100);
 
 pub struct RtpSocket {
-    fd: AsyncFd<UdpSocket>,
+    fd: UdpSocket,
     /// Where the socket is connected, if it is: it then receives datagrams from there only, and
     /// datagrams sent without an address go there.
     peer: Mutex<Option<SocketAddr>>,
 }
 
 impl RtpSocket {
-    /// Binds `addr`; must be called inside a tokio runtime.
+    /// Binds `addr`, non-blocking.
     pub fn bind(addr: SocketAddr) -> io::Result<RtpSocket> {
-        let socket = UdpSocket::bind(addr)?;
-        socket.set_nonblocking(true)?;
-        // SAFETY: the std socket owns its descriptor, and this struct never replaces or closes it
-        // while the registration lives, which is what `register_with_interest` asks.
-        let fd = unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) }
-            .map_err(|e| e.into_parts().1)?;
+        let fd = UdpSocket::bind(addr)?;
+        fd.set_nonblocking(true)?;
         Ok(RtpSocket {
             fd,
             peer: Mutex::new(None),
@@ -51,16 +54,18 @@ impl RtpSocket {
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.fd.get_ref().local_addr()
+        self.fd.local_addr()
     }
 
-    /// Receives the next datagram.
+    /// Receives the next datagram: the first one queued, or when there is none, the first one
+    /// found by looking again every [`READ_INTERVAL`] (needs a tokio runtime's timer).
     pub async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
         loop {
-            let mut guard = self.fd.readable().await?;
-            match guard.try_io(|s| s.get_ref().recv_from(buf)) {
-                Ok(result) => return result,
-                Err(_would_block) => continue,
+            match self.fd.recv_from(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    tokio::time::sleep(READ_INTERVAL).await
+                }
+                result => return result,
             }
         }
     }
@@ -73,7 +78,7 @@ impl RtpSocket {
         if *peer == Some(to) {
             return Ok(());
         }
-        let result = self.fd.get_ref().connect(to);
+        let result = self.fd.connect(to);
         if result.is_err() {
             // A failed connect leaves the old connection in place, which would keep the new
             // address out: dissolve it, so the socket hears everyone (the caller filters).
@@ -105,7 +110,7 @@ impl RtpSocket {
     }
 
     fn raw_fd(&self) -> RawFd {
-        self.fd.get_ref().as_raw_fd()
+        self.fd.as_raw_fd()
     }
 
     /// Where datagrams from this socket leave from in an [`Outbox`] (not registered with a sender).
