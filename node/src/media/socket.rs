@@ -6,7 +6,7 @@
 //! and the call's task, and each one we send would wake the reactor's epoll too: on Linux a UDP
 //! socket that sends frees buffer space and wakes whoever waits on it (`sock_def_write_space`),
 //! whatever they wait for. `campanile bench media --answer` measured what that costs: a call's
-//! media, both ways, took 340–380 µs of CPU a second read through the reactor, 263–304 read this
+//! media, both ways, took a median 368 µs of CPU a second read through the reactor, 284 read this
 //! way (1,000–3,000 calls; BENCHMARKS.md).
 //!
 //! The pacer sends a phase's datagrams together through a [`BatchSender`]. Every datagram leaves from
