@@ -20,8 +20,8 @@ use anyhow::{bail, Context};
 
 use crate::call::{place_call, CallContext, CallOutcome, CallSpec};
 use crate::media::message::FRAME;
-use crate::media::pacer::{Pacer, PlayRequest};
-use crate::media::socket::SendPath;
+use crate::media::pacer::{Pacer, PacerHandle, PlayRequest, StreamHandle};
+use crate::media::socket::{RtpSocket, SendPath};
 use crate::media::PreparedAudio;
 use crate::sip::endpoint::Endpoint;
 
@@ -163,26 +163,11 @@ pub async fn pacer_run(
     let mut sockets = Vec::with_capacity(n);
     for (i, dest) in dests.iter().enumerate() {
         let socket = Arc::new(
-            crate::media::socket::RtpSocket::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            RtpSocket::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
                 .context("binding a stream socket")?,
         );
-        // As a call's socket is, once the callee's media address is known.
-        socket
-            .connect(*dest)
-            .context("connecting a stream socket")?;
         sockets.push(socket.clone());
-        handles.push(pacer.play(PlayRequest {
-            socket,
-            dest: *dest,
-            frames: audio.clone(),
-            payload_type: 0,
-            ssrc: i as u32,
-            start_frame: 0,
-            initial_seq: 0,
-            initial_ts: 0,
-            initial_packets: 0,
-            rtcp: None,
-        }));
+        handles.push(play_to(&pacer, socket, *dest, &audio, i as u32)?);
     }
     // With callees answering, every stream's socket is read as a call's is: keys, and an answering
     // machine detector on the decoded audio.
@@ -368,9 +353,10 @@ pub async fn media_callee(n: usize) -> anyhow::Result<()> {
     raise_fd_limit();
     let mut sockets = Vec::with_capacity(n);
     for _ in 0..n {
-        sockets.push(Arc::new(crate::media::socket::RtpSocket::bind(
-            SocketAddr::from(([127, 0, 0, 1], 0)),
-        )?));
+        sockets.push(Arc::new(RtpSocket::bind(SocketAddr::from((
+            [127, 0, 0, 1],
+            0,
+        )))?));
     }
     let ports: Vec<String> = sockets
         .iter()
@@ -387,19 +373,7 @@ pub async fn media_callee(n: usize) -> anyhow::Result<()> {
             Some("play") => {
                 for (i, (socket, port)) in sockets.iter().zip(words).enumerate() {
                     let dest = SocketAddr::from(([127, 0, 0, 1], port.parse()?));
-                    socket.connect(dest)?;
-                    playing.push(pacer.play(PlayRequest {
-                        socket: socket.clone(),
-                        dest,
-                        frames: audio.clone(),
-                        payload_type: 0,
-                        ssrc: i as u32,
-                        start_frame: 0,
-                        initial_seq: 0,
-                        initial_ts: 0,
-                        initial_packets: 0,
-                        rtcp: None,
-                    }));
+                    playing.push(play_to(&pacer, socket.clone(), dest, &audio, i as u32)?);
                 }
                 println!("ok");
             }
@@ -412,6 +386,30 @@ pub async fn media_callee(n: usize) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Connects `socket` to `dest`, as a call's socket is once the callee's media address is known, and
+/// plays `frames` there (G.711 µ-law) from the start.
+fn play_to(
+    pacer: &PacerHandle,
+    socket: Arc<RtpSocket>,
+    dest: SocketAddr,
+    frames: &Arc<Vec<[u8; FRAME]>>,
+    ssrc: u32,
+) -> anyhow::Result<StreamHandle> {
+    socket.connect(dest).context("connecting a stream socket")?;
+    Ok(pacer.play(PlayRequest {
+        socket,
+        dest,
+        frames: frames.clone(),
+        payload_type: 0,
+        ssrc,
+        start_frame: 0,
+        initial_seq: 0,
+        initial_ts: 0,
+        initial_packets: 0,
+        rtcp: None,
+    }))
 }
 
 /// `campanile bench media`; with `answer`, [`media_answered`] instead.
