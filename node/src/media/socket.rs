@@ -58,14 +58,19 @@ impl RtpSocket {
     }
 
     /// Receives the next datagram: the first one queued, or when there is none, the first one
-    /// found by looking again every [`READ_INTERVAL`] (needs a tokio runtime's timer).
+    /// found by looking again every [`READ_INTERVAL`] (needs a tokio runtime's timer). A reader
+    /// that keeps finding datagrams (a flood) still lets the other tasks of its thread run: each
+    /// one read takes from the task's cooperative budget, as a read through the reactor would.
     pub async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
         loop {
             match self.fd.recv_from(buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     tokio::time::sleep(READ_INTERVAL).await
                 }
-                result => return result,
+                result => {
+                    tokio::task::consume_budget().await;
+                    return result;
+                }
             }
         }
     }
@@ -746,6 +751,69 @@ mod tests {
     #[tokio::test]
     async fn sendto_fallback_sends_every_datagram_once_from_its_own_socket() {
         every_datagram_arrives_once_from_its_socket(SendPath::Sendto, false).await;
+    }
+
+    /// A flood of datagrams does not keep the other tasks of the reader's thread from running:
+    /// each datagram read takes from the reader task's cooperative budget. (The test runtime has
+    /// one thread; the reader is spawned first, so without the budget it would read the whole
+    /// queue before the other task ran.)
+    #[tokio::test]
+    async fn a_flooded_reader_lets_the_other_tasks_of_its_thread_run() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        const SENT: usize = 1000;
+        let ours = Arc::new(RtpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap());
+        // Room for the whole flood (root may exceed net.core.rmem_max, as CI's runner is).
+        let room: libc::c_int = 8 << 20;
+        // SAFETY: our socket, and an int option value of the size given.
+        let forced = unsafe {
+            libc::setsockopt(
+                ours.raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                &room as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(
+            forced,
+            0,
+            "SO_RCVBUFFORCE needs root: {}",
+            io::Error::last_os_error()
+        );
+        let flood = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = ours.local_addr().unwrap();
+        for _ in 0..SENT {
+            flood.send_to(&[0x80], to).unwrap();
+        }
+        let read = Arc::new(AtomicUsize::new(0));
+        let reader = tokio::spawn({
+            let (ours, read) = (ours.clone(), read.clone());
+            async move {
+                let mut buf = [0u8; 16];
+                while ours.recv_from(&mut buf).await.is_ok() {
+                    read.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        let other = tokio::spawn({
+            let read = read.clone();
+            async move { read.load(Ordering::Relaxed) }
+        });
+        let read_when_the_other_ran = other.await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while read.load(Ordering::Relaxed) < SENT {
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {SENT} datagrams were read",
+                read.load(Ordering::Relaxed)
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        reader.abort();
+        assert!(
+            read_when_the_other_ran < SENT,
+            "the reader read all {SENT} queued datagrams before the other task ran"
+        );
     }
 
     #[test]
