@@ -214,14 +214,15 @@ pub async fn pacer_run(
     let lateness = pacer.lateness_snapshot();
     let heard_per_s = match callees {
         Some(c) => {
-            let heard = (c.sent()? - heard0.0) as f64 / heard0.1.elapsed().as_secs_f64();
+            let heard =
+                c.sent()?.saturating_sub(heard0.0) as f64 / heard0.1.elapsed().as_secs_f64();
             c.stop()?;
             heard
         }
         None => 0.0,
     };
     let dropped_per_s =
-        (udp_drops(&ports) - dropped0.0) as f64 / dropped0.1.elapsed().as_secs_f64();
+        udp_drops(&ports).saturating_sub(dropped0.0) as f64 / dropped0.1.elapsed().as_secs_f64();
     drop(handles);
     for (task, ..) in listeners {
         task.abort();
