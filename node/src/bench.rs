@@ -24,6 +24,7 @@ use crate::media::pacer::{Pacer, PacerHandle, PlayRequest, StreamHandle};
 use crate::media::socket::{RtpSocket, SendPath};
 use crate::media::PreparedAudio;
 use crate::sip::endpoint::Endpoint;
+use crate::sip::sdp;
 
 /// Bytes of one G.711 RTP datagram: 12 header + 160 payload.
 const DATAGRAM: usize = 12 + FRAME;
@@ -187,7 +188,8 @@ pub async fn pacer_run(
             let task = tokio::spawn(crate::call::receive_audio(
                 socket.clone(),
                 peer_rx,
-                Some(TELEPHONE_EVENT),
+                // What we offer for keys; the callees send audio only.
+                Some(sdp::PT_TELEPHONE_EVENT),
                 digits_tx,
                 Some(machine_tx),
             ));
@@ -239,9 +241,6 @@ pub async fn pacer_run(
         dropped_per_s,
     })
 }
-
-/// The payload type the benchmark's callees would send keys with; they send audio only.
-const TELEPHONE_EVENT: u8 = 101;
 
 /// Datagrams the kernel dropped so far at this host's IPv4 UDP sockets bound to `ports` (the
 /// `drops` column of /proc/net/udp: the socket's receive buffer was full).
@@ -403,7 +402,7 @@ fn play_to(
         socket,
         dest,
         frames: frames.clone(),
-        payload_type: 0,
+        payload_type: sdp::PT_PCMU,
         ssrc,
         start_frame: 0,
         initial_seq: 0,
