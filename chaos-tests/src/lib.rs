@@ -46,6 +46,42 @@ pub fn free_udp() -> SocketAddr {
         .expect("a free loopback UDP port")
 }
 
+/// `count` runs of `len` consecutive loopback ports, each port free for both TCP and UDP, no two
+/// runs overlapping; returns each run's first address. For commands that give node N the port of
+/// node 1 plus N-1 (`campanile demo`) and bind TCP and UDP on a SIP port: two separately picked
+/// free ports are often neighbours, so node 2's HTTP port could be node 1's SIP port.
+pub fn free_port_runs(count: usize, len: u16) -> Vec<SocketAddr> {
+    let mut held = Vec::new();
+    let mut runs = Vec::new();
+    for _ in 0..1000 {
+        if runs.len() == count {
+            return runs;
+        }
+        let Ok(first) = TcpListener::bind("127.0.0.1:0") else {
+            continue;
+        };
+        let Ok(base) = first.local_addr() else {
+            continue;
+        };
+        let run: Option<Vec<_>> = (0..len)
+            .map(|i| {
+                let addr = SocketAddr::new(base.ip(), base.port().checked_add(i)?);
+                let tcp = if i == 0 {
+                    None
+                } else {
+                    Some(TcpListener::bind(addr).ok()?)
+                };
+                Some((tcp, UdpSocket::bind(addr).ok()?))
+            })
+            .collect();
+        if let Some(run) = run {
+            held.push((first, run));
+            runs.push(base);
+        }
+    }
+    panic!("no {count} runs of {len} free loopback ports in 1000 tries");
+}
+
 /// A child process killed (SIGKILL) and reaped when dropped.
 pub struct Proc {
     pub name: String,

@@ -10,6 +10,8 @@ use campanile_chaos_tests::*;
 #[test]
 fn the_demo_runs_a_three_node_alert_to_the_end() {
     let dir = tempfile::tempdir().unwrap();
+    // Node N takes the HTTP and SIP ports of node 1 plus N-1.
+    let ports = free_port_runs(3, 3);
     let out = Command::new(campanile_bin())
         .args([
             "demo",
@@ -20,11 +22,11 @@ fn the_demo_runs_a_three_node_alert_to_the_end() {
             "--data",
             dir.path().join("demo").to_str().unwrap(),
             "--http",
-            &free_tcp().to_string(),
+            &ports[0].to_string(),
             "--sip",
-            &free_udp().to_string(),
+            &ports[1].to_string(),
             "--city",
-            &free_udp().to_string(),
+            &ports[2].to_string(),
         ])
         .output()
         .unwrap();
