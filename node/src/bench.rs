@@ -567,6 +567,7 @@ pub async fn campanile_setup(uas: SocketAddr, rate: f64, calls: u64) -> anyhow::
     let ctx = CallContext {
         endpoint,
         pacer: Pacer::spawn(),
+        ports: crate::media::ports::RtpPorts::default(),
     };
     let spec = Arc::new(CallSpec {
         to: "1000".into(),

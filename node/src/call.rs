@@ -3,7 +3,6 @@
 //! happened in words the dialer and an operator both understand.
 
 use std::fmt;
-use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,6 +14,7 @@ use crate::media::g711;
 use crate::media::inband::InbandDetector;
 use crate::media::machine::{MachineConfig, MachineDetector, MachineEvent};
 use crate::media::pacer::{PacerHandle, PlayRequest, RtcpTarget, StreamHandle};
+use crate::media::ports::RtpPorts;
 use crate::media::rtp;
 use crate::media::socket::RtpSocket;
 use crate::media::PreparedAudio;
@@ -237,6 +237,8 @@ fn retry_after(resp: &message::Response) -> Option<Duration> {
 pub struct CallContext {
     pub endpoint: Endpoint,
     pub pacer: PacerHandle,
+    /// Where calls bind their RTP and RTCP sockets (`media.rtp_port_min`/`rtp_port_max`).
+    pub ports: RtpPorts,
 }
 
 /// Places one call and returns its outcome. `abort` turning true ends the call early.
@@ -256,7 +258,7 @@ pub async fn place_call_with(
     hooks: Option<HandoverHooks>,
 ) -> CallOutcome {
     let local = ctx.endpoint.local_addr();
-    let (rtp_socket, rtcp_socket, rtp_addr) = match bind_media(local.ip()) {
+    let (rtp_socket, rtcp_socket, rtp_addr) = match bind_media(&ctx.ports, local.ip()) {
         Ok(m) => m,
         Err(why) => return CallOutcome::Failed(why),
     };
@@ -314,7 +316,7 @@ pub async fn resume_call(
         return failed(format!("unusable media address {:?}", h.remote_rtp));
     };
     let local = ctx.endpoint.local_addr();
-    let (rtp_socket, rtcp_socket, rtp_addr) = match bind_media(local.ip()) {
+    let (rtp_socket, rtcp_socket, rtp_addr) = match bind_media(&ctx.ports, local.ip()) {
         Ok(m) => m,
         Err(why) => return failed(why),
     };
@@ -435,33 +437,19 @@ pub fn proxy_route(proxy: &str) -> String {
     }
 }
 
-/// A call's RTP and RTCP sockets and the RTP address for its SDP; the error says what failed.
-fn bind_media(ip: IpAddr) -> Result<(Arc<RtpSocket>, Arc<RtpSocket>, SocketAddr), String> {
-    let (rtp, rtcp) =
-        bind_rtp_pair(ip).map_err(|e| format!("cannot bind RTP and RTCP sockets: {e}"))?;
+/// A call's RTP and RTCP sockets (a pair from `ports`) and the RTP address for its SDP; the error
+/// says what failed.
+fn bind_media(
+    ports: &RtpPorts,
+    ip: IpAddr,
+) -> Result<(Arc<RtpSocket>, Arc<RtpSocket>, SocketAddr), String> {
+    let (rtp, rtcp) = ports
+        .bind_pair(ip)
+        .map_err(|e| format!("cannot bind RTP and RTCP sockets: {e}"))?;
     let addr = rtp
         .local_addr()
         .map_err(|e| format!("RTP socket has no address: {e}"))?;
     Ok((Arc::new(rtp), Arc::new(rtcp), addr))
-}
-
-/// An RTP socket on an even port and its RTCP socket on the next one (RFC 3550 §11), so that peers
-/// that ignore `a=rtcp` find our RTCP where convention says.
-fn bind_rtp_pair(ip: IpAddr) -> io::Result<(RtpSocket, RtpSocket)> {
-    for _ in 0..64 {
-        let rtp = RtpSocket::bind(SocketAddr::new(ip, 0))?;
-        let port = rtp.local_addr()?.port();
-        if port % 2 != 0 || port == u16::MAX {
-            continue;
-        }
-        if let Ok(rtcp) = RtpSocket::bind(SocketAddr::new(ip, port + 1)) {
-            return Ok((rtp, rtcp));
-        }
-    }
-    Err(io::Error::new(
-        io::ErrorKind::AddrInUse,
-        "no free even/odd port pair for RTP and RTCP after 64 tries",
-    ))
 }
 
 /// Our side of the media session.

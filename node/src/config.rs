@@ -34,6 +34,7 @@ pub struct Config {
     pub trunk: TrunkSection,
     pub caller_id: CallerIdSection,
     pub dialer: DialerSection,
+    pub media: MediaSection,
     pub simcity: SimCitySection,
 }
 
@@ -109,6 +110,35 @@ impl Default for SipSection {
             t2_ms: 4000,
             t4_ms: 5000,
         }
+    }
+}
+
+/// Where calls' media sockets live.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MediaSection {
+    pub rtp_port_min: u16,
+    pub rtp_port_max: u16,
+}
+
+impl Default for MediaSection {
+    fn default() -> Self {
+        MediaSection {
+            rtp_port_min: crate::media::ports::DEFAULT_MIN,
+            rtp_port_max: crate::media::ports::DEFAULT_MAX,
+        }
+    }
+}
+
+impl MediaSection {
+    /// The RTP/RTCP port pairs of the configured range (checked by `Config::validate`).
+    pub fn rtp_ports(&self) -> Result<crate::media::ports::RtpPorts, ConfigError> {
+        crate::media::ports::RtpPorts::new(self.rtp_port_min, self.rtp_port_max).map_err(|e| {
+            ConfigError::Value {
+                key: "media.rtp_port_min",
+                message: format!("with media.rtp_port_max: {e}"),
+            }
+        })
     }
 }
 
@@ -280,6 +310,7 @@ impl Config {
                 ),
             );
         }
+        self.media.rtp_ports()?;
         if self.node.snapshot_every < 10 {
             return bad("node.snapshot_every", "must be 10 or more");
         }
@@ -447,6 +478,13 @@ batch_ms = 20
 # Times a citizen may press 2 to hear the message again in one call.
 max_replays = 2
 
+[media]
+# UDP ports calls' RTP (even) and RTCP (the odd port after it) are bound from: open this range
+# between the node and the trunk's media gateways. Each call holds one pair; below 32768 no
+# outgoing connection of the host takes them.
+rtp_port_min = 16384
+rtp_port_max = 32767
+
 [simcity]
 # Drill mode only: where the built-in simulated city listens.
 listen = "127.0.0.1:5070"
@@ -468,6 +506,13 @@ mod tests {
         cfg.validate().unwrap();
         assert_eq!(cfg.http.listen, Config::default().http.listen);
         assert!(cfg.drill_mode());
+        assert_eq!(
+            (cfg.media.rtp_port_min, cfg.media.rtp_port_max),
+            (
+                crate::media::ports::DEFAULT_MIN,
+                crate::media::ports::DEFAULT_MAX
+            )
+        );
     }
 
     #[test]
@@ -483,5 +528,12 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("trunk.uri"));
+        let cfg: Config =
+            toml::from_str("[media]\nrtp_port_min = 20001\nrtp_port_max = 20002\n").unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("media.rtp_port_min"), "{err}");
+        assert!(err.contains("20001..=20002"), "{err}");
+        let err = toml::from_str::<Config>("[media]\nrtp_port_max = 70000\n").unwrap_err();
+        assert!(err.to_string().contains("rtp_port_max"), "{err}");
     }
 }

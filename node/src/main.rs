@@ -608,6 +608,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let ctx = CallContext {
                 endpoint,
                 pacer: Pacer::spawn(),
+                ports: campanile::media::ports::RtpPorts::default(),
             };
             let spec = CallSpec {
                 to: to.clone(),

@@ -118,6 +118,7 @@ impl Node {
         let ctx = CallContext {
             endpoint: endpoint.clone(),
             pacer: Pacer::spawn(),
+            ports: cfg.media.rtp_ports()?,
         };
         let cache = Arc::new(AudioCache::new(Some(data.join("audio-cache"))));
         let dialer_cfg = DialerConfig {

@@ -157,6 +157,16 @@ fn tshark_finds_no_malformed_packets_and_no_rtp_loss_in_our_calls() {
             .and_then(|p| p.parse().ok())
             .unwrap_or(0);
         assert!(packets > 100, "too few packets: {line}");
+        // Sent from an even port of the default `[media]` range, the one a firewall opens.
+        let source: u16 = line
+            .split_whitespace()
+            .nth(3)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        assert!(
+            source % 2 == 0 && (16384..=32767).contains(&source),
+            "RTP not from an even port in 16384-32767: {line}"
+        );
     }
 
     // RTCP sender reports (RFC 3550 §6.4.1) to the port after each call's RTP port, counting packets.

@@ -6,6 +6,7 @@ pub mod dtmf;
 pub mod g711;
 pub mod message;
 pub mod pacer;
+pub mod ports;
 pub mod rtcp;
 pub mod rtp;
 pub mod socket;

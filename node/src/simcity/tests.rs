@@ -45,6 +45,7 @@ async fn caller() -> CallContext {
     CallContext {
         endpoint,
         pacer: Pacer::spawn(),
+        ports: crate::media::ports::RtpPorts::default(),
     }
 }
 
