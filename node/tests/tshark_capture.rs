@@ -164,7 +164,7 @@ fn tshark_finds_no_malformed_packets_and_no_rtp_loss_in_our_calls() {
             .and_then(|p| p.parse().ok())
             .unwrap_or(0);
         assert!(
-            source % 2 == 0 && (16384..=32767).contains(&source),
+            source.is_multiple_of(2) && (16384..=32767).contains(&source),
             "RTP not from an even port in 16384-32767: {line}"
         );
     }
