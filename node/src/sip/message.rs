@@ -37,12 +37,18 @@ pub fn parse(bytes: &[u8]) -> Result<SipMessage, ParseError> {
             }
         }
     }
-    top_via(&msg).ok_or(ParseError::MissingHeader("Via"))?;
-    call_id(&msg).ok_or(ParseError::MissingHeader("Call-ID"))?;
-    cseq(&msg).ok_or(ParseError::MissingHeader("CSeq"))?;
-    header_value(&msg, HeaderName::From).ok_or(ParseError::MissingHeader("From"))?;
-    header_value(&msg, HeaderName::To).ok_or(ParseError::MissingHeader("To"))?;
+    required_headers(&msg)?;
     Ok(msg)
+}
+
+/// The headers every transaction needs (Via, Call-ID, CSeq, From, To), present and readable.
+fn required_headers(msg: &impl HasHeaders) -> Result<(), ParseError> {
+    top_via(msg).ok_or(ParseError::MissingHeader("Via"))?;
+    call_id(msg).ok_or(ParseError::MissingHeader("Call-ID"))?;
+    cseq(msg).ok_or(ParseError::MissingHeader("CSeq"))?;
+    header_value(msg, HeaderName::From).ok_or(ParseError::MissingHeader("From"))?;
+    header_value(msg, HeaderName::To).ok_or(ParseError::MissingHeader("To"))?;
+    Ok(())
 }
 
 fn short(e: &impl std::fmt::Display) -> String {
@@ -315,23 +321,57 @@ impl RequestBuilder {
         self
     }
 
-    /// Serialises to wire text and parses it back into an rsip `Request`.
+    /// The request as rsip's types, each header typed by its name as parsing would (so the
+    /// accessors here find it), without writing it out and parsing it back. Fails on a request
+    /// URI rsip cannot read or with a space in it, a header value with a line break in it (it would smuggle in another
+    /// header), or a missing Via, Call-ID, CSeq, From or To.
     pub fn build(self) -> Result<Request, ParseError> {
-        let mut s = format!("{} {} SIP/2.0\r\n", self.method, self.uri);
-        for (k, v) in &self.headers {
-            s.push_str(&format!("{k}: {v}\r\n"));
+        let bad_uri =
+            |why: String| ParseError::Syntax(format!("request URI {:?}: {why}", self.uri));
+        // rsip reads a URI up to the first space and ignores the rest; the start line cannot.
+        if self
+            .uri
+            .contains(|c: char| c.is_whitespace() || c.is_control())
+        {
+            return Err(bad_uri("has a space or control character".into()));
+        }
+        let uri = rsip::Uri::try_from(self.uri.as_str()).map_err(|e| bad_uri(short(&e)))?;
+        let mut headers = Vec::with_capacity(self.headers.len() + 2);
+        for (name, value) in &self.headers {
+            headers.push(typed_header(name, value)?);
         }
         if let Some(ct) = &self.content_type {
-            s.push_str(&format!("Content-Type: {ct}\r\n"));
+            headers.push(typed_header("Content-Type", ct)?);
         }
-        s.push_str(&format!("Content-Length: {}\r\n\r\n", self.body.len()));
-        let mut bytes = s.into_bytes();
-        bytes.extend_from_slice(&self.body);
-        match parse(&bytes)? {
-            SipMessage::Request(r) => Ok(r),
-            SipMessage::Response(_) => Err(ParseError::Syntax("built a response".into())),
-        }
+        headers.push(Header::ContentLength(rsip::headers::ContentLength::new(
+            self.body.len().to_string(),
+        )));
+        let req = Request {
+            method: self.method,
+            uri,
+            version: rsip::Version::V2,
+            headers: headers.into(),
+            body: self.body,
+        };
+        required_headers(&req)?;
+        Ok(req)
     }
+}
+
+/// A header as rsip types it when it parses `name: value`.
+fn typed_header(name: &str, value: &str) -> Result<Header, ParseError> {
+    if value.contains(['\r', '\n']) || name.contains(['\r', '\n', ':']) {
+        return Err(ParseError::Syntax(format!(
+            "header {name:?} would break the message: its name or value has a line break"
+        )));
+    }
+    let token = rsip::headers::header::tokenizer::Tokenizer::from((
+        name.as_bytes(),
+        value.trim_start().as_bytes(),
+    ));
+    token
+        .try_into()
+        .map_err(|e: rsip::Error| ParseError::Syntax(format!("header {name:?}: {}", short(&e))))
 }
 
 /// Builds a response to `req` (RFC 3261 §8.2.6.2): copies Via, From, Call-ID, CSeq and To, adding
@@ -508,6 +548,47 @@ l: 0\r\n\r\n";
             .unwrap();
         let back = parse(&request_bytes(&req)).unwrap();
         assert_eq!(cseq(&back), Some((2, Method::Bye)));
+    }
+
+    #[test]
+    fn a_built_request_is_what_parsing_its_wire_text_gives() {
+        // Every kind of header our requests carry, typed or not, and a body.
+        let req = RequestBuilder::new(Method::Invite, "sip:+393471234567@127.0.0.1:5070")
+            .header("Via", "SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK1;rport")
+            .header("Max-Forwards", "70")
+            .header("Route", "<sip:127.0.0.1:5080;lr>")
+            .header("From", "\"Protezione Civile\" <sip:campanile@h>;tag=1")
+            .header("To", "<sip:+393471234567@h>")
+            .header("Call-ID", "c1@campanile")
+            .header("CSeq", "1 INVITE")
+            .header("Contact", "<sip:campanile@127.0.0.1:5060>")
+            .header("P-Asserted-Identity", "<sip:+390502211@h>")
+            .header("Authorization", "Digest username=\"u\", realm=\"r\"")
+            .header("User-Agent", "campanile")
+            .body("application/sdp", b"v=0\r\n".to_vec())
+            .build()
+            .unwrap();
+        let back = parse(&request_bytes(&req)).unwrap();
+        assert_eq!(SipMessage::Request(req), back);
+    }
+
+    #[test]
+    fn a_header_that_would_smuggle_in_another_is_refused_by_name() {
+        let err = RequestBuilder::new(Method::Bye, "sip:u@127.0.0.1:5070")
+            .header("Via", "SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK1")
+            .header("From", "<sip:a@h>;tag=1\r\nRoute: <sip:evil>")
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("\"From\""), "{err}");
+        let err = RequestBuilder::new(Method::Bye, "not a uri at all")
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("request URI"), "{err}");
+        let err = RequestBuilder::new(Method::Bye, "sip:u@127.0.0.1:5070")
+            .header("Via", "SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK1")
+            .build()
+            .unwrap_err();
+        assert_eq!(err, ParseError::MissingHeader("Call-ID"));
     }
 
     proptest::proptest! {
