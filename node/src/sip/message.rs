@@ -323,8 +323,8 @@ impl RequestBuilder {
 
     /// The request as rsip's types, each header typed by its name as parsing would (so the
     /// accessors here find it), without writing it out and parsing it back. Fails on a request
-    /// URI rsip cannot read or with a space in it, a header value with a line break in it (it would smuggle in another
-    /// header), or a missing Via, Call-ID, CSeq, From or To.
+    /// URI rsip cannot read or with a space in it, a header value with a line break in it (it
+    /// would smuggle in another header), or a missing Via, Call-ID, CSeq, From or To.
     pub fn build(self) -> Result<Request, ParseError> {
         let bad_uri =
             |why: String| ParseError::Syntax(format!("request URI {:?}: {why}", self.uri));
@@ -416,8 +416,9 @@ pub fn response_to(
     Response {
         status_code: StatusCode::from(code),
         version: rsip::Version::V2,
-        // Only a line break in one of our own `extra` values fails; such a response goes out
-        // without headers, which its peer drops, rather than with a smuggled header.
+        // Only a line break fails: in one of our own `extra` values, or a lone CR or LF inside a
+        // header of a hostile request. Such a response goes out without headers, which its peer
+        // drops, rather than with a smuggled header.
         headers: headers.unwrap_or_default().into(),
         body,
     }
