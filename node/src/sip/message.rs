@@ -628,6 +628,9 @@ l: 0\r\n\r\n";
             b[i] = byte;
             if let Ok(m) = parse(&b) {
                 let _ = (call_id(&m), cseq(&m), via_branch(&m), contact_uri(&m));
+                if let SipMessage::Request(r) = &m {
+                    let _ = response_bytes(&response_to(r, 200, Some("t"), &[], None));
+                }
             }
         }
     }
