@@ -137,39 +137,39 @@ mod tests {
 
     #[test]
     fn pairs_are_even_and_odd_inside_the_range_and_go_round_it_in_turn() {
-        // Above the ephemeral ports and the default range, where nothing else in the tests binds.
-        let ports = RtpPorts::new(61100, 61107).unwrap();
+        // Below the default range and the ephemeral ports, where nothing else in the tests binds.
+        let ports = RtpPorts::new(15100, 15107).unwrap();
         let mut seen = Vec::new();
         for _ in 0..4 {
             let (rtp, rtcp) = ports.bind_pair(LOOPBACK).unwrap();
             assert_eq!(port(&rtp) % 2, 0);
             assert_eq!(port(&rtcp), port(&rtp) + 1);
-            assert!((61100..=61107).contains(&port(&rtcp)));
+            assert!((15100..=15107).contains(&port(&rtcp)));
             seen.push(port(&rtp));
         }
         // Closed at once, each pair still waits for its turn: four calls, four different pairs.
         seen.sort_unstable();
-        assert_eq!(seen, [61100, 61102, 61104, 61106]);
+        assert_eq!(seen, [15100, 15102, 15104, 15106]);
     }
 
     #[test]
     fn a_pair_held_elsewhere_is_skipped_and_a_full_range_says_which_keys_to_change() {
-        let ports = RtpPorts::new(61200, 61205).unwrap();
+        let ports = RtpPorts::new(15200, 15205).unwrap();
         // Someone else holds one RTP port and one RTCP port: one pair is left.
-        let _a = std::net::UdpSocket::bind((LOOPBACK, 61200)).unwrap();
-        let _b = std::net::UdpSocket::bind((LOOPBACK, 61203)).unwrap();
+        let _a = std::net::UdpSocket::bind((LOOPBACK, 15200)).unwrap();
+        let _b = std::net::UdpSocket::bind((LOOPBACK, 15203)).unwrap();
         let (rtp, rtcp) = ports.bind_pair(LOOPBACK).unwrap();
-        assert_eq!(port(&rtp), 61204);
+        assert_eq!(port(&rtp), 15204);
         let Err(err) = ports.bind_pair(LOOPBACK) else {
             panic!("a pair was bound though every one is held");
         };
         assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
         let text = err.to_string();
-        assert!(text.contains("61200 to 61205"), "{text}");
+        assert!(text.contains("15200 to 15205"), "{text}");
         assert!(text.contains("media.rtp_port_min"), "{text}");
         // The pair comes back when its call ends.
         drop(rtp);
         drop(rtcp);
-        assert_eq!(port(&ports.bind_pair(LOOPBACK).unwrap().0), 61204);
+        assert_eq!(port(&ports.bind_pair(LOOPBACK).unwrap().0), 15204);
     }
 }
