@@ -609,6 +609,10 @@ impl Call<'_> {
                         let code = status(&resp);
                         if code < 200 {
                             provisional = true;
+                            if cancelled_for.is_some() && cancel_tx.is_none() {
+                                // Aborted before anything rang: the CANCEL waited for this (§9.1).
+                                cancel_tx = Some(self.send_cancel(&invite)?);
+                            }
                         } else if code < 300 {
                             let answered = self.on_2xx(&invite, &resp).await?;
                             if let Some(why) = cancelled_for.take() {
@@ -713,18 +717,20 @@ impl Call<'_> {
                 _ = tokio::time::sleep_until(ring_deadline), if ring_armed => {
                     if !provisional {
                         // Nothing rang: no CANCEL may be sent (§9.1); the next hop is not answering.
-                        return Err(CallOutcome::Unreachable);
+                        return Err(cancelled_for.unwrap_or(CallOutcome::Unreachable));
                     }
                     cancel_tx = Some(self.send_cancel(&invite)?);
                     cancelled_for = Some(CallOutcome::NoAnswer);
                 }
-                changed = abort.changed(), if ring_armed => {
+                changed = abort.changed(), if ring_armed && cancelled_for.is_none() => {
                     if changed.is_err() || *abort.borrow() {
-                        if !provisional {
-                            return Err(CallOutcome::Aborted);
-                        }
-                        cancel_tx = Some(self.send_cancel(&invite)?);
                         cancelled_for = Some(CallOutcome::Aborted);
+                        // RFC 3261 §9.1: no CANCEL before a provisional response; wait for one
+                        // (or a 2xx, answered with ACK and BYE, or the end of the transaction)
+                        // instead of leaving a phone that would ring and answer into silence.
+                        if provisional {
+                            cancel_tx = Some(self.send_cancel(&invite)?);
+                        }
                     }
                 }
             }

@@ -556,3 +556,65 @@ async fn a_takeover_of_a_dialog_the_phone_no_longer_has_fails_with_its_reason() 
     );
     city.shutdown().await;
 }
+
+/// A call aborted (a lapsed lease, a cancelled campaign) before anything rang may not CANCEL yet
+/// (RFC 3261 §9.1), but it must not walk away either: the INVITE is on its way and the phone would
+/// ring and answer into silence. It waits for the first provisional response and cancels then.
+#[tokio::test]
+async fn a_call_aborted_before_anything_rang_cancels_once_it_rings() {
+    use crate::sip::message::{self, Method};
+    let ctx = caller().await;
+    let phone = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let spec = spec_to(phone.local_addr().unwrap(), "+393470000001");
+    let (abort, abort_rx) = tokio::sync::watch::channel(false);
+    let call = tokio::spawn(async move { place_call(&ctx, &spec, abort_rx).await });
+    let mut buf = vec![0u8; 65_536];
+    let (invite, caller_addr) = next_request(&phone, &mut buf).await;
+    assert_eq!(invite.method, Method::Invite);
+    // The abort comes before any response; on this one-thread runtime the call task sees it while
+    // this task yields.
+    abort.send_replace(true);
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        !call.is_finished(),
+        "the call gave up its INVITE without cancelling it"
+    );
+    let ringing = message::response_to(&invite, 180, Some("phone"), &[], None);
+    phone
+        .send_to(&message::response_bytes(&ringing), caller_addr)
+        .await
+        .unwrap();
+    let (cancel, _) = next_request(&phone, &mut buf).await;
+    assert_eq!(cancel.method, Method::Cancel);
+    assert_eq!(message::call_id(&cancel), message::call_id(&invite));
+    for (req, code) in [(&cancel, 200), (&invite, 487)] {
+        let resp = message::response_to(req, code, Some("phone"), &[], None);
+        phone
+            .send_to(&message::response_bytes(&resp), caller_addr)
+            .await
+            .unwrap();
+    }
+    let outcome = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("the call ends once its INVITE is cancelled")
+        .unwrap();
+    assert!(matches!(outcome, CallOutcome::Aborted), "{outcome:?}");
+}
+
+/// The next request the caller sends to `phone`, within 10 s.
+async fn next_request(
+    phone: &tokio::net::UdpSocket,
+    buf: &mut [u8],
+) -> (crate::sip::message::Request, std::net::SocketAddr) {
+    let (n, from) = tokio::time::timeout(Duration::from_secs(10), phone.recv_from(buf))
+        .await
+        .expect("the caller sends within 10 s")
+        .unwrap();
+    use crate::sip::message::{parse, SipMessage};
+    match parse(&buf[..n]).unwrap() {
+        SipMessage::Request(r) => (r, from),
+        SipMessage::Response(_) => panic!("the caller sent a response"),
+    }
+}
