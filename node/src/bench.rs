@@ -564,11 +564,7 @@ pub struct SetupRun {
 /// the ones that completed.
 pub async fn campanile_setup(uas: SocketAddr, rate: f64, calls: u64) -> anyhow::Result<SetupRun> {
     let (endpoint, _unrouted) = Endpoint::bind("127.0.0.1:0".parse()?).await?;
-    let ctx = CallContext {
-        endpoint,
-        pacer: Pacer::spawn(),
-        ports: crate::media::ports::RtpPorts::default(),
-    };
+    let ctx = CallContext::new(endpoint);
     let spec = Arc::new(CallSpec {
         to: "1000".into(),
         trunk: uas,

@@ -241,6 +241,18 @@ pub struct CallContext {
     pub ports: RtpPorts,
 }
 
+impl CallContext {
+    /// Calls through `endpoint` with a pacer thread per core and the default RTP port range (a
+    /// node takes its range from its config instead).
+    pub fn new(endpoint: Endpoint) -> CallContext {
+        CallContext {
+            endpoint,
+            pacer: crate::media::pacer::Pacer::spawn(),
+            ports: RtpPorts::default(),
+        }
+    }
+}
+
 /// Places one call and returns its outcome. `abort` turning true ends the call early.
 pub async fn place_call(
     ctx: &CallContext,

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 
 use campanile::call::{place_call, CallContext, CallSpec};
 use campanile::config::{self, Config};
-use campanile::media::{self, pacer::Pacer};
+use campanile::media;
 use campanile::simcity::{self, SimCity, SimCityConfig};
 use campanile::sip::endpoint::Endpoint;
 
@@ -605,11 +605,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let (endpoint, _unrouted) = Endpoint::bind_with(sip, transport)
                 .await
                 .with_context(|| format!("--sip: cannot bind {sip}"))?;
-            let ctx = CallContext {
-                endpoint,
-                pacer: Pacer::spawn(),
-                ports: campanile::media::ports::RtpPorts::default(),
-            };
+            let ctx = CallContext::new(endpoint);
             let spec = CallSpec {
                 to: to.clone(),
                 trunk,

@@ -39,15 +39,11 @@ pub struct RtpPorts {
 
 impl Default for RtpPorts {
     fn default() -> Self {
-        match RtpPorts::new(DEFAULT_MIN, DEFAULT_MAX) {
-            Ok(p) => p,
-            // The constants hold thousands of pairs; this arm only keeps the types honest.
-            Err(_) => RtpPorts {
-                first: DEFAULT_MIN,
-                pairs: 1,
-                next: Arc::default(),
-            },
-        }
+        // DEFAULT_MIN is even and DEFAULT_MAX the odd port of the range's last pair.
+        RtpPorts::with_pairs(
+            DEFAULT_MIN,
+            u32::from(DEFAULT_MAX - DEFAULT_MIN).div_ceil(2),
+        )
     }
 }
 
@@ -58,12 +54,19 @@ impl RtpPorts {
         if first + 1 > u32::from(max) {
             return Err(NoPair { min, max });
         }
-        let pairs = (u32::from(max) - first).div_ceil(2);
-        Ok(RtpPorts {
-            first: first as u16,
+        Ok(RtpPorts::with_pairs(
+            first as u16,
+            (u32::from(max) - first).div_ceil(2),
+        ))
+    }
+
+    /// `pairs` (at least one) from the even port `first`, the turn starting at a random one.
+    fn with_pairs(first: u16, pairs: u32) -> RtpPorts {
+        RtpPorts {
+            first,
             pairs,
             next: Arc::new(AtomicU32::new(rand::random::<u32>() % pairs)),
-        })
+        }
     }
 
     /// Binds the next free pair on `ip`. Fails when every pair is held, naming the range, or at
@@ -133,6 +136,11 @@ mod tests {
         assert!(RtpPorts::new(65534, 65535).is_ok());
         let p = RtpPorts::new(20001, 20006).unwrap();
         assert_eq!((p.first, p.pairs, p.last()), (20002, 2, 20005));
+        let d = RtpPorts::default();
+        assert_eq!(
+            (d.first, d.pairs, d.last()),
+            (DEFAULT_MIN, 8192, u32::from(DEFAULT_MAX))
+        );
     }
 
     #[test]

@@ -4,7 +4,6 @@ use std::time::Duration;
 
 use super::*;
 use crate::call::{place_call, CallContext, CallOutcome, CallSpec};
-use crate::media::pacer::Pacer;
 use crate::media::PreparedAudio;
 
 fn fast(profile: Profile) -> Profile {
@@ -42,11 +41,7 @@ async fn caller() -> CallContext {
     let (endpoint, _unrouted) = Endpoint::bind("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
-    CallContext {
-        endpoint,
-        pacer: Pacer::spawn(),
-        ports: crate::media::ports::RtpPorts::default(),
-    }
+    CallContext::new(endpoint)
 }
 
 /// A call to `to` through the city at `city`: a 2 s message, 5 s of ringing, 500 ms to press a key.
@@ -608,11 +603,11 @@ async fn next_request(
     phone: &tokio::net::UdpSocket,
     buf: &mut [u8],
 ) -> (crate::sip::message::Request, std::net::SocketAddr) {
+    use crate::sip::message::{parse, SipMessage};
     let (n, from) = tokio::time::timeout(Duration::from_secs(10), phone.recv_from(buf))
         .await
         .expect("the caller sends within 10 s")
         .unwrap();
-    use crate::sip::message::{parse, SipMessage};
     match parse(&buf[..n]).unwrap() {
         SipMessage::Request(r) => (r, from),
         SipMessage::Response(_) => panic!("the caller sent a response"),
