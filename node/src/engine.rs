@@ -466,12 +466,11 @@ impl Engine for NodeEngine {
     }
 
     fn metrics_text(&self) -> String {
-        self.metrics.set_sip_malformed(
-            self.endpoint
-                .stats()
-                .dropped_malformed
-                .load(std::sync::atomic::Ordering::Relaxed),
-        );
+        let sip = self.endpoint.stats();
+        let load = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
+        self.metrics.set_sip_malformed(load(&sip.dropped_malformed));
+        self.metrics
+            .set_sip_stray_answers_ended(load(&sip.ended_stray));
         self.metrics.render(&self.cluster)
     }
 

@@ -53,6 +53,7 @@ pub struct Metrics {
     drill_mode: IntGauge,
     trunk_up: IntGauge,
     sip_malformed: IntGauge,
+    sip_stray_answers_ended: IntGauge,
     /// This node's trunk: its name and channel limit.
     trunk: Arc<Mutex<Option<(String, usize)>>>,
     /// Label sets of this node's per-campaign series, so those of campaigns no longer reported
@@ -194,6 +195,10 @@ impl Metrics {
             "sip_malformed_datagrams",
             "Datagrams dropped by the SIP intake as malformed since the node started.",
         ));
+        let sip_stray_answers_ended = must(IntGauge::new(
+            "sip_stray_answers_ended",
+            "2xx answers to INVITEs no call held any more (timed out, given up), ACKed and ended with BYE since the node started.",
+        ));
         for c in [
             Box::new(calls.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(confirmed_calls.clone()),
@@ -214,6 +219,7 @@ impl Metrics {
             Box::new(drill_mode.clone()),
             Box::new(trunk_up.clone()),
             Box::new(sip_malformed.clone()),
+            Box::new(sip_stray_answers_ended.clone()),
         ] {
             must(registry.register(c));
         }
@@ -238,6 +244,7 @@ impl Metrics {
             drill_mode,
             trunk_up,
             sip_malformed,
+            sip_stray_answers_ended,
             trunk: Arc::default(),
             observed: Arc::default(),
         }
@@ -322,6 +329,10 @@ impl Metrics {
 
     pub fn set_sip_malformed(&self, n: u64) {
         self.sip_malformed.set(n as i64);
+    }
+
+    pub fn set_sip_stray_answers_ended(&self, n: u64) {
+        self.sip_stray_answers_ended.set(n as i64);
     }
 
     /// Refreshes the state-derived gauges and renders the text exposition format.

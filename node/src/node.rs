@@ -18,7 +18,7 @@ use crate::engine::NodeEngine;
 use crate::media::{pacer::Pacer, AudioCache};
 use crate::metrics::Metrics;
 use crate::simcity::{self, SimCity, SimCityConfig};
-use crate::sip::endpoint::{Endpoint, Inbound};
+use crate::sip::endpoint::{Endpoint, Inbound, StrayAnswers};
 use crate::sip::message::{response_bytes, response_to, Method, SipMessage};
 
 /// Handles of a running node.
@@ -113,7 +113,13 @@ impl Node {
                 format!("cannot bind SIP on {} (sip.listen / --sip)", cfg.sip.listen)
             })?;
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let mut tasks = vec![tokio::spawn(answer_unrouted(endpoint.clone(), unrouted))];
+        // Answers to INVITEs no call holds any more come from where the INVITEs went.
+        let stray = StrayAnswers::new(trunk.ip(), cfg.timers());
+        let mut tasks = vec![tokio::spawn(answer_unrouted(
+            endpoint.clone(),
+            unrouted,
+            stray,
+        ))];
 
         let ctx = CallContext {
             endpoint: endpoint.clone(),
@@ -305,11 +311,20 @@ async fn register(
     Ok(())
 }
 
-/// Requests for no call of ours: we place calls, we do not take them (yet).
-async fn answer_unrouted(endpoint: Endpoint, mut rx: mpsc::UnboundedReceiver<Inbound>) {
+/// Requests for no call of ours (we place calls, we do not take them yet), and answers to INVITEs
+/// no call holds any more (ACKed and ended, see [`StrayAnswers`]).
+async fn answer_unrouted(
+    endpoint: Endpoint,
+    mut rx: mpsc::UnboundedReceiver<Inbound>,
+    mut stray: StrayAnswers,
+) {
     while let Some(Inbound { msg, from }) = rx.recv().await {
-        let SipMessage::Request(req) = msg else {
-            continue;
+        let req = match msg {
+            SipMessage::Request(req) => req,
+            SipMessage::Response(resp) => {
+                stray.answer(&endpoint, &resp, from).await;
+                continue;
+            }
         };
         let code = match req.method {
             Method::Ack => continue,

@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 
+use rsip::message::HasHeaders;
 use serde::{Deserialize, Serialize};
 
 use super::message::{
@@ -62,11 +63,28 @@ impl Dialog {
         resp: &Response,
         local_contact: &str,
     ) -> Result<Self, DialogError> {
-        let call_id = message::call_id(invite)
-            .ok_or(DialogError::Missing("INVITE", "Call-ID"))?
+        Self::caller(invite, "INVITE", resp, local_contact)
+    }
+
+    /// The caller's dialog from a 2xx alone, for an INVITE no call holds any more (§13.2.2.4):
+    /// the response carries the INVITE's Call-ID, From (with our tag) and CSeq.
+    pub fn from_answer(resp: &Response, local_contact: &str) -> Result<Self, DialogError> {
+        Self::caller(resp, "response", resp, local_contact)
+    }
+
+    /// The caller's dialog: Call-ID, our From and CSeq from `ours` (the INVITE, or a response that
+    /// copied them), the peer's tag, target and route set from `resp`.
+    fn caller(
+        ours: &impl HasHeaders,
+        what: &'static str,
+        resp: &Response,
+        local_contact: &str,
+    ) -> Result<Self, DialogError> {
+        let call_id = message::call_id(ours)
+            .ok_or(DialogError::Missing(what, "Call-ID"))?
             .to_string();
-        let local_tag = message::from_tag(invite)
-            .ok_or(DialogError::Missing("INVITE", "From tag"))?
+        let local_tag = message::from_tag(ours)
+            .ok_or(DialogError::Missing(what, "From tag"))?
             .to_string();
         let remote_tag = message::to_tag(resp)
             .ok_or(DialogError::Missing("response", "To tag"))?
@@ -78,11 +96,11 @@ impl Dialog {
             call_id,
             local_tag,
             remote_tag,
-            local_party: strip_tag(header_value(invite, HeaderName::From).unwrap_or_default()),
+            local_party: strip_tag(header_value(ours, HeaderName::From).unwrap_or_default()),
             remote_party: strip_tag(header_value(resp, HeaderName::To).unwrap_or_default()),
             remote_target,
             route_set,
-            local_cseq: message::cseq(invite).map(|c| c.0).unwrap_or(1),
+            local_cseq: message::cseq(ours).map(|c| c.0).unwrap_or(1),
             remote_cseq: None,
             local_contact: local_contact.to_string(),
             via_transport: udp(),
@@ -226,6 +244,29 @@ Call-ID: d1\r\nCSeq: 1 INVITE\r\nContact: <sip:alert@127.0.0.1:5060>\r\nContent-
             .build(Method::Ack, "127.0.0.1:5060".parse().unwrap())
             .unwrap();
         assert_eq!(message::cseq(&ack), Some((2, Method::Ack)));
+    }
+
+    /// A 2xx carries what the INVITE said of us, so the dialog from the answer alone is the same.
+    #[test]
+    fn a_dialog_from_the_answer_alone_is_the_callers() {
+        let inv = invite();
+        let ok = response_to(
+            &inv,
+            200,
+            Some("theirs"),
+            &[("Contact", "<sip:phone@127.0.0.1:5070>".to_string())],
+            None,
+        );
+        let contact = "sip:alert@127.0.0.1:5060";
+        assert_eq!(
+            Dialog::from_answer(&ok, contact),
+            Dialog::from_uac(&inv, &ok, contact)
+        );
+        let untagged = response_to(&inv, 200, None, &[], None);
+        assert_eq!(
+            Dialog::from_answer(&untagged, contact),
+            Err(DialogError::Missing("response", "To tag"))
+        );
     }
 
     #[test]

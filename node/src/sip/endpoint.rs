@@ -35,8 +35,11 @@ pub struct EndpointStats {
     pub received: AtomicU64,
     /// Datagrams that were not usable SIP (malformed, oversize, missing headers).
     pub dropped_malformed: AtomicU64,
-    /// Responses for no call we know.
+    /// Responses for no call we know (a 2xx to an INVITE among them only when it was not ended,
+    /// see [`StrayAnswers`]).
     pub dropped_stray: AtomicU64,
+    /// Answers (2xx to an INVITE) for no call we know that were ACKed and ended with BYE.
+    pub ended_stray: AtomicU64,
 }
 
 /// Which transport an endpoint speaks.
@@ -444,19 +447,218 @@ impl Intake {
             Some(tx) => {
                 if let Err(mpsc::error::SendError(inbound)) = tx.send(inbound) {
                     // The call just ended; treat the message as unrouted.
-                    if matches!(inbound.msg, SipMessage::Request(_)) {
+                    if wants_an_answer(&inbound.msg) {
                         let _ = self.unrouted.send(inbound);
                     }
                 }
                 true
             }
-            None => match inbound.msg {
-                SipMessage::Request(_) => self.unrouted.send(inbound).is_ok(),
-                SipMessage::Response(_) => {
+            None if wants_an_answer(&inbound.msg) => match self.unrouted.send(inbound) {
+                Ok(()) => true,
+                Err(mpsc::error::SendError(Inbound {
+                    msg: SipMessage::Response(_),
+                    ..
+                })) => {
                     self.stats.dropped_stray.fetch_add(1, Ordering::Relaxed);
                     true
                 }
+                Err(_) => false,
             },
+            None => {
+                self.stats.dropped_stray.fetch_add(1, Ordering::Relaxed);
+                true
+            }
         }
+    }
+}
+
+/// Whether a message nobody holds still needs something from us: every request does (an answer),
+/// and so does a 2xx to an INVITE (an ACK and a BYE, see [`StrayAnswers`]).
+fn wants_an_answer(msg: &SipMessage) -> bool {
+    match msg {
+        SipMessage::Request(_) => true,
+        SipMessage::Response(r) => is_answer_to_invite(r),
+    }
+}
+
+fn is_answer_to_invite(r: &message::Response) -> bool {
+    (200..300).contains(&status(r)) && message::cseq(r).is_some_and(|(_, m)| m == Method::Invite)
+}
+
+/// Most stray answers being ended at once; past that they are ACKed only.
+const MAX_ENDING: usize = 4096;
+
+/// What the caller owes a 2xx to its INVITE that no call holds any more (RFC 3261 §13.2.2.4: ACK
+/// every 2xx; end a dialog it does not want with BYE). Such an answer reaches the unrouted queue when
+/// its call is gone: the INVITE transaction timed out (Timer B) before the phone answered, the call
+/// gave up, or the node restarted. Left alone, the callee is off the hook with nobody talking until
+/// its side gives up waiting for the ACK (64×T1, 32 s by default).
+///
+/// Answers are taken only from `peer`'s address (the trunk, or the outbound proxy: where our
+/// INVITEs go and their answers come from), and the ACK and BYE go back to the address the answer
+/// came from, not to its Contact: a forged answer cannot make us send requests to a third party.
+pub struct StrayAnswers {
+    peer: std::net::IpAddr,
+    timers: Timers,
+    /// Dialogs being ended, by Call-ID and the callee's tag, and since when.
+    ending: HashMap<(String, String), std::time::Instant>,
+}
+
+impl StrayAnswers {
+    pub fn new(peer: std::net::IpAddr, timers: Timers) -> Self {
+        StrayAnswers {
+            peer,
+            timers,
+            ending: HashMap::new(),
+        }
+    }
+
+    /// ACKs `resp`, a 2xx to an INVITE no call holds, and the first time its dialog is seen ends it
+    /// with BYE (a client transaction of its own, in a task). A retransmission of the 2xx is ACKed
+    /// again when it arrives here; once the BYE's task holds the Call-ID it takes them, and drops
+    /// them (the BYE ends the dialog either way).
+    pub async fn answer(
+        &mut self,
+        endpoint: &Endpoint,
+        resp: &message::Response,
+        from: SocketAddr,
+    ) {
+        let dropped = || endpoint.stats.dropped_stray.fetch_add(1, Ordering::Relaxed);
+        if from.ip() != self.peer || !is_answer_to_invite(resp) {
+            dropped();
+            tracing::debug!(%from, "dropped a 2xx for no call we know: not from the trunk");
+            return;
+        }
+        let mut dialog = match Dialog::from_answer(resp, &endpoint.contact("campanile")) {
+            Ok(d) => d,
+            Err(e) => {
+                dropped();
+                tracing::debug!(%from, error = %e, "dropped a 2xx for no call we know");
+                return;
+            }
+        };
+        dialog.via_transport = endpoint.via_transport().to_string();
+        let Ok(ack) = dialog.build(Method::Ack, endpoint.local_addr()) else {
+            dropped();
+            return;
+        };
+        let _ = endpoint.send(&message::request_bytes(&ack), from).await;
+        let key = (dialog.call_id.clone(), dialog.remote_tag.clone());
+        let now = std::time::Instant::now();
+        let linger = self.timers.t1 * 64;
+        self.ending
+            .retain(|_, since| now.duration_since(*since) < linger);
+        if self.ending.contains_key(&key) || self.ending.len() >= MAX_ENDING {
+            return;
+        }
+        self.ending.insert(key, now);
+        let Ok(bye) = dialog.build(Method::Bye, endpoint.local_addr()) else {
+            return;
+        };
+        endpoint.stats.ended_stray.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            call_id = %dialog.call_id,
+            "a 2xx answered an INVITE no call holds any more: ACKed, ending the call with BYE"
+        );
+        let (endpoint, timers) = (endpoint.clone(), self.timers);
+        tokio::spawn(async move {
+            let mut channel = endpoint.register(&dialog.call_id);
+            request_and_wait(&endpoint, &mut channel, bye, from, timers, linger).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sip::message::{parse, Response};
+
+    fn answer(call_id: &str) -> Response {
+        let raw = format!(
+            "INVITE sip:1000@127.0.0.1:5070 SIP/2.0\r\n\
+Via: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKgone\r\n\
+From: <sip:alert@127.0.0.1>;tag=ours\r\nTo: <sip:1000@127.0.0.1>\r\n\
+Call-ID: {call_id}\r\nCSeq: 7 INVITE\r\nContact: <sip:alert@127.0.0.1:5060>\r\nContent-Length: 0\r\n\r\n"
+        );
+        let SipMessage::Request(invite) = parse(raw.as_bytes()).unwrap() else {
+            unreachable!()
+        };
+        let contact = [("Contact", "<sip:1000@127.0.0.1:5070>".to_string())];
+        response_to(&invite, 200, Some("theirs"), &contact, None)
+    }
+
+    async fn next_request(sock: &UdpSocket) -> message::Request {
+        let mut buf = vec![0u8; 4096];
+        let (n, _) = tokio::time::timeout(Duration::from_secs(5), sock.recv_from(&mut buf))
+            .await
+            .expect("a request within 5 s")
+            .unwrap();
+        match parse(&buf[..n]).unwrap() {
+            SipMessage::Request(r) => r,
+            SipMessage::Response(r) => panic!("expected a request, got {r}"),
+        }
+    }
+
+    /// The trunk's late 2xx gets an ACK and one BYE (CSeq after the INVITE's, the callee's tag);
+    /// its retransmission an ACK only; a 2xx from anyone else nothing at all.
+    #[tokio::test]
+    async fn a_stray_answer_from_the_trunk_is_acked_and_ended_once() {
+        let (endpoint, _unrouted) = Endpoint::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let trunk = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let from = trunk.local_addr().unwrap();
+        let timers = Timers {
+            t1: Duration::from_millis(50),
+            ..Timers::default()
+        };
+        let mut stray = StrayAnswers::new(from.ip(), timers);
+        let ok = answer("late-1");
+        stray.answer(&endpoint, &ok, from).await;
+        let ack = next_request(&trunk).await;
+        assert_eq!(ack.method, Method::Ack);
+        assert_eq!(message::cseq(&ack), Some((7, Method::Ack)));
+        assert_eq!(ack.uri.to_string(), "sip:1000@127.0.0.1:5070");
+        let bye = next_request(&trunk).await;
+        assert_eq!(bye.method, Method::Bye);
+        assert_eq!(message::cseq(&bye), Some((8, Method::Bye)));
+        assert_eq!(message::to_tag(&bye), Some("theirs"));
+        assert_eq!(message::from_tag(&bye), Some("ours"));
+        let done = response_to(&bye, 200, None, &[], None);
+        trunk
+            .send_to(&response_bytes(&done), endpoint.local_addr())
+            .await
+            .unwrap();
+
+        // The retransmitted 2xx: ACKed again, no second BYE.
+        stray.answer(&endpoint, &ok, from).await;
+        assert_eq!(next_request(&trunk).await.method, Method::Ack);
+        let mut buf = [0u8; 2048];
+        let more =
+            tokio::time::timeout(Duration::from_millis(300), trunk.recv_from(&mut buf)).await;
+        assert!(
+            more.is_err(),
+            "a second BYE (or a BYE retransmission after its 200)"
+        );
+        assert_eq!(endpoint.stats().ended_stray.load(Ordering::Relaxed), 1);
+
+        // Another address: dropped and counted, nothing sent anywhere.
+        let elsewhere = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+        let before = endpoint.stats().dropped_stray.load(Ordering::Relaxed);
+        stray
+            .answer(
+                &endpoint,
+                &answer("forged"),
+                elsewhere.local_addr().unwrap(),
+            )
+            .await;
+        assert_eq!(
+            endpoint.stats().dropped_stray.load(Ordering::Relaxed),
+            before + 1
+        );
+        let sent =
+            tokio::time::timeout(Duration::from_millis(300), elsewhere.recv_from(&mut buf)).await;
+        assert!(sent.is_err(), "a request to the forged answer's sender");
+        assert_eq!(endpoint.stats().ended_stray.load(Ordering::Relaxed), 1);
     }
 }
