@@ -20,7 +20,10 @@ use crate::media::socket::RtpSocket;
 use crate::media::PreparedAudio;
 use crate::sip::auth::{Challenge, Credentials};
 use crate::sip::dialog::Dialog;
-use crate::sip::endpoint::{end_dialog, sleep_until_opt, CallChannel, Endpoint, Inbound};
+use crate::sip::endpoint::{
+    end_dialog, is_answer_to_invite, sleep_until_opt, unwanted_answer, CallChannel, Endpoint,
+    Inbound,
+};
 use crate::sip::message::{
     self, new_branch, random_token, reason_phrase, request_bytes, response_bytes, response_to,
     status, Method, Request, RequestBuilder, SipMessage,
@@ -580,6 +583,25 @@ impl Call<'_> {
         self.ctx.endpoint.is_reliable()
     }
 
+    /// Another branch of a forked INVITE answered too (RFC 3261 §13.2.2.4): its 2xx is ACKed
+    /// (each time it comes) and its dialog ended with one BYE, both sent back where it came from.
+    /// The BYE is not retransmitted: its answers would reach this call, which does not follow them.
+    async fn end_fork(
+        &self,
+        resp: &message::Response,
+        from: SocketAddr,
+        ended: &mut std::collections::HashSet<String>,
+    ) {
+        let Some(fork) = unwanted_answer(&self.ctx.endpoint, resp) else {
+            return;
+        };
+        self.send(&fork.ack, from).await;
+        if ended.insert(fork.tag) {
+            tracing::info!(call_id = %fork.call_id, "a second branch answered the INVITE: ending it with BYE");
+            self.send(&request_bytes(&fork.bye), from).await;
+        }
+    }
+
     async fn send(&self, bytes: &[u8], to: SocketAddr) {
         if let Err(e) = self.ctx.endpoint.send(bytes, to).await {
             tracing::debug!(error = %e, %to, "SIP send failed");
@@ -882,6 +904,8 @@ impl Call<'_> {
         let mut let_go = self.hooks.as_ref().map(|h| h.let_go.clone());
         let mut handed_over = false;
         let mut remote_ended = false;
+        // The tags of other branches of a forked INVITE whose dialogs were ended.
+        let mut forks_ended = std::collections::HashSet::new();
         let mut reinvite_at = self
             .spec
             .reinvite_after
@@ -1050,10 +1074,14 @@ impl Call<'_> {
                                     tx.handle_response(resp, Instant::now());
                                     self.drive_reinvite(tx, &mut a, stream.as_ref(), &media.rtp).await;
                                 }
-                            } else if status(&resp) / 100 == 2 && message::cseq(&resp).is_some_and(|(_, m)| m == Method::Invite) {
-                                // A retransmitted 2xx means our ACK was lost (§13.2.2.4).
-                                let hop = a.dialog.next_hop().unwrap_or(self.trunk);
-                                self.send(&a.ack, hop).await;
+                            } else if is_answer_to_invite(&resp) {
+                                if message::to_tag(&resp) == Some(a.dialog.remote_tag.as_str()) {
+                                    // A retransmitted 2xx means our ACK was lost (§13.2.2.4).
+                                    let hop = a.dialog.next_hop().unwrap_or(self.trunk);
+                                    self.send(&a.ack, hop).await;
+                                } else {
+                                    self.end_fork(&resp, from, &mut forks_ended).await;
+                                }
                             }
                         }
                     }

@@ -1,6 +1,7 @@
 //! Kamailio, a SIP proxy we did not write, record-routes between `campanile call` and SIPp: our ACK,
 //! re-INVITE and BYE must follow the route set learned from Record-Route (RFC 3261 §12.1.2, §12.2.1.1)
-//! through the proxy, which the SIPp scenario checks on the Via of each request. As an outbound proxy
+//! through the proxy, which the SIPp scenario checks on the Via of each request; when it forks our INVITE
+//! and two phones answer, the second answer is ACKed and ended with BYE through it. As an outbound proxy
 //! that only accepts requests carrying a Route to it (RFC 3261 §8.1.2), it must receive our INVITE.
 
 mod common;
@@ -42,6 +43,7 @@ loadmodule "pv.so"
 loadmodule "textops.so"
 loadmodule "maxfwd.so"
 loadmodule "siputils.so"
+loadmodule "corex.so"
 modparam("rr", "enable_full_lr", 1)
 
 request_route {{
@@ -95,6 +97,41 @@ fn ack_reinvite_and_bye_follow_the_record_route_through_kamailio() {
         sipp.errors()
     );
     assert_eq!(sipp.stat("SuccessfulCall(C)"), Some(1));
+}
+
+/// Kamailio forks the INVITE to two phones that both answer: the call goes on with one, and the
+/// other's 200 OK is ACKed and its dialog ended with BYE (RFC 3261 §13.2.2.4), through the proxy.
+#[test]
+fn a_second_answer_to_a_forked_invite_is_acked_and_ended_through_kamailio() {
+    let dir = tempfile::tempdir().unwrap();
+    let kam_port = free_udp_port();
+    let kam = [("@KAM_PORT@", kam_port.to_string())];
+    let mut phones = [
+        start_sipp_with("forked_answer.xml", &kam),
+        start_sipp_with("forked_answer.xml", &kam),
+    ];
+    let routing = format!(
+        "    record_route();\n    $ru = \"sip:1000@127.0.0.1:{}\";\n    \
+         append_branch(\"sip:1000@127.0.0.1:{}\");\n    t_relay();",
+        phones[0].port, phones[1].port
+    );
+    let _kamailio = start_kamailio(dir.path(), kam_port, &routing);
+
+    let (stdout, ok, stderr) = campanile_call(kam_port, &[], &[]);
+    assert!(ok && stdout == "heard", "{stdout}\n{stderr}");
+    for (i, phone) in phones.iter_mut().enumerate() {
+        let status = phone.wait();
+        assert!(
+            status.success(),
+            "phone {i} was left without an ACK or a BYE through the proxy: {}",
+            phone.errors()
+        );
+        assert_eq!(phone.stat("SuccessfulCall(C)"), Some(1), "phone {i}");
+    }
+    assert!(
+        stderr.contains("a second branch answered the INVITE"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -481,7 +481,8 @@ fn wants_an_answer(msg: &SipMessage) -> bool {
     }
 }
 
-fn is_answer_to_invite(r: &message::Response) -> bool {
+/// A 2xx to an INVITE: it opened a dialog at the callee (RFC 3261 §13.2.2.4).
+pub fn is_answer_to_invite(r: &message::Response) -> bool {
     (200..300).contains(&status(r)) && message::cseq(r).is_some_and(|(_, m)| m == Method::Invite)
 }
 
@@ -529,43 +530,61 @@ impl StrayAnswers {
             tracing::debug!(%from, "dropped a 2xx for no call we know: not from the trunk");
             return;
         }
-        let mut dialog = match Dialog::from_answer(resp, &endpoint.contact("campanile")) {
-            Ok(d) => d,
-            Err(e) => {
-                dropped();
-                tracing::debug!(%from, error = %e, "dropped a 2xx for no call we know");
-                return;
-            }
-        };
-        dialog.via_transport = endpoint.via_transport().to_string();
-        let Ok(ack) = dialog.build(Method::Ack, endpoint.local_addr()) else {
+        let Some(Unwanted {
+            call_id,
+            tag,
+            ack,
+            bye,
+        }) = unwanted_answer(endpoint, resp)
+        else {
             dropped();
+            tracing::debug!(%from, "dropped a 2xx for no call we know: it names no dialog");
             return;
         };
-        let _ = endpoint.send(&message::request_bytes(&ack), from).await;
-        let key = (dialog.call_id.clone(), dialog.remote_tag.clone());
+        let _ = endpoint.send(&ack, from).await;
         let now = std::time::Instant::now();
         let linger = self.timers.t1 * 64;
         self.ending
             .retain(|_, since| now.duration_since(*since) < linger);
+        let key = (call_id.clone(), tag);
         if self.ending.contains_key(&key) || self.ending.len() >= MAX_ENDING {
             return;
         }
         self.ending.insert(key, now);
-        let Ok(bye) = dialog.build(Method::Bye, endpoint.local_addr()) else {
-            return;
-        };
         endpoint.stats.ended_stray.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
-            call_id = %dialog.call_id,
+            %call_id,
             "a 2xx answered an INVITE no call holds any more: ACKed, ending the call with BYE"
         );
         let (endpoint, timers) = (endpoint.clone(), self.timers);
         tokio::spawn(async move {
-            let mut channel = endpoint.register(&dialog.call_id);
+            let mut channel = endpoint.register(&call_id);
             request_and_wait(&endpoint, &mut channel, bye, from, timers, linger).await;
         });
     }
+}
+
+/// The ACK and the BYE for a 2xx that opened a dialog nobody wants, built from the 2xx alone.
+pub struct Unwanted {
+    pub call_id: String,
+    /// The callee's tag: which of a forked INVITE's dialogs this is.
+    pub tag: String,
+    pub ack: Vec<u8>,
+    pub bye: message::Request,
+}
+
+/// [`Unwanted`] for `resp`, or None when it names no dialog (no To tag, no Contact).
+pub fn unwanted_answer(endpoint: &Endpoint, resp: &message::Response) -> Option<Unwanted> {
+    let mut dialog = Dialog::from_answer(resp, &endpoint.contact("campanile")).ok()?;
+    dialog.via_transport = endpoint.via_transport().to_string();
+    let ack = dialog.build(Method::Ack, endpoint.local_addr()).ok()?;
+    let bye = dialog.build(Method::Bye, endpoint.local_addr()).ok()?;
+    Some(Unwanted {
+        call_id: dialog.call_id,
+        tag: dialog.remote_tag,
+        ack: message::request_bytes(&ack),
+        bye,
+    })
 }
 
 #[cfg(test)]
