@@ -29,6 +29,19 @@ pub struct Inbound {
 
 type Routes = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<Inbound>>>>;
 
+/// Call-IDs of calls of ours that were answered (and so ACKed) and have ended, and when: a late 2xx
+/// for one of them is ACKed again but its dialog is not ended by us (the call did that, or another
+/// node took it over and holds it now).
+type Answered = Arc<Mutex<HashMap<String, std::time::Instant>>>;
+
+/// How long an answered call is remembered after it ended: well past any 2xx retransmission
+/// (64×T1, 32 s by default).
+const ANSWERED_LINGER: Duration = Duration::from_secs(300);
+
+/// Most answered calls remembered; past that, the oldest beyond [`ANSWERED_LINGER`] are forgotten
+/// first, and a new one is not remembered while all are younger.
+const MAX_ANSWERED: usize = 100_000;
+
 /// Counters of what the receive loop saw.
 #[derive(Debug, Default)]
 pub struct EndpointStats {
@@ -57,6 +70,7 @@ pub struct Endpoint {
     routes: Routes,
     stats: Arc<EndpointStats>,
     receiver: Arc<tokio::task::AbortHandle>,
+    answered: Answered,
 }
 
 #[derive(Clone)]
@@ -88,12 +102,32 @@ pub struct CallChannel {
     pub rx: mpsc::UnboundedReceiver<Inbound>,
     call_id: String,
     routes: Routes,
+    answered: Answered,
+    /// Whether the call was answered: then its Call-ID is remembered when it ends.
+    was_answered: std::sync::atomic::AtomicBool,
+}
+
+impl CallChannel {
+    /// The call was answered (we ACKed a 2xx, or took the answered call over).
+    pub fn mark_answered(&self) {
+        self.was_answered.store(true, Ordering::Relaxed);
+    }
 }
 
 impl Drop for CallChannel {
     fn drop(&mut self) {
         if let Ok(mut r) = self.routes.lock() {
             r.remove(&self.call_id);
+        }
+        if self.was_answered.load(Ordering::Relaxed) {
+            let mut answered = lock(&self.answered);
+            let now = std::time::Instant::now();
+            if answered.len() >= MAX_ANSWERED {
+                answered.retain(|_, ended| now.duration_since(*ended) < ANSWERED_LINGER);
+            }
+            if answered.len() < MAX_ANSWERED {
+                answered.insert(std::mem::take(&mut self.call_id), now);
+            }
         }
     }
 }
@@ -145,6 +179,7 @@ impl Endpoint {
             routes,
             stats,
             receiver: Arc::new(receiver.abort_handle()),
+            answered: Arc::default(),
         };
         Ok((ep, unrouted_rx))
     }
@@ -207,7 +242,17 @@ impl Endpoint {
             rx,
             call_id: call_id.to_string(),
             routes: self.routes.clone(),
+            answered: self.answered.clone(),
+            was_answered: Default::default(),
         }
+    }
+
+    /// Whether a call of ours with this Call-ID was answered and ended in the last
+    /// [`ANSWERED_LINGER`].
+    pub fn answered_recently(&self, call_id: &str) -> bool {
+        lock(&self.answered)
+            .get(call_id)
+            .is_some_and(|ended| ended.elapsed() < ANSWERED_LINGER)
     }
 
     /// Sends one message: a datagram, or on TCP over the connection to `to` (opened if there is none).
@@ -493,7 +538,9 @@ const MAX_ENDING: usize = 4096;
 /// every 2xx; end a dialog it does not want with BYE). Such an answer reaches the unrouted queue when
 /// its call is gone: the INVITE transaction timed out (Timer B) before the phone answered, the call
 /// gave up, or the node restarted. Left alone, the callee is off the hook with nobody talking until
-/// its side gives up waiting for the ACK (64×T1, 32 s by default).
+/// its side gives up waiting for the ACK (64×T1, 32 s by default). A late 2xx of a call that was
+/// answered here (our ACK was lost) is ACKed only: that call ended its dialog itself, or another
+/// node took it over and must not lose it to our BYE.
 ///
 /// Answers are taken only from `peer`'s address (the trunk, or the outbound proxy: where our
 /// INVITEs go and their answers come from), and the ACK and BYE go back to the address the answer
@@ -542,6 +589,11 @@ impl StrayAnswers {
             return;
         };
         let _ = endpoint.send(&ack, from).await;
+        if endpoint.answered_recently(&call_id) {
+            // Our ACK for it was lost; the call itself ended the dialog, or handed it over.
+            tracing::debug!(%call_id, "ACKed a late 2xx of an answered call of ours");
+            return;
+        }
         let now = std::time::Instant::now();
         let linger = self.timers.t1 * 64;
         self.ending
@@ -659,6 +711,16 @@ Call-ID: {call_id}\r\nCSeq: 7 INVITE\r\nContact: <sip:alert@127.0.0.1:5060>\r\nC
             more.is_err(),
             "a second BYE (or a BYE retransmission after its 200)"
         );
+        assert_eq!(endpoint.stats().ended_stray.load(Ordering::Relaxed), 1);
+
+        // A late 2xx of a call of ours that was answered and has ended (or was handed over): ACKed,
+        // and its dialog left alone.
+        endpoint.register("answered-1").mark_answered();
+        stray.answer(&endpoint, &answer("answered-1"), from).await;
+        assert_eq!(next_request(&trunk).await.method, Method::Ack);
+        let more =
+            tokio::time::timeout(Duration::from_millis(300), trunk.recv_from(&mut buf)).await;
+        assert!(more.is_err(), "a BYE for a call that was ours");
         assert_eq!(endpoint.stats().ended_stray.load(Ordering::Relaxed), 1);
 
         // Another address: dropped and counted, nothing sent anywhere.
