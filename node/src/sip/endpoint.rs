@@ -29,18 +29,49 @@ pub struct Inbound {
 
 type Routes = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<Inbound>>>>;
 
-/// Call-IDs of calls of ours that were answered (and so ACKed) and have ended, and when: a late 2xx
-/// for one of them is ACKed again but its dialog is not ended by us (the call did that, or another
-/// node took it over and holds it now).
-type Answered = Arc<Mutex<HashMap<String, std::time::Instant>>>;
+type Answered = Arc<Mutex<AnsweredCalls>>;
 
 /// How long an answered call is remembered after it ended: well past any 2xx retransmission
 /// (64×T1, 32 s by default).
 const ANSWERED_LINGER: Duration = Duration::from_secs(300);
 
-/// Most answered calls remembered; past that, the oldest beyond [`ANSWERED_LINGER`] are forgotten
-/// first, and a new one is not remembered while all are younger.
+/// Most answered calls remembered; past that the oldest is forgotten (at 1,000 calls a second
+/// that still covers the last 100 s).
 const MAX_ANSWERED: usize = 100_000;
+
+/// Call-IDs of calls of ours that were answered (and so ACKed) and have ended, and when: a late 2xx
+/// for one of them is ACKed again but its dialog is not ended by us (the call did that, or another
+/// node took it over and holds it now).
+#[derive(Default)]
+struct AnsweredCalls {
+    ended: HashMap<String, std::time::Instant>,
+    /// The same, oldest first, to forget in order.
+    order: std::collections::VecDeque<(std::time::Instant, String)>,
+}
+
+impl AnsweredCalls {
+    fn insert(&mut self, call_id: String, now: std::time::Instant) {
+        while let Some((at, _)) = self.order.front() {
+            if now.duration_since(*at) < ANSWERED_LINGER && self.order.len() < MAX_ANSWERED {
+                break;
+            }
+            if let Some((at, id)) = self.order.pop_front() {
+                // A Call-ID ended twice (a call resumed here) is forgotten at its last end.
+                if self.ended.get(&id) == Some(&at) {
+                    self.ended.remove(&id);
+                }
+            }
+        }
+        self.ended.insert(call_id.clone(), now);
+        self.order.push_back((now, call_id));
+    }
+
+    fn contains(&self, call_id: &str) -> bool {
+        self.ended
+            .get(call_id)
+            .is_some_and(|at| at.elapsed() < ANSWERED_LINGER)
+    }
+}
 
 /// Counters of what the receive loop saw.
 #[derive(Debug, Default)]
@@ -120,14 +151,8 @@ impl Drop for CallChannel {
             r.remove(&self.call_id);
         }
         if self.was_answered.load(Ordering::Relaxed) {
-            let mut answered = lock(&self.answered);
-            let now = std::time::Instant::now();
-            if answered.len() >= MAX_ANSWERED {
-                answered.retain(|_, ended| now.duration_since(*ended) < ANSWERED_LINGER);
-            }
-            if answered.len() < MAX_ANSWERED {
-                answered.insert(std::mem::take(&mut self.call_id), now);
-            }
+            lock(&self.answered)
+                .insert(std::mem::take(&mut self.call_id), std::time::Instant::now());
         }
     }
 }
@@ -250,9 +275,7 @@ impl Endpoint {
     /// Whether a call of ours with this Call-ID was answered and ended in the last
     /// [`ANSWERED_LINGER`].
     pub fn answered_recently(&self, call_id: &str) -> bool {
-        lock(&self.answered)
-            .get(call_id)
-            .is_some_and(|ended| ended.elapsed() < ANSWERED_LINGER)
+        lock(&self.answered).contains(call_id)
     }
 
     /// Sends one message: a datagram, or on TCP over the connection to `to` (opened if there is none).
@@ -668,6 +691,22 @@ Call-ID: {call_id}\r\nCSeq: 7 INVITE\r\nContact: <sip:alert@127.0.0.1:5060>\r\nC
             SipMessage::Request(r) => r,
             SipMessage::Response(r) => panic!("expected a request, got {r}"),
         }
+    }
+
+    /// Answered calls are forgotten oldest first past the cap, and after the linger time.
+    #[test]
+    fn answered_calls_are_forgotten_in_order() {
+        let start = std::time::Instant::now();
+        let mut calls = AnsweredCalls::default();
+        for i in 0..MAX_ANSWERED + 2 {
+            calls.insert(format!("c{i}"), start);
+        }
+        assert!(!calls.contains("c0") && !calls.contains("c1"));
+        assert!(calls.contains("c2") && calls.contains(&format!("c{}", MAX_ANSWERED + 1)));
+        assert_eq!(calls.ended.len(), MAX_ANSWERED);
+        calls.insert("late".into(), start + ANSWERED_LINGER);
+        assert_eq!(calls.ended.len(), 1);
+        assert_eq!(calls.order.len(), 1);
     }
 
     /// The trunk's late 2xx gets an ACK and one BYE (CSeq after the INVITE's, the callee's tag);
