@@ -220,16 +220,15 @@ Call-ID: d1\r\nCSeq: 1 INVITE\r\nContact: <sip:alert@127.0.0.1:5060>\r\nContent-
         }
     }
 
+    /// The phone's 200 OK to [`invite`], with its tag and Contact.
+    fn answer() -> Response {
+        let contact = [("Contact", "<sip:phone@127.0.0.1:5070>".to_string())];
+        response_to(&invite(), 200, Some("theirs"), &contact, None)
+    }
+
     #[test]
     fn uac_dialog_routes_through_the_record_route() {
-        let inv = invite();
-        let ok = response_to(
-            &inv,
-            200,
-            Some("theirs"),
-            &[("Contact", "<sip:phone@127.0.0.1:5070>".to_string())],
-            None,
-        );
+        let (inv, ok) = (invite(), answer());
         let mut d = Dialog::from_uac(&inv, &ok, "sip:alert@127.0.0.1:5060").unwrap();
         assert_eq!(d.route_set, vec!["<sip:127.0.0.1:5080;lr>"]);
         assert_eq!(d.next_hop(), Some("127.0.0.1:5080".parse().unwrap()));
@@ -249,14 +248,7 @@ Call-ID: d1\r\nCSeq: 1 INVITE\r\nContact: <sip:alert@127.0.0.1:5060>\r\nContent-
     /// A 2xx carries what the INVITE said of us, so the dialog from the answer alone is the same.
     #[test]
     fn a_dialog_from_the_answer_alone_is_the_callers() {
-        let inv = invite();
-        let ok = response_to(
-            &inv,
-            200,
-            Some("theirs"),
-            &[("Contact", "<sip:phone@127.0.0.1:5070>".to_string())],
-            None,
-        );
+        let (inv, ok) = (invite(), answer());
         let contact = "sip:alert@127.0.0.1:5060";
         assert_eq!(
             Dialog::from_answer(&ok, contact),
