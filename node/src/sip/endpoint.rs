@@ -147,12 +147,12 @@ impl CallChannel {
 
 impl Drop for CallChannel {
     fn drop(&mut self) {
+        // Remembered before the route goes, so that no late 2xx finds neither.
+        if self.was_answered.load(Ordering::Relaxed) {
+            lock(&self.answered).insert(self.call_id.clone(), std::time::Instant::now());
+        }
         if let Ok(mut r) = self.routes.lock() {
             r.remove(&self.call_id);
-        }
-        if self.was_answered.load(Ordering::Relaxed) {
-            lock(&self.answered)
-                .insert(std::mem::take(&mut self.call_id), std::time::Instant::now());
         }
     }
 }
