@@ -9,11 +9,12 @@ use campanile_chaos_tests::*;
 use serde_json::json;
 
 /// Silent until well after the node's Timer B (64 × 50 ms = 3.2 s) and its ring timeout (4 s), then
-/// answers; the call succeeds for SIPp only if the ACK and then a BYE come.
+/// answers (5 s past the ring timeout, room for a slow machine); the call succeeds for SIPp only if
+/// the ACK and then a BYE come.
 const LATE_ANSWER: &str = r#"<?xml version="1.0" encoding="ISO-8859-1" ?>
 <scenario name="answer after the caller's Timer B">
   <recv request="INVITE" crlf="true"/>
-  <pause milliseconds="6000"/>
+  <pause milliseconds="9000"/>
   <send><![CDATA[
 SIP/2.0 200 OK
 [last_Via:]
