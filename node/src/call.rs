@@ -355,7 +355,7 @@ pub async fn resume_call(
         via_transport: h.via_transport.clone(),
     };
     let mut channel = ctx.endpoint.register(&h.call_id);
-    channel.mark_answered();
+    channel.mark_answered(&h.remote_tag);
     let sdp_session = rand::random::<u32>() as u64;
     // Offer only the codec the call already uses, so the stream goes on unchanged.
     let te = h.telephone_event.or(Some(sdp::PT_TELEPHONE_EVENT));
@@ -841,7 +841,7 @@ impl Call<'_> {
         let ack = request_bytes(&ack);
         let hop = dialog.next_hop().unwrap_or(self.trunk);
         self.send(&ack, hop).await;
-        self.channel.mark_answered();
+        self.channel.mark_answered(&dialog.remote_tag);
         let remote = match sdp::parse_remote(&resp.body) {
             Ok(r) => r,
             Err(e) => {

@@ -39,18 +39,22 @@ const ANSWERED_LINGER: Duration = Duration::from_secs(300);
 /// that still covers the last 100 s).
 const MAX_ANSWERED: usize = 100_000;
 
-/// Call-IDs of calls of ours that were answered (and so ACKed) and have ended, and when: a late 2xx
-/// for one of them is ACKed again but its dialog is not ended by us (the call did that, or another
-/// node took it over and holds it now).
+/// A dialog as a late 2xx names it: its Call-ID and the callee's tag (a forked INVITE's branches
+/// share the Call-ID and differ in the tag).
+type DialogKey = (String, String);
+
+/// Dialogs of calls of ours that were answered (and so ACKed) and have ended, and when: a late 2xx
+/// of one of them is ACKed again but its dialog is not ended by us (the call did that, or another
+/// node took it over and holds it now). Another branch's 2xx with the same Call-ID is not one of them.
 #[derive(Default)]
 struct AnsweredCalls {
-    ended: HashMap<String, std::time::Instant>,
+    ended: HashMap<DialogKey, std::time::Instant>,
     /// The same, oldest first, to forget in order.
-    order: std::collections::VecDeque<(std::time::Instant, String)>,
+    order: std::collections::VecDeque<(std::time::Instant, DialogKey)>,
 }
 
 impl AnsweredCalls {
-    fn insert(&mut self, call_id: String, now: std::time::Instant) {
+    fn insert(&mut self, dialog: DialogKey, now: std::time::Instant) {
         while let Some((at, _)) = self.order.front() {
             if now.duration_since(*at) < ANSWERED_LINGER && self.order.len() < MAX_ANSWERED {
                 break;
@@ -62,13 +66,13 @@ impl AnsweredCalls {
                 }
             }
         }
-        self.ended.insert(call_id.clone(), now);
-        self.order.push_back((now, call_id));
+        self.ended.insert(dialog.clone(), now);
+        self.order.push_back((now, dialog));
     }
 
-    fn contains(&self, call_id: &str) -> bool {
+    fn contains(&self, dialog: &DialogKey) -> bool {
         self.ended
-            .get(call_id)
+            .get(dialog)
             .is_some_and(|at| at.elapsed() < ANSWERED_LINGER)
     }
 }
@@ -134,22 +138,24 @@ pub struct CallChannel {
     call_id: String,
     routes: Routes,
     answered: Answered,
-    /// Whether the call was answered: then its Call-ID is remembered when it ends.
-    was_answered: std::sync::atomic::AtomicBool,
+    /// The callee's tag once the call was answered: then its dialog is remembered when it ends.
+    answered_tag: std::sync::OnceLock<String>,
 }
 
 impl CallChannel {
-    /// The call was answered (we ACKed a 2xx, or took the answered call over).
-    pub fn mark_answered(&self) {
-        self.was_answered.store(true, Ordering::Relaxed);
+    /// The call was answered by the callee with `tag` (we ACKed its 2xx, or took the answered call
+    /// over).
+    pub fn mark_answered(&self, tag: &str) {
+        let _ = self.answered_tag.set(tag.to_string());
     }
 }
 
 impl Drop for CallChannel {
     fn drop(&mut self) {
         // Remembered before the route goes, so that no late 2xx finds neither.
-        if self.was_answered.load(Ordering::Relaxed) {
-            lock(&self.answered).insert(self.call_id.clone(), std::time::Instant::now());
+        if let Some(tag) = self.answered_tag.take() {
+            let dialog = (self.call_id.clone(), tag);
+            lock(&self.answered).insert(dialog, std::time::Instant::now());
         }
         if let Ok(mut r) = self.routes.lock() {
             r.remove(&self.call_id);
@@ -268,14 +274,14 @@ impl Endpoint {
             call_id: call_id.to_string(),
             routes: self.routes.clone(),
             answered: self.answered.clone(),
-            was_answered: Default::default(),
+            answered_tag: Default::default(),
         }
     }
 
-    /// Whether a call of ours with this Call-ID was answered and ended in the last
+    /// Whether a call of ours was answered by the callee with `tag` and ended in the last
     /// [`ANSWERED_LINGER`].
-    pub fn answered_recently(&self, call_id: &str) -> bool {
-        lock(&self.answered).contains(call_id)
+    fn answered_recently(&self, call_id: &str, tag: &str) -> bool {
+        lock(&self.answered).contains(&(call_id.to_string(), tag.to_string()))
     }
 
     /// Sends one message: a datagram, or on TCP over the connection to `to` (opened if there is none).
@@ -597,7 +603,7 @@ impl StrayAnswers {
         let dropped = || endpoint.stats.dropped_stray.fetch_add(1, Ordering::Relaxed);
         if from.ip() != self.peer || !is_answer_to_invite(resp) {
             dropped();
-            tracing::debug!(%from, "dropped a 2xx for no call we know: not from the trunk");
+            tracing::debug!(%from, "dropped a response for no call we know: not a 2xx to an INVITE from the trunk");
             return;
         }
         let Some(Unwanted {
@@ -612,7 +618,7 @@ impl StrayAnswers {
             return;
         };
         let _ = endpoint.send(&ack, from).await;
-        if endpoint.answered_recently(&call_id) {
+        if endpoint.answered_recently(&call_id, &tag) {
             // Our ACK for it was lost; the call itself ended the dialog, or handed it over.
             tracing::debug!(%call_id, "ACKed a late 2xx of an answered call of ours");
             return;
@@ -668,6 +674,10 @@ mod tests {
     use crate::sip::message::{parse, Response};
 
     fn answer(call_id: &str) -> Response {
+        answer_tagged(call_id, "theirs")
+    }
+
+    fn answer_tagged(call_id: &str, tag: &str) -> Response {
         let raw = format!(
             "INVITE sip:1000@127.0.0.1:5070 SIP/2.0\r\n\
 Via: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKgone\r\n\
@@ -678,7 +688,7 @@ Call-ID: {call_id}\r\nCSeq: 7 INVITE\r\nContact: <sip:alert@127.0.0.1:5060>\r\nC
             unreachable!()
         };
         let contact = [("Contact", "<sip:1000@127.0.0.1:5070>".to_string())];
-        response_to(&invite, 200, Some("theirs"), &contact, None)
+        response_to(&invite, 200, Some(tag), &contact, None)
     }
 
     async fn next_request(sock: &UdpSocket) -> message::Request {
@@ -693,18 +703,24 @@ Call-ID: {call_id}\r\nCSeq: 7 INVITE\r\nContact: <sip:alert@127.0.0.1:5060>\r\nC
         }
     }
 
+    fn key(call_id: &str) -> DialogKey {
+        (call_id.to_string(), "theirs".to_string())
+    }
+
     /// Answered calls are forgotten oldest first past the cap, and after the linger time.
     #[test]
     fn answered_calls_are_forgotten_in_order() {
         let start = std::time::Instant::now();
         let mut calls = AnsweredCalls::default();
         for i in 0..MAX_ANSWERED + 2 {
-            calls.insert(format!("c{i}"), start);
+            calls.insert(key(&format!("c{i}")), start);
         }
-        assert!(!calls.contains("c0") && !calls.contains("c1"));
-        assert!(calls.contains("c2") && calls.contains(&format!("c{}", MAX_ANSWERED + 1)));
+        assert!(!calls.contains(&key("c0")) && !calls.contains(&key("c1")));
+        assert!(
+            calls.contains(&key("c2")) && calls.contains(&key(&format!("c{}", MAX_ANSWERED + 1)))
+        );
         assert_eq!(calls.ended.len(), MAX_ANSWERED);
-        calls.insert("late".into(), start + ANSWERED_LINGER);
+        calls.insert(key("late"), start + ANSWERED_LINGER);
         assert_eq!(calls.ended.len(), 1);
         assert_eq!(calls.order.len(), 1);
     }
@@ -754,13 +770,29 @@ Call-ID: {call_id}\r\nCSeq: 7 INVITE\r\nContact: <sip:alert@127.0.0.1:5060>\r\nC
 
         // A late 2xx of a call of ours that was answered and has ended (or was handed over): ACKed,
         // and its dialog left alone.
-        endpoint.register("answered-1").mark_answered();
+        endpoint.register("answered-1").mark_answered("theirs");
         stray.answer(&endpoint, &answer("answered-1"), from).await;
         assert_eq!(next_request(&trunk).await.method, Method::Ack);
         let more =
             tokio::time::timeout(Duration::from_millis(300), trunk.recv_from(&mut buf)).await;
         assert!(more.is_err(), "a BYE for a call that was ours");
         assert_eq!(endpoint.stats().ended_stray.load(Ordering::Relaxed), 1);
+        // Another branch of that call's forked INVITE, answering after the call ended: ended.
+        stray
+            .answer(&endpoint, &answer_tagged("answered-1", "fork"), from)
+            .await;
+        assert_eq!(next_request(&trunk).await.method, Method::Ack);
+        let bye = next_request(&trunk).await;
+        assert_eq!(
+            (bye.method, message::to_tag(&bye)),
+            (Method::Bye, Some("fork"))
+        );
+        let done = response_to(&bye, 200, None, &[], None);
+        trunk
+            .send_to(&response_bytes(&done), endpoint.local_addr())
+            .await
+            .unwrap();
+        assert_eq!(endpoint.stats().ended_stray.load(Ordering::Relaxed), 2);
 
         // Another address: dropped and counted, nothing sent anywhere.
         let elsewhere = UdpSocket::bind("127.0.0.2:0").await.unwrap();
@@ -779,6 +811,6 @@ Call-ID: {call_id}\r\nCSeq: 7 INVITE\r\nContact: <sip:alert@127.0.0.1:5060>\r\nC
         let sent =
             tokio::time::timeout(Duration::from_millis(300), elsewhere.recv_from(&mut buf)).await;
         assert!(sent.is_err(), "a request to the forged answer's sender");
-        assert_eq!(endpoint.stats().ended_stray.load(Ordering::Relaxed), 1);
+        assert_eq!(endpoint.stats().ended_stray.load(Ordering::Relaxed), 2);
     }
 }
