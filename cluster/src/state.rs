@@ -341,7 +341,11 @@ impl State {
                 channels_in_use,
                 capacity,
             } => {
-                self.heartbeats.insert(*node, *at_ms);
+                // A node's renewals are not serialised (one goes out every `renew_every` whether the
+                // last was committed or not), so an older one may be applied after a newer one: it
+                // must not move the heartbeat or a lease back.
+                let beat = self.heartbeats.entry(*node).or_insert(*at_ms);
+                *beat = (*beat).max(*at_ms);
                 if let Some(n) = channels_in_use {
                     self.channels.insert(*node, *n);
                 }
@@ -356,7 +360,7 @@ impl State {
                     .values_mut()
                     .filter(|l| l.node == *node && l.expires_ms > *at_ms)
                 {
-                    lease.expires_ms = at_ms.saturating_add(*lease_ms);
+                    lease.expires_ms = lease.expires_ms.max(at_ms.saturating_add(*lease_ms));
                     renewed += 1;
                 }
                 Response::Recorded { applied: renewed }
@@ -2744,6 +2748,21 @@ mod tests {
             st.heartbeats().collect::<Vec<_>>(),
             vec![(NodeId(1), 90), (NodeId(2), 210)]
         );
+        // Renewals are not serialised: one sent earlier but applied later moves neither the
+        // heartbeat nor the lease back.
+        let renew = |at_ms| Command::RenewLeases {
+            at_ms,
+            node: NodeId(3),
+            lease_ms: 100,
+            channels_in_use: None,
+            capacity: None,
+        };
+        st.apply(&renew(260));
+        let renewed = st.lease(p).map(|l| l.expires_ms);
+        assert_eq!(renewed, Some(360));
+        st.apply(&renew(240));
+        assert_eq!(st.lease(p).map(|l| l.expires_ms), renewed);
+        assert_eq!(st.heartbeats().last(), Some((NodeId(3), 260)));
     }
 
     #[test]

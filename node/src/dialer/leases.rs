@@ -113,13 +113,32 @@ pub async fn round(
     if let Err(e) = &renewed {
         tracing::warn!(error = %e, "cannot renew partition leases; this node stops dialing when they lapse");
     }
+    let valid_for = timing.lease.saturating_sub(timing.margin);
+    let took = sent.elapsed();
+    if renewed.is_ok() && took > valid_for / 2 {
+        tracing::warn!(
+            took_ms = took.as_millis() as u64,
+            "a lease renewal took {} ms to commit: the cluster's log is slow, and past {} ms this \
+             node stops dialing",
+            took.as_millis(),
+            valid_for.as_millis()
+        );
+    }
     if cluster.is_leader() {
         assign(cluster, timing).await;
         close_expired(cluster).await;
     }
     if renewed.is_ok() {
-        let until = sent + timing.lease.saturating_sub(timing.margin);
-        *super::lock(&held.alive_until) = Some(until);
+        let until = sent + valid_for;
+        {
+            // Renewals overlap when the log is slow: one sent before the last that was counted
+            // says nothing newer.
+            let mut alive = super::lock(&held.alive_until);
+            if alive.is_some_and(|a| a >= until) {
+                return;
+            }
+            *alive = Some(until);
+        }
         let now = now_ms();
         let mine: HashMap<u16, (u64, Instant)> = cluster.read(|s| {
             s.leases()

@@ -317,10 +317,34 @@ async fn run(sh: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
+/// Most renewal rounds of this node on their way through the log at once.
+const MAX_ROUNDS_IN_FLIGHT: usize = 4;
+
 /// Renews this node's leases (and, on the leader, hands out free partitions) until shutdown.
+///
+/// A round starts every `renew_every` whether the last one has been committed or not: the renewal
+/// is also the node's heartbeat, and a heartbeat that waited for the previous commit would space
+/// out by the log's latency, so that a node whose writes take a few hundred milliseconds (a loaded
+/// machine, a slow disk) would look silent to the leader and lose its answered calls to other nodes
+/// while it is alive and dialing. At most [`MAX_ROUNDS_IN_FLIGHT`] overlap; past that the log is
+/// not keeping up and more writes would only add to its queue.
 async fn keep_leases(sh: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     let timing = sh.cfg.lease;
+    let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tick = tokio::time::interval(timing.renew_every.max(Duration::from_millis(10)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => {}
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+        if in_flight.load(std::sync::atomic::Ordering::Relaxed) >= MAX_ROUNDS_IN_FLIGHT {
+            tracing::debug!("lease renewals are not being committed; waiting for the log");
+            continue;
+        }
         let (busy, calls): (std::collections::HashSet<u16>, usize) = {
             let inflight = lock(&sh.inflight);
             let busy = inflight
@@ -329,27 +353,25 @@ async fn keep_leases(sh: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
                 .collect();
             (busy, count(&inflight, Phase::Up))
         };
-        let before = sh.held.valid(std::time::Instant::now()).len();
-        leases::round(
-            sh.cfg.node,
-            &sh.cluster,
-            &sh.held,
-            timing,
-            calls as u32,
-            sh.cfg.max_channels as u32,
-            |p| busy.contains(&p),
-        )
-        .await;
-        if sh.held.valid(std::time::Instant::now()).len() != before {
-            sh.wake.notify_one();
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(timing.renew_every) => {}
-            _ = shutdown.changed() => {}
-        }
-        if *shutdown.borrow() {
-            return;
-        }
+        in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (sh, in_flight) = (sh.clone(), in_flight.clone());
+        tokio::spawn(async move {
+            let before = sh.held.valid(std::time::Instant::now()).len();
+            leases::round(
+                sh.cfg.node,
+                &sh.cluster,
+                &sh.held,
+                timing,
+                calls as u32,
+                sh.cfg.max_channels as u32,
+                |p| busy.contains(&p),
+            )
+            .await;
+            if sh.held.valid(std::time::Instant::now()).len() != before {
+                sh.wake.notify_one();
+            }
+            in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        });
     }
 }
 
