@@ -533,6 +533,28 @@ impl Cluster {
         self.inner.raft.metrics().borrow().current_leader == Some(self.inner.node_id.0)
     }
 
+    /// On the leader: its term, and the members in touch with it: itself and those that have
+    /// answered its replication since it was elected (a new leader's progress starts with no
+    /// match for anyone; openraft fills it in from their answers). `None` on a node that does not
+    /// lead.
+    pub fn leadership(&self) -> Option<(u64, std::collections::BTreeSet<NodeId>)> {
+        let m = self.inner.raft.metrics();
+        let m = m.borrow();
+        if m.current_leader != Some(self.inner.node_id.0) {
+            return None;
+        }
+        let term = m.current_term;
+        let mut reached: std::collections::BTreeSet<NodeId> = m
+            .replication
+            .iter()
+            .flatten()
+            .filter(|(_, matched)| matched.is_some())
+            .map(|(id, _)| NodeId(*id))
+            .collect();
+        reached.insert(self.inner.node_id);
+        Some((term, reached))
+    }
+
     /// Runs `f` on the applied state.
     pub fn read<R>(&self, f: impl FnOnce(&State) -> R) -> R {
         let a = self.inner.applied.read().unwrap_or_else(|p| p.into_inner());

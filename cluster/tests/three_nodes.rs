@@ -69,6 +69,26 @@ async fn wait_count(c: &Cluster, n: usize) {
     }
 }
 
+/// Waits (bounded) until `c` leads and hears exactly `ids` (itself included); answers its term.
+async fn wait_reached(c: &Cluster, ids: &[u64]) -> u64 {
+    let want: std::collections::BTreeSet<NodeId> = ids.iter().map(|i| NodeId(*i)).collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = c.leadership();
+        if let Some((term, reached)) = &now {
+            if *reached == want {
+                return *term;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {} hears {now:?}, not {want:?}",
+            c.node_id()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_members_replicate_and_survive_the_leader_stopping() {
     let dir = tempfile::tempdir().unwrap();
@@ -97,6 +117,9 @@ async fn three_members_replicate_and_survive_the_leader_stopping() {
     for m in [&m1, &m2, &m3] {
         wait_count(&m.cluster, 20).await;
     }
+    // The leader hears everyone; a follower leads nothing.
+    wait_reached(&m1.cluster, &[1, 2, 3]).await;
+    assert_eq!(m2.cluster.leadership(), None);
 
     // The leader stops: its Raft and its endpoint go away.
     m1.cluster.shutdown().await.unwrap();
@@ -121,6 +144,9 @@ async fn three_members_replicate_and_survive_the_leader_stopping() {
     for m in [&m2, &m3] {
         wait_count(&m.cluster, 30).await;
     }
+    // The new leader hears the other survivor and not the stopped leader, in a term of its own.
+    let term = wait_reached(&new_leader.cluster, &[2, 3]).await;
+    assert!(term > 1, "term {term}");
     // The remaining follower does not commit on its own (it names the leader) but forwards.
     let follower = if leader == 2 { &m3 } else { &m2 };
     match follower.cluster.write_here(new_sub(99)).await {

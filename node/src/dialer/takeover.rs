@@ -36,9 +36,47 @@ const GIVE_UP_AFTER_MS: u64 = 15_000;
 /// How often the leader looks.
 const LOOK_EVERY: Duration = Duration::from_millis(100);
 
+/// What the leader knows beyond the log about whom it can hear: since when it leads, and which
+/// members acknowledged its entries since.
+///
+/// Nobody's renewal can be committed while there is no leader, so after an election every node's
+/// heartbeat in the log is as old as the election is long, dead or alive. A member the new leader
+/// hears from (Raft replication) is given until its own leases stop it (its last heartbeat plus a
+/// lease less the margin, when it lets go of its answered calls by itself) or one silence past the
+/// election, whichever comes first, to renew: a leader failover does not move every live node's
+/// answered calls. A member it does not hear from is judged by its heartbeat alone, as before.
+#[derive(Debug, Clone)]
+pub(super) struct Leadership {
+    pub since_ms: u64,
+    pub reached: std::collections::BTreeSet<NodeId>,
+    /// A reached member's silence counts from no later than this long after its last heartbeat
+    /// (lease − margin − silence): one silence after that, its own leases have stopped it and it
+    /// has let its answered calls go.
+    pub valid_for_ms: u64,
+}
+
+impl Leadership {
+    /// From when `node`, whose last heartbeat is `beat`, counts as silent.
+    fn silent_from(&self, node: NodeId, beat: u64) -> u64 {
+        if !self.reached.contains(&node) {
+            return beat;
+        }
+        beat.max(self.since_ms.min(beat.saturating_add(self.valid_for_ms)))
+    }
+}
+
 /// On the leader: moves the answered calls of silent nodes to live ones, fewest calls first.
 pub(super) async fn watch_silent_nodes(sh: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     let silence = SILENCE.max(sh.cfg.lease.renew_every * 2).as_millis() as u64;
+    let valid_for_ms = sh
+        .cfg
+        .lease
+        .lease
+        .saturating_sub(sh.cfg.lease.margin)
+        .saturating_sub(Duration::from_millis(silence))
+        .as_millis() as u64;
+    // The term this node leads in, and since when.
+    let mut led: Option<(u64, u64)> = None;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(LOOK_EVERY) => {}
@@ -47,11 +85,24 @@ pub(super) async fn watch_silent_nodes(sh: Arc<Shared>, mut shutdown: watch::Rec
         if *shutdown.borrow() {
             return;
         }
-        if !sh.cluster.is_leader() {
+        let Some((term, reached)) = sh.cluster.leadership() else {
+            led = None;
             continue;
-        }
+        };
         let now = now_ms();
-        for (from, moves) in sh.cluster.read(|s| plan(s, now, silence)) {
+        let since_ms = match led {
+            Some((t, since)) if t == term => since,
+            _ => {
+                led = Some((term, now));
+                now
+            }
+        };
+        let leadership = Leadership {
+            since_ms,
+            reached,
+            valid_for_ms,
+        };
+        for (from, moves) in sh.cluster.read(|s| plan(s, now, silence, &leadership)) {
             let n = moves.len();
             let cmd = Command::HandOverCalls {
                 at_ms: now,
@@ -74,8 +125,17 @@ pub(super) async fn watch_silent_nodes(sh: Arc<Shared>, mut shutdown: watch::Rec
 type Moves = Vec<(CampaignId, SubscriberId, NodeId)>;
 
 /// Which answered calls of silent nodes go where: to the live node with the fewest calls.
-fn plan(s: &campanile_cluster::State, now: u64, silence: u64) -> Vec<(NodeId, Moves)> {
-    let beats: Vec<(NodeId, u64)> = s.heartbeats().collect();
+fn plan(
+    s: &campanile_cluster::State,
+    now: u64,
+    silence: u64,
+    leadership: &Leadership,
+) -> Vec<(NodeId, Moves)> {
+    // Each node with the time from which its silence counts.
+    let beats: Vec<(NodeId, u64)> = s
+        .heartbeats()
+        .map(|(n, t)| (n, leadership.silent_from(n, t)))
+        .collect();
     // Past a few leases of silence the node's partitions have moved and every call it had in
     // flight was given back: nothing is left to look for (and a long-dead node is not scanned on
     // every round).
@@ -350,15 +410,20 @@ mod tests {
         beat(&mut st, 1, 1_000, 5);
         beat(&mut st, 2, 1_000, 0);
         beat(&mut st, 3, 1_000, 3);
+        let steady = Leadership {
+            since_ms: 0,
+            reached: [NodeId(1), NodeId(2), NodeId(3)].into(),
+            valid_for_ms: 1_000,
+        };
         // Everyone is fresh: nothing moves.
-        assert!(plan(&st, 1_500, 1_000).is_empty());
+        assert!(plan(&st, 1_500, 1_000, &steady).is_empty());
         // Long silent: not looked at any more.
-        assert!(plan(&st, 1_000 + GIVE_UP_AFTER_MS, 1_000).is_empty());
+        assert!(plan(&st, 1_000 + GIVE_UP_AFTER_MS, 1_000, &steady).is_empty());
         beat(&mut st, 1, 2_000, 5);
         beat(&mut st, 2, 2_000, 1);
         // Node 3 missed its renewals: its two answered calls go to node 2, then node 2 again
         // (1 + 1 = 2 < 5), never to the busy node 1, and the ringing call stays.
-        let moves = plan(&st, 2_100, 1_000);
+        let moves = plan(&st, 2_100, 1_000, &steady);
         assert_eq!(moves.len(), 1);
         let (from, moves) = &moves[0];
         assert_eq!(*from, NodeId(3));
@@ -369,5 +434,35 @@ mod tests {
                 (CampaignId(1), SubscriberId(2), NodeId(2)),
             ]
         );
+    }
+
+    /// After an election every heartbeat in the log is old. A member the new leader hears from is
+    /// given one silence from the election to renew, but never past the moment its own leases stop
+    /// it; one the leader does not hear from (the old leader, dead) is judged by its heartbeat.
+    #[test]
+    fn a_new_leader_waits_for_the_members_it_hears_from_and_not_for_the_others() {
+        let lead = |since_ms, reached: &[u64]| Leadership {
+            since_ms,
+            reached: reached.iter().map(|n| NodeId(*n)).collect(),
+            valid_for_ms: 1_000,
+        };
+        // Last heartbeats at 1,000; an election ends at 1,600, the new leader hears node 2 only.
+        let l = lead(1_600, &[2]);
+        assert_eq!(
+            l.silent_from(NodeId(3), 1_000),
+            1_000,
+            "not heard: as before"
+        );
+        assert_eq!(
+            l.silent_from(NodeId(2), 1_000),
+            1_600,
+            "heard: from the election"
+        );
+        // An election longer than the member's own leases: its silence counts from when they
+        // stopped it (1,000 + 1,000), so its calls move when it has let them go (3,000).
+        let l = lead(2_500, &[2]);
+        assert_eq!(l.silent_from(NodeId(2), 1_000), 2_000);
+        // A fresher heartbeat than the election counts as it is.
+        assert_eq!(l.silent_from(NodeId(2), 2_700), 2_700);
     }
 }
