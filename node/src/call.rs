@@ -315,6 +315,10 @@ pub async fn place_call_with(
 /// How long a takeover waits for the callee to accept our re-INVITE before giving the call up.
 pub const TAKEOVER_WAIT: Duration = Duration::from_secs(3);
 
+/// How long a failed takeover waits for the answer to the BYE that ends the call's dialog before
+/// the citizen is called again.
+const TAKEOVER_BYE_WAIT: Duration = Duration::from_secs(2);
+
 /// Continues a call another node answered and can no longer carry: a re-INVITE inside its dialog
 /// with our Contact and media address (RFC 3261 §14), then the message from where it should be now,
 /// on the same RTP stream (SSRC, sequence and timestamp continue). A refused or unanswered re-INVITE
@@ -380,8 +384,33 @@ pub async fn resume_call(
     .await;
     let resp = match resp {
         Some(r) if status(&r) / 100 == 2 => r,
-        Some(r) => return failed(format!("re-INVITE refused with {}", status(&r))),
-        None => return failed("re-INVITE not answered".into()),
+        other => {
+            let mut why = match &other {
+                Some(r) => format!("re-INVITE refused with {}", status(r)),
+                None => "re-INVITE not answered".to_string(),
+            };
+            // The phone may still be in the call the previous node carried, listening to
+            // silence, and would be busy for the call that follows: end that dialog first
+            // (RFC 3261 §14.1: a refused re-INVITE leaves it as it was). Not after a 481: the
+            // phone has no such dialog.
+            if other.as_ref().map(status) != Some(481) {
+                let ended = end_dialog(
+                    &ctx.endpoint,
+                    &mut channel,
+                    &mut dialog,
+                    spec.timers,
+                    hop,
+                    TAKEOVER_BYE_WAIT,
+                )
+                .await;
+                why.push_str(if ended {
+                    "; its dialog ended with BYE"
+                } else {
+                    "; BYE for its dialog not answered"
+                });
+            }
+            return failed(why);
+        }
     };
     let ack = match dialog.build(Method::Ack, local) {
         Ok(a) => request_bytes(&a),

@@ -2,13 +2,22 @@
 //! re-INVITE and BYE must follow the route set learned from Record-Route (RFC 3261 §12.1.2, §12.2.1.1)
 //! through the proxy, which the SIPp scenario checks on the Via of each request; when it forks our INVITE
 //! and two phones answer, the second answer is ACKed and ended with BYE through it. As an outbound proxy
-//! that only accepts requests carrying a Route to it (RFC 3261 §8.1.2), it must receive our INVITE.
+//! that only accepts requests carrying a Route to it (RFC 3261 §8.1.2), it must receive our INVITE. And
+//! when another node takes an answered call over and the phone refuses its re-INVITE, that node ends
+//! the dialog with BYE along the same route.
 
 mod common;
 
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
+use std::time::Duration;
+
+use campanile::call::{
+    place_call_with, resume_call, CallContext, CallOutcome, CallSpec, HandoverHooks,
+};
+use campanile::media::PreparedAudio;
+use campanile::sip::endpoint::Endpoint;
 use common::{campanile_call, free_udp_port, start_sipp_with, wait_until_bound, ReapGroup};
 
 /// Where the installed Kamailio keeps its modules.
@@ -152,4 +161,93 @@ fn an_outbound_proxy_gets_the_invite_with_a_route_to_itself() {
     assert!(ok && stdout == "heard", "{stdout}\n{stderr}");
     assert!(sipp.wait().success(), "SIPp: {}", sipp.errors());
     assert_eq!(sipp.stat("SuccessfulCall(C)"), Some(1));
+}
+
+/// A node of its own: a SIP endpoint and a pacer on loopback.
+async fn caller() -> CallContext {
+    let (endpoint, _unrouted) = Endpoint::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    CallContext::new(endpoint)
+}
+
+/// Another node takes an answered call over (its first node went silent) with a re-INVITE along the
+/// route set, and the phone refuses it: the dialog is ended with BYE through the proxy before the
+/// citizen is called again, not left off the hook in silence.
+#[tokio::test]
+async fn a_refused_takeover_ends_the_dialog_with_bye_through_kamailio() {
+    let dir = tempfile::tempdir().unwrap();
+    let kam_port = free_udp_port();
+    let mut sipp = start_sipp_with(
+        "takeover_refused.xml",
+        &[("@KAM_PORT@", kam_port.to_string())],
+    );
+    let routing = format!(
+        "    record_route();\n    $du = \"sip:127.0.0.1:{}\";\n    t_relay();",
+        sipp.port
+    );
+    let _kamailio = start_kamailio(dir.path(), kam_port, &routing);
+    let trunk = std::net::SocketAddr::from(([127, 0, 0, 1], kam_port));
+    let (first, second) = (caller().await, caller().await);
+    // A 10 s tone: the first node is still playing it when it lets go.
+    let tone = (0..80_000)
+        .map(|i| ((i as f32 * 0.3).sin() * 8000.0) as i16)
+        .collect();
+    let spec = CallSpec {
+        to: "1000".into(),
+        trunk,
+        trunk_host: trunk.to_string(),
+        from_user: "campanile".into(),
+        display_name: "Test".into(),
+        audio: PreparedAudio::from_samples(tone),
+        ring_timeout: Duration::from_secs(5),
+        confirm_wait: Duration::ZERO,
+        require_confirmation: false,
+        allow_opt_out: false,
+        max_replays: 0,
+        timers: Default::default(),
+        credentials: None,
+        reinvite_after: None,
+        detect_machines: false,
+        listen_for_keys: false,
+        outbound_proxy: None,
+    };
+    let (reports_tx, mut reports) = tokio::sync::mpsc::unbounded_channel();
+    let (let_go, let_go_rx) = tokio::sync::watch::channel(false);
+    let (_abort, abort_rx) = tokio::sync::watch::channel(false);
+    let hooks = HandoverHooks {
+        answered: reports_tx,
+        let_go: let_go_rx,
+    };
+    let first_call = tokio::spawn({
+        let (spec, abort_rx) = (spec.clone(), abort_rx.clone());
+        async move { place_call_with(&first, &spec, abort_rx, Some(hooks)).await }
+    });
+    let handover = tokio::time::timeout(Duration::from_secs(20), reports.recv())
+        .await
+        .expect("the answer is reported")
+        .expect("a handover record");
+    // The first node goes (no BYE, as if it died); the second takes the call over.
+    let_go.send_replace(true);
+    let left = tokio::time::timeout(Duration::from_secs(5), first_call)
+        .await
+        .expect("the first node leaves at once")
+        .unwrap();
+    assert_eq!(left, CallOutcome::HandedOver);
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(20),
+        resume_call(&second, &spec, &handover, abort_rx, None),
+    )
+    .await
+    .expect("a refused takeover ends by itself");
+    match &outcome {
+        CallOutcome::TakeoverFailed(why) => assert!(
+            why.contains("refused with 488") && why.contains("ended with BYE"),
+            "{why}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    let status = sipp.wait();
+    assert!(status.success(), "SIPp: {status}; {}", sipp.errors());
+    assert_eq!(sipp.stat("SuccessfulCall(C)"), Some(1), "{}", sipp.errors());
 }
