@@ -195,6 +195,9 @@ struct Trial {
     /// Answered calls up at the kill that no other node re-INVITEd: how long before the kill they
     /// were answered, and what the phone logged next.
     not_taken: Vec<String>,
+    /// Calls of the survivors that another node re-INVITEd after the kill: moved although their
+    /// node was alive (each costs its phone a moment of silence).
+    survivors_moved: usize,
 }
 
 fn failover(trials: usize, subscribers: usize, channels: usize) -> anyhow::Result<()> {
@@ -270,8 +273,10 @@ fn failover(trials: usize, subscribers: usize, channels: usize) -> anyhow::Resul
     let (up, taken): (usize, usize) = results
         .iter()
         .fold((0, 0), |(u, t), r| (u + r.up, t + r.taken));
+    let survivors: usize = results.iter().map(|r| r.survivors_moved).sum();
     println!(
-        "trials without a redial seen: {missing}; answered calls up at the kill: {up}, taken over: {taken}"
+        "trials without a redial seen: {missing}; answered calls up at the kill: {up}, taken over: {taken}; \
+         answered calls of live nodes moved: {survivors}"
     );
     Ok(())
 }
@@ -388,6 +393,7 @@ fn failover_trial(trial: usize, subscribers: usize, channels: usize) -> anyhow::
     );
     let events = city.events();
     let up = up_at_kill(&events);
+    let survivors_moved = survivors_moved(&events, &victim, killed_ms);
     let mut gaps = Vec::new();
     let mut no_gap = Vec::new();
     let mut not_taken = Vec::new();
@@ -465,6 +471,9 @@ fn failover_trial(trial: usize, subscribers: usize, channels: usize) -> anyhow::
     if !not_taken.is_empty() {
         eprintln!("trial {trial}: not taken over: {not_taken:?}");
     }
+    if survivors_moved > 0 {
+        eprintln!("trial {trial}: {survivors_moved} answered calls of live nodes moved");
+    }
     Ok(Trial {
         role,
         redial_ms,
@@ -474,7 +483,30 @@ fn failover_trial(trial: usize, subscribers: usize, channels: usize) -> anyhow::
         gaps,
         no_gap,
         not_taken,
+        survivors_moved,
     })
+}
+
+/// Calls first placed by a node other than `victim` that another node re-INVITEd after `killed_ms`.
+fn survivors_moved(events: &[Value], victim: &str, killed_ms: u64) -> usize {
+    let mut first_from: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
+    let mut moved = std::collections::HashSet::new();
+    for e in events {
+        let (Some(call), Some(from)) = (e["call_id"].as_str(), e["from"].as_str()) else {
+            continue;
+        };
+        if e["event"] == "invite" {
+            first_from.entry(call).or_insert(from);
+        } else if e["event"] == "reinvite"
+            && e["t_ms"].as_u64().is_some_and(|t| t > killed_ms)
+            && first_from
+                .get(call)
+                .is_some_and(|first| *first != victim && *first != from)
+        {
+            moved.insert(call);
+        }
+    }
+    moved.len()
 }
 
 /// Partition → id of the node holding its lease, from `GET /api/v1/backup` of `node` (a header line,
