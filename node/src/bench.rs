@@ -566,23 +566,10 @@ pub async fn campanile_setup(uas: SocketAddr, rate: f64, calls: u64) -> anyhow::
     let (endpoint, _unrouted) = Endpoint::bind("127.0.0.1:0".parse()?).await?;
     let ctx = CallContext::new(endpoint);
     let spec = Arc::new(CallSpec {
-        to: "1000".into(),
-        trunk: uas,
-        trunk_host: uas.to_string(),
-        from_user: "campanile".into(),
         display_name: "bench".into(),
-        audio: PreparedAudio::from_samples(Vec::new()),
         ring_timeout: Duration::from_secs(10),
-        confirm_wait: Duration::ZERO,
-        require_confirmation: false,
-        allow_opt_out: false,
-        max_replays: 0,
-        timers: Default::default(),
-        credentials: None,
-        reinvite_after: None,
-        detect_machines: false,
         listen_for_keys: true,
-        outbound_proxy: None,
+        ..CallSpec::plain("1000", uas, PreparedAudio::from_samples(Vec::new()))
     });
     let ok = Arc::new(AtomicU64::new(0));
     let (_abort_tx, abort_rx) = tokio::sync::watch::channel(false);

@@ -72,6 +72,33 @@ pub struct CallSpec {
     pub reinvite_after: Option<Duration>,
 }
 
+impl CallSpec {
+    /// A call playing `audio` to `to` through `trunk`, from `campanile`: 30 s of ringing, no
+    /// confirmation asked and keys ignored, no replay, default timers, no credentials, proxy or
+    /// answering-machine detection. Change what differs with struct update syntax.
+    pub fn plain(to: &str, trunk: SocketAddr, audio: PreparedAudio) -> CallSpec {
+        CallSpec {
+            to: to.into(),
+            trunk,
+            trunk_host: trunk.to_string(),
+            from_user: "campanile".into(),
+            display_name: "Campanile".into(),
+            audio,
+            ring_timeout: Duration::from_secs(30),
+            confirm_wait: Duration::ZERO,
+            require_confirmation: false,
+            allow_opt_out: false,
+            max_replays: 0,
+            timers: Timers::default(),
+            credentials: None,
+            reinvite_after: None,
+            detect_machines: false,
+            listen_for_keys: false,
+            outbound_proxy: None,
+        }
+    }
+}
+
 /// The dialer's side of a call that another node may take over.
 #[derive(Clone)]
 pub struct HandoverHooks {

@@ -47,23 +47,13 @@ async fn caller() -> CallContext {
 /// A call to `to` through the city at `city`: a 2 s message, 5 s of ringing, 500 ms to press a key.
 fn spec_to(city: std::net::SocketAddr, to: &str) -> CallSpec {
     CallSpec {
-        to: to.into(),
-        trunk: city,
-        trunk_host: city.to_string(),
-        from_user: "campanile".into(),
         display_name: "Test".into(),
-        audio: tone_audio(2.0),
         ring_timeout: Duration::from_secs(5),
         confirm_wait: Duration::from_millis(500),
         require_confirmation: true,
-        allow_opt_out: false,
-        max_replays: 0,
-        timers: Default::default(),
-        credentials: None,
-        reinvite_after: None,
         detect_machines: true,
         listen_for_keys: true,
-        outbound_proxy: None,
+        ..CallSpec::plain(to, city, tone_audio(2.0))
     }
 }
 
