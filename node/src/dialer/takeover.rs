@@ -36,22 +36,28 @@ const GIVE_UP_AFTER_MS: u64 = 15_000;
 /// How often the leader looks.
 const LOOK_EVERY: Duration = Duration::from_millis(100);
 
+/// After an election, how long before a member's own leases stop it the leader stops waiting for
+/// its renewal and moves its calls: the move must enter the log before the member, letting its calls
+/// go, records them as interrupted (which would have them dialled again while the phone still holds
+/// the silent call). It also bounds the clock skew this grace tolerates.
+const GRACE_LEAD: Duration = Duration::from_millis(300);
+
 /// What the leader knows beyond the log about whom it can hear: since when it leads, and which
 /// members acknowledged its entries since.
 ///
 /// Nobody's renewal can be committed while there is no leader, so after an election every node's
 /// heartbeat in the log is as old as the election is long, dead or alive. A member the new leader
-/// hears from (Raft replication) is given until its own leases stop it (its last heartbeat plus a
-/// lease less the margin, when it lets go of its answered calls by itself) or one silence past the
-/// election, whichever comes first, to renew: a leader failover does not move every live node's
-/// answered calls. A member it does not hear from is judged by its heartbeat alone, as before.
+/// hears from (Raft replication) is given one silence past the election to renew, but its calls
+/// still move [`GRACE_LEAD`] before its own leases stop it (its last heartbeat plus a lease less the
+/// margin, when it lets go of its answered calls by itself): a leader failover does not move every
+/// live node's answered calls. A member it does not hear from is judged by its heartbeat alone, as before.
 #[derive(Debug, Clone)]
 pub(super) struct Leadership {
     pub since_ms: u64,
     pub reached: std::collections::BTreeSet<NodeId>,
     /// A reached member's silence counts from no later than this long after its last heartbeat
-    /// (lease − margin − silence): one silence after that, its own leases have stopped it and it
-    /// has let its answered calls go.
+    /// (lease − margin − silence − [`GRACE_LEAD`]): its calls move [`GRACE_LEAD`] before its own
+    /// leases stop it and it lets them go.
     pub valid_for_ms: u64,
 }
 
@@ -74,6 +80,7 @@ pub(super) async fn watch_silent_nodes(sh: Arc<Shared>, mut shutdown: watch::Rec
         .lease
         .saturating_sub(sh.cfg.lease.margin)
         .saturating_sub(Duration::from_millis(silence))
+        .saturating_sub(GRACE_LEAD)
         .as_millis() as u64;
     // The term this node leads in, and since when.
     let mut led: Option<(u64, u64)> = None;
@@ -437,17 +444,20 @@ mod tests {
     }
 
     /// After an election every heartbeat in the log is old. A member the new leader hears from is
-    /// given one silence from the election to renew, but never past the moment its own leases stop
-    /// it; one the leader does not hear from (the old leader, dead) is judged by its heartbeat.
+    /// given one silence from the election to renew, but its calls move [`GRACE_LEAD`] before its
+    /// own leases stop it; one the leader does not hear from (the old leader, dead) is judged by its
+    /// heartbeat.
     #[test]
     fn a_new_leader_waits_for_the_members_it_hears_from_and_not_for_the_others() {
+        // The default timing: leases of 3 s, a margin of 1 s, a silence of 1 s.
+        let valid_for_ms = 3_000 - 1_000 - 1_000 - GRACE_LEAD.as_millis() as u64;
         let lead = |since_ms, reached: &[u64]| Leadership {
             since_ms,
             reached: reached.iter().map(|n| NodeId(*n)).collect(),
-            valid_for_ms: 1_000,
+            valid_for_ms,
         };
-        // Last heartbeats at 1,000; an election ends at 1,600, the new leader hears node 2 only.
-        let l = lead(1_600, &[2]);
+        // Last heartbeats at 1,000; an election ends at 1,500, the new leader hears node 2 only.
+        let l = lead(1_500, &[2]);
         assert_eq!(
             l.silent_from(NodeId(3), 1_000),
             1_000,
@@ -455,13 +465,13 @@ mod tests {
         );
         assert_eq!(
             l.silent_from(NodeId(2), 1_000),
-            1_600,
+            1_500,
             "heard: from the election"
         );
-        // An election longer than the member's own leases: its silence counts from when they
-        // stopped it (1,000 + 1,000), so its calls move when it has let them go (3,000).
+        // An election that ends too late for that: node 2 lets its calls go at 3,000 (its
+        // heartbeat, plus a lease less the margin), so they move 300 ms before (1,700 + 1,000).
         let l = lead(2_500, &[2]);
-        assert_eq!(l.silent_from(NodeId(2), 1_000), 2_000);
+        assert_eq!(l.silent_from(NodeId(2), 1_000), 1_700);
         // A fresher heartbeat than the election counts as it is.
         assert_eq!(l.silent_from(NodeId(2), 2_700), 2_700);
     }
