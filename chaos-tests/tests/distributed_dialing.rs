@@ -640,3 +640,93 @@ fn a_node_cut_off_from_the_cluster_stops_dialing_and_the_others_take_its_partiti
         pressed
     );
 }
+
+/// Every node loses the quorum at once (all three Raft ports cut) for longer than a lease, with
+/// answered calls up on each: every node lets its answered calls go when its leases lapse, and no
+/// leader can move them. After the heal each of those calls must be continued (a re-INVITE, from
+/// its own node or another) or ended with BYE before its citizen is called again: no phone in two
+/// calls at once, none left to hang up on silence, a 1 pressed counted, the campaign completed.
+#[test]
+fn a_lost_and_regained_quorum_leaves_no_citizen_in_a_silent_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let city = SimCityProc::start(dir.path(), "realistic", 14).unwrap();
+    let nodes = start_three(dir.path(), &city, channels());
+    nodes[0].import(1, 300).unwrap();
+    let id = nodes[0].start_campaign(retry()).unwrap();
+    let view = cluster_view(&nodes[0]).unwrap();
+    let rafts: Vec<std::net::SocketAddr> = view["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["raft_addr"].as_str()?.parse().ok())
+        .collect();
+    assert_eq!(rafts.len(), 3, "{view}");
+    let sips: Vec<String> = nodes.iter().map(|n| n.sip.to_string()).collect();
+    wait_for(
+        "answered calls up on every node",
+        Duration::from_secs(60),
+        || {
+            let (events, now) = (city.events(), now_ms());
+            sips.iter()
+                .all(|s| answered_calls_up(&events, s, now, now).len() >= 3)
+                .then_some(())
+        },
+    )
+    .unwrap();
+    let lapses = |n: &NodeProc| n.proc.log_text().matches("partition leases lapsed").count();
+    let before: Vec<usize> = nodes.iter().map(lapses).collect();
+    let cut_ms = now_ms();
+    let cuts: Vec<RaftCut> = rafts.iter().map(|r| RaftCut::start(*r).unwrap()).collect();
+    // Past the leases: every node has let its calls go, and the leases have expired.
+    wait_for(
+        "every node to let its calls go",
+        Duration::from_secs(30),
+        || {
+            let all = nodes.iter().zip(&before).all(|(n, b)| lapses(n) > *b);
+            (all && now_ms() > cut_ms + LEASE_MS + 500).then_some(())
+        },
+    )
+    .unwrap();
+    let heal_ms = now_ms();
+    drop(cuts);
+
+    let done = nodes[0]
+        .wait_campaign_done(id, Duration::from_secs(600))
+        .unwrap();
+    assert_eq!(done["state"], "completed", "{done}");
+    let events = city.events();
+    // The calls answered (and committed) before the cut and still up at it.
+    let (mut continued, mut ended_by_node, mut ended) = (0, 0, 0);
+    for s in &sips {
+        for call in answered_calls_up(&events, s, cut_ms.saturating_sub(500), cut_ms) {
+            let of_call: Vec<&Value> = events.iter().filter(|e| e["call_id"] == call).collect();
+            let gave_up = of_call
+                .iter()
+                .any(|e| e["event"] == "bye_sent" && e["reason"] == "media_timeout");
+            assert!(!gave_up, "{call} died of silence: {of_call:#?}");
+            if of_call
+                .iter()
+                .any(|e| e["event"] == "reinvite" && e["t_ms"].as_u64() > Some(cut_ms))
+            {
+                continued += 1;
+            } else if of_call.iter().any(|e| e["event"] == "bye_received") {
+                ended_by_node += 1;
+            } else {
+                ended += 1;
+            }
+        }
+    }
+    assert!(
+        continued > 0,
+        "none of the {} calls up at the cut was continued after the heal",
+        ended_by_node + ended
+    );
+    // No node was lost: nobody may leave a phone in a call while its citizen is dialled again.
+    let (overlaps, pressed) = check_outcomes_after_losing(&nodes[1], id, &city, "none");
+    assert_eq!(overlaps, 0);
+    eprintln!(
+        "quorum lost for {} ms; of the calls up at the cut {continued} continued, \
+         {ended_by_node} ended by their node's BYE, {ended} by the phone; {pressed} numbers pressed 1",
+        heal_ms - cut_ms
+    );
+}

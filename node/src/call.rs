@@ -346,6 +346,48 @@ pub const TAKEOVER_WAIT: Duration = Duration::from_secs(3);
 /// the citizen is called again.
 const TAKEOVER_BYE_WAIT: Duration = Duration::from_secs(2);
 
+/// The dialog a handover record describes, as this node continues it: its own Contact, and a CSeq
+/// above anything the node that carried it may have sent after its last record.
+fn continued_dialog(ctx: &CallContext, from_user: &str, h: &CallHandover) -> Dialog {
+    Dialog {
+        call_id: h.call_id.clone(),
+        local_tag: h.local_tag.clone(),
+        remote_tag: h.remote_tag.clone(),
+        local_party: h.local_party.clone(),
+        remote_party: h.remote_party.clone(),
+        remote_target: h.remote_target.clone(),
+        route_set: h.route_set.clone(),
+        local_cseq: h.local_cseq.saturating_add(100),
+        remote_cseq: None,
+        local_contact: ctx.endpoint.contact(from_user),
+        via_transport: h.via_transport.clone(),
+    }
+}
+
+/// Ends with BYE the dialog a handover record describes (a call this node let go and nobody
+/// continues); `fallback_hop` is where the BYE goes when the dialog has no route. True when the
+/// BYE was answered.
+pub async fn end_recorded_dialog(
+    ctx: &CallContext,
+    from_user: &str,
+    h: &CallHandover,
+    timers: Timers,
+    fallback_hop: SocketAddr,
+) -> bool {
+    let mut dialog = continued_dialog(ctx, from_user, h);
+    let mut channel = ctx.endpoint.register(&h.call_id);
+    channel.mark_answered(&h.remote_tag);
+    end_dialog(
+        &ctx.endpoint,
+        &mut channel,
+        &mut dialog,
+        timers,
+        fallback_hop,
+        TAKEOVER_BYE_WAIT,
+    )
+    .await
+}
+
 /// Continues a call another node answered and can no longer carry: a re-INVITE inside its dialog
 /// with our Contact and media address (RFC 3261 §14), then the message from where it should be now,
 /// on the same RTP stream (SSRC, sequence and timestamp continue). A refused or unanswered re-INVITE
@@ -371,20 +413,7 @@ pub async fn resume_call(
     } else {
         Codec::Pcmu
     };
-    let mut dialog = Dialog {
-        call_id: h.call_id.clone(),
-        local_tag: h.local_tag.clone(),
-        remote_tag: h.remote_tag.clone(),
-        local_party: h.local_party.clone(),
-        remote_party: h.remote_party.clone(),
-        remote_target: h.remote_target.clone(),
-        route_set: h.route_set.clone(),
-        // Above anything the previous node may have sent after its last record.
-        local_cseq: h.local_cseq.saturating_add(100),
-        remote_cseq: None,
-        local_contact: ctx.endpoint.contact(&spec.from_user),
-        via_transport: h.via_transport.clone(),
-    };
+    let mut dialog = continued_dialog(ctx, &spec.from_user, h);
     let mut channel = ctx.endpoint.register(&h.call_id);
     channel.mark_answered(&h.remote_tag);
     let sdp_session = rand::random::<u32>() as u64;

@@ -3,7 +3,8 @@
 //!
 //! Decisions (what is due, what follows an outcome) are pure: `State::due_tasks` and `retry::next_step`.
 //! This module only executes them. A task is dialled by this node only while it is in `inflight`, and it
-//! leaves `inflight` only after its outcome is committed, so a task is never dialled twice at once.
+//! leaves `inflight` only after its outcome is committed or the log shows it has left this node (moved
+//! to another, or given back), so a task is never dialled twice at once.
 //!
 //! A call is placed only after its `Started` record is committed and the state machine shows the task
 //! in flight on this node: a node cut off from the quorum cannot start calls.
@@ -16,7 +17,10 @@
 //! Every node dials the subscribers of the partitions whose lease it holds (`leases`), and every
 //! start carries the lease's epoch so the state machine refuses a start from a stale holder. A node
 //! whose lease lapses (it was cut off, or gave the partition up) hangs up its calls there; the next
-//! holder is handed the calls still in flight and dials those citizens again.
+//! holder is handed the calls still in flight and dials those citizens again. Answered calls are let
+//! go instead (no BYE) and recorded as nothing (`Phase::Parked`): the leader moves them to a live
+//! node, or this node continues them itself when it holds the lease again, or ends their dialog
+//! with BYE if the log gives the task back; a citizen is never dialled while still in the silent call.
 
 pub mod leases;
 pub mod quiet;
@@ -128,6 +132,10 @@ enum Phase {
     Up,
     /// Its call ended (or was never placed); its record is on the way.
     Ended,
+    /// Its answered call was let go when this node's leases lapsed and nobody has taken it over:
+    /// nothing is recorded, the task stays this node's. The leader may still move it to another
+    /// node; otherwise this node continues it (re-INVITE) once it may carry it again (`tend_parked`).
+    Parked,
 }
 
 /// A call this node is responsible for.
@@ -142,6 +150,9 @@ struct Running {
     /// Its campaign's priority: an emergency takes the channels of lower ones.
     priority: Priority,
     phase: Phase,
+    /// While `Parked`: the dialog the phone may still be in, to end it with BYE if the task goes
+    /// back to be dialled again instead of to a node that continues it.
+    parked: Option<Box<campanile_cluster::CallHandover>>,
 }
 
 impl Running {
@@ -159,6 +170,7 @@ impl Running {
                 taken_over,
                 priority,
                 phase,
+                parked: None,
             },
             abort_rx,
             let_go_rx,
@@ -173,6 +185,7 @@ impl Running {
             taken_over: false,
             priority: Priority::Emergency,
             phase: Phase::Ended,
+            parked: None,
         }
     }
 }
@@ -275,6 +288,7 @@ async fn run(sh: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
         let held = sh.held.valid(std::time::Instant::now());
         sh.metrics.leases_held.set(held.len() as i64);
         abort_unleased(&sh, &held);
+        tend_parked(&sh, &held);
         abort_stopped_campaigns(&sh);
         takeover::follow(&sh, &mut handovers_seen);
         preempt_for_emergencies(&sh, &held);
@@ -807,6 +821,179 @@ fn handover_hooks(
     HandoverHooks { answered, let_go }
 }
 
+/// A call let go while the log still has its task on this node (its leases lapsed and nobody has
+/// moved the call) is parked instead of recorded: recorded as interrupted, it would be dialled again
+/// while the phone still holds the silent call, and a 1 pressed there would be lost. False when the
+/// task has left this node (moved, given back): the call's end is then recorded as any other.
+fn park(sh: &Shared, due: &Due) -> bool {
+    let mut inflight = lock(&sh.inflight);
+    let handover = sh.cluster.read(|s| {
+        s.task(due.key.0, due.key.1).and_then(|t| match t.state {
+            campanile_cluster::TaskState::InFlight { node, attempt, .. }
+                if node == sh.cfg.node && attempt == due.attempt =>
+            {
+                t.handover.clone()
+            }
+            _ => None,
+        })
+    });
+    let (Some(handover), Some(call)) = (handover, inflight.get_mut(&due.key)) else {
+        return false;
+    };
+    call.phase = Phase::Parked;
+    call.parked = Some(Box::new(handover));
+    drop(inflight);
+    sh.channel_freed.notify_waiters();
+    sh.wake.notify_one();
+    tracing::warn!(
+        campaign = %due.key.0,
+        subscriber = %due.key.1,
+        number = %campanile_cluster::mask_number(&due.phone),
+        "answered call let go with this node's leases; it waits for the leader to move it or for \
+         this node to continue it"
+    );
+    true
+}
+
+/// What becomes of a parked call, as the log has it now.
+enum Fate {
+    /// Still this node's, and it may carry it again: continue it.
+    Continue(Box<(Due, campanile_cluster::CallHandover)>),
+    /// Still this node's, not yet carried again (leases still lapsed, message not ready).
+    Wait,
+    /// Moved to another node, which continues the dialog: forget it here.
+    Moved,
+    /// Given back to be dialled again, or finished: end the silent dialog with BYE.
+    Dropped,
+    /// Still this node's but its campaign no longer runs: BYE and record it interrupted, as a
+    /// call of a paused or cancelled campaign is hung up.
+    Stopped { attempt: u32, epoch: Option<u64> },
+}
+
+/// Parked calls (`Phase::Parked`) whose fate the log has decided, acted on.
+fn tend_parked(sh: &Arc<Shared>, held: &HashMap<u16, u64>) {
+    use campanile_cluster::TaskState;
+    let mut inflight = lock(&sh.inflight);
+    let parked: Vec<(TaskKey, bool)> = inflight
+        .iter()
+        .filter(|(_, r)| r.phase == Phase::Parked)
+        .map(|(k, r)| (*k, r.taken_over))
+        .collect();
+    if parked.is_empty() {
+        return;
+    }
+    let me = sh.cfg.node;
+    let alive = sh.held.alive(std::time::Instant::now());
+    let fates: Vec<(TaskKey, Fate)> = sh.cluster.read(|s| {
+        parked
+            .iter()
+            .map(|&(key, taken_over)| {
+                let Some(t) = s.task(key.0, key.1) else {
+                    return (key, Fate::Dropped);
+                };
+                let TaskState::InFlight {
+                    node,
+                    attempt,
+                    epoch,
+                    ..
+                } = t.state
+                else {
+                    return (key, Fate::Dropped);
+                };
+                if node != me {
+                    return (key, Fate::Moved);
+                }
+                // The same fence that let it go: the heartbeat for a call taken over, the
+                // partition's lease for one this node placed.
+                let carry = if taken_over {
+                    alive
+                } else {
+                    held.contains_key(&campanile_cluster::partition_of(key.1))
+                };
+                let fate = match (s.campaign(key.0), &t.handover) {
+                    (Some(c), Some(h)) if c.state == CampaignState::Running => {
+                        if carry {
+                            let due = Due::of(s, t, c, attempt, epoch.unwrap_or(0));
+                            Fate::Continue(Box::new((due, h.clone())))
+                        } else {
+                            Fate::Wait
+                        }
+                    }
+                    _ => Fate::Stopped { attempt, epoch },
+                };
+                (key, fate)
+            })
+            .collect()
+    });
+    let mut changed = false;
+    for (key, fate) in fates {
+        let taken_over = inflight.get(&key).is_some_and(|r| r.taken_over);
+        changed |= !matches!(fate, Fate::Wait | Fate::Continue(..));
+        match fate {
+            Fate::Wait => {}
+            Fate::Continue(call) => {
+                let (due, handover) = *call;
+                let number = campanile_cluster::mask_number(&due.phone);
+                // Until the message is ready here the call stays parked (`audio_for` wakes us).
+                if takeover::continue_call(sh, &mut inflight, due, handover, taken_over) {
+                    changed = true;
+                    tracing::info!(campaign = %key.0, subscriber = %key.1, %number,
+                        "continuing an answered call this node let go with its leases");
+                }
+            }
+            Fate::Moved => {
+                inflight.remove(&key);
+            }
+            Fate::Dropped | Fate::Stopped { .. } => {
+                let Some(call) = inflight.get_mut(&key) else {
+                    continue;
+                };
+                let handover = call.parked.take();
+                if let Fate::Stopped { attempt, epoch } = fate {
+                    // The record takes the entry out once committed, as for any call's end.
+                    call.phase = Phase::Ended;
+                    let _ = sh.events.send((
+                        AttemptEvent::Finished {
+                            campaign: key.0,
+                            subscriber: key.1,
+                            attempt,
+                            outcome: Outcome::Interrupted,
+                            next: campanile_cluster::Next::RetryAt(now_ms()),
+                            epoch,
+                        },
+                        None,
+                    ));
+                } else {
+                    inflight.remove(&key);
+                }
+                if let Some(h) = handover {
+                    let sh = sh.clone();
+                    tokio::spawn(async move {
+                        let answered = crate::call::end_recorded_dialog(
+                            &sh.ctx,
+                            &sh.cfg.from_user,
+                            &h,
+                            sh.cfg.timers,
+                            sh.cfg.trunk,
+                        )
+                        .await;
+                        tracing::info!(
+                            campaign = %key.0,
+                            subscriber = %key.1,
+                            bye_answered = answered,
+                            "ended the dialog of a call this node had let go and nobody continues"
+                        );
+                    });
+                }
+            }
+        }
+    }
+    drop(inflight);
+    if changed {
+        sh.wake.notify_one();
+    }
+}
+
 /// Records how a call this node placed (or took over) ended, and what follows for its citizen.
 fn call_ended(
     sh: &Shared,
@@ -815,6 +1002,9 @@ fn call_ended(
     outcome: CallOutcome,
     started: std::time::Instant,
 ) {
+    if outcome == CallOutcome::HandedOver && park(sh, due) {
+        return;
+    }
     // A trunk that answered 503 pauses before anyone can take the channel this call frees.
     if let CallOutcome::TrunkUnavailable { retry_after, .. } = &outcome {
         tracing::warn!(outcome = %outcome, "trunk is overloaded; pausing new calls on it");

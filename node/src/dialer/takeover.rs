@@ -221,44 +221,58 @@ pub(super) fn follow(sh: &Arc<Shared>, seen: &mut u64) {
     }
     let mut waiting = false;
     for (due, handover) in mine {
-        // The message must be ready here; until it is, look again on the next round.
-        let Some(audio) = audio_for(sh, due.key.0, &due.message, &due.language) else {
+        let (key, number) = (due.key, campanile_cluster::mask_number(&due.phone));
+        let silent_for_ms = now.saturating_sub(handover.at_ms);
+        if continue_call(sh, &mut inflight, due, handover, true) {
+            tracing::info!(campaign = %key.0, subscriber = %key.1, %number, silent_for_ms,
+                "taking over an answered call");
+        } else {
+            // The message must be ready here; until it is, look again on the next round.
             waiting = true;
-            continue;
-        };
-        let (running, abort_rx, let_go_rx) = Running::new(true, due.priority, super::Phase::Up);
-        inflight.insert(due.key, running);
-        let sh = sh.clone();
-        tracing::info!(
-            campaign = %due.key.0,
-            subscriber = %due.key.1,
-            number = %campanile_cluster::mask_number(&due.phone),
-            silent_for_ms = now.saturating_sub(handover.at_ms),
-            "taking over an answered call"
-        );
-        tokio::spawn(async move {
-            let spec = call_spec(&sh, &due, audio, false);
-            let started = std::time::Instant::now();
-            let hooks = handover_hooks(&sh, &due, let_go_rx.clone(), None);
-            let mut outcome =
-                resume_call(&sh.ctx, &spec, &handover, abort_rx.clone(), Some(hooks)).await;
-            let mut result = "resumed";
-            if let CallOutcome::TakeoverFailed(why) = &outcome {
-                tracing::warn!(campaign = %due.key.0, subscriber = %due.key.1, reason = %why,
-                    "could not take the call over; calling the citizen again at once");
-                result = "failed";
-                if let Some(redialled) = redial(&sh, &due, &spec, abort_rx, let_go_rx).await {
-                    outcome = redialled;
-                    result = "redialled";
-                }
-            }
-            sh.metrics.takeover(result);
-            call_ended(&sh, &due, &spec, outcome, started);
-        });
+        }
     }
     if !waiting {
         *seen = applied;
     }
+}
+
+/// Continues `due`'s answered call on this node with a re-INVITE inside its recorded dialog: a call
+/// moved here (`taken_over`, fenced by this node's heartbeat) or one this node let go when its
+/// leases lapsed (fenced by the partition's lease, as when it placed the call). False, and nothing
+/// started, while the message is not ready here.
+pub(super) fn continue_call(
+    sh: &Arc<Shared>,
+    inflight: &mut std::collections::HashMap<super::TaskKey, Running>,
+    due: Due,
+    handover: CallHandover,
+    taken_over: bool,
+) -> bool {
+    let Some(audio) = audio_for(sh, due.key.0, &due.message, &due.language) else {
+        return false;
+    };
+    let (running, abort_rx, let_go_rx) = Running::new(taken_over, due.priority, super::Phase::Up);
+    inflight.insert(due.key, running);
+    let sh = sh.clone();
+    tokio::spawn(async move {
+        let spec = call_spec(&sh, &due, audio, false);
+        let started = std::time::Instant::now();
+        let hooks = handover_hooks(&sh, &due, let_go_rx.clone(), None);
+        let mut outcome =
+            resume_call(&sh.ctx, &spec, &handover, abort_rx.clone(), Some(hooks)).await;
+        let mut result = "resumed";
+        if let CallOutcome::TakeoverFailed(why) = &outcome {
+            tracing::warn!(campaign = %due.key.0, subscriber = %due.key.1, reason = %why,
+                "could not take the call over; calling the citizen again at once");
+            result = "failed";
+            if let Some(redialled) = redial(&sh, &due, &spec, abort_rx, let_go_rx).await {
+                outcome = redialled;
+                result = "redialled";
+            }
+        }
+        sh.metrics.takeover(result);
+        call_ended(&sh, &due, &spec, outcome, started);
+    });
+    true
 }
 
 /// After a failed takeover, while the task is still this node's: a new call to the citizen at
