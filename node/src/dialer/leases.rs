@@ -201,6 +201,38 @@ fn plan_grants(
     grants
 }
 
+/// Expired partitions go back to their last holder first, where it is live and below its fair
+/// share, or whatever its share where it still has answered calls there (given to another node,
+/// the partition's in-flight tasks would be handed back and those citizens dialled while their
+/// phones still hold the calls). A partition whose last holder is not live but still has
+/// answered calls there is left free this round: the leader moves those calls first
+/// (`takeover`). Answers the grants and the partitions left for `plan_grants`.
+///
+/// After the log was unavailable for longer than a lease (every lease expired at once), each node
+/// thus keeps its partitions, continues the answered calls it let go there, and the partitions do
+/// not all move at once.
+fn keep_with_last_holder(
+    free: &[(u16, Option<NodeId>)],
+    holder_has_calls: &std::collections::BTreeSet<u16>,
+    load: &mut BTreeMap<NodeId, usize>,
+    weight: &BTreeMap<NodeId, u64>,
+) -> (Vec<(u16, NodeId)>, Vec<u16>) {
+    let mut kept = Vec::new();
+    let mut rest = Vec::new();
+    for (p, last) in free {
+        let calls = holder_has_calls.contains(p);
+        match last.filter(|n| load.contains_key(n)) {
+            Some(n) if calls || load[&n] < fair_share(n, weight) => {
+                *load.entry(n).or_default() += 1;
+                kept.push((*p, n));
+            }
+            None if calls => {}
+            _ => rest.push(*p),
+        }
+    }
+    (kept, rest)
+}
+
 /// A node's fair share of the partitions: its weight's part of all live nodes' weights, rounded up.
 fn fair_share(me: NodeId, weight: &BTreeMap<NodeId, u64>) -> usize {
     let total: u64 = weight.values().sum();
@@ -219,7 +251,7 @@ async fn assign(cluster: &Cluster, timing: LeaseTiming) {
         return;
     }
     let now = now_ms();
-    let (mut load, free) = cluster.read(|s| {
+    let (mut load, free, holder_has_calls) = cluster.read(|s| {
         let mut load: BTreeMap<NodeId, usize> = live.iter().map(|n| (*n, 0)).collect();
         let mut free = Vec::new();
         for p in 0..PARTITIONS {
@@ -229,16 +261,34 @@ async fn assign(cluster: &Cluster, timing: LeaseTiming) {
                         *c += 1;
                     }
                 }
-                _ => free.push(p),
+                last => free.push((p, last.map(|l| l.node))),
             }
         }
-        (load, free)
+        // Free partitions where their last holder, heard from lately, still has answered calls.
+        // (Past `GIVE_UP_AFTER_MS` of silence nobody moves its calls any more: they are given
+        // back with the partition.)
+        let holders: std::collections::BTreeSet<NodeId> =
+            free.iter().filter_map(|(_, n)| *n).collect();
+        let holder_has_calls: std::collections::BTreeSet<u16> = s
+            .heartbeats()
+            .filter(|(n, t)| {
+                holders.contains(n) && t.saturating_add(super::takeover::GIVE_UP_AFTER_MS) > now
+            })
+            .flat_map(|(n, _)| {
+                s.answered_calls_on(n)
+                    .into_iter()
+                    .map(|t| campanile_cluster::partition_of(t.subscriber))
+                    .filter(move |p| s.lease(*p).is_some_and(|l| l.node == n))
+            })
+            .collect();
+        (load, free, holder_has_calls)
     });
     if free.is_empty() {
         return;
     }
     let weight = weights(cluster, &live);
-    let grants = plan_grants(&free, &mut load, &weight);
+    let (mut grants, rest) = keep_with_last_holder(&free, &holder_has_calls, &mut load, &weight);
+    grants.extend(plan_grants(&rest, &mut load, &weight));
     let n = grants.len();
     match cluster
         .write(Command::AssignLeases {
@@ -325,6 +375,39 @@ mod tests {
         plan_grants(&free, &mut load, &weight);
         assert_eq!(load[&NodeId(1)], 64, "already at its share");
         assert_eq!(load[&NodeId(2)], 192);
+    }
+
+    #[test]
+    fn expired_partitions_go_back_to_their_live_holders_within_their_share() {
+        // Every lease expired at once (the log was unavailable): nodes 1 and 2 are live again,
+        // node 3 is not; node 2 released partition 9 above its share earlier, and has answered
+        // calls in partition 10; node 3 has some in partition 11.
+        let weight: BTreeMap<NodeId, u64> = [(NodeId(1), 20), (NodeId(2), 20)].into();
+        let mut load: BTreeMap<NodeId, usize> = [(NodeId(1), 0), (NodeId(2), 127)].into();
+        let free = [
+            (1, Some(NodeId(1))),
+            (2, Some(NodeId(2))),
+            (3, Some(NodeId(3))),
+            (4, None),
+            (9, Some(NodeId(2))),
+            (10, Some(NodeId(2))),
+            (11, Some(NodeId(3))),
+        ];
+        let calls = [10, 11].into();
+        let (kept, rest) = keep_with_last_holder(&free, &calls, &mut load, &weight);
+        assert_eq!(
+            kept,
+            vec![(1, NodeId(1)), (2, NodeId(2)), (10, NodeId(2))],
+            "back to live holders: within their share, or past it where they have calls"
+        );
+        assert_eq!(
+            rest,
+            vec![3, 4, 9],
+            "a dead holder without calls, none, and one past its share; 11 waits for its calls"
+        );
+        assert_eq!(load[&NodeId(2)], 129);
+        let rest = plan_grants(&rest, &mut load, &weight);
+        assert!(rest.iter().all(|(_, n)| *n == NodeId(1)), "{rest:?}");
     }
 
     #[test]

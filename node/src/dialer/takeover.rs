@@ -31,7 +31,7 @@ pub const SILENCE: Duration = Duration::from_millis(1000);
 
 /// Silence after which a node's calls are no longer looked for: by then its leases have expired
 /// and whatever it still had in flight was given back to be dialled again.
-const GIVE_UP_AFTER_MS: u64 = 15_000;
+pub(super) const GIVE_UP_AFTER_MS: u64 = 15_000;
 
 /// How often the leader looks.
 const LOOK_EVERY: Duration = Duration::from_millis(100);
