@@ -347,8 +347,14 @@ pub const TAKEOVER_WAIT: Duration = Duration::from_secs(3);
 const TAKEOVER_BYE_WAIT: Duration = Duration::from_secs(2);
 
 /// The dialog a handover record describes, as this node continues it: its own Contact, and a CSeq
-/// above anything the node that carried it may have sent after its last record.
+/// above anything the node that carried it may have sent after its last record, and above an
+/// earlier continuation of the same record (one more per millisecond since the record).
 fn continued_dialog(ctx: &CallContext, from_user: &str, h: &CallHandover) -> Dialog {
+    let since_record = crate::dialer::now_ms().saturating_sub(h.at_ms);
+    let local_cseq = h
+        .local_cseq
+        .saturating_add(100)
+        .saturating_add(u32::try_from(since_record).unwrap_or(u32::MAX));
     Dialog {
         call_id: h.call_id.clone(),
         local_tag: h.local_tag.clone(),
@@ -357,7 +363,8 @@ fn continued_dialog(ctx: &CallContext, from_user: &str, h: &CallHandover) -> Dia
         remote_party: h.remote_party.clone(),
         remote_target: h.remote_target.clone(),
         route_set: h.route_set.clone(),
-        local_cseq: h.local_cseq.saturating_add(100),
+        // RFC 3261 §8.1.1.5: below 2**31.
+        local_cseq: local_cseq.min(i32::MAX as u32 - 1_000_000),
         remote_cseq: None,
         local_contact: ctx.endpoint.contact(from_user),
         via_transport: h.via_transport.clone(),

@@ -153,6 +153,10 @@ struct Running {
     /// While `Parked`: the dialog the phone may still be in, to end it with BYE if the task goes
     /// back to be dialled again instead of to a node that continues it.
     parked: Option<Box<campanile_cluster::CallHandover>>,
+    /// The task's recorded dialog is not this call's: a new call after a failed takeover, until
+    /// its own answer is committed. A lapse then hangs it up (a CANCEL while it rings) instead of
+    /// letting it go, since nobody could continue it from the record.
+    stale_record: bool,
 }
 
 impl Running {
@@ -171,6 +175,7 @@ impl Running {
                 priority,
                 phase,
                 parked: None,
+                stale_record: false,
             },
             abort_rx,
             let_go_rx,
@@ -186,6 +191,7 @@ impl Running {
             priority: Priority::Emergency,
             phase: Phase::Ended,
             parked: None,
+            stale_record: false,
         }
     }
 }
@@ -288,7 +294,7 @@ async fn run(sh: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
         let held = sh.held.valid(std::time::Instant::now());
         sh.metrics.leases_held.set(held.len() as i64);
         abort_unleased(&sh, &held);
-        tend_parked(&sh, &held);
+        tend_parked(&sh);
         abort_stopped_campaigns(&sh);
         takeover::follow(&sh, &mut handovers_seen);
         preempt_for_emergencies(&sh, &held);
@@ -401,7 +407,11 @@ fn abort_unleased(sh: &Shared, held: &HashMap<u16, u64>) {
     let (mut lapsed, mut let_go) = (0, 0);
     sh.cluster.read(|s| {
         for ((cid, sid), call) in inflight.iter() {
-            if *call.abort.borrow() || *call.let_go.borrow() {
+            // Ended and parked entries have no call left to stop (their records are on the way).
+            if matches!(call.phase, Phase::Ended | Phase::Parked)
+                || *call.abort.borrow()
+                || *call.let_go.borrow()
+            {
                 continue;
             }
             let unleased = if call.taken_over {
@@ -412,12 +422,13 @@ fn abort_unleased(sh: &Shared, held: &HashMap<u16, u64>) {
             if !unleased {
                 continue;
             }
-            let answered = s.task(*cid, *sid).is_some_and(|t| t.handover.is_some());
+            let answered =
+                !call.stale_record && s.task(*cid, *sid).is_some_and(|t| t.handover.is_some());
             if answered {
-                let _ = call.let_go.send(true);
+                call.let_go.send_replace(true);
                 let_go += 1;
             } else {
-                let _ = call.abort.send(true);
+                call.abort.send_replace(true);
                 lapsed += 1;
             }
         }
@@ -791,7 +802,8 @@ fn call_spec(sh: &Shared, due: &Due, audio: PreparedAudio, detect_machines: bool
 }
 
 /// The call's reports of its dialog go into the attempt records, so another node can take it over.
-/// The first report of a call placed at `invited` is its answer, which the metrics time.
+/// The first report of a call placed at `invited` is its answer, which the metrics time. Once a
+/// report is committed the record describes this call (`Running::stale_record` no longer holds).
 fn handover_hooks(
     sh: &Arc<Shared>,
     due: &Due,
@@ -799,23 +811,31 @@ fn handover_hooks(
     mut invited: Option<std::time::Instant>,
 ) -> HandoverHooks {
     let (answered, mut reports) = mpsc::unbounded_channel();
-    let events = sh.events.clone();
     let (key, attempt) = (due.key, due.attempt);
-    let (metrics, cluster) = (sh.metrics.clone(), sh.cluster.clone());
+    let sh = sh.clone();
     tokio::spawn(async move {
         while let Some(call) = reports.recv().await {
             if let Some(at) = invited.take() {
-                metrics.answered(&cluster, key.0, at.elapsed());
+                sh.metrics.answered(&sh.cluster, key.0, at.elapsed());
             }
-            let _ = events.send((
+            let (committed, is_committed) = tokio::sync::oneshot::channel();
+            let _ = sh.events.send((
                 AttemptEvent::Answered {
                     campaign: key.0,
                     subscriber: key.1,
                     attempt,
                     call: Box::new(call),
                 },
-                None,
+                Some(committed),
             ));
+            let sh = sh.clone();
+            tokio::spawn(async move {
+                if is_committed.await.is_ok() {
+                    if let Some(r) = lock(&sh.inflight).get_mut(&key) {
+                        r.stale_record = false;
+                    }
+                }
+            });
         }
     });
     HandoverHooks { answered, let_go }
@@ -870,8 +890,13 @@ enum Fate {
     Stopped { attempt: u32, epoch: Option<u64> },
 }
 
+/// A parked call is continued only under a fence that holds this long yet: right after the log
+/// comes back a node's last counted renewal may be about to lapse, and a call continued then would
+/// be let go again at once (and the phone re-invited twice).
+const CONTINUE_MARGIN: Duration = Duration::from_millis(500);
+
 /// Parked calls (`Phase::Parked`) whose fate the log has decided, acted on.
-fn tend_parked(sh: &Arc<Shared>, held: &HashMap<u16, u64>) {
+fn tend_parked(sh: &Arc<Shared>) {
     use campanile_cluster::TaskState;
     let mut inflight = lock(&sh.inflight);
     let parked: Vec<(TaskKey, bool)> = inflight
@@ -883,7 +908,8 @@ fn tend_parked(sh: &Arc<Shared>, held: &HashMap<u16, u64>) {
         return;
     }
     let me = sh.cfg.node;
-    let alive = sh.held.alive(std::time::Instant::now());
+    let later = std::time::Instant::now() + CONTINUE_MARGIN;
+    let (alive, held) = (sh.held.alive(later), sh.held.valid(later));
     let fates: Vec<(TaskKey, Fate)> = sh.cluster.read(|s| {
         parked
             .iter()

@@ -219,8 +219,21 @@ pub(super) fn follow(sh: &Arc<Shared>, seen: &mut u64) {
             let _ = call.let_go.send(true);
         }
     }
+    let lapsing = !sh
+        .held
+        .alive(std::time::Instant::now() + super::CONTINUE_MARGIN);
     let mut waiting = false;
-    for (due, handover) in mine {
+    if lapsing && !mine.is_empty() {
+        // Moved here while this node's own heartbeat is about to lapse (its renewals are late
+        // reaching the log): taken over now, the calls would be let go again at once. The next
+        // round looks again.
+        tracing::debug!(
+            calls = mine.len(),
+            "calls moved here wait for this node's next renewal"
+        );
+        waiting = true;
+    }
+    for (due, handover) in mine.into_iter().filter(|_| !lapsing) {
         let (key, number) = (due.key, campanile_cluster::mask_number(&due.phone));
         let silent_for_ms = now.saturating_sub(handover.at_ms);
         if continue_call(sh, &mut inflight, due, handover, true) {
@@ -264,6 +277,10 @@ pub(super) fn continue_call(
             tracing::warn!(campaign = %due.key.0, subscriber = %due.key.1, reason = %why,
                 "could not take the call over; calling the citizen again at once");
             result = "failed";
+            // The new call is not the recorded dialog until its own answer is committed.
+            if let Some(r) = lock(&sh.inflight).get_mut(&due.key) {
+                r.stale_record = true;
+            }
             if let Some(redialled) = redial(&sh, &due, &spec, abort_rx, let_go_rx).await {
                 outcome = redialled;
                 result = "redialled";
