@@ -118,6 +118,16 @@ fn trouble(nodes: &[NodeProc]) -> Vec<String> {
         .collect()
 }
 
+/// The failure tests' setup: the realistic city (`seed`), three nodes of `channels()` channels,
+/// 300 subscribers and a campaign started; answers the city, the nodes and the campaign's id.
+fn small_campaign(dir: &std::path::Path, seed: u64) -> (SimCityProc, Vec<NodeProc>, u64) {
+    let city = SimCityProc::start(dir, "realistic", seed).unwrap();
+    let nodes = start_three(dir, &city, channels());
+    nodes[0].import(1, 300).unwrap();
+    let id = nodes[0].start_campaign(retry()).unwrap();
+    (city, nodes, id)
+}
+
 /// A node with twice the trunk channels is given twice the partitions (and so twice the citizens).
 #[test]
 fn partitions_follow_each_node_s_trunk_capacity() {
@@ -252,10 +262,7 @@ fn the_leader_killed_mid_campaign_hands_its_partitions_and_its_answered_calls_ov
 /// SIGKILLs one node (the leader, or a follower) once it has calls up, and checks what follows.
 fn kill_mid_campaign(leader: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let city = SimCityProc::start(dir.path(), "realistic", 12).unwrap();
-    let mut nodes = start_three(dir.path(), &city, channels());
-    nodes[0].import(1, 300).unwrap();
-    let id = nodes[0].start_campaign(retry()).unwrap();
+    let (city, mut nodes, id) = small_campaign(dir.path(), 12);
     let leader_id = cluster_view(&nodes[0]).unwrap()["leader"].as_u64().unwrap() as usize;
     let victim_at = if leader {
         leader_id - 1
@@ -511,10 +518,7 @@ const MARGIN_MS: u64 = 1_000;
 #[test]
 fn a_node_cut_off_from_the_cluster_stops_dialing_and_the_others_take_its_partitions() {
     let dir = tempfile::tempdir().unwrap();
-    let city = SimCityProc::start(dir.path(), "realistic", 13).unwrap();
-    let nodes = start_three(dir.path(), &city, channels());
-    nodes[0].import(1, 300).unwrap();
-    let id = nodes[0].start_campaign(retry()).unwrap();
+    let (city, nodes, id) = small_campaign(dir.path(), 13);
 
     // Cut a node that is not the leader, once it has calls up: only its Raft traffic.
     let view = cluster_view(&nodes[0]).unwrap();
@@ -669,10 +673,7 @@ fn a_node_cut_off_from_the_cluster_stops_dialing_and_the_others_take_its_partiti
 #[test]
 fn a_lost_and_regained_quorum_leaves_no_citizen_in_a_silent_call() {
     let dir = tempfile::tempdir().unwrap();
-    let city = SimCityProc::start(dir.path(), "realistic", 14).unwrap();
-    let nodes = start_three(dir.path(), &city, channels());
-    nodes[0].import(1, 300).unwrap();
-    let id = nodes[0].start_campaign(retry()).unwrap();
+    let (city, nodes, id) = small_campaign(dir.path(), 14);
     let view = cluster_view(&nodes[0]).unwrap();
     let rafts: Vec<std::net::SocketAddr> = view["members"]
         .as_array()
