@@ -910,12 +910,12 @@ fn tend_parked(sh: &Arc<Shared>) {
     let me = sh.cfg.node;
     let later = std::time::Instant::now() + CONTINUE_MARGIN;
     let (alive, held) = (sh.held.alive(later), sh.held.valid(later));
-    let fates: Vec<(TaskKey, Fate)> = sh.cluster.read(|s| {
+    let fates: Vec<(TaskKey, bool, Fate)> = sh.cluster.read(|s| {
         parked
             .iter()
             .map(|&(key, taken_over)| {
                 let Some(t) = s.task(key.0, key.1) else {
-                    return (key, Fate::Dropped);
+                    return (key, taken_over, Fate::Dropped);
                 };
                 let TaskState::InFlight {
                     node,
@@ -924,10 +924,10 @@ fn tend_parked(sh: &Arc<Shared>) {
                     ..
                 } = t.state
                 else {
-                    return (key, Fate::Dropped);
+                    return (key, taken_over, Fate::Dropped);
                 };
                 if node != me {
-                    return (key, Fate::Moved);
+                    return (key, taken_over, Fate::Moved);
                 }
                 // The same fence that let it go: the heartbeat for a call taken over, the
                 // partition's lease for one this node placed.
@@ -947,13 +947,12 @@ fn tend_parked(sh: &Arc<Shared>) {
                     }
                     _ => Fate::Stopped { attempt, epoch },
                 };
-                (key, fate)
+                (key, taken_over, fate)
             })
             .collect()
     });
     let mut changed = false;
-    for (key, fate) in fates {
-        let taken_over = inflight.get(&key).is_some_and(|r| r.taken_over);
+    for (key, taken_over, fate) in fates {
         changed |= !matches!(fate, Fate::Wait | Fate::Continue(..));
         match fate {
             Fate::Wait => {}
