@@ -749,10 +749,36 @@ fn a_lost_and_regained_quorum_leaves_no_citizen_in_a_silent_call() {
     // No node was lost: nobody may leave a phone in a call while its citizen is dialled again.
     let (overlaps, pressed) = check_outcomes_after_losing(&nodes[1], id, &city, "none");
     assert_eq!(overlaps, 0);
+    // The nodes' own count: every re-INVITE the city saw continued a parked call on its node or a
+    // call moved to another (a takeover), and the calls were parked, not recorded.
+    let total = |series: &str| -> f64 {
+        nodes
+            .iter()
+            .map(|n| {
+                let text = n.text("/metrics").unwrap();
+                text.lines()
+                    .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
+                    .unwrap_or_else(|| panic!("no {series} in {}'s metrics", n.sip))
+            })
+            .sum()
+    };
+    let parked_continued = total("campanile_parked_calls_total{fate=\"continued\"}");
+    let parked_moved = total("campanile_parked_calls_total{fate=\"moved\"}");
+    let parked_ended = total("campanile_parked_calls_total{fate=\"ended\"}");
+    let takeovers: f64 = ["resumed", "redialled", "failed"]
+        .iter()
+        .map(|r| total(&format!("campanile_takeovers_total{{result=\"{r}\"}}")))
+        .sum();
+    assert!(
+        parked_continued + parked_moved >= 1.0 && parked_continued + takeovers >= continued as f64,
+        "{continued} calls continued by the city's count; the nodes parked and continued \
+         {parked_continued}, parked and saw moved {parked_moved}, took over {takeovers}"
+    );
     eprintln!(
         "quorum lost for {} ms; of the calls up at the cut {continued} continued, \
          {ended_before_heal} ended by their node before the heal, {ended_by_node} after it, \
-         {ended} by the phone; {pressed} numbers pressed 1",
+         {ended} by the phone; {pressed} numbers pressed 1; parked calls continued \
+         {parked_continued}, moved {parked_moved}, ended {parked_ended}; takeovers {takeovers}",
         heal_ms - cut_ms
     );
 }

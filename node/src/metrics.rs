@@ -30,6 +30,11 @@ pub const REPORTED_CAMPAIGNS: usize = 50;
 /// How a takeover of another node's call ended (the `result` label of `takeovers_total`).
 pub const TAKEOVER_RESULTS: [&str; 3] = ["resumed", "redialled", "failed"];
 
+/// What became of an answered call this node let go when its leases lapsed (the `fate` label of
+/// `parked_calls_total`): continued here with a re-INVITE, moved to another node by the leader, or
+/// ended with BYE because the log gave its task back or its campaign stopped.
+pub const PARKED_FATES: [&str; 3] = ["continued", "moved", "ended"];
+
 /// The node's metrics; cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
@@ -49,6 +54,7 @@ pub struct Metrics {
     trunk_channels: IntGaugeVec,
     trunk_channels_max: IntGaugeVec,
     takeovers: IntCounterVec,
+    parked: IntCounterVec,
     raft_applied: IntGauge,
     drill_mode: IntGauge,
     trunk_up: IntGauge,
@@ -178,6 +184,17 @@ impl Metrics {
         for result in TAKEOVER_RESULTS {
             takeovers.with_label_values(&[result]);
         }
+        let parked = must(IntCounterVec::new(
+            Opts::new(
+                "parked_calls_total",
+                "Answered calls this node let go when its leases lapsed (parked, the phone still in \
+                 the call), by fate: continued here, moved to another node, ended with BYE.",
+            ),
+            &["fate"],
+        ));
+        for fate in PARKED_FATES {
+            parked.with_label_values(&[fate]);
+        }
         let raft_applied = must(IntGauge::new(
             "raft_applied_index",
             "Index of the last Raft log entry applied on this node.",
@@ -215,6 +232,7 @@ impl Metrics {
             Box::new(trunk_channels.clone()),
             Box::new(trunk_channels_max.clone()),
             Box::new(takeovers.clone()),
+            Box::new(parked.clone()),
             Box::new(raft_applied.clone()),
             Box::new(drill_mode.clone()),
             Box::new(trunk_up.clone()),
@@ -240,6 +258,7 @@ impl Metrics {
             trunk_channels,
             trunk_channels_max,
             takeovers,
+            parked,
             raft_applied,
             drill_mode,
             trunk_up,
@@ -308,6 +327,11 @@ impl Metrics {
     /// [`TAKEOVER_RESULTS`] (`resumed`, `redialled`, `failed`).
     pub fn takeover(&self, result: &str) {
         self.takeovers.with_label_values(&[result]).inc();
+    }
+
+    /// Counts what became of a parked call: `fate` is one of [`PARKED_FATES`].
+    pub fn parked(&self, fate: &str) {
+        self.parked.with_label_values(&[fate]).inc();
     }
 
     /// Names this node's trunk (`trunk.name`) and its channel limit for the per-trunk series.
@@ -526,16 +550,14 @@ mod tests {
         assert_eq!(time_to_confirm(&CallOutcome::Busy), None);
     }
 
-    #[test]
-    fn takeover_results_are_exported_from_the_start() {
-        let m = Metrics::new();
-        m.takeover("resumed");
+    /// A labelled counter's series: (label value, count), sorted.
+    fn series(m: &Metrics, name: &str) -> Vec<(String, f64)> {
         let families = m.registry.gather();
-        let takeovers = families
+        let family = families
             .iter()
-            .find(|f| f.name() == "campanile_takeovers_total")
-            .expect("takeovers_total is registered");
-        let mut seen: Vec<(String, f64)> = takeovers
+            .find(|f| f.name() == name)
+            .unwrap_or_else(|| panic!("{name} is registered"));
+        let mut seen: Vec<(String, f64)> = family
             .get_metric()
             .iter()
             .map(|m| {
@@ -546,13 +568,24 @@ mod tests {
             })
             .collect();
         seen.sort_by(|a, b| a.0.cmp(&b.0));
+        seen
+    }
+
+    #[test]
+    fn takeover_results_and_parked_fates_are_exported_from_the_start() {
+        let m = Metrics::new();
+        m.takeover("resumed");
+        m.parked("moved");
+        let counts = |pairs: &[(&str, f64)]| -> Vec<(String, f64)> {
+            pairs.iter().map(|(l, v)| (l.to_string(), *v)).collect()
+        };
         assert_eq!(
-            seen,
-            vec![
-                ("failed".to_string(), 0.0),
-                ("redialled".to_string(), 0.0),
-                ("resumed".to_string(), 1.0)
-            ]
+            series(&m, "campanile_takeovers_total"),
+            counts(&[("failed", 0.0), ("redialled", 0.0), ("resumed", 1.0)])
+        );
+        assert_eq!(
+            series(&m, "campanile_parked_calls_total"),
+            counts(&[("continued", 0.0), ("ended", 0.0), ("moved", 1.0)])
         );
     }
 }

@@ -960,19 +960,23 @@ fn tend_parked(sh: &Arc<Shared>) {
                 let (due, handover) = *call;
                 let number = campanile_cluster::mask_number(&due.phone);
                 // Until the message is ready here the call stays parked (`audio_for` wakes us).
-                if takeover::continue_call(sh, &mut inflight, due, handover, taken_over) {
+                let why = takeover::Continuing::Parked { taken_over };
+                if takeover::continue_call(sh, &mut inflight, due, handover, why) {
                     changed = true;
+                    sh.metrics.parked("continued");
                     tracing::info!(campaign = %key.0, subscriber = %key.1, %number,
                         "continuing an answered call this node let go with its leases");
                 }
             }
             Fate::Moved => {
                 inflight.remove(&key);
+                sh.metrics.parked("moved");
             }
             Fate::Dropped | Fate::Stopped { .. } => {
                 let Some(call) = inflight.get_mut(&key) else {
                     continue;
                 };
+                sh.metrics.parked("ended");
                 let handover = call.parked.take();
                 if let Fate::Stopped { attempt, epoch } = fate {
                     // The record takes the entry out once committed, as for any call's end.

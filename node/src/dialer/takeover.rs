@@ -236,7 +236,7 @@ pub(super) fn follow(sh: &Arc<Shared>, seen: &mut u64) {
     for (due, handover) in mine.into_iter().filter(|_| !lapsing) {
         let (key, number) = (due.key, campanile_cluster::mask_number(&due.phone));
         let silent_for_ms = now.saturating_sub(handover.at_ms);
-        if continue_call(sh, &mut inflight, due, handover, true) {
+        if continue_call(sh, &mut inflight, due, handover, Continuing::MovedHere) {
             tracing::info!(campaign = %key.0, subscriber = %key.1, %number, silent_for_ms,
                 "taking over an answered call");
         } else {
@@ -249,19 +249,32 @@ pub(super) fn follow(sh: &Arc<Shared>, seen: &mut u64) {
     }
 }
 
+/// Which answered call a node continues.
+pub(super) enum Continuing {
+    /// One the leader moved here from a silent node (a takeover, counted in `takeovers_total`).
+    MovedHere,
+    /// One this node let go when its leases lapsed (parked); `taken_over` when it had been moved
+    /// here before.
+    Parked { taken_over: bool },
+}
+
 /// Continues `due`'s answered call on this node with a re-INVITE inside its recorded dialog: a call
-/// moved here (`taken_over`, fenced by this node's heartbeat) or one this node let go when its
-/// leases lapsed (fenced by the partition's lease, as when it placed the call). False, and nothing
-/// started, while the message is not ready here.
+/// moved here (fenced by this node's heartbeat) or one this node let go when its leases lapsed
+/// (fenced as before it was let go: by the partition's lease for a call it placed). False, and
+/// nothing started, while the message is not ready here.
 pub(super) fn continue_call(
     sh: &Arc<Shared>,
     inflight: &mut std::collections::HashMap<super::TaskKey, Running>,
     due: Due,
     handover: CallHandover,
-    taken_over: bool,
+    why: Continuing,
 ) -> bool {
     let Some(audio) = audio_for(sh, due.key.0, &due.message, &due.language) else {
         return false;
+    };
+    let taken_over = match why {
+        Continuing::MovedHere => true,
+        Continuing::Parked { taken_over } => taken_over,
     };
     let (running, abort_rx, let_go_rx) = Running::new(taken_over, due.priority, super::Phase::Up);
     inflight.insert(due.key, running);
@@ -286,7 +299,9 @@ pub(super) fn continue_call(
                 result = "redialled";
             }
         }
-        sh.metrics.takeover(result);
+        if let Continuing::MovedHere = why {
+            sh.metrics.takeover(result);
+        }
         call_ended(&sh, &due, &spec, outcome, started);
     });
     true
