@@ -1020,6 +1020,11 @@ pub struct CallHandover {
     pub ts: u32,
     /// When the callee answered (wall clock).
     pub answered_ms: u64,
+    /// The nodes that carried this attempt before the leader moved the call to another
+    /// (`HandOverCalls`), filled in by the log only: a 1 or a 9 one of them heard before the move
+    /// still counts when its record reaches the log late.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub moved_from: Vec<NodeId>,
 }
 
 #[cfg(test)]

@@ -737,6 +737,11 @@ impl State {
                     ..
                 } if live && node == from && task.handover.is_some() => {
                     // The attempt and its epoch go on: only the node carrying it changes.
+                    if let Some(h) = task.handover.as_mut() {
+                        if !h.moved_from.contains(&from) {
+                            h.moved_from.push(from);
+                        }
+                    }
                     task.state = TaskState::InFlight {
                         attempt,
                         node: *to,
@@ -988,7 +993,13 @@ impl State {
                         node: owner,
                         ..
                     } if current == *attempt && owner == node => {
-                        task.handover = Some(call.as_ref().clone());
+                        let mut call = call.as_ref().clone();
+                        call.moved_from = task
+                            .handover
+                            .take()
+                            .map(|h| h.moved_from)
+                            .unwrap_or_default();
+                        task.handover = Some(call);
                         true
                     }
                     _ => false,
@@ -1031,8 +1042,23 @@ impl State {
                 else {
                     return false;
                 };
-                if current != *attempt || owner != node {
+                if current != *attempt {
                     return false;
+                }
+                // A call moved to another node (`HandOverCalls`) is ended by its new owner only,
+                // except for the citizen's own answer: a 1 (or a 9) heard by a node that carried
+                // this attempt before the move, whose record could not reach the log in time (the
+                // node was cut off, or the quorum was lost), still stands. Refused, the citizen
+                // who confirmed would be called again ("this message is repeated") and might end
+                // unconfirmed. Any other outcome from a former owner is stale.
+                if owner != node {
+                    let carried_it = task
+                        .handover
+                        .as_ref()
+                        .is_some_and(|h| h.moved_from.contains(&node));
+                    if !carried_it || !matches!(outcome, Outcome::Confirmed | Outcome::OptOut) {
+                        return false;
+                    }
                 }
                 // Fencing: an outcome of an attempt started under another epoch is stale.
                 if epoch.is_some() && started_under.is_some() && *epoch != started_under {
@@ -2484,6 +2510,7 @@ mod tests {
             seq: 1,
             ts: 160,
             answered_ms: 100,
+            moved_from: vec![],
         }
     }
 
@@ -2546,8 +2573,15 @@ mod tests {
                 Next::Final(FinalState::Confirmed),
             )
         };
+        let hung_up = finished(
+            1,
+            1,
+            1,
+            Outcome::HungUp { after_ms: 900 },
+            Next::RetryAt(100),
+        );
         assert_eq!(
-            record(&mut st, vec![answered(1, 1, 1, 9), confirmed()]),
+            record(&mut st, vec![answered(1, 1, 1, 9), hung_up]),
             Response::Recorded { applied: 0 }
         );
         assert_eq!(
@@ -2567,6 +2601,110 @@ mod tests {
             "an ended call leaves nothing to take over"
         );
         assert!(st.answered_calls_on(NodeId(2)).is_empty());
+    }
+
+    #[test]
+    fn a_confirmation_heard_before_a_call_moved_still_counts() {
+        let mut st = running(3);
+        record(
+            &mut st,
+            vec![started(1, 1, 1), started(1, 2, 1), started(1, 3, 1)],
+        );
+        record(
+            &mut st,
+            vec![
+                answered(1, 1, 1, 1),
+                answered(1, 2, 1, 1),
+                answered(1, 3, 1, 1),
+            ],
+        );
+        let moves = (1..=3)
+            .map(|s| (CampaignId(1), SubscriberId(s), NodeId(2)))
+            .collect();
+        let hand_over = Command::HandOverCalls {
+            at_ms: 30,
+            from: NodeId(1),
+            moves,
+        };
+        assert_eq!(st.apply(&hand_over), Response::Recorded { applied: 3 });
+        // A node that never carried the call has no say, whatever it claims.
+        let claim = finished(
+            1,
+            1,
+            1,
+            Outcome::Confirmed,
+            Next::Final(FinalState::Confirmed),
+        );
+        assert_eq!(
+            by(&mut st, 3, 33, vec![claim]),
+            Response::Recorded { applied: 0 }
+        );
+        // Node 2 continued subscriber 1's call: its dialog record keeps who carried it before.
+        assert_eq!(
+            by(&mut st, 2, 34, vec![answered(1, 1, 1, 101)]),
+            Response::Recorded { applied: 1 }
+        );
+        let carried = |st: &State| {
+            let t = st.task(CampaignId(1), SubscriberId(1)).unwrap();
+            t.handover.as_ref().map(|h| h.moved_from.clone())
+        };
+        assert_eq!(carried(&st), Some(vec![NodeId(1)]));
+        // Node 1 heard subscriber 1 press 1 and subscriber 2 press 9 before its calls moved; its
+        // records reach the log only now. Subscriber 3 hung up on it: that is node 2's to find out.
+        let late = vec![
+            finished(
+                1,
+                1,
+                1,
+                Outcome::Confirmed,
+                Next::Final(FinalState::Confirmed),
+            ),
+            finished(1, 2, 1, Outcome::OptOut, Next::Final(FinalState::OptedOut)),
+            finished(1, 3, 1, Outcome::HungUp { after_ms: 5 }, Next::RetryAt(100)),
+        ];
+        assert_eq!(by(&mut st, 1, 35, late), Response::Recorded { applied: 2 });
+        let state = |st: &State, sub| st.task(CampaignId(1), SubscriberId(sub)).unwrap().state;
+        assert_eq!(state(&st, 1), TaskState::Final(FinalState::Confirmed));
+        assert_eq!(state(&st, 2), TaskState::Final(FinalState::OptedOut));
+        assert!(matches!(
+            state(&st, 3),
+            TaskState::InFlight {
+                node: NodeId(2),
+                ..
+            }
+        ));
+        let c = st.campaign(CampaignId(1)).unwrap();
+        assert_eq!(
+            c.by_node[&NodeId(1)].confirmed,
+            1,
+            "counted where it was heard"
+        );
+        // The new owner's own end of those calls changes nothing now; of the third it does.
+        let by_new = vec![
+            finished(1, 1, 1, Outcome::Interrupted, Next::RetryAt(100)),
+            finished(1, 3, 1, Outcome::HungUp { after_ms: 5 }, Next::RetryAt(100)),
+        ];
+        assert_eq!(
+            by(&mut st, 2, 40, by_new),
+            Response::Recorded { applied: 1 }
+        );
+        assert_eq!(state(&st, 1), TaskState::Final(FinalState::Confirmed));
+        // Once the attempt has ended (here by its new owner) nothing more is recorded about it.
+        assert_eq!(
+            by(
+                &mut st,
+                1,
+                50,
+                vec![finished(
+                    1,
+                    3,
+                    1,
+                    Outcome::Confirmed,
+                    Next::Final(FinalState::Confirmed)
+                )]
+            ),
+            Response::Recorded { applied: 0 }
+        );
     }
 
     #[test]

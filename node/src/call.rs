@@ -1319,6 +1319,7 @@ impl Call<'_> {
             seq: rtp.seq,
             ts: rtp.ts,
             answered_ms: now.saturating_sub(a.answered_at.elapsed().as_millis() as u64),
+            moved_from: Vec::new(),
         });
     }
 

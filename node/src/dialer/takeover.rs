@@ -452,6 +452,7 @@ mod tests {
                     seq: 0,
                     ts: 0,
                     answered_ms: 10,
+                    moved_from: vec![],
                 }),
             });
         }

@@ -522,6 +522,7 @@ async fn a_takeover_of_a_dialog_the_phone_no_longer_has_fails_with_its_reason() 
         seq: 0,
         ts: 0,
         answered_ms: 0,
+        moved_from: vec![],
     };
     let (_abort, abort_rx) = tokio::sync::watch::channel(false);
     let outcome = tokio::time::timeout(
