@@ -1541,6 +1541,17 @@ mod tests {
         }
     }
 
+    /// Attempt `attempt` of subscriber `s` in campaign `c` ended with a 1.
+    fn confirmed_by_one(c: u64, s: u64, attempt: u32) -> AttemptEvent {
+        finished(
+            c,
+            s,
+            attempt,
+            Outcome::Confirmed,
+            Next::Final(FinalState::Confirmed),
+        )
+    }
+
     fn record(st: &mut State, events: Vec<AttemptEvent>) -> Response {
         st.apply(&Command::RecordAttempts {
             at_ms: 10,
@@ -2628,13 +2639,7 @@ mod tests {
         };
         assert_eq!(st.apply(&hand_over), Response::Recorded { applied: 3 });
         // A node that never carried the call has no say, whatever it claims.
-        let claim = finished(
-            1,
-            1,
-            1,
-            Outcome::Confirmed,
-            Next::Final(FinalState::Confirmed),
-        );
+        let claim = confirmed_by_one(1, 1, 1);
         assert_eq!(
             by(&mut st, 3, 33, vec![claim]),
             Response::Recorded { applied: 0 }
@@ -2652,13 +2657,7 @@ mod tests {
         // Node 1 heard subscriber 1 press 1 and subscriber 2 press 9 before its calls moved; its
         // records reach the log only now. Subscriber 3 hung up on it: that is node 2's to find out.
         let late = vec![
-            finished(
-                1,
-                1,
-                1,
-                Outcome::Confirmed,
-                Next::Final(FinalState::Confirmed),
-            ),
+            confirmed_by_one(1, 1, 1),
             finished(1, 2, 1, Outcome::OptOut, Next::Final(FinalState::OptedOut)),
             finished(1, 3, 1, Outcome::HungUp { after_ms: 5 }, Next::RetryAt(100)),
         ];
@@ -2691,18 +2690,7 @@ mod tests {
         assert_eq!(state(&st, 1), TaskState::Final(FinalState::Confirmed));
         // Once the attempt has ended (here by its new owner) nothing more is recorded about it.
         assert_eq!(
-            by(
-                &mut st,
-                1,
-                50,
-                vec![finished(
-                    1,
-                    3,
-                    1,
-                    Outcome::Confirmed,
-                    Next::Final(FinalState::Confirmed)
-                )]
-            ),
+            by(&mut st, 1, 50, vec![confirmed_by_one(1, 3, 1)]),
             Response::Recorded { applied: 0 }
         );
     }
@@ -2826,18 +2814,7 @@ mod tests {
         let t = st.task(CampaignId(1), SubscriberId(1)).unwrap();
         assert_eq!((t.state, t.attempts), (TaskState::Pending, 0));
         assert_eq!(
-            by(
-                &mut st,
-                1,
-                200,
-                vec![finished(
-                    1,
-                    1,
-                    1,
-                    Outcome::Confirmed,
-                    Next::Final(FinalState::Confirmed)
-                )]
-            ),
+            by(&mut st, 1, 200, vec![confirmed_by_one(1, 1, 1)]),
             Response::Recorded { applied: 0 }
         );
         assert_eq!(
