@@ -122,6 +122,14 @@ impl Proc {
         }
     }
 
+    /// SIGTERM (what systemd sends to stop a service); the process is not reaped: `wait_exit`.
+    pub fn terminate(&self) {
+        if let Some(c) = &self.child {
+            // SAFETY: kill(2) on our own child's pid, which is not reaped yet (so not reused).
+            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+        }
+    }
+
     /// Exit status if it has exited.
     pub fn try_exit(&mut self) -> Option<std::process::ExitStatus> {
         self.child

@@ -7,7 +7,9 @@
 //! - a non-leader SIGKILLed mid-campaign, and the leader in another run: its partitions go to the
 //!   others, every subscriber still ends final, the only overlapping calls are ones the killed node
 //!   had up (at most its channel count), and the calls it had answered go on under the same Call-ID
-//!   from another node (a re-INVITE) with less than 2 s of silence on the phone.
+//!   from another node (a re-INVITE) with less than 2 s of silence on the phone;
+//! - a node stopped with SIGTERM (the leader, or a follower) hands its answered calls over at once
+//!   and hangs up on nobody who is listening.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -309,6 +311,100 @@ fn kill_mid_campaign(leader: bool) {
         "{overlaps} overlapping calls after the SIGKILL; {pressed} numbers pressed 1; \
          {taken} of {up} answered calls taken over, silences {gaps:?} ms"
     );
+}
+
+#[test]
+fn a_node_stopped_mid_campaign_hands_its_answered_calls_over_and_hangs_up_on_nobody() {
+    stop_mid_campaign(false);
+}
+
+#[test]
+fn the_leader_stopped_mid_campaign_hands_its_answered_calls_over_and_hangs_up_on_nobody() {
+    stop_mid_campaign(true);
+}
+
+/// Stops one node (the leader, or a follower) with SIGTERM, as systemd does for a rolling upgrade,
+/// once it has calls up, in a city where everyone answers and presses 1 after a few seconds of the
+/// message: the node exits by itself and successfully; every call it had answered goes on under
+/// the same Call-ID from another node, or ends after the citizen's 1, never with a BYE from the
+/// stopped node in the middle of the message; nobody who was listening is called again; every
+/// citizen ends confirmed, and the stopped node holds no partition.
+fn stop_mid_campaign(leader: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let profile = dir.path().join("listeners.toml");
+    std::fs::write(
+        &profile,
+        "answer = 1.0\nanswer_delay_ms = [300, 1500]\npress_on_time = 1.0\n\
+         press_after_ms = [4000, 8000]\n",
+    )
+    .unwrap();
+    let city = SimCityProc::start(dir.path(), &profile.display().to_string(), 21).unwrap();
+    let mut nodes = start_three(dir.path(), &city, channels());
+    nodes[0].import(1, 200).unwrap();
+    let id = nodes[0].start_campaign(retry()).unwrap();
+    let leader_id = cluster_view(&nodes[0]).unwrap()["leader"].as_u64().unwrap() as usize;
+    let victim_at = if leader {
+        leader_id - 1
+    } else {
+        (0..3).find(|i| *i + 1 != leader_id).unwrap()
+    };
+    let witness = (0..3).find(|i| *i != victim_at).unwrap();
+    let victim = nodes[victim_at].sip.to_string();
+    wait_for("the victim with calls up", Duration::from_secs(60), || {
+        let events = city.events();
+        (answered_calls_up(&events, &victim, now_ms().saturating_sub(500), now_ms()).len() >= 5)
+            .then_some(())
+    })
+    .unwrap();
+    let stopped_ms = now_ms();
+    nodes[victim_at].proc.terminate();
+    let status = nodes[victim_at]
+        .proc
+        .wait_exit(Duration::from_secs(30))
+        .unwrap();
+    assert!(status.success(), "the stopped node exited with {status}");
+    let done = nodes[witness]
+        .wait_campaign_done(id, Duration::from_secs(600))
+        .unwrap();
+    assert_eq!(done["state"], "completed", "{done}");
+    for t in tasks(&nodes[witness], id) {
+        assert_eq!(t["state"], "confirmed", "{t}");
+    }
+    let view = cluster_view(&nodes[witness]).unwrap();
+    let on_stopped = view["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == victim_at as u64 + 1)
+        .and_then(|m| m["leases"].as_u64());
+    assert_eq!(on_stopped, Some(0), "{view}");
+
+    let events = city.events();
+    let (up, taken, gaps) = check_takeovers(&events, &victim, stopped_ms);
+    assert!(up > 0, "the stopped node had no answered call up");
+    let listening = answered_calls_up(&events, &victim, stopped_ms.saturating_sub(500), stopped_ms);
+    for call in &listening {
+        let of_call: Vec<&Value> = events.iter().filter(|e| e["call_id"] == *call).collect();
+        let pressed = of_call.iter().position(|e| e["event"] == "dtmf");
+        let cut = of_call.iter().position(|e| {
+            e["event"] == "bye_received"
+                && e["from"] == victim.as_str()
+                && e["t_ms"].as_u64().is_some_and(|t| t >= stopped_ms)
+        });
+        if let Some(cut) = cut {
+            assert!(
+                pressed.is_some_and(|p| p < cut),
+                "{call}: hung up by the stopped node before the citizen pressed 1: {of_call:#?}"
+            );
+        }
+        let number = of_call[0]["number"].as_str().unwrap();
+        let answers = events
+            .iter()
+            .filter(|e| e["event"] == "answer" && e["number"] == number)
+            .count();
+        assert_eq!(answers, 1, "{number} was called again after {call}");
+    }
+    eprintln!("{taken} of {up} answered calls handed over on SIGTERM, silences {gaps:?} ms");
 }
 
 /// The calls `victim` had answered and up when it was killed (`killed_ms`): each went on under the

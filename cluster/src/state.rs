@@ -1203,17 +1203,23 @@ impl State {
         self.leases.iter().map(|(p, l)| (*p, l))
     }
 
-    /// Each node's last heartbeat (lease renewal), on its own clock.
-    /// Each node's calls in progress at its last heartbeat.
     /// Each node's trunk capacity as its last heartbeat said (nodes of older releases say nothing).
     pub fn capacities(&self) -> impl Iterator<Item = (NodeId, u32)> + '_ {
         self.capacities.iter().map(|(n, c)| (*n, *c))
     }
 
+    /// Whether `node` is stopping: its last heartbeat said a capacity of 0 (a node's configured
+    /// channels are at least 1). Such a node is given no partitions and no calls.
+    pub fn is_leaving(&self, node: NodeId) -> bool {
+        self.capacities.get(&node) == Some(&0)
+    }
+
+    /// Each node's calls in progress at its last heartbeat.
     pub fn channels_in_use(&self) -> impl Iterator<Item = (NodeId, u32)> + '_ {
         self.channels.iter().map(|(n, c)| (*n, *c))
     }
 
+    /// Each node's last heartbeat (lease renewal), on its own clock.
     pub fn heartbeats(&self) -> impl Iterator<Item = (NodeId, u64)> + '_ {
         self.heartbeats.iter().map(|(n, t)| (*n, *t))
     }

@@ -211,11 +211,11 @@ impl Node {
         })
     }
 
-    /// Stops dialing, HTTP and Raft.
+    /// Stops dialing (handing answered calls to the other nodes, `dialer::leave`), HTTP and Raft.
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
         for t in self.tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(3), t).await;
+            let _ = tokio::time::timeout(Duration::from_secs(20), t).await;
         }
         if let Some(city) = self.simcity {
             city.shutdown().await;

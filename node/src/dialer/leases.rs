@@ -151,12 +151,13 @@ pub async fn round(
     }
 }
 
-/// Live nodes: those whose last renewal is younger than a lease (on the leader's clock).
+/// Live nodes: those whose last renewal is younger than a lease (on the leader's clock), less those
+/// stopping (`State::is_leaving`).
 fn live_nodes(cluster: &Cluster, lease_ms: u64) -> Vec<NodeId> {
     let now = now_ms();
     cluster.read(|s| {
         s.heartbeats()
-            .filter(|(_, t)| t.saturating_add(lease_ms) > now)
+            .filter(|(n, t)| t.saturating_add(lease_ms) > now && !s.is_leaving(*n))
             .map(|(n, _)| n)
             .collect()
     })
@@ -244,7 +245,7 @@ fn fair_share(me: NodeId, weight: &BTreeMap<NodeId, u64>) -> usize {
 }
 
 /// The leader's part: every free or expired partition goes to a live node, by capacity.
-async fn assign(cluster: &Cluster, timing: LeaseTiming) {
+pub(super) async fn assign(cluster: &Cluster, timing: LeaseTiming) {
     let lease_ms = timing.lease.as_millis() as u64;
     let live = live_nodes(cluster, lease_ms);
     if live.is_empty() {

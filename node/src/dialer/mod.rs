@@ -23,6 +23,7 @@
 //! with BYE if the log gives the task back; a citizen is never dialled while still in the silent call.
 
 pub mod leases;
+mod leave;
 pub mod quiet;
 pub mod retry;
 mod takeover;
@@ -157,6 +158,8 @@ struct Running {
     /// its own answer is committed. A lapse then hangs it up (a CANCEL while it rings) instead of
     /// letting it go, since nobody could continue it from the record.
     stale_record: bool,
+    /// Answered, and its dialog is on its way to the log (`handover_hooks`).
+    dialog_pending: bool,
 }
 
 impl Running {
@@ -176,10 +179,35 @@ impl Running {
                 phase,
                 parked: None,
                 stale_record: false,
+                dialog_pending: false,
             },
             abort_rx,
             let_go_rx,
         )
+    }
+
+    /// Its call is placed or about to be, and nobody told it to stop.
+    fn is_running(&self) -> bool {
+        !matches!(self.phase, Phase::Ended | Phase::Parked)
+            && !*self.abort.borrow()
+            && !*self.let_go.borrow()
+    }
+
+    /// Its call was answered and the log holds that call's dialog (`key`'s task): another node
+    /// could continue it.
+    fn dialog_recorded(&self, s: &campanile_cluster::State, key: TaskKey) -> bool {
+        !self.stale_record && s.task(key.0, key.1).is_some_and(|t| t.handover.is_some())
+    }
+
+    /// Its answered call may go to another node: up here, or parked.
+    fn may_move(&self) -> bool {
+        !self.stale_record
+            && !*self.abort.borrow()
+            && match self.phase {
+                Phase::Up => !*self.let_go.borrow(),
+                Phase::Parked => true,
+                Phase::Starting | Phase::Ended => false,
+            }
     }
 
     /// A placeholder for a task with no call (its record is on the way): nothing to abort.
@@ -192,6 +220,7 @@ impl Running {
             phase: Phase::Ended,
             parked: None,
             stale_record: false,
+            dialog_pending: false,
         }
     }
 }
@@ -229,6 +258,8 @@ struct Shared {
     gate: Mutex<trunk::TrunkGate>,
     /// The partition leases this node holds.
     held: leases::Held,
+    /// Lease renewal rounds on their way through the log.
+    renewing: std::sync::atomic::AtomicUsize,
 }
 
 enum AudioSlot {
@@ -262,6 +293,7 @@ pub fn spawn(
         wake: Notify::new(),
         gate: Mutex::default(),
         held: leases::Held::default(),
+        renewing: Default::default(),
     });
     tokio::spawn(keep_leases(shared.clone(), shutdown.clone()));
     tokio::spawn(takeover::watch_silent_nodes(
@@ -288,7 +320,7 @@ async fn run(sh: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
             _ = shutdown.changed() => {}
         }
         if *shutdown.borrow() {
-            abort_all(&sh);
+            leave::leave(&sh).await;
             return;
         }
         let held = sh.held.valid(std::time::Instant::now());
@@ -350,7 +382,6 @@ const MAX_ROUNDS_IN_FLIGHT: usize = 4;
 /// not keeping up and more writes would only add to its queue.
 async fn keep_leases(sh: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     let timing = sh.cfg.lease;
-    let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tick = tokio::time::interval(timing.renew_every.max(Duration::from_millis(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -361,7 +392,7 @@ async fn keep_leases(sh: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
         if *shutdown.borrow() {
             return;
         }
-        if in_flight.load(std::sync::atomic::Ordering::Relaxed) >= MAX_ROUNDS_IN_FLIGHT {
+        if sh.renewing.load(std::sync::atomic::Ordering::Relaxed) >= MAX_ROUNDS_IN_FLIGHT {
             tracing::debug!("lease renewals are not being committed; waiting for the log");
             continue;
         }
@@ -373,8 +404,9 @@ async fn keep_leases(sh: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
                 .collect();
             (busy, count(&inflight, Phase::Up))
         };
-        in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (sh, in_flight) = (sh.clone(), in_flight.clone());
+        sh.renewing
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let sh = sh.clone();
         tokio::spawn(async move {
             let before = sh.held.valid(std::time::Instant::now()).len();
             leases::round(
@@ -390,7 +422,8 @@ async fn keep_leases(sh: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
             if sh.held.valid(std::time::Instant::now()).len() != before {
                 sh.wake.notify_one();
             }
-            in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            sh.renewing
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         });
     }
 }
@@ -406,14 +439,12 @@ fn abort_unleased(sh: &Shared, held: &HashMap<u16, u64>) {
     let alive = sh.held.alive(std::time::Instant::now());
     let (mut lapsed, mut let_go) = (0, 0);
     sh.cluster.read(|s| {
-        for ((cid, sid), call) in inflight.iter() {
+        for (key, call) in inflight.iter() {
             // Ended and parked entries have no call left to stop (their records are on the way).
-            if matches!(call.phase, Phase::Ended | Phase::Parked)
-                || *call.abort.borrow()
-                || *call.let_go.borrow()
-            {
+            if !call.is_running() {
                 continue;
             }
+            let sid = &key.1;
             let unleased = if call.taken_over {
                 !alive
             } else {
@@ -422,9 +453,7 @@ fn abort_unleased(sh: &Shared, held: &HashMap<u16, u64>) {
             if !unleased {
                 continue;
             }
-            let answered =
-                !call.stale_record && s.task(*cid, *sid).is_some_and(|t| t.handover.is_some());
-            if answered {
+            if call.dialog_recorded(s, *key) {
                 call.let_go.send_replace(true);
                 let_go += 1;
             } else {
@@ -819,6 +848,9 @@ fn handover_hooks(
                 sh.metrics.answered(&sh.cluster, key.0, at.elapsed());
             }
             let (committed, is_committed) = tokio::sync::oneshot::channel();
+            if let Some(r) = lock(&sh.inflight).get_mut(&key) {
+                r.dialog_pending = true;
+            }
             let _ = sh.events.send((
                 AttemptEvent::Answered {
                     campaign: key.0,
@@ -830,10 +862,10 @@ fn handover_hooks(
             ));
             let sh = sh.clone();
             tokio::spawn(async move {
-                if is_committed.await.is_ok() {
-                    if let Some(r) = lock(&sh.inflight).get_mut(&key) {
-                        r.stale_record = false;
-                    }
+                let committed = is_committed.await.is_ok();
+                if let Some(r) = lock(&sh.inflight).get_mut(&key) {
+                    r.dialog_pending = false;
+                    r.stale_record &= !committed;
                 }
             });
         }
@@ -1214,12 +1246,6 @@ fn abort_stopped_campaigns(sh: &Shared) {
             }
         }
     });
-}
-
-fn abort_all(sh: &Shared) {
-    for call in lock(&sh.inflight).values() {
-        let _ = call.abort.send(true);
-    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -29,6 +29,11 @@ use crate::call::{resume_call, CallOutcome};
 /// renewals missed.
 pub const SILENCE: Duration = Duration::from_millis(1000);
 
+/// [`SILENCE`], or two renewals where they are further apart, in milliseconds.
+pub(super) fn silence_ms(cfg: &super::DialerConfig) -> u64 {
+    SILENCE.max(cfg.lease.renew_every * 2).as_millis() as u64
+}
+
 /// Silence after which a node's calls are no longer looked for: by then its leases have expired
 /// and whatever it still had in flight was given back to be dialled again.
 pub(super) const GIVE_UP_AFTER_MS: u64 = 15_000;
@@ -73,7 +78,7 @@ impl Leadership {
 
 /// On the leader: moves the answered calls of silent nodes to live ones, fewest calls first.
 pub(super) async fn watch_silent_nodes(sh: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
-    let silence = SILENCE.max(sh.cfg.lease.renew_every * 2).as_millis() as u64;
+    let silence = silence_ms(&sh.cfg);
     let valid_for_ms = sh
         .cfg
         .lease
@@ -156,27 +161,48 @@ fn plan(
     if silent.is_empty() {
         return Vec::new();
     }
-    let channels: BTreeMap<NodeId, u32> = s.channels_in_use().collect();
-    let mut load: BTreeMap<NodeId, u32> = beats
-        .iter()
-        .filter(|(_, t)| t.saturating_add(silence) > now)
-        .map(|(n, _)| (*n, channels.get(n).copied().unwrap_or(0)))
-        .collect();
+    let mut load = takers(s, &beats, now, silence);
     let mut out = Vec::new();
     for from in silent {
-        let mut moves = Vec::new();
-        for t in s.answered_calls_on(from) {
-            let Some((to, count)) = load.iter_mut().min_by_key(|(n, c)| (**c, **n)) else {
-                return out;
-            };
-            *count += 1;
-            moves.push((t.campaign, t.subscriber, *to));
-        }
+        let Some(moves) = spread(&s.answered_calls_on(from), &mut load) else {
+            return out;
+        };
         if !moves.is_empty() {
             out.push((from, moves));
         }
     }
     out
+}
+
+/// Nodes that can take calls over, each with its calls in progress: heard from within `silence`
+/// (`beats`: each node with the time its silence counts from), and not stopping.
+pub(super) fn takers(
+    s: &campanile_cluster::State,
+    beats: &[(NodeId, u64)],
+    now: u64,
+    silence: u64,
+) -> BTreeMap<NodeId, u32> {
+    let channels: BTreeMap<NodeId, u32> = s.channels_in_use().collect();
+    beats
+        .iter()
+        .filter(|(n, t)| t.saturating_add(silence) > now && !s.is_leaving(*n))
+        .map(|(n, _)| (*n, channels.get(n).copied().unwrap_or(0)))
+        .collect()
+}
+
+/// Gives each of `calls` to the node of `load` with the fewest calls (counting the ones given);
+/// None when there is a call and no node to take it.
+pub(super) fn spread(
+    calls: &[&campanile_cluster::CallTask],
+    load: &mut BTreeMap<NodeId, u32>,
+) -> Option<Moves> {
+    let mut moves = Vec::with_capacity(calls.len());
+    for t in calls {
+        let (to, count) = load.iter_mut().min_by_key(|(n, c)| (**c, **n))?;
+        *count += 1;
+        moves.push((t.campaign, t.subscriber, *to));
+    }
+    Some(moves)
 }
 
 /// On every node, after the cluster moved calls (`seen` is the last move it acted on): lets go of
@@ -190,15 +216,7 @@ pub(super) fn follow(sh: &Arc<Shared>, seen: &mut u64) {
     let mut inflight = lock(&sh.inflight);
     let now = now_ms();
     let (gone, mine) = sh.cluster.read(|s| {
-        let gone: Vec<_> = inflight
-            .keys()
-            .filter(|(c, sid)| {
-                s.task(*c, *sid).is_some_and(
-                    |t| matches!(t.state, TaskState::InFlight { node, .. } if node != me),
-                )
-            })
-            .copied()
-            .collect();
+        let gone = moved_away(s, me, &inflight);
         let mine: Vec<(Due, CallHandover)> = s
             .answered_calls_on(me)
             .into_iter()
@@ -247,6 +265,22 @@ pub(super) fn follow(sh: &Arc<Shared>, seen: &mut u64) {
     if !waiting {
         *seen = applied;
     }
+}
+
+/// The calls of `inflight` whose task the log has in flight on another node than `me`: moved.
+pub(super) fn moved_away(
+    s: &campanile_cluster::State,
+    me: NodeId,
+    inflight: &std::collections::HashMap<super::TaskKey, Running>,
+) -> Vec<super::TaskKey> {
+    inflight
+        .keys()
+        .filter(|(c, sid)| {
+            s.task(*c, *sid)
+                .is_some_and(|t| matches!(t.state, TaskState::InFlight { node, .. } if node != me))
+        })
+        .copied()
+        .collect()
 }
 
 /// Which answered call a node continues.
@@ -486,6 +520,22 @@ mod tests {
             &vec![
                 (CampaignId(1), SubscriberId(1), NodeId(2)),
                 (CampaignId(1), SubscriberId(2), NodeId(2)),
+            ]
+        );
+        // Node 2 is stopping (its last heartbeat says a capacity of 0): node 1 takes them.
+        st.apply(&Command::RenewLeases {
+            at_ms: 2_000,
+            node: NodeId(2),
+            lease_ms: 3_000,
+            channels_in_use: Some(1),
+            capacity: Some(0),
+        });
+        let moves = plan(&st, 2_100, 1_000, &steady);
+        assert_eq!(
+            moves[0].1,
+            vec![
+                (CampaignId(1), SubscriberId(1), NodeId(1)),
+                (CampaignId(1), SubscriberId(2), NodeId(1)),
             ]
         );
     }
