@@ -382,6 +382,13 @@ fn stop_mid_campaign(leader: bool) {
     let events = city.events();
     let (up, taken, gaps) = check_takeovers(&events, &victim, stopped_ms);
     assert!(up > 0, "the stopped node had no answered call up");
+    let last_words: Vec<String> = nodes[victim_at]
+        .proc
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("stopping"))
+        .map(String::from)
+        .collect();
     let listening = answered_calls_up(&events, &victim, stopped_ms.saturating_sub(500), stopped_ms);
     for call in &listening {
         let of_call: Vec<&Value> = events.iter().filter(|e| e["call_id"] == *call).collect();
@@ -394,7 +401,8 @@ fn stop_mid_campaign(leader: bool) {
         if let Some(cut) = cut {
             assert!(
                 pressed.is_some_and(|p| p < cut),
-                "{call}: hung up by the stopped node before the citizen pressed 1: {of_call:#?}"
+                "{call}: hung up by the stopped node before the citizen pressed 1 \
+                 (stopped at {stopped_ms}; its log: {last_words:#?}): {of_call:#?}"
             );
         }
         let number = of_call[0]["number"].as_str().unwrap();
@@ -480,7 +488,11 @@ fn check_outcomes_after_losing(
             assert!(pressed.contains(phone), "{phone} confirmed without a 1");
         } else if pressed.contains(phone) {
             let on_victim = by_number[phone].iter().any(|c| c.from == victim);
-            assert!(on_victim, "{phone} pressed 1 but ended {state}");
+            let of_phone: Vec<&Value> = events.iter().filter(|e| e["number"] == phone).collect();
+            assert!(
+                on_victim,
+                "{phone} pressed 1 but ended {state}: {t:#}\nthe city's log: {of_phone:#?}"
+            );
         }
     }
     let overlaps = overlapping_calls(&events);

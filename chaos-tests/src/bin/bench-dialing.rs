@@ -2,12 +2,13 @@
 //! (QUIC/mTLS between them, on loopback) dial the simulated city (`campanile sim-city`, realistic
 //! profile), whose log is the ground truth for every figure. Figures, not pass/fail.
 //!
-//!   bench-dialing failover [--trials T] [--subscribers N] [--channels C]
+//!   bench-dialing failover [--trials T] [--subscribers N] [--channels C] [--sigterm]
 //!   bench-dialing reach    [--subscribers N] [--channels C] [--cps R]
 //!
 //! `failover` SIGKILLs one node per trial mid-campaign (a follower in even trials, the leader in odd
 //! ones) and measures how long its partitions stay undialled and how much silence the phones it had
-//! answered hear before another node takes their calls over. `reach` runs one whole campaign and
+//! answered hear before another node takes their calls over; with `--sigterm` the node is stopped
+//! as systemd stops it instead, and hands its calls and partitions over itself. `reach` runs one whole campaign and
 //! compares its completion time with the channel bound. Needs the release binary
 //! (`cargo build --release -p campanile`).
 
@@ -27,6 +28,11 @@ fn main() -> anyhow::Result<()> {
             flag("--trials", 10)?,
             flag("--subscribers", 1_000)?,
             flag("--channels", 20)?,
+            if args.iter().any(|a| a == "--sigterm") {
+                Signal::Term
+            } else {
+                Signal::Kill
+            },
         ),
         Some("reach") => reach(
             flag("--subscribers", 2_000)?,
@@ -35,7 +41,7 @@ fn main() -> anyhow::Result<()> {
         ),
         _ => bail!(
             "usage: bench-dialing failover [--trials T] [--subscribers N] [--channels C per node] \
-             | reach [--subscribers N] [--channels C in total] [--cps R per node]"
+             [--sigterm] | reach [--subscribers N] [--channels C in total] [--cps R per node]"
         ),
     }
 }
@@ -179,11 +185,28 @@ fn failover_retry() -> Value {
     json!({ "max_attempts": 5, "busy_delay_s": 1.0, "no_answer_delay_s": 2.0, "failure_delay_s": 1.0 })
 }
 
+/// How the victim goes: killed, or stopped as systemd stops it (a graceful stop, `dialer::leave`).
+#[derive(Clone, Copy)]
+enum Signal {
+    Kill,
+    Term,
+}
+
+impl std::fmt::Display for Signal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Signal::Kill => "SIGKILL",
+            Signal::Term => "SIGTERM",
+        })
+    }
+}
+
 struct Trial {
     role: &'static str,
-    /// SIGKILL → first INVITE from a survivor into one of the victim's partitions.
+    /// The signal → first INVITE from a survivor into one of the victim's partitions.
     redial_ms: Option<u64>,
-    /// SIGKILL → a survivor's cluster view shows the victim with no lease and the survivors with all.
+    /// The signal → a survivor's cluster view shows the victim with no lease and the survivors with
+    /// all.
     leases_ms: Option<u64>,
     /// Answered calls of the victim still up at the kill.
     up: usize,
@@ -200,15 +223,20 @@ struct Trial {
     survivors_moved: usize,
 }
 
-fn failover(trials: usize, subscribers: usize, channels: usize) -> anyhow::Result<()> {
+fn failover(
+    trials: usize,
+    subscribers: usize,
+    channels: usize,
+    signal: Signal,
+) -> anyhow::Result<()> {
     println!(
         "failover: {trials} trials, each a fresh 3-node cluster ({channels} channels per node) and \
-         a realistic city, {subscribers} subscribers; SIGKILL of a follower (even trials) or the \
+         a realistic city, {subscribers} subscribers; {signal} to a follower (even trials) or the \
          leader (odd trials) once it has 5 answered calls"
     );
     let mut results = Vec::new();
     for trial in 0..trials {
-        let r = failover_trial(trial, subscribers, channels)
+        let r = failover_trial(trial, subscribers, channels, signal)
             .with_context(|| format!("trial {trial}"))?;
         results.push(r);
     }
@@ -255,11 +283,11 @@ fn failover(trials: usize, subscribers: usize, channels: usize) -> anyhow::Resul
                 .collect()
         };
         summary(
-            &format!("SIGKILL → victim's partitions dialled again ({role})"),
+            &format!("{signal} → victim's partitions dialled again ({role})"),
             of(&|r| r.redial_ms),
         );
         summary(
-            &format!("SIGKILL → leases moved, API view ({role})"),
+            &format!("{signal} → leases moved, API view ({role})"),
             of(&|r| r.leases_ms),
         );
         let gaps: Vec<u64> = results
@@ -281,7 +309,12 @@ fn failover(trials: usize, subscribers: usize, channels: usize) -> anyhow::Resul
     Ok(())
 }
 
-fn failover_trial(trial: usize, subscribers: usize, channels: usize) -> anyhow::Result<Trial> {
+fn failover_trial(
+    trial: usize,
+    subscribers: usize,
+    channels: usize,
+    signal: Signal,
+) -> anyhow::Result<Trial> {
     let dir = tempfile::tempdir()?;
     let city = SimCityProc::start(dir.path(), "realistic", 100 + trial as u64)?;
     let config = fast_node_config(channels);
@@ -321,7 +354,10 @@ fn failover_trial(trial: usize, subscribers: usize, channels: usize) -> anyhow::
     // Who holds which partition, from a consistent copy of the state taken just before the kill.
     let holders = lease_holders(&nodes[survivors[0]])?;
     let killed_ms = now_ms();
-    nodes[victim_at].kill();
+    match signal {
+        Signal::Kill => nodes[victim_at].kill(),
+        Signal::Term => nodes[victim_at].proc.terminate(),
+    }
 
     // In the meantime, a survivor's API view of the leases.
     let leases_ms = std::thread::scope(|s| {
@@ -456,7 +492,7 @@ fn failover_trial(trial: usize, subscribers: usize, channels: usize) -> anyhow::
     }
     gaps.sort_unstable();
     eprintln!(
-        "trial {trial} ({role} {} killed): partitions dialled again after {}, leases moved after {}, \
+        "trial {trial} ({role} {} sent {signal}): partitions dialled again after {}, leases moved after {}, \
          {taken} of {} answered calls taken over, gaps {gaps:?} ms{}; {checked}",
         victim_at + 1,
         secs(redial_ms),

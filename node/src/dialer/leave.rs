@@ -118,8 +118,12 @@ async fn hand_over(sh: &Arc<Shared>) -> usize {
     let moves = {
         let inflight = lock(&sh.inflight);
         sh.cluster.read(|s| {
+            // Live by the lease, not by the leader's silence: a node whose renewals are slow to
+            // commit (a busy log) takes the calls all the same, and one that died since is
+            // silent to the leader, which moves them on.
             let beats: Vec<_> = s.heartbeats().filter(|(n, _)| *n != me).collect();
-            let mut load = takeover::takers(s, &beats, now, takeover::silence_ms(&sh.cfg));
+            let live_ms = sh.cfg.lease.lease.as_millis() as u64;
+            let mut load = takeover::takers(s, &beats, now, live_ms);
             let calls: Vec<_> = s
                 .answered_calls_on(me)
                 .into_iter()
@@ -132,9 +136,13 @@ async fn hand_over(sh: &Arc<Shared>) -> usize {
             takeover::spread(&calls, &mut load)
         })
     };
-    let Some(moves) = moves.filter(|m| !m.is_empty()) else {
+    let Some(moves) = moves else {
+        tracing::warn!("stopping: no other live node to take this node's answered calls");
         return 0;
     };
+    if moves.is_empty() {
+        return 0;
+    }
     let cmd = Command::HandOverCalls {
         at_ms: now,
         from: me,
