@@ -261,17 +261,34 @@ fn the_leader_killed_mid_campaign_hands_its_partitions_and_its_answered_calls_ov
     kill_mid_campaign(true);
 }
 
-/// SIGKILLs one node (the leader, or a follower) once it has calls up, and checks what follows.
-fn kill_mid_campaign(leader: bool) {
-    let dir = tempfile::tempdir().unwrap();
-    let (city, mut nodes, id) = small_campaign(dir.path(), 12);
+/// The node to lose (the leader, or a follower) and another to watch from, as indexes of `nodes`.
+fn victim_and_witness(nodes: &[NodeProc], leader: bool) -> (usize, usize) {
     let leader_id = cluster_view(&nodes[0]).unwrap()["leader"].as_u64().unwrap() as usize;
-    let victim_at = if leader {
+    let victim = if leader {
         leader_id - 1
     } else {
         (0..3).find(|i| *i + 1 != leader_id).unwrap()
     };
-    let witness = (0..3).find(|i| *i != victim_at).unwrap();
+    (victim, (0..3).find(|i| *i != victim).unwrap())
+}
+
+/// As `node` sees the cluster, the member at index `at` holds no partition.
+fn assert_holds_nothing(node: &NodeProc, at: usize) {
+    let view = cluster_view(node).unwrap();
+    let leases = view["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == at as u64 + 1)
+        .and_then(|m| m["leases"].as_u64());
+    assert_eq!(leases, Some(0), "{view}");
+}
+
+/// SIGKILLs one node (the leader, or a follower) once it has calls up, and checks what follows.
+fn kill_mid_campaign(leader: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let (city, mut nodes, id) = small_campaign(dir.path(), 12);
+    let (victim_at, witness) = victim_and_witness(&nodes, leader);
     let victim = nodes[victim_at].sip.to_string();
     wait_for("the victim on the phone", Duration::from_secs(60), || {
         let events = city.events();
@@ -291,14 +308,7 @@ fn kill_mid_campaign(leader: bool) {
     assert_eq!(done["state"], "completed", "{done}");
 
     // Its partitions went to the survivors.
-    let view = cluster_view(&nodes[witness]).unwrap();
-    let on_dead = view["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["id"] == victim_at as u64 + 1)
-        .and_then(|m| m["leases"].as_u64());
-    assert_eq!(on_dead, Some(0), "{view}");
+    assert_holds_nothing(&nodes[witness], victim_at);
 
     let (overlaps, pressed) = check_outcomes_after_losing(&nodes[witness], id, &city, &victim);
     let (up, taken, gaps) = check_takeovers(&city.events(), &victim, killed_ms);
@@ -342,13 +352,7 @@ fn stop_mid_campaign(leader: bool) {
     let mut nodes = start_three(dir.path(), &city, channels());
     nodes[0].import(1, 200).unwrap();
     let id = nodes[0].start_campaign(retry()).unwrap();
-    let leader_id = cluster_view(&nodes[0]).unwrap()["leader"].as_u64().unwrap() as usize;
-    let victim_at = if leader {
-        leader_id - 1
-    } else {
-        (0..3).find(|i| *i + 1 != leader_id).unwrap()
-    };
-    let witness = (0..3).find(|i| *i != victim_at).unwrap();
+    let (victim_at, witness) = victim_and_witness(&nodes, leader);
     let victim = nodes[victim_at].sip.to_string();
     wait_for("the victim with calls up", Duration::from_secs(60), || {
         let events = city.events();
@@ -370,14 +374,7 @@ fn stop_mid_campaign(leader: bool) {
     for t in tasks(&nodes[witness], id) {
         assert_eq!(t["state"], "confirmed", "{t}");
     }
-    let view = cluster_view(&nodes[witness]).unwrap();
-    let on_stopped = view["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["id"] == victim_at as u64 + 1)
-        .and_then(|m| m["leases"].as_u64());
-    assert_eq!(on_stopped, Some(0), "{view}");
+    assert_holds_nothing(&nodes[witness], victim_at);
 
     let events = city.events();
     let (up, taken, gaps) = check_takeovers(&events, &victim, stopped_ms);
