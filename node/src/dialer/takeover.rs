@@ -29,11 +29,6 @@ use crate::call::{resume_call, CallOutcome};
 /// renewals missed.
 pub const SILENCE: Duration = Duration::from_millis(1000);
 
-/// [`SILENCE`], or two renewals where they are further apart, in milliseconds.
-pub(super) fn silence_ms(cfg: &super::DialerConfig) -> u64 {
-    SILENCE.max(cfg.lease.renew_every * 2).as_millis() as u64
-}
-
 /// Silence after which a node's calls are no longer looked for: by then its leases have expired
 /// and whatever it still had in flight was given back to be dialled again.
 pub(super) const GIVE_UP_AFTER_MS: u64 = 15_000;
@@ -78,7 +73,7 @@ impl Leadership {
 
 /// On the leader: moves the answered calls of silent nodes to live ones, fewest calls first.
 pub(super) async fn watch_silent_nodes(sh: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
-    let silence = silence_ms(&sh.cfg);
+    let silence = SILENCE.max(sh.cfg.lease.renew_every * 2).as_millis() as u64;
     let valid_for_ms = sh
         .cfg
         .lease
