@@ -1033,71 +1033,99 @@ impl State {
                 epoch,
                 ..
             } => {
-                let TaskState::InFlight {
-                    attempt: current,
-                    node: owner,
-                    epoch: started_under,
-                    ..
-                } = before
-                else {
-                    return false;
+                let citizens_answer = matches!(outcome, Outcome::Confirmed | Outcome::OptOut);
+                // Fencing: an outcome carries the epoch its attempt started under, so an attempt
+                // given back and started again under another epoch is another call.
+                let on_the_call = match before {
+                    TaskState::InFlight {
+                        attempt: current,
+                        epoch: started_under,
+                        ..
+                    } => {
+                        current == *attempt
+                            && !(epoch.is_some()
+                                && started_under.is_some()
+                                && *epoch != started_under)
+                    }
+                    _ => false,
                 };
-                if current != *attempt {
-                    return false;
-                }
-                // A call moved to another node (`HandOverCalls`) is ended by its new owner only,
-                // except for the citizen's own answer: a 1 (or a 9) heard by a node that carried
-                // this attempt before the move, whose record could not reach the log in time (the
-                // node was cut off, or the quorum was lost), still stands. Refused, the citizen
-                // who confirmed would be called again ("this message is repeated") and might end
-                // unconfirmed. Any other outcome from a former owner is stale.
-                if owner != node {
-                    let carried_it = task
-                        .handover
-                        .as_ref()
-                        .is_some_and(|h| h.moved_from.contains(&node));
-                    if !carried_it || !matches!(outcome, Outcome::Confirmed | Outcome::OptOut) {
+                if let TaskState::InFlight { node: owner, .. } = before {
+                    // A call moved to another node (`HandOverCalls`) is ended by its new owner
+                    // only, except for the citizen's own answer: a 1 (or a 9) heard by a node that
+                    // carried this attempt before the move, whose record could not reach the log in
+                    // time (the node was cut off, or the quorum was lost), still stands. Any other
+                    // outcome from a former owner is stale.
+                    let carried_it = owner == node
+                        || citizens_answer
+                            && task
+                                .handover
+                                .as_ref()
+                                .is_some_and(|h| h.moved_from.contains(&node));
+                    if on_the_call && !carried_it {
                         return false;
                     }
                 }
-                // Fencing: an outcome of an attempt started under another epoch is stale.
-                if epoch.is_some() && started_under.is_some() && *epoch != started_under {
-                    return false;
-                }
-                task.handover = None;
-                let counts = &mut c.counts;
-                if !outcome.is_subscribers_attempt() {
-                    // Not the subscriber's attempt: give it back.
-                    task.attempts = task.attempts.saturating_sub(1);
+                if !on_the_call {
+                    // The attempt has ended (or the task is on another one). The citizen's own 1
+                    // (or 9) still stands: the node that heard it may have been cut off from the
+                    // log, or lost its quorum, while another node continued the call or called
+                    // the citizen again and ended that attempt first. Refused, the citizen who
+                    // confirmed would be called again and might end `exhausted`. A node records
+                    // an outcome only for a call the log let it place or moved to it, so the
+                    // record is a real call's.
+                    if !citizens_answer || !Self::late_answer_stands(task, *attempt) {
+                        return false;
+                    }
+                    if before == TaskState::Pending {
+                        self.due.remove(&due_key(rank, task, campaign));
+                    }
+                    task.handover = None;
+                    // The attempt was counted when it ended; only the confirmation is new. A call
+                    // still up for a later attempt plays on, and its end is stale.
+                    if *outcome == Outcome::Confirmed {
+                        c.by_node.entry(node).or_default().confirmed += 1;
+                    }
+                    task.last_outcome = Some(outcome.clone());
+                    task.state = TaskState::Final(match outcome {
+                        Outcome::OptOut => FinalState::OptedOut,
+                        _ => FinalState::Confirmed,
+                    });
                 } else {
-                    let mine = c.by_node.entry(node).or_default();
-                    counts.attempts += 1;
-                    mine.attempts += 1;
-                    if outcome.answered() {
-                        counts.answered += 1;
-                        mine.answered += 1;
-                    }
-                    if *next == Next::Final(FinalState::Confirmed) {
-                        mine.confirmed += 1;
-                    }
-                }
-                task.last_outcome = Some(outcome.clone());
-                // Past the deadline nobody is called again.
-                let next = match next {
-                    Next::RetryAt(_) if c.spec.past_deadline(at_ms) => {
-                        &Next::Final(FinalState::Exhausted)
-                    }
-                    other => other,
-                };
-                match next {
-                    Next::RetryAt(due) => {
-                        task.state = TaskState::Pending;
-                        task.next_due_ms = *due;
-                        if !paused {
-                            self.due.insert(due_key(rank, task, campaign));
+                    task.handover = None;
+                    let counts = &mut c.counts;
+                    if !outcome.is_subscribers_attempt() {
+                        // Not the subscriber's attempt: give it back.
+                        task.attempts = task.attempts.saturating_sub(1);
+                    } else {
+                        let mine = c.by_node.entry(node).or_default();
+                        counts.attempts += 1;
+                        mine.attempts += 1;
+                        if outcome.answered() {
+                            counts.answered += 1;
+                            mine.answered += 1;
+                        }
+                        if *next == Next::Final(FinalState::Confirmed) {
+                            mine.confirmed += 1;
                         }
                     }
-                    Next::Final(f) => task.state = TaskState::Final(*f),
+                    task.last_outcome = Some(outcome.clone());
+                    // Past the deadline nobody is called again.
+                    let next = match next {
+                        Next::RetryAt(_) if c.spec.past_deadline(at_ms) => {
+                            &Next::Final(FinalState::Exhausted)
+                        }
+                        other => other,
+                    };
+                    match next {
+                        Next::RetryAt(due) => {
+                            task.state = TaskState::Pending;
+                            task.next_due_ms = *due;
+                            if !paused {
+                                self.due.insert(due_key(rank, task, campaign));
+                            }
+                        }
+                        Next::Final(f) => task.state = TaskState::Final(*f),
+                    }
                 }
                 if *outcome == Outcome::OptOut {
                     if let Some(s) = self.subscribers.get_mut(&subscriber) {
@@ -1112,6 +1140,23 @@ impl State {
         c.counts.enter(&after);
         self.complete_if_done(campaign, at_ms);
         true
+    }
+
+    /// Whether a citizen's 1 or 9 recorded for `attempt` after that attempt ended (or moved on
+    /// without the recording node) still decides `task`: an attempt this task has had, and a task
+    /// not ended by an answer, an invalid number or a cancellation. It overrides `exhausted`.
+    fn late_answer_stands(task: &CallTask, attempt: u32) -> bool {
+        let ended_otherwise = matches!(
+            task.state,
+            TaskState::Final(
+                FinalState::Confirmed
+                    | FinalState::OptedOut
+                    | FinalState::Invalid
+                    | FinalState::Cancelled
+            )
+        );
+        // Attempts given back (interrupted) lower the count, so the attempt may be one above it.
+        attempt >= 1 && attempt <= task.attempts.saturating_add(1) && !ended_otherwise
     }
 
     fn finish_task_if_open(
@@ -2694,11 +2739,97 @@ mod tests {
             Response::Recorded { applied: 1 }
         );
         assert_eq!(state(&st, 1), TaskState::Final(FinalState::Confirmed));
-        // Once the attempt has ended (here by its new owner) nothing more is recorded about it.
+        // Once the attempt has ended (here by its new owner) only the citizen's own answer is
+        // recorded about it: see `a_late_answer_stands_after_its_attempt_ended`.
         assert_eq!(
-            by(&mut st, 1, 50, vec![confirmed_by_one(1, 3, 1)]),
+            by(
+                &mut st,
+                1,
+                50,
+                vec![finished(1, 3, 1, Outcome::NotConfirmed, Next::RetryAt(100))]
+            ),
             Response::Recorded { applied: 0 }
         );
+    }
+
+    #[test]
+    fn a_late_answer_stands_after_its_attempt_ended() {
+        // Subscriber 5 is never called here: the campaign stays open throughout.
+        let mut st = running(5);
+        let subs = 1..=4;
+        record(&mut st, subs.clone().map(|s| started(1, s, 1)).collect());
+        record(
+            &mut st,
+            subs.clone().map(|s| answered(1, s, 1, 1)).collect(),
+        );
+        let moves = subs
+            .map(|s| (CampaignId(1), SubscriberId(s), NodeId(2)))
+            .collect();
+        st.apply(&Command::HandOverCalls {
+            at_ms: 30,
+            from: NodeId(1),
+            moves,
+        });
+        // Node 2's re-INVITEs find no call (node 1 had ended them after the citizens' keys); it
+        // ends the attempts: 1 and 2 to be called again, 3 exhausted, 4 as an invalid number.
+        let ended = vec![
+            finished(1, 1, 1, Outcome::NotConfirmed, Next::RetryAt(100)),
+            finished(1, 2, 1, Outcome::NotConfirmed, Next::RetryAt(100)),
+            finished(
+                1,
+                3,
+                1,
+                Outcome::NotConfirmed,
+                Next::Final(FinalState::Exhausted),
+            ),
+            finished(
+                1,
+                4,
+                1,
+                Outcome::InvalidNumber { code: 404 },
+                Next::Final(FinalState::Invalid),
+            ),
+        ];
+        assert_eq!(by(&mut st, 2, 40, ended), Response::Recorded { applied: 4 });
+        // Subscriber 2 is already being called again, by node 3.
+        by(&mut st, 3, 45, vec![started(1, 2, 2)]);
+        assert_eq!(st.campaign(CampaignId(1)).unwrap().counts.pending, 2);
+        // Node 1's records of what the citizens pressed arrive only now.
+        let late = vec![
+            confirmed_by_one(1, 1, 1),
+            confirmed_by_one(1, 2, 1),
+            finished(1, 3, 1, Outcome::OptOut, Next::Final(FinalState::OptedOut)),
+            confirmed_by_one(1, 4, 1),
+            // An attempt the task never had, and a key that is not an answer, change nothing.
+            confirmed_by_one(1, 1, 7),
+            finished(1, 2, 1, Outcome::Heard, Next::Final(FinalState::Confirmed)),
+        ];
+        assert_eq!(by(&mut st, 1, 50, late), Response::Recorded { applied: 3 });
+        let task = |sub| st.task(CampaignId(1), SubscriberId(sub)).unwrap();
+        assert_eq!(task(1).state, TaskState::Final(FinalState::Confirmed));
+        assert_eq!(task(2).state, TaskState::Final(FinalState::Confirmed));
+        assert_eq!(task(3).state, TaskState::Final(FinalState::OptedOut));
+        assert!(st.subscribers[&SubscriberId(3)].opted_out);
+        assert_eq!(task(4).state, TaskState::Final(FinalState::Invalid));
+        let due: Vec<_> = st
+            .due_tasks(1_000, 10)
+            .iter()
+            .map(|t| t.subscriber)
+            .collect();
+        assert_eq!(
+            due,
+            vec![SubscriberId(5)],
+            "only the subscriber never called is due"
+        );
+        let c = st.campaign(CampaignId(1)).unwrap();
+        assert_eq!(c.by_node[&NodeId(1)].confirmed, 2);
+        assert_eq!((c.counts.pending, c.counts.in_flight), (1, 0));
+        // Node 3's call to subscriber 2 plays on; its end changes nothing, nor does a repeat.
+        let again = vec![
+            finished(1, 2, 2, Outcome::NotConfirmed, Next::RetryAt(200)),
+            confirmed_by_one(1, 1, 1),
+        ];
+        assert_eq!(by(&mut st, 3, 60, again), Response::Recorded { applied: 0 });
     }
 
     #[test]
@@ -2819,8 +2950,9 @@ mod tests {
         assert_eq!(st.lease(p).map(|l| (l.node, l.epoch)), Some((NodeId(2), 2)));
         let t = st.task(CampaignId(1), SubscriberId(1)).unwrap();
         assert_eq!((t.state, t.attempts), (TaskState::Pending, 0));
+        let no_answer = finished(1, 1, 1, Outcome::NoAnswer, Next::RetryAt(1_000));
         assert_eq!(
-            by(&mut st, 1, 200, vec![confirmed_by_one(1, 1, 1)]),
+            by(&mut st, 1, 200, vec![no_answer]),
             Response::Recorded { applied: 0 }
         );
         assert_eq!(
