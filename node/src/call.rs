@@ -21,8 +21,8 @@ use crate::media::PreparedAudio;
 use crate::sip::auth::{Challenge, Credentials};
 use crate::sip::dialog::Dialog;
 use crate::sip::endpoint::{
-    end_dialog, is_answer_to_invite, sleep_until_opt, unwanted_answer, CallChannel, Endpoint,
-    Inbound,
+    end_dialog, is_answer_to_invite, sleep_until_opt, spawn_request, unwanted_answer, CallChannel,
+    Endpoint, Inbound,
 };
 use crate::sip::message::{
     self, new_branch, random_token, reason_phrase, request_bytes, response_bytes, response_to,
@@ -662,6 +662,14 @@ impl Answered {
     }
 }
 
+/// How long a BYE of ours waits for its answer (retransmitted meanwhile on UDP: at 0.5, 1.5 and
+/// 3.5 s with the default T1) before the call gives up on it.
+const BYE_WAIT: Duration = Duration::from_secs(4);
+
+/// BYEs ending other branches of a forked INVITE, by the branch's tag: each BYE's Via branch and
+/// the sender its answers are passed on with.
+type Forks = std::collections::HashMap<String, (String, mpsc::UnboundedSender<message::Response>)>;
+
 struct Call<'a> {
     ctx: &'a CallContext,
     spec: &'a CallSpec,
@@ -677,22 +685,21 @@ impl Call<'_> {
     }
 
     /// Another branch of a forked INVITE answered too (RFC 3261 §13.2.2.4): its 2xx is ACKed
-    /// (each time it comes) and its dialog ended with one BYE, both sent back where it came from.
-    /// The BYE is not retransmitted: its answers would reach this call, which does not follow them.
-    async fn end_fork(
-        &self,
-        resp: &message::Response,
-        from: SocketAddr,
-        ended: &mut std::collections::HashSet<String>,
-    ) {
+    /// (each time it comes) and its dialog ended with BYE, both sent back where it came from. The
+    /// BYE runs in a transaction of its own task (retransmitted on UDP), to which this call passes
+    /// the BYE's answers (`forks`: each BYE's Via branch and where its answers go).
+    async fn end_fork(&self, resp: &message::Response, from: SocketAddr, forks: &mut Forks) {
         let Some(fork) = unwanted_answer(&self.ctx.endpoint, resp) else {
             return;
         };
         self.send(&fork.ack, from).await;
-        if ended.insert(fork.tag) {
-            tracing::info!(call_id = %fork.call_id, "a second branch answered the INVITE: ending it with BYE");
-            self.send(&request_bytes(&fork.bye), from).await;
+        if forks.contains_key(&fork.tag) {
+            return;
         }
+        tracing::info!(call_id = %fork.call_id, "a second branch answered the INVITE: ending it with BYE");
+        let timers = self.spec.timers;
+        let bye = spawn_request(&self.ctx.endpoint, fork.bye, from, timers, BYE_WAIT);
+        forks.insert(fork.tag, bye);
     }
 
     async fn send(&self, bytes: &[u8], to: SocketAddr) {
@@ -919,7 +926,7 @@ impl Call<'_> {
     }
 
     async fn on_2xx(
-        &self,
+        &mut self,
         invite: &Request,
         resp: &message::Response,
     ) -> Result<Answered, CallOutcome> {
@@ -998,8 +1005,8 @@ impl Call<'_> {
         let mut let_go = self.hooks.as_ref().map(|h| h.let_go.clone());
         let mut handed_over = false;
         let mut remote_ended = false;
-        // The tags of other branches of a forked INVITE whose dialogs were ended.
-        let mut forks_ended = std::collections::HashSet::new();
+        // Other branches of a forked INVITE whose dialogs are being ended, by their tags.
+        let mut forks = Forks::new();
         let mut reinvite_at = self
             .spec
             .reinvite_after
@@ -1163,7 +1170,11 @@ impl Call<'_> {
                         }
                         SipMessage::Response(resp) => {
                             let ours = reinvite.as_ref().and_then(|t| t.branch());
-                            if ours.is_some() && message::via_branch(&resp) == ours {
+                            let branch = message::via_branch(&resp);
+                            let fork_bye = forks.values().find(|(b, _)| Some(b) == branch.as_ref());
+                            if let Some((_, answers)) = fork_bye {
+                                let _ = answers.send(resp);
+                            } else if ours.is_some() && branch == ours {
                                 if let Some(tx) = reinvite.as_mut() {
                                     tx.handle_response(resp, Instant::now());
                                     self.drive_reinvite(tx, &mut a, stream.as_ref(), &media.rtp).await;
@@ -1174,7 +1185,7 @@ impl Call<'_> {
                                     let hop = a.dialog.next_hop().unwrap_or(self.trunk);
                                     self.send(&a.ack, hop).await;
                                 } else {
-                                    self.end_fork(&resp, from, &mut forks_ended).await;
+                                    self.end_fork(&resp, from, &mut forks).await;
                                 }
                             }
                         }
@@ -1346,30 +1357,29 @@ impl Call<'_> {
         })
     }
 
-    /// BYE without waiting for anything else.
-    async fn hang_up(&self, mut dialog: Dialog) {
-        if let Ok(bye) = dialog.build(Method::Bye, self.ctx.endpoint.local_addr()) {
-            let hop = dialog.next_hop().unwrap_or(self.trunk);
-            self.send(&request_bytes(&bye), hop).await;
-        }
-    }
-
-    /// BYE through a transaction, waiting (bounded) for its response; returns "1" if it was pressed
-    /// meanwhile (the RTP receiver keeps queueing keys until the call is over).
-    async fn hang_up_listening(
-        &mut self,
-        mut dialog: Dialog,
-        digits: &mut mpsc::UnboundedReceiver<char>,
-    ) -> Option<char> {
+    /// BYE through a transaction (retransmitted on UDP until answered), waiting at most
+    /// [`BYE_WAIT`] for its answer.
+    async fn hang_up(&mut self, mut dialog: Dialog) {
+        let (endpoint, timers) = (&self.ctx.endpoint, self.spec.timers);
         end_dialog(
-            &self.ctx.endpoint,
+            endpoint,
             self.channel,
             &mut dialog,
-            self.spec.timers,
+            timers,
             self.trunk,
-            Duration::from_secs(4),
+            BYE_WAIT,
         )
         .await;
+    }
+
+    /// [`Call::hang_up`]; returns "1" if it was pressed meanwhile (the RTP receiver keeps queueing
+    /// keys until the call is over).
+    async fn hang_up_listening(
+        &mut self,
+        dialog: Dialog,
+        digits: &mut mpsc::UnboundedReceiver<char>,
+    ) -> Option<char> {
+        self.hang_up(dialog).await;
         std::iter::from_fn(|| digits.try_recv().ok()).find(|d| *d == '1')
     }
 }
@@ -1541,6 +1551,75 @@ pub(crate) async fn receive_audio(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The next request `phone` receives, and from where.
+    async fn next_request(phone: &tokio::net::UdpSocket) -> (Request, SocketAddr) {
+        let mut buf = vec![0u8; 8192];
+        loop {
+            let got = tokio::time::timeout(Duration::from_secs(10), phone.recv_from(&mut buf));
+            let (n, from) = got.await.expect("a request within 10 s").unwrap();
+            if let Ok(SipMessage::Request(req)) = message::parse(&buf[..n]) {
+                return (req, from);
+            }
+        }
+    }
+
+    /// Two branches of a forked INVITE answer (RFC 3261 §13.2.2.4): the call goes on with the first,
+    /// and the second's dialog is ended with a BYE that is retransmitted until answered (this phone
+    /// leaves the first one unanswered), also once the call itself has ended.
+    #[tokio::test]
+    async fn the_bye_ending_a_forked_answer_is_retransmitted_until_answered() {
+        let phone = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let phone_addr = phone.local_addr().unwrap();
+        let media = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (endpoint, _unrouted) = Endpoint::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let ctx = CallContext::new(endpoint);
+        // 200 ms of message: the call ends by itself soon after it is answered.
+        let audio = crate::media::message::PreparedAudio::from_samples(vec![0; 1_600]);
+        let spec = CallSpec::plain("1000", phone_addr, audio);
+        let (_abort, abort) = watch::channel(false);
+        let call = tokio::spawn(async move { place_call(&ctx, &spec, abort).await });
+
+        let (invite, caller) = next_request(&phone).await;
+        assert_eq!(invite.method, Method::Invite);
+        let port = media.local_addr().unwrap().port();
+        let sdp = format!(
+            "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\
+             m=audio {port} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n"
+        );
+        let contact = [("Contact", format!("<sip:1000@{phone_addr}>"))];
+        for tag in ["first", "fork"] {
+            let body = Some(("application/sdp", sdp.clone().into_bytes()));
+            let ok = response_to(&invite, 200, Some(tag), &contact, body);
+            phone.send_to(&response_bytes(&ok), caller).await.unwrap();
+        }
+        let mut fork_byes = Vec::new();
+        let mut call_ended = false;
+        while fork_byes.len() < 2 || !call_ended {
+            let (req, from) = next_request(&phone).await;
+            if req.method != Method::Bye {
+                continue;
+            }
+            let fork = message::to_tag(&req) == Some("fork");
+            if fork {
+                fork_byes.push(message::via_branch(&req));
+            }
+            // The fork's first BYE goes unanswered, as if lost.
+            if !fork || fork_byes.len() == 2 {
+                let ok = response_to(&req, 200, None, &[], None);
+                phone.send_to(&response_bytes(&ok), from).await.unwrap();
+            }
+            call_ended |= !fork;
+        }
+        assert_eq!(
+            fork_byes[0], fork_byes[1],
+            "the same transaction, retransmitted"
+        );
+        let outcome = tokio::time::timeout(Duration::from_secs(10), call).await;
+        assert!(matches!(outcome, Ok(Ok(CallOutcome::Heard))), "{outcome:?}");
+    }
 
     /// A port is reused by the next call: the last RFC 4733 packets of a key pressed on the earlier
     /// call must not confirm the citizen now on that port. Only the callee's address counts.

@@ -34,6 +34,27 @@ fn campanile_call_completes_one_call_that_sipp_counts_as_successful() {
     expect("uas", &[], &[], "heard", true);
 }
 
+/// A 200 OK without an SDP answer cannot be used: the call fails and its dialog is ended with a
+/// BYE, retransmitted (RFC 3261 §17.1.2.2) until SIPp answers it 2 s later. Before, that BYE went
+/// once: lost, it left the phone in a silent call.
+#[test]
+fn an_unusable_answer_is_ended_with_a_bye_retransmitted_until_answered() {
+    let mut sipp = start_sipp("answer_without_sdp.xml");
+    let (stdout, ok, stderr) = campanile_call(sipp.port, &[], &[]);
+    assert!(
+        stdout.starts_with("failed: callee's SDP unusable") && !ok,
+        "campanile said `{stdout}`\n{stderr}"
+    );
+    let status = sipp.wait();
+    assert!(status.success(), "SIPp: {}", sipp.errors());
+    assert_eq!(sipp.stat("SuccessfulCall(C)"), Some(1));
+    let again = sipp.retransmissions_received("BYE");
+    assert!(
+        again.is_some_and(|n| n >= 1),
+        "SIPp received the BYE {again:?} more times: it was not retransmitted while unanswered"
+    );
+}
+
 #[test]
 fn ringing_then_answer_is_heard() {
     expect("ring_then_answer.xml", &[], &[], "heard", true);

@@ -431,6 +431,92 @@ pub async fn request_and_wait(
     timers: Timers,
     give_up: std::time::Duration,
 ) -> Option<message::Response> {
+    let answers = Answers::Channel(channel);
+    transact(endpoint, answers, request, hop, timers, give_up).await
+}
+
+/// Sends `request` (a BYE that ends another branch of a forked INVITE) through a client transaction
+/// in a task of its own, retransmitted on UDP until its final response or `give_up`, while the call
+/// whose channel receives the responses goes on: the call passes them on with the returned sender,
+/// by the request's Via branch (also returned). Once the call is over (the sender dropped) the
+/// request is still retransmitted until `give_up`, unheard.
+pub fn spawn_request(
+    endpoint: &Endpoint,
+    request: message::Request,
+    hop: SocketAddr,
+    timers: Timers,
+    give_up: std::time::Duration,
+) -> (String, mpsc::UnboundedSender<message::Response>) {
+    let branch = message::via_branch(&request).unwrap_or_default();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let endpoint = endpoint.clone();
+    tokio::spawn(async move {
+        let answers = Answers::Passed(Some(rx));
+        transact(&endpoint, answers, request, hop, timers, give_up).await
+    });
+    (branch, tx)
+}
+
+/// Where a client transaction's responses come from.
+enum Answers<'a> {
+    /// The call's own channel, read here.
+    Channel(&'a mut CallChannel),
+    /// Passed on by whoever reads the channel; None once it stopped.
+    Passed(Option<mpsc::UnboundedReceiver<message::Response>>),
+}
+
+impl Answers<'_> {
+    /// The next response to the request with `branch`, or what happened instead: another message
+    /// dealt with (a BYE from the other side is answered 200), or the call's channel closed. Pending
+    /// forever once passed responses stop.
+    async fn next(&mut self, endpoint: &Endpoint, branch: &str) -> Step {
+        match self {
+            Answers::Channel(channel) => match channel.rx.recv().await {
+                Some(Inbound {
+                    msg: SipMessage::Response(r),
+                    ..
+                }) if message::via_branch(&r).as_deref() == Some(branch) => Step::Response(r),
+                Some(Inbound {
+                    msg: SipMessage::Request(req),
+                    from,
+                }) if req.method == Method::Bye => {
+                    let ok = response_to(&req, 200, None, &[], None);
+                    let _ = endpoint.send(&response_bytes(&ok), from).await;
+                    Step::Other
+                }
+                Some(_) => Step::Other,
+                None => Step::Closed,
+            },
+            Answers::Passed(rx) => match rx.as_mut() {
+                Some(r) => match r.recv().await {
+                    Some(resp) => Step::Response(resp),
+                    None => {
+                        *rx = None;
+                        Step::Other
+                    }
+                },
+                None => std::future::pending().await,
+            },
+        }
+    }
+}
+
+enum Step {
+    Response(message::Response),
+    Other,
+    Closed,
+}
+
+/// Runs `request`'s client transaction: transmits (and on UDP retransmits) it to `hop` and returns
+/// its final response, or None once it timed out or `give_up` passed.
+async fn transact(
+    endpoint: &Endpoint,
+    mut answers: Answers<'_>,
+    request: message::Request,
+    hop: SocketAddr,
+    timers: Timers,
+    give_up: std::time::Duration,
+) -> Option<message::Response> {
     let branch = message::via_branch(&request).unwrap_or_default();
     let mut tx = ClientTransaction::new(
         request,
@@ -452,18 +538,10 @@ pub async fn request_and_wait(
         }
         let timer = tx.poll_timeout().map(tokio::time::Instant::from_std);
         tokio::select! {
-            m = channel.rx.recv() => match m {
-                Some(Inbound { msg: SipMessage::Response(r), .. })
-                    if message::via_branch(&r).as_deref() == Some(branch.as_str()) =>
-                {
-                    tx.handle_response(r, std::time::Instant::now());
-                }
-                Some(Inbound { msg: SipMessage::Request(req), from }) if req.method == Method::Bye => {
-                    let ok = response_to(&req, 200, None, &[], None);
-                    let _ = endpoint.send(&response_bytes(&ok), from).await;
-                }
-                Some(_) => {}
-                None => return None,
+            step = answers.next(endpoint, &branch) => match step {
+                Step::Response(r) => tx.handle_response(r, std::time::Instant::now()),
+                Step::Other => {}
+                Step::Closed => return None,
             },
             _ = sleep_until_opt(timer) => tx.handle_timeout(std::time::Instant::now()),
             _ = tokio::time::sleep_until(give_up) => return None,

@@ -135,6 +135,7 @@ fn try_start_sipp(
         "-stf",
         "stats.csv",
         "-trace_err",
+        "-trace_screen",
     ])
     .stdout(Stdio::null())
     .stderr(
@@ -203,6 +204,24 @@ impl Sipp {
         let last = stats.lines().last()?;
         let i = header.split(';').position(|c| c == column)?;
         last.split(';').nth(i)?.parse().ok()
+    }
+
+    /// How many retransmissions of the request `method` SIPp received, from the screen it wrote
+    /// when it ended (`-trace_screen`): the "Retrans" column of that message's line.
+    pub fn retransmissions_received(&self, method: &str) -> Option<u64> {
+        let screen = std::fs::read_dir(self.dir.path())
+            .ok()?
+            .filter_map(|e| e.ok())
+            .find(|e| e.file_name().to_string_lossy().ends_with("_screen.log"))
+            .and_then(|e| std::fs::read_to_string(e.path()).ok())?;
+        // "  ----------> BYE    1    2    0    0": a request received, then the counts of
+        // messages, retransmissions, timeouts and unexpected messages.
+        let arrow = format!("----------> {method} ");
+        let line = screen
+            .lines()
+            .find(|l| l.trim_start().starts_with(&arrow))?;
+        let counts = &line.trim_start()[arrow.len()..];
+        counts.split_whitespace().nth(1)?.parse().ok()
     }
 
     pub fn errors(&self) -> String {
