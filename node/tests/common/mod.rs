@@ -193,13 +193,18 @@ impl Sipp {
         }
     }
 
-    /// A column of SIPp's last statistics line.
-    pub fn stat(&self, column: &str) -> Option<u64> {
-        let stats = std::fs::read_dir(self.dir.path())
+    /// The text of the first file SIPp wrote whose name `named` accepts.
+    fn file(&self, named: impl Fn(&str) -> bool) -> Option<String> {
+        std::fs::read_dir(self.dir.path())
             .ok()?
             .filter_map(|e| e.ok())
-            .find(|e| e.file_name().to_string_lossy().starts_with("stats"))
-            .and_then(|e| std::fs::read_to_string(e.path()).ok())?;
+            .find(|e| named(&e.file_name().to_string_lossy()))
+            .and_then(|e| std::fs::read_to_string(e.path()).ok())
+    }
+
+    /// A column of SIPp's last statistics line.
+    pub fn stat(&self, column: &str) -> Option<u64> {
+        let stats = self.file(|name| name.starts_with("stats"))?;
         let header = stats.lines().next()?;
         let last = stats.lines().last()?;
         let i = header.split(';').position(|c| c == column)?;
@@ -209,11 +214,7 @@ impl Sipp {
     /// How many retransmissions of the request `method` SIPp received, from the screen it wrote
     /// when it ended (`-trace_screen`): the "Retrans" column of that message's line.
     pub fn retransmissions_received(&self, method: &str) -> Option<u64> {
-        let screen = std::fs::read_dir(self.dir.path())
-            .ok()?
-            .filter_map(|e| e.ok())
-            .find(|e| e.file_name().to_string_lossy().ends_with("_screen.log"))
-            .and_then(|e| std::fs::read_to_string(e.path()).ok())?;
+        let screen = self.file(|name| name.ends_with("_screen.log"))?;
         // "  ----------> BYE    1    2    0    0": a request received, then the counts of
         // messages, retransmissions, timeouts and unexpected messages.
         let arrow = format!("----------> {method} ");
