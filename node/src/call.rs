@@ -749,12 +749,18 @@ impl Call<'_> {
                             }
                         } else if code < 300 {
                             let answered = self.on_2xx(&invite, &resp).await?;
-                            if let Some(why) = cancelled_for.take() {
-                                // CANCEL crossed the 200 OK: the call is up, so end it with BYE.
-                                self.hang_up(answered.dialog).await;
-                                return Err(why);
+                            match cancelled_for.take() {
+                                // Our CANCEL for the ring timeout crossed the 200 OK: the citizen
+                                // picked up at the last moment and is listening, so the call goes
+                                // on (the CANCEL has no effect on an answered INVITE, §9.2).
+                                None | Some(CallOutcome::NoAnswer) => return Ok(answered),
+                                // Aborted (lease lapsed, campaign stopped, node stopping): this
+                                // node may not carry the call, so it ends it with BYE.
+                                Some(why) => {
+                                    self.hang_up(answered.dialog).await;
+                                    return Err(why);
+                                }
                             }
-                            return Ok(answered);
                         } else if (code == 401 || code == 407) && cancelled_for.is_none() {
                             // RFC 3261 §22.2: answer the challenge once, in a new transaction.
                             let creds = match (&self.spec.credentials, challenged) {

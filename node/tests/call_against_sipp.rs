@@ -86,6 +86,20 @@ fn ring_timeout_sends_cancel_and_handles_487() {
     );
 }
 
+/// The phone is picked up as our CANCEL for the ring timeout is on its way: its 200 OK crosses the
+/// CANCEL. The citizen is on the line, so the message is played to them ("heard"); before, the
+/// call was ended with BYE at once and reported as not answered.
+#[test]
+fn an_answer_crossing_the_ring_timeout_cancel_is_played_the_message() {
+    expect(
+        "answer_crossing_cancel.xml",
+        &["--ring-timeout", "2"],
+        &[],
+        "heard",
+        true,
+    );
+}
+
 #[test]
 fn a_401_challenge_is_answered_with_digest_credentials() {
     expect(
