@@ -1034,37 +1034,37 @@ impl State {
                 ..
             } => {
                 let citizens_answer = matches!(outcome, Outcome::Confirmed | Outcome::OptOut);
-                // Fencing: an outcome carries the epoch its attempt started under, so an attempt
-                // given back and started again under another epoch is another call.
                 let on_the_call = match before {
+                    // Fencing: an outcome carries the epoch its attempt started under, so an
+                    // attempt given back and started again under another epoch is another call.
                     TaskState::InFlight {
                         attempt: current,
+                        node: owner,
                         epoch: started_under,
                         ..
-                    } => {
-                        current == *attempt
-                            && !(epoch.is_some()
-                                && started_under.is_some()
-                                && *epoch != started_under)
+                    } if current == *attempt
+                        && !(epoch.is_some()
+                            && started_under.is_some()
+                            && *epoch != started_under) =>
+                    {
+                        // A call moved to another node (`HandOverCalls`) is ended by its new
+                        // owner only, except for the citizen's own answer: a 1 (or a 9) heard by a
+                        // node that carried this attempt before the move, whose record could not
+                        // reach the log in time (the node was cut off, or the quorum was lost),
+                        // still stands. Any other outcome from a former owner is stale.
+                        let carried_it = owner == node
+                            || citizens_answer
+                                && task
+                                    .handover
+                                    .as_ref()
+                                    .is_some_and(|h| h.moved_from.contains(&node));
+                        if !carried_it {
+                            return false;
+                        }
+                        true
                     }
                     _ => false,
                 };
-                if let TaskState::InFlight { node: owner, .. } = before {
-                    // A call moved to another node (`HandOverCalls`) is ended by its new owner
-                    // only, except for the citizen's own answer: a 1 (or a 9) heard by a node that
-                    // carried this attempt before the move, whose record could not reach the log in
-                    // time (the node was cut off, or the quorum was lost), still stands. Any other
-                    // outcome from a former owner is stale.
-                    let carried_it = owner == node
-                        || citizens_answer
-                            && task
-                                .handover
-                                .as_ref()
-                                .is_some_and(|h| h.moved_from.contains(&node));
-                    if on_the_call && !carried_it {
-                        return false;
-                    }
-                }
                 if !on_the_call {
                     // The attempt has ended (or the task is on another one). The citizen's own 1
                     // (or 9) still stands: the node that heard it may have been cut off from the
