@@ -148,12 +148,15 @@ fn thread_cpu_seconds() -> f64 {
 }
 
 /// The pacer with `n` streams, one socket each, to the sinks; measured for `secs` after a warm-up.
+/// With `shared` = Some(k), the streams send from k unconnected sockets in turn instead, each
+/// datagram naming its destination: what calls sharing sending sockets would cost (calls do not).
 pub async fn pacer_run(
     dests: &[SocketAddr],
     secs: f64,
     threads: usize,
     path: SendPath,
     mut callees: Option<&mut Callees>,
+    shared: Option<usize>,
 ) -> anyhow::Result<MediaRow> {
     let n = dests.len();
     let warmup = 2.0;
@@ -162,13 +165,28 @@ pub async fn pacer_run(
     let pacer = Pacer::spawn_with(threads, path);
     let mut handles = Vec::with_capacity(n);
     let mut sockets = Vec::with_capacity(n);
-    for (i, dest) in dests.iter().enumerate() {
-        let socket = Arc::new(
+    let bind = || -> anyhow::Result<Arc<RtpSocket>> {
+        Ok(Arc::new(
             RtpSocket::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
                 .context("binding a stream socket")?,
-        );
+        ))
+    };
+    let pool = match shared {
+        Some(k) if callees.is_some() => {
+            bail!("{k} shared sockets: the callees need one per stream")
+        }
+        Some(k) => (0..k.clamp(1, n.max(1)))
+            .map(|_| bind())
+            .collect::<anyhow::Result<Vec<_>>>()?,
+        None => Vec::new(),
+    };
+    for (i, dest) in dests.iter().enumerate() {
+        let (socket, connect) = match pool.get(i % pool.len().max(1)) {
+            Some(s) => (s.clone(), false),
+            None => (bind()?, true),
+        };
         sockets.push(socket.clone());
-        handles.push(play_to(&pacer, socket, *dest, &audio, i as u32)?);
+        handles.push(play_to(&pacer, socket, *dest, connect, &audio, i as u32)?);
     }
     // With callees answering, every stream's socket is read as a call's is: keys, and an answering
     // machine detector on the decoded audio.
@@ -373,7 +391,14 @@ pub async fn media_callee(n: usize) -> anyhow::Result<()> {
             Some("play") => {
                 for (i, (socket, port)) in sockets.iter().zip(words).enumerate() {
                     let dest = SocketAddr::from(([127, 0, 0, 1], port.parse()?));
-                    playing.push(play_to(&pacer, socket.clone(), dest, &audio, i as u32)?);
+                    playing.push(play_to(
+                        &pacer,
+                        socket.clone(),
+                        dest,
+                        true,
+                        &audio,
+                        i as u32,
+                    )?);
                 }
                 println!("ok");
             }
@@ -388,16 +413,19 @@ pub async fn media_callee(n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Connects `socket` to `dest`, as a call's socket is once the callee's media address is known, and
-/// plays `frames` there (G.711 µ-law) from the start.
+/// Plays `frames` (G.711 µ-law) from the start from `socket` to `dest`; with `connect`, connects the
+/// socket to `dest` first, as a call's socket is once the callee's media address is known.
 fn play_to(
     pacer: &PacerHandle,
     socket: Arc<RtpSocket>,
     dest: SocketAddr,
+    connect: bool,
     frames: &Arc<Vec<[u8; FRAME]>>,
     ssrc: u32,
 ) -> anyhow::Result<StreamHandle> {
-    socket.connect(dest).context("connecting a stream socket")?;
+    if connect {
+        socket.connect(dest).context("connecting a stream socket")?;
+    }
     Ok(pacer.play(PlayRequest {
         socket,
         dest,
@@ -412,17 +440,23 @@ fn play_to(
     }))
 }
 
-/// `campanile bench media`; with `answer`, [`media_answered`] instead.
+/// `campanile bench media`; with `answer`, [`media_answered`] instead. With `shared` = Some(k), the
+/// streams send from k shared sockets instead of one socket each.
 pub async fn media(
     stream_counts: &[usize],
     secs: f64,
     threads: usize,
     answer: bool,
+    shared: Option<usize>,
 ) -> anyhow::Result<()> {
+    if answer && shared.is_some() {
+        bail!("--share-sockets measures streams to sinks; --answer needs one socket per stream");
+    }
     let limit = raise_fd_limit();
     let most = stream_counts.iter().copied().max().unwrap_or(0);
     // Every stream holds a socket, and so does every sink: one sink per stream while the open-file
     // limit allows, past that the streams share the sinks (and the bare loop sends to all of them).
+    // With shared sockets too, so that both ways send to the same sinks.
     let spare = usize::try_from(limit)
         .unwrap_or(usize::MAX)
         .saturating_sub(most + 100);
@@ -438,6 +472,9 @@ pub async fn media(
         "Each stream count: the bare sendmmsg loop on {threads} threads ({secs} s), then the pacer on \
          {threads} threads with io_uring and with the sendto fallback ({secs} s each after a 2 s warm-up)."
     );
+    if let Some(k) = shared {
+        println!("The streams send from {k} shared sockets, not from one socket each as calls do.");
+    }
     if addrs.len() < most {
         println!(
             "{} sink sockets (the open-file limit is {limit}): streams beyond that share them.",
@@ -454,13 +491,17 @@ pub async fn media(
         let (bare_pps, bare_cpu) = bare_loops(&addrs, secs, threads)?;
         // Each count with io_uring (what a node runs) and with the fallback, one sendto per packet.
         for path in [SendPath::IoUring, SendPath::Sendto] {
-            let row = pacer_run(&round_robin(&addrs, n), secs, threads, path, None).await?;
-            let name = match (path, row.path) {
+            let row = pacer_run(&round_robin(&addrs, n), secs, threads, path, None, shared).await?;
+            let mut name = match (path, row.path) {
                 (SendPath::IoUring, SendPath::IoUring) => "io_uring",
                 // Asked for io_uring, but the kernel refused it (logged).
                 (SendPath::IoUring, SendPath::Sendto) => "sendto (io_uring refused)",
                 _ => "sendto",
-            };
+            }
+            .to_string();
+            if let Some(k) = shared {
+                name.push_str(&format!(", {k} shared sockets"));
+            }
             println!(
                 "| {} | {name} | {:.0} | {bare_pps:.0} | {:.1} % | {:.2} | {:.2} | {:.2} ms | {:.2} ms | {:.2} ms |",
                 row.streams,
@@ -507,10 +548,18 @@ async fn media_answered(
         for answering in [false, true] {
             let row = if answering {
                 let to = callees.addrs[..n].to_vec();
-                pacer_run(&to, secs, threads, SendPath::IoUring, Some(&mut callees)).await?
+                pacer_run(
+                    &to,
+                    secs,
+                    threads,
+                    SendPath::IoUring,
+                    Some(&mut callees),
+                    None,
+                )
+                .await?
             } else {
                 let to = round_robin(sinks, n);
-                pacer_run(&to, secs, threads, SendPath::IoUring, None).await?
+                pacer_run(&to, secs, threads, SendPath::IoUring, None, None).await?
             };
             println!(
                 "| {} | {} | {:.0} | {:.0} | {:.0} | {:.1} | {:.2} | {:.2} ms | {:.2} ms | {:.2} ms |",
@@ -993,4 +1042,34 @@ pub async fn snapshot_memory(subscribers: usize) -> anyhow::Result<()> {
     );
     cluster.shutdown().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--share-sockets`: every stream's packets arrive, and from the shared sockets only.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shared_sockets_carry_every_stream() {
+        let (sinks, addrs) = sinks(6).unwrap();
+        for s in &sinks {
+            s.set_nonblocking(true).unwrap();
+        }
+        let row = pacer_run(&addrs, 1.0, 1, SendPath::IoUring, None, Some(2))
+            .await
+            .unwrap();
+        assert!(row.packets_per_s > 200.0, "{row:?}");
+        let mut sources = std::collections::HashSet::new();
+        let mut buf = [0u8; 2048];
+        for s in &sinks {
+            let mut got = 0;
+            while let Ok((n, from)) = s.recv_from(&mut buf) {
+                assert_eq!(n, DATAGRAM);
+                sources.insert(from);
+                got += 1;
+            }
+            assert!(got > 0, "a stream's sink got nothing");
+        }
+        assert_eq!(sources.len(), 2, "sent from {sources:?}");
+    }
 }

@@ -260,6 +260,11 @@ enum BenchCmd {
         /// compared with the same streams sent to sinks nobody reads, instead of the bare loop.
         #[arg(long)]
         answer: bool,
+        /// The streams send from this many shared, unconnected sockets (each datagram naming its
+        /// destination) instead of one connected socket each: what sharing would buy. Calls do not
+        /// share sockets; each has its own port, for symmetric RTP.
+        #[arg(long)]
+        share_sockets: Option<usize>,
     },
     /// The callees of `bench media --answer` (started by it, driven through stdin).
     #[command(hide = true)]
@@ -642,6 +647,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     seconds,
                     threads,
                     answer,
+                    share_sockets,
                 } => {
                     let threads = threads.unwrap_or_else(|| {
                         std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -651,6 +657,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         seconds.clamp(1.0, 600.0),
                         threads.clamp(1, 64),
                         answer,
+                        share_sockets,
                     )
                     .await?
                 }
