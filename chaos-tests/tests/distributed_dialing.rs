@@ -9,7 +9,7 @@
 //!   had up (at most its channel count), and the calls it had answered go on under the same Call-ID
 //!   from another node (a re-INVITE) with less than 2 s of silence on the phone;
 //! - a node stopped with SIGTERM (the leader, or a follower) hands its answered calls over at once
-//!   and hangs up on nobody who is listening.
+//!   and hangs up on nobody who is listening, not even a phone picked up as its CANCEL went out.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -410,6 +410,115 @@ fn stop_mid_campaign(leader: bool) {
         assert_eq!(answers, 1, "{number} was called again after {call}");
     }
     eprintln!("{taken} of {up} answered calls handed over on SIGTERM, silences {gaps:?} ms");
+}
+
+/// A node stopped with SIGTERM cancels its calls that still ring; a phone picked up just as that
+/// CANCEL arrives (its 200 OK crosses the CANCEL, RFC 3261 §9.2) has a citizen listening. In a city
+/// where every phone answers its caller's CANCEL (`answer_on_cancel`; the nodes' ring timeout is
+/// 4 s, so some answers cross a ring timeout's CANCEL too): each call the stopping node's CANCELs
+/// turned into an answer goes on from another node (a re-INVITE), the stopping node never hangs up
+/// on it before the citizen's 1, nobody is called twice, and every citizen ends confirmed.
+#[test]
+fn a_phone_answered_as_the_stopping_node_cancels_is_handed_over_not_hung_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let profile = dir.path().join("cancel-answerers.toml");
+    std::fs::write(
+        &profile,
+        "answer = 1.0\nanswer_delay_ms = [20000, 20000]\nanswer_on_cancel = true\n\
+         press_on_time = 1.0\npress_after_ms = [3000, 5000]\n",
+    )
+    .unwrap();
+    let city = SimCityProc::start(dir.path(), &profile.display().to_string(), 23).unwrap();
+    let mut nodes = start_three(dir.path(), &city, channels());
+    nodes[0].import(1, 90).unwrap();
+    let id = nodes[0].start_campaign(retry()).unwrap();
+    let (victim_at, witness) = victim_and_witness(&nodes, false);
+    let victim = nodes[victim_at].sip.to_string();
+    wait_for(
+        "the victim with phones ringing",
+        Duration::from_secs(60),
+        || (ringing_calls(&city.events(), &victim).len() >= 3).then_some(()),
+    )
+    .unwrap();
+    let stopped_ms = now_ms();
+    nodes[victim_at].proc.terminate();
+    let status = nodes[victim_at]
+        .proc
+        .wait_exit(Duration::from_secs(30))
+        .unwrap();
+    assert!(status.success(), "the stopped node exited with {status}");
+    let exited_ms = now_ms();
+    let done = nodes[witness]
+        .wait_campaign_done(id, Duration::from_secs(300))
+        .unwrap();
+    assert_eq!(done["state"], "completed", "{done}");
+    for t in tasks(&nodes[witness], id) {
+        assert_eq!(t["state"], "confirmed", "{t}");
+    }
+
+    let events = city.events();
+    let last_words: Vec<String> = nodes[victim_at]
+        .proc
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("stopping"))
+        .map(String::from)
+        .collect();
+    let crossed: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["event"] == "answer" && e["from"] == victim.as_str())
+        .filter(|e| e["crossed_cancel"] == true)
+        .filter(|e| {
+            e["t_ms"]
+                .as_u64()
+                .is_some_and(|t| (stopped_ms..=exited_ms).contains(&t))
+        })
+        .collect();
+    assert!(
+        !crossed.is_empty(),
+        "no phone answered the stopping node's CANCEL (its log: {last_words:#?})"
+    );
+    for answer in &crossed {
+        let call = answer["call_id"].as_str().unwrap();
+        let of_call: Vec<&Value> = events.iter().filter(|e| e["call_id"] == call).collect();
+        let taken = of_call
+            .iter()
+            .any(|e| e["event"] == "reinvite" && e["from"] != victim.as_str());
+        let pressed = of_call.iter().position(|e| e["event"] == "dtmf");
+        let cut = of_call
+            .iter()
+            .position(|e| e["event"] == "bye_received" && e["from"] == victim.as_str());
+        assert!(
+            taken && cut.is_none_or(|c| pressed.is_some_and(|p| p < c)),
+            "{call}: answered as the stopping node cancelled, not handed over (its log: \
+             {last_words:#?}): {of_call:#?}"
+        );
+        let number = answer["number"].as_str().unwrap();
+        let answers = events
+            .iter()
+            .filter(|e| e["event"] == "answer" && e["number"] == number)
+            .count();
+        assert_eq!(answers, 1, "{number} was called again after {call}");
+    }
+    eprintln!(
+        "{} calls answered as the stopping node cancelled them, all handed over",
+        crossed.len()
+    );
+}
+
+/// The calls `caller` has ringing: a phone that rang and has not answered or ended.
+fn ringing_calls(events: &[Value], caller: &str) -> BTreeSet<String> {
+    let of = |names: &[&str]| -> BTreeSet<String> {
+        events
+            .iter()
+            .filter(|e| e["from"] == caller)
+            .filter(|e| e["event"].as_str().is_some_and(|n| names.contains(&n)))
+            .filter_map(|e| e["call_id"].as_str().map(String::from))
+            .collect()
+    };
+    let rang = of(&["ringing"]);
+    let over = of(&["answer", "cancel", "reject", "bye_received", "bye_sent"]);
+    rang.difference(&over).cloned().collect()
 }
 
 /// The calls `victim` had answered and up when it was killed (`killed_ms`): each went on under the

@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -108,6 +109,10 @@ pub struct HandoverHooks {
     /// Turns true when the cluster has given the call to another node: stop sending and leave
     /// without BYE (the dialog goes on there).
     pub let_go: watch::Receiver<bool>,
+    /// Set before the abort of a node that is stopping gracefully: an answer that crosses that
+    /// abort's CANCEL goes on (the node hands it over with its other answered calls, or aborts it
+    /// again if it cannot) instead of being ended with BYE at once.
+    pub stopping: Arc<AtomicBool>,
 }
 
 /// What happened on a call.
@@ -754,8 +759,17 @@ impl Call<'_> {
                                 // picked up at the last moment and is listening, so the call goes
                                 // on (the CANCEL has no effect on an answered INVITE, §9.2).
                                 None | Some(CallOutcome::NoAnswer) => return Ok(answered),
-                                // Aborted (lease lapsed, campaign stopped, node stopping): this
-                                // node may not carry the call, so it ends it with BYE.
+                                // Likewise when the node is stopping: it hands answered calls over.
+                                Some(CallOutcome::Aborted)
+                                    if self
+                                        .hooks
+                                        .as_ref()
+                                        .is_some_and(|h| h.stopping.load(Ordering::Acquire)) =>
+                                {
+                                    return Ok(answered)
+                                }
+                                // Aborted otherwise (lease lapsed, campaign stopped): this node
+                                // may not carry the call, so it ends it with BYE.
                                 Some(why) => {
                                     self.hang_up(answered.dialog).await;
                                     return Err(why);

@@ -203,6 +203,7 @@ async fn a_refused_takeover_ends_the_dialog_with_bye_through_kamailio() {
     let hooks = HandoverHooks {
         answered: reports_tx,
         let_go: let_go_rx,
+        stopping: Default::default(),
     };
     let first_call = tokio::spawn({
         let (spec, abort_rx) = (spec.clone(), abort_rx.clone());

@@ -5,7 +5,10 @@
 //! rolling upgrade, a drill, a data centre emptied on purpose) knows it is going, so it
 //! 1. hangs up the calls not answered yet (a CANCEL while they ring; tasks still waiting for a
 //!    channel never call): the partitions' next holders call those citizens again, as after a
-//!    lapse;
+//!    lapse. A phone picked up just as the CANCEL went out (the 200 OK crossed it, RFC 3261 §9.2)
+//!    has a citizen listening: that call goes on and, once its dialog is committed (at most
+//!    [`DIALOG_WAIT`]), moves with the answered ones; if it is not committed in time it is ended
+//!    with BYE, as before;
 //! 2. waits, at most [`DIALOG_WAIT`], for the dialogs of calls answered a moment ago to be
 //!    committed, so that those can be moved too;
 //! 3. says in a last heartbeat that it takes nothing any more (capacity 0, `State::is_leaving`):
@@ -26,9 +29,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use campanile_cluster::Command;
+use campanile_cluster::{Command, State};
 
-use super::{leases, lock, now_ms, takeover, Phase, Shared};
+use super::{leases, lock, now_ms, takeover, Phase, Running, Shared, TaskKey};
 
 /// How long calls answered just before the stop may take to have their dialogs committed.
 const DIALOG_WAIT: Duration = Duration::from_secs(1);
@@ -40,7 +43,8 @@ const CALLS_WAIT: Duration = Duration::from_secs(3);
 /// Hands this node's calls over and gives up its partitions; see the module's documentation.
 pub(super) async fn leave(sh: &Arc<Shared>) {
     let me = sh.cfg.node;
-    let cancelled = hang_up(sh, |answered, pending| !answered && !pending);
+    let cancelled = hang_up(sh, |answered, pending| !answered && !pending, true);
+    let crossed = keep_crossed_answers(sh, &cancelled).await;
     let committed = until(DIALOG_WAIT, || {
         !lock(&sh.inflight)
             .values()
@@ -69,7 +73,7 @@ pub(super) async fn leave(sh: &Arc<Shared>) {
     )
     .await;
     let moved = if announced { hand_over(sh).await } else { 0 };
-    let hung_up = hang_up(sh, |_, _| true);
+    let hung_up = hang_up(sh, |_, _| true, false).len();
     let ended = until(CALLS_WAIT, || {
         lock(&sh.inflight)
             .values()
@@ -85,7 +89,8 @@ pub(super) async fn leave(sh: &Arc<Shared>) {
     let released = release(sh).await;
     tracing::warn!(
         handed_over = moved,
-        cancelled,
+        cancelled = cancelled.len() - crossed,
+        answered_as_cancelled = crossed,
         hung_up,
         partitions = released,
         "stopping: answered calls handed over to other nodes, calls not answered yet cancelled \
@@ -95,19 +100,62 @@ pub(super) async fn leave(sh: &Arc<Shared>) {
 }
 
 /// Tells the calls in progress that `which(answered, dialog_pending)` selects to hang up; answers
-/// how many. `answered`: its dialog is committed (another node could continue it).
-fn hang_up(sh: &Shared, which: impl Fn(bool, bool) -> bool) -> usize {
+/// which. `answered`: its dialog is committed (another node could continue it). With
+/// `keep_answers`, an answer crossing the CANCEL goes on ([`keep_crossed_answers`]).
+fn hang_up(sh: &Shared, which: impl Fn(bool, bool) -> bool, keep_answers: bool) -> Vec<TaskKey> {
     let inflight = lock(&sh.inflight);
     sh.cluster.read(|s| {
-        let mut n = 0;
+        let mut keys = Vec::new();
         for (key, r) in inflight.iter() {
             if !r.is_running() || !which(r.dialog_recorded(s, *key), r.dialog_pending) {
                 continue;
             }
+            r.stopping.store(keep_answers, Ordering::Release);
             r.abort.send_replace(true);
-            n += 1;
+            keys.push(*key);
         }
-        n
+        keys
+    })
+}
+
+/// Of the calls `cancelled` by the stop, those whose phone answered as the CANCEL went out: waits
+/// (at most [`DIALOG_WAIT`]) until each has ended or has its dialog committed, then lets the
+/// committed ones go on, to be moved with the other answered calls, and aborts the rest again (a
+/// call still in its INVITE transaction takes no notice; an answered one without a committed
+/// dialog, which nobody could continue, is ended with BYE). Answers how many go on.
+async fn keep_crossed_answers(sh: &Shared, cancelled: &[TaskKey]) -> usize {
+    if cancelled.is_empty() {
+        return 0;
+    }
+    let continuable =
+        |s: &State, r: &Running, k: TaskKey| !r.dialog_pending && r.dialog_recorded(s, k);
+    until(DIALOG_WAIT, || {
+        let inflight = lock(&sh.inflight);
+        sh.cluster.read(|s| {
+            cancelled.iter().all(|k| {
+                inflight
+                    .get(k)
+                    .is_none_or(|r| r.phase != Phase::Up || continuable(s, r, *k))
+            })
+        })
+    })
+    .await;
+    let inflight = lock(&sh.inflight);
+    sh.cluster.read(|s| {
+        let mut kept = 0;
+        for k in cancelled {
+            let Some(r) = inflight.get(k).filter(|r| r.phase == Phase::Up) else {
+                continue;
+            };
+            if continuable(s, r, *k) {
+                r.abort.send_replace(false);
+                kept += 1;
+            } else {
+                r.stopping.store(false, Ordering::Release);
+                r.abort.send_replace(true);
+            }
+        }
+        kept
     })
 }
 

@@ -31,6 +31,7 @@ pub mod trunk;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -160,6 +161,8 @@ struct Running {
     stale_record: bool,
     /// Answered, and its dialog is on its way to the log (`handover_hooks`).
     dialog_pending: bool,
+    /// Aborted by a graceful stop: an answer crossing the CANCEL goes on (`HandoverHooks::stopping`).
+    stopping: Arc<AtomicBool>,
 }
 
 impl Running {
@@ -180,6 +183,7 @@ impl Running {
                 parked: None,
                 stale_record: false,
                 dialog_pending: false,
+                stopping: Arc::default(),
             },
             abort_rx,
             let_go_rx,
@@ -221,6 +225,7 @@ impl Running {
             parked: None,
             stale_record: false,
             dialog_pending: false,
+            stopping: Arc::default(),
         }
     }
 }
@@ -841,6 +846,10 @@ fn handover_hooks(
 ) -> HandoverHooks {
     let (answered, mut reports) = mpsc::unbounded_channel();
     let (key, attempt) = (due.key, due.attempt);
+    let stopping = lock(&sh.inflight)
+        .get(&key)
+        .map(|r| r.stopping.clone())
+        .unwrap_or_default();
     let sh = sh.clone();
     tokio::spawn(async move {
         while let Some(call) = reports.recv().await {
@@ -870,7 +879,11 @@ fn handover_hooks(
             });
         }
     });
-    HandoverHooks { answered, let_go }
+    HandoverHooks {
+        answered,
+        let_go,
+        stopping,
+    }
 }
 
 /// A call let go while the log still has its task on this node (its leases lapsed and nobody has

@@ -60,6 +60,8 @@ struct PhoneCall {
     early_socket: Option<Arc<UdpSocket>>,
     /// The caller's Contact from its latest re-INVITE: another node that took the call over.
     moved_to: Option<String>,
+    /// A CANCEL arrived and was answered 200 without 487 yet (`Profile::answer_on_cancel`).
+    cancel_crossed: bool,
 }
 
 /// The caller ID a phone would show: P-Asserted-Identity (RFC 3325) when the trunk passes it, else From.
@@ -116,6 +118,7 @@ pub(crate) async fn run(
         answered: false,
         media: None,
         early_socket: None,
+        cancel_crossed: false,
         moved_to: None,
     };
     call.respond(100, None).await;
@@ -164,7 +167,11 @@ impl PhoneCall {
         let new_invite = loop {
             match self.wait(Some(deadline)).await {
                 Wake::NewInvite(req) => break req,
-                Wake::Deadline | Wake::Closed | Wake::Bye | Wake::Cancelled => return false,
+                Wake::Cancelled => {
+                    self.end_cancelled().await;
+                    return false;
+                }
+                Wake::Deadline | Wake::Closed | Wake::Bye => return false,
                 Wake::Audio => {}
             }
         };
@@ -191,6 +198,15 @@ impl PhoneCall {
             self.reject(403).await;
         }
         ok
+    }
+
+    /// A CANCEL kept for `Profile::answer_on_cancel` that the phone did not answer after all (it
+    /// was not going to): the INVITE ends with 487, as without the quirk.
+    async fn end_cancelled(&mut self) {
+        if self.cancel_crossed && !self.answered {
+            self.log("cancel", json!({ "audio_ms": 0 }));
+            self.respond(487, None).await;
+        }
     }
 
     fn audio_ms(&self) -> u64 {
@@ -265,10 +281,10 @@ impl PhoneCall {
             }
             Behaviour::Answer { delay_ms, listener } => {
                 self.ring().await;
-                if let Wake::Deadline = self
+                let wake = self
                     .wait(Some(Instant::now() + Duration::from_millis(delay_ms)))
-                    .await
-                {
+                    .await;
+                if matches!(wake, Wake::Deadline) || self.cancel_crossed {
                     self.answer_and_listen(listener, None).await;
                 }
             }
@@ -286,6 +302,7 @@ impl PhoneCall {
                 }
             }
         }
+        self.end_cancelled().await;
         // Let the transaction finish its retransmissions (ACK of a final response) before forgetting it.
         let linger = Instant::now() + Duration::from_secs(2);
         while !self.st.is_terminated() && Instant::now() < linger {
@@ -401,7 +418,10 @@ impl PhoneCall {
         self.shared.stats.answered.fetch_add(1, Ordering::Relaxed);
         self.log(
             "answer",
-            json!({ "codec": if codec == Codec::Pcmu { "PCMU" } else { "PCMA" } }),
+            json!({
+                "codec": if codec == Codec::Pcmu { "PCMU" } else { "PCMA" },
+                "crossed_cancel": self.cancel_crossed,
+            }),
         );
 
         let media_timeout = Duration::from_millis(self.shared.profile.media_timeout_ms);
@@ -690,6 +710,11 @@ impl PhoneCall {
                 self.send(&response_bytes(&ok), from).await;
                 if self.st.is_answered() {
                     return None;
+                }
+                if self.shared.profile.answer_on_cancel {
+                    // Picked up as the CANCEL arrived: the 200 OK to the INVITE follows (`play`).
+                    self.cancel_crossed = true;
+                    return Some(Wake::Cancelled);
                 }
                 self.log("cancel", json!({ "audio_ms": 0 }));
                 self.respond(487, None).await;

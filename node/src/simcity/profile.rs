@@ -59,6 +59,9 @@ pub struct Profile {
     pub alaw_only: bool,
     /// Ringing phones send 183 Session Progress with SDP (early media) instead of 180.
     pub early_media: bool,
+    /// A phone that would answer is picked up just as the caller's CANCEL arrives: it answers the
+    /// INVITE (200 OK) instead of 487, as when the 200 OK crosses the CANCEL (RFC 3261 §9.2).
+    pub answer_on_cancel: bool,
     /// The carrier challenges every new INVITE (401) and wants these credentials; `None` = no auth.
     pub auth: Option<AuthQuirk>,
     /// The carrier's channel cap: a new call beyond this many in progress gets 503 with Retry-After.
@@ -119,6 +122,7 @@ impl Profile {
             inband_dtmf: false,
             alaw_only: false,
             early_media: false,
+            answer_on_cancel: false,
             auth: None,
             max_channels: None,
             hear_codes: false,
@@ -150,6 +154,7 @@ impl Profile {
             inband_dtmf: false,
             alaw_only: false,
             early_media: false,
+            answer_on_cancel: false,
             auth: None,
             max_channels: None,
             hear_codes: false,

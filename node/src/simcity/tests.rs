@@ -427,6 +427,7 @@ async fn a_second_node_continues_an_answered_call_inside_its_dialog() {
     let hooks = HandoverHooks {
         answered: reports_tx,
         let_go: let_go_rx,
+        stopping: Default::default(),
     };
     let first_call = tokio::spawn({
         let spec = spec.clone();
