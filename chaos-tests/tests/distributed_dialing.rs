@@ -360,32 +360,12 @@ fn stop_mid_campaign(leader: bool) {
             .then_some(())
     })
     .unwrap();
-    let stopped_ms = now_ms();
-    nodes[victim_at].proc.terminate();
-    let status = nodes[victim_at]
-        .proc
-        .wait_exit(Duration::from_secs(30))
-        .unwrap();
-    assert!(status.success(), "the stopped node exited with {status}");
-    let done = nodes[witness]
-        .wait_campaign_done(id, Duration::from_secs(600))
-        .unwrap();
-    assert_eq!(done["state"], "completed", "{done}");
-    for t in tasks(&nodes[witness], id) {
-        assert_eq!(t["state"], "confirmed", "{t}");
-    }
+    let (stopped_ms, _, last_words) = stop_and_finish(&mut nodes, victim_at, witness, id);
     assert_holds_nothing(&nodes[witness], victim_at);
 
     let events = city.events();
     let (up, taken, gaps) = check_takeovers(&events, &victim, stopped_ms);
     assert!(up > 0, "the stopped node had no answered call up");
-    let last_words: Vec<String> = nodes[victim_at]
-        .proc
-        .log_text()
-        .lines()
-        .filter(|l| l.contains("stopping"))
-        .map(String::from)
-        .collect();
     let listening = answered_calls_up(&events, &victim, stopped_ms.saturating_sub(500), stopped_ms);
     for call in &listening {
         let of_call: Vec<&Value> = events.iter().filter(|e| e["call_id"] == *call).collect();
@@ -440,30 +420,9 @@ fn a_phone_answered_as_the_stopping_node_cancels_is_handed_over_not_hung_up() {
         || (ringing_calls(&city.events(), &victim).len() >= 3).then_some(()),
     )
     .unwrap();
-    let stopped_ms = now_ms();
-    nodes[victim_at].proc.terminate();
-    let status = nodes[victim_at]
-        .proc
-        .wait_exit(Duration::from_secs(30))
-        .unwrap();
-    assert!(status.success(), "the stopped node exited with {status}");
-    let exited_ms = now_ms();
-    let done = nodes[witness]
-        .wait_campaign_done(id, Duration::from_secs(300))
-        .unwrap();
-    assert_eq!(done["state"], "completed", "{done}");
-    for t in tasks(&nodes[witness], id) {
-        assert_eq!(t["state"], "confirmed", "{t}");
-    }
+    let (stopped_ms, exited_ms, last_words) = stop_and_finish(&mut nodes, victim_at, witness, id);
 
     let events = city.events();
-    let last_words: Vec<String> = nodes[victim_at]
-        .proc
-        .log_text()
-        .lines()
-        .filter(|l| l.contains("stopping"))
-        .map(String::from)
-        .collect();
     let crossed: Vec<&Value> = events
         .iter()
         .filter(|e| e["event"] == "answer" && e["from"] == victim.as_str())
@@ -504,6 +463,40 @@ fn a_phone_answered_as_the_stopping_node_cancels_is_handed_over_not_hung_up() {
         "{} calls answered as the stopping node cancelled them, all handed over",
         crossed.len()
     );
+}
+
+/// Stops `nodes[victim_at]` with SIGTERM; it exits by itself and successfully, and the campaign
+/// `id` completes (as `witness` sees it) with every citizen confirmed. Answers when the stop was
+/// sent, when the node had exited, and the stopped node's log lines about stopping.
+fn stop_and_finish(
+    nodes: &mut [NodeProc],
+    victim_at: usize,
+    witness: usize,
+    id: u64,
+) -> (u64, u64, Vec<String>) {
+    let stopped_ms = now_ms();
+    nodes[victim_at].proc.terminate();
+    let status = nodes[victim_at]
+        .proc
+        .wait_exit(Duration::from_secs(30))
+        .unwrap();
+    assert!(status.success(), "the stopped node exited with {status}");
+    let exited_ms = now_ms();
+    let done = nodes[witness]
+        .wait_campaign_done(id, Duration::from_secs(600))
+        .unwrap();
+    assert_eq!(done["state"], "completed", "{done}");
+    for t in tasks(&nodes[witness], id) {
+        assert_eq!(t["state"], "confirmed", "{t}");
+    }
+    let last_words = nodes[victim_at]
+        .proc
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("stopping"))
+        .map(String::from)
+        .collect();
+    (stopped_ms, exited_ms, last_words)
 }
 
 /// The calls `caller` has ringing: a phone that rang and has not answered or ended.
