@@ -452,6 +452,9 @@ pub async fn media(
     if answer && shared.is_some() {
         bail!("--share-sockets measures streams to sinks; --answer needs one socket per stream");
     }
+    if shared == Some(0) {
+        bail!("--share-sockets 0: the streams need at least one socket to send from");
+    }
     let limit = raise_fd_limit();
     let most = stream_counts.iter().copied().max().unwrap_or(0);
     // Every stream holds a socket, and so does every sink: one sink per stream while the open-file
