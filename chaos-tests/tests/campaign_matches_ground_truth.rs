@@ -309,3 +309,36 @@ fn promtool_check(text: &str) -> String {
         format!("exit {}: {s}", out.status)
     }
 }
+
+/// `[media] pacer_send = "sendto"` (for hosts where one system call a packet has the shorter
+/// lateness tail, BENCHMARKS.md): the node says so at start, and its calls' audio reaches the
+/// phones, which press 1 only after hearing 3 s of it.
+#[test]
+fn a_node_told_to_send_rtp_with_sendto_plays_every_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let city = SimCityProc::start(dir.path(), "always-answer", 17).unwrap();
+    let config = format!(
+        "{}\n[media]\npacer_send = \"sendto\"\n",
+        fast_node_config(10)
+    );
+    let node = NodeProc::start(dir.path(), &config, &format!("sip:{}", city.addr)).unwrap();
+    let subscribers = node.register(1, 20).unwrap();
+    let id = node.start_campaign(json!({})).unwrap();
+    let done = node
+        .wait_campaign_done(id, Duration::from_secs(120))
+        .unwrap();
+    assert_eq!(done["state"], "completed", "{done}");
+    assert_eq!(done["counts"]["confirmed"], subscribers.len(), "{done}");
+    let pressed = numbers_that_pressed(&city.events());
+    assert_eq!(
+        pressed.len(),
+        subscribers.len(),
+        "every phone heard and pressed 1"
+    );
+    let log = node.proc.log_text();
+    assert!(
+        log.contains("threads sending with one sendto per datagram"),
+        "the node does not say it sends with sendto:\n{log}"
+    );
+    assert!(!log.contains("io_uring"), "{log}");
+}

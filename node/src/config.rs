@@ -119,6 +119,10 @@ impl Default for SipSection {
 pub struct MediaSection {
     pub rtp_port_min: u16,
     pub rtp_port_max: u16,
+    /// How the RTP pacer sends: `io_uring` (batched; falls back to `sendto` where the kernel
+    /// refuses it) or `sendto` (one system call a packet). Which is better depends on the host
+    /// (BENCHMARKS.md: `campanile bench media` measures both).
+    pub pacer_send: crate::media::socket::SendPath,
 }
 
 impl Default for MediaSection {
@@ -126,6 +130,7 @@ impl Default for MediaSection {
         MediaSection {
             rtp_port_min: crate::media::ports::DEFAULT_MIN,
             rtp_port_max: crate::media::ports::DEFAULT_MAX,
+            pacer_send: crate::media::socket::SendPath::IoUring,
         }
     }
 }
@@ -484,6 +489,11 @@ max_replays = 2
 # outgoing connection of the host takes them.
 rtp_port_min = 16384
 rtp_port_max = 32767
+# How the RTP pacer sends: "io_uring" (batches of up to 256 datagrams a system call; falls back to
+# "sendto" where the kernel refuses io_uring) or "sendto" (one system call a datagram). Which costs
+# less CPU and has the shorter lateness tail depends on the host: `campanile bench media` measures
+# both side by side (BENCHMARKS.md).
+pacer_send = "io_uring"
 
 [simcity]
 # Drill mode only: where the built-in simulated city listens.
@@ -513,6 +523,22 @@ mod tests {
                 crate::media::ports::DEFAULT_MAX
             )
         );
+        assert_eq!(cfg.media.pacer_send, MediaSection::default().pacer_send);
+    }
+
+    #[test]
+    fn the_pacer_sends_as_configured_and_a_wrong_way_names_the_choices() {
+        use crate::media::socket::SendPath;
+        let cfg: Config = toml::from_str("[media]\npacer_send = \"sendto\"\n").unwrap();
+        assert_eq!(cfg.media.pacer_send, SendPath::Sendto);
+        let cfg: Config = toml::from_str("[media]\npacer_send = \"io_uring\"\n").unwrap();
+        assert_eq!(cfg.media.pacer_send, SendPath::IoUring);
+        let err = toml::from_str::<Config>("[media]\npacer_send = \"uring\"\n")
+            .unwrap_err()
+            .to_string();
+        for part in ["pacer_send", "uring", "io_uring", "sendto"] {
+            assert!(err.contains(part), "{part} not in {err}");
+        }
     }
 
     #[test]

@@ -123,7 +123,7 @@ impl Node {
 
         let ctx = CallContext {
             endpoint: endpoint.clone(),
-            pacer: Pacer::spawn(),
+            pacer: Pacer::spawn_sending(cfg.media.pacer_send),
             ports: cfg.media.rtp_ports()?,
         };
         let cache = Arc::new(AudioCache::new(Some(data.join("audio-cache"))));

@@ -210,8 +210,13 @@ pub struct Pacer;
 impl Pacer {
     /// Starts one pacer thread per core; a stream goes to the thread with the fewest streams.
     pub fn spawn() -> PacerHandle {
+        Pacer::spawn_sending(SendPath::IoUring)
+    }
+
+    /// Starts one pacer thread per core sending on `path` (a node's `media.pacer_send`).
+    pub fn spawn_sending(path: SendPath) -> PacerHandle {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Pacer::spawn_threads(threads)
+        Pacer::spawn_with(threads, path)
     }
 
     /// Starts `threads` pacer threads; each ends when every handle is dropped and its streams are done.

@@ -199,7 +199,9 @@ impl Outbox {
 }
 
 /// How the pacer sends: batched through io_uring when the kernel lets it, else one `sendto` each.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// In the config (`media.pacer_send`): `"io_uring"` or `"sendto"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum SendPath {
     IoUring,
     Sendto,
