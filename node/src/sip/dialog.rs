@@ -269,4 +269,56 @@ Call-ID: d1\r\nCSeq: 1 INVITE\r\nContact: <sip:alert@127.0.0.1:5060>\r\nContent-
         assert_eq!(d.next_hop(), Some("127.0.0.1:5080".parse().unwrap()));
         assert!(!d.accept_remote_cseq(&inv));
     }
+
+    /// A 200 OK as a hostile or broken trunk might write it: a Contact, Record-Route and To of the
+    /// usual shape with any printable text in their parts (the values a dialog copies into every
+    /// request it builds).
+    fn answer_with(contact: [&str; 3], record_route: [&str; 2], to: [&str; 2]) -> Vec<u8> {
+        let [user, host, tail] = contact;
+        let [rr_host, rr_tail] = record_route;
+        let [tag, to_tail] = to;
+        format!(
+            "SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKa\r\n\
+             From: <sip:alert@127.0.0.1>;tag=ours\r\nTo: <sip:+39@127.0.0.1>;tag={tag}{to_tail}\r\n\
+             Call-ID: d1\r\nCSeq: 1 INVITE\r\nContact: <sip:{user}@{host}>{tail}\r\n\
+             Record-Route: <sip:{rr_host};lr>{rr_tail}\r\nContent-Length: 0\r\n\r\n"
+        )
+        .into_bytes()
+    }
+
+    proptest::proptest! {
+        /// Whatever the answer's Contact, Record-Route and To say, forming the dialog and building
+        /// its requests never panics, and a request that builds stays in this dialog: same Call-ID
+        /// and tags, one Route per entry of the route set (nothing smuggled in as a header).
+        #[test]
+        fn hostile_answers_never_panic_nor_leave_the_dialog(
+            contact in proptest::array::uniform3("[ -~]{0,16}"),
+            record_route in proptest::array::uniform2("[ -~\\u{80}-\\u{10ffff}]{0,24}"),
+            to in proptest::array::uniform2("[ -~]{0,16}"),
+        ) {
+            let contact = contact.each_ref().map(String::as_str);
+            let record_route = record_route.each_ref().map(String::as_str);
+            let to = to.each_ref().map(String::as_str);
+            let Ok(SipMessage::Response(ok)) = parse(&answer_with(contact, record_route, to)) else {
+                return Ok(());
+            };
+            let via = "127.0.0.1:5060".parse().unwrap();
+            for d in [Dialog::from_uac(&invite(), &ok, "sip:alert@127.0.0.1:5060"), Dialog::from_answer(&ok, "sip:alert@127.0.0.1:5060")] {
+                let Ok(mut d) = d else { continue };
+                let _ = d.next_hop();
+                for m in [Method::Ack, Method::Bye, Method::Invite] {
+                    let Ok(req) = d.build(m, via) else { continue };
+                    let again = match parse(&message::request_bytes(&req)) {
+                        Ok(SipMessage::Request(r)) => r,
+                        other => panic!("a request the dialog built does not parse back: {other:?}"),
+                    };
+                    proptest::prop_assert_eq!(message::call_id(&again), Some("d1"));
+                    proptest::prop_assert_eq!(message::from_tag(&again), Some("ours"));
+                    proptest::prop_assert_eq!(message::to_tag(&again), Some(d.remote_tag.as_str()));
+                    let routes = again.headers.iter().filter(|h| matches!(h, rsip::Header::Route(_)));
+                    proptest::prop_assert_eq!(routes.count(), d.route_set.len());
+                }
+            }
+        }
+    }
 }
