@@ -341,4 +341,22 @@ fn a_node_told_to_send_rtp_with_sendto_plays_every_message() {
         "the node does not say it sends with sendto:\n{log}"
     );
     assert!(!log.contains("io_uring"), "{log}");
+
+    // The pacer's figures in the metrics, valid for promtool: every packet sent counted once in
+    // the lateness histogram, nothing playing any more.
+    let metrics = node.text("/metrics").unwrap();
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+    };
+    let sent = value("campanile_rtp_packets_sent_total");
+    // 20 calls, each heard for at least 3 s (150 packets) before its phone pressed 1.
+    assert!(sent >= 3000.0, "{sent} packets sent");
+    assert_eq!(value("campanile_rtp_lateness_seconds_count"), sent);
+    assert!(value("campanile_rtp_lateness_seconds_bucket{le=\"0.05\"}") <= sent);
+    assert_eq!(value("campanile_rtp_streams"), 0.0);
+    let check = promtool_check(&metrics);
+    assert!(check.is_empty(), "promtool check metrics: {check}");
 }

@@ -19,6 +19,8 @@ pub struct NodeEngine {
     pub cluster: Cluster,
     pub metrics: Metrics,
     pub endpoint: Endpoint,
+    /// The RTP pacer, whose streams, packets and lateness the metrics show.
+    pub pacer: crate::media::pacer::PacerHandle,
     /// Hex of the admin API token.
     pub admin_token: String,
     pub drill: Option<String>,
@@ -471,6 +473,7 @@ impl Engine for NodeEngine {
         self.metrics.set_sip_malformed(load(&sip.dropped_malformed));
         self.metrics
             .set_sip_stray_answers_ended(load(&sip.ended_stray));
+        self.metrics.set_rtp(&self.pacer);
         self.metrics.render(&self.cluster)
     }
 

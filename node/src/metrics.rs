@@ -35,6 +35,11 @@ pub const TAKEOVER_RESULTS: [&str; 3] = ["resumed", "redialled", "failed"];
 /// ended with BYE because the log gave its task back or its campaign stopped.
 pub const PARKED_FATES: [&str; 3] = ["continued", "moved", "ended"];
 
+/// Upper bounds of `campanile_rtp_lateness_seconds`, in µs: the 20 ms tick's phases are 1 ms
+/// apart, and the media benchmark's bound is 10 ms. Below the pacer's last bucket (100 ms), which
+/// also holds everything later.
+const RTP_LATENESS_BOUNDS_US: [u64; 7] = [500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000];
+
 /// The node's metrics; cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
@@ -60,6 +65,10 @@ pub struct Metrics {
     trunk_up: IntGauge,
     sip_malformed: IntGauge,
     sip_stray_answers_ended: IntGauge,
+    rtp_streams: IntGauge,
+    rtp_packets: IntCounter,
+    /// The pacer's per-packet lateness (a histogram the pacer keeps; see `set_rtp`).
+    rtp_lateness: Arc<Mutex<Option<prometheus::proto::MetricFamily>>>,
     /// This node's trunk: its name and channel limit.
     trunk: Arc<Mutex<Option<(String, usize)>>>,
     /// Label sets of this node's per-campaign series, so those of campaigns no longer reported
@@ -216,6 +225,14 @@ impl Metrics {
             "sip_stray_answers_ended",
             "2xx answers to INVITEs no call held any more (timed out, given up), ACKed and ended with BYE since the node started.",
         ));
+        let rtp_streams = must(IntGauge::new(
+            "rtp_streams",
+            "RTP streams the pacer is playing right now (one per call hearing the message).",
+        ));
+        let rtp_packets = must(IntCounter::new(
+            "rtp_packets_sent_total",
+            "RTP packets the pacer sent since the node started.",
+        ));
         for c in [
             Box::new(calls.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(confirmed_calls.clone()),
@@ -238,6 +255,8 @@ impl Metrics {
             Box::new(trunk_up.clone()),
             Box::new(sip_malformed.clone()),
             Box::new(sip_stray_answers_ended.clone()),
+            Box::new(rtp_streams.clone()),
+            Box::new(rtp_packets.clone()),
         ] {
             must(registry.register(c));
         }
@@ -264,6 +283,9 @@ impl Metrics {
             trunk_up,
             sip_malformed,
             sip_stray_answers_ended,
+            rtp_streams,
+            rtp_packets,
+            rtp_lateness: Arc::default(),
             trunk: Arc::default(),
             observed: Arc::default(),
         }
@@ -359,6 +381,47 @@ impl Metrics {
         self.sip_stray_answers_ended.set(n as i64);
     }
 
+    /// Takes the pacer's figures: streams playing, packets sent, and per-packet lateness (how
+    /// long after its due time each packet went out) as the histogram
+    /// `campanile_rtp_lateness_seconds`, from the pacer's own 10 µs buckets.
+    pub fn set_rtp(&self, pacer: &crate::media::pacer::PacerHandle) {
+        use prometheus::proto::{Bucket, Histogram, Metric, MetricFamily, MetricType};
+        self.rtp_streams.set(pacer.active_streams() as i64);
+        let sent = pacer.packets_sent();
+        let counted = self.rtp_packets.get();
+        if sent > counted {
+            self.rtp_packets.inc_by(sent - counted);
+        }
+        let totals = pacer.lateness_totals(&RTP_LATENESS_BOUNDS_US);
+        let mut h = Histogram::default();
+        h.set_sample_count(totals.count);
+        h.set_sample_sum(totals.sum_us as f64 / 1e6);
+        h.set_bucket(
+            totals
+                .below
+                .iter()
+                .map(|&(bound, n)| {
+                    let mut b = Bucket::default();
+                    b.set_upper_bound(bound as f64 / 1e6);
+                    b.set_cumulative_count(n);
+                    b
+                })
+                .collect(),
+        );
+        let mut m = Metric::default();
+        m.set_histogram(h);
+        let mut family = MetricFamily::default();
+        family.set_name("campanile_rtp_lateness_seconds".into());
+        family.set_help(
+            "How late the pacer sent each RTP packet after its due time (since the node started). \
+             Bounds are at 10 µs resolution: a packet exactly on a bound counts in the next."
+                .into(),
+        );
+        family.set_field_type(MetricType::HISTOGRAM);
+        family.mut_metric().push(m);
+        *lock(&self.rtp_lateness) = Some(family);
+    }
+
     /// Refreshes the state-derived gauges and renders the text exposition format.
     pub fn render(&self, cluster: &Cluster) -> String {
         self.raft_applied.set(*cluster.applied().borrow() as i64);
@@ -380,8 +443,10 @@ impl Metrics {
             reported
         });
         self.forget_unreported(&reported);
+        let mut families = self.registry.gather();
+        families.extend(lock(&self.rtp_lateness).clone());
         let mut out = Vec::new();
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+        if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
             tracing::error!(error = %e, "cannot encode metrics");
         }
         String::from_utf8(out).unwrap_or_default()

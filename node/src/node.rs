@@ -151,6 +151,7 @@ impl Node {
             lease: Default::default(),
         };
         let verifier = crate::verify::Verifier::new(dialer_cfg.clone(), ctx.clone());
+        let pacer = ctx.pacer.clone();
         tasks.push(dialer::spawn(
             dialer_cfg,
             cluster.clone(),
@@ -164,6 +165,7 @@ impl Node {
             cluster: cluster.clone(),
             metrics,
             endpoint,
+            pacer,
             admin_token: admin_token.clone(),
             drill,
             datacenter: cfg.node.datacenter.clone(),

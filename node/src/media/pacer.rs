@@ -128,6 +128,7 @@ impl Drop for StreamHandle {
 struct Histogram {
     buckets: Vec<u64>,
     count: u64,
+    sum_us: u64,
     max_us: u64,
 }
 
@@ -139,6 +140,7 @@ impl Histogram {
         Histogram {
             buckets: vec![0; BUCKETS],
             count: 0,
+            sum_us: 0,
             max_us: 0,
         }
     }
@@ -148,6 +150,7 @@ impl Histogram {
         let i = ((us / BUCKET_US) as usize).min(BUCKETS - 1);
         self.buckets[i] += 1;
         self.count += 1;
+        self.sum_us = self.sum_us.saturating_add(us);
         self.max_us = self.max_us.max(us);
     }
 
@@ -156,6 +159,7 @@ impl Histogram {
             *a += b;
         }
         self.count += other.count;
+        self.sum_us = self.sum_us.saturating_add(other.sum_us);
         self.max_us = self.max_us.max(other.max_us);
     }
 
@@ -173,6 +177,16 @@ impl Histogram {
         }
         self.max_us
     }
+}
+
+/// Per-packet lateness as a Prometheus histogram wants it: at each bound, how many packets were
+/// less late than it (at the 10 µs resolution of the pacer's buckets; a bound of 100 ms or more
+/// also counts the packets later than that), and the count and sum of all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LatenessTotals {
+    pub below: Vec<(u64, u64)>,
+    pub count: u64,
+    pub sum_us: u64,
 }
 
 /// Percentiles of per-packet lateness since the pacer started (or since `reset_lateness`).
@@ -357,18 +371,41 @@ impl PacerHandle {
 
     /// Per-packet lateness percentiles over all pacer threads.
     pub fn lateness_snapshot(&self) -> LatenessSnapshot {
-        let mut all = Histogram::new();
-        for lane in self.lanes.iter() {
-            if let Ok(h) = lane.shared.lateness.lock() {
-                all.merge(&h);
-            }
-        }
+        let all = self.merged_lateness();
         LatenessSnapshot {
             packets: all.count,
             p50_us: all.quantile_us(0.50),
             p99_us: all.quantile_us(0.99),
             max_us: all.max_us,
         }
+    }
+
+    /// Per-packet lateness over all pacer threads since the pacer started (or since
+    /// `reset_lateness`), cumulated at each of `bounds_us` (the node's metrics).
+    pub fn lateness_totals(&self, bounds_us: &[u64]) -> LatenessTotals {
+        let all = self.merged_lateness();
+        let below = bounds_us
+            .iter()
+            .map(|&bound| {
+                let whole = ((bound / BUCKET_US) as usize).min(BUCKETS);
+                (bound, all.buckets[..whole].iter().sum())
+            })
+            .collect();
+        LatenessTotals {
+            below,
+            count: all.count,
+            sum_us: all.sum_us,
+        }
+    }
+
+    fn merged_lateness(&self) -> Histogram {
+        let mut all = Histogram::new();
+        for lane in self.lanes.iter() {
+            if let Ok(h) = lane.shared.lateness.lock() {
+                all.merge(&h);
+            }
+        }
+        all
     }
 
     /// Starts a new lateness measurement (benchmarks measure the steady state only).
@@ -601,6 +638,22 @@ mod tests {
             .unwrap();
         assert_eq!(a.frames_sent(), 10);
         assert!(pacer.lateness_snapshot().packets >= 20);
+    }
+
+    #[test]
+    fn lateness_totals_count_the_packets_below_each_bound() {
+        let pacer = Pacer::spawn_threads(1);
+        let us = [5, 15, 995, 1000, 200_000];
+        if let Ok(mut h) = pacer.lanes[0].shared.lateness.lock() {
+            for u in us {
+                h.record(Duration::from_micros(u));
+            }
+        }
+        let t = pacer.lateness_totals(&[10, 1000, 100_000]);
+        // 1000 µs falls in the bucket from 1000 to 1010, not below 1000; the last bucket also
+        // holds what was later than 100 ms.
+        assert_eq!(t.below, vec![(10, 1), (1000, 3), (100_000, 5)]);
+        assert_eq!((t.count, t.sum_us), (5, us.iter().sum()));
     }
 
     #[tokio::test]
