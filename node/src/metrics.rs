@@ -386,6 +386,8 @@ impl Metrics {
     /// `campanile_rtp_lateness_seconds`, from the pacer's own 10 µs buckets.
     pub fn set_rtp(&self, pacer: &crate::media::pacer::PacerHandle) {
         use prometheus::proto::{Bucket, Histogram, Metric, MetricFamily, MetricType};
+        // One scrape at a time, so that two cannot both add the same packets to the counter.
+        let mut lateness = lock(&self.rtp_lateness);
         self.rtp_streams.set(pacer.active_streams() as i64);
         let sent = pacer.packets_sent();
         let counted = self.rtp_packets.get();
@@ -419,7 +421,7 @@ impl Metrics {
         );
         family.set_field_type(MetricType::HISTOGRAM);
         family.mut_metric().push(m);
-        *lock(&self.rtp_lateness) = Some(family);
+        *lateness = Some(family);
     }
 
     /// Refreshes the state-derived gauges and renders the text exposition format.
