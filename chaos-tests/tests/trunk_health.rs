@@ -63,3 +63,71 @@ fn a_dead_carrier_stops_dialing_and_its_return_resumes_it() {
         .log_text()
         .contains("trunk stopped answering OPTIONS pings"));
 }
+
+/// Two data centres, each node with its own carrier. One carrier dies: while its trunk is down its
+/// node takes no partitions (it says a capacity of 0), so the other data centre's node dials every
+/// citizen instead of half of them waiting for the dead carrier.
+#[test]
+fn a_node_whose_carrier_is_dead_leaves_its_citizens_to_the_other_data_centre() {
+    let dir = tempfile::tempdir().unwrap();
+    let (dir_a, dir_b) = (dir.path().join("city-a"), dir.path().join("city-b"));
+    std::fs::create_dir_all(&dir_a).unwrap();
+    std::fs::create_dir_all(&dir_b).unwrap();
+    let mut city_a = SimCityProc::start(&dir_a, "always-answer", 2).unwrap();
+    let city_b = SimCityProc::start(&dir_b, "always-answer", 3).unwrap();
+    let config =
+        fast_node_config(4).replacen("[trunk]\n", "[trunk]\noptions_interval_s = 0.5\n", 1);
+    let plan = ClusterPlan::new(dir.path(), 2).unwrap();
+    let node_a = plan
+        .start(1, &config, &format!("sip:{}", city_a.addr))
+        .unwrap();
+    let node_b = plan
+        .start(2, &config, &format!("sip:{}", city_b.addr))
+        .unwrap();
+    wait_voters(&node_a, 2, Duration::from_secs(60)).unwrap();
+    // Both hold a share while both carriers answer.
+    let shares = |node: &NodeProc| -> Option<Vec<u64>> {
+        let v = cluster_view(node)?;
+        let held: Vec<u64> = v["members"]
+            .as_array()?
+            .iter()
+            .filter_map(|m| m["leases"].as_u64())
+            .collect();
+        (held.len() == 2).then_some(held)
+    };
+    wait_for(
+        "both nodes to hold partitions",
+        Duration::from_secs(30),
+        || shares(&node_b).filter(|h| h.iter().all(|n| *n > 0)),
+    )
+    .unwrap();
+    node_a.register(1, 20).unwrap();
+
+    city_a.proc.kill();
+    wait_for(
+        "node A's trunk to be marked down",
+        Duration::from_secs(20),
+        || (trunk_up(&node_a) == Some(false)).then_some(()),
+    )
+    .unwrap();
+    let id = node_b
+        .start_campaign(json!({"max_attempts": 3, "busy_delay_s": 1.0, "no_answer_delay_s": 1.0, "failure_delay_s": 1.0}))
+        .unwrap();
+    let done = node_b
+        .wait_campaign_done(id, Duration::from_secs(90))
+        .unwrap_or_else(|e| {
+            let (_, c) = node_b.get(&format!("/api/v1/campaigns/{id}")).unwrap();
+            panic!(
+                "{e}: the campaign did not finish with node A's carrier dead: {c}, leases {:?}",
+                shares(&node_b)
+            )
+        });
+    assert_eq!(done["counts"]["confirmed"], 20, "{done}");
+    assert_eq!(numbers_that_pressed(&city_b.events()).len(), 20);
+    // Node A gave its partitions up (it may keep one it had a call in flight in, until the call ends).
+    let held = shares(&node_b).unwrap();
+    assert!(
+        held[0] <= 1 && held[1] >= 255,
+        "leases held (A, B): {held:?}"
+    );
+}

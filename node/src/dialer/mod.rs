@@ -409,6 +409,14 @@ async fn keep_leases(sh: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
                 .collect();
             (busy, count(&inflight, Phase::Up))
         };
+        // While its trunk is down a node takes no partitions (capacity 0, as a stopping node
+        // says): it gives up those without calls in flight and another data centre's node dials
+        // their citizens until this trunk answers again.
+        let capacity = if lock(&sh.gate).is_up() {
+            sh.cfg.max_channels as u32
+        } else {
+            0
+        };
         sh.renewing
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let sh = sh.clone();
@@ -420,7 +428,7 @@ async fn keep_leases(sh: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
                 &sh.held,
                 timing,
                 calls as u32,
-                sh.cfg.max_channels as u32,
+                capacity,
                 |p| busy.contains(&p),
             )
             .await;
@@ -1228,7 +1236,7 @@ async fn ping_trunk(sh: Arc<Shared>, every: Duration, mut shutdown: watch::Recei
         sh.metrics.set_trunk_up(up);
         match changed {
             Some(false) => {
-                tracing::error!(trunk = %sh.cfg.trunk_host, "trunk stopped answering OPTIONS pings: no new calls until it answers")
+                tracing::error!(trunk = %sh.cfg.trunk_host, "trunk stopped answering OPTIONS pings: no new calls until it answers; other nodes, if any, take its partitions meanwhile")
             }
             Some(true) => {
                 tracing::warn!(trunk = %sh.cfg.trunk_host, "trunk answers OPTIONS pings again: dialing resumes");
