@@ -359,4 +359,50 @@ fn a_node_told_to_send_rtp_with_sendto_plays_every_message() {
     assert_eq!(value("campanile_rtp_streams"), 0.0);
     let check = promtool_check(&metrics);
     assert!(check.is_empty(), "promtool check metrics: {check}");
+
+    // Every series the shipped alert rules query is one this node exports.
+    let rules = std::fs::read_to_string(alert_rules()).unwrap();
+    let queried: std::collections::BTreeSet<&str> = rules
+        .lines()
+        .filter(|l| l.trim_start().starts_with("expr:"))
+        .flat_map(|l| l.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')))
+        .filter(|w| w.starts_with("campanile_"))
+        .collect();
+    assert!(queried.len() >= 4, "{queried:?}");
+    for name in queried {
+        assert!(
+            metrics.lines().any(|l| l.starts_with(name)),
+            "the alert rules query {name}, which the node does not export"
+        );
+    }
+}
+
+/// The alerting rules shipped for SREs (`deploy/prometheus`).
+fn alert_rules() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/prometheus/campanile-alerts.yml")
+}
+
+/// The shipped alerting rules load in Prometheus (`promtool check rules`) and fire, and stay
+/// quiet, as their unit tests say (`promtool test rules`: a node down, a trunk down, RTP late at
+/// one node of three, a campaign whose calls are not answered).
+#[test]
+fn the_shipped_alert_rules_pass_promtool_and_their_unit_tests() {
+    let rules = alert_rules();
+    let tests = rules.with_file_name("campanile-alerts.test.yml");
+    for args in [
+        ["check", "rules", rules.to_str().unwrap()],
+        ["test", "rules", tests.to_str().unwrap()],
+    ] {
+        let out = std::process::Command::new("promtool")
+            .args(args)
+            .output()
+            .expect("promtool is installed by the test command (Debian package prometheus)");
+        assert!(
+            out.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
