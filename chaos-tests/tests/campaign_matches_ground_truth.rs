@@ -362,13 +362,22 @@ fn a_node_told_to_send_rtp_with_sendto_plays_every_message() {
 
     // Every series the shipped alert rules query is one this node exports.
     let rules = std::fs::read_to_string(alert_rules()).unwrap();
-    let queried: std::collections::BTreeSet<&str> = rules
-        .lines()
-        .filter(|l| l.trim_start().starts_with("expr:"))
+    // An `expr:` line and the lines indented below it (a block scalar).
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let mut expr_indent = None;
+    let expressions = rules.lines().filter(|l| {
+        if l.trim_start().starts_with("expr:") {
+            expr_indent = Some(indent(l));
+        } else if expr_indent.is_some_and(|i| indent(l) <= i) {
+            expr_indent = None;
+        }
+        expr_indent.is_some()
+    });
+    let queried: std::collections::BTreeSet<&str> = expressions
         .flat_map(|l| l.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')))
         .filter(|w| w.starts_with("campanile_"))
         .collect();
-    assert!(queried.len() >= 4, "{queried:?}");
+    assert_eq!(queried.len(), 4, "{queried:?}");
     for name in queried {
         assert!(
             metrics.lines().any(|l| l.starts_with(name)),

@@ -13,27 +13,35 @@ fn trunk_up(node: &NodeProc) -> Option<bool> {
         .map(|l| l.ends_with(" 1"))
 }
 
+/// A test node pinging its trunk every half second (the interval belongs to the [trunk] table).
+fn pinging_config() -> String {
+    fast_node_config(4).replacen("[trunk]\n", "[trunk]\noptions_interval_s = 0.5\n", 1)
+}
+
+/// Kills `node`'s carrier and waits until the node has marked its trunk down; then starts a
+/// campaign (on `start_on`) with quick retries and answers its id.
+fn kill_carrier_then_alert(city: &mut SimCityProc, node: &NodeProc, start_on: &NodeProc) -> u64 {
+    city.proc.kill();
+    wait_for(
+        "the trunk to be marked down",
+        Duration::from_secs(20),
+        || (trunk_up(node) == Some(false)).then_some(()),
+    )
+    .unwrap();
+    start_on
+        .start_campaign(json!({"max_attempts": 3, "busy_delay_s": 1.0, "no_answer_delay_s": 1.0, "failure_delay_s": 1.0}))
+        .unwrap()
+}
+
 #[test]
 fn a_dead_carrier_stops_dialing_and_its_return_resumes_it() {
     let dir = tempfile::tempdir().unwrap();
     let mut city = SimCityProc::start(dir.path(), "always-answer", 1).unwrap();
     let addr = city.addr;
-    // Ping every half second; the interval belongs to the [trunk] table.
-    let config =
-        fast_node_config(4).replacen("[trunk]\n", "[trunk]\noptions_interval_s = 0.5\n", 1);
-    let node = NodeProc::start(dir.path(), &config, &format!("sip:{addr}")).unwrap();
+    let node = NodeProc::start(dir.path(), &pinging_config(), &format!("sip:{addr}")).unwrap();
     node.register(1, 5).unwrap();
 
-    city.proc.kill();
-    wait_for(
-        "the trunk to be marked down",
-        Duration::from_secs(20),
-        || (trunk_up(&node) == Some(false)).then_some(()),
-    )
-    .unwrap();
-    let id = node
-        .start_campaign(json!({"max_attempts": 3, "busy_delay_s": 1.0, "no_answer_delay_s": 1.0, "failure_delay_s": 1.0}))
-        .unwrap();
+    let id = kill_carrier_then_alert(&mut city, &node, &node);
     // Absence of calls can only be observed over a window: 1.5 s of polls, every one must see no attempt.
     let window = Instant::now() + Duration::from_millis(1500);
     while Instant::now() < window {
@@ -75,8 +83,7 @@ fn a_node_whose_carrier_is_dead_leaves_its_citizens_to_the_other_data_centre() {
     std::fs::create_dir_all(&dir_b).unwrap();
     let mut city_a = SimCityProc::start(&dir_a, "always-answer", 2).unwrap();
     let city_b = SimCityProc::start(&dir_b, "always-answer", 3).unwrap();
-    let config =
-        fast_node_config(4).replacen("[trunk]\n", "[trunk]\noptions_interval_s = 0.5\n", 1);
+    let config = pinging_config();
     let plan = ClusterPlan::new(dir.path(), 2).unwrap();
     let node_a = plan
         .start(1, &config, &format!("sip:{}", city_a.addr))
@@ -103,16 +110,7 @@ fn a_node_whose_carrier_is_dead_leaves_its_citizens_to_the_other_data_centre() {
     .unwrap();
     node_a.register(1, 20).unwrap();
 
-    city_a.proc.kill();
-    wait_for(
-        "node A's trunk to be marked down",
-        Duration::from_secs(20),
-        || (trunk_up(&node_a) == Some(false)).then_some(()),
-    )
-    .unwrap();
-    let id = node_b
-        .start_campaign(json!({"max_attempts": 3, "busy_delay_s": 1.0, "no_answer_delay_s": 1.0, "failure_delay_s": 1.0}))
-        .unwrap();
+    let id = kill_carrier_then_alert(&mut city_a, &node_a, &node_b);
     let done = node_b
         .wait_campaign_done(id, Duration::from_secs(90))
         .unwrap_or_else(|e| {
