@@ -448,6 +448,7 @@ pub async fn media(
     threads: usize,
     answer: bool,
     shared: Option<usize>,
+    paths: &[SendPath],
 ) -> anyhow::Result<()> {
     if answer && shared.is_some() {
         bail!("--share-sockets measures streams to sinks; --answer needs one socket per stream");
@@ -471,9 +472,11 @@ pub async fn media(
     if answer {
         return media_answered(stream_counts, &addrs, secs, threads).await;
     }
+    let names: Vec<String> = paths.iter().map(|p| path_name(*p).to_string()).collect();
     println!(
         "Each stream count: the bare sendmmsg loop on {threads} threads ({secs} s), then the pacer on \
-         {threads} threads with io_uring and with the sendto fallback ({secs} s each after a 2 s warm-up)."
+         {threads} threads sending with {} ({secs} s each after a 2 s warm-up).",
+        names.join(", then with ")
     );
     if let Some(k) = shared {
         println!("The streams send from {k} shared sockets, not from one socket each as calls do.");
@@ -492,16 +495,15 @@ pub async fn media(
     for &n in stream_counts {
         // The reference is measured again for every row: on a shared machine it moves.
         let (bare_pps, bare_cpu) = bare_loops(&addrs, secs, threads)?;
-        // Each count with io_uring (what a node runs) and with the fallback, one sendto per packet.
-        for path in [SendPath::IoUring, SendPath::Sendto] {
+        // Each count on every path asked for (by default io_uring, what a node runs, and the
+        // fallback, one sendto per packet).
+        for &path in paths {
             let row = pacer_run(&round_robin(&addrs, n), secs, threads, path, None, shared).await?;
-            let mut name = match (path, row.path) {
-                (SendPath::IoUring, SendPath::IoUring) => "io_uring",
-                // Asked for io_uring, but the kernel refused it (logged).
-                (SendPath::IoUring, SendPath::Sendto) => "sendto (io_uring refused)",
-                _ => "sendto",
+            let mut name = path_name(row.path).to_string();
+            if row.path != path {
+                // Asked for a path the kernel or the process's privileges refused (logged).
+                name.push_str(&format!(" ({} refused)", path_name(path)));
             }
-            .to_string();
             if let Some(k) = shared {
                 name.push_str(&format!(", {k} shared sockets"));
             }
@@ -519,6 +521,15 @@ pub async fn media(
         }
     }
     Ok(())
+}
+
+/// A send path as the config spells it.
+fn path_name(path: SendPath) -> &'static str {
+    match path {
+        SendPath::IoUring => "io_uring",
+        SendPath::Sendto => "sendto",
+        SendPath::Raw => "raw",
+    }
 }
 
 /// `n` destinations taken from `sinks` in turn.

@@ -280,9 +280,14 @@ impl CallContext {
     /// Calls through `endpoint` with a pacer thread per core and the default RTP port range (a
     /// node takes its range from its config instead).
     pub fn new(endpoint: Endpoint) -> CallContext {
+        CallContext::sending(endpoint, crate::media::socket::SendPath::IoUring)
+    }
+
+    /// [`CallContext::new`] with the pacer sending on `path` (`media.pacer_send`).
+    pub fn sending(endpoint: Endpoint, path: crate::media::socket::SendPath) -> CallContext {
         CallContext {
             endpoint,
-            pacer: crate::media::pacer::Pacer::spawn(),
+            pacer: crate::media::pacer::Pacer::spawn_sending(path),
             ports: RtpPorts::default(),
         }
     }

@@ -120,8 +120,9 @@ pub struct MediaSection {
     pub rtp_port_min: u16,
     pub rtp_port_max: u16,
     /// How the RTP pacer sends: `io_uring` (batched; falls back to `sendto` where the kernel
-    /// refuses it) or `sendto` (one system call a packet). Which is better depends on the host
-    /// (BENCHMARKS.md: `campanile bench media` measures both).
+    /// refuses it), `sendto` (one system call a packet) or `raw` (headers written by the node,
+    /// batches through one raw socket; needs CAP_NET_RAW, falls back to `io_uring`). Which is
+    /// better depends on the host (BENCHMARKS.md: `campanile bench media` measures them).
     pub pacer_send: crate::media::socket::SendPath,
 }
 
@@ -490,9 +491,12 @@ max_replays = 2
 rtp_port_min = 16384
 rtp_port_max = 32767
 # How the RTP pacer sends: "io_uring" (batches of up to 256 datagrams a system call; falls back to
-# "sendto" where the kernel refuses io_uring) or "sendto" (one system call a datagram). Which costs
-# less CPU and has the shorter lateness tail depends on the host: `campanile bench media` measures
-# both side by side (BENCHMARKS.md).
+# "sendto" where the kernel refuses io_uring), "sendto" (one system call a datagram) or "raw" (the
+# node writes each datagram's IPv4 and UDP headers, from its call's own port, and sends up to 256
+# through one raw socket a system call: the least CPU a packet, but the node needs CAP_NET_RAW, and
+# falls back to "io_uring" without it; IPv6 calls send with sendto). Which costs less CPU and has the
+# shorter lateness tail depends on the host: `campanile bench media --send io_uring,sendto,raw`
+# measures them side by side (BENCHMARKS.md).
 pacer_send = "io_uring"
 
 [simcity]
@@ -533,10 +537,12 @@ mod tests {
         assert_eq!(cfg.media.pacer_send, SendPath::Sendto);
         let cfg: Config = toml::from_str("[media]\npacer_send = \"io_uring\"\n").unwrap();
         assert_eq!(cfg.media.pacer_send, SendPath::IoUring);
+        let cfg: Config = toml::from_str("[media]\npacer_send = \"raw\"\n").unwrap();
+        assert_eq!(cfg.media.pacer_send, SendPath::Raw);
         let err = toml::from_str::<Config>("[media]\npacer_send = \"uring\"\n")
             .unwrap_err()
             .to_string();
-        for part in ["pacer_send", "uring", "io_uring", "sendto"] {
+        for part in ["pacer_send", "uring", "io_uring", "sendto", "raw"] {
             assert!(err.contains(part), "{part} not in {err}");
         }
     }

@@ -119,6 +119,9 @@ enum Cmd {
         /// named in the Request-URI.
         #[arg(long)]
         proxy: Option<String>,
+        /// How the RTP pacer sends, as `[media] pacer_send`: io_uring, sendto or raw.
+        #[arg(long, default_value = "io_uring")]
+        pacer_send: campanile::media::socket::SendPath,
     },
     /// Start a node with the simulated city, register demo citizens and run one emergency alert.
     Demo(campanile::demo::DemoOptions),
@@ -265,6 +268,10 @@ enum BenchCmd {
         /// share sockets; each has its own port, for symmetric RTP.
         #[arg(long)]
         share_sockets: Option<usize>,
+        /// How the pacer sends, each in turn for every stream count, comma-separated: io_uring,
+        /// sendto, raw (the values of `[media] pacer_send`).
+        #[arg(long, value_delimiter = ',', default_value = "io_uring,sendto")]
+        send: Vec<campanile::media::socket::SendPath>,
     },
     /// The callees of `bench media --answer` (started by it, driven through stdin).
     #[command(hide = true)]
@@ -554,6 +561,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             no_machine_detection,
             proxy,
             transport,
+            pacer_send,
         } => {
             let credentials = match user {
                 None => None,
@@ -610,7 +618,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let (endpoint, _unrouted) = Endpoint::bind_with(sip, transport)
                 .await
                 .with_context(|| format!("--sip: cannot bind {sip}"))?;
-            let ctx = CallContext::new(endpoint);
+            let ctx = CallContext::sending(endpoint, pacer_send);
             let spec = CallSpec {
                 to: to.clone(),
                 trunk,
@@ -648,6 +656,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     threads,
                     answer,
                     share_sockets,
+                    send,
                 } => {
                     let threads = threads.unwrap_or_else(|| {
                         std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -658,6 +667,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         threads.clamp(1, 64),
                         answer,
                         share_sockets,
+                        &send,
                     )
                     .await?
                 }

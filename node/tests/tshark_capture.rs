@@ -1,7 +1,8 @@
 //! tshark, an independent decoder, judges what we put on the wire: two calls (PCMU and A-law only) to SIPp
 //! are captured on loopback; tshark must find no malformed SIP, SDP or RTP, and its RTP stream analysis
 //! must show every one of our streams complete, in sequence and without problems, and it must decode our
-//! RTCP sender reports.
+//! RTCP sender reports. Once as a node sends by default (io_uring), once with `pacer_send = "raw"`, whose
+//! IPv4 and UDP headers are written by us: there tshark also verifies every RTP datagram's UDP checksum.
 
 mod common;
 
@@ -74,16 +75,38 @@ fn tshark(file: &std::path::Path, sip_ports: &[u16], args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
+/// The two tests capture on the same interface: one at a time.
+static ONE_CAPTURE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn tshark_finds_no_malformed_packets_and_no_rtp_loss_in_our_calls() {
+    calls_judged_by_tshark("io_uring");
+}
+
+#[test]
+fn raw_sent_rtp_is_well_formed_with_valid_udp_checksums() {
+    calls_judged_by_tshark("raw");
+}
+
+fn calls_judged_by_tshark(pacer_send: &str) {
+    let _one = ONE_CAPTURE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let mut capture = Capture::start(dir.path());
     let mut ports = Vec::new();
     let mut media_ports = Vec::new();
     for scenario in ["ring_then_answer.xml", "pcma_only.xml"] {
         let mut sipp = start_sipp(scenario);
-        let (stdout, ok, stderr) = campanile_call(sipp.port, &[], &[]);
+        let (stdout, ok, stderr) = campanile_call(sipp.port, &["--pacer-send", pacer_send], &[]);
         assert!(ok && stdout == "heard", "{scenario}: {stdout} {stderr}");
+        if pacer_send == "raw" {
+            // Tests run as root (CAP_NET_RAW): the raw path must be the one that ran.
+            assert!(
+                stderr.contains("sending with a raw IPv4 socket"),
+                "the raw path did not run: {stderr}"
+            );
+        }
         assert!(sipp.wait().success());
         ports.push(sipp.port);
         media_ports.push(sipp.media);
@@ -167,6 +190,35 @@ fn tshark_finds_no_malformed_packets_and_no_rtp_loss_in_our_calls() {
             source.is_multiple_of(2) && (16384..=32767).contains(&source),
             "RTP not from an even port in 16384-32767: {line}"
         );
+        if pacer_send == "raw" {
+            // Our headers, our checksum: tshark verifies it on every datagram of the stream. (A
+            // UDP socket's datagrams on loopback carry a checksum the kernel never finished, which
+            // is why only these are checked.)
+            let statuses = tshark(
+                &capture.file,
+                &ports,
+                &[
+                    "-o",
+                    "udp.check_checksum:TRUE",
+                    "-Y",
+                    &format!("udp.srcport == {source} && rtp"),
+                    "-T",
+                    "fields",
+                    "-e",
+                    "udp.checksum.status",
+                ],
+            );
+            let statuses: Vec<&str> = statuses.lines().map(str::trim).collect();
+            assert_eq!(statuses.len() as u64, packets, "{line}");
+            let bad = statuses.iter().filter(|s| **s != "1").count();
+            assert_eq!(
+                bad,
+                0,
+                "{bad} of {packets} RTP datagrams from port {source} without a good UDP checksum \
+                 (tshark's status 1), e.g. {:?}",
+                statuses.iter().find(|s| **s != "1")
+            );
+        }
     }
 
     // RTCP sender reports (RFC 3550 §6.4.1) to the port after each call's RTP port, counting packets.

@@ -276,9 +276,8 @@ impl Pacer {
         for _ in 0..threads {
             match path_rx.recv_timeout(Duration::from_secs(5)) {
                 Ok((p, why, d)) => {
-                    if p == SendPath::Sendto {
-                        running = SendPath::Sendto;
-                    }
+                    // The slowest path any thread runs.
+                    running = running.min(p);
                     reason = reason.or(why);
                     details = d;
                 }
@@ -292,10 +291,15 @@ impl Pacer {
                 "RTP pacer: {threads} threads; io_uring is not available, so every packet is sent \
                  with its own sendto (slower, see BENCHMARKS.md)"
             ),
-            (_, SendPath::IoUring, _) => {
-                tracing::info!("RTP pacer: {threads} threads sending with {running} ({details})")
+            (SendPath::Raw, _, Some(why)) if running < SendPath::Raw => tracing::warn!(
+                error = %why,
+                "RTP pacer: {threads} threads; pacer_send = \"raw\" cannot open a raw socket, so \
+                 it sends with {running} instead ({details})"
+            ),
+            (_, SendPath::Sendto, _) => {
+                tracing::info!("RTP pacer: {threads} threads sending with {running}")
             }
-            _ => tracing::info!("RTP pacer: {threads} threads sending with {running}"),
+            _ => tracing::info!("RTP pacer: {threads} threads sending with {running} ({details})"),
         }
         PacerHandle {
             lanes: Arc::new(lanes),
@@ -543,8 +547,10 @@ fn queue_next(s: &mut Stream, out: &mut Outbox, is_rtp: &mut Vec<bool>) -> bool 
     }
     if moved {
         s.connected = s.req.socket.peer() == Some(s.dest);
+        s.rtp.follow(&s.req.socket);
     }
-    let to = (!s.connected).then_some(s.dest);
+    // A raw datagram always names its destination: the headers are ours.
+    let to = (!s.connected || s.rtp.is_raw()).then_some(s.dest);
     out.push(s.rtp, to, |buf| {
         write_packet(&h, &s.req.frames[s.next], buf)
     });
@@ -722,6 +728,7 @@ mod tests {
         if path == SendPath::Sendto {
             assert_eq!(pacer.send_path(), SendPath::Sendto);
         }
+        crate::media::socket::tests::expect_raw_where_allowed(path, pacer.send_path(), &None);
         let mut sinks = Vec::new();
         for _ in 0..10 {
             sinks.push(UdpSocket::bind("127.0.0.1:0").await.unwrap());
@@ -808,6 +815,11 @@ mod tests {
         every_stream_packet_arrives_once_in_sequence(SendPath::Sendto).await;
     }
 
+    #[tokio::test]
+    async fn raw_socket_sends_each_stream_packet_once_in_sequence() {
+        every_stream_packet_arrives_once_in_sequence(SendPath::Raw).await;
+    }
+
     /// A stream of 200 s from `socket` to `dest`, registered with the ring like a message.
     fn long_stream(socket: Arc<RtpSocket>, dest: SocketAddr, ssrc: u32) -> PlayRequest {
         PlayRequest {
@@ -845,7 +857,7 @@ mod tests {
     /// connected anew (as a call does before moving its stream) too.
     #[tokio::test]
     async fn a_connected_socket_streams_to_its_peer_and_follows_moves() {
-        for path in [SendPath::IoUring, SendPath::Sendto] {
+        for path in [SendPath::IoUring, SendPath::Sendto, SendPath::Raw] {
             let pacer = Pacer::spawn_with(1, path);
             let rx1 = UdpSocket::bind("127.0.0.1:0").await.unwrap();
             let rx2 = UdpSocket::bind("127.0.0.1:0").await.unwrap();

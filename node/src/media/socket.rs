@@ -19,9 +19,18 @@
 //! A call connects its socket to the callee's media address ([`RtpSocket::connect`]): the kernel
 //! then hears only the callee, and a datagram for that address leaves without naming it, which
 //! spares a route lookup per packet.
+//!
+//! A third path, [`SendPath::Raw`], chosen by the SRE (it needs `CAP_NET_RAW`), writes each
+//! datagram's IPv4 and UDP headers itself, with its call's socket's address and port as the
+//! source, and sends a whole phase through one raw socket (`IPPROTO_RAW`, send-only) with
+//! `sendmmsg`. On the wire nothing changes: the callee sees the datagram come from the port in our
+//! SDP and answers there, where the call's socket reads it. What changes is the sender's cost: one
+//! hot socket instead of thousands of cold ones, and a system call per batch instead of per
+//! datagram (BENCHMARKS.md). IPv6 calls, calls whose socket has no specific local address yet, and
+//! short streams send as the fallback does, one `sendto` each.
 
 use std::io;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
 use std::ops::Range;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Mutex;
@@ -123,6 +132,17 @@ impl RtpSocket {
         Source {
             fd: self.raw_fd(),
             slot: None,
+            raw_from: None,
+        }
+    }
+
+    /// The IPv4 address and port a raw-sent datagram names as its source: the socket's own, when
+    /// it is specific (bound to one address, or connected, which picks one). `None` for IPv6 and
+    /// for a socket bound to the wildcard address and not connected.
+    fn raw_source(&self) -> Option<SocketAddrV4> {
+        match self.fd.local_addr() {
+            Ok(SocketAddr::V4(a)) if !a.ip().is_unspecified() => Some(a),
+            _ => None,
         }
     }
 }
@@ -135,6 +155,24 @@ impl RtpSocket {
 pub struct Source {
     fd: RawFd,
     slot: Option<Slot>,
+    /// With a [`SendPath::Raw`] sender: the socket's address, which its datagrams name as their
+    /// source in the headers we write.
+    raw_from: Option<SocketAddrV4>,
+}
+
+impl Source {
+    /// Whether datagrams from this source go through the raw socket (when they are IPv4).
+    pub fn is_raw(&self) -> bool {
+        self.raw_from.is_some()
+    }
+
+    /// Reads the socket's address again after it was connected elsewhere (a raw source only):
+    /// connecting can change the local address the kernel picked.
+    pub fn follow(&mut self, socket: &RtpSocket) {
+        if self.raw_from.is_some() {
+            self.raw_from = socket.raw_source();
+        }
+    }
 }
 
 /// Datagrams queued for one batched send, each with the socket it leaves from. Buffers are kept and
@@ -167,10 +205,11 @@ impl Outbox {
 
     /// Queues a datagram that `write` fills in, to be sent from `from` to `dest` (`None`: where
     /// `from` is connected); returns its index. `from`'s socket must stay open until the outbox is
-    /// sent or cleared.
+    /// sent or cleared. A raw source's datagram to an IPv4 `dest` gets its IPv4 and UDP headers
+    /// here; to anywhere else it leaves from the socket itself.
     pub fn push(
         &mut self,
-        from: Source,
+        mut from: Source,
         dest: Option<SocketAddr>,
         write: impl FnOnce(&mut Vec<u8>),
     ) -> usize {
@@ -180,7 +219,17 @@ impl Outbox {
         }
         let buf = &mut self.bufs[i];
         buf.clear();
-        write(buf);
+        match (from.raw_from, dest) {
+            (Some(src), Some(SocketAddr::V4(dst))) => {
+                buf.resize(RAW_HEADERS, 0);
+                write(buf);
+                write_ipv4_udp_headers(src, dst, buf);
+            }
+            _ => {
+                from.raw_from = None;
+                write(buf);
+            }
+        }
         self.sources.push(from);
         self.dests.push(dest);
         i
@@ -192,19 +241,109 @@ impl Outbox {
         self.dests.clear();
     }
 
-    /// The bytes of datagram `i`.
+    /// The bytes of datagram `i` (its UDP payload).
     pub fn datagram(&self, i: usize) -> &[u8] {
-        &self.bufs[i]
+        let skip = if self.sources[i].is_raw() {
+            RAW_HEADERS
+        } else {
+            0
+        };
+        &self.bufs[i][skip..]
     }
 }
 
-/// How the pacer sends: batched through io_uring when the kernel lets it, else one `sendto` each.
-/// In the config (`media.pacer_send`): `"io_uring"` or `"sendto"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
+/// Bytes of the IPv4 header (no options) and the UDP header that a raw datagram carries.
+const RAW_HEADERS: usize = 20 + 8;
+
+/// Fills the first [`RAW_HEADERS`] bytes of `buf` (the UDP payload follows them) with the IPv4 and
+/// UDP headers of a datagram from `src` to `dst`, as a UDP socket's would be: don't-fragment set
+/// (small datagrams, path MTU discovery's default), TTL 64. The kernel fills in the IP header's
+/// total length, identification and checksum (raw(7)); the UDP checksum is ours (RFC 768).
+fn write_ipv4_udp_headers(src: SocketAddrV4, dst: SocketAddrV4, buf: &mut [u8]) {
+    let udp_len = (buf.len() - 20) as u16;
+    let (ip, udp) = buf.split_at_mut(20);
+    ip[..12].copy_from_slice(&[
+        0x45,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0x40,
+        0,
+        64,
+        libc::IPPROTO_UDP as u8,
+        0,
+        0,
+    ]);
+    ip[12..16].copy_from_slice(&src.ip().octets());
+    ip[16..20].copy_from_slice(&dst.ip().octets());
+    udp[0..2].copy_from_slice(&src.port().to_be_bytes());
+    udp[2..4].copy_from_slice(&dst.port().to_be_bytes());
+    udp[4..6].copy_from_slice(&udp_len.to_be_bytes());
+    udp[6..8].copy_from_slice(&[0, 0]);
+    let sum = udp_checksum(*src.ip(), *dst.ip(), udp);
+    udp[6..8].copy_from_slice(&sum.to_be_bytes());
+}
+
+/// The UDP checksum over the IPv4 pseudo-header and `udp` (header with a zero checksum, then the
+/// payload): the ones' complement of the ones' complement sum of 16-bit words; a result of 0 is
+/// sent as 0xFFFF (0 means "no checksum", RFC 768).
+fn udp_checksum(src: std::net::Ipv4Addr, dst: std::net::Ipv4Addr, udp: &[u8]) -> u16 {
+    let pseudo = u64::from(u16::from_be_bytes([0, libc::IPPROTO_UDP as u8]))
+        + udp.len() as u64
+        + u64::from(u16::from_be(ones_sum(&src.octets())))
+        + u64::from(u16::from_be(ones_sum(&dst.octets())));
+    let sum = fold(pseudo + u64::from(u16::from_be(ones_sum(udp))));
+    match !sum {
+        0 => 0xFFFF,
+        c => c,
+    }
+}
+
+/// The ones' complement sum of `bytes` as 16-bit words in the machine's byte order (RFC 1071:
+/// the sum is independent of byte order up to a final swap, so it can take 8 bytes at a time;
+/// a datagram's worth per packet, hence the care).
+fn ones_sum(bytes: &[u8]) -> u16 {
+    let mut acc: u64 = 0;
+    let mut add = |v: u64| {
+        let (s, carry) = acc.overflowing_add(v);
+        acc = s + u64::from(carry);
+    };
+    let mut chunks = bytes.chunks_exact(8);
+    for c in &mut chunks {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(c);
+        add(u64::from_ne_bytes(w));
+    }
+    let mut words = chunks.remainder().chunks_exact(2);
+    for w in &mut words {
+        add(u64::from(u16::from_ne_bytes([w[0], w[1]])));
+    }
+    if let [last] = words.remainder() {
+        // The odd byte is the high half of a last word padded with zero (in network order).
+        add(u64::from(u16::from_ne_bytes([*last, 0])));
+    }
+    fold(acc)
+}
+
+/// Folds a 64-bit ones' complement sum to 16 bits.
+fn fold(mut sum: u64) -> u16 {
+    while sum > 0xFFFF {
+        sum = (sum & 0xFFFF) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// How the pacer sends: batched through io_uring when the kernel lets it, else one `sendto` each;
+/// or, where the node may open a raw socket, with the headers written by us and `sendmmsg`.
+/// In the config (`media.pacer_send`): `"io_uring"`, `"sendto"` or `"raw"`. Ordered from the
+/// fallback up: a sender that cannot set up its path takes the next one down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum SendPath {
-    IoUring,
     Sendto,
+    IoUring,
+    Raw,
 }
 
 impl std::fmt::Display for SendPath {
@@ -214,6 +353,34 @@ impl std::fmt::Display for SendPath {
                 write!(f, "io_uring, up to {URING_BATCH} datagrams per system call")
             }
             SendPath::Sendto => f.write_str("one sendto per datagram"),
+            SendPath::Raw => write!(
+                f,
+                "a raw IPv4 socket, up to {RAW_BATCH} datagrams per sendmmsg, each from its call's port"
+            ),
+        }
+    }
+}
+
+/// Read from the config as its name ([`SendPath::from_str`]'s spelling, and its error).
+impl<'de> serde::Deserialize<'de> for SendPath {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<SendPath, D::Error> {
+        let name = String::deserialize(d)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl std::str::FromStr for SendPath {
+    type Err = String;
+
+    /// The config's spelling: `io_uring`, `sendto` or `raw`.
+    fn from_str(s: &str) -> Result<SendPath, String> {
+        match s {
+            "io_uring" => Ok(SendPath::IoUring),
+            "sendto" => Ok(SendPath::Sendto),
+            "raw" => Ok(SendPath::Raw),
+            other => Err(format!(
+                "unknown send path {other:?}: expected io_uring, sendto or raw"
+            )),
         }
     }
 }
@@ -225,29 +392,56 @@ pub const URING_BATCH: usize = 256;
 /// a single issuer).
 pub struct BatchSender {
     uring: Option<Uring>,
+    raw: Option<RawSender>,
 }
 
 impl BatchSender {
-    /// A sender on `wanted`'s path; io_uring falls back to `sendto` if it cannot be set up, with the
-    /// reason.
+    /// A sender on `wanted`'s path; a path that cannot be set up falls back to the next one down
+    /// (raw to io_uring, io_uring to `sendto`), with the reason.
     pub fn new(wanted: SendPath) -> (BatchSender, Option<io::Error>) {
-        match wanted {
-            SendPath::Sendto => (BatchSender { uring: None }, None),
-            SendPath::IoUring => match Uring::new() {
-                Ok(u) => (BatchSender { uring: Some(u) }, None),
-                Err(e) => (BatchSender { uring: None }, Some(e)),
-            },
+        let mut why = None;
+        if wanted == SendPath::Raw {
+            match RawSender::new() {
+                Ok(raw) => {
+                    let sender = BatchSender {
+                        uring: None,
+                        raw: Some(raw),
+                    };
+                    return (sender, None);
+                }
+                Err(e) => why = Some(e),
+            }
         }
+        if wanted >= SendPath::IoUring {
+            match Uring::new() {
+                Ok(u) => {
+                    let sender = BatchSender {
+                        uring: Some(u),
+                        raw: None,
+                    };
+                    return (sender, why);
+                }
+                Err(e) => why = why.or(Some(e)),
+            }
+        }
+        let sender = BatchSender {
+            uring: None,
+            raw: None,
+        };
+        (sender, why)
     }
 
     /// Registers `socket` with the ring, so that its datagrams skip the descriptor lookup: the
     /// returned source names its slot, or only its descriptor when there is no ring, no table, or
     /// no free slot. The registration keeps the socket open until [`BatchSender::unregister`].
+    /// With a raw socket, the returned source names the socket's address instead, when it has a
+    /// specific IPv4 one (nothing to register).
     pub fn register(&mut self, socket: &RtpSocket) -> Source {
         let fd = socket.raw_fd();
         Source {
             fd,
             slot: self.uring.as_mut().and_then(|u| u.register(fd)),
+            raw_from: self.raw.as_ref().and_then(|_| socket.raw_source()),
         }
     }
 
@@ -260,6 +454,9 @@ impl BatchSender {
 
     /// What the ring uses, for the log: "IORING_OP_SEND with addresses, registered files".
     pub fn details(&self) -> String {
+        if self.raw.is_some() {
+            return "sendmmsg on an IPPROTO_RAW socket".into();
+        }
         match &self.uring {
             None => "sendto".into(),
             Some(u) => format!(
@@ -279,7 +476,9 @@ impl BatchSender {
     }
 
     pub fn path(&self) -> SendPath {
-        if self.uring.is_some() {
+        if self.raw.is_some() {
+            SendPath::Raw
+        } else if self.uring.is_some() {
             SendPath::IoUring
         } else {
             SendPath::Sendto
@@ -290,6 +489,9 @@ impl BatchSender {
     /// left. A datagram the kernel refuses (full buffer, ICMP error) is dropped: streams keep their
     /// timing. Returns how many were refused.
     pub fn send(&mut self, out: &Outbox, mut sent: impl FnMut(Range<usize>, Instant)) -> usize {
+        if let Some(raw) = self.raw.as_mut() {
+            return raw.send(out, sent);
+        }
         let mut start = 0;
         let mut refused = 0;
         while start < out.len() {
@@ -323,6 +525,147 @@ impl BatchSender {
             sent(i..i + 1, Instant::now());
         }
         refused
+    }
+}
+
+/// Most datagrams one `sendmmsg` on the raw socket carries.
+pub const RAW_BATCH: usize = 256;
+
+/// A send-only raw IPv4 socket (`IPPROTO_RAW`: we write the IP header, and it receives nothing)
+/// and the arguments of one `sendmmsg`.
+struct RawSender {
+    fd: std::os::fd::OwnedFd,
+    headers: Vec<libc::mmsghdr>,
+    iovecs: Vec<libc::iovec>,
+    addrs: Vec<libc::sockaddr_in6>,
+}
+
+impl RawSender {
+    fn new() -> io::Result<RawSender> {
+        // SAFETY: a plain system call; the descriptor is checked before use.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_INET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                libc::IPPROTO_RAW,
+            )
+        };
+        if fd < 0 {
+            let e = io::Error::last_os_error();
+            return Err(io::Error::new(
+                e.kind(),
+                format!("cannot open a raw socket (it needs CAP_NET_RAW): {e}"),
+            ));
+        }
+        // SAFETY: `fd` was just opened and nothing else owns it.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        // One socket carries every stream of the thread: a phase's batch (hundreds of datagrams
+        // while a slow link drains) must fit in its send buffer, as it did in the streams' own.
+        // Past `net.core.wmem_max` only with CAP_NET_ADMIN; otherwise as much as allowed.
+        let want: libc::c_int = 8 << 20;
+        for opt in [libc::SO_SNDBUFFORCE, libc::SO_SNDBUF] {
+            // SAFETY: the option value is a c_int that outlives the call.
+            let set = unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    opt,
+                    &want as *const libc::c_int as *const libc::c_void,
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if set == 0 {
+                break;
+            }
+        }
+        // SAFETY: mmsghdr, iovec and sockaddr_in6 are plain C structs for which all-zero bytes
+        // are valid.
+        Ok(RawSender {
+            fd,
+            headers: vec![unsafe { std::mem::zeroed() }; RAW_BATCH],
+            iovecs: vec![unsafe { std::mem::zeroed() }; RAW_BATCH],
+            addrs: vec![unsafe { std::mem::zeroed() }; RAW_BATCH],
+        })
+    }
+
+    /// Sends the outbox in order: runs of raw datagrams with `sendmmsg` (up to [`RAW_BATCH`] a
+    /// call), the others with one `sendto` each. A datagram the kernel refuses is dropped and
+    /// counted, and the batch goes on after it.
+    fn send(&mut self, out: &Outbox, mut sent: impl FnMut(Range<usize>, Instant)) -> usize {
+        let mut refused = 0;
+        let mut i = 0;
+        while i < out.len() {
+            if !out.sources[i].is_raw() {
+                if send_to(out.sources[i].fd, &out.bufs[i], out.dests[i]).is_err() {
+                    refused += 1;
+                }
+                sent(i..i + 1, Instant::now());
+                i += 1;
+                continue;
+            }
+            let mut end = i;
+            while end < out.len() && end - i < RAW_BATCH && out.sources[end].is_raw() {
+                end += 1;
+            }
+            let mut start = i;
+            while start < end {
+                match self.send_batch(out, start..end) {
+                    Ok(n) => start += n,
+                    Err(_) => {
+                        // The first of them was refused (full buffer, no route, a firewall).
+                        refused += 1;
+                        start += 1;
+                    }
+                }
+            }
+            sent(i..end, Instant::now());
+            i = end;
+        }
+        refused
+    }
+
+    /// One `sendmmsg` of `range` (raw datagrams, at most [`RAW_BATCH`]): how many left, at least
+    /// one, or the error that refused the first.
+    fn send_batch(&mut self, out: &Outbox, range: Range<usize>) -> io::Result<usize> {
+        let n = range.len();
+        for (j, i) in range.enumerate() {
+            let len = match out.dests[i] {
+                Some(dest) => write_sockaddr(dest, &mut self.addrs[j]),
+                None => 0,
+            };
+            let buf = &out.bufs[i];
+            self.iovecs[j] = libc::iovec {
+                iov_base: buf.as_ptr() as *mut libc::c_void,
+                iov_len: buf.len(),
+            };
+            let h = &mut self.headers[j].msg_hdr;
+            h.msg_name = &mut self.addrs[j] as *mut libc::sockaddr_in6 as *mut libc::c_void;
+            h.msg_namelen = len;
+            h.msg_iov = &mut self.iovecs[j];
+            h.msg_iovlen = 1;
+            h.msg_control = std::ptr::null_mut();
+            h.msg_controllen = 0;
+            h.msg_flags = 0;
+        }
+        loop {
+            // SAFETY: the first `n` headers point at iovecs, addresses and buffers that live
+            // until the call returns (`out` is borrowed for it, our arrays are never resized).
+            let sent = unsafe {
+                libc::sendmmsg(
+                    self.fd.as_raw_fd(),
+                    self.headers.as_mut_ptr(),
+                    n as libc::c_uint,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if sent > 0 {
+                return Ok(sent as usize);
+            }
+            let e = io::Error::last_os_error();
+            if sent == 0 || e.raw_os_error() != Some(libc::EINTR) {
+                return Err(e);
+            }
+        }
     }
 }
 
@@ -615,7 +958,7 @@ fn write_sockaddr(addr: SocketAddr, out: &mut libc::sockaddr_in6) -> libc::sockl
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::collections::HashMap;
     use std::sync::Arc;
@@ -641,6 +984,7 @@ mod tests {
             // The fallback is what runs here; it is tested below as well.
             eprintln!("io_uring unavailable here ({why:?}); testing the sendto path");
         }
+        expect_raw_where_allowed(path, sender.path(), &why);
         // More than one ring's worth, so a batch is split.
         let count = URING_BATCH + URING_BATCH / 2 + 3;
         let mut out = Outbox::default();
@@ -650,6 +994,12 @@ mod tests {
         if sender.path() == SendPath::Sendto {
             assert!(registered.iter().all(|r| r.slot.is_none()));
         }
+        // A raw sender writes the headers of every registered (IPv4, bound to 127.0.0.1) socket's
+        // datagrams; those sent by descriptor leave from the socket itself, in the same batch.
+        assert_eq!(
+            registered.iter().all(|r| r.is_raw()),
+            sender.path() == SendPath::Raw
+        );
         let mut from = HashMap::new();
         for i in 0..count {
             let k = i % senders.len();
@@ -755,6 +1105,101 @@ mod tests {
         every_datagram_arrives_once_from_its_socket(SendPath::Sendto, false).await;
     }
 
+    #[tokio::test]
+    async fn raw_socket_batches_send_every_datagram_once_from_its_own_port() {
+        every_datagram_arrives_once_from_its_socket(SendPath::Raw, false).await;
+    }
+
+    /// Where the process may open a raw socket (root, as in CI, or CAP_NET_RAW) a raw sender must
+    /// be one; elsewhere the fallback runs and the test says so, naming the reason.
+    pub(crate) fn expect_raw_where_allowed(
+        asked: SendPath,
+        got: SendPath,
+        why: &Option<io::Error>,
+    ) {
+        if asked != SendPath::Raw {
+            return;
+        }
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            assert_eq!(got, SendPath::Raw, "root may open a raw socket: {why:?}");
+        } else if got != SendPath::Raw {
+            eprintln!("no raw socket here ({why:?}); testing the {got:?} fallback");
+        }
+    }
+
+    /// RFC 768's sum, one big-endian word at a time, as the RFC states it.
+    fn checksum_by_the_book(src: std::net::Ipv4Addr, dst: std::net::Ipv4Addr, udp: &[u8]) -> u16 {
+        let mut bytes = [src.octets(), dst.octets()].concat();
+        bytes.extend_from_slice(&[0, 17]);
+        bytes.extend_from_slice(&(udp.len() as u16).to_be_bytes());
+        bytes.extend_from_slice(udp);
+        if bytes.len() % 2 == 1 {
+            bytes.push(0);
+        }
+        let mut sum: u32 = 0;
+        for w in bytes.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([w[0], w[1]]));
+            sum = (sum & 0xFFFF) + (sum >> 16);
+        }
+        match !(sum as u16) {
+            0 => 0xFFFF,
+            c => c,
+        }
+    }
+
+    proptest::proptest! {
+        /// The checksum taken 8 bytes at a time equals the one taken word by word, for any
+        /// addresses and any datagram, odd lengths included.
+        #[test]
+        fn the_fast_udp_checksum_is_rfc_768s(
+            src: [u8; 4],
+            dst: [u8; 4],
+            udp in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+        ) {
+            let (src, dst) = (src.into(), dst.into());
+            proptest::prop_assert_eq!(
+                udp_checksum(src, dst, &udp),
+                checksum_by_the_book(src, dst, &udp)
+            );
+        }
+    }
+
+    /// A raw datagram's headers are a UDP socket's: checked against a datagram whose checksum
+    /// was worked out by hand (RFC 768 over the pseudo-header, 127.0.0.1:4000 to 127.0.0.1:5000).
+    #[test]
+    fn raw_headers_carry_the_ports_lengths_and_a_valid_udp_checksum() {
+        let src: SocketAddrV4 = "127.0.0.1:4000".parse().unwrap();
+        let dst: SocketAddrV4 = "127.0.0.1:5000".parse().unwrap();
+        let socket = RtpSocket::bind(SocketAddr::V4(src))
+            .unwrap_or_else(|_| RtpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap());
+        let mut from = socket.source();
+        from.raw_from = Some(src);
+        let mut out = Outbox::default();
+        out.push(from, Some(SocketAddr::V4(dst)), |b| {
+            b.extend_from_slice(b"abc")
+        });
+        let d = &out.bufs[0];
+        assert_eq!(out.datagram(0), b"abc");
+        assert_eq!(d.len(), RAW_HEADERS + 3);
+        assert_eq!(&d[..4], &[0x45, 0, 0, 0]);
+        assert_eq!(d[6], 0x40, "don't fragment");
+        assert_eq!(d[9], 17, "UDP");
+        assert_eq!(&d[12..20], &[127, 0, 0, 1, 127, 0, 0, 1]);
+        // Source port 4000 (0x0FA0), destination 5000 (0x1388), length 8 + 3 = 11.
+        assert_eq!(&d[20..26], &[0x0F, 0xA0, 0x13, 0x88, 0, 11]);
+        // Pseudo-header 7F00+0001+7F00+0001+0011+000B, header 0FA0+1388+000B, payload
+        // 6162+6300: 0x1_E5B3, folded 0xE5B4, complemented 0x1A4B.
+        assert_eq!(&d[26..28], &[0x1A, 0x4B]);
+        // Summed with its checksum, the datagram folds to all ones: what a receiver checks.
+        assert_eq!(udp_checksum(*src.ip(), *dst.ip(), &d[20..]), 0xFFFF);
+        // An IPv6 destination, or none, leaves from the socket itself.
+        out.clear();
+        out.push(from, None, |b| b.extend_from_slice(b"abc"));
+        assert!(!out.sources[0].is_raw());
+        assert_eq!(out.datagram(0), b"abc");
+    }
+
     /// A flood of datagrams does not keep the other tasks of the reader's thread from running:
     /// each datagram read takes from the reader task's cooperative budget. (The test runtime has
     /// one thread; the reader is spawned first, so without the budget it would read the whole
@@ -826,6 +1271,9 @@ mod tests {
         assert_eq!(sender.path() == SendPath::Sendto, why.is_some());
         let (sender, why) = BatchSender::new(SendPath::Sendto);
         assert_eq!(sender.path(), SendPath::Sendto);
+        let (sender, why_not_raw) = BatchSender::new(SendPath::Raw);
+        expect_raw_where_allowed(SendPath::Raw, sender.path(), &why_not_raw);
+        assert_eq!(sender.path() == SendPath::Raw, why_not_raw.is_none());
         assert!(why.is_none());
     }
 
