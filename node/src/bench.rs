@@ -247,6 +247,12 @@ pub async fn pacer_run(
     for (task, ..) in listeners {
         task.abort();
     }
+    // The pacer threads close the streams' sockets as they drop them, at their next phase; the
+    // next row binds as many again, against the same open-file limit.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pacer.active_streams() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     Ok(MediaRow {
         streams: n,
         packets_per_s: packets as f64 / wall,
