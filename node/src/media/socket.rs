@@ -531,6 +531,11 @@ impl BatchSender {
 /// Most datagrams one `sendmmsg` on the raw socket carries.
 pub const RAW_BATCH: usize = 256;
 
+/// How long the raw sender waits for room in its socket's buffer before it drops a datagram: the
+/// one socket carries all of its thread's streams, so a full buffer is a slow link draining, not
+/// one callee.
+const RAW_FULL_WAIT: Duration = Duration::from_millis(2);
+
 /// A send-only raw IPv4 socket (`IPPROTO_RAW`: we write the IP header, and it receives nothing)
 /// and the arguments of one `sendmmsg`.
 struct RawSender {
@@ -561,7 +566,8 @@ impl RawSender {
         let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         // One socket carries every stream of the thread: a phase's batch (hundreds of datagrams
         // while a slow link drains) must fit in its send buffer, as it did in the streams' own.
-        // Past `net.core.wmem_max` only with CAP_NET_ADMIN; otherwise as much as allowed.
+        // Past `net.core.wmem_max` only with CAP_NET_ADMIN; otherwise as much as that allows
+        // (and a full buffer makes the sender wait for room, see `RAW_FULL_WAIT`).
         let want: libc::c_int = 8 << 20;
         for opt in [libc::SO_SNDBUFFORCE, libc::SO_SNDBUF] {
             // SAFETY: the option value is a c_int that outlives the call.
@@ -608,13 +614,24 @@ impl RawSender {
                 end += 1;
             }
             let mut start = i;
+            let mut waited = false;
             while start < end {
                 match self.send_batch(out, start..end) {
-                    Ok(n) => start += n,
+                    Ok(n) => {
+                        start += n;
+                        waited = false;
+                    }
+                    // The socket's buffer is full (the NIC drains it more slowly than a phase
+                    // fills it): wait a moment for room, once, rather than drop the datagram.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock && !waited => {
+                        self.wait_writable(RAW_FULL_WAIT);
+                        waited = true;
+                    }
                     Err(_) => {
-                        // The first of them was refused (full buffer, no route, a firewall).
+                        // The first of them was refused (still no room, no route, a firewall).
                         refused += 1;
                         start += 1;
+                        waited = false;
                     }
                 }
             }
@@ -622,6 +639,17 @@ impl RawSender {
             i = end;
         }
         refused
+    }
+
+    /// Waits until the socket has room to send, at most `limit`.
+    fn wait_writable(&self, limit: Duration) {
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        unsafe { libc::poll(&mut pfd, 1, limit.as_millis() as libc::c_int) };
     }
 
     /// One `sendmmsg` of `range` (raw datagrams, at most [`RAW_BATCH`]): how many left, at least
