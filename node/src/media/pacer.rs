@@ -294,7 +294,7 @@ impl Pacer {
             (SendPath::Raw, _, Some(why)) if running < SendPath::Raw => tracing::warn!(
                 error = %why,
                 "RTP pacer: {threads} threads; pacer_send = \"raw\" cannot open a raw socket, so \
-                 it sends with {running} instead ({details})"
+                 they send with {running} instead ({details})"
             ),
             (_, SendPath::Sendto, _) => {
                 tracing::info!("RTP pacer: {threads} threads sending with {running}")
