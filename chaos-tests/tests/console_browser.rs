@@ -231,6 +231,11 @@ async fn an_operator_composes_a_second_approves_the_city_is_called_and_the_count
         .wait_for_text("main", "healthy", Duration::from_secs(10))
         .await
         .unwrap();
+    // Its trunk answers: the node dials, with the channels it offers.
+    browser
+        .wait_for_text("table", "yes, ", Duration::from_secs(10))
+        .await
+        .unwrap();
     browser.screenshot("console-cluster").await.unwrap();
 
     // The audit log names the people: composed by one, approved by the other.

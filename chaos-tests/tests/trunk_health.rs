@@ -128,4 +128,17 @@ fn a_node_whose_carrier_is_dead_leaves_its_citizens_to_the_other_data_centre() {
         held[0] <= 1 && held[1] >= 255,
         "leases held (A, B): {held:?}"
     );
+    // The cluster view tells the SRE why: node A offers no channels, node B its own.
+    let v = cluster_view(&node_b).unwrap();
+    let capacity = |id: u64| {
+        v["members"]
+            .as_array()
+            .and_then(|ms| ms.iter().find(|m| m["id"] == id))
+            .map(|m| m["capacity"].clone())
+    };
+    assert_eq!(capacity(1), Some(json!(0)), "{v}");
+    assert!(
+        capacity(2).and_then(|c| c.as_u64()).is_some_and(|c| c > 0),
+        "{v}"
+    );
 }

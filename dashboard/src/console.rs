@@ -1085,6 +1085,17 @@ async fn campaign_report(
 
 // ---- cluster ----
 
+/// Whether a member dials, from the capacity of its last heartbeat: the cluster page's and
+/// `campanile cluster status`'s wording. 0 is what a node whose trunk is down (its OPTIONS pings
+/// unanswered) or that is stopping says; the others then dial its partitions.
+pub fn dialling(capacity: Option<u64>) -> String {
+    match capacity {
+        Some(0) => "NO: trunk down or stopping".into(),
+        Some(n) => format!("yes, {n} channels"),
+        None => "—".into(),
+    }
+}
+
 #[derive(Template)]
 #[template(path = "cluster.html")]
 struct ClusterPage {
@@ -1123,6 +1134,7 @@ async fn cluster_page(State(engine): State<AppState>, Console(who): Console) -> 
                                 serde_json::Value::String(s) => s.clone(),
                                 other => other.to_string(),
                             })
+                            .chain([dialling(m["capacity"].as_u64())])
                             .collect()
                         })
                         .collect()

@@ -1113,6 +1113,7 @@ fn schemas() -> Value {
             "leases": uint(),
             "heartbeat_age_ms": nullable(uint()),
             "channels_in_use": nullable(json!({ "type": "integer", "minimum": 0, "description": "Calls in progress at its last heartbeat" })),
+            "capacity": nullable(json!({ "type": "integer", "minimum": 0, "description": "Trunk channels it offered at its last heartbeat; 0: it is not dialling (its trunk is down, or it is stopping), and the others dial its partitions" })),
         })),
         "Cluster": exact(json!({
             "node": uint(),

@@ -197,7 +197,16 @@ pub fn render_status(v: &Value) -> String {
         cell(&v["term"]),
         cell(&v["node"]),
     );
-    let header = ["ID", "DATACENTER", "ROLE", "RAFT", "HTTP", "APPLIED", "LAG"];
+    let header = [
+        "ID",
+        "DATACENTER",
+        "ROLE",
+        "RAFT",
+        "HTTP",
+        "APPLIED",
+        "LAG",
+        "DIALLING",
+    ];
     let mut rows = vec![header.map(str::to_string).to_vec()];
     for m in v["members"].as_array().into_iter().flatten() {
         rows.push(vec![
@@ -208,6 +217,7 @@ pub fn render_status(v: &Value) -> String {
             cell(&m["http_addr"]),
             cell(&m["applied_index"]),
             cell(&m["lag"]),
+            campanile_dashboard::console::dialling(m["capacity"].as_u64()),
         ]);
     }
     let widths: Vec<usize> = (0..header.len())
@@ -343,12 +353,16 @@ mod tests {
                 {"id": 1, "datacenter": "dc-a", "role": "leader", "raft_addr": "127.0.0.1:7001",
                  "http_addr": "127.0.0.1:8001", "applied_index": 10, "lag": 0},
                 {"id": 2, "datacenter": "dc-b", "role": "follower", "raft_addr": "127.0.0.1:7002",
-                 "http_addr": null, "applied_index": 9, "lag": null}
+                 "http_addr": null, "applied_index": 9, "lag": null, "capacity": 0}
             ]
         });
         let t = render_status(&v);
         assert!(t.starts_with("leader: node 1   term: 3"), "{t}");
         assert!(t.contains("dc-b"), "{t}");
+        // Node 1 has sent no capacity yet; node 2 said 0: its trunk is down or it is stopping.
+        let row = |id: &str| t.lines().find(|l| l.starts_with(id)).unwrap_or_default();
+        assert!(row("1 ").trim_end().ends_with('—'), "{t}");
+        assert!(row("2 ").contains("NO: trunk down or stopping"), "{t}");
         assert_eq!(t.lines().count(), 4, "{t}");
     }
 }

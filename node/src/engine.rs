@@ -70,6 +70,9 @@ impl NodeEngine {
         let heartbeats: std::collections::BTreeMap<u64, u64> = self
             .cluster
             .read(|s| s.heartbeats().map(|(n, t)| (n.0, t)).collect());
+        let capacities: std::collections::BTreeMap<u64, u32> = self
+            .cluster
+            .read(|s| s.capacities().map(|(n, c)| (n.0, c)).collect());
         let leases: std::collections::BTreeMap<u64, usize> = self.cluster.read(|s| {
             let mut m = std::collections::BTreeMap::new();
             for (_, l) in s.leases().filter(|(_, l)| l.expires_ms > now) {
@@ -106,6 +109,7 @@ impl NodeEngine {
                     "leases": leases.get(&id).copied().unwrap_or(0),
                     "heartbeat_age_ms": heartbeats.get(&id).map(|t| now.saturating_sub(*t)),
                     "channels_in_use": channels.get(&id).copied(),
+                    "capacity": capacities.get(&id).copied(),
                 })
             })
             .collect();
