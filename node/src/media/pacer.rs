@@ -309,7 +309,8 @@ impl Pacer {
 }
 
 impl PacerHandle {
-    /// How the pacer threads send (`Sendto` if any of them could not set up io_uring).
+    /// How the pacer threads send: the slowest path any of them runs (a thread that could not set
+    /// up the path asked for runs the next one down).
     pub fn send_path(&self) -> SendPath {
         self.path
     }
@@ -507,10 +508,11 @@ fn run(rx: mpsc::Receiver<Stream>, shared: &Shared, mut sender: BatchSender) {
     }
 }
 
-/// Registers a new stream's sockets with the sender (a no-op without io_uring).
+/// Registers a new stream's sockets with the sender (with io_uring: a slot in its file table; with
+/// a raw socket: the address its headers name; otherwise nothing).
 /// Registering costs two system calls per stream (in and out), saving one descriptor lookup per
 /// packet: worth it for a message, not for a stream of a few frames (a call setup's empty stream),
-/// nor for RTCP, one packet every 5 s.
+/// nor for RTCP, one packet every 5 s; those send from their own sockets.
 fn register(s: &mut Stream, sender: &mut BatchSender) {
     s.connected = s.req.socket.peer() == Some(s.dest);
     if s.req.frames.len().saturating_sub(s.next) > REGISTER_FROM_FRAMES {

@@ -661,19 +661,13 @@ impl RawSender {
                 Some(dest) => write_sockaddr(dest, &mut self.addrs[j]),
                 None => 0,
             };
-            let buf = &out.bufs[i];
-            self.iovecs[j] = libc::iovec {
-                iov_base: buf.as_ptr() as *mut libc::c_void,
-                iov_len: buf.len(),
-            };
-            let h = &mut self.headers[j].msg_hdr;
-            h.msg_name = &mut self.addrs[j] as *mut libc::sockaddr_in6 as *mut libc::c_void;
-            h.msg_namelen = len;
-            h.msg_iov = &mut self.iovecs[j];
-            h.msg_iovlen = 1;
-            h.msg_control = std::ptr::null_mut();
-            h.msg_controllen = 0;
-            h.msg_flags = 0;
+            point_msghdr(
+                &mut self.headers[j].msg_hdr,
+                &mut self.iovecs[j],
+                &out.bufs[i],
+                &mut self.addrs[j] as *mut libc::sockaddr_in6 as *mut libc::c_void,
+                len,
+            );
         }
         loop {
             // SAFETY: the first `n` headers point at iovecs, addresses and buffers that live
@@ -844,18 +838,14 @@ impl Uring {
                 .flags(libc::MSG_DONTWAIT)
                 .build()
             } else {
-                self.iovecs[j] = libc::iovec {
-                    iov_base: buf.as_ptr() as *mut libc::c_void,
-                    iov_len: buf.len(),
-                };
                 let h = &mut self.headers[j];
-                h.msg_name = addr as *mut libc::c_void;
-                h.msg_namelen = addr_len;
-                h.msg_iov = &mut self.iovecs[j];
-                h.msg_iovlen = 1;
-                h.msg_control = std::ptr::null_mut();
-                h.msg_controllen = 0;
-                h.msg_flags = 0;
+                point_msghdr(
+                    h,
+                    &mut self.iovecs[j],
+                    buf,
+                    addr as *mut libc::c_void,
+                    addr_len,
+                );
                 match out.sources[i].slot {
                     Some(Slot(k)) => opcode::SendMsg::new(types::Fixed(k), h),
                     None => opcode::SendMsg::new(types::Fd(out.sources[i].fd), h),
@@ -898,6 +888,28 @@ impl Uring {
         }
         Ok(refused)
     }
+}
+
+/// Points `h` at one datagram, `buf` (through `iov`), sent to `name` (null with length 0: where
+/// the socket is connected). The pointers must stay valid until the kernel has read them.
+fn point_msghdr(
+    h: &mut libc::msghdr,
+    iov: &mut libc::iovec,
+    buf: &[u8],
+    name: *mut libc::c_void,
+    name_len: libc::socklen_t,
+) {
+    *iov = libc::iovec {
+        iov_base: buf.as_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    h.msg_name = name;
+    h.msg_namelen = name_len;
+    h.msg_iov = iov;
+    h.msg_iovlen = 1;
+    h.msg_control = std::ptr::null_mut();
+    h.msg_controllen = 0;
+    h.msg_flags = 0;
 }
 
 /// Whether `e` is how a connected UDP socket reports an ICMP error for an earlier datagram (port
