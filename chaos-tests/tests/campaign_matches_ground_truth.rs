@@ -368,13 +368,20 @@ fn campaign_sending_with(dir: &std::path::Path, path: &str, says: &str) -> (Node
 /// the shipped alert rules query.
 fn pacer_metrics_and_alert_series_are_exported(node: &NodeProc) {
     // The pacer's figures in the metrics, valid for promtool: every packet sent counted once in
-    // the lateness histogram, nothing playing any more.
-    let metrics = node.text("/metrics").unwrap();
-    let value = |name: &str| -> f64 {
+    // the lateness histogram, and nothing playing once the pacer has dropped the calls' stopped
+    // streams (at each one's next phase, on a busy machine a moment after the campaign completes).
+    let read = |metrics: &str, name: &str| -> Option<f64> {
         metrics
             .lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+    };
+    let metrics = wait_for("the calls' streams to end", Duration::from_secs(60), || {
+        let m = node.text("/metrics").ok()?;
+        (read(&m, "campanile_rtp_streams")? == 0.0).then_some(m)
+    })
+    .unwrap();
+    let value = |name: &str| -> f64 {
+        read(&metrics, name).unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
     };
     let sent = value("campanile_rtp_packets_sent_total");
     // 20 calls, each heard for at least 3 s (150 packets) before its phone pressed 1.
