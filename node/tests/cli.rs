@@ -158,9 +158,14 @@ fn raw_sending_without_cap_net_raw_says_why_and_falls_back_to_io_uring() {
         String::from_utf8_lossy(&out.stderr),
     );
     assert!(out.status.success(), "{stdout}{stderr}");
+    // Logged plainly, as journald stores it: the reason is a greppable `error=` field.
     assert!(
-        stderr.contains("cannot open a raw socket (it needs CAP_NET_RAW)"),
+        stderr.contains("error=cannot open a raw socket (it needs CAP_NET_RAW)"),
         "no reason given: {stderr}"
+    );
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "colour codes in a log that is not a terminal"
     );
     let row = stdout
         .lines()
