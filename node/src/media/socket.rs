@@ -241,6 +241,11 @@ impl Outbox {
         self.dests.clear();
     }
 
+    /// Sends datagram `i` with one `sendto` from its own socket; false if the kernel refused it.
+    fn send_alone(&self, i: usize) -> bool {
+        send_to(self.sources[i].fd, &self.bufs[i], self.dests[i]).is_ok()
+    }
+
     /// The bytes of datagram `i` (its UDP payload).
     pub fn datagram(&self, i: usize) -> &[u8] {
         let skip = if self.sources[i].is_raw() {
@@ -519,9 +524,7 @@ impl BatchSender {
             start = end;
         }
         for i in start..out.len() {
-            if send_to(out.sources[i].fd, &out.bufs[i], out.dests[i]).is_err() {
-                refused += 1;
-            }
+            refused += usize::from(!out.send_alone(i));
             sent(i..i + 1, Instant::now());
         }
         refused
@@ -531,9 +534,9 @@ impl BatchSender {
 /// Most datagrams one `sendmmsg` on the raw socket carries.
 pub const RAW_BATCH: usize = 256;
 
-/// How long the raw sender waits for room in its socket's buffer before it drops a datagram: the
-/// one socket carries all of its thread's streams, so a full buffer is a slow link draining, not
-/// one callee.
+/// How long the raw sender waits, at most once a phase, for room in its socket's buffer before it
+/// drops datagrams: the one socket carries all of its thread's streams, so a full buffer is a slow
+/// link draining, not one callee.
 const RAW_FULL_WAIT: Duration = Duration::from_millis(2);
 
 /// A send-only raw IPv4 socket (`IPPROTO_RAW`: we write the IP header, and it receives nothing)
@@ -599,12 +602,13 @@ impl RawSender {
     /// counted, and the batch goes on after it.
     fn send(&mut self, out: &Outbox, mut sent: impl FnMut(Range<usize>, Instant)) -> usize {
         let mut refused = 0;
+        // At most one wait for room per outbox (one phase): a buffer that stays full drops
+        // datagrams rather than hold every stream of the thread back.
+        let mut waited = false;
         let mut i = 0;
         while i < out.len() {
             if !out.sources[i].is_raw() {
-                if send_to(out.sources[i].fd, &out.bufs[i], out.dests[i]).is_err() {
-                    refused += 1;
-                }
+                refused += usize::from(!out.send_alone(i));
                 sent(i..i + 1, Instant::now());
                 i += 1;
                 continue;
@@ -614,13 +618,9 @@ impl RawSender {
                 end += 1;
             }
             let mut start = i;
-            let mut waited = false;
             while start < end {
                 match self.send_batch(out, start..end) {
-                    Ok(n) => {
-                        start += n;
-                        waited = false;
-                    }
+                    Ok(n) => start += n,
                     // The socket's buffer is full (the NIC drains it more slowly than a phase
                     // fills it): wait a moment for room, once, rather than drop the datagram.
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock && !waited => {
@@ -631,7 +631,6 @@ impl RawSender {
                         // The first of them was refused (still no room, no route, a firewall).
                         refused += 1;
                         start += 1;
-                        waited = false;
                     }
                 }
             }
