@@ -336,7 +336,9 @@ pub async fn place_call_with(
         channel: &mut channel,
         hooks,
     };
-    let answered = match call.invite_phase(invite, &parts, &mut abort).await {
+    // Each phase's state lives in a box of its own while it runs: the call's future, which the
+    // dialer spawns (copying it into its task), stays small.
+    let answered = match Box::pin(call.invite_phase(invite, &parts, &mut abort)).await {
         Ok(a) => a,
         Err(outcome) => return outcome,
     };
@@ -346,7 +348,7 @@ pub async fn place_call_with(
         sdp_session,
         sdp_version: sdp_session,
     };
-    call.media_phase(answered, media, &mut abort, None).await
+    Box::pin(call.media_phase(answered, media, &mut abort, None)).await
 }
 
 /// How long a takeover waits for the callee to accept our re-INVITE before giving the call up.
@@ -536,8 +538,7 @@ pub async fn resume_call(
         sdp_session,
         sdp_version: sdp_session,
     };
-    call.media_phase(answered, media, &mut abort, Some(rtp))
-        .await
+    Box::pin(call.media_phase(answered, media, &mut abort, Some(rtp))).await
 }
 
 /// The Route header value for an outbound proxy given as a SIP URI or host:port: loose routing.
@@ -609,7 +610,7 @@ impl InviteParts {
         spec: &CallSpec,
         target: Option<&str>,
         cseq: u32,
-        auth: Option<(&str, String)>,
+        auth: Option<(&'static str, String)>,
     ) -> Result<Request, message::ParseError> {
         let to_uri = self.request_uri(spec);
         let uri = target.map(str::to_string).unwrap_or_else(|| to_uri.clone());
@@ -732,13 +733,13 @@ impl Call<'_> {
     /// INVITE until a final response, CANCEL on ring timeout (RFC 3261 §9.1: only after a provisional).
     async fn invite_phase(
         &mut self,
-        mut invite: Request,
+        invite: Request,
         parts: &InviteParts,
         abort: &mut watch::Receiver<bool>,
     ) -> Result<Answered, CallOutcome> {
         let start = Instant::now();
-        let mut tx =
-            ClientTransaction::new(invite.clone(), start, self.spec.timers, self.reliable());
+        // The INVITE in flight is the one its transaction holds (`tx.request()`).
+        let mut tx = ClientTransaction::new(invite, start, self.spec.timers, self.reliable());
         let mut branch = tx.branch().unwrap_or_default();
         let mut challenged = false;
         let mut redirected = false;
@@ -755,10 +756,10 @@ impl Call<'_> {
                             provisional = true;
                             if cancelled_for.is_some() && cancel_tx.is_none() {
                                 // Aborted before anything rang: the CANCEL waited for this (§9.1).
-                                cancel_tx = Some(self.send_cancel(&invite)?);
+                                cancel_tx = Some(self.send_cancel(tx.request())?);
                             }
                         } else if code < 300 {
-                            let answered = self.on_2xx(&invite, &resp).await?;
+                            let answered = self.on_2xx(tx.request(), &resp).await?;
                             match cancelled_for.take() {
                                 // Our CANCEL for the ring timeout crossed the 200 OK: the citizen
                                 // picked up at the last moment and is listening, so the call goes
@@ -791,17 +792,17 @@ impl Call<'_> {
                                     "trunk sent an unusable challenge: {e}"
                                 ))
                             })?;
-                            let cseq = message::cseq(&invite).map(|c| c.0).unwrap_or(1) + 1;
+                            let cseq = message::cseq(tx.request()).map(|c| c.0).unwrap_or(1) + 1;
                             // The digest covers the Request-URI actually used (after a redirect too).
-                            let uri = invite.uri.to_string();
+                            let uri = tx.request().uri.to_string();
                             let auth =
                                 challenge.answer(creds, "INVITE", &uri, &random_token(12), 1);
-                            invite = parts
+                            let invite = parts
                                 .build(self.spec, Some(&uri), cseq, Some(auth))
                                 .map_err(|e| {
                                     CallOutcome::Failed(format!("cannot build INVITE: {e}"))
                                 })?;
-                            (tx, branch) = self.new_invite_transaction(&invite);
+                            (tx, branch) = self.new_invite_transaction(invite);
                             challenged = true;
                             provisional = false;
                         } else if (300..400).contains(&code)
@@ -814,15 +815,14 @@ impl Call<'_> {
                             let hop = message::uri_hostport(&target)
                                 .and_then(|hp| hp.parse::<SocketAddr>().ok())
                                 .ok_or(CallOutcome::Rejected { code })?;
-                            let cseq = message::cseq(&invite).map(|c| c.0).unwrap_or(1) + 1;
-                            invite =
-                                parts
-                                    .build(self.spec, Some(&target), cseq, None)
-                                    .map_err(|e| {
-                                        CallOutcome::Failed(format!("cannot build INVITE: {e}"))
-                                    })?;
+                            let cseq = message::cseq(tx.request()).map(|c| c.0).unwrap_or(1) + 1;
+                            let invite = parts
+                                .build(self.spec, Some(&target), cseq, None)
+                                .map_err(|e| {
+                                    CallOutcome::Failed(format!("cannot build INVITE: {e}"))
+                                })?;
                             self.trunk = hop;
-                            (tx, branch) = self.new_invite_transaction(&invite);
+                            (tx, branch) = self.new_invite_transaction(invite);
                             redirected = true;
                             provisional = false;
                         } else {
@@ -878,7 +878,7 @@ impl Call<'_> {
                         // Nothing rang: no CANCEL may be sent (§9.1); the next hop is not answering.
                         return Err(cancelled_for.unwrap_or(CallOutcome::Unreachable));
                     }
-                    cancel_tx = Some(self.send_cancel(&invite)?);
+                    cancel_tx = Some(self.send_cancel(tx.request())?);
                     cancelled_for = Some(CallOutcome::NoAnswer);
                 }
                 changed = abort.changed(), if ring_armed && cancelled_for.is_none() => {
@@ -888,7 +888,7 @@ impl Call<'_> {
                         // (or a 2xx, answered with ACK and BYE, or the end of the transaction)
                         // instead of leaving a phone that would ring and answer into silence.
                         if provisional {
-                            cancel_tx = Some(self.send_cancel(&invite)?);
+                            cancel_tx = Some(self.send_cancel(tx.request())?);
                         }
                     }
                 }
@@ -897,13 +897,8 @@ impl Call<'_> {
     }
 
     /// A client transaction for a re-sent INVITE (after a challenge or a redirect), and its branch.
-    fn new_invite_transaction(&self, invite: &Request) -> (ClientTransaction, String) {
-        let tx = ClientTransaction::new(
-            invite.clone(),
-            Instant::now(),
-            self.spec.timers,
-            self.reliable(),
-        );
+    fn new_invite_transaction(&self, invite: Request) -> (ClientTransaction, String) {
+        let tx = ClientTransaction::new(invite, Instant::now(), self.spec.timers, self.reliable());
         let branch = tx.branch().unwrap_or_default();
         (tx, branch)
     }

@@ -49,11 +49,19 @@ pub enum DialogError {
 }
 
 fn strip_tag(value: &str) -> String {
-    value
-        .split(';')
-        .filter(|p| !p.trim_start().to_ascii_lowercase().starts_with("tag="))
-        .collect::<Vec<_>>()
-        .join(";")
+    let mut out = String::with_capacity(value.len());
+    let kept = value.split(';').filter(|p| {
+        !p.trim_start()
+            .get(..4)
+            .is_some_and(|k| k.eq_ignore_ascii_case("tag="))
+    });
+    for (i, p) in kept.enumerate() {
+        if i > 0 {
+            out.push(';');
+        }
+        out.push_str(p);
+    }
+    out
 }
 
 impl Dialog {
@@ -169,7 +177,7 @@ impl Dialog {
                 format!("{};tag={}", self.remote_party, self.remote_tag),
             )
             .header("Call-ID", self.call_id.clone())
-            .header("CSeq", format!("{cseq} {method}"));
+            .header("CSeq", format!("{cseq} {}", message::method_name(method)));
         for r in &self.route_set {
             b = b.header("Route", r.clone());
         }
@@ -204,6 +212,17 @@ impl Dialog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_party_loses_its_tag_and_keeps_its_other_parameters() {
+        assert_eq!(
+            strip_tag("\"A\" <sip:a@b;user=phone>;tag=12;x=1"),
+            "\"A\" <sip:a@b;user=phone>;x=1"
+        );
+        assert_eq!(strip_tag("<sip:a@b>; TAG=9"), "<sip:a@b>");
+        assert_eq!(strip_tag("<sip:a@b>;tagged=1"), "<sip:a@b>;tagged=1");
+        assert_eq!(strip_tag(";tag=1;x"), ";x");
+    }
     use crate::sip::message::{parse, response_to, SipMessage};
 
     fn invite() -> Request {

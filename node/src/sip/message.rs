@@ -43,7 +43,7 @@ pub fn parse(bytes: &[u8]) -> Result<SipMessage, ParseError> {
 
 /// The headers every transaction needs (Via, Call-ID, CSeq, From, To), present and readable.
 fn required_headers(msg: &impl HasHeaders) -> Result<(), ParseError> {
-    top_via(msg).ok_or(ParseError::MissingHeader("Via"))?;
+    top_via_str(msg).ok_or(ParseError::MissingHeader("Via"))?;
     call_id(msg).ok_or(ParseError::MissingHeader("Call-ID"))?;
     cseq(msg).ok_or(ParseError::MissingHeader("CSeq"))?;
     header_value(msg, HeaderName::From).ok_or(ParseError::MissingHeader("From"))?;
@@ -125,25 +125,32 @@ pub fn header_values(msg: &impl HasHeaders, name: HeaderName) -> Vec<String> {
 
 /// Splits a header value on commas that are outside `<...>` and quotes.
 pub fn split_comma_list(value: &str) -> Vec<String> {
-    let mut out = Vec::new();
+    comma_items(value).map(str::to_string).collect()
+}
+
+/// The items of a comma-separated header value (commas inside `<...>` and quotes do not
+/// separate), trimmed, as slices of it; a trailing empty item is left out.
+fn comma_items(value: &str) -> impl Iterator<Item = &str> {
     let (mut depth, mut quoted, mut start) = (0i32, false, 0usize);
-    for (i, ch) in value.char_indices() {
-        match ch {
-            '"' => quoted = !quoted,
-            '<' if !quoted => depth += 1,
-            '>' if !quoted => depth -= 1,
-            ',' if !quoted && depth <= 0 => {
-                out.push(value[start..i].trim().to_string());
-                start = i + 1;
+    let mut chars = value.char_indices();
+    std::iter::from_fn(move || {
+        for (i, ch) in chars.by_ref() {
+            match ch {
+                '"' => quoted = !quoted,
+                '<' if !quoted => depth += 1,
+                '>' if !quoted => depth -= 1,
+                ',' if !quoted && depth <= 0 => {
+                    let item = value[start..i].trim();
+                    start = i + 1;
+                    return Some(item);
+                }
+                _ => {}
             }
-            _ => {}
         }
-    }
-    let last = value[start..].trim();
-    if !last.is_empty() {
-        out.push(last.to_string());
-    }
-    out
+        let last = value[start..].trim();
+        start = value.len();
+        (!last.is_empty()).then_some(last)
+    })
 }
 
 /// A `;name=value` parameter of a header value, outside any `<...>` (so not a URI parameter).
@@ -202,19 +209,57 @@ pub fn cseq(msg: &impl HasHeaders) -> Option<(u32, Method)> {
     Some((n, m))
 }
 
+/// Every method rsip knows, by the name it has on the wire.
+const METHODS: [(&str, Method); 14] = [
+    ("INVITE", Method::Invite),
+    ("ACK", Method::Ack),
+    ("BYE", Method::Bye),
+    ("CANCEL", Method::Cancel),
+    ("OPTIONS", Method::Options),
+    ("INFO", Method::Info),
+    ("PRACK", Method::PRack),
+    ("UPDATE", Method::Update),
+    ("REGISTER", Method::Register),
+    ("MESSAGE", Method::Message),
+    ("NOTIFY", Method::Notify),
+    ("PUBLISH", Method::Publish),
+    ("REFER", Method::Refer),
+    ("SUBSCRIBE", Method::Subscribe),
+];
+
+/// A method from its name, in any case (rsip's own conversion writes every name out to compare).
 pub fn method_from(s: &str) -> Option<Method> {
-    Method::all()
-        .into_iter()
-        .find(|m| m.to_string().eq_ignore_ascii_case(s))
+    METHODS
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(s))
+        .map(|(_, m)| *m)
+}
+
+/// A method's name on the wire (rsip's `Display` builds it anew each time).
+pub fn method_name(method: Method) -> &'static str {
+    METHODS
+        .iter()
+        .find(|(_, m)| *m == method)
+        .map_or("INVITE", |(name, _)| name)
+}
+
+/// The first value of the first Via (ours, on a request we send; the one that names the
+/// transaction, on a response).
+fn top_via_str(msg: &impl HasHeaders) -> Option<&str> {
+    msg.headers()
+        .iter()
+        .filter_map(|h| value_of(h, HeaderName::Via))
+        .flat_map(comma_items)
+        .next()
 }
 
 pub fn top_via(msg: &impl HasHeaders) -> Option<String> {
-    header_values(msg, HeaderName::Via).into_iter().next()
+    top_via_str(msg).map(str::to_string)
 }
 
 /// The branch of the top Via (the transaction id, RFC 3261 §17.1.3).
 pub fn via_branch(msg: &impl HasHeaders) -> Option<String> {
-    top_via(msg).and_then(|v| param(&v, "branch").map(String::from))
+    top_via_str(msg).and_then(|v| param(v, "branch").map(String::from))
 }
 
 pub fn from_tag(msg: &impl HasHeaders) -> Option<&str> {
@@ -273,16 +318,24 @@ pub fn reason_phrase(code: u16) -> &'static str {
 
 /// A fresh RFC 3261 branch (magic cookie `z9hG4bK` + random).
 pub fn new_branch() -> String {
-    format!("z9hG4bK{}", random_token(16))
+    let mut branch = String::with_capacity(7 + 16);
+    branch.push_str("z9hG4bK");
+    push_random(&mut branch, 16);
+    branch
 }
 
 /// A random token for tags and Call-IDs.
 pub fn random_token(len: usize) -> String {
+    let mut token = String::with_capacity(len);
+    push_random(&mut token, len);
+    token
+}
+
+/// Appends `len` random lowercase letters and digits.
+fn push_random(to: &mut String, len: usize) {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
     let mut rng = rand::thread_rng();
-    (0..len)
-        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
-        .collect()
+    to.extend((0..len).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char));
 }
 
 /// Serialises a SIP message the way it goes on the wire, with a correct Content-Length.
@@ -294,7 +347,7 @@ pub fn to_bytes(msg: &SipMessage) -> Vec<u8> {
 pub struct RequestBuilder {
     method: Method,
     uri: String,
-    headers: Vec<(String, String)>,
+    headers: Vec<(&'static str, String)>,
     body: Vec<u8>,
     content_type: Option<String>,
 }
@@ -310,8 +363,8 @@ impl RequestBuilder {
         }
     }
 
-    pub fn header(mut self, name: &str, value: impl Into<String>) -> Self {
-        self.headers.push((name.to_string(), value.into()));
+    pub fn header(mut self, name: &'static str, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
         self
     }
 
@@ -337,8 +390,8 @@ impl RequestBuilder {
         }
         let uri = rsip::Uri::try_from(self.uri.as_str()).map_err(|e| bad_uri(short(&e)))?;
         let mut headers = Vec::with_capacity(self.headers.len() + 2);
-        for (name, value) in &self.headers {
-            headers.push(typed_header(name, value)?);
+        for (name, value) in self.headers {
+            headers.push(owned_header(name, value)?);
         }
         if let Some(ct) = &self.content_type {
             headers.push(typed_header("Content-Type", ct)?);
@@ -356,6 +409,35 @@ impl RequestBuilder {
         required_headers(&req)?;
         Ok(req)
     }
+}
+
+/// [`typed_header`] for a value we own: the headers we send most are made around it instead of
+/// a copy of it.
+fn owned_header(name: &str, value: String) -> Result<Header, ParseError> {
+    use rsip::headers as h;
+    if value.contains(['\r', '\n']) || value.starts_with(char::is_whitespace) {
+        return typed_header(name, &value);
+    }
+    let is = |n: &str| name.eq_ignore_ascii_case(n);
+    Ok(if is("Via") {
+        Header::Via(h::Via::new(value))
+    } else if is("From") {
+        Header::From(h::From::new(value))
+    } else if is("To") {
+        Header::To(h::To::new(value))
+    } else if is("Call-ID") {
+        Header::CallId(h::CallId::new(value))
+    } else if is("CSeq") {
+        Header::CSeq(h::CSeq::new(value))
+    } else if is("Contact") {
+        Header::Contact(h::Contact::new(value))
+    } else if is("Max-Forwards") {
+        Header::MaxForwards(h::MaxForwards::new(value))
+    } else if is("Route") {
+        Header::Route(h::Route::new(value))
+    } else {
+        return typed_header(name, &value);
+    })
 }
 
 /// A header as rsip types it when it parses `name: value`.
@@ -444,27 +526,83 @@ fn wire_name(name: HeaderName) -> &'static str {
 /// Wire bytes of a response, with our own reason phrase.
 pub fn response_bytes(resp: &Response) -> Vec<u8> {
     let code = status(resp);
-    let mut s = format!("SIP/2.0 {code} {}\r\n", reason_phrase(code));
-    s.push_str(&resp.headers.to_string());
-    s.push_str("\r\n");
-    let mut bytes = s.into_bytes();
-    bytes.extend_from_slice(&resp.body);
-    bytes
+    let start = format!("SIP/2.0 {code} {}\r\n", reason_phrase(code));
+    wire_bytes(start, &resp.headers, &resp.body)
 }
 
 /// Wire bytes of a request.
 pub fn request_bytes(req: &Request) -> Vec<u8> {
-    let mut s = format!("{} {} SIP/2.0\r\n", req.method, req.uri);
-    s.push_str(&req.headers.to_string());
+    let start = format!("{} {} SIP/2.0\r\n", method_name(req.method), req.uri);
+    wire_bytes(start, &req.headers, &req.body)
+}
+
+/// A start line, the headers and the body as they go on the wire, written into one buffer (rsip's
+/// own `Display` of the headers writes each one to a string of its own and joins them).
+fn wire_bytes(start_line: String, headers: &rsip::Headers, body: &[u8]) -> Vec<u8> {
+    use std::fmt::Write;
+    let mut s = start_line;
+    s.reserve(512 + body.len());
+    for h in headers.iter() {
+        // Writing to a String cannot fail.
+        let _ = write!(s, "{h}\r\n");
+    }
     s.push_str("\r\n");
     let mut bytes = s.into_bytes();
-    bytes.extend_from_slice(&req.body);
+    bytes.extend_from_slice(body);
     bytes
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn headers_made_around_their_value_are_the_ones_parsing_makes() {
+        for name in [
+            "Via",
+            "via",
+            "From",
+            "To",
+            "Call-ID",
+            "call-id",
+            "CSeq",
+            "Contact",
+            "Max-Forwards",
+            "Route",
+            "Allow",
+            "User-Agent",
+            "P-Asserted-Identity",
+            "Authorization",
+        ] {
+            for value in ["<sip:a@b>;tag=1", " 70", "x\r\ny: z"] {
+                assert_eq!(
+                    owned_header(name, value.to_string()),
+                    typed_header(name, value),
+                    "{name}: {value:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_method_has_its_wire_name_both_ways() {
+        for m in Method::all() {
+            let name = m.to_string();
+            assert_eq!(method_name(m), name);
+            assert_eq!(method_from(&name.to_ascii_lowercase()), Some(m));
+        }
+        assert_eq!(METHODS.len(), Method::all().len());
+        assert_eq!(method_from("FOO"), None);
+    }
+
+    #[test]
+    fn comma_lists_split_outside_brackets_and_quotes_only() {
+        assert_eq!(
+            split_comma_list(r#" <sip:a,b@x>;lr , "c, d" <sip:e@y>,,f , "#),
+            [r#"<sip:a,b@x>;lr"#, r#""c, d" <sip:e@y>"#, "", "f"]
+        );
+        assert!(split_comma_list("  ").is_empty());
+    }
 
     const INVITE: &str = "INVITE sip:+393471234567@127.0.0.1:5070 SIP/2.0\r\n\
 v: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKabc;rport\r\n\
