@@ -586,14 +586,14 @@ impl Intake {
                 return true;
             }
         };
-        let Some(call_id) = message::call_id(&msg).map(str::to_string) else {
+        let Some(call_id) = message::call_id(&msg) else {
             return true;
         };
         let target = self
             .routes
             .lock()
             .ok()
-            .and_then(|r| r.get(&call_id).cloned());
+            .and_then(|r| r.get(call_id).cloned());
         let inbound = Inbound { msg, from };
         match target {
             Some(tx) => {
