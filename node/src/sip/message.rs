@@ -411,33 +411,39 @@ impl RequestBuilder {
     }
 }
 
+/// Makes a header around its value.
+type MakeHeader = fn(String) -> Header;
+
+/// The headers we send most, each made around a value we own (as [`typed_header`] types it).
+const OWNED_HEADERS: [(&str, MakeHeader); 8] = {
+    use rsip::headers as h;
+    [
+        ("Via", |v| Header::Via(h::Via::new(v))),
+        ("From", |v| Header::From(h::From::new(v))),
+        ("To", |v| Header::To(h::To::new(v))),
+        ("Call-ID", |v| Header::CallId(h::CallId::new(v))),
+        ("CSeq", |v| Header::CSeq(h::CSeq::new(v))),
+        ("Contact", |v| Header::Contact(h::Contact::new(v))),
+        ("Max-Forwards", |v| {
+            Header::MaxForwards(h::MaxForwards::new(v))
+        }),
+        ("Route", |v| Header::Route(h::Route::new(v))),
+    ]
+};
+
 /// [`typed_header`] for a value we own: the headers we send most are made around it instead of
 /// a copy of it.
 fn owned_header(name: &str, value: String) -> Result<Header, ParseError> {
-    use rsip::headers as h;
     if value.contains(['\r', '\n']) || value.starts_with(char::is_whitespace) {
         return typed_header(name, &value);
     }
-    let is = |n: &str| name.eq_ignore_ascii_case(n);
-    Ok(if is("Via") {
-        Header::Via(h::Via::new(value))
-    } else if is("From") {
-        Header::From(h::From::new(value))
-    } else if is("To") {
-        Header::To(h::To::new(value))
-    } else if is("Call-ID") {
-        Header::CallId(h::CallId::new(value))
-    } else if is("CSeq") {
-        Header::CSeq(h::CSeq::new(value))
-    } else if is("Contact") {
-        Header::Contact(h::Contact::new(value))
-    } else if is("Max-Forwards") {
-        Header::MaxForwards(h::MaxForwards::new(value))
-    } else if is("Route") {
-        Header::Route(h::Route::new(value))
-    } else {
-        return typed_header(name, &value);
-    })
+    match OWNED_HEADERS
+        .iter()
+        .find(|(n, _)| name.eq_ignore_ascii_case(n))
+    {
+        Some((_, make)) => Ok(make(value)),
+        None => typed_header(name, &value),
+    }
 }
 
 /// A header as rsip types it when it parses `name: value`.
