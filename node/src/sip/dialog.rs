@@ -213,6 +213,8 @@ impl Dialog {
 mod tests {
     use super::*;
 
+    use crate::sip::message::{parse, response_to, SipMessage};
+
     #[test]
     fn a_party_loses_its_tag_and_keeps_its_other_parameters() {
         assert_eq!(
@@ -223,7 +225,6 @@ mod tests {
         assert_eq!(strip_tag("<sip:a@b>;tagged=1"), "<sip:a@b>;tagged=1");
         assert_eq!(strip_tag(";tag=1;x"), ";x");
     }
-    use crate::sip::message::{parse, response_to, SipMessage};
 
     fn invite() -> Request {
         let raw = "INVITE sip:+393471234567@127.0.0.1:5070 SIP/2.0\r\n\
