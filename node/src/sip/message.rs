@@ -500,7 +500,7 @@ pub fn response_to(
     }
     lines.push(("Content-Length", body.len().to_string()));
     let headers: Result<Vec<Header>, ParseError> =
-        lines.iter().map(|(k, v)| typed_header(k, v)).collect();
+        lines.into_iter().map(|(k, v)| owned_header(k, v)).collect();
     Response {
         status_code: StatusCode::from(code),
         version: rsip::Version::V2,
