@@ -10,8 +10,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 use super::framing::StreamFramer;
@@ -110,8 +112,60 @@ pub struct Endpoint {
 
 #[derive(Clone)]
 enum Wire {
-    Udp(Arc<UdpSocket>),
+    Udp(Arc<UdpWire>),
     Tcp(Arc<TcpWire>),
+}
+
+/// The UDP socket, registered with tokio's reactor for reading only. Registered for writing too (as
+/// `tokio::net::UdpSocket` always is), every datagram sent would wake the reactor's epoll: on Linux a
+/// UDP socket whose sent datagram is freed wakes whoever waits on it (`sock_def_write_space`), and
+/// a worker thread parked in `epoll_wait` would wake for nothing, three times a call at least.
+struct UdpWire(AsyncFd<std::net::UdpSocket>);
+
+/// How often a send that found the socket's buffer full tries again, and for how long at most (a
+/// datagram still not out then is lost, as UDP may lose it anyway; transactions retransmit).
+const SEND_RETRY: Duration = Duration::from_millis(1);
+const SEND_GIVE_UP: Duration = Duration::from_millis(50);
+
+impl UdpWire {
+    fn bind(addr: SocketAddr) -> io::Result<UdpWire> {
+        let socket = std::net::UdpSocket::bind(addr)?;
+        socket.set_nonblocking(true)?;
+        // SAFETY: a `std::net::UdpSocket` owns its descriptor, which stays open and the same until
+        // the `AsyncFd` (the socket's only owner) drops it.
+        let fd = unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE)? };
+        Ok(UdpWire(fd))
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.0.get_ref().local_addr()
+    }
+
+    async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        loop {
+            let mut ready = self.0.readable().await?;
+            if let Ok(result) = ready.try_io(|s| s.get_ref().recv_from(buf)) {
+                return result;
+            }
+        }
+    }
+
+    /// Sends at once; a full send buffer (which nothing here can wait on without the wake-ups
+    /// above) is tried again every [`SEND_RETRY`] for up to [`SEND_GIVE_UP`].
+    async fn send_to(&self, bytes: &[u8], to: SocketAddr) -> io::Result<()> {
+        let give_up = tokio::time::Instant::now() + SEND_GIVE_UP;
+        loop {
+            match self.0.get_ref().send_to(bytes, to) {
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        && tokio::time::Instant::now() < give_up =>
+                {
+                    tokio::time::sleep(SEND_RETRY).await
+                }
+                result => return result.map(|_| ()),
+            }
+        }
+    }
 }
 
 /// How long we wait to open a TCP connection to a peer.
@@ -187,7 +241,7 @@ impl Endpoint {
         };
         let (wire, local, receiver) = match transport {
             Transport::Udp => {
-                let socket = Arc::new(UdpSocket::bind(addr).await?);
+                let socket = Arc::new(UdpWire::bind(addr)?);
                 let local = socket.local_addr()?;
                 let receiver = tokio::spawn(receive_loop(socket.clone(), intake));
                 (Wire::Udp(socket), local, receiver)
@@ -288,7 +342,7 @@ impl Endpoint {
     /// Errors are reported, not retried (on UDP the transaction layer retransmits).
     pub async fn send(&self, bytes: &[u8], to: SocketAddr) -> io::Result<()> {
         match &self.wire {
-            Wire::Udp(socket) => socket.send_to(bytes, to).await.map(|_| ()),
+            Wire::Udp(socket) => socket.send_to(bytes, to).await,
             Wire::Tcp(tcp) => {
                 let open = lock(&tcp.conns)
                     .get(&to)
@@ -557,7 +611,7 @@ pub async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
     }
 }
 
-async fn receive_loop(socket: Arc<UdpSocket>, intake: Intake) {
+async fn receive_loop(socket: Arc<UdpWire>, intake: Intake) {
     let mut buf = vec![0u8; 65_536];
     loop {
         let (n, from) = match socket.recv_from(&mut buf).await {
@@ -750,6 +804,7 @@ pub fn unwanted_answer(endpoint: &Endpoint, resp: &message::Response) -> Option<
 mod tests {
     use super::*;
     use crate::sip::message::{parse, Response};
+    use tokio::net::UdpSocket;
 
     fn answer(call_id: &str) -> Response {
         answer_tagged(call_id, "theirs")
