@@ -193,10 +193,7 @@ pub async fn pacer_run(
     let mut listeners = Vec::new();
     let mut ports = std::collections::HashSet::new();
     if let Some(callees) = callees.as_deref_mut() {
-        let ours = sockets
-            .iter()
-            .map(|s| s.local_addr())
-            .collect::<std::io::Result<Vec<_>>>()?;
+        let ours: Vec<_> = sockets.iter().map(|s| s.local_addr()).collect();
         ports = ours.iter().map(|a| a.port()).collect();
         callees.play(&ours)?;
         for (socket, dest) in sockets.iter().zip(dests) {
@@ -384,8 +381,8 @@ pub async fn media_callee(n: usize) -> anyhow::Result<()> {
     }
     let ports: Vec<String> = sockets
         .iter()
-        .map(|s| s.local_addr().map(|a| a.port().to_string()))
-        .collect::<std::io::Result<_>>()?;
+        .map(|s| s.local_addr().port().to_string())
+        .collect();
     println!("{}", ports.join(" "));
     let pacer = Pacer::spawn_threads(1);
     let audio = Arc::new(vec![[0xFFu8; FRAME]; 50 * 3600]);

@@ -565,9 +565,7 @@ fn bind_media(
     let (rtp, rtcp) = ports
         .bind_pair(ip)
         .map_err(|e| format!("cannot bind RTP and RTCP sockets: {e}"))?;
-    let addr = rtp
-        .local_addr()
-        .map_err(|e| format!("RTP socket has no address: {e}"))?;
+    let addr = rtp.local_addr();
     Ok((Arc::new(rtp), Arc::new(rtcp), addr))
 }
 
@@ -581,10 +579,9 @@ struct Media {
 }
 
 impl Media {
-    fn next_sdp(&mut self, fallback: SocketAddr) -> Vec<u8> {
+    fn next_sdp(&mut self) -> Vec<u8> {
         self.sdp_version += 1;
-        let addr = self.rtp.local_addr().unwrap_or(fallback);
-        sdp::offer_version(self.sdp_session, self.sdp_version, addr).into_bytes()
+        sdp::offer_version(self.sdp_session, self.sdp_version, self.rtp.local_addr()).into_bytes()
     }
 }
 
@@ -1120,7 +1117,7 @@ impl Call<'_> {
                 }
                 _ = sleep_until_opt(reinvite_at), if reinvite_at.is_some() => {
                     reinvite_at = None;
-                    let body = media.next_sdp(local);
+                    let body = media.next_sdp();
                     match a.dialog.request(Method::Invite, local).body("application/sdp", body).build() {
                         Ok(req) => {
                             let mut tx = ClientTransaction::new(req, Instant::now(), self.spec.timers, self.reliable());
@@ -1181,7 +1178,7 @@ impl Call<'_> {
                                 }
                             }
                             let body = (req.method == Method::Invite && code == 200)
-                                .then(|| ("application/sdp", media.next_sdp(local)));
+                                .then(|| ("application/sdp", media.next_sdp()));
                             let extra = [("Contact", format!("<{}>", a.dialog.local_contact))];
                             if req.method != Method::Ack {
                                 let resp = response_to(&req, code, None, &extra, body);
@@ -1646,7 +1643,7 @@ mod tests {
     #[tokio::test]
     async fn keys_count_only_from_the_callee_media_address() {
         let ours = Arc::new(RtpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap());
-        let to = ours.local_addr().unwrap();
+        let to = ours.local_addr();
         let callee = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let earlier_call = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let (peer_tx, peer_rx) = watch::channel(callee.local_addr().unwrap());
@@ -1676,7 +1673,7 @@ mod tests {
     #[tokio::test]
     async fn the_rtp_reader_ends_when_its_call_is_dropped() {
         let ours = Arc::new(RtpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap());
-        let (_peer_tx, peer_rx) = watch::channel(ours.local_addr().unwrap());
+        let (_peer_tx, peer_rx) = watch::channel(ours.local_addr());
         let (digits_tx, _digits) = mpsc::unbounded_channel();
         let reader = AbortOnDrop(tokio::spawn(receive_audio(
             ours.clone(),
@@ -1706,7 +1703,7 @@ mod tests {
     #[tokio::test]
     async fn an_icmp_error_does_not_stop_the_receiver() {
         let ours = Arc::new(RtpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap());
-        let to = ours.local_addr().unwrap();
+        let to = ours.local_addr();
         // The callee's port is closed for a moment while one of our packets reaches it.
         let callee_addr = std::net::UdpSocket::bind("127.0.0.1:0")
             .unwrap()

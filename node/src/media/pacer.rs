@@ -883,12 +883,8 @@ mod tests {
             }
             // Connected to rx1 again, the socket hears only rx1: rx2's datagram is not delivered.
             socket.connect(rx1.local_addr().unwrap()).unwrap();
-            rx2.send_to(b"stranger", socket.local_addr().unwrap())
-                .await
-                .unwrap();
-            rx1.send_to(b"callee", socket.local_addr().unwrap())
-                .await
-                .unwrap();
+            rx2.send_to(b"stranger", socket.local_addr()).await.unwrap();
+            rx1.send_to(b"callee", socket.local_addr()).await.unwrap();
             let mut buf = [0u8; 64];
             let (n, from) =
                 tokio::time::timeout(Duration::from_secs(5), socket.recv_from(&mut buf))

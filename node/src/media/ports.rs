@@ -119,7 +119,7 @@ mod tests {
     const LOOPBACK: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
     fn port(s: &RtpSocket) -> u16 {
-        s.local_addr().unwrap().port()
+        s.local_addr().port()
     }
 
     #[test]

@@ -46,24 +46,65 @@ pub const READ_INTERVAL: Duration = Duration::from_millis(100);
 
 pub struct RtpSocket {
     fd: UdpSocket,
+    /// The address it is bound to (a call binds a named port, so this is known without asking).
+    local: SocketAddr,
     /// Where the socket is connected, if it is: it then receives datagrams from there only, and
     /// datagrams sent without an address go there.
     peer: Mutex<Option<SocketAddr>>,
 }
 
 impl RtpSocket {
-    /// Binds `addr`, non-blocking.
+    /// Binds `addr`, non-blocking from the start (a call binds two of these: the system calls
+    /// `UdpSocket::bind` and `set_nonblocking` would add, and asking for the address it has, are
+    /// spared per call).
     pub fn bind(addr: SocketAddr) -> io::Result<RtpSocket> {
-        let fd = UdpSocket::bind(addr)?;
-        fd.set_nonblocking(true)?;
+        let family = if addr.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        // SAFETY: socket() takes no pointers.
+        let raw = unsafe {
+            libc::socket(
+                family,
+                libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+            )
+        };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a descriptor just opened that nothing else owns.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+        // SAFETY: sockaddr_in6 is plain data for which all-zero bytes are valid.
+        let mut name: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+        let len = write_sockaddr(addr, &mut name);
+        // SAFETY: `name` is valid for `len` bytes; the descriptor is ours (closed on error by drop).
+        let bound = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                &name as *const libc::sockaddr_in6 as *const libc::sockaddr,
+                len,
+            )
+        };
+        if bound != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = UdpSocket::from(fd);
+        let local = if addr.port() == 0 {
+            fd.local_addr()?
+        } else {
+            addr
+        };
         Ok(RtpSocket {
             fd,
+            local,
             peer: Mutex::new(None),
         })
     }
 
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.fd.local_addr()
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
     }
 
     /// Receives the next datagram: the first one queued, or when there is none, the first one
@@ -1053,7 +1094,7 @@ pub(crate) mod tests {
                 b.extend_from_slice(&(i as u32).to_be_bytes())
             });
             assert_eq!(j, i);
-            from.insert(i as u32, socket.local_addr().unwrap());
+            from.insert(i as u32, socket.local_addr());
         }
         let mut reported = vec![0u32; count];
         let receive = async {
@@ -1102,7 +1143,7 @@ pub(crate) mod tests {
                     .await
                     .expect("both connected datagrams arrive")
                     .unwrap();
-            assert_eq!(from, senders[2].local_addr().unwrap());
+            assert_eq!(from, senders[2].local_addr());
             heard.push(buf[..len].to_vec());
         }
         heard.sort();
@@ -1267,7 +1308,7 @@ pub(crate) mod tests {
             io::Error::last_os_error()
         );
         let flood = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let to = ours.local_addr().unwrap();
+        let to = ours.local_addr();
         for _ in 0..SENT {
             flood.send_to(&[0x80], to).unwrap();
         }
@@ -1331,5 +1372,37 @@ pub(crate) mod tests {
         assert_eq!(a.sin6_family, libc::AF_INET6 as libc::sa_family_t);
         assert_eq!(u16::from_be(a.sin6_port), 5006);
         assert_eq!(a.sin6_addr.s6_addr, std::net::Ipv6Addr::LOCALHOST.octets());
+    }
+
+    #[test]
+    fn a_bound_socket_is_non_blocking_and_knows_its_address() {
+        let any = RtpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        assert_eq!(any.local_addr(), any.fd.local_addr().unwrap());
+        assert_ne!(any.local_addr().port(), 0);
+        let mut buf = [0u8; 16];
+        let err = any.fd.recv_from(&mut buf).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+        // A named port is the address it says it has, without asking the kernel.
+        let port = UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let named = RtpSocket::bind(SocketAddr::from(([127, 0, 0, 1], port))).unwrap();
+        assert_eq!(named.local_addr(), named.fd.local_addr().unwrap());
+        // A port in use is refused as UdpSocket::bind refuses it.
+        let taken = RtpSocket::bind(named.local_addr()).err().unwrap();
+        assert_eq!(taken.kind(), io::ErrorKind::AddrInUse);
+        any.fd.send_to(b"x", named.local_addr()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let got = loop {
+            match named.fd.recv_from(&mut buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                other => break other.unwrap(),
+            }
+        };
+        assert_eq!(got, (1, any.local_addr()));
     }
 }
