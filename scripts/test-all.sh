@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace on a fresh Debian machine with Rust. Installs the real peers the tests
 # drive (SIPp, baresip, Kamailio, espeak-ng, tshark, promtool, sox, nftables to cut a node's cluster traffic,
-# and headless Chromium with chromedriver and zbarimg for the console's browser tests) from Debian packages
+# headless Chromium with chromedriver and zbarimg for the console's browser tests, and iproute2's tc for a
+# queue that fills a SIP socket's send buffer) from Debian packages
 # when they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +19,7 @@ command -v nft >/dev/null 2>&1 || need+=(nftables)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 command -v zbarimg >/dev/null 2>&1 || need+=(zbar-tools)
+command -v tc >/dev/null 2>&1 || need+=(iproute2)
 if [ "${#need[@]}" -gt 0 ]; then
   echo "test-all: installing ${need[*]}"
   SUDO=""

@@ -121,7 +121,11 @@ enum Wire {
 /// UDP socket whose sent datagram is freed wakes whoever waits on it (`sock_def_write_space`), so
 /// a worker thread parked in `epoll_wait` would wake for nothing at each of a call's sends that
 /// finds one parked (`bench call-setup`: 0.8 `epoll_wait` a call fewer without).
-struct UdpWire(AsyncFd<std::net::UdpSocket>);
+struct UdpWire {
+    fd: AsyncFd<std::net::UdpSocket>,
+    /// How long a send waits for room in a full send buffer ([`SEND_GIVE_UP`]).
+    give_up: Duration,
+}
 
 /// How often a send that found the socket's buffer full tries again, and for how long at most (a
 /// datagram still not out then is lost, as UDP may lose it anyway; transactions retransmit).
@@ -135,16 +139,19 @@ impl UdpWire {
         // SAFETY: a `std::net::UdpSocket` owns its descriptor, which stays open and the same until
         // the `AsyncFd` (the socket's only owner) drops it.
         let fd = unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE)? };
-        Ok(UdpWire(fd))
+        Ok(UdpWire {
+            fd,
+            give_up: SEND_GIVE_UP,
+        })
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.0.get_ref().local_addr()
+        self.fd.get_ref().local_addr()
     }
 
     async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
         loop {
-            let mut ready = self.0.readable().await?;
+            let mut ready = self.fd.readable().await?;
             if let Ok(result) = ready.try_io(|s| s.get_ref().recv_from(buf)) {
                 return result;
             }
@@ -152,11 +159,11 @@ impl UdpWire {
     }
 
     /// Sends at once; a full send buffer (which nothing here can wait on without the wake-ups
-    /// above) is tried again every [`SEND_RETRY`] for up to [`SEND_GIVE_UP`].
+    /// above) is tried again every [`SEND_RETRY`] for up to `give_up`.
     async fn send_to(&self, bytes: &[u8], to: SocketAddr) -> io::Result<()> {
-        let give_up = tokio::time::Instant::now() + SEND_GIVE_UP;
+        let give_up = tokio::time::Instant::now() + self.give_up;
         loop {
-            match self.0.get_ref().send_to(bytes, to) {
+            match self.fd.get_ref().send_to(bytes, to) {
                 Err(e)
                     if e.kind() == io::ErrorKind::WouldBlock
                         && tokio::time::Instant::now() < give_up =>
@@ -805,10 +812,130 @@ pub fn unwanted_answer(endpoint: &Endpoint, resp: &message::Response) -> Option<
 mod tests {
     use super::*;
     use crate::sip::message::{parse, Response};
+    use std::os::fd::AsRawFd;
     use tokio::net::UdpSocket;
 
     fn answer(call_id: &str) -> Response {
         answer_tagged(call_id, "theirs")
+    }
+
+    /// Runs a command of iproute2 (in the caller's network namespace), failing with what it said.
+    fn ip_tool(args: &[&str]) -> Result<(), String> {
+        let out = std::process::Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .map_err(|e| format!("{}: {e} (Debian package iproute2)", args[0]))?;
+        if !out.status.success() {
+            return Err(format!(
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Sends from `wire`'s socket directly until the kernel refuses for a full buffer.
+    fn fill(wire: &UdpWire, to: SocketAddr) {
+        for _ in 0..1000 {
+            match wire.fd.get_ref().send_to(&[0u8; 1000], to) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => panic!("filling the send buffer: {e}"),
+            }
+        }
+        panic!("the send buffer never filled");
+    }
+
+    /// A datagram that finds the SIP socket's send buffer full is tried again until there is room,
+    /// and given up with an error, not a hang, when there is none in time. A buffer fills only where
+    /// datagrams wait to leave, so the test runs in a network namespace of its own (it needs root)
+    /// whose loopback has a token-bucket queue (`tc qdisc ... tbf`): at 1 kbit/s it lets out one
+    /// datagram of 1,000 bytes in eight seconds, and those waiting count against the socket's
+    /// smallest send buffer until they leave or the queue is deleted.
+    #[test]
+    fn a_full_send_buffer_is_tried_again_and_then_given_up() {
+        let in_namespace = std::thread::spawn(|| -> Result<(), String> {
+            // SAFETY: unshare takes no pointers; CLONE_NEWNET moves only this thread (and the
+            // processes it starts) into a new network namespace, gone when they are.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(format!(
+                    "unshare(CLONE_NEWNET): {} (the test needs root)",
+                    io::Error::last_os_error()
+                ));
+            }
+            let slow_queue = || {
+                ip_tool(&[
+                    "tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "1kbit", "burst",
+                    "1600", "limit", "100000",
+                ])
+            };
+            ip_tool(&["ip", "link", "set", "lo", "up"])?;
+            slow_queue()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            rt.block_on(async {
+                let mut wire = UdpWire::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+                let one: libc::c_int = 1;
+                // SAFETY: the option value is a c_int that outlives the call; the descriptor is open.
+                let set = unsafe {
+                    libc::setsockopt(
+                        wire.fd.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_SNDBUF,
+                        &one as *const libc::c_int as *const libc::c_void,
+                        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                    )
+                };
+                assert_eq!(set, 0, "SO_SNDBUF: {}", io::Error::last_os_error());
+                let sink = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                let to = sink.local_addr().unwrap();
+
+                // Full, and the queue lets nothing out for seconds: the send waits (a generous
+                // window here), and goes out once the queue is gone (its datagrams dropped).
+                wire.give_up = Duration::from_secs(60);
+                fill(&wire, to);
+                {
+                    let send = wire.send_to(b"waited for room", to);
+                    tokio::pin!(send);
+                    assert!(
+                        tokio::time::timeout(Duration::from_millis(20), &mut send)
+                            .await
+                            .is_err(),
+                        "a send into a full buffer did not wait"
+                    );
+                    ip_tool(&["tc", "qdisc", "del", "dev", "lo", "root"]).unwrap();
+                    send.await.expect("sent once the queue had room");
+                    let mut buf = [0u8; 2048];
+                    sink.set_read_timeout(Some(Duration::from_secs(10)))
+                        .unwrap();
+                    let mut got = Vec::new();
+                    while got.last().map(Vec::as_slice) != Some(&b"waited for room"[..]) {
+                        let n = sink
+                            .recv(&mut buf)
+                            .expect("the datagram that waited arrives");
+                        got.push(buf[..n].to_vec());
+                    }
+                }
+
+                // Full again and slow again: after its window the send says so.
+                slow_queue().unwrap();
+                wire.give_up = SEND_GIVE_UP;
+                fill(&wire, to);
+                let err =
+                    tokio::time::timeout(Duration::from_secs(30), wire.send_to(b"never room", to))
+                        .await
+                        .expect("the send gave up")
+                        .unwrap_err();
+                assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+            });
+            Ok(())
+        });
+        in_namespace
+            .join()
+            .expect("the namespace thread panicked")
+            .unwrap();
     }
 
     fn answer_tagged(call_id: &str, tag: &str) -> Response {
