@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 use crate::call::{place_call, CallContext, CallOutcome, CallSpec};
+use crate::dialer::trunk::on_launch_tick;
 use crate::media::message::FRAME;
 use crate::media::pacer::{Pacer, PacerHandle, PlayRequest, StreamHandle};
 use crate::media::socket::{RtpSocket, SendPath};
@@ -628,7 +629,9 @@ pub struct SetupRun {
 
 /// Places `calls` calls at `rate` per second to `uas`: INVITE, 200, ACK, BYE (no audio), and counts
 /// the ones that completed. The calls are placed from a task of the runtime, as a node's dialer
-/// places them, not from the thread that waits for the benchmark.
+/// places them, not from the thread that waits for the benchmark, and on the dialer's launch
+/// grid ([`crate::dialer::trunk::LAUNCH_TICK`], the step SIPp's own scheduler starts calls on):
+/// the calls due within one step start together at its end.
 pub async fn campanile_setup(uas: SocketAddr, rate: f64, calls: u64) -> anyhow::Result<SetupRun> {
     tokio::spawn(place_setup_calls(uas, rate, calls))
         .await
@@ -650,8 +653,10 @@ async fn place_setup_calls(uas: SocketAddr, rate: f64, calls: u64) -> anyhow::Re
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..calls {
-        let due = start + Duration::from_secs_f64(i as f64 / rate);
-        tokio::time::sleep_until(due.into()).await;
+        let due = on_launch_tick(start, start + Duration::from_secs_f64(i as f64 / rate));
+        if due > Instant::now() {
+            tokio::time::sleep_until(due.into()).await;
+        }
         let (ctx, spec, ok, abort) = (ctx.clone(), spec.clone(), ok.clone(), abort_rx.clone());
         tasks.spawn(async move {
             if place_call(&ctx, &spec, abort).await == CallOutcome::Heard {

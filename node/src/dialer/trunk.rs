@@ -56,14 +56,35 @@ impl TrunkGate {
     }
 }
 
+/// Calls start on a grid of this step, as SIPp's scheduler starts its calls (`-timer_resol`, 10 ms
+/// by default): the calls whose turn falls within one step start together, so the node wakes once a
+/// step instead of once a call, and the trunk's answers come back in bursts that one read drains. A
+/// call waits at most one step longer than its turn, nothing next to a ring of seconds.
+pub const LAUNCH_TICK: Duration = Duration::from_millis(10);
+
+/// `t` moved up to the next step of the [`LAUNCH_TICK`] grid that starts at `base` (unchanged if it
+/// is on the grid, or before `base`).
+pub fn on_launch_tick(base: Instant, t: Instant) -> Instant {
+    let tick = LAUNCH_TICK.as_nanos();
+    let since = t.saturating_duration_since(base).as_nanos();
+    let steps = since.div_ceil(tick);
+    // A grid step count fits a u64 for 5,000 years; saturate beyond.
+    let up = u64::try_from(steps.saturating_mul(tick) - since).unwrap_or(u64::MAX);
+    t + Duration::from_nanos(up)
+}
+
 /// The trunk's calls-per-second limit as carriers count it: at most `limit` INVITEs in any one
 /// second, not one every `1/limit` s. After a pause (a 503's Retry-After) the channels that freed
 /// meanwhile may all start at once, up to the limit, instead of trickling back at the spaced rate.
+/// Slots lie on the [`LAUNCH_TICK`] grid that starts at the first one; as a second is a whole
+/// number of steps, moving a slot up to the grid keeps every one-second window within the limit.
 #[derive(Debug, Clone)]
 pub struct CallRate {
     limit: usize,
     /// The latest `limit` slots handed out, oldest first (some may lie ahead of now).
     slots: std::collections::VecDeque<Instant>,
+    /// Where the grid starts: the first slot handed out.
+    grid: Option<Instant>,
 }
 
 impl CallRate {
@@ -73,19 +94,22 @@ impl CallRate {
         CallRate {
             limit: calls_per_second.max(1) as usize,
             slots: std::collections::VecDeque::new(),
+            grid: None,
         }
     }
 
     /// Reserves the earliest time from `now` at which one more INVITE keeps every one-second
-    /// window within the limit. Slots come out in order, so a caller that sleeps until its slot
-    /// sends in order too.
+    /// window within the limit, on the launch grid. Slots come out in order, so a caller that
+    /// sleeps until its slot sends in order too.
     pub fn reserve(&mut self, now: Instant) -> Instant {
+        let grid = *self.grid.get_or_insert(now);
         let mut slot = self.slots.back().map_or(now, |b| (*b).max(now));
         if self.slots.len() == self.limit {
             if let Some(oldest) = self.slots.pop_front() {
                 slot = slot.max(oldest + Duration::from_secs(1));
             }
         }
+        let slot = on_launch_tick(grid, slot);
         self.slots.push_back(slot);
         slot
     }
@@ -172,6 +196,48 @@ mod tests {
             "slots come in order"
         );
         assert_eq!(busiest_second(&slots), 5);
+    }
+
+    #[test]
+    fn slots_lie_on_the_launch_grid_and_never_before_their_turn() {
+        let t0 = Instant::now();
+        let mut r = CallRate::new(1000);
+        assert_eq!(r.reserve(t0), t0, "the first call goes at once");
+        let mut slots = Vec::new();
+        for k in 0..3000u64 {
+            // Demand every 0.7 ms, off the grid, and faster than the limit for a while.
+            let now = t0 + Duration::from_micros(700 * k);
+            let slot = r.reserve(now);
+            assert!(slot >= now);
+            let off_grid = slot.duration_since(t0).as_nanos() % LAUNCH_TICK.as_nanos();
+            assert_eq!(off_grid, 0, "slot {k} is off the grid");
+            slots.push(slot);
+        }
+        assert!(slots.windows(2).all(|w| w[0] <= w[1]));
+        assert_eq!(busiest_second(&slots), 1000);
+        // Calls asked for within one step share the step's end.
+        let mut r = CallRate::new(1000);
+        r.reserve(t0);
+        let tick = LAUNCH_TICK.as_micros() as u64;
+        let shared: Vec<Instant> = (1..=4)
+            .map(|i| r.reserve(t0 + Duration::from_micros(i * tick / 5)))
+            .collect();
+        assert_eq!(shared, vec![t0 + LAUNCH_TICK; 4]);
+    }
+
+    #[test]
+    fn on_the_grid_a_time_stays_and_off_it_moves_up_less_than_a_step() {
+        let base = Instant::now();
+        assert_eq!(on_launch_tick(base, base), base);
+        assert_eq!(
+            on_launch_tick(base, base + LAUNCH_TICK * 3),
+            base + LAUNCH_TICK * 3
+        );
+        let t = base + LAUNCH_TICK * 3 + Duration::from_nanos(1);
+        assert_eq!(on_launch_tick(base, t), base + LAUNCH_TICK * 4);
+        // Before the grid's start nothing moves.
+        let later = base + Duration::from_secs(1);
+        assert_eq!(on_launch_tick(later, base), base);
     }
 
     #[test]
