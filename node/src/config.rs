@@ -158,6 +158,7 @@ pub struct TrunkSection {
     /// Concurrent calls the trunk allows.
     pub max_channels: usize,
     /// New calls the trunk allows in any one second (a burst up to this many may go at once).
+    /// Calls start on a 10 ms grid: one whose turn falls within a step waits for its end.
     pub calls_per_second: u32,
     /// Digest username, when the trunk challenges (401/407). The password comes only from the
     /// environment variable CAMPANILE_TRUNK_PASSWORD, never from this file.
