@@ -66,11 +66,12 @@ pub const LAUNCH_TICK: Duration = Duration::from_millis(10);
 /// is on the grid, or before `base`).
 pub fn on_launch_tick(base: Instant, t: Instant) -> Instant {
     let tick = LAUNCH_TICK.as_nanos();
-    let since = t.saturating_duration_since(base).as_nanos();
-    let steps = since.div_ceil(tick);
-    // A grid step count fits a u64 for 5,000 years; saturate beyond.
-    let up = u64::try_from(steps.saturating_mul(tick) - since).unwrap_or(u64::MAX);
-    t + Duration::from_nanos(up)
+    let into_step = t.saturating_duration_since(base).as_nanos() % tick;
+    if into_step == 0 {
+        return t;
+    }
+    // Less than a step (10 ms), so it fits.
+    t + Duration::from_nanos((tick - into_step) as u64)
 }
 
 /// The trunk's calls-per-second limit as carriers count it: at most `limit` INVITEs in any one
