@@ -123,8 +123,6 @@ enum Wire {
 /// finds one parked (`bench call-setup`: 0.8 `epoll_wait` a call fewer without).
 struct UdpWire {
     fd: AsyncFd<std::net::UdpSocket>,
-    /// How long a send waits for room in a full send buffer ([`SEND_GIVE_UP`]).
-    give_up: Duration,
 }
 
 /// How often a send that found the socket's buffer full tries again, and for how long at most (a
@@ -139,10 +137,7 @@ impl UdpWire {
         // SAFETY: a `std::net::UdpSocket` owns its descriptor, which stays open and the same until
         // the `AsyncFd` (the socket's only owner) drops it.
         let fd = unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE)? };
-        Ok(UdpWire {
-            fd,
-            give_up: SEND_GIVE_UP,
-        })
+        Ok(UdpWire { fd })
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -159,9 +154,14 @@ impl UdpWire {
     }
 
     /// Sends at once; a full send buffer (which nothing here can wait on without the wake-ups
-    /// above) is tried again every [`SEND_RETRY`] for up to `give_up`.
+    /// above) is tried again every [`SEND_RETRY`] for up to [`SEND_GIVE_UP`].
     async fn send_to(&self, bytes: &[u8], to: SocketAddr) -> io::Result<()> {
-        let give_up = tokio::time::Instant::now() + self.give_up;
+        self.send_within(bytes, to, SEND_GIVE_UP).await
+    }
+
+    /// [`UdpWire::send_to`] with its window for a full buffer given.
+    async fn send_within(&self, bytes: &[u8], to: SocketAddr, window: Duration) -> io::Result<()> {
+        let give_up = tokio::time::Instant::now() + window;
         loop {
             match self.fd.get_ref().send_to(bytes, to) {
                 Err(e)
@@ -876,7 +876,7 @@ mod tests {
                 .build()
                 .map_err(|e| e.to_string())?;
             rt.block_on(async {
-                let mut wire = UdpWire::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+                let wire = UdpWire::bind("127.0.0.1:0".parse().unwrap()).unwrap();
                 let one: libc::c_int = 1;
                 // SAFETY: the option value is a c_int that outlives the call; the descriptor is open.
                 let set = unsafe {
@@ -894,10 +894,9 @@ mod tests {
 
                 // Full, and the queue lets nothing out for seconds: the send waits (a generous
                 // window here), and goes out once the queue is gone (its datagrams dropped).
-                wire.give_up = Duration::from_secs(60);
                 fill(&wire, to);
                 {
-                    let send = wire.send_to(b"waited for room", to);
+                    let send = wire.send_within(b"waited for room", to, Duration::from_secs(60));
                     tokio::pin!(send);
                     assert!(
                         tokio::time::timeout(Duration::from_millis(20), &mut send)
@@ -923,7 +922,6 @@ mod tests {
 
                 // Full again and slow again: after its window the send says so.
                 slow_queue().unwrap();
-                wire.give_up = SEND_GIVE_UP;
                 fill(&wire, to);
                 let err =
                     tokio::time::timeout(Duration::from_secs(30), wire.send_to(b"never room", to))
