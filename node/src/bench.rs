@@ -663,6 +663,9 @@ async fn place_setup_calls(uas: SocketAddr, rate: f64, calls: u64) -> anyhow::Re
                 ok.fetch_add(1, Ordering::Relaxed);
             }
         });
+        // Calls that ended give their task back now, as a node's detached call tasks do; kept
+        // to the end, every finished call's task would hold its memory for the whole run.
+        while tasks.try_join_next().is_some() {}
     }
     while tasks.join_next().await.is_some() {}
     Ok(SetupRun {
