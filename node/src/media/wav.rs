@@ -363,10 +363,16 @@ mod tests {
         fn hostile_format_fields_never_panic(
             tag in proptest::sample::select(vec![1u16, 3, 0xFFFE, 0, 2, 6, 7]),
             channels in proptest::prop_oneof![0u16..4, proptest::num::u16::ANY],
-            rate in proptest::prop_oneof![proptest::sample::select(vec![0u32, 3999, 4000, 8000, 44_100, 384_000, 384_001]), proptest::num::u32::ANY],
+            rate in proptest::prop_oneof![
+                proptest::sample::select(vec![0u32, 3999, 4000, 8000, 44_100, 384_000, 384_001]),
+                proptest::num::u32::ANY,
+            ],
             byte_rate in proptest::num::u32::ANY,
             align in proptest::prop_oneof![0u16..9, proptest::num::u16::ANY],
-            bits in proptest::prop_oneof![proptest::sample::select(vec![0u16, 1, 8, 12, 16, 24, 32, 33, 64]), proptest::num::u16::ANY],
+            bits in proptest::prop_oneof![
+                proptest::sample::select(vec![0u16, 1, 8, 12, 16, 24, 32, 33, 64]),
+                proptest::num::u16::ANY,
+            ],
             declared in proptest::prop_oneof![0u32..64, proptest::num::u32::ANY],
             data in proptest::collection::vec(proptest::num::u8::ANY, 0..64),
             consistent in proptest::bool::weighted(0.7),
