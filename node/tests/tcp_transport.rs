@@ -1,6 +1,7 @@
 //! SIP over TCP (RFC 3261 §18) against SIPp listening on TCP, a peer we did not write: the call's
 //! INVITE, ACK and BYE travel over a connection, with `SIP/2.0/TCP` in Via, and the message plays.
-//! Garbage on a connection to our listener closes that connection and nothing else.
+//! Garbage on a connection to our listener closes that connection and nothing else, and a flood of
+//! connections is held to a limit without shutting out a connection that comes once one closed.
 
 mod common;
 
@@ -66,4 +67,75 @@ Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
         got.msg,
         campanile::sip::message::SipMessage::Request(_)
     ));
+}
+
+/// Whether the endpoint closed `s` (end of stream or a reset) rather than holding it open for
+/// `within`.
+fn closed_by_endpoint(s: &mut std::net::TcpStream, within: Duration) -> bool {
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 16];
+    match s.read(&mut buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_limit_are_closed_and_one_that_closed_makes_room() {
+    use campanile::sip::endpoint::{Endpoint, Transport, MAX_INBOUND_TCP};
+    let (endpoint, mut unrouted) =
+        Endpoint::bind_with("127.0.0.1:0".parse().unwrap(), Transport::Tcp)
+            .await
+            .unwrap();
+    let addr = endpoint.local_addr();
+    let held = tokio::task::spawn_blocking(move || {
+        let mut open: Vec<_> = (0..MAX_INBOUND_TCP)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        // The listener accepts in order, so this one comes after all of the others.
+        let mut one_too_many = std::net::TcpStream::connect(addr).unwrap();
+        assert!(
+            closed_by_endpoint(&mut one_too_many, Duration::from_secs(10)),
+            "connection {} was kept open",
+            MAX_INBOUND_TCP + 1
+        );
+        // The limit's connections are all still open.
+        assert!(!closed_by_endpoint(&mut open[0], Duration::from_millis(200)));
+        // One closes; a new connection gets its place (once the endpoint has seen it close).
+        drop(open.pop());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut fresh = loop {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            if !closed_by_endpoint(&mut s, Duration::from_millis(300)) {
+                break s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no new connection was kept after one of the {MAX_INBOUND_TCP} closed"
+            );
+        };
+        fresh
+            .write_all(
+                b"OPTIONS sip:x@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:9;branch=z9hG4bKb\r\n\
+From: <sip:a@b>;tag=1\r\nTo: <sip:x@127.0.0.1>\r\nCall-ID: tcp-2\r\nCSeq: 1 OPTIONS\r\n\
+Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
+            )
+            .unwrap();
+        (open, fresh)
+    })
+    .await
+    .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), unrouted.recv())
+        .await
+        .expect("the OPTIONS on the new connection arrives")
+        .unwrap();
+    assert!(matches!(
+        got.msg,
+        campanile::sip::message::SipMessage::Request(_)
+    ));
+    drop(held);
 }

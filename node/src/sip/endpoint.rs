@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -184,7 +184,16 @@ struct TcpWire {
     conns: Mutex<HashMap<SocketAddr, mpsc::UnboundedSender<Vec<u8>>>>,
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
     intake: Intake,
+    /// Connections the other side opened that are still being read.
+    inbound: AtomicUsize,
+    /// Connections closed at once because `MAX_INBOUND_TCP` were open.
+    refused: AtomicU64,
 }
+
+/// Most connections others may hold open to us at once. A trunk needs a handful (one per border
+/// controller that sends us requests); past this a new one is closed as soon as it is accepted, so
+/// that a flood of connections cannot take the file descriptors the calls' RTP sockets need.
+pub const MAX_INBOUND_TCP: usize = 256;
 
 /// Where parsed messages go: the call that owns the Call-ID, or the unrouted queue.
 #[derive(Clone)]
@@ -261,6 +270,8 @@ impl Endpoint {
                     conns: Mutex::default(),
                     tasks: Mutex::default(),
                     intake,
+                    inbound: AtomicUsize::new(0),
+                    refused: AtomicU64::new(0),
                 });
                 let receiver = tokio::spawn(accept_loop(listener, tcp.clone()));
                 (Wire::Tcp(tcp), local, receiver)
@@ -367,7 +378,7 @@ impl Endpoint {
                                     format!("TCP connect to {to} timed out"),
                                 )
                             })??;
-                        serve_connection(tcp, stream, to)
+                        serve_connection(tcp, stream, to, false)
                     }
                 };
                 conn.send(bytes.to_vec()).map_err(|_| {
@@ -390,7 +401,19 @@ async fn accept_loop(listener: TcpListener, tcp: Arc<TcpWire>) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                serve_connection(&tcp, stream, peer);
+                if tcp.inbound.load(Ordering::Relaxed) >= MAX_INBOUND_TCP {
+                    drop(stream);
+                    let refused = tcp.refused.fetch_add(1, Ordering::Relaxed) + 1;
+                    if refused % 1000 == 1 {
+                        tracing::warn!(
+                            %peer, refused,
+                            "refused a SIP TCP connection: {MAX_INBOUND_TCP} are open already"
+                        );
+                    }
+                    continue;
+                }
+                tcp.inbound.fetch_add(1, Ordering::Relaxed);
+                serve_connection(&tcp, stream, peer, true);
             }
             Err(e) => {
                 tracing::debug!(error = %e, "SIP TCP accept failed");
@@ -401,11 +424,13 @@ async fn accept_loop(listener: TcpListener, tcp: Arc<TcpWire>) {
 }
 
 /// Registers a connection under its peer's address and starts its writer and reader; responses to
-/// requests that came over it go back over it (§18.2.2).
+/// requests that came over it go back over it (§18.2.2). An `inbound` one (the peer opened it)
+/// counts against `MAX_INBOUND_TCP` until its reader ends.
 fn serve_connection(
     tcp: &Arc<TcpWire>,
     stream: TcpStream,
     peer: SocketAddr,
+    inbound: bool,
 ) -> mpsc::UnboundedSender<Vec<u8>> {
     let _ = stream.set_nodelay(true);
     let (mut reader, mut writer) = stream.into_split();
@@ -454,6 +479,9 @@ fn serve_connection(
         let mut conns = lock(&wire.conns);
         if conns.get(&peer).is_some_and(|c| c.same_channel(&mine)) {
             conns.remove(&peer);
+        }
+        if inbound {
+            wire.inbound.fetch_sub(1, Ordering::Relaxed);
         }
     });
     let mut tasks = lock(&tcp.tasks);
