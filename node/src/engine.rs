@@ -472,11 +472,7 @@ impl Engine for NodeEngine {
     }
 
     fn metrics_text(&self) -> String {
-        let sip = self.endpoint.stats();
-        let load = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
-        self.metrics.set_sip_malformed(load(&sip.dropped_malformed));
-        self.metrics
-            .set_sip_stray_answers_ended(load(&sip.ended_stray));
+        self.metrics.set_sip(self.endpoint.stats());
         self.metrics.set_rtp(&self.pacer);
         self.metrics.render(&self.cluster)
     }

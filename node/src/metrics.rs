@@ -65,6 +65,8 @@ pub struct Metrics {
     trunk_up: IntGauge,
     sip_malformed: IntGauge,
     sip_stray_answers_ended: IntGauge,
+    sip_shed: IntGauge,
+    sip_tcp_refused: IntGauge,
     rtp_streams: IntGauge,
     rtp_packets: IntCounter,
     /// The pacer's per-packet lateness (a histogram the pacer keeps; see `set_rtp`).
@@ -225,6 +227,20 @@ impl Metrics {
             "sip_stray_answers_ended",
             "2xx answers to INVITEs no call held any more (timed out, given up), ACKed and ended with BYE since the node started.",
         ));
+        let sip_shed = must(IntGauge::new(
+            "sip_shed_messages",
+            format!(
+                "SIP messages for no call (new requests, stray answers) dropped since the node started because {} were already waiting: a flood.",
+                crate::sip::endpoint::UNROUTED_QUEUE
+            ),
+        ));
+        let sip_tcp_refused = must(IntGauge::new(
+            "sip_tcp_connections_refused",
+            format!(
+                "SIP TCP connections closed as soon as accepted since the node started because {} opened by others were open already.",
+                crate::sip::endpoint::MAX_INBOUND_TCP
+            ),
+        ));
         let rtp_streams = must(IntGauge::new(
             "rtp_streams",
             "RTP streams the pacer is playing right now (one per call hearing the message).",
@@ -255,6 +271,8 @@ impl Metrics {
             Box::new(trunk_up.clone()),
             Box::new(sip_malformed.clone()),
             Box::new(sip_stray_answers_ended.clone()),
+            Box::new(sip_shed.clone()),
+            Box::new(sip_tcp_refused.clone()),
             Box::new(rtp_streams.clone()),
             Box::new(rtp_packets.clone()),
         ] {
@@ -283,6 +301,8 @@ impl Metrics {
             trunk_up,
             sip_malformed,
             sip_stray_answers_ended,
+            sip_shed,
+            sip_tcp_refused,
             rtp_streams,
             rtp_packets,
             rtp_lateness: Arc::default(),
@@ -373,12 +393,14 @@ impl Metrics {
         self.drill_mode.set(on as i64);
     }
 
-    pub fn set_sip_malformed(&self, n: u64) {
-        self.sip_malformed.set(n as i64);
-    }
-
-    pub fn set_sip_stray_answers_ended(&self, n: u64) {
-        self.sip_stray_answers_ended.set(n as i64);
+    /// Takes the SIP intake's counters.
+    pub fn set_sip(&self, stats: &crate::sip::endpoint::EndpointStats) {
+        let load =
+            |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed) as i64;
+        self.sip_malformed.set(load(&stats.dropped_malformed));
+        self.sip_stray_answers_ended.set(load(&stats.ended_stray));
+        self.sip_shed.set(load(&stats.dropped_busy));
+        self.sip_tcp_refused.set(load(&stats.refused_connections));
     }
 
     /// Takes the pacer's figures: streams playing, packets sent, and per-packet lateness (how

@@ -317,7 +317,7 @@ async fn register(
 /// no call holds any more (ACKed and ended, see [`StrayAnswers`]).
 async fn answer_unrouted(
     endpoint: Endpoint,
-    mut rx: mpsc::UnboundedReceiver<Inbound>,
+    mut rx: mpsc::Receiver<Inbound>,
     mut stray: StrayAnswers,
 ) {
     while let Some(Inbound { msg, from }) = rx.recv().await {

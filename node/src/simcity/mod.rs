@@ -159,7 +159,7 @@ impl SimCity {
 }
 
 /// New requests: INVITEs become phone calls; strays are answered so callers do not retransmit forever.
-async fn accept(shared: Arc<Shared>, mut rx: tokio::sync::mpsc::UnboundedReceiver<Inbound>) {
+async fn accept(shared: Arc<Shared>, mut rx: tokio::sync::mpsc::Receiver<Inbound>) {
     let mut recent: HashMap<String, Instant> = HashMap::new();
     while let Some(Inbound { msg, from }) = rx.recv().await {
         let SipMessage::Request(req) = msg else {

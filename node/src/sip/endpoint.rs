@@ -90,6 +90,12 @@ pub struct EndpointStats {
     pub dropped_stray: AtomicU64,
     /// Answers (2xx to an INVITE) for no call we know that were ACKed and ended with BYE.
     pub ended_stray: AtomicU64,
+    /// Messages for no call (new requests, stray answers) dropped because `UNROUTED_QUEUE` of them
+    /// were already waiting: a flood is shed here instead of growing memory; a UDP sender that
+    /// meant it retransmits.
+    pub dropped_busy: AtomicU64,
+    /// Connections others opened that were closed at once because `MAX_INBOUND_TCP` were open.
+    pub refused_connections: AtomicU64,
 }
 
 /// Which transport an endpoint speaks.
@@ -186,8 +192,6 @@ struct TcpWire {
     intake: Intake,
     /// Connections the other side opened that are still being read.
     inbound: AtomicUsize,
-    /// Connections closed at once because `MAX_INBOUND_TCP` were open.
-    refused: AtomicU64,
 }
 
 /// Most connections others may hold open to us at once. A trunk needs a handful (one per border
@@ -195,12 +199,17 @@ struct TcpWire {
 /// that a flood of connections cannot take the file descriptors the calls' RTP sockets need.
 pub const MAX_INBOUND_TCP: usize = 256;
 
+/// Most messages for no call (new INVITEs, stray requests and answers) waiting to be handled; past
+/// this they are dropped and counted (`EndpointStats::dropped_busy`). A node handles a few a
+/// second; the simulated city takes its INVITEs through here, at most a few thousand in a burst.
+pub const UNROUTED_QUEUE: usize = 4096;
+
 /// Where parsed messages go: the call that owns the Call-ID, or the unrouted queue.
 #[derive(Clone)]
 struct Intake {
     routes: Routes,
     stats: Arc<EndpointStats>,
-    unrouted: mpsc::UnboundedSender<Inbound>,
+    unrouted: mpsc::Sender<Inbound>,
 }
 
 /// The messages of one Call-ID; dropping it unregisters the call.
@@ -237,9 +246,7 @@ impl Drop for CallChannel {
 impl Endpoint {
     /// Binds `addr` and starts the receive loop. Requests for Call-IDs nobody registered (new INVITEs,
     /// stray BYEs, OPTIONS) arrive on the returned receiver.
-    pub async fn bind(
-        addr: SocketAddr,
-    ) -> io::Result<(Endpoint, mpsc::UnboundedReceiver<Inbound>)> {
+    pub async fn bind(addr: SocketAddr) -> io::Result<(Endpoint, mpsc::Receiver<Inbound>)> {
         Endpoint::bind_with(addr, Transport::Udp).await
     }
 
@@ -247,10 +254,10 @@ impl Endpoint {
     pub async fn bind_with(
         addr: SocketAddr,
         transport: Transport,
-    ) -> io::Result<(Endpoint, mpsc::UnboundedReceiver<Inbound>)> {
+    ) -> io::Result<(Endpoint, mpsc::Receiver<Inbound>)> {
         let routes: Routes = Arc::default();
         let stats = Arc::new(EndpointStats::default());
-        let (unrouted_tx, unrouted_rx) = mpsc::unbounded_channel();
+        let (unrouted_tx, unrouted_rx) = mpsc::channel(UNROUTED_QUEUE);
         let intake = Intake {
             routes: routes.clone(),
             stats: stats.clone(),
@@ -271,7 +278,6 @@ impl Endpoint {
                     tasks: Mutex::default(),
                     intake,
                     inbound: AtomicUsize::new(0),
-                    refused: AtomicU64::new(0),
                 });
                 let receiver = tokio::spawn(accept_loop(listener, tcp.clone()));
                 (Wire::Tcp(tcp), local, receiver)
@@ -403,7 +409,12 @@ async fn accept_loop(listener: TcpListener, tcp: Arc<TcpWire>) {
             Ok((stream, peer)) => {
                 if tcp.inbound.load(Ordering::Relaxed) >= MAX_INBOUND_TCP {
                     drop(stream);
-                    let refused = tcp.refused.fetch_add(1, Ordering::Relaxed) + 1;
+                    let refused = tcp
+                        .intake
+                        .stats
+                        .refused_connections
+                        .fetch_add(1, Ordering::Relaxed)
+                        + 1;
                     if refused % 1000 == 1 {
                         tracing::warn!(
                             %peer, refused,
@@ -665,6 +676,26 @@ async fn receive_loop(socket: Arc<UdpWire>, intake: Intake) {
 }
 
 impl Intake {
+    /// Queues a message for no call; false once nobody takes them (an answer then only counts
+    /// as stray: the receive loop goes on for the calls).
+    fn unroute(&self, inbound: Inbound) -> bool {
+        match self.unrouted.try_send(inbound) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.stats.dropped_busy.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(Inbound {
+                msg: SipMessage::Response(_),
+                ..
+            })) => {
+                self.stats.dropped_stray.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
     /// Parses one message and routes it by Call-ID; false once nobody takes unrouted requests.
     fn deliver(&self, bytes: &[u8], from: SocketAddr) -> bool {
         self.stats.received.fetch_add(1, Ordering::Relaxed);
@@ -690,22 +721,12 @@ impl Intake {
                 if let Err(mpsc::error::SendError(inbound)) = tx.send(inbound) {
                     // The call just ended; treat the message as unrouted.
                     if wants_an_answer(&inbound.msg) {
-                        let _ = self.unrouted.send(inbound);
+                        self.unroute(inbound);
                     }
                 }
                 true
             }
-            None if wants_an_answer(&inbound.msg) => match self.unrouted.send(inbound) {
-                Ok(()) => true,
-                Err(mpsc::error::SendError(Inbound {
-                    msg: SipMessage::Response(_),
-                    ..
-                })) => {
-                    self.stats.dropped_stray.fetch_add(1, Ordering::Relaxed);
-                    true
-                }
-                Err(_) => false,
-            },
+            None if wants_an_answer(&inbound.msg) => self.unroute(inbound),
             None => {
                 self.stats.dropped_stray.fetch_add(1, Ordering::Relaxed);
                 true
@@ -1101,5 +1122,81 @@ Call-ID: {call_id}\r\nCSeq: 7 INVITE\r\nContact: <sip:alert@127.0.0.1:5060>\r\nC
             tokio::time::timeout(Duration::from_millis(300), elsewhere.recv_from(&mut buf)).await;
         assert!(sent.is_err(), "a request to the forged answer's sender");
         assert_eq!(endpoint.stats().ended_stray.load(Ordering::Relaxed), 2);
+    }
+
+    /// A request for no call, from `from`, with its own Call-ID.
+    fn request_for_no_call(method: &str, call_id: &str, from: SocketAddr) -> String {
+        format!(
+            "{method} sip:x@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP {from};branch=z9hG4bK{call_id}\r\n\
+From: <sip:a@b>;tag=1\r\nTo: <sip:x@127.0.0.1>;tag=2\r\nCall-ID: {call_id}\r\nCSeq: 1 {method}\r\n\
+Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+        )
+    }
+
+    /// Messages for no call wait in a queue of `UNROUTED_QUEUE`, read here by nobody until the end:
+    /// past it they are dropped and counted, the receive loop goes on (a call's message still
+    /// arrives), and a message read off the queue makes room for one more.
+    #[tokio::test]
+    async fn a_flood_for_no_call_is_shed_past_the_queue_and_calls_still_hear_theirs() {
+        let (endpoint, mut unrouted) = Endpoint::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let to = endpoint.local_addr();
+        let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let from = peer.local_addr().unwrap();
+        let received = || endpoint.stats().received.load(Ordering::Relaxed);
+        let busy = || endpoint.stats().dropped_busy.load(Ordering::Relaxed);
+        // In batches the intake takes in before the next one goes, so the kernel drops none.
+        let mut sent = 0u64;
+        let send_batch = |first: u64, n: u64| {
+            let peer = &peer;
+            async move {
+                for i in first..first + n {
+                    let req = request_for_no_call("OPTIONS", &format!("flood-{i}"), from);
+                    peer.send_to(req.as_bytes(), to).await.unwrap();
+                }
+            }
+        };
+        let wait_received = |n: u64| async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while received() < n {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the endpoint took in {} of {n} datagrams",
+                    received()
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        let extra = 100u64;
+        let total = UNROUTED_QUEUE as u64 + extra;
+        while sent < total {
+            let n = 64.min(total - sent);
+            send_batch(sent, n).await;
+            sent += n;
+            wait_received(sent).await;
+        }
+        assert_eq!(busy(), extra);
+        // The receive loop goes on for the calls.
+        let mut call = endpoint.register("a-call");
+        let bye = request_for_no_call("BYE", "a-call", from);
+        peer.send_to(bye.as_bytes(), to).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), call.rx.recv()).await;
+        assert!(matches!(got, Ok(Some(_))), "the call's BYE did not arrive");
+        // Reading one makes room for one: the next is queued, the one after shed.
+        let first = unrouted.recv().await.unwrap();
+        assert_eq!(message::call_id(&first.msg), Some("flood-0"));
+        send_batch(sent, 2).await;
+        sent += 2;
+        wait_received(sent + 1).await;
+        assert_eq!(busy(), extra + 1);
+        let mut queued = 0;
+        let mut last = String::new();
+        while let Ok(m) = unrouted.try_recv() {
+            queued += 1;
+            last = message::call_id(&m.msg).unwrap_or_default().to_string();
+        }
+        assert_eq!(queued, UNROUTED_QUEUE);
+        assert_eq!(last, format!("flood-{}", total));
     }
 }
