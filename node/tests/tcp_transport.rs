@@ -139,3 +139,76 @@ Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
     ));
     drop(held);
 }
+
+/// A peer that asks and never reads what it is sent: past what the kernel holds and
+/// `TCP_SEND_QUEUE` more, sending to it fails, saying why, and the endpoint closes its side, so that
+/// the peer, reading at last, finds the end of the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_does_not_read_is_closed_not_queued_for() {
+    use campanile::sip::endpoint::{Endpoint, Transport, TCP_SEND_QUEUE};
+    let (endpoint, mut unrouted) =
+        Endpoint::bind_with("127.0.0.1:0".parse().unwrap(), Transport::Tcp)
+            .await
+            .unwrap();
+    let addr = endpoint.local_addr();
+    let mut client = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(
+            b"OPTIONS sip:x@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:9;branch=z9hG4bKc\r\n\
+From: <sip:a@b>;tag=1\r\nTo: <sip:x@127.0.0.1>\r\nCall-ID: tcp-3\r\nCSeq: 1 OPTIONS\r\n\
+Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
+        )
+        .unwrap();
+        s
+    })
+    .await
+    .unwrap();
+    // Its request arrived, so its connection is open on our side too.
+    let got = tokio::time::timeout(Duration::from_secs(5), unrouted.recv())
+        .await
+        .expect("the OPTIONS arrives")
+        .unwrap();
+    let peer = got.from;
+    // Answers of 16 KiB that the client never reads: the kernel's buffers take a few hundred.
+    let answer = vec![b'x'; 16 * 1024];
+    let most = 20_000;
+    let mut accepted = 0;
+    let err = loop {
+        match endpoint.send(&answer, peer).await {
+            Ok(()) => accepted += 1,
+            Err(e) => break e,
+        }
+        assert!(
+            accepted < most,
+            "{most} sends to a peer that does not read all succeeded"
+        );
+        // Let the writer move what the kernel still takes.
+        if accepted % 64 == 0 {
+            tokio::task::yield_now().await;
+        }
+    };
+    assert!(
+        accepted >= TCP_SEND_QUEUE,
+        "failed after {accepted} sends: {err}"
+    );
+    assert!(err.to_string().contains("does not read"), "{err}");
+    // Reading now, the client gets what was sent and then the end of the stream.
+    let read_all = tokio::task::spawn_blocking(move || {
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total = 0usize;
+        loop {
+            match client.read(&mut buf) {
+                Ok(0) => return Ok(total),
+                Ok(n) => total += n,
+                Err(e) => return Err(format!("after {total} bytes: {e}")),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let total = read_all.expect("the endpoint closed its side of the connection");
+    assert!(total > 0 && total <= accepted * answer.len());
+}

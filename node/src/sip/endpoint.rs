@@ -187,7 +187,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Open TCP connections by remote address: a writer queue each, and the tasks that serve them.
 struct TcpWire {
-    conns: Mutex<HashMap<SocketAddr, mpsc::UnboundedSender<Vec<u8>>>>,
+    conns: Mutex<HashMap<SocketAddr, Conn>>,
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
     intake: Intake,
     /// Connections the other side opened that are still being read.
@@ -198,6 +198,18 @@ struct TcpWire {
 /// controller that sends us requests); past this a new one is closed as soon as it is accepted, so
 /// that a flood of connections cannot take the file descriptors the calls' RTP sockets need.
 pub const MAX_INBOUND_TCP: usize = 256;
+
+/// Most messages waiting to be written to one TCP connection, beyond what the kernel holds. A peer
+/// that lets more pile up is not reading what it asked for: its connection is closed rather than
+/// let grow our memory.
+pub const TCP_SEND_QUEUE: usize = 1024;
+
+/// An open TCP connection: its writer's queue, and the writer.
+#[derive(Clone)]
+struct Conn {
+    tx: mpsc::Sender<Vec<u8>>,
+    writer: tokio::task::AbortHandle,
+}
 
 /// Most messages for no call (new INVITEs, stray requests and answers) waiting to be handled; past
 /// this they are dropped and counted (`EndpointStats::dropped_busy`). A node handles a few a
@@ -371,7 +383,7 @@ impl Endpoint {
             Wire::Tcp(tcp) => {
                 let open = lock(&tcp.conns)
                     .get(&to)
-                    .filter(|c| !c.is_closed())
+                    .filter(|c| !c.tx.is_closed())
                     .cloned();
                 let conn = match open {
                     Some(c) => c,
@@ -387,12 +399,25 @@ impl Endpoint {
                         serve_connection(tcp, stream, to, false)
                     }
                 };
-                conn.send(bytes.to_vec()).map_err(|_| {
-                    io::Error::new(
+                match conn.tx.try_send(bytes.to_vec()) {
+                    Ok(()) => Ok(()),
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        // Stopping the writer closes our side; the peer's requests are still read.
+                        conn.writer.abort();
+                        forget_conn(tcp, to, &conn.tx);
+                        Err(io::Error::new(
+                            io::ErrorKind::WouldBlock,
+                            format!(
+                                "closed the TCP connection to {to}: {TCP_SEND_QUEUE} messages \
+                                 were waiting for it, the peer does not read"
+                            ),
+                        ))
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => Err(io::Error::new(
                         io::ErrorKind::BrokenPipe,
                         format!("TCP connection to {to} closed"),
-                    )
-                })
+                    )),
+                }
             }
         }
     }
@@ -442,11 +467,10 @@ fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
     inbound: bool,
-) -> mpsc::UnboundedSender<Vec<u8>> {
+) -> Conn {
     let _ = stream.set_nodelay(true);
     let (mut reader, mut writer) = stream.into_split();
-    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
-    lock(&tcp.conns).insert(peer, tx.clone());
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(TCP_SEND_QUEUE);
     let write_task = tokio::spawn(async move {
         while let Some(bytes) = rx.recv().await {
             if writer.write_all(&bytes).await.is_err() {
@@ -454,6 +478,11 @@ fn serve_connection(
             }
         }
     });
+    let conn = Conn {
+        tx: tx.clone(),
+        writer: write_task.abort_handle(),
+    };
+    lock(&tcp.conns).insert(peer, conn.clone());
     let wire = tcp.clone();
     let mine = tx.clone();
     let read_task = tokio::spawn(async move {
@@ -485,12 +514,8 @@ fn serve_connection(
                 }
             }
         }
-        // Forget the connection (unless a newer one to the same peer replaced it); the writer ends
-        // when its queue's last sender is gone.
-        let mut conns = lock(&wire.conns);
-        if conns.get(&peer).is_some_and(|c| c.same_channel(&mine)) {
-            conns.remove(&peer);
-        }
+        // The writer ends when its queue's last sender is gone.
+        forget_conn(&wire, peer, &mine);
         if inbound {
             wire.inbound.fetch_sub(1, Ordering::Relaxed);
         }
@@ -499,7 +524,15 @@ fn serve_connection(
     tasks.retain(|t| !t.is_finished());
     tasks.push(write_task.abort_handle());
     tasks.push(read_task.abort_handle());
-    tx
+    conn
+}
+
+/// Forgets the connection to `peer` unless a newer one to the same peer replaced it.
+fn forget_conn(tcp: &TcpWire, peer: SocketAddr, tx: &mpsc::Sender<Vec<u8>>) {
+    let mut conns = lock(&tcp.conns);
+    if conns.get(&peer).is_some_and(|c| c.tx.same_channel(tx)) {
+        conns.remove(&peer);
+    }
 }
 
 /// Sends BYE inside `dialog` and waits, at most `give_up`, for its final response; returns true when the
