@@ -8,6 +8,7 @@ mod common;
 use std::io::{Read, Write};
 use std::time::Duration;
 
+use campanile::sip::endpoint::{Endpoint, Inbound, Transport};
 use common::{campanile_call, start_sipp_tcp};
 
 #[test]
@@ -19,13 +20,34 @@ fn a_call_over_tcp_completes_for_sipp() {
     assert_eq!(sipp.stat("SuccessfulCall(C)"), Some(1));
 }
 
+/// An endpoint listening on TCP on a free loopback port, and its queue of messages for no call.
+async fn tcp_endpoint() -> (Endpoint, tokio::sync::mpsc::Receiver<Inbound>) {
+    Endpoint::bind_with("127.0.0.1:0".parse().unwrap(), Transport::Tcp)
+        .await
+        .unwrap()
+}
+
+/// An OPTIONS for no call, as a peer sends it on its connection.
+fn options(call_id: &str) -> Vec<u8> {
+    format!(
+        "OPTIONS sip:x@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:9;branch=z9hG4bK{call_id}\r\n\
+From: <sip:a@b>;tag=1\r\nTo: <sip:x@127.0.0.1>\r\nCall-ID: {call_id}\r\nCSeq: 1 OPTIONS\r\n\
+Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+/// The next message for no call, within 5 s.
+async fn next_unrouted(rx: &mut tokio::sync::mpsc::Receiver<Inbound>) -> Inbound {
+    tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("a request arrives within 5 s")
+        .expect("the endpoint is open")
+}
+
 #[tokio::test]
 async fn garbage_on_a_tcp_connection_closes_it_and_the_endpoint_keeps_working() {
-    use campanile::sip::endpoint::{Endpoint, Transport};
-    let (endpoint, mut unrouted) =
-        Endpoint::bind_with("127.0.0.1:0".parse().unwrap(), Transport::Tcp)
-            .await
-            .unwrap();
+    let (endpoint, mut unrouted) = tcp_endpoint().await;
     let addr = endpoint.local_addr();
     let closed = tokio::task::spawn_blocking(move || {
         let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -49,20 +71,12 @@ async fn garbage_on_a_tcp_connection_closes_it_and_the_endpoint_keeps_working() 
     // The connection stays open (held here) until the request has arrived.
     let _open = tokio::task::spawn_blocking(move || {
         let mut s = std::net::TcpStream::connect(addr).unwrap();
-        s.write_all(
-            b"OPTIONS sip:x@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:9;branch=z9hG4bKa\r\n\
-From: <sip:a@b>;tag=1\r\nTo: <sip:x@127.0.0.1>\r\nCall-ID: tcp-1\r\nCSeq: 1 OPTIONS\r\n\
-Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
-        )
-        .unwrap();
+        s.write_all(&options("tcp-1")).unwrap();
         s
     })
     .await
     .unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(5), unrouted.recv())
-        .await
-        .expect("the OPTIONS arrives")
-        .unwrap();
+    let got = next_unrouted(&mut unrouted).await;
     assert!(matches!(
         got.msg,
         campanile::sip::message::SipMessage::Request(_)
@@ -86,11 +100,8 @@ fn closed_by_endpoint(s: &mut std::net::TcpStream, within: Duration) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_past_the_limit_are_closed_and_one_that_closed_makes_room() {
-    use campanile::sip::endpoint::{Endpoint, Transport, MAX_INBOUND_TCP};
-    let (endpoint, mut unrouted) =
-        Endpoint::bind_with("127.0.0.1:0".parse().unwrap(), Transport::Tcp)
-            .await
-            .unwrap();
+    use campanile::sip::endpoint::MAX_INBOUND_TCP;
+    let (endpoint, mut unrouted) = tcp_endpoint().await;
     let addr = endpoint.local_addr();
     let held = tokio::task::spawn_blocking(move || {
         let mut open: Vec<_> = (0..MAX_INBOUND_TCP)
@@ -104,7 +115,10 @@ async fn connections_past_the_limit_are_closed_and_one_that_closed_makes_room() 
             MAX_INBOUND_TCP + 1
         );
         // The limit's connections are all still open.
-        assert!(!closed_by_endpoint(&mut open[0], Duration::from_millis(200)));
+        assert!(!closed_by_endpoint(
+            &mut open[0],
+            Duration::from_millis(200)
+        ));
         // One closes; a new connection gets its place (once the endpoint has seen it close).
         drop(open.pop());
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -118,21 +132,12 @@ async fn connections_past_the_limit_are_closed_and_one_that_closed_makes_room() 
                 "no new connection was kept after one of the {MAX_INBOUND_TCP} closed"
             );
         };
-        fresh
-            .write_all(
-                b"OPTIONS sip:x@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:9;branch=z9hG4bKb\r\n\
-From: <sip:a@b>;tag=1\r\nTo: <sip:x@127.0.0.1>\r\nCall-ID: tcp-2\r\nCSeq: 1 OPTIONS\r\n\
-Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
-            )
-            .unwrap();
+        fresh.write_all(&options("tcp-2")).unwrap();
         (open, fresh)
     })
     .await
     .unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(5), unrouted.recv())
-        .await
-        .expect("the OPTIONS on the new connection arrives")
-        .unwrap();
+    let got = next_unrouted(&mut unrouted).await;
     assert!(matches!(
         got.msg,
         campanile::sip::message::SipMessage::Request(_)
@@ -145,29 +150,18 @@ Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
 /// the peer, reading at last, finds the end of the stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_does_not_read_is_closed_not_queued_for() {
-    use campanile::sip::endpoint::{Endpoint, Transport, TCP_SEND_QUEUE};
-    let (endpoint, mut unrouted) =
-        Endpoint::bind_with("127.0.0.1:0".parse().unwrap(), Transport::Tcp)
-            .await
-            .unwrap();
+    use campanile::sip::endpoint::TCP_SEND_QUEUE;
+    let (endpoint, mut unrouted) = tcp_endpoint().await;
     let addr = endpoint.local_addr();
     let mut client = tokio::task::spawn_blocking(move || {
         let mut s = std::net::TcpStream::connect(addr).unwrap();
-        s.write_all(
-            b"OPTIONS sip:x@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:9;branch=z9hG4bKc\r\n\
-From: <sip:a@b>;tag=1\r\nTo: <sip:x@127.0.0.1>\r\nCall-ID: tcp-3\r\nCSeq: 1 OPTIONS\r\n\
-Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
-        )
-        .unwrap();
+        s.write_all(&options("tcp-3")).unwrap();
         s
     })
     .await
     .unwrap();
     // Its request arrived, so its connection is open on our side too.
-    let got = tokio::time::timeout(Duration::from_secs(5), unrouted.recv())
-        .await
-        .expect("the OPTIONS arrives")
-        .unwrap();
+    let got = next_unrouted(&mut unrouted).await;
     let peer = got.from;
     // Answers of 16 KiB that the client never reads: the kernel's buffers take a few hundred.
     let answer = vec![b'x'; 16 * 1024];
