@@ -82,6 +82,40 @@ pub fn free_port_runs(count: usize, len: u16) -> Vec<SocketAddr> {
     panic!("no {count} runs of {len} free loopback ports in 1000 tries");
 }
 
+/// A test's working directory (nodes' data and logs, the city's ground truth): removed when the
+/// test passes, kept when it fails, with its path on stderr, so a failure that shows once in ten
+/// runs can be read afterwards instead of being deleted with it.
+pub struct TestDir(Option<tempfile::TempDir>);
+
+impl TestDir {
+    pub fn path(&self) -> &Path {
+        self.0.as_ref().map_or(Path::new(""), |d| d.path())
+    }
+}
+
+/// A fresh [`TestDir`] under the system's temporary directory.
+pub fn test_dir() -> TestDir {
+    TestDir(Some(
+        tempfile::Builder::new()
+            .prefix("campanile-test-")
+            .tempdir()
+            .unwrap_or_else(|e| panic!("cannot create a test directory: {e}")),
+    ))
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if let Some(d) = self.0.take() {
+            if std::thread::panicking() {
+                eprintln!(
+                    "the failed test's directory is kept: {}",
+                    d.keep().display()
+                );
+            }
+        }
+    }
+}
+
 /// A child process killed (SIGKILL) and reaped when dropped.
 pub struct Proc {
     pub name: String,

@@ -194,7 +194,7 @@ fn seed(node: &NodeProc) {
 #[test]
 fn every_api_answer_matches_the_openapi_document_under_fuzzing() {
     let st = schemathesis();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let city = SimCityProc::start(dir.path(), "always-answer", 11).unwrap();
     let mut node = NodeProc::start(
         &dir.path().join("node"),

@@ -9,7 +9,7 @@ use serde_json::json;
 
 #[test]
 fn from_the_deadline_nobody_is_called_and_the_unreached_end_exhausted() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     // Nobody answers: every citizen would be called again and again until the attempts run out.
     let profile = dir.path().join("nobody-answers.toml");
     std::fs::write(
@@ -67,7 +67,7 @@ fn from_the_deadline_nobody_is_called_and_the_unreached_end_exhausted() {
 
 #[test]
 fn an_emergency_with_a_deadline_rings_past_its_attempt_budget_until_the_deadline() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let profile = dir.path().join("nobody-answers.toml");
     std::fs::write(
         &profile,

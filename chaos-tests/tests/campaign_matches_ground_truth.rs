@@ -10,7 +10,7 @@ use serde_json::json;
 
 #[test]
 fn realistic_city_every_subscriber_final_and_confirmed_only_where_a_phone_pressed_1() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let city = SimCityProc::start(dir.path(), "realistic", 7).unwrap();
     let node = NodeProc::start(
         dir.path(),
@@ -315,7 +315,7 @@ fn promtool_check(text: &str) -> String {
 /// phones, which press 1 only after hearing 3 s of it.
 #[test]
 fn a_node_told_to_send_rtp_with_sendto_plays_every_message() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let (node, _city) = campaign_sending_with(dir.path(), "sendto", "one sendto per datagram");
     let log = node.proc.log_text();
     assert!(!log.contains("io_uring"), "{log}");
@@ -327,7 +327,7 @@ fn a_node_told_to_send_rtp_with_sendto_plays_every_message() {
 /// message and press 1, and their keys come back to the calls' sockets.
 #[test]
 fn a_node_told_to_send_rtp_through_a_raw_socket_plays_every_message() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let (node, _city) = campaign_sending_with(dir.path(), "raw", "a raw IPv4 socket");
     let log = node.proc.log_text();
     assert!(!log.contains("cannot open a raw socket"), "{log}");

@@ -27,7 +27,7 @@ fn role_of(view: &Value, id: u64) -> Option<String> {
 
 #[test]
 fn learners_snapshots_removal_backup_and_lost_quorum() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let plan = ClusterPlan::new(dir.path(), 4).unwrap();
     let city = SimCityProc::start(dir.path(), "always-answer", 1).unwrap();
     let trunk = format!("sip:{}", city.addr);
@@ -237,7 +237,7 @@ fn learners_snapshots_removal_backup_and_lost_quorum() {
 
 #[test]
 fn a_node_with_another_cas_certificate_cannot_join() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let plan = ClusterPlan::new(dir.path(), 2).unwrap();
     let city = SimCityProc::start(dir.path(), "always-answer", 1).unwrap();
     let trunk = format!("sip:{}", city.addr);

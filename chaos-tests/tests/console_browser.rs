@@ -85,7 +85,7 @@ async fn in_page(browser: &Browser, script: &str) -> Value {
 
 #[tokio::test]
 async fn an_operator_composes_a_second_approves_the_city_is_called_and_the_counters_move_live() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let city = SimCityProc::start(dir.path(), "always-answer", 11).unwrap();
     let node = NodeProc::start(
         &dir.path().join("node"),
@@ -262,7 +262,7 @@ async fn an_operator_composes_a_second_approves_the_city_is_called_and_the_count
 
 #[tokio::test]
 async fn a_citizen_registers_on_the_portal_and_verifies_the_number_with_the_code_the_call_reads() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     // Phones that note down a code they hear, as a citizen would.
     let profile = dir.path().join("listening-city.toml");
     std::fs::write(&profile, "hear_codes = true\n").unwrap();
@@ -403,7 +403,7 @@ fn tone_wav(path: &Path) {
 
 #[tokio::test]
 async fn an_operator_uploads_a_wav_or_records_from_the_microphone_and_the_city_hears_it() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let city = SimCityProc::start(dir.path(), "always-answer", 3).unwrap();
     let node = NodeProc::start(
         &dir.path().join("node"),

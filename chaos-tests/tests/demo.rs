@@ -9,7 +9,7 @@ use campanile_chaos_tests::*;
 
 #[test]
 fn the_demo_runs_a_three_node_alert_to_the_end() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     // Node N takes the HTTP and SIP ports of node 1 plus N-1.
     let ports = free_port_runs(3, 3);
     let out = Command::new(campanile_bin())

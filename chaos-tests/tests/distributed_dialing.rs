@@ -133,7 +133,7 @@ fn small_campaign(dir: &std::path::Path, seed: u64) -> (SimCityProc, Vec<NodePro
 /// A node with twice the trunk channels is given twice the partitions (and so twice the citizens).
 #[test]
 fn partitions_follow_each_node_s_trunk_capacity() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let city = SimCityProc::start(dir.path(), "realistic", 12).unwrap();
     let nodes = start_nodes(dir.path(), &city, &[20, 40, 20]);
     let held = wait_for("leases by capacity", Duration::from_secs(30), || {
@@ -159,7 +159,7 @@ fn tasks(node: &NodeProc, id: u64) -> Vec<Value> {
 
 #[test]
 fn three_nodes_share_the_city_and_agree_with_its_log() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let city = SimCityProc::start(dir.path(), "realistic", 11).unwrap();
     let nodes = start_three(dir.path(), &city, city_channels());
     let size = city_size();
@@ -286,7 +286,7 @@ fn assert_holds_nothing(node: &NodeProc, at: usize) {
 
 /// SIGKILLs one node (the leader, or a follower) once it has calls up, and checks what follows.
 fn kill_mid_campaign(leader: bool) {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let (city, mut nodes, id) = small_campaign(dir.path(), 12);
     let (victim_at, witness) = victim_and_witness(&nodes, leader);
     let victim = nodes[victim_at].sip.to_string();
@@ -340,7 +340,7 @@ fn the_leader_stopped_mid_campaign_hands_its_answered_calls_over_and_hangs_up_on
 /// stopped node in the middle of the message; nobody who was listening is called again; every
 /// citizen ends confirmed, and the stopped node holds no partition.
 fn stop_mid_campaign(leader: bool) {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let profile = dir.path().join("listeners.toml");
     std::fs::write(
         &profile,
@@ -400,7 +400,7 @@ fn stop_mid_campaign(leader: bool) {
 /// on it before the citizen's 1, nobody is called twice, and every citizen ends confirmed.
 #[test]
 fn a_phone_answered_as_the_stopping_node_cancels_is_handed_over_not_hung_up() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let profile = dir.path().join("cancel-answerers.toml");
     std::fs::write(
         &profile,
@@ -641,7 +641,7 @@ fn wait_quiet(nodes: &[NodeProc], id: u64) -> Value {
 
 #[test]
 fn pause_and_cancel_stop_every_node_within_a_second() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let city = SimCityProc::start(dir.path(), "always-answer", 13).unwrap();
     let nodes = start_three(dir.path(), &city, channels());
     nodes[0].import(1, 600).unwrap();
@@ -724,7 +724,7 @@ const MARGIN_MS: u64 = 1_000;
 
 #[test]
 fn a_node_cut_off_from_the_cluster_stops_dialing_and_the_others_take_its_partitions() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let (city, nodes, id) = small_campaign(dir.path(), 13);
 
     // Cut a node that is not the leader, once it has calls up: only its Raft traffic.
@@ -879,7 +879,7 @@ fn a_node_cut_off_from_the_cluster_stops_dialing_and_the_others_take_its_partiti
 /// calls at once, none left to hang up on silence, a 1 pressed counted, the campaign completed.
 #[test]
 fn a_lost_and_regained_quorum_leaves_no_citizen_in_a_silent_call() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let (city, nodes, id) = small_campaign(dir.path(), 14);
     let view = cluster_view(&nodes[0]).unwrap();
     let rafts: Vec<std::net::SocketAddr> = view["members"]

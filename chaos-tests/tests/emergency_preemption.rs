@@ -24,7 +24,7 @@ fn create_and_start(node: &NodeProc, zone: &str, priority: &str) -> u64 {
 
 #[test]
 fn an_emergency_takes_the_channels_of_an_information_campaign_at_once() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     // Phones ring and nobody answers, for two minutes.
     let profile = dir.path().join("ringing.toml");
     std::fs::write(

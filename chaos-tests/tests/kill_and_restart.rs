@@ -19,7 +19,7 @@ fn confirmed_set(node: &NodeProc, id: u64) -> Vec<String> {
 
 #[test]
 fn sigkill_mid_campaign_then_restart_loses_no_committed_outcome() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let city = SimCityProc::start(dir.path(), "always-answer", 3).unwrap();
     let mut node = NodeProc::start(
         dir.path(),

@@ -19,7 +19,7 @@ fn five_processes_survive_the_leader_being_killed_and_lose_no_acknowledged_write
 }
 
 fn survive_leader_kill(n: usize) {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let plan = ClusterPlan::new(dir.path(), n).unwrap();
     let city = SimCityProc::start(dir.path(), "always-answer", 1).unwrap();
     let trunk = format!("sip:{}", city.addr);

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 #[test]
 fn quiet_hours_hold_non_emergency_calls_and_let_emergencies_through() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let city = SimCityProc::start(dir.path(), "always-answer", 5).unwrap();
     let node = NodeProc::start(
         &dir.path().join("node"),

@@ -11,7 +11,7 @@ const CALLS: u64 = 10_000;
 
 #[test]
 fn sim_city_holds_ten_thousand_concurrent_calls_from_sipp() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     // Phones answer at once, never press, and do not hang up on SIPp's silence while it holds the call.
     let profile = dir.path().join("scale.toml");
     std::fs::write(

@@ -58,7 +58,7 @@ fn metric(node: &NodeProc, name: &str) -> Option<u64> {
 
 #[test]
 fn an_answer_after_the_invite_timed_out_is_acked_and_ended_with_bye() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let scenario = dir.path().join("late_answer.xml");
     std::fs::write(&scenario, LATE_ANSWER).unwrap();
     let sip = free_udp();

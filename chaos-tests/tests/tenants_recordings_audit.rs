@@ -53,7 +53,7 @@ fn subscriber(node: &NodeProc, tenant: &str, phone: &str) -> Value {
 
 #[test]
 fn a_second_tenant_records_a_message_calls_only_its_citizens_and_everything_is_audited() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let city = SimCityProc::start(dir.path(), "always-answer", 3).unwrap();
     let mut node = NodeProc::start(
         &dir.path().join("node"),

@@ -35,7 +35,7 @@ fn kill_carrier_then_alert(city: &mut SimCityProc, node: &NodeProc, start_on: &N
 
 #[test]
 fn a_dead_carrier_stops_dialing_and_its_return_resumes_it() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let mut city = SimCityProc::start(dir.path(), "always-answer", 1).unwrap();
     let addr = city.addr;
     let node = NodeProc::start(dir.path(), &pinging_config(), &format!("sip:{addr}")).unwrap();
@@ -77,7 +77,7 @@ fn a_dead_carrier_stops_dialing_and_its_return_resumes_it() {
 /// citizen instead of half of them waiting for the dead carrier.
 #[test]
 fn a_node_whose_carrier_is_dead_leaves_its_citizens_to_the_other_data_centre() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let (dir_a, dir_b) = (dir.path().join("city-a"), dir.path().join("city-b"));
     std::fs::create_dir_all(&dir_a).unwrap();
     std::fs::create_dir_all(&dir_b).unwrap();
