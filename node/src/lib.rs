@@ -15,3 +15,4 @@ pub mod node;
 pub mod simcity;
 pub mod sip;
 pub mod verify;
+pub mod watchdog;

@@ -60,6 +60,7 @@ pub struct Metrics {
     trunk_channels_max: IntGaugeVec,
     takeovers: IntCounterVec,
     parked: IntCounterVec,
+    stalls: HistogramVec,
     raft_applied: IntGauge,
     drill_mode: IntGauge,
     trunk_up: IntGauge,
@@ -206,6 +207,21 @@ impl Metrics {
         for fate in PARKED_FATES {
             parked.with_label_values(&[fate]);
         }
+        let stalls = must(HistogramVec::new(
+            HistogramOpts::new(
+                "stall_seconds",
+                "Times this node stopped running for 250 ms or more, by kind: the process not \
+                 scheduled, or the async runtime polling no task (leases, calls and audio wait).",
+            )
+            .buckets(vec![0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0]),
+            &["kind"],
+        ));
+        for kind in [
+            crate::watchdog::Stall::Process,
+            crate::watchdog::Stall::Runtime,
+        ] {
+            stalls.with_label_values(&[kind.label()]);
+        }
         let raft_applied = must(IntGauge::new(
             "raft_applied_index",
             "Index of the last Raft log entry applied on this node.",
@@ -266,6 +282,7 @@ impl Metrics {
             Box::new(trunk_channels_max.clone()),
             Box::new(takeovers.clone()),
             Box::new(parked.clone()),
+            Box::new(stalls.clone()),
             Box::new(raft_applied.clone()),
             Box::new(drill_mode.clone()),
             Box::new(trunk_up.clone()),
@@ -296,6 +313,7 @@ impl Metrics {
             trunk_channels_max,
             takeovers,
             parked,
+            stalls,
             raft_applied,
             drill_mode,
             trunk_up,
@@ -374,6 +392,13 @@ impl Metrics {
     /// Counts what became of a parked call: `fate` is one of [`PARKED_FATES`].
     pub fn parked(&self, fate: &str) {
         self.parked.with_label_values(&[fate]).inc();
+    }
+
+    /// Times a stall of this node (`kind`: `process` or `runtime`, see `watchdog`).
+    pub fn stalled(&self, kind: &str, length: Duration) {
+        self.stalls
+            .with_label_values(&[kind])
+            .observe(length.as_secs_f64());
     }
 
     /// Names this node's trunk (`trunk.name`) and its channel limit for the per-trunk series.

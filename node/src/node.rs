@@ -113,6 +113,7 @@ impl Node {
                 format!("cannot bind SIP on {} (sip.listen / --sip)", cfg.sip.listen)
             })?;
         let (shutdown, shutdown_rx) = watch::channel(false);
+        crate::watchdog::spawn(metrics.clone(), shutdown_rx.clone());
         // Answers to INVITEs no call holds any more come from where the INVITEs went.
         let stray = StrayAnswers::new(trunk.ip(), cfg.timers());
         let mut tasks = vec![tokio::spawn(answer_unrouted(
