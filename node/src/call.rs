@@ -1151,8 +1151,9 @@ impl Call<'_> {
                                     CallOutcome::HungUp { after }
                                 };
                             }
-                            // Keys already pressed win over the hang-up that followed them.
-                            if let Ok('1') = digits.try_recv() {
+                            // Keys pressed before the hang-up win over it, even those still
+                            // unread on the RTP socket.
+                            if late_one(&mut digits).await {
                                 break CallOutcome::Confirmed { after };
                             }
                             break match message_done_at {
@@ -1223,8 +1224,18 @@ impl Call<'_> {
         if let Some(s) = stream.take() {
             s.stop();
         }
-        let outcome = if remote_ended || handed_over {
-            // The dialog goes on at the node that took it over: no BYE from here.
+        let outcome = if handed_over {
+            // The dialog goes on at the node that took it over: no BYE from here. A 1 pressed
+            // as the call moved is still this node's to hear (the rest of the key's packets keep
+            // coming here), and the log takes it from a node that carried the attempt before.
+            if late_one(&mut digits).await {
+                CallOutcome::Confirmed {
+                    after: a.answered_at.elapsed(),
+                }
+            } else {
+                outcome
+            }
+        } else if remote_ended {
             outcome
         } else {
             // Keys pressed while our BYE is in flight still count: the citizen did hear the alert.
@@ -1398,6 +1409,23 @@ impl Call<'_> {
     ) -> Option<char> {
         self.hang_up(dialog).await;
         std::iter::from_fn(|| digits.try_recv().ok()).find(|d| *d == '1')
+    }
+}
+
+/// Whether the callee pressed 1 among the keys heard so far or still queued on the call's RTP
+/// socket, which its reader looks at every [`READ_INTERVAL`](crate::media::socket::READ_INTERVAL):
+/// waits for one more look. For a call leaving this node (the callee's BYE, a move to another
+/// node), whose key pressed a moment before must not be lost with it.
+async fn late_one(digits: &mut mpsc::UnboundedReceiver<char>) -> bool {
+    let until = tokio::time::Instant::now()
+        + crate::media::socket::READ_INTERVAL
+        + Duration::from_millis(20);
+    loop {
+        match tokio::time::timeout_at(until, digits.recv()).await {
+            Ok(Some('1')) => return true,
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => return false,
+        }
     }
 }
 
@@ -1636,6 +1664,110 @@ mod tests {
         );
         let outcome = tokio::time::timeout(Duration::from_secs(10), call).await;
         assert!(matches!(outcome, Ok(Ok(CallOutcome::Heard))), "{outcome:?}");
+    }
+
+    /// How an answered call leaves this node right after the callee's key reached its RTP socket.
+    #[derive(Clone, Copy, Debug)]
+    enum Leaves {
+        /// The callee hangs up.
+        Bye,
+        /// The cluster moves the call to another node (`HandoverHooks::let_go`).
+        LetGo,
+    }
+
+    /// Answers a call with telephone-event, waits for its audio, sends the first packet of a 1 to
+    /// its RTP socket and at once ends the call as `leaves` says; answers the call's outcome.
+    async fn one_then(leaves: Leaves) -> CallOutcome {
+        let phone = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let phone_addr = phone.local_addr().unwrap();
+        let media = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let (endpoint, _unrouted) = Endpoint::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let ctx = CallContext::new(endpoint);
+        // 10 s of message: the call is playing when the key comes.
+        let audio = crate::media::message::PreparedAudio::from_samples(vec![0; 80_000]);
+        let mut spec = CallSpec::plain("1000", phone_addr, audio);
+        spec.require_confirmation = true;
+        spec.listen_for_keys = true;
+        spec.confirm_wait = Duration::from_secs(10);
+        let (_abort, abort) = watch::channel(false);
+        let (let_go_tx, let_go) = watch::channel(false);
+        let (answered, _reports) = mpsc::unbounded_channel();
+        let hooks = HandoverHooks {
+            answered,
+            let_go,
+            stopping: Arc::default(),
+        };
+        let call =
+            tokio::spawn(async move { place_call_with(&ctx, &spec, abort, Some(hooks)).await });
+
+        let (invite, caller) = next_request(&phone).await;
+        let ours = sdp::parse_remote(&invite.body).unwrap().addr;
+        let port = media.local_addr().unwrap().port();
+        let answer = format!(
+            "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\
+             m=audio {port} RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\n\
+             a=rtpmap:101 telephone-event/8000\r\n"
+        );
+        let contact = format!("<sip:1000@{phone_addr}>");
+        let ok = response_to(
+            &invite,
+            200,
+            Some("phone"),
+            &[("Contact", contact.clone())],
+            Some(("application/sdp", answer.into_bytes())),
+        );
+        phone.send_to(&response_bytes(&ok), caller).await.unwrap();
+        // Our audio arrives: the call is in its media phase and its RTP reader runs.
+        let mut buf = [0u8; 1500];
+        tokio::time::timeout(Duration::from_secs(10), media.recv_from(&mut buf))
+            .await
+            .expect("audio within 10 s")
+            .unwrap();
+        let key = crate::media::dtmf::dtmf_packets('1', 5, 1, 160, 101);
+        media.send_to(&key[0], ours).await.unwrap();
+        match leaves {
+            Leaves::Bye => {
+                let mut dialog = Dialog::from_uas(&invite, "phone", &contact).unwrap();
+                let bye = dialog.build(Method::Bye, phone_addr).unwrap();
+                phone.send_to(&request_bytes(&bye), caller).await.unwrap();
+            }
+            Leaves::LetGo => {
+                let_go_tx.send_replace(true);
+            }
+        }
+        // The rest of the key's packets, 20 ms apart, as a phone sends them.
+        for p in &key[1..] {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            media.send_to(p, ours).await.unwrap();
+        }
+        tokio::time::timeout(Duration::from_secs(10), call)
+            .await
+            .expect("the call ends")
+            .unwrap()
+    }
+
+    /// A citizen who presses 1 and hangs up at once: the BYE comes while the key's packets still
+    /// wait on the RTP socket, which is read every 100 ms. The 1 counts.
+    #[tokio::test]
+    async fn a_one_pressed_just_before_the_callee_hangs_up_counts() {
+        let outcome = one_then(Leaves::Bye).await;
+        assert!(
+            matches!(outcome, CallOutcome::Confirmed { .. }),
+            "{outcome:?}"
+        );
+    }
+
+    /// The cluster moves the call to another node just as the citizen presses 1 (the rest of the
+    /// key's packets still come here): this node leaves without BYE, and with the citizen's 1.
+    #[tokio::test]
+    async fn a_one_pressed_as_the_call_moves_to_another_node_counts_here() {
+        let outcome = one_then(Leaves::LetGo).await;
+        assert!(
+            matches!(outcome, CallOutcome::Confirmed { .. }),
+            "{outcome:?}"
+        );
     }
 
     /// A port is reused by the next call: the last RFC 4733 packets of a key pressed on the earlier
