@@ -51,7 +51,13 @@ const GRACE_LEAD: Duration = Duration::from_millis(300);
 /// still move [`GRACE_LEAD`] before its own leases stop it (its last heartbeat plus a lease less the
 /// margin, when it lets go of its answered calls by itself): a leader failover does not move every
 /// live node's answered calls. A member it does not hear from is judged by its heartbeat alone, as before.
-#[derive(Debug, Clone)]
+///
+/// A heartbeat also counts from when this leader saw it arrive (`arrived`), not only from when its
+/// node sent it: a renewal is stamped when sent and applied a commit later, so under a slow log
+/// (a loaded machine, a slow disk) a live node renewing every 500 ms would look a second old and
+/// lose its answered calls to other nodes while it plays them. The same bound holds: its silence
+/// counts from no later than `valid_for_ms` after the heartbeat was sent.
+#[derive(Debug, Clone, Default)]
 pub(super) struct Leadership {
     pub since_ms: u64,
     pub reached: std::collections::BTreeSet<NodeId>,
@@ -59,15 +65,36 @@ pub(super) struct Leadership {
     /// (lease − margin − silence − [`GRACE_LEAD`]): its calls move [`GRACE_LEAD`] before its own
     /// leases stop it and it lets them go.
     pub valid_for_ms: u64,
+    /// Each node's last heartbeat (its send time) and when this leader saw it in the log.
+    pub arrived: BTreeMap<NodeId, (u64, u64)>,
 }
 
 impl Leadership {
     /// From when `node`, whose last heartbeat is `beat`, counts as silent.
     fn silent_from(&self, node: NodeId, beat: u64) -> u64 {
-        if !self.reached.contains(&node) {
-            return beat;
+        let mut from = beat;
+        if self.reached.contains(&node) {
+            from = from.max(self.since_ms);
         }
-        beat.max(self.since_ms.min(beat.saturating_add(self.valid_for_ms)))
+        if let Some((b, at)) = self.arrived.get(&node) {
+            if *b == beat {
+                from = from.max(*at);
+            }
+        }
+        beat.max(from.min(beat.saturating_add(self.valid_for_ms)))
+    }
+
+    /// Notes the heartbeats the log holds at `now`: one not seen at the last look arrived since
+    /// (counted from a look earlier, to be safe). At the first look of a leadership nobody knows
+    /// when the heartbeats arrived, and each counts from when it was sent.
+    fn note_arrivals(&mut self, beats: impl Iterator<Item = (NodeId, u64)>, now: u64, first: bool) {
+        let earliest = now.saturating_sub(LOOK_EVERY.as_millis() as u64);
+        for (node, beat) in beats {
+            if self.arrived.get(&node).map(|(b, _)| *b) != Some(beat) {
+                let at = if first { beat } else { earliest.max(beat) };
+                self.arrived.insert(node, (beat, at));
+            }
+        }
     }
 }
 
@@ -82,8 +109,8 @@ pub(super) async fn watch_silent_nodes(sh: Arc<Shared>, mut shutdown: watch::Rec
         .saturating_sub(Duration::from_millis(silence))
         .saturating_sub(GRACE_LEAD)
         .as_millis() as u64;
-    // The term this node leads in, and since when.
-    let mut led: Option<(u64, u64)> = None;
+    // The term this node leads in, and what it has seen since.
+    let mut led: Option<(u64, Leadership)> = None;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(LOOK_EVERY) => {}
@@ -97,18 +124,24 @@ pub(super) async fn watch_silent_nodes(sh: Arc<Shared>, mut shutdown: watch::Rec
             continue;
         };
         let now = now_ms();
-        let since_ms = match led {
-            Some((t, since)) if t == term => since,
-            _ => {
-                led = Some((term, now));
-                now
-            }
+        let first = !matches!(&led, Some((t, _)) if *t == term);
+        if first {
+            led = Some((
+                term,
+                Leadership {
+                    since_ms: now,
+                    valid_for_ms,
+                    ..Default::default()
+                },
+            ));
+        }
+        let Some((_, leadership)) = led.as_mut() else {
+            continue;
         };
-        let leadership = Leadership {
-            since_ms,
-            reached,
-            valid_for_ms,
-        };
+        leadership.reached = reached;
+        let beats: Vec<(NodeId, u64)> = sh.cluster.read(|s| s.heartbeats().collect());
+        leadership.note_arrivals(beats.into_iter(), now, first);
+        let leadership = leadership.clone();
         for (from, moves) in sh.cluster.read(|s| plan(s, now, silence, &leadership)) {
             let n = moves.len();
             let cmd = Command::HandOverCalls {
@@ -497,6 +530,7 @@ mod tests {
             since_ms: 0,
             reached: [NodeId(1), NodeId(2), NodeId(3)].into(),
             valid_for_ms: 1_000,
+            ..Default::default()
         };
         // Everyone is fresh: nothing moves.
         assert!(plan(&st, 1_500, 1_000, &steady).is_empty());
@@ -547,6 +581,7 @@ mod tests {
             since_ms,
             reached: reached.iter().map(|n| NodeId(*n)).collect(),
             valid_for_ms,
+            ..Default::default()
         };
         // Last heartbeats at 1,000; an election ends at 1,500, the new leader hears node 2 only.
         let l = lead(1_500, &[2]);
@@ -566,5 +601,47 @@ mod tests {
         assert_eq!(l.silent_from(NodeId(2), 1_000), 1_700);
         // A fresher heartbeat than the election counts as it is.
         assert_eq!(l.silent_from(NodeId(2), 2_700), 2_700);
+    }
+
+    /// A live node whose renewals (every 500 ms) take 900 ms to commit: each heartbeat is almost a
+    /// second old when the leader sees it, and it is never silent. Once they stop arriving it is,
+    /// and no later than its own leases stop it less [`GRACE_LEAD`].
+    #[test]
+    fn a_heartbeat_counts_from_its_arrival_but_no_later_than_the_node_s_own_lapse() {
+        let valid_for_ms = 3_000 - 1_000 - 1_000 - GRACE_LEAD.as_millis() as u64;
+        let node = NodeId(2);
+        // A leader elected at 10,000 that hears from the node.
+        let mut l = Leadership {
+            since_ms: 10_000,
+            reached: [node].into(),
+            valid_for_ms,
+            ..Default::default()
+        };
+        // The renewal sent at `sent` is in the log 900 ms later.
+        let last_in_log = |now: u64| (now - 900) / 500 * 500;
+        l.note_arrivals([(node, last_in_log(10_000))].into_iter(), 10_000, true);
+        for now in (10_100u64..=30_000).step_by(100) {
+            let beat = last_in_log(now);
+            l.note_arrivals([(node, beat)].into_iter(), now, false);
+            let from = l.silent_from(node, beat);
+            assert!(
+                from + 1_000 > now,
+                "silent at {now}: heartbeat {beat}, counted from {from}"
+            );
+        }
+        // The node dies: its last heartbeat (sent at 29,000) arrived at 29,900. By its send time it
+        // would count as silent from 29,000; by its arrival, from 29,700 (its own leases stop it
+        // at 31,000, and its calls must move 300 ms before, 1,000 of silence after 29,700).
+        let beat = last_in_log(30_000);
+        assert_eq!(beat, 29_000);
+        assert_eq!(l.silent_from(node, beat), 29_000 + valid_for_ms);
+        // A leader that knows no arrival (and does not hear from the node) counts it as sent.
+        let mut other = Leadership {
+            since_ms: 29_950,
+            valid_for_ms,
+            ..Default::default()
+        };
+        other.note_arrivals([(node, beat)].into_iter(), 29_950, true);
+        assert_eq!(other.silent_from(node, beat), 29_000);
     }
 }
