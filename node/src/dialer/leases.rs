@@ -63,6 +63,13 @@ impl Held {
             .collect()
     }
 
+    /// Whether this node may still dial partition `p` under `epoch` at `now`.
+    pub fn holds(&self, p: u16, epoch: u64, now: Instant) -> bool {
+        super::lock(&self.map)
+            .get(&p)
+            .is_some_and(|(e, until)| *e == epoch && *until > now)
+    }
+
     fn replace(&self, fresh: HashMap<u16, (u64, Instant)>) {
         *super::lock(&self.map) = fresh;
     }
@@ -409,6 +416,20 @@ mod tests {
         assert_eq!(load[&NodeId(2)], 129);
         let rest = plan_grants(&rest, &mut load, &weight);
         assert!(rest.iter().all(|(_, n)| *n == NodeId(1)), "{rest:?}");
+    }
+
+    #[test]
+    fn a_lease_is_held_under_its_own_epoch_until_it_lapses() {
+        let held = Held::default();
+        let now = Instant::now();
+        let until = now + Duration::from_secs(2);
+        held.replace([(7, (3, until))].into());
+        assert!(held.holds(7, 3, now));
+        assert!(!held.holds(7, 2, now), "an older epoch is another lease");
+        assert!(!held.holds(8, 3, now), "another partition");
+        assert!(!held.holds(7, 3, until), "lapsed at its end");
+        held.forget(&[7]);
+        assert!(!held.holds(7, 3, now), "released");
     }
 
     #[test]

@@ -747,7 +747,7 @@ fn start_call(sh: &Arc<Shared>, due: Due, audio: PreparedAudio) {
 /// Waits for a free channel for `due`, then for its turn under the trunk's calls-per-second limit.
 /// An emergency goes before the other waiting tasks; nothing goes while the trunk asks us to back
 /// off, and a pause that began while this task waited for its turn sends it back to wait. False when
-/// the task was stopped meanwhile or its campaign's deadline came.
+/// the task was stopped meanwhile, its lease lapsed or its campaign's deadline came.
 async fn take_channel(sh: &Shared, due: &Due, abort: &mut watch::Receiver<bool>) -> bool {
     loop {
         if !free_channel(sh, due, abort).await {
@@ -755,7 +755,15 @@ async fn take_channel(sh: &Shared, due: &Due, abort: &mut watch::Receiver<bool>)
         }
         let slot = lock(&sh.call_rate).reserve(std::time::Instant::now());
         tokio::time::sleep_until(slot.into()).await;
-        if *abort.borrow() || past_deadline(sh, due.key.0) {
+        // The lease is looked at here too, not only by the dialer's loop (`abort_unleased`, every
+        // 250 ms at most): the INVITE goes out now, and the margin before another node may be
+        // granted the partition is better spent on a node that runs late than on that loop.
+        let leased = sh.held.holds(
+            campanile_cluster::partition_of(due.key.1),
+            due.epoch,
+            std::time::Instant::now(),
+        );
+        if *abort.borrow() || !leased || past_deadline(sh, due.key.0) {
             return false;
         }
         if lock(&sh.gate)
