@@ -409,7 +409,7 @@ fn pacer_metrics_and_alert_series_are_exported(node: &NodeProc) {
         .flat_map(|l| l.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')))
         .filter(|w| w.starts_with("campanile_"))
         .collect();
-    assert_eq!(queried.len(), 6, "{queried:?}");
+    assert_eq!(queried.len(), 8, "{queried:?}");
     for name in queried {
         assert!(
             metrics.lines().any(|l| l.starts_with(name)),
@@ -426,7 +426,8 @@ fn alert_rules() -> std::path::PathBuf {
 
 /// The shipped alerting rules load in Prometheus (`promtool check rules`) and fire, and stay
 /// quiet, as their unit tests say (`promtool test rules`: a node down, a trunk down, RTP late at
-/// one node of three, a campaign whose calls are not answered, SIP traffic for no call shed).
+/// one node of three, a campaign whose calls are not answered, SIP traffic for no call shed, a
+/// node that stopped running for more than a second).
 #[test]
 fn the_shipped_alert_rules_pass_promtool_and_their_unit_tests() {
     let rules = alert_rules();
