@@ -299,6 +299,60 @@ pub fn events_by_number(events: &[Value]) -> BTreeMap<String, Vec<Value>> {
     m
 }
 
+/// One phone's events in the city's log, a line each: milliseconds since `t0`, the event, the
+/// calling node, the Call-ID's first characters and the event's other fields. For a failure's
+/// message, where the raw events would be ten times as long and cut off.
+pub fn city_story(events: &[Value], number: &str, t0: u64) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| e["number"] == number)
+        .map(|e| {
+            let t = e["t_ms"].as_u64().unwrap_or(0).saturating_sub(t0);
+            let call: String = e["call_id"]
+                .as_str()
+                .unwrap_or("")
+                .chars()
+                .take(6)
+                .collect();
+            let rest: Vec<String> = e
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(k, _)| {
+                    !matches!(
+                        k.as_str(),
+                        "t_ms" | "event" | "from" | "number" | "call_id" | "caller"
+                    )
+                })
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            format!(
+                "{t:>8} {:<12} {} {call} {}",
+                e["event"].as_str().unwrap_or("?"),
+                e["from"].as_str().unwrap_or("?"),
+                rest.join(" ")
+            )
+        })
+        .collect()
+}
+
+/// Every line of the nodes' logs about subscriber `id` (`subscriber=sub-<id>`), with the node's
+/// SIP address in front.
+pub fn node_lines_about(nodes: &[NodeProc], id: u64) -> Vec<String> {
+    let field = format!("subscriber=sub-{id}");
+    nodes
+        .iter()
+        .flat_map(|n| {
+            n.proc
+                .log_text()
+                .lines()
+                .filter(|l| l.split_whitespace().any(|w| w == field))
+                .map(|l| format!("{}: {}", n.sip, l.chars().take(400).collect::<String>()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 /// A running `campanile up` node with its data directory and API token.
 pub struct NodeProc {
     pub proc: Proc,
@@ -522,10 +576,13 @@ impl NodeProc {
     }
 
     /// Waits until the campaign is no longer running; returns its final view.
+    /// Polls the campaign until it is neither running nor paused. An answer other than 200 (a
+    /// read during an election is answered 503) is asked again, not taken for the campaign.
     pub fn wait_campaign_done(&self, id: u64, deadline: Duration) -> anyhow::Result<Value> {
         wait_for("the campaign to finish", deadline, || {
-            let (_, c) = self.get(&format!("/api/v1/campaigns/{id}")).ok()?;
-            (!matches!(c["state"].as_str(), Some("running" | "paused"))).then_some(c)
+            let (status, c) = self.get(&format!("/api/v1/campaigns/{id}")).ok()?;
+            (status == 200 && !matches!(c["state"].as_str(), Some("running" | "paused")))
+                .then_some(c)
         })
     }
 }

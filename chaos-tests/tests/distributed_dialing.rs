@@ -97,7 +97,9 @@ fn start_three(dir: &std::path::Path, city: &SimCityProc, channels: usize) -> Ve
 /// The nodes' log lines about leases and takeovers, for a failure's message: what went wrong with
 /// a run that had no fault injected is usually a lapse under load.
 fn trouble(nodes: &[NodeProc]) -> Vec<String> {
-    const SIGNS: [&str; 8] = [
+    const SIGNS: [&str; 10] = [
+        "not scheduled",
+        "ran no task",
         "lapsed",
         "cannot renew",
         "took",
@@ -151,6 +153,21 @@ fn partitions_follow_each_node_s_trunk_capacity() {
     eprintln!("partitions held by capacity 20/40/20: {held:?}");
 }
 
+/// What the city and the nodes' logs say about the citizen at `phone`, for a failure's message.
+fn story(events: &[Value], nodes: &[NodeProc], phone: &str, tasks: &[Value]) -> String {
+    let t0 = events.first().and_then(|e| e["t_ms"].as_u64()).unwrap_or(0);
+    let id = tasks
+        .iter()
+        .find(|t| t["phone"] == phone)
+        .and_then(|t| t["subscriber"].as_u64());
+    format!(
+        "{phone} in the city (ms since its first event):\n{}\n{phone} in the nodes' logs:\n{}",
+        city_story(events, phone, t0).join("\n"),
+        id.map(|id| node_lines_about(nodes, id).join("\n"))
+            .unwrap_or_default()
+    )
+}
+
 fn tasks(node: &NodeProc, id: u64) -> Vec<Value> {
     let (status, tasks) = node.get(&format!("/api/v1/campaigns/{id}/tasks")).unwrap();
     assert_eq!(status, 200, "{tasks}");
@@ -182,9 +199,9 @@ fn three_nodes_share_the_city_and_agree_with_its_log() {
         );
         if (state == "confirmed") != pressed.contains(phone) {
             panic!(
-                "{phone} ended {state}; pressed 1 per the city: {}\ntask: {t}\ncity: {:?}\nnodes: {:?}",
+                "{phone} ended {state}; pressed 1 per the city: {}\ntask: {t}\n{}\nnodes: {:?}",
                 pressed.contains(phone),
-                events_by_number(&events).get(phone),
+                story(&events, &nodes, phone, &tasks),
                 trouble(&nodes)
             );
         }
@@ -204,11 +221,14 @@ fn three_nodes_share_the_city_and_agree_with_its_log() {
     }
     let overlaps = overlapping_calls(&events);
     if !overlaps.is_empty() {
-        let by_number = events_by_number(&events);
         let first: Vec<_> = overlaps.iter().take(3).collect();
-        let city: Vec<_> = first.iter().map(|(n, _, _)| &by_number[n]).collect();
+        let stories: Vec<String> = first
+            .iter()
+            .map(|(n, _, _)| story(&events, &nodes, n, &tasks))
+            .collect();
         panic!(
-            "phones with two calls at once: {first:?}\ncity: {city:?}\nnodes: {:?}",
+            "phones with two calls at once: {first:?}\n{}\nnodes: {:?}",
+            stories.join("\n"),
             trouble(&nodes)
         );
     }

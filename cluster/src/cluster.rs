@@ -454,6 +454,13 @@ impl Cluster {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
+                // A read has no leader to be sent to: say what is wrong, not "send writes".
+                Err(ClusterError::NotLeader { leader: None }) => {
+                    return Err(ClusterError::NoQuorum(format!(
+                        "no Raft leader was known to confirm this read within {WRITE_TIMEOUT:?} \
+                         (an election under way, or no quorum); try again"
+                    )))
+                }
                 Err(e) => return Err(e),
             };
             let mut applied = self.applied();
