@@ -336,21 +336,26 @@ pub fn city_story(events: &[Value], number: &str, t0: u64) -> Vec<String> {
         .collect()
 }
 
-/// Every line of the nodes' logs about subscriber `id` (`subscriber=sub-<id>`), with the node's
+/// The lines of the nodes' logs that `keep` picks (cut at 400 characters), each with its node's
 /// SIP address in front.
-pub fn node_lines_about(nodes: &[NodeProc], id: u64) -> Vec<String> {
-    let field = format!("subscriber=sub-{id}");
+pub fn node_lines(nodes: &[NodeProc], keep: impl Fn(&str) -> bool) -> Vec<String> {
     nodes
         .iter()
         .flat_map(|n| {
             n.proc
                 .log_text()
                 .lines()
-                .filter(|l| l.split_whitespace().any(|w| w == field))
+                .filter(|l| keep(l))
                 .map(|l| format!("{}: {}", n.sip, l.chars().take(400).collect::<String>()))
                 .collect::<Vec<_>>()
         })
         .collect()
+}
+
+/// Every line of the nodes' logs about subscriber `id` (`subscriber=sub-<id>`).
+pub fn node_lines_about(nodes: &[NodeProc], id: u64) -> Vec<String> {
+    let field = format!("subscriber=sub-{id}");
+    node_lines(nodes, |l| l.split_whitespace().any(|w| w == field))
 }
 
 /// A running `campanile up` node with its data directory and API token.

@@ -109,17 +109,7 @@ fn trouble(nodes: &[NodeProc]) -> Vec<String> {
         "continuing",
         "could not take",
     ];
-    nodes
-        .iter()
-        .flat_map(|n| {
-            n.proc
-                .log_text()
-                .lines()
-                .filter(|l| SIGNS.iter().any(|s| l.contains(s)))
-                .map(|l| format!("{}: {l}", n.sip))
-                .collect::<Vec<_>>()
-        })
-        .collect()
+    node_lines(nodes, |l| SIGNS.iter().any(|s| l.contains(s)))
 }
 
 /// The failure tests' setup: the realistic city (`seed`), three nodes of `channels()` channels,
