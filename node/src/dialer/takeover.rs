@@ -57,7 +57,7 @@ const GRACE_LEAD: Duration = Duration::from_millis(300);
 /// (a loaded machine, a slow disk) a live node renewing every 500 ms would look a second old and
 /// lose its answered calls to other nodes while it plays them. The same bound holds: its silence
 /// counts from no later than `valid_for_ms` after the heartbeat was sent.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub(super) struct Leadership {
     pub since_ms: u64,
     pub reached: std::collections::BTreeSet<NodeId>,
@@ -139,10 +139,12 @@ pub(super) async fn watch_silent_nodes(sh: Arc<Shared>, mut shutdown: watch::Rec
             continue;
         };
         leadership.reached = reached;
-        let beats: Vec<(NodeId, u64)> = sh.cluster.read(|s| s.heartbeats().collect());
-        leadership.note_arrivals(beats.into_iter(), now, first);
-        let leadership = leadership.clone();
-        for (from, moves) in sh.cluster.read(|s| plan(s, now, silence, &leadership)) {
+        // The arrivals noted and the plan made on the same state.
+        let planned = sh.cluster.read(|s| {
+            leadership.note_arrivals(s.heartbeats(), now, first);
+            plan(s, now, silence, leadership)
+        });
+        for (from, moves) in planned {
             let n = moves.len();
             let cmd = Command::HandOverCalls {
                 at_ms: now,
