@@ -807,7 +807,10 @@ pub fn calls_by_number(events: &[Value]) -> BTreeMap<String, Vec<CallSpan>> {
 }
 
 /// The most calls each caller (a node's SIP address) had up at once, per the city's log. A call
-/// ending at the same millisecond as another starts is counted as ended first.
+/// ending at the same millisecond as another starts is counted as ended first. A call taken over
+/// by another node still counts for the node that placed it: its channel is on that node's trunk
+/// (the new owner's re-INVITE follows the call's route set), so a live node whose calls were moved
+/// away and which dials new ones in their place goes over its trunk's channels.
 pub fn peak_calls_by_caller(events: &[Value]) -> BTreeMap<String, usize> {
     let mut edges: BTreeMap<String, Vec<(u64, i32)>> = BTreeMap::new();
     for call in calls_by_number(events).into_values().flatten() {

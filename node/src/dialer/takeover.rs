@@ -4,10 +4,12 @@
 //! heartbeat. Its partitions move only when their leases expire (3 s), because a node that is merely
 //! cut off may still be dialing until its own clock says stop. An answered call cannot wait that
 //! long: the citizen is listening. So the leader watches heartbeats every 100 ms, and when a node
-//! has been silent for [`SILENCE`] it moves that node's answered calls (those with a committed
-//! dialog, `CallTask::handover`) to live nodes with one `HandOverCalls` entry. The new owner sends a
-//! re-INVITE inside the same dialog (same Call-ID and tags, a higher CSeq, its own Contact and
-//! media address) and continues the message on the same RTP stream where it should be by now.
+//! has been silent for [`SILENCE`] (by the leader's clock, and by the log's: other nodes'
+//! heartbeats that much newer than its last are in the log) it moves that node's answered calls
+//! (those with a committed dialog, `CallTask::handover`) to live nodes with one `HandOverCalls`
+//! entry. The new owner sends a re-INVITE inside the same dialog (same Call-ID and tags, a higher
+//! CSeq, its own Contact and media address) and continues the message on the same RTP stream where
+//! it should be by now.
 //!
 //! Fencing: the state machine refuses records about a moved call from anyone but its new owner,
 //! and a node that was only slow, not dead, sees the move in the log and leaves the call without
@@ -173,20 +175,30 @@ fn plan(
     silence: u64,
     leadership: &Leadership,
 ) -> Vec<(NodeId, Moves)> {
+    let heard: Vec<(NodeId, u64)> = s.heartbeats().collect();
+    // The log's own clock: the newest heartbeat it holds, from any node. A node is silent only
+    // once the log has moved on past its heartbeat, not merely the leader's clock: while the log
+    // itself stalls (a slow disk, a loaded machine, replication timing out) every renewal is late,
+    // and the node whose renewal happened to be due first would lose its answered calls to other
+    // nodes while it plays them.
+    let log_now = heard.iter().map(|(_, t)| *t).max().unwrap_or(0);
     // Each node with the time from which its silence counts.
-    let beats: Vec<(NodeId, u64)> = s
-        .heartbeats()
-        .map(|(n, t)| (n, leadership.silent_from(n, t)))
+    let beats: Vec<(NodeId, u64)> = heard
+        .iter()
+        .map(|(n, t)| (*n, leadership.silent_from(*n, *t)))
         .collect();
     // Past a few leases of silence the node's partitions have moved and every call it had in
     // flight was given back: nothing is left to look for (and a long-dead node is not scanned on
     // every round).
-    let silent: Vec<NodeId> = beats
+    let silent: Vec<NodeId> = heard
         .iter()
-        .filter(|(_, t)| {
-            t.saturating_add(silence) <= now && t.saturating_add(GIVE_UP_AFTER_MS) > now
+        .zip(&beats)
+        .filter(|((_, beat), (_, from))| {
+            from.saturating_add(silence) <= now
+                && from.saturating_add(GIVE_UP_AFTER_MS) > now
+                && beat.saturating_add(silence) <= log_now
         })
-        .map(|(n, _)| *n)
+        .map(|((n, _), _)| *n)
         .collect();
     if silent.is_empty() {
         return Vec::new();
@@ -453,9 +465,8 @@ mod tests {
         });
     }
 
-    #[test]
-    fn answered_calls_of_a_silent_node_go_to_the_least_busy_live_node() {
-        let mut st = State::default();
+    /// A campaign with three calls on `node`: subscribers 1 and 2 answered, 3 still ringing.
+    fn calls_on(st: &mut State, node: NodeId) {
         for n in 1..=3 {
             st.apply(&sub(n));
         }
@@ -522,9 +533,15 @@ mod tests {
         }
         st.apply(&Command::RecordAttempts {
             at_ms: 10,
-            node: NodeId(3),
+            node,
             events,
         });
+    }
+
+    #[test]
+    fn answered_calls_of_a_silent_node_go_to_the_least_busy_live_node() {
+        let mut st = State::default();
+        calls_on(&mut st, NodeId(3));
         beat(&mut st, 1, 1_000, 5);
         beat(&mut st, 2, 1_000, 0);
         beat(&mut st, 3, 1_000, 3);
@@ -568,6 +585,47 @@ mod tests {
                 (CampaignId(1), SubscriberId(1), NodeId(1)),
                 (CampaignId(1), SubscriberId(2), NodeId(1)),
             ]
+        );
+    }
+
+    /// The log stalls for a moment: nobody's renewal is committed, and by the leader's clock the
+    /// node whose renewal was due first has been silent a second. The log has not moved on past
+    /// its heartbeat, so its calls stay; once heartbeats a silence newer than its own are in the
+    /// log, they move.
+    #[test]
+    fn a_stalled_log_silences_nobody() {
+        let mut st = State::default();
+        calls_on(&mut st, NodeId(3));
+        beat(&mut st, 1, 1_000, 0);
+        beat(&mut st, 2, 1_150, 0);
+        beat(&mut st, 3, 700, 1);
+        let mut l = Leadership {
+            since_ms: 0,
+            reached: [NodeId(1), NodeId(2), NodeId(3)].into(),
+            valid_for_ms: 700,
+            ..Default::default()
+        };
+        // Each heartbeat arrived 100 ms after it was sent; the log has stood still since 1,250.
+        for (n, t) in [(1, 1_000), (2, 1_150), (3, 700)] {
+            l.arrived.insert(NodeId(n), (t, t + 100));
+        }
+        assert!(plan(&st, 1_700, 1_000, &l).is_empty(), "fresh by any clock");
+        assert!(
+            plan(&st, 2_100, 1_000, &l).is_empty(),
+            "silent by the leader's clock only: the log stalled"
+        );
+        // The log moves again with the others' renewals, and node 3's is not among them.
+        beat(&mut st, 1, 1_500, 0);
+        beat(&mut st, 2, 1_700, 0);
+        assert_eq!(
+            plan(&st, 2_100, 1_000, &l),
+            vec![(
+                NodeId(3),
+                vec![
+                    (CampaignId(1), SubscriberId(1), NodeId(1)),
+                    (CampaignId(1), SubscriberId(2), NodeId(2)),
+                ]
+            )]
         );
     }
 
