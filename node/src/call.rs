@@ -1228,7 +1228,11 @@ impl Call<'_> {
             // The dialog goes on at the node that took it over: no BYE from here. A 1 pressed
             // as the call moved is still this node's to hear (the rest of the key's packets keep
             // coming here), and the log takes it from a node that carried the attempt before.
+            // And the citizen who pressed it is not left in a call nobody plays to (a lapsed
+            // lease may have let it go with no node to continue it): this node hangs up, and a
+            // new owner's re-INVITE is answered 481 while the log keeps the 1.
             if late_one(&mut digits).await {
+                self.hang_up(a.dialog.clone()).await;
                 CallOutcome::Confirmed {
                     after: a.answered_at.elapsed(),
                 }
@@ -1677,7 +1681,8 @@ mod tests {
 
     /// Answers a call with telephone-event, waits for its audio, sends the first packet of a 1 to
     /// its RTP socket and at once ends the call as `leaves` says; answers the call's outcome.
-    async fn one_then(leaves: Leaves) -> CallOutcome {
+    /// The call's outcome, and whether the phone got a BYE from it after the key.
+    async fn one_then(leaves: Leaves) -> (CallOutcome, bool) {
         let phone = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let phone_addr = phone.local_addr().unwrap();
         let media = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -1742,32 +1747,50 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
             media.send_to(p, ours).await.unwrap();
         }
-        tokio::time::timeout(Duration::from_secs(10), call)
-            .await
-            .expect("the call ends")
-            .unwrap()
+        // The phone answers whatever the call still sends it.
+        let mut call = call;
+        let mut bye = false;
+        let ends = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                tokio::select! {
+                    done = &mut call => break done.unwrap(),
+                    (req, from) = next_request(&phone) => {
+                        if req.method == Method::Bye {
+                            bye = true;
+                            let ok = response_to(&req, 200, None, &[], None);
+                            phone.send_to(&response_bytes(&ok), from).await.unwrap();
+                        }
+                    }
+                }
+            }
+        });
+        let outcome = ends.await.expect("the call ends");
+        (outcome, bye)
     }
 
     /// A citizen who presses 1 and hangs up at once: the BYE comes while the key's packets still
     /// wait on the RTP socket, which is read every 100 ms. The 1 counts.
     #[tokio::test]
     async fn a_one_pressed_just_before_the_callee_hangs_up_counts() {
-        let outcome = one_then(Leaves::Bye).await;
+        let (outcome, bye) = one_then(Leaves::Bye).await;
         assert!(
             matches!(outcome, CallOutcome::Confirmed { .. }),
             "{outcome:?}"
         );
+        assert!(!bye, "the callee ended the dialog: no BYE of ours");
     }
 
-    /// The cluster moves the call to another node just as the citizen presses 1 (the rest of the
-    /// key's packets still come here): this node leaves without BYE, and with the citizen's 1.
+    /// The call is let go (moved to another node, or a lapsed lease) just as the citizen presses 1
+    /// (the rest of the key's packets still come here): this node keeps the citizen's 1, and hangs
+    /// up rather than leave the citizen in a call nobody may be playing to.
     #[tokio::test]
     async fn a_one_pressed_as_the_call_moves_to_another_node_counts_here() {
-        let outcome = one_then(Leaves::LetGo).await;
+        let (outcome, bye) = one_then(Leaves::LetGo).await;
         assert!(
             matches!(outcome, CallOutcome::Confirmed { .. }),
             "{outcome:?}"
         );
+        assert!(bye, "the citizen who pressed 1 is hung up on");
     }
 
     /// A port is reused by the next call: the last RFC 4733 packets of a key pressed on the earlier
