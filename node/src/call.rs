@@ -1242,17 +1242,19 @@ impl Call<'_> {
         } else if remote_ended {
             outcome
         } else {
-            // Keys pressed while our BYE is in flight still count: the citizen did hear the alert.
-            let late = self.hang_up_listening(a.dialog.clone(), &mut digits).await;
-            match (outcome, late) {
-                // Also when we hung up early (a lapsed lease, a cancel): a 1 is a 1.
-                (
-                    CallOutcome::NotConfirmed | CallOutcome::Heard | CallOutcome::Aborted,
-                    Some('1'),
-                ) => CallOutcome::Confirmed {
-                    after: a.answered_at.elapsed(),
-                },
-                (o, _) => o,
+            self.hang_up(a.dialog.clone()).await;
+            // Keys pressed just before our BYE (still unread on the RTP socket) or while it is in
+            // flight still count: the citizen did hear the alert. Also when we hung up early (a
+            // lapsed lease, a cancel): a 1 is a 1.
+            match outcome {
+                CallOutcome::NotConfirmed | CallOutcome::Heard | CallOutcome::Aborted
+                    if late_one(&mut digits).await =>
+                {
+                    CallOutcome::Confirmed {
+                        after: a.answered_at.elapsed(),
+                    }
+                }
+                o => o,
             }
         };
         drop(receiver);
@@ -1403,23 +1405,12 @@ impl Call<'_> {
         )
         .await;
     }
-
-    /// [`Call::hang_up`]; returns "1" if it was pressed meanwhile (the RTP receiver keeps queueing
-    /// keys until the call is over).
-    async fn hang_up_listening(
-        &mut self,
-        dialog: Dialog,
-        digits: &mut mpsc::UnboundedReceiver<char>,
-    ) -> Option<char> {
-        self.hang_up(dialog).await;
-        std::iter::from_fn(|| digits.try_recv().ok()).find(|d| *d == '1')
-    }
 }
 
 /// Whether the callee pressed 1 among the keys heard so far or still queued on the call's RTP
 /// socket, which its reader looks at every [`READ_INTERVAL`](crate::media::socket::READ_INTERVAL):
-/// waits for one more look. For a call leaving this node (the callee's BYE, a move to another
-/// node), whose key pressed a moment before must not be lost with it.
+/// waits for one more look. For a call ending without a 1 (the callee's BYE, our BYE, a move to
+/// another node), whose key pressed a moment before must not be lost with it.
 async fn late_one(digits: &mut mpsc::UnboundedReceiver<char>) -> bool {
     let until = tokio::time::Instant::now()
         + crate::media::socket::READ_INTERVAL
@@ -1677,11 +1668,13 @@ mod tests {
         Bye,
         /// The cluster moves the call to another node (`HandoverHooks::let_go`).
         LetGo,
+        /// The campaign is cancelled: we hang up.
+        Cancel,
     }
 
     /// Answers a call with telephone-event, waits for its audio, sends the first packet of a 1 to
-    /// its RTP socket and at once ends the call as `leaves` says; answers the call's outcome.
-    /// The call's outcome, and whether the phone got a BYE from it after the key.
+    /// its RTP socket and at once ends the call as `leaves` says; answers the call's outcome and
+    /// whether the phone got a BYE from it.
     async fn one_then(leaves: Leaves) -> (CallOutcome, bool) {
         let phone = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let phone_addr = phone.local_addr().unwrap();
@@ -1696,7 +1689,7 @@ mod tests {
         spec.require_confirmation = true;
         spec.listen_for_keys = true;
         spec.confirm_wait = Duration::from_secs(10);
-        let (_abort, abort) = watch::channel(false);
+        let (abort_tx, abort) = watch::channel(false);
         let (let_go_tx, let_go) = watch::channel(false);
         let (answered, _reports) = mpsc::unbounded_channel();
         let hooks = HandoverHooks {
@@ -1730,6 +1723,22 @@ mod tests {
             .await
             .expect("audio within 10 s")
             .unwrap();
+        // From now on the phone answers a BYE at once, as a phone on a LAN would.
+        let phone = Arc::new(phone);
+        let answering = phone.clone();
+        let bye = Arc::new(AtomicBool::new(false));
+        let got = bye.clone();
+        let answerer = tokio::spawn(async move {
+            loop {
+                let (req, from) = next_request(&answering).await;
+                if req.method == Method::Bye {
+                    got.store(true, Ordering::Relaxed);
+                    let ok = response_to(&req, 200, None, &[], None);
+                    answering.send_to(&response_bytes(&ok), from).await.unwrap();
+                    return;
+                }
+            }
+        });
         let key = crate::media::dtmf::dtmf_packets('1', 5, 1, 160, 101);
         media.send_to(&key[0], ours).await.unwrap();
         match leaves {
@@ -1741,31 +1750,21 @@ mod tests {
             Leaves::LetGo => {
                 let_go_tx.send_replace(true);
             }
+            Leaves::Cancel => {
+                abort_tx.send_replace(true);
+            }
         }
         // The rest of the key's packets, 20 ms apart, as a phone sends them.
         for p in &key[1..] {
             tokio::time::sleep(Duration::from_millis(20)).await;
             media.send_to(p, ours).await.unwrap();
         }
-        // The phone answers whatever the call still sends it.
-        let mut call = call;
-        let mut bye = false;
-        let ends = tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                tokio::select! {
-                    done = &mut call => break done.unwrap(),
-                    (req, from) = next_request(&phone) => {
-                        if req.method == Method::Bye {
-                            bye = true;
-                            let ok = response_to(&req, 200, None, &[], None);
-                            phone.send_to(&response_bytes(&ok), from).await.unwrap();
-                        }
-                    }
-                }
-            }
-        });
-        let outcome = ends.await.expect("the call ends");
-        (outcome, bye)
+        let outcome = tokio::time::timeout(Duration::from_secs(10), call)
+            .await
+            .expect("the call ends")
+            .unwrap();
+        answerer.abort();
+        (outcome, bye.load(Ordering::Relaxed))
     }
 
     /// A citizen who presses 1 and hangs up at once: the BYE comes while the key's packets still
@@ -1778,6 +1777,18 @@ mod tests {
             "{outcome:?}"
         );
         assert!(!bye, "the callee ended the dialog: no BYE of ours");
+    }
+
+    /// The campaign is cancelled just as the citizen presses 1: our BYE goes out and is answered
+    /// before the RTP socket is read again. The 1 counts.
+    #[tokio::test]
+    async fn a_one_pressed_just_before_our_bye_counts() {
+        let (outcome, bye) = one_then(Leaves::Cancel).await;
+        assert!(
+            matches!(outcome, CallOutcome::Confirmed { .. }),
+            "{outcome:?}"
+        );
+        assert!(bye);
     }
 
     /// The call is let go (moved to another node, or a lapsed lease) just as the citizen presses 1
