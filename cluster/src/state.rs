@@ -56,6 +56,10 @@ pub struct State {
     /// Each node's last lease renewal (its heartbeat), on its own clock.
     #[serde(default)]
     heartbeats: BTreeMap<NodeId, u64>,
+    /// The log's own clock: the newest time a node stamped on a heartbeat or an attempt record
+    /// the log holds (each on its node's clock). It stands still while the log does.
+    #[serde(default)]
+    log_clock_ms: u64,
     /// Each node's calls in progress at its last heartbeat.
     #[serde(default)]
     channels: BTreeMap<NodeId, u32>,
@@ -234,6 +238,7 @@ impl State {
                 node,
                 events,
             } => {
+                self.log_clock_ms = self.log_clock_ms.max(*at_ms);
                 let applied = events
                     .iter()
                     .filter(|e| self.record(*node, e, *at_ms))
@@ -346,6 +351,7 @@ impl State {
                 // must not move the heartbeat or a lease back.
                 let beat = self.heartbeats.entry(*node).or_insert(*at_ms);
                 *beat = (*beat).max(*at_ms);
+                self.log_clock_ms = self.log_clock_ms.max(*at_ms);
                 if let Some(n) = channels_in_use {
                     self.channels.insert(*node, *n);
                 }
@@ -1267,6 +1273,11 @@ impl State {
     /// Each node's last heartbeat (lease renewal), on its own clock.
     pub fn heartbeats(&self) -> impl Iterator<Item = (NodeId, u64)> + '_ {
         self.heartbeats.iter().map(|(n, t)| (*n, *t))
+    }
+
+    /// The newest time a node stamped on a heartbeat or an attempt record the log holds.
+    pub fn log_clock_ms(&self) -> u64 {
+        self.log_clock_ms
     }
 
     /// `due_tasks` restricted to the subscribers `mine` accepts (a node's leased partitions).

@@ -1225,12 +1225,12 @@ impl Call<'_> {
             s.stop();
         }
         let outcome = if handed_over {
-            // The dialog goes on at the node that took it over: no BYE from here. A 1 pressed
-            // as the call moved is still this node's to hear (the rest of the key's packets keep
-            // coming here), and the log takes it from a node that carried the attempt before.
-            // And the citizen who pressed it is not left in a call nobody plays to (a lapsed
-            // lease may have let it go with no node to continue it): this node hangs up, and a
-            // new owner's re-INVITE is answered 481 while the log keeps the 1.
+            // The dialog goes on at the node that takes it over: no BYE from here, unless the
+            // citizen pressed 1 as the call left. That 1 is still this node's to hear (the rest of
+            // the key's packets keep coming here), and the log takes it from a node that carried
+            // the attempt before. Then this node hangs up: nobody continues a confirmed call (a
+            // lapsed lease may have let it go with no node to take it), and a new owner's
+            // re-INVITE is answered 481 while the log keeps the 1.
             if late_one(&mut digits).await {
                 self.hang_up(a.dialog.clone()).await;
                 CallOutcome::Confirmed {

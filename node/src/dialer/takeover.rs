@@ -5,11 +5,11 @@
 //! cut off may still be dialing until its own clock says stop. An answered call cannot wait that
 //! long: the citizen is listening. So the leader watches heartbeats every 100 ms, and when a node
 //! has been silent for [`SILENCE`] (by the leader's clock, and by the log's: other nodes'
-//! heartbeats that much newer than its last are in the log) it moves that node's answered calls
-//! (those with a committed dialog, `CallTask::handover`) to live nodes with one `HandOverCalls`
-//! entry. The new owner sends a re-INVITE inside the same dialog (same Call-ID and tags, a higher
-//! CSeq, its own Contact and media address) and continues the message on the same RTP stream where
-//! it should be by now.
+//! heartbeats or attempt records that much newer than its last heartbeat are in the log) it moves
+//! that node's answered calls (those with a committed dialog, `CallTask::handover`) to live nodes
+//! with one `HandOverCalls` entry. The new owner sends a re-INVITE inside the same dialog (same
+//! Call-ID and tags, a higher CSeq, its own Contact and media address) and continues the message on
+//! the same RTP stream where it should be by now.
 //!
 //! Fencing: the state machine refuses records about a moved call from anyone but its new owner,
 //! and a node that was only slow, not dead, sees the move in the log and leaves the call without
@@ -176,12 +176,13 @@ fn plan(
     leadership: &Leadership,
 ) -> Vec<(NodeId, Moves)> {
     let heard: Vec<(NodeId, u64)> = s.heartbeats().collect();
-    // The log's own clock: the newest heartbeat it holds, from any node. A node is silent only
-    // once the log has moved on past its heartbeat, not merely the leader's clock: while the log
-    // itself stalls (a slow disk, a loaded machine, replication timing out) every renewal is late,
-    // and the node whose renewal happened to be due first would lose its answered calls to other
-    // nodes while it plays them.
-    let log_now = heard.iter().map(|(_, t)| *t).max().unwrap_or(0);
+    // A node is silent only once the log has moved on past its heartbeat (the log's own clock: the
+    // newest heartbeat or attempt record it holds, from any node), not merely the leader's clock:
+    // while the log itself stalls (a slow disk, a loaded machine, replication timing out) every
+    // renewal is late, and the node whose renewal happened to be due first would lose its answered
+    // calls to other nodes while it plays them. Attempt records, frequent while calls are up, move
+    // that clock soon after an election, before the next renewals.
+    let log_now = s.log_clock_ms();
     // Each node with the time from which its silence counts.
     let beats: Vec<(NodeId, u64)> = heard
         .iter()
@@ -590,8 +591,8 @@ mod tests {
 
     /// The log stalls for a moment: nobody's renewal is committed, and by the leader's clock the
     /// node whose renewal was due first has been silent a second. The log has not moved on past
-    /// its heartbeat, so its calls stay; once heartbeats a silence newer than its own are in the
-    /// log, they move.
+    /// its heartbeat, so its calls stay; once records a silence newer than its heartbeat are in
+    /// the log, they move.
     #[test]
     fn a_stalled_log_silences_nobody() {
         let mut st = State::default();
@@ -614,9 +615,14 @@ mod tests {
             plan(&st, 2_100, 1_000, &l).is_empty(),
             "silent by the leader's clock only: the log stalled"
         );
-        // The log moves again with the others' renewals, and node 3's is not among them.
+        // The log moves again, with node 1's next renewal and node 2's record of its calls (the
+        // newest), and node 3's renewal is not in it.
         beat(&mut st, 1, 1_500, 0);
-        beat(&mut st, 2, 1_700, 0);
+        st.apply(&Command::RecordAttempts {
+            at_ms: 1_700,
+            node: NodeId(2),
+            events: vec![],
+        });
         assert_eq!(
             plan(&st, 2_100, 1_000, &l),
             vec![(
