@@ -175,7 +175,6 @@ fn plan(
     silence: u64,
     leadership: &Leadership,
 ) -> Vec<(NodeId, Moves)> {
-    let heard: Vec<(NodeId, u64)> = s.heartbeats().collect();
     // A node is silent only once the log has moved on past its heartbeat (the log's own clock: the
     // newest heartbeat or attempt record it holds, from any node), not merely the leader's clock:
     // while the log itself stalls (a slow disk, a loaded machine, replication timing out) every
@@ -184,22 +183,22 @@ fn plan(
     // that clock soon after an election, before the next renewals.
     let log_now = s.log_clock_ms();
     // Each node with the time from which its silence counts.
-    let beats: Vec<(NodeId, u64)> = heard
-        .iter()
-        .map(|(n, t)| (*n, leadership.silent_from(*n, *t)))
+    let beats: Vec<(NodeId, u64)> = s
+        .heartbeats()
+        .map(|(n, t)| (n, leadership.silent_from(n, t)))
         .collect();
     // Past a few leases of silence the node's partitions have moved and every call it had in
     // flight was given back: nothing is left to look for (and a long-dead node is not scanned on
     // every round).
-    let silent: Vec<NodeId> = heard
-        .iter()
-        .zip(&beats)
-        .filter(|((_, beat), (_, from))| {
+    let silent: Vec<NodeId> = s
+        .heartbeats()
+        .filter(|(n, beat)| {
+            let from = leadership.silent_from(*n, *beat);
             from.saturating_add(silence) <= now
                 && from.saturating_add(GIVE_UP_AFTER_MS) > now
                 && beat.saturating_add(silence) <= log_now
         })
-        .map(|((n, _), _)| *n)
+        .map(|(n, _)| n)
         .collect();
     if silent.is_empty() {
         return Vec::new();
