@@ -20,6 +20,7 @@ command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 command -v zbarimg >/dev/null 2>&1 || need+=(zbar-tools)
 command -v tc >/dev/null 2>&1 || need+=(iproute2)
+command -v faketime >/dev/null 2>&1 || need+=(faketime)
 if [ "${#need[@]}" -gt 0 ]; then
   echo "test-all: installing ${need[*]}"
   SUDO=""

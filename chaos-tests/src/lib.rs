@@ -131,6 +131,17 @@ impl Proc {
         args: &[String],
         log: PathBuf,
     ) -> anyhow::Result<Proc> {
+        Proc::spawn_with_env(name, program, args, log, &[])
+    }
+
+    /// `spawn` with more environment variables.
+    pub fn spawn_with_env(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        log: PathBuf,
+        env: &[(String, String)],
+    ) -> anyhow::Result<Proc> {
         let out = std::fs::File::create(&log)?;
         let err = out.try_clone()?;
         let child = Command::new(program)
@@ -139,6 +150,7 @@ impl Proc {
             .stdout(out)
             .stderr(err)
             .env("CAMPANILE_LOG", "info,openraft=warn,sled=warn")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .spawn()
             .with_context(|| format!("cannot start {}", program.display()))?;
         Ok(Proc {
@@ -366,17 +378,24 @@ pub struct NodeProc {
     pub data: PathBuf,
     dir: PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     token: String,
 }
 
 /// Starts `campanile` with `args` and waits until its HTTP answers /healthz.
-fn launch(dir: &Path, args: &[String], http: SocketAddr) -> anyhow::Result<Proc> {
+fn launch(
+    dir: &Path,
+    args: &[String],
+    env: &[(String, String)],
+    http: SocketAddr,
+) -> anyhow::Result<Proc> {
     let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
-    let mut proc = Proc::spawn(
+    let mut proc = Proc::spawn_with_env(
         "campanile up",
         &campanile_bin(),
         args,
         dir.join(format!("node-{n}.out")),
+        env,
     )?;
     wait_for("the node's /healthz", Duration::from_secs(30), || {
         if let Some(s) = proc.try_exit() {
@@ -415,6 +434,17 @@ impl NodeProc {
         trunk: &str,
         extra: &[String],
     ) -> anyhow::Result<NodeProc> {
+        NodeProc::start_with_env(dir, config_toml, trunk, extra, &[])
+    }
+
+    /// `start_with` with more environment variables (kept for `restart`).
+    pub fn start_with_env(
+        dir: &Path,
+        config_toml: &str,
+        trunk: &str,
+        extra: &[String],
+        env: &[(String, String)],
+    ) -> anyhow::Result<NodeProc> {
         std::fs::create_dir_all(dir)?;
         let config = dir.join("campanile.toml");
         std::fs::write(&config, config_toml)?;
@@ -434,7 +464,7 @@ impl NodeProc {
             trunk.to_string(),
         ];
         let args: Vec<String> = args.into_iter().chain(extra.iter().cloned()).collect();
-        let proc = launch(dir, &args, http)?;
+        let proc = launch(dir, &args, env, http)?;
         let token = read_token(&data)?;
         Ok(NodeProc {
             proc,
@@ -443,6 +473,7 @@ impl NodeProc {
             data,
             dir: dir.to_path_buf(),
             args,
+            env: env.to_vec(),
             token,
         })
     }
@@ -454,7 +485,7 @@ impl NodeProc {
 
     /// Starts the node again on the same data directory and addresses.
     pub fn restart(&mut self) -> anyhow::Result<()> {
-        self.proc = launch(&self.dir, &self.args, self.http)?;
+        self.proc = launch(&self.dir, &self.args, &self.env, self.http)?;
         self.token = read_token(&self.data)?;
         Ok(())
     }
@@ -695,11 +726,23 @@ impl ClusterPlan {
 
     /// Starts member `id` with `config_toml`, dialing `trunk`.
     pub fn start(&self, id: usize, config_toml: &str, trunk: &str) -> anyhow::Result<NodeProc> {
-        NodeProc::start_with(
+        self.start_with_env(id, config_toml, trunk, &[])
+    }
+
+    /// `start` with more environment variables.
+    pub fn start_with_env(
+        &self,
+        id: usize,
+        config_toml: &str,
+        trunk: &str,
+        env: &[(String, String)],
+    ) -> anyhow::Result<NodeProc> {
+        NodeProc::start_with_env(
             &self.dir.join(format!("n{id}")),
             config_toml,
             trunk,
             &self.member_args(id)?,
+            env,
         )
     }
 }

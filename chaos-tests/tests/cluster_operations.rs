@@ -304,3 +304,91 @@ fn a_node_with_another_cas_certificate_cannot_join() {
     intruder.kill();
     drop(city);
 }
+
+/// libfaketime (Debian package `faketime`, which `scripts/test-all.sh` installs), preloaded to move
+/// one node's wall clock.
+fn libfaketime() -> String {
+    let found = [
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/lib",
+    ]
+    .iter()
+    .map(|d| format!("{d}/faketime/libfaketimeMT.so.1"))
+    .find(|p| std::path::Path::new(p).exists());
+    found.expect("libfaketime is missing: apt-get install faketime (scripts/test-all.sh does)")
+}
+
+/// `campanile_peer_clock_offset_seconds{peer="<peer>"}` on `node`'s /metrics, when it is there.
+fn clock_offset(node: &NodeProc, peer: u64) -> Option<f64> {
+    let text = node.text("/metrics").ok()?;
+    let series = format!("campanile_peer_clock_offset_seconds{{peer=\"{peer}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Waits until `node`'s log holds `needle`.
+fn wait_log(node: &NodeProc, needle: &str) {
+    wait_for(needle, Duration::from_secs(30), || {
+        node.proc.log_text().contains(needle).then_some(())
+    })
+    .unwrap();
+}
+
+/// Node 2's wall clock runs 2 s ahead (libfaketime reading its offset from a file the test rewrites;
+/// the monotonic clock is left alone), as after a broken NTP. Each node measures the other's clock
+/// over the cluster's QUIC connection, publishes it on /metrics and warns; once node 2's clock is
+/// put right both estimates come back and both nodes say so.
+#[test]
+fn a_member_whose_clock_is_off_is_reported_until_it_agrees_again() {
+    let dir = test_dir();
+    let plan = ClusterPlan::new(dir.path(), 2).unwrap();
+    let city = SimCityProc::start(dir.path(), "always-answer", 1).unwrap();
+    let trunk = format!("sip:{}", city.addr);
+    let config = fast_node_config(4);
+    let offset_file = dir.path().join("node2-clock");
+    std::fs::write(&offset_file, "+2s\n").unwrap();
+    let env: Vec<(String, String)> = [
+        ("LD_PRELOAD", libfaketime()),
+        ("FAKETIME_TIMESTAMP_FILE", offset_file.display().to_string()),
+        ("FAKETIME_CACHE_DURATION", "1".to_string()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let node1 = plan.start(1, &config, &trunk).unwrap();
+    wait_voters(&node1, 1, Duration::from_secs(30)).unwrap();
+    let node2 = plan.start_with_env(2, &config, &trunk, &env).unwrap();
+    wait_voters(&node1, 2, Duration::from_secs(60)).unwrap();
+
+    let measured = |node: &NodeProc, peer: u64, near: f64| {
+        wait_for(
+            &format!("node {peer}'s clock measured near {near} s"),
+            Duration::from_secs(60),
+            || clock_offset(node, peer).filter(|o| (o - near).abs() < 0.1),
+        )
+    };
+    let ahead = measured(&node1, 2, 2.0).unwrap();
+    let behind = measured(&node2, 1, -2.0).unwrap();
+    eprintln!("node 1 sees node 2 at {ahead:+.4} s, node 2 sees node 1 at {behind:+.4} s");
+    wait_log(&node1, "node 2's clock is 2.0");
+    wait_log(&node1, "s ahead of this node's");
+    wait_log(&node2, "node 1's clock is 2.0");
+    wait_log(&node2, "s behind this node's");
+    let rtt = node1.text("/metrics").unwrap();
+    assert!(
+        rtt.contains("campanile_peer_clock_rtt_seconds{peer=\"2\"}"),
+        "{rtt}"
+    );
+
+    // NTP puts node 2 right.
+    std::fs::write(&offset_file, "+0s\n").unwrap();
+    let right = measured(&node1, 2, 0.0).unwrap();
+    let right_too = measured(&node2, 1, 0.0).unwrap();
+    eprintln!("then node 1 sees node 2 at {right:+.4} s, node 2 sees node 1 at {right_too:+.4} s");
+    wait_log(&node1, "node 2's clock agrees with this node's again");
+    wait_log(&node2, "node 1's clock agrees with this node's again");
+    drop(city);
+}

@@ -169,6 +169,8 @@ struct Inner {
     db: Db,
     net: Option<MemberNet>,
     options: ClusterOptions,
+    /// The last probes of each other member's clock (`probe_clocks`).
+    clocks: std::sync::Mutex<BTreeMap<u64, crate::clock::ClockFilter>>,
 }
 
 /// The replicated state of this node.
@@ -284,6 +286,7 @@ impl Cluster {
                 db,
                 net: net.clone(),
                 options,
+                clocks: Default::default(),
             }),
         };
         if let Some(n) = &net {
@@ -728,6 +731,53 @@ impl Cluster {
                 (*id, node.addr.clone(), voters.contains(id), matched)
             })
             .collect()
+    }
+
+    /// Probes every other member's wall clock once (`clock::probe`, all at the same time) and
+    /// returns, per member, the estimate from its last few probes, or why this round's failed.
+    /// Nothing for a node that runs alone.
+    pub async fn probe_clocks(&self) -> Vec<(u64, Result<crate::clock::ClockSample, String>)> {
+        let Some(net) = &self.inner.net else {
+            return Vec::new();
+        };
+        let mut probes = tokio::task::JoinSet::new();
+        for (id, addr, _, _) in self.members() {
+            if id == self.inner.node_id.0 {
+                continue;
+            }
+            let endpoint = net.endpoint.clone();
+            probes.spawn(async move {
+                let sample = match addr.parse::<std::net::SocketAddr>() {
+                    Ok(a) => crate::clock::probe(&endpoint, id, a).await,
+                    Err(_) => Err(format!(
+                        "node {id}'s raft address `{addr}` is not host:port"
+                    )),
+                };
+                (id, sample)
+            });
+        }
+        let mut results = Vec::new();
+        while let Some(done) = probes.join_next().await {
+            if let Ok(r) = done {
+                results.push(r);
+            }
+        }
+        let mut clocks = self.inner.clocks.lock().unwrap_or_else(|e| e.into_inner());
+        // Members that left are forgotten.
+        clocks.retain(|id, _| results.iter().any(|(r, _)| r == id));
+        let mut estimates: Vec<_> = results
+            .into_iter()
+            .map(|(id, sample)| {
+                let filter = clocks.entry(id).or_default();
+                let estimate = sample.map(|s| {
+                    filter.push(s);
+                    filter.best().unwrap_or(s)
+                });
+                (id, estimate)
+            })
+            .collect();
+        estimates.sort_by_key(|(id, _)| *id);
+        estimates
     }
 
     /// Waits (at most `timeout`) until some node leads; returns its id.

@@ -14,6 +14,7 @@ pub mod state;
 pub use command::{Command, Imported, Refusal, Response};
 pub use domain::*;
 pub use state::State;
+pub mod clock;
 pub mod cluster;
 pub mod kv;
 pub mod network;

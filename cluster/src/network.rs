@@ -40,6 +40,8 @@ pub enum RaftRpc {
     Remove {
         node: RaftNodeId,
     },
+    /// Asks for the member's wall clock (`clock`). Answer: microseconds since the Unix epoch.
+    Clock,
 }
 
 /// How long a forwarded request waits for a connection to the leader.
@@ -52,21 +54,29 @@ pub async fn request_addr(
     rpc: &RaftRpc,
 ) -> Result<Vec<u8>, ForwardError> {
     let body = serde_json::to_vec(rpc).map_err(|e| ForwardError::NotSent(e.to_string()))?;
-    // A dead peer never answers the handshake: give up on it fast, the caller retries elsewhere.
-    let connecting = endpoint
-        .connect(addr, &addr.ip().to_string())
-        .map_err(|e| ForwardError::NotSent(e.to_string()))?;
-    let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
-        .await
-        .map_err(|_| {
-            ForwardError::NotSent(format!("{addr}: no answer within {CONNECT_TIMEOUT:?}"))
-        })?
-        .map_err(|e| ForwardError::NotSent(format!("{addr}: {e}")))?;
+    let conn = connect_addr(endpoint, addr).await?;
     let reply = tls::request(&conn, &body)
         .await
         .map_err(|e| ForwardError::Unknown(format!("{addr}: {e}")));
     conn.close(quinn::VarInt::from_u32(0), b"done");
     reply
+}
+
+/// A new connection to whoever listens at `addr`, as long as its certificate is the cluster's.
+pub async fn connect_addr(
+    endpoint: &quinn::Endpoint,
+    addr: std::net::SocketAddr,
+) -> Result<quinn::Connection, ForwardError> {
+    // A dead peer never answers the handshake: give up on it fast, the caller retries elsewhere.
+    let connecting = endpoint
+        .connect(addr, &addr.ip().to_string())
+        .map_err(|e| ForwardError::NotSent(e.to_string()))?;
+    tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        .await
+        .map_err(|_| {
+            ForwardError::NotSent(format!("{addr}: no answer within {CONNECT_TIMEOUT:?}"))
+        })?
+        .map_err(|e| ForwardError::NotSent(format!("{addr}: {e}")))
 }
 
 /// Why a forwarded request has no answer.
@@ -248,6 +258,7 @@ pub async fn serve<H: MemberHandler>(endpoint: quinn::Endpoint, raft: Raft<TypeC
                 Ok(RaftRpc::Write(cmd)) => serde_json::to_vec(&member.write(cmd).await),
                 Ok(RaftRpc::ReadIndex) => serde_json::to_vec(&member.read_index().await),
                 Ok(RaftRpc::Remove { node }) => serde_json::to_vec(&member.remove(node).await),
+                Ok(RaftRpc::Clock) => serde_json::to_vec(&crate::clock::wall_us()),
                 Err(e) => {
                     tracing::warn!(peer, error = %e, "unreadable request from a cluster peer");
                     Ok(Vec::new())

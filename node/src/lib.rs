@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod bench;
 pub mod call;
+pub mod clockwatch;
 pub mod config;
 pub mod demo;
 pub mod dialer;

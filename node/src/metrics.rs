@@ -61,6 +61,8 @@ pub struct Metrics {
     takeovers: IntCounterVec,
     parked: IntCounterVec,
     stalls: HistogramVec,
+    peer_clock_offset: GaugeVec,
+    peer_clock_rtt: GaugeVec,
     raft_applied: IntGauge,
     drill_mode: IntGauge,
     trunk_up: IntGauge,
@@ -222,6 +224,23 @@ impl Metrics {
         ] {
             stalls.with_label_values(&[kind.label()]);
         }
+        let peer_clock_offset = must(GaugeVec::new(
+            Opts::new(
+                "peer_clock_offset_seconds",
+                "Another member's wall clock minus this node's (positive: it is ahead), from the \
+                 quickest of its last probes over the cluster's QUIC connection; absent while the \
+                 member cannot be probed.",
+            ),
+            &["peer"],
+        ));
+        let peer_clock_rtt = must(GaugeVec::new(
+            Opts::new(
+                "peer_clock_rtt_seconds",
+                "Round trip of the probe behind campanile_peer_clock_offset_seconds (the offset's \
+                 error is at most half of it).",
+            ),
+            &["peer"],
+        ));
         let raft_applied = must(IntGauge::new(
             "raft_applied_index",
             "Index of the last Raft log entry applied on this node.",
@@ -283,6 +302,8 @@ impl Metrics {
             Box::new(takeovers.clone()),
             Box::new(parked.clone()),
             Box::new(stalls.clone()),
+            Box::new(peer_clock_offset.clone()),
+            Box::new(peer_clock_rtt.clone()),
             Box::new(raft_applied.clone()),
             Box::new(drill_mode.clone()),
             Box::new(trunk_up.clone()),
@@ -314,6 +335,8 @@ impl Metrics {
             takeovers,
             parked,
             stalls,
+            peer_clock_offset,
+            peer_clock_rtt,
             raft_applied,
             drill_mode,
             trunk_up,
@@ -399,6 +422,26 @@ impl Metrics {
         self.stalls
             .with_label_values(&[kind])
             .observe(length.as_secs_f64());
+    }
+
+    /// Another member's clock as last estimated (`clockwatch`), or `None` to drop its series
+    /// (it cannot be probed, or left the cluster).
+    pub fn set_peer_clock(&self, peer: u64, estimate: Option<(Duration, f64)>) {
+        let peer = peer.to_string();
+        match estimate {
+            Some((rtt, offset_s)) => {
+                self.peer_clock_offset
+                    .with_label_values(&[&peer])
+                    .set(offset_s);
+                self.peer_clock_rtt
+                    .with_label_values(&[&peer])
+                    .set(rtt.as_secs_f64());
+            }
+            None => {
+                let _ = self.peer_clock_offset.remove_label_values(&[&peer]);
+                let _ = self.peer_clock_rtt.remove_label_values(&[&peer]);
+            }
+        }
     }
 
     /// Names this node's trunk (`trunk.name`) and its channel limit for the per-trunk series.

@@ -116,11 +116,14 @@ impl Node {
         crate::watchdog::spawn(metrics.clone(), shutdown_rx.clone());
         // Answers to INVITEs no call holds any more come from where the INVITEs went.
         let stray = StrayAnswers::new(trunk.ip(), cfg.timers());
-        let mut tasks = vec![tokio::spawn(answer_unrouted(
-            endpoint.clone(),
-            unrouted,
-            stray,
-        ))];
+        let mut tasks = vec![
+            tokio::spawn(answer_unrouted(endpoint.clone(), unrouted, stray)),
+            tokio::spawn(crate::clockwatch::watch(
+                cluster.clone(),
+                metrics.clone(),
+                shutdown_rx.clone(),
+            )),
+        ];
 
         let ctx = CallContext {
             endpoint: endpoint.clone(),
