@@ -382,6 +382,32 @@ fn a_member_whose_clock_is_off_is_reported_until_it_agrees_again() {
         rtt.contains("campanile_peer_clock_rtt_seconds{peer=\"2\"}"),
         "{rtt}"
     );
+    // The cluster view and `campanile cluster status` show it as well.
+    let view = cluster_view(&node1).unwrap();
+    let offset_ms = view["members"]
+        .as_array()
+        .and_then(|ms| ms.iter().find(|m| m["id"] == 2))
+        .and_then(|m| m["clock_offset_ms"].as_f64());
+    assert!(
+        offset_ms.is_some_and(|ms| (ms - 2000.0).abs() < 100.0),
+        "{view}"
+    );
+    let table = campanile(&[
+        "cluster",
+        "status",
+        "--via",
+        &node1.http.to_string(),
+        "--token-file",
+        node1.data.join("admin-token").to_str().unwrap(),
+    ])
+    .unwrap();
+    let ends = |suffix: &str| {
+        table
+            .lines()
+            .filter(|l| l.trim_end().ends_with(suffix))
+            .count()
+    };
+    assert_eq!((ends("here"), ends(" s OFF")), (1, 1), "{table}");
 
     // NTP puts node 2 right.
     std::fs::write(&offset_file, "+0s\n").unwrap();

@@ -70,6 +70,11 @@ impl ClockFilter {
     }
 }
 
+/// The largest offset between members not warned about: two thirds of the 300 ms the takeover
+/// grace tolerates (the node's `dialer::takeover::GRACE_LEAD`), so the warning comes before that
+/// assumption breaks. Healthy NTP keeps a LAN's clocks within a few milliseconds.
+pub const TOLERATED: Duration = Duration::from_millis(200);
+
 /// How long one probe may take, connection included: a peer slower than this is not measured
 /// this round (a round trip that long would say little about its clock anyway).
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);

@@ -767,17 +767,31 @@ impl Cluster {
         clocks.retain(|id, _| results.iter().any(|(r, _)| r == id));
         let mut estimates: Vec<_> = results
             .into_iter()
-            .map(|(id, sample)| {
-                let filter = clocks.entry(id).or_default();
-                let estimate = sample.map(|s| {
+            .map(|(id, sample)| match sample {
+                Ok(s) => {
+                    let filter = clocks.entry(id).or_default();
                     filter.push(s);
-                    filter.best().unwrap_or(s)
-                });
-                (id, estimate)
+                    (id, Ok(filter.best().unwrap_or(s)))
+                }
+                Err(why) => {
+                    // Unreachable now: its estimate goes (it may come back with another clock).
+                    clocks.remove(&id);
+                    (id, Err(why))
+                }
             })
             .collect();
         estimates.sort_by_key(|(id, _)| *id);
         estimates
+    }
+
+    /// Each other member's clock as estimated by the last `probe_clocks` that reached it (none for
+    /// a member the last round could not reach).
+    pub fn clock_offsets(&self) -> BTreeMap<u64, crate::clock::ClockSample> {
+        let clocks = self.inner.clocks.lock().unwrap_or_else(|e| e.into_inner());
+        clocks
+            .iter()
+            .filter_map(|(id, f)| Some((*id, f.best()?)))
+            .collect()
     }
 
     /// Waits (at most `timeout`) until some node leads; returns its id.

@@ -1096,6 +1096,19 @@ pub fn dialling(capacity: Option<u64>) -> String {
     }
 }
 
+/// A member's clock against the answering node's, signed in seconds (`+`: ahead), flagged `OFF`
+/// past the offset the nodes warn about: the cluster page's and `campanile cluster status`'s
+/// wording. `here` for the answering node itself.
+pub fn clock(offset_ms: Option<f64>, here: bool) -> String {
+    let tolerated_ms = campanile_cluster::clock::TOLERATED.as_secs_f64() * 1e3;
+    match offset_ms {
+        _ if here => "here".into(),
+        Some(ms) if ms.abs() > tolerated_ms => format!("{:+.3} s OFF", ms / 1e3),
+        Some(ms) => format!("{:+.3} s", ms / 1e3),
+        None => "—".into(),
+    }
+}
+
 #[derive(Template)]
 #[template(path = "cluster.html")]
 struct ClusterPage {
@@ -1134,7 +1147,10 @@ async fn cluster_page(State(engine): State<AppState>, Console(who): Console) -> 
                                 serde_json::Value::String(s) => s.clone(),
                                 other => other.to_string(),
                             })
-                            .chain([dialling(m["capacity"].as_u64())])
+                            .chain([
+                                dialling(m["capacity"].as_u64()),
+                                clock(m["clock_offset_ms"].as_f64(), m["id"] == v["node"]),
+                            ])
                             .collect()
                         })
                         .collect()

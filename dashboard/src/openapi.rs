@@ -1114,6 +1114,7 @@ fn schemas() -> Value {
             "heartbeat_age_ms": nullable(uint()),
             "channels_in_use": nullable(json!({ "type": "integer", "minimum": 0, "description": "Calls in progress at its last heartbeat" })),
             "capacity": nullable(json!({ "type": "integer", "minimum": 0, "description": "Trunk channels it offered at its last heartbeat; 0: it is not dialling (its trunk is down, or it is stopping), and the others dial its partitions" })),
+            "clock_offset_ms": nullable(json!({ "type": "number", "description": "Its wall clock minus the answering node's, in milliseconds, from the quickest of the last probes (every 5 s); null for the answering node itself and for a member the last probe did not reach. Leases and takeovers assume members within 300 ms" })),
         })),
         "Cluster": exact(json!({
             "node": uint(),

@@ -206,6 +206,7 @@ pub fn render_status(v: &Value) -> String {
         "APPLIED",
         "LAG",
         "DIALLING",
+        "CLOCK",
     ];
     let mut rows = vec![header.map(str::to_string).to_vec()];
     for m in v["members"].as_array().into_iter().flatten() {
@@ -218,6 +219,10 @@ pub fn render_status(v: &Value) -> String {
             cell(&m["applied_index"]),
             cell(&m["lag"]),
             campanile_dashboard::console::dialling(m["capacity"].as_u64()),
+            campanile_dashboard::console::clock(
+                m["clock_offset_ms"].as_f64(),
+                m["id"] == v["node"],
+            ),
         ]);
     }
     let widths: Vec<usize> = (0..header.len())
@@ -353,7 +358,10 @@ mod tests {
                 {"id": 1, "datacenter": "dc-a", "role": "leader", "raft_addr": "127.0.0.1:7001",
                  "http_addr": "127.0.0.1:8001", "applied_index": 10, "lag": 0},
                 {"id": 2, "datacenter": "dc-b", "role": "follower", "raft_addr": "127.0.0.1:7002",
-                 "http_addr": null, "applied_index": 9, "lag": null, "capacity": 0}
+                 "http_addr": null, "applied_index": 9, "lag": null, "capacity": 0},
+                {"id": 3, "datacenter": "dc-c", "role": "follower", "raft_addr": "127.0.0.1:7003",
+                 "http_addr": null, "applied_index": 9, "lag": null, "capacity": 4,
+                 "clock_offset_ms": -1500.25}
             ]
         });
         let t = render_status(&v);
@@ -361,8 +369,12 @@ mod tests {
         assert!(t.contains("dc-b"), "{t}");
         // Node 1 has sent no capacity yet; node 2 said 0: its trunk is down or it is stopping.
         let row = |id: &str| t.lines().find(|l| l.starts_with(id)).unwrap_or_default();
-        assert!(row("1 ").trim_end().ends_with('—'), "{t}");
+        assert!(row("1 ").contains('—'), "{t}");
         assert!(row("2 ").contains("NO: trunk down or stopping"), "{t}");
-        assert_eq!(t.lines().count(), 4, "{t}");
+        // Clocks: node 1 was not measured, node 2 answered, node 3 is 1.5 s behind it.
+        assert!(row("1 ").trim_end().ends_with(" —"), "{t}");
+        assert!(row("2 ").trim_end().ends_with("here"), "{t}");
+        assert!(row("3 ").trim_end().ends_with("-1.500 s OFF"), "{t}");
+        assert_eq!(t.lines().count(), 5, "{t}");
     }
 }

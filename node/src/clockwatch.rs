@@ -15,17 +15,13 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use campanile_cluster::clock::TOLERATED;
 use campanile_cluster::Cluster;
 
 use crate::metrics::Metrics;
 
 /// How often every other member's clock is probed.
 pub const PROBE_EVERY: Duration = Duration::from_secs(5);
-
-/// The largest offset not warned about: two thirds of the 300 ms the takeover grace tolerates
-/// (`dialer::takeover::GRACE_LEAD`), so the warning comes before that assumption breaks. Healthy
-/// NTP keeps a LAN's clocks within a few milliseconds.
-pub const TOLERATED: Duration = Duration::from_millis(200);
 
 /// While a member's clock stays off, the warning is repeated this often.
 const WARN_AGAIN: Duration = Duration::from_secs(60);

@@ -80,6 +80,7 @@ impl NodeEngine {
             }
             m
         });
+        let clocks = self.cluster.clock_offsets();
         let members: Vec<serde_json::Value> = self
             .cluster
             .members()
@@ -110,6 +111,7 @@ impl NodeEngine {
                     "heartbeat_age_ms": heartbeats.get(&id).map(|t| now.saturating_sub(*t)),
                     "channels_in_use": channels.get(&id).copied(),
                     "capacity": capacities.get(&id).copied(),
+                    "clock_offset_ms": clocks.get(&id).map(|c| c.offset_us as f64 / 1e3),
                 })
             })
             .collect();
