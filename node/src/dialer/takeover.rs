@@ -44,6 +44,11 @@ const LOOK_EVERY: Duration = Duration::from_millis(100);
 /// the silent call). It also bounds the clock skew this grace tolerates.
 const GRACE_LEAD: Duration = Duration::from_millis(300);
 
+/// After a failed takeover, how long the new owner waits for the log to settle the task before it
+/// calls the citizen again: a re-INVITE answered 481 may mean the node that carried the call heard
+/// a 1 as it let the call go and hung up, and that node's record of the 1 is a commit away.
+const SETTLE_WAIT: Duration = Duration::from_secs(1);
+
 /// What the leader knows beyond the log about whom it can hear: since when it leads, and which
 /// members acknowledged its entries since.
 ///
@@ -364,7 +369,7 @@ pub(super) fn continue_call(
         let mut result = "resumed";
         if let CallOutcome::TakeoverFailed(why) = &outcome {
             tracing::warn!(campaign = %due.key.0, subscriber = %due.key.1, reason = %why,
-                "could not take the call over; calling the citizen again at once");
+                "could not take the call over; calling the citizen again");
             result = "failed";
             // The new call is not the recorded dialog until its own answer is committed.
             if let Some(r) = lock(&sh.inflight).get_mut(&due.key) {
@@ -383,11 +388,11 @@ pub(super) fn continue_call(
     true
 }
 
-/// After a failed takeover, while the task is still this node's: a new call to the citizen at
-/// once, inside the same attempt, with "this message is repeated" before the message. None when
-/// the call cannot be placed here (the campaign stopped, the task moved, the prefix cannot be
-/// spoken): the attempt then ends interrupted and the citizen is called again by the partition's
-/// holder.
+/// After a failed takeover, while the task is still this node's once the log has had
+/// [`SETTLE_WAIT`] to settle it: a new call to the citizen, inside the same attempt, with "this
+/// message is repeated" before the message. None when the call cannot be placed here (the campaign
+/// stopped, the task moved or was settled, the prefix cannot be spoken): the attempt then ends
+/// interrupted and the citizen is called again by the partition's holder, unless settled.
 async fn redial(
     sh: &Arc<Shared>,
     due: &Due,
@@ -395,18 +400,20 @@ async fn redial(
     abort: watch::Receiver<bool>,
     let_go: watch::Receiver<bool>,
 ) -> Option<CallOutcome> {
-    if *abort.borrow() || *let_go.borrow() {
-        return None;
-    }
-    let still_ours = sh.cluster.read(|s| {
-        s.campaign(due.key.0)
-            .is_some_and(|c| c.state == campanile_cluster::CampaignState::Running)
-            && s.task(due.key.0, due.key.1).is_some_and(|t| {
-                matches!(t.state, TaskState::InFlight { node, attempt, .. }
-                    if node == sh.cfg.node && attempt == due.attempt)
-            })
-    });
-    if !still_ours {
+    let still_ours = || {
+        sh.cluster.read(|s| {
+            s.campaign(due.key.0)
+                .is_some_and(|c| c.state == campanile_cluster::CampaignState::Running)
+                && s.task(due.key.0, due.key.1).is_some_and(|t| {
+                    matches!(t.state, TaskState::InFlight { node, attempt, .. }
+                        if node == sh.cfg.node && attempt == due.attempt)
+                })
+        })
+    };
+    if !settles(&mut sh.cluster.applied(), SETTLE_WAIT, still_ours).await
+        || *abort.borrow()
+        || *let_go.borrow()
+    {
         return None;
     }
     let (audio, lang, cache) = (spec.audio.clone(), due.language.clone(), sh.cache.clone());
@@ -435,10 +442,62 @@ async fn redial(
     Some(crate::call::place_call_with(&sh.ctx, &spec, abort, Some(hooks)).await)
 }
 
+/// Waits until `still_ours()` turns false, looking again at every entry applied (`applied`), or
+/// until `bound` has passed; returns its last answer.
+async fn settles(
+    applied: &mut watch::Receiver<u64>,
+    bound: Duration,
+    still_ours: impl Fn() -> bool,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + bound;
+    while still_ours() {
+        match tokio::time::timeout_at(deadline, applied.changed()).await {
+            Ok(Ok(())) => {}
+            // The bound passed, or nothing applies any more.
+            _ => return still_ours(),
+        }
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use campanile_cluster::*;
+
+    /// A task the log settles while the new owner waits is not dialled again; one it does not
+    /// settle within the bound is, after the bound.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_takeover_waits_for_the_log_before_calling_again() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let (tx, mut rx) = watch::channel(1u64);
+        let ours = Arc::new(AtomicBool::new(true));
+        let (flag, started) = (ours.clone(), tokio::time::Instant::now());
+        tokio::spawn(async move {
+            // Unrelated entries first, then the previous node's record of the 1.
+            for i in 2..5 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                tx.send_replace(i);
+            }
+            flag.store(false, Ordering::SeqCst);
+            tx.send_replace(5);
+            std::future::pending::<()>().await;
+        });
+        let still = settles(&mut rx, SETTLE_WAIT, || ours.load(Ordering::SeqCst)).await;
+        assert!(!still);
+        assert_eq!(started.elapsed(), Duration::from_millis(150));
+
+        // Nothing settles it: ours still, once the bound has passed.
+        let (tx, mut rx) = watch::channel(1u64);
+        let started = tokio::time::Instant::now();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            tx.send_replace(2);
+            std::future::pending::<()>().await;
+        });
+        assert!(settles(&mut rx, SETTLE_WAIT, || true).await);
+        assert_eq!(started.elapsed(), SETTLE_WAIT);
+    }
 
     fn sub(n: u32) -> Command {
         Command::CreateSubscriber {
