@@ -8,8 +8,10 @@
 //!   With `--answer`, the same streams once to those sinks and once to callees in a child process that
 //!   send RTP back, every stream read as a call reads it: what the other half of a call costs.
 //! * `call-setup`: calls per second and CPU per 1,000 calls, campanile's UAC versus `sipp -sn uac`,
-//!   both against the same `sipp -sn uas`.
+//!   both against the same `sipp -sn uas`; and a sketch of the dialer's shape-to-be (its SIP parts
+//!   driven by one loop, [`one_loop_setup`]), with and without the calls' RTP sockets.
 
+use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket as StdUdpSocket};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,15 +19,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use rsip::{Method, Response};
 
-use crate::call::{place_call, CallContext, CallOutcome, CallSpec};
+use crate::call::{first_invite, place_call, CallContext, CallOutcome, CallSpec};
 use crate::dialer::trunk::on_launch_tick;
 use crate::media::message::FRAME;
 use crate::media::pacer::{Pacer, PacerHandle, PlayRequest, StreamHandle};
+use crate::media::ports::RtpPorts;
 use crate::media::socket::{RtpSocket, SendPath};
 use crate::media::PreparedAudio;
+use crate::sip::dialog::Dialog;
 use crate::sip::endpoint::Endpoint;
+use crate::sip::message::{self, SipMessage};
 use crate::sip::sdp;
+use crate::sip::transaction::{ClientTransaction, Output, Timers};
 
 /// Bytes of one G.711 RTP datagram: 12 header + 160 payload.
 const DATAGRAM: usize = 12 + FRAME;
@@ -638,22 +645,32 @@ pub async fn campanile_setup(uas: SocketAddr, rate: f64, calls: u64) -> anyhow::
         .map_err(|e| anyhow::anyhow!("the call-setup task failed: {e}"))?
 }
 
-async fn place_setup_calls(uas: SocketAddr, rate: f64, calls: u64) -> anyhow::Result<SetupRun> {
-    let (endpoint, _unrouted) = Endpoint::bind("127.0.0.1:0".parse()?).await?;
-    let ctx = CallContext::new(endpoint);
-    let spec = Arc::new(CallSpec {
+/// The call both of campanile's UACs place: to `uas`, no audio.
+fn setup_spec(uas: SocketAddr) -> CallSpec {
+    CallSpec {
         display_name: "bench".into(),
         ring_timeout: Duration::from_secs(10),
         listen_for_keys: true,
         ..CallSpec::plain("1000", uas, PreparedAudio::from_samples(Vec::new()))
-    });
+    }
+}
+
+/// When the `i`th of the calls placed at `rate` from `start` is launched.
+fn launch_at(start: Instant, rate: f64, i: u64) -> Instant {
+    on_launch_tick(start, start + Duration::from_secs_f64(i as f64 / rate))
+}
+
+async fn place_setup_calls(uas: SocketAddr, rate: f64, calls: u64) -> anyhow::Result<SetupRun> {
+    let (endpoint, _unrouted) = Endpoint::bind("127.0.0.1:0".parse()?).await?;
+    let ctx = CallContext::new(endpoint);
+    let spec = Arc::new(setup_spec(uas));
     let ok = Arc::new(AtomicU64::new(0));
     let (_abort_tx, abort_rx) = tokio::sync::watch::channel(false);
     let cpu0 = cpu_seconds(libc::RUSAGE_SELF);
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..calls {
-        let due = on_launch_tick(start, start + Duration::from_secs_f64(i as f64 / rate));
+        let due = launch_at(start, rate, i);
         if due > Instant::now() {
             tokio::time::sleep_until(due.into()).await;
         }
@@ -671,6 +688,211 @@ async fn place_setup_calls(uas: SocketAddr, rate: f64, calls: u64) -> anyhow::Re
     Ok(SetupRun {
         attempted: calls,
         succeeded: ok.load(Ordering::Relaxed),
+        wall_s: start.elapsed().as_secs_f64(),
+        cpu_s: cpu_seconds(libc::RUSAGE_SELF) - cpu0,
+    })
+}
+
+/// How often [`one_loop_setup`] looks at its calls' transaction timers.
+const SWEEP: Duration = Duration::from_millis(50);
+
+/// One call of [`one_loop_setup`]: its INVITE transaction, then its BYE's; the RTP and RTCP
+/// sockets it offered, held until it ends as a call holds them.
+struct SketchCall {
+    invite: ClientTransaction,
+    /// Past this it is given up (failed), whatever it waits for: a call that rings and is never
+    /// answered (the dialer would CANCEL it) must not keep the run going.
+    give_up_at: Instant,
+    bye: Option<ClientTransaction>,
+    _media: Option<(RtpSocket, RtpSocket)>,
+}
+
+/// What a transaction has for its driver: its datagrams go into `sends`; returns its responses,
+/// and whether it gave up waiting for one (Timer B or F).
+fn take_outputs(tx: &mut ClientTransaction, sends: &mut Vec<Vec<u8>>) -> (Vec<Response>, bool) {
+    let (mut responses, mut timed_out) = (Vec::new(), false);
+    while let Some(out) = tx.poll_output() {
+        match out {
+            Output::Transmit(bytes) => sends.push(bytes),
+            Output::Response(r) => responses.push(r),
+            Output::TimedOut => timed_out = true,
+            Output::Acked | Output::Terminated => {}
+        }
+    }
+    (responses, timed_out)
+}
+
+/// Answers `invite`'s 2xx `answer` as the sketch does at once: its ACK, then the BYE that ends the
+/// call (into `sends`); the BYE's transaction, or `None` when the answer cannot start a dialog
+/// (no To tag or Contact, or a Contact that is no URI).
+fn ack_and_bye(
+    invite: &ClientTransaction,
+    answer: &Response,
+    (contact, local): (&str, SocketAddr),
+    timers: Timers,
+    now: Instant,
+    sends: &mut Vec<Vec<u8>>,
+) -> Option<ClientTransaction> {
+    let mut dialog = Dialog::from_uac(invite.request(), answer, contact).ok()?;
+    let ack = dialog.build(Method::Ack, local).ok()?;
+    sends.push(message::request_bytes(&ack));
+    let bye = dialog.build(Method::Bye, local).ok()?;
+    let mut tx = ClientTransaction::new(bye, now, timers, false);
+    take_outputs(&mut tx, sends);
+    Some(tx)
+}
+
+/// The reference the call-setup target is measured against besides SIPp, in the same run: the
+/// same calls as [`campanile_setup`] (the dialer's INVITE from [`first_invite`], with an RTP and
+/// RTCP socket pair from the same port range; 200, ACK, BYE; no audio), built and read with the
+/// dialer's own SIP parts ([`message::parse`], the RFC 3261 transaction and dialog machines), but
+/// every call driven by one loop on one task and one socket, as SIPp's one loop drives its calls,
+/// instead of a task per call fed by the endpoint through a channel. A sketch of the shape the
+/// target needs, not the dialer: no media phase, challenge, redirect or CANCEL, and the calls'
+/// timers swept every [`SWEEP`] instead of each set on tokio's wheel. A call counts when its BYE
+/// is answered 2xx; one whose transaction times out (Timer B or F), or still not over after the
+/// ring timeout and Timer F's 64·T1, fails, so the run always ends; so does one whose 2xx cannot
+/// start a dialog (no To tag or Contact).
+///
+/// Without `media_sockets`, the calls offer the loop's own address for media and open no sockets
+/// (what the pair costs; SIPp's UAC opens none).
+pub async fn one_loop_setup(
+    uas: SocketAddr,
+    rate: f64,
+    calls: u64,
+    media_sockets: bool,
+) -> anyhow::Result<SetupRun> {
+    tokio::spawn(sketch_calls(uas, rate, calls, media_sockets))
+        .await
+        .map_err(|e| anyhow::anyhow!("the one-loop sketch failed: {e}"))?
+}
+
+async fn sketch_calls(
+    uas: SocketAddr,
+    rate: f64,
+    calls: u64,
+    media_sockets: bool,
+) -> anyhow::Result<SetupRun> {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    let local = socket.local_addr()?;
+    let spec = setup_spec(uas);
+    let contact = format!("sip:{}@{local}", spec.from_user);
+    let (ports, timers) = (RtpPorts::default(), spec.timers);
+    let mut live: HashMap<String, SketchCall> = HashMap::new();
+    let mut buf = vec![0u8; 65_536];
+    let mut sends = Vec::new();
+    let (mut placed, mut ok) = (0u64, 0u64);
+    let cpu0 = cpu_seconds(libc::RUSAGE_SELF);
+    let start = Instant::now();
+    let mut next_sweep = start + SWEEP;
+    while placed < calls || !live.is_empty() {
+        let now = Instant::now();
+        while placed < calls && launch_at(start, rate, placed) <= now {
+            placed += 1;
+            let media = match media_sockets {
+                true => Some(ports.bind_pair(local.ip())?),
+                false => None,
+            };
+            let rtp = media.as_ref().map_or(local, |(rtp, _)| rtp.local_addr());
+            let (parts, _, invite) = first_invite(&spec, local, contact.clone(), "UDP", rtp)
+                .map_err(|why| anyhow::anyhow!(why))?;
+            let mut tx = ClientTransaction::new(invite, now, timers, false);
+            take_outputs(&mut tx, &mut sends);
+            live.insert(
+                parts.call_id,
+                SketchCall {
+                    invite: tx,
+                    give_up_at: now + spec.ring_timeout + timers.t1 * 64,
+                    bye: None,
+                    _media: media,
+                },
+            );
+        }
+        if now >= next_sweep {
+            next_sweep = now + SWEEP;
+            live.retain(|_, c| {
+                if now >= c.give_up_at {
+                    return false;
+                }
+                let tx = c.bye.as_mut().unwrap_or(&mut c.invite);
+                if tx.poll_timeout().is_some_and(|t| t <= now) {
+                    tx.handle_timeout(now);
+                }
+                !take_outputs(tx, &mut sends).1
+            });
+        }
+        for bytes in sends.drain(..) {
+            socket.send_to(&bytes, uas).await?;
+        }
+        let wake = match placed < calls {
+            true => launch_at(start, rate, placed).min(next_sweep),
+            false => next_sweep,
+        };
+        let (n, _) = tokio::select! {
+            got = socket.recv_from(&mut buf) => got?,
+            _ = tokio::time::sleep_until(wake.into()) => continue,
+        };
+        let Ok(SipMessage::Response(resp)) = message::parse(&buf[..n]) else {
+            continue;
+        };
+        let (Some(call_id), Some((_, method))) = (message::call_id(&resp), message::cseq(&resp))
+        else {
+            continue;
+        };
+        let Some(call) = live.get_mut(call_id) else {
+            continue;
+        };
+        let call_id = call_id.to_string();
+        let now = Instant::now();
+        let ended = match (&mut call.bye, method) {
+            (None, Method::Invite) => {
+                call.invite.handle_response(resp, now);
+                let (responses, timed_out) = take_outputs(&mut call.invite, &mut sends);
+                let mut ended = timed_out;
+                for r in responses {
+                    match message::status(&r) {
+                        100..=199 => {}
+                        200..=299 => match ack_and_bye(
+                            &call.invite,
+                            &r,
+                            (&contact, local),
+                            timers,
+                            now,
+                            &mut sends,
+                        ) {
+                            Some(bye) => call.bye = Some(bye),
+                            None => ended = true,
+                        },
+                        _ => ended = true,
+                    }
+                }
+                ended
+            }
+            (Some(bye), Method::Bye) => {
+                bye.handle_response(resp, now);
+                let (responses, timed_out) = take_outputs(bye, &mut sends);
+                let answered = responses.iter().any(|r| message::status(r) >= 200);
+                if responses
+                    .iter()
+                    .any(|r| (200..300).contains(&message::status(r)))
+                {
+                    ok += 1;
+                }
+                answered || timed_out
+            }
+            // A 2xx retransmitted after our ACK, an answer to nothing we sent: nothing to do.
+            _ => false,
+        };
+        if ended {
+            live.remove(&call_id);
+        }
+    }
+    for bytes in sends.drain(..) {
+        socket.send_to(&bytes, uas).await?;
+    }
+    Ok(SetupRun {
+        attempted: calls,
+        succeeded: ok,
         wall_s: start.elapsed().as_secs_f64(),
         cpu_s: cpu_seconds(libc::RUSAGE_SELF) - cpu0,
     })
@@ -812,6 +1034,15 @@ pub async fn call_setup(rates: &[f64], secs: f64) -> anyhow::Result<()> {
         let ours = campanile_setup(uas.addr, rate, calls).await?;
         drop(uas);
         row("campanile", &ours);
+        for (media_sockets, who) in [
+            (true, "one-loop sketch (not the dialer)"),
+            (false, "one-loop sketch, no RTP sockets"),
+        ] {
+            let uas = SippUas::start()?;
+            let sketch = one_loop_setup(uas.addr, rate, calls, media_sockets).await?;
+            drop(uas);
+            row(who, &sketch);
+        }
     }
     Ok(())
 }
@@ -1072,6 +1303,15 @@ pub async fn snapshot_memory(subscribers: usize) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The one-loop sketch places real calls: against `sipp -sn uas` every one is set up, ACKed
+    /// and ended with a BYE that SIPp answers (a call counts only then), and the run ends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_one_loop_sketch_completes_its_calls_against_sipp() {
+        let uas = SippUas::start().expect("sipp (Debian package sip-tester) runs");
+        let run = one_loop_setup(uas.addr, 200.0, 60, true).await.unwrap();
+        assert_eq!((run.attempted, run.succeeded), (60, 60), "{run:?}");
+    }
 
     /// `--share-sockets`: every stream's packets arrive, and from the shared sockets only.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

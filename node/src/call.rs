@@ -314,21 +314,14 @@ pub async fn place_call_with(
         Ok(m) => m,
         Err(why) => return CallOutcome::Failed(why),
     };
-    let call_id = format!("{}@campanile", random_token(20));
-    let mut channel = ctx.endpoint.register(&call_id);
-    let sdp_session = rand::random::<u32>() as u64;
-    let parts = InviteParts {
-        contact: ctx.endpoint.contact(&spec.from_user),
-        from_tag: random_token(10),
-        call_id,
-        local,
-        via_transport: ctx.endpoint.via_transport(),
-        sdp: sdp::offer(sdp_session, rtp_addr).into_bytes(),
-    };
-    let invite = match parts.build(spec, None, 1, None) {
-        Ok(r) => r,
-        Err(e) => return CallOutcome::Failed(format!("cannot build INVITE: {e}")),
-    };
+    let contact = ctx.endpoint.contact(&spec.from_user);
+    let via_transport = ctx.endpoint.via_transport();
+    let (parts, sdp_session, invite) =
+        match first_invite(spec, local, contact, via_transport, rtp_addr) {
+            Ok(first) => first,
+            Err(why) => return CallOutcome::Failed(why),
+        };
+    let mut channel = ctx.endpoint.register(&parts.call_id);
     let mut call = Call {
         ctx,
         spec,
@@ -349,6 +342,31 @@ pub async fn place_call_with(
         sdp_version: sdp_session,
     };
     Box::pin(call.media_phase(answered, media, &mut abort, None)).await
+}
+
+/// A new call's first INVITE from `local` (Via and Contact naming it, over `via_transport`), offering
+/// media at `rtp`, with a fresh Call-ID and From tag: the parts its later INVITEs reuse (one that
+/// answers a challenge, one that follows a redirect), the SDP session id, and the request.
+pub(crate) fn first_invite(
+    spec: &CallSpec,
+    local: SocketAddr,
+    contact: String,
+    via_transport: &'static str,
+    rtp: SocketAddr,
+) -> Result<(InviteParts, u64, Request), String> {
+    let sdp_session = rand::random::<u32>() as u64;
+    let parts = InviteParts {
+        contact,
+        from_tag: random_token(10),
+        call_id: format!("{}@campanile", random_token(20)),
+        local,
+        via_transport,
+        sdp: sdp::offer(sdp_session, rtp).into_bytes(),
+    };
+    let invite = parts
+        .build(spec, None, 1, None)
+        .map_err(|e| format!("cannot build INVITE: {e}"))?;
+    Ok((parts, sdp_session, invite))
 }
 
 /// How long a takeover waits for the callee to accept our re-INVITE before giving the call up.
@@ -586,8 +604,8 @@ impl Media {
 }
 
 /// What stays the same across the INVITEs of one call (the first, and one answering a challenge).
-struct InviteParts {
-    call_id: String,
+pub(crate) struct InviteParts {
+    pub(crate) call_id: String,
     from_tag: String,
     local: SocketAddr,
     via_transport: &'static str,

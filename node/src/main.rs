@@ -279,7 +279,8 @@ enum BenchCmd {
         #[arg(long)]
         streams: usize,
     },
-    /// Calls per second and CPU per call: campanile's UAC against `sipp -sn uac`, both to `sipp -sn uas`.
+    /// Calls per second and CPU per call: campanile's UAC against `sipp -sn uac`, both to `sipp -sn uas`,
+    /// and a one-loop sketch of the dialer's SIP parts (with and without RTP sockets) for reference.
     CallSetup {
         /// Offered rates in calls per second, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "250,500,1000")]
