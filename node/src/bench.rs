@@ -23,6 +23,7 @@ use rsip::{Method, Response};
 
 use crate::call::{first_invite, place_call, CallContext, CallOutcome, CallSpec};
 use crate::dialer::trunk::on_launch_tick;
+use crate::media::listen::Listener;
 use crate::media::message::FRAME;
 use crate::media::pacer::{Pacer, PacerHandle, PlayRequest, StreamHandle};
 use crate::media::ports::RtpPorts;
@@ -205,18 +206,19 @@ pub async fn pacer_run(
         ports = ours.iter().map(|a| a.port()).collect();
         callees.play(&ours)?;
         for (socket, dest) in sockets.iter().zip(dests) {
-            let (peer_tx, peer_rx) = tokio::sync::watch::channel(*dest);
-            let (digits_tx, digits_rx) = tokio::sync::mpsc::unbounded_channel();
-            let (machine_tx, machine_rx) = tokio::sync::mpsc::unbounded_channel();
-            let task = tokio::spawn(crate::call::receive_audio(
-                socket.clone(),
-                peer_rx,
-                // What we offer for keys; the callees send audio only.
-                Some(sdp::PT_TELEPHONE_EVENT),
-                digits_tx,
-                Some(machine_tx),
-            ));
-            listeners.push((task, peer_tx, digits_rx, machine_rx));
+            let (socket, callee) = (socket.clone(), *dest);
+            // What we offer for keys; the callees send audio only.
+            let mut ears = Listener::new(Some(sdp::PT_TELEPHONE_EVENT), true);
+            listeners.push(tokio::spawn(async move {
+                let mut look = tokio::time::interval(crate::media::socket::READ_INTERVAL);
+                look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut heard = Vec::new();
+                loop {
+                    look.tick().await;
+                    ears.look(&socket, callee, &mut heard);
+                    heard.clear();
+                }
+            }));
         }
     }
     drop(sockets);
@@ -249,7 +251,7 @@ pub async fn pacer_run(
     let dropped_per_s =
         udp_drops(&ports).saturating_sub(dropped0.0) as f64 / dropped0.1.elapsed().as_secs_f64();
     drop(handles);
-    for (task, ..) in listeners {
+    for task in listeners {
         task.abort();
     }
     // The pacer threads close the streams' sockets as they drop them, at their next phase; the
@@ -551,7 +553,7 @@ fn round_robin(sinks: &[SocketAddr], n: usize) -> Vec<SocketAddr> {
 /// `campanile bench media --answer`: what the callees' RTP coming back costs. For each stream
 /// count, the pacer (io_uring) plays to the sinks nobody reads, as in the plain benchmark, and then to
 /// callees in a child process that play back to every stream, 50 packets a second, while each
-/// stream's socket is read as a call reads it (`call::receive_audio`: keys, answering machines).
+/// stream's socket is read as a call reads it (a `media::listen::Listener` every 100 ms: keys, answering machines).
 async fn media_answered(
     stream_counts: &[usize],
     sinks: &[SocketAddr],

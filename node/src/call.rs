@@ -10,14 +10,11 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 
-use crate::media::dtmf::DtmfReceiver;
-use crate::media::g711;
-use crate::media::inband::InbandDetector;
-use crate::media::machine::{MachineConfig, MachineDetector, MachineEvent};
+use crate::media::listen::{Heard, Listener};
+use crate::media::machine::MachineEvent;
 use crate::media::pacer::{PacerHandle, PlayRequest, RtcpTarget, StreamHandle};
 use crate::media::ports::RtpPorts;
-use crate::media::rtp;
-use crate::media::socket::RtpSocket;
+use crate::media::socket::{RtpSocket, READ_INTERVAL};
 use crate::media::PreparedAudio;
 use crate::sip::auth::{Challenge, Credentials};
 use crate::sip::dialog::Dialog;
@@ -536,7 +533,6 @@ pub async fn resume_call(
     .advanced(frames);
     let answered = Answered {
         dialog,
-        peer: watch::channel(remote.addr).0,
         remote,
         answered_at: Instant::now()
             .checked_sub(since_answer)
@@ -672,8 +668,6 @@ impl InviteParts {
 struct Answered {
     dialog: Dialog,
     remote: RemoteMedia,
-    /// The callee's media address (`remote.addr`) for the receiver, which takes RTP only from it.
-    peer: watch::Sender<SocketAddr>,
     answered_at: Instant,
     /// The 2xx's ACK, resent if the 2xx is retransmitted.
     ack: Vec<u8>,
@@ -684,7 +678,6 @@ impl Answered {
     fn set_remote_addr(&mut self, addr: SocketAddr, rtp: &RtpSocket) {
         self.remote.addr = addr;
         connect_media(rtp, addr);
-        self.peer.send_replace(addr);
     }
 }
 
@@ -985,7 +978,6 @@ impl Call<'_> {
         };
         Ok(Answered {
             dialog,
-            peer: watch::channel(remote.addr).0,
             remote,
             answered_at: Instant::now(),
             ack,
@@ -1008,17 +1000,13 @@ impl Call<'_> {
             );
         }
         connect_media(&media.rtp, a.remote.addr);
-        let (digits_tx, mut digits) = mpsc::unbounded_channel();
-        let (machine_tx, mut machine_events) = mpsc::unbounded_channel();
-        // Keys arrive as RFC 4733 events on RTP, or as SIP INFO from trunks that only relay them that way.
-        let info_digits = digits_tx.clone();
-        let receiver = AbortOnDrop(tokio::spawn(receive_audio(
-            media.rtp.clone(),
-            a.peer.subscribe(),
-            a.remote.telephone_event,
-            digits_tx,
-            self.spec.detect_machines.then_some(machine_tx),
-        )));
+        // Keys arrive as RFC 4733 events or tones on RTP, which the call reads every
+        // READ_INTERVAL, or as SIP INFO from trunks that only relay them that way.
+        let mut ears = Listener::new(a.remote.telephone_event, self.spec.detect_machines);
+        let mut look = tokio::time::interval(READ_INTERVAL);
+        look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // What the callee said since the loop last looked at it, in the order it was said.
+        let mut heard: Vec<Heard> = Vec::new();
         let mut machine = Machine::Unknown;
         // RFC 3550 §5.1: random SSRC, initial sequence number and timestamp; replays continue the
         // stream, and so does a node that takes the call over.
@@ -1051,22 +1039,12 @@ impl Call<'_> {
             Duration::from_secs(600) + a_duration(&self.spec.audio) * (self.spec.max_replays + 1),
         );
         tokio::pin!(max_call);
-        // Without detection (or once the audio reader has stopped) no machine event can come.
-        let mut machine_open = self.spec.detect_machines;
-        let outcome = loop {
-            let confirm_deadline = message_done_at.map(|t| t + self.spec.confirm_wait);
-            let reinvite_timer = reinvite
-                .as_ref()
-                .and_then(|t| t.poll_timeout())
-                .map(tokio::time::Instant::from_std);
-            let beep_deadline = match machine {
-                Machine::AwaitingBeep { until } => Some(until),
-                _ => None,
-            };
-            tokio::select! {
-                ev = machine_events.recv(), if machine_open && machine != Machine::Recording => match ev {
-                    None => machine_open = false,
-                    Some(MachineEvent::Machine) if machine == Machine::Unknown => {
+        let outcome = 'call: loop {
+            for h in heard.drain(..) {
+                match h {
+                    // Once the message is being left on a machine, nothing it sends changes that.
+                    Heard::Machine(_) if machine == Machine::Recording => {}
+                    Heard::Machine(MachineEvent::Machine) if machine == Machine::Unknown => {
                         // Do not talk over the greeting: wait for the beep.
                         if let Some(s) = stream.take() {
                             s.stop();
@@ -1074,17 +1052,21 @@ impl Call<'_> {
                         }
                         tracing::debug!("answering machine: waiting for the beep");
                         message_done_at = None;
-                        machine = Machine::AwaitingBeep { until: tokio::time::Instant::now() + BEEP_WAIT };
+                        machine = Machine::AwaitingBeep {
+                            until: tokio::time::Instant::now() + BEEP_WAIT,
+                        };
                     }
-                    Some(MachineEvent::BeepStarted) => {
+                    Heard::Machine(MachineEvent::BeepStarted) => {
                         if let Some(s) = stream.take() {
                             s.stop();
                             rtp.advance(s.frames_sent());
                         }
                         message_done_at = None;
-                        machine = Machine::AwaitingBeep { until: tokio::time::Instant::now() + BEEP_END_WAIT };
+                        machine = Machine::AwaitingBeep {
+                            until: tokio::time::Instant::now() + BEEP_END_WAIT,
+                        };
                     }
-                    Some(MachineEvent::Beep) => {
+                    Heard::Machine(MachineEvent::Beep) => {
                         if let Some(s) = stream.take() {
                             s.stop();
                             rtp.advance(s.frames_sent());
@@ -1095,22 +1077,16 @@ impl Call<'_> {
                         message_done_at = None;
                         machine = Machine::Recording;
                     }
-                    _ => {}
-                },
-                _ = sleep_until_opt(beep_deadline), if beep_deadline.is_some() => {
-                    // A greeting without a beep we could hear: leave the message now.
-                    rtp.frame = 0;
-                    stream = Some(self.play(&a, &media, &rtp));
-                    self.report_handover(&a, &rtp);
-                    message_done_at = None;
-                    machine = Machine::Recording;
-                }
-                d = digits.recv() => match d {
+                    Heard::Machine(_) => {}
                     // A machine's keys (or its greeting's tones) never confirm anything.
-                    _ if machine != Machine::Unknown || !self.spec.listen_for_keys => {}
-                    Some('1') => break CallOutcome::Confirmed { after: a.answered_at.elapsed() },
-                    Some('9') if self.spec.allow_opt_out => break CallOutcome::OptOut,
-                    Some('2') if replays < self.spec.max_replays => {
+                    Heard::Key(_) if machine != Machine::Unknown || !self.spec.listen_for_keys => {}
+                    Heard::Key('1') => {
+                        break 'call CallOutcome::Confirmed {
+                            after: a.answered_at.elapsed(),
+                        }
+                    }
+                    Heard::Key('9') if self.spec.allow_opt_out => break 'call CallOutcome::OptOut,
+                    Heard::Key('2') if replays < self.spec.max_replays => {
                         replays += 1;
                         if let Some(s) = stream.take() {
                             s.stop();
@@ -1121,9 +1097,28 @@ impl Call<'_> {
                         self.report_handover(&a, &rtp);
                         message_done_at = None;
                     }
-                    Some(_) => {}
-                    None => {}
-                },
+                    Heard::Key(_) => {}
+                }
+            }
+            let confirm_deadline = message_done_at.map(|t| t + self.spec.confirm_wait);
+            let reinvite_timer = reinvite
+                .as_ref()
+                .and_then(|t| t.poll_timeout())
+                .map(tokio::time::Instant::from_std);
+            let beep_deadline = match machine {
+                Machine::AwaitingBeep { until } => Some(until),
+                _ => None,
+            };
+            tokio::select! {
+                _ = look.tick() => ears.look(&media.rtp, a.remote.addr, &mut heard),
+                _ = sleep_until_opt(beep_deadline), if beep_deadline.is_some() => {
+                    // A greeting without a beep we could hear: leave the message now.
+                    rtp.frame = 0;
+                    stream = Some(self.play(&a, &media, &rtp));
+                    self.report_handover(&a, &rtp);
+                    message_done_at = None;
+                    machine = Machine::Recording;
+                }
                 _ = wait_stream(stream.as_ref()), if stream.is_some() && message_done_at.is_none() => {
                     if machine == Machine::Recording {
                         break CallOutcome::Voicemail;
@@ -1171,7 +1166,7 @@ impl Call<'_> {
                             }
                             // Keys pressed before the hang-up win over it, even those still
                             // unread on the RTP socket.
-                            if late_one(&mut digits).await {
+                            if late_one(&mut ears, &media.rtp, a.remote.addr).await {
                                 break CallOutcome::Confirmed { after };
                             }
                             break match message_done_at {
@@ -1188,7 +1183,7 @@ impl Call<'_> {
                             if req.method == Method::Info && code == 200 {
                                 let ct = message::header_value(&req, message::HeaderName::ContentType).unwrap_or("");
                                 if let Some(d) = crate::media::dtmf::digit_from_info(ct, &req.body) {
-                                    let _ = info_digits.send(d);
+                                    heard.push(Heard::Key(d));
                                 }
                             }
                             if req.method == Method::Invite && code == 200 && !req.body.is_empty() {
@@ -1249,7 +1244,7 @@ impl Call<'_> {
             // the attempt before. Then this node hangs up: nobody continues a confirmed call (a
             // lapsed lease may have let it go with no node to take it), and a new owner's
             // re-INVITE is answered 481 while the log keeps the 1.
-            if late_one(&mut digits).await {
+            if late_one(&mut ears, &media.rtp, a.remote.addr).await {
                 self.hang_up(a.dialog.clone()).await;
                 CallOutcome::Confirmed {
                     after: a.answered_at.elapsed(),
@@ -1266,7 +1261,7 @@ impl Call<'_> {
             // lapsed lease, a cancel): a 1 is a 1.
             match outcome {
                 CallOutcome::NotConfirmed | CallOutcome::Heard | CallOutcome::Aborted
-                    if late_one(&mut digits).await =>
+                    if late_one(&mut ears, &media.rtp, a.remote.addr).await =>
                 {
                     CallOutcome::Confirmed {
                         after: a.answered_at.elapsed(),
@@ -1275,7 +1270,6 @@ impl Call<'_> {
                 o => o,
             }
         };
-        drop(receiver);
         outcome
     }
 
@@ -1425,21 +1419,18 @@ impl Call<'_> {
     }
 }
 
-/// Whether the callee pressed 1 among the keys heard so far or still queued on the call's RTP
-/// socket, which its reader looks at every [`READ_INTERVAL`](crate::media::socket::READ_INTERVAL):
-/// waits for one more look. For a call ending without a 1 (the callee's BYE, our BYE, a move to
-/// another node), whose key pressed a moment before must not be lost with it.
-async fn late_one(digits: &mut mpsc::UnboundedReceiver<char>) -> bool {
-    let until = tokio::time::Instant::now()
-        + crate::media::socket::READ_INTERVAL
-        + Duration::from_millis(20);
-    loop {
-        match tokio::time::timeout_at(until, digits.recv()).await {
-            Ok(Some('1')) => return true,
-            Ok(Some(_)) => {}
-            Ok(None) | Err(_) => return false,
-        }
+/// Whether the callee pressed 1 among the keys still queued on the call's RTP socket, or arriving
+/// within one more [`READ_INTERVAL`]: for a call ending without a 1 (the callee's BYE, our BYE, a
+/// move to another node), whose key pressed a moment before must not be lost with it. Over a
+/// network the key's RTP may come a little after the BYE that followed it.
+async fn late_one(ears: &mut Listener, rtp: &RtpSocket, callee: SocketAddr) -> bool {
+    let mut heard = Vec::new();
+    ears.look(rtp, callee, &mut heard);
+    if !heard.contains(&Heard::Key('1')) {
+        tokio::time::sleep(READ_INTERVAL).await;
+        ears.look(rtp, callee, &mut heard);
     }
+    heard.contains(&Heard::Key('1'))
 }
 
 /// Where our outgoing RTP stream is: replays of the message, and the message resumed after a hold,
@@ -1511,98 +1502,10 @@ enum Machine {
 /// Connects the call's RTP socket to the callee's media address: the kernel then passes on only the
 /// callee's datagrams, and the pacer sends without naming the address (a route lookup less per
 /// packet; `campanile bench media`). Not being able to is no reason to end the call: the socket then
-/// listens to everyone and `receive_audio` picks the callee's datagrams out, as it always does.
+/// listens to everyone and the [`Listener`] picks the callee's datagrams out, as it always does.
 fn connect_media(rtp: &RtpSocket, callee: SocketAddr) {
     if let Err(e) = rtp.connect(callee) {
         tracing::debug!(error = %e, "cannot connect the RTP socket to the callee's media address");
-    }
-}
-
-/// A task that ends when this is dropped: a call's RTP reader must not outlive the call, even one
-/// whose future is dropped half-way (it would hold the socket and look at it forever).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Reads RTP from the callee and reports keys: RFC 4733 events when telephone-event was negotiated,
-/// otherwise tones in the audio itself (for trunks that pass keys only in-band). With `machine`, the
-/// audio also goes through answering-machine detection.
-///
-/// Only datagrams from the callee's media address (`peer`, from its SDP) count: a port is reused by
-/// later calls, and a key pressed on an earlier call (its last RFC 4733 packets still on the way) must
-/// never confirm the next citizen on that port.
-pub(crate) async fn receive_audio(
-    socket: Arc<RtpSocket>,
-    peer: watch::Receiver<SocketAddr>,
-    telephone_event: Option<u8>,
-    digits: mpsc::UnboundedSender<char>,
-    machine: Option<mpsc::UnboundedSender<MachineEvent>>,
-) {
-    let mut detector = machine
-        .as_ref()
-        .map(|_| MachineDetector::new(MachineConfig::default()));
-    let mut events = DtmfReceiver::new();
-    let mut tones = InbandDetector::new();
-    let mut linear = Vec::with_capacity(160);
-    let mut buf = [0u8; 1500];
-    let mut strangers = 0u64;
-    loop {
-        let (n, from) = match socket.recv_from(&mut buf).await {
-            Ok(got) => got,
-            // The socket is connected to the callee: an ICMP error for an earlier datagram of
-            // ours (the callee's port closed for a moment, a router's complaint) is reported
-            // here, once. The call goes on.
-            Err(e) if crate::media::socket::is_icmp_report(&e) => continue,
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot read RTP: keys and answering machines go unheard");
-                return;
-            }
-        };
-        // The socket is connected to the callee, but datagrams queued before it was (or before
-        // the callee moved) are still read here.
-        if from != *peer.borrow() {
-            strangers += 1;
-            if strangers == 1 {
-                tracing::debug!(%from, "RTP from an address other than the callee's: ignored");
-            }
-            continue;
-        }
-        let Ok((header, payload)) = rtp::parse(&buf[..n]) else {
-            continue;
-        };
-        if telephone_event == Some(header.payload_type) {
-            if let Some(d) = events.feed(&header, payload) {
-                if digits.send(d).is_err() {
-                    return;
-                }
-            }
-            continue;
-        }
-        linear.clear();
-        match header.payload_type {
-            sdp::PT_PCMU => linear.extend(payload.iter().map(|b| g711::ulaw_to_linear(*b))),
-            sdp::PT_PCMA => linear.extend(payload.iter().map(|b| g711::alaw_to_linear(*b))),
-            _ => continue,
-        }
-        if let (Some(d), Some(tx)) = (detector.as_mut(), machine.as_ref()) {
-            for ev in d.feed(&linear) {
-                let _ = tx.send(ev);
-            }
-        }
-        let keys = if telephone_event.is_none() {
-            tones.feed(&linear)
-        } else {
-            Vec::new()
-        };
-        for d in keys {
-            if digits.send(d).is_err() {
-                return;
-            }
-        }
     }
 }
 
@@ -1820,98 +1723,5 @@ mod tests {
             "{outcome:?}"
         );
         assert!(bye, "the citizen who pressed 1 is hung up on");
-    }
-
-    /// A port is reused by the next call: the last RFC 4733 packets of a key pressed on the earlier
-    /// call must not confirm the citizen now on that port. Only the callee's address counts.
-    #[tokio::test]
-    async fn keys_count_only_from_the_callee_media_address() {
-        let ours = Arc::new(RtpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap());
-        let to = ours.local_addr();
-        let callee = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let earlier_call = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let (peer_tx, peer_rx) = watch::channel(callee.local_addr().unwrap());
-        let (digits_tx, mut digits) = mpsc::unbounded_channel();
-        let receiver = tokio::spawn(receive_audio(ours, peer_rx, Some(101), digits_tx, None));
-        // The stranger's "1" goes first, then the callee's "5": the first key heard must be the 5.
-        for p in crate::media::dtmf::dtmf_packets('1', 7, 1, 160, 101) {
-            earlier_call.send_to(&p, to).unwrap();
-        }
-        for p in crate::media::dtmf::dtmf_packets('5', 9, 1, 160, 101) {
-            callee.send_to(&p, to).unwrap();
-        }
-        let first = tokio::time::timeout(Duration::from_secs(10), digits.recv()).await;
-        assert_eq!(first.ok().flatten(), Some('5'));
-        // After a re-INVITE moves the callee's media, keys from the new address count.
-        peer_tx.send_replace(earlier_call.local_addr().unwrap());
-        for p in crate::media::dtmf::dtmf_packets('9', 11, 1, 320, 101) {
-            earlier_call.send_to(&p, to).unwrap();
-        }
-        let next = tokio::time::timeout(Duration::from_secs(10), digits.recv()).await;
-        assert_eq!(next.ok().flatten(), Some('9'));
-        receiver.abort();
-    }
-
-    /// A call's RTP reader ends with the call, also when the call's future is dropped half-way:
-    /// left running, it would hold the socket (its port never freed) and look at it forever.
-    #[tokio::test]
-    async fn the_rtp_reader_ends_when_its_call_is_dropped() {
-        let ours = Arc::new(RtpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap());
-        let (_peer_tx, peer_rx) = watch::channel(ours.local_addr());
-        let (digits_tx, _digits) = mpsc::unbounded_channel();
-        let reader = AbortOnDrop(tokio::spawn(receive_audio(
-            ours.clone(),
-            peer_rx,
-            Some(101),
-            digits_tx,
-            None,
-        )));
-        let call = async move {
-            let _reader = reader;
-            std::future::pending::<()>().await
-        };
-        drop(call);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Arc::strong_count(&ours) > 1 {
-            assert!(
-                Instant::now() < deadline,
-                "the reader still holds the socket"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    /// A call's RTP socket is connected to the callee, so an ICMP "port unreachable" for one of our
-    /// packets comes back as an error on the next read. The receiver reads on: keys pressed after
-    /// it still count.
-    #[tokio::test]
-    async fn an_icmp_error_does_not_stop_the_receiver() {
-        let ours = Arc::new(RtpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap());
-        let to = ours.local_addr();
-        // The callee's port is closed for a moment while one of our packets reaches it.
-        let callee_addr = std::net::UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
-        connect_media(&ours, callee_addr);
-        assert_eq!(ours.peer(), Some(callee_addr));
-        let (_peer_tx, peer_rx) = watch::channel(callee_addr);
-        let (digits_tx, mut digits) = mpsc::unbounded_channel();
-        // Our packet to the closed port: the kernel's ICMP error waits on the socket.
-        let mut out = crate::media::socket::Outbox::default();
-        out.push(ours.source(), None, |b| b.extend_from_slice(b"rtp"));
-        crate::media::socket::BatchSender::new(crate::media::socket::SendPath::Sendto)
-            .0
-            .send(&out, |_, _| {});
-        let receiver = tokio::spawn(receive_audio(ours, peer_rx, Some(101), digits_tx, None));
-        // The callee is back on its port and presses 4.
-        let callee = std::net::UdpSocket::bind(callee_addr).unwrap();
-        for p in crate::media::dtmf::dtmf_packets('4', 3, 1, 160, 101) {
-            callee.send_to(&p, to).unwrap();
-        }
-        let key = tokio::time::timeout(Duration::from_secs(10), digits.recv()).await;
-        assert_eq!(key.ok().flatten(), Some('4'));
-        assert!(!receiver.is_finished());
-        receiver.abort();
     }
 }

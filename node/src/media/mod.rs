@@ -26,4 +26,5 @@ pub enum MediaError {
     Missing(String),
 }
 pub mod inband;
+pub mod listen;
 pub mod machine;

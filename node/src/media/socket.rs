@@ -107,13 +107,18 @@ impl RtpSocket {
         self.local
     }
 
+    /// Receives the first datagram queued, or `WouldBlock` at once when there is none.
+    pub fn try_recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        self.fd.recv_from(buf)
+    }
+
     /// Receives the next datagram: the first one queued, or when there is none, the first one
     /// found by looking again every [`READ_INTERVAL`] (needs a tokio runtime's timer). A reader
     /// that keeps finding datagrams (a flood) still lets the other tasks of its thread run: each
     /// one read takes from the task's cooperative budget, as a read through the reactor would.
     pub async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
         loop {
-            match self.fd.recv_from(buf) {
+            match self.try_recv_from(buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     tokio::time::sleep(READ_INTERVAL).await
                 }
