@@ -1638,7 +1638,7 @@ mod tests {
             Some(("application/sdp", answer.into_bytes())),
         );
         phone.send_to(&response_bytes(&ok), caller).await.unwrap();
-        // Our audio arrives: the call is in its media phase and its RTP reader runs.
+        // Our audio arrives: the call is in its media phase and it reads its RTP socket.
         let mut buf = [0u8; 1500];
         tokio::time::timeout(Duration::from_secs(10), media.recv_from(&mut buf))
             .await

@@ -38,9 +38,9 @@ use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types, IoUring};
 
-/// How long a reader of an [`RtpSocket`] waits before it looks again when it found nothing queued.
-/// A callee sends a datagram every 20 ms, so a reader finds about five at a time and a call's task
-/// wakes ten times a second instead of fifty; a key or an answering machine's beep is noticed at
+/// How often a call looks at its [`RtpSocket`] and reads what has queued (`media::listen`). A callee
+/// sends a datagram every 20 ms, so a look finds about five and a call's task wakes ten times a
+/// second instead of fifty; a key or an answering machine's beep is noticed at
 /// most this much later, which nobody on a phone can tell.
 pub const READ_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -110,24 +110,6 @@ impl RtpSocket {
     /// Receives the first datagram queued, or `WouldBlock` at once when there is none.
     pub fn try_recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
         self.fd.recv_from(buf)
-    }
-
-    /// Receives the next datagram: the first one queued, or when there is none, the first one
-    /// found by looking again every [`READ_INTERVAL`] (needs a tokio runtime's timer). A reader
-    /// that keeps finding datagrams (a flood) still lets the other tasks of its thread run: each
-    /// one read takes from the task's cooperative budget, as a read through the reactor would.
-    pub async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
-        loop {
-            match self.try_recv_from(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    tokio::time::sleep(READ_INTERVAL).await
-                }
-                result => {
-                    tokio::task::consume_budget().await;
-                    return result;
-                }
-            }
-        }
     }
 
     /// Connects the socket to `to` (the callee's media address): the kernel then drops datagrams
@@ -1283,69 +1265,6 @@ pub(crate) mod tests {
         out.push(from, None, |b| b.extend_from_slice(b"abc"));
         assert!(!out.sources[0].is_raw());
         assert_eq!(out.datagram(0), b"abc");
-    }
-
-    /// A flood of datagrams does not keep the other tasks of the reader's thread from running:
-    /// each datagram read takes from the reader task's cooperative budget. (The test runtime has
-    /// one thread; the reader is spawned first, so without the budget it would read the whole
-    /// queue before the other task ran.)
-    #[tokio::test]
-    async fn a_flooded_reader_lets_the_other_tasks_of_its_thread_run() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        const SENT: usize = 1000;
-        let ours = Arc::new(RtpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap());
-        // Room for the whole flood (root may exceed net.core.rmem_max, as CI's runner is).
-        let room: libc::c_int = 8 << 20;
-        // SAFETY: our socket, and an int option value of the size given.
-        let forced = unsafe {
-            libc::setsockopt(
-                ours.raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUFFORCE,
-                &room as *const libc::c_int as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(
-            forced,
-            0,
-            "SO_RCVBUFFORCE needs root: {}",
-            io::Error::last_os_error()
-        );
-        let flood = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let to = ours.local_addr();
-        for _ in 0..SENT {
-            flood.send_to(&[0x80], to).unwrap();
-        }
-        let read = Arc::new(AtomicUsize::new(0));
-        let reader = tokio::spawn({
-            let (ours, read) = (ours.clone(), read.clone());
-            async move {
-                let mut buf = [0u8; 16];
-                while ours.recv_from(&mut buf).await.is_ok() {
-                    read.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        });
-        let other = tokio::spawn({
-            let read = read.clone();
-            async move { read.load(Ordering::Relaxed) }
-        });
-        let read_when_the_other_ran = other.await.unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while read.load(Ordering::Relaxed) < SENT {
-            assert!(
-                Instant::now() < deadline,
-                "only {} of {SENT} datagrams were read",
-                read.load(Ordering::Relaxed)
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        reader.abort();
-        assert!(
-            read_when_the_other_ran < SENT,
-            "the reader read all {SENT} queued datagrams before the other task ran"
-        );
     }
 
     #[test]
