@@ -553,7 +553,8 @@ fn round_robin(sinks: &[SocketAddr], n: usize) -> Vec<SocketAddr> {
 /// `campanile bench media --answer`: what the callees' RTP coming back costs. For each stream
 /// count, the pacer (io_uring) plays to the sinks nobody reads, as in the plain benchmark, and then to
 /// callees in a child process that play back to every stream, 50 packets a second, while each
-/// stream's socket is read as a call reads it (a `media::listen::Listener` every 100 ms: keys, answering machines).
+/// stream's socket is read as a call reads it (a `media::listen::Listener` every 100 ms: keys,
+/// answering machines).
 async fn media_answered(
     stream_counts: &[usize],
     sinks: &[SocketAddr],

@@ -40,8 +40,8 @@ use io_uring::{opcode, types, IoUring};
 
 /// How often a call looks at its [`RtpSocket`] and reads what has queued (`media::listen`). A callee
 /// sends a datagram every 20 ms, so a look finds about five and a call's task wakes ten times a
-/// second instead of fifty; a key or an answering machine's beep is noticed at
-/// most this much later, which nobody on a phone can tell.
+/// second instead of fifty; a key or an answering machine's beep is noticed at most this much
+/// later, which nobody on a phone can tell.
 pub const READ_INTERVAL: Duration = Duration::from_millis(100);
 
 pub struct RtpSocket {
